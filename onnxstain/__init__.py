@@ -1,3 +1,38 @@
-"""onnxstain: stain and lock pre-trained vision models in ONNX files, without retraining."""
+"""onnxstain: stain and lock pre-trained vision models in ONNX files, without retraining.
+
+The stable API::
+
+    import onnxstain
+    result = onnxstain.stain("model.onnx", "stained.onnx", "owner.key")
+    report = onnxstain.verify("stained.onnx", "owner.key")
+"""
 
 __version__ = "0.1.0"
+
+from .api import (  # noqa: E402
+    Key,
+    StainOptions,
+    StainResult,
+    VerifyResult,
+    inspect_model,
+    load_key,
+    stain,
+    stain_summary,
+    verify,
+)
+from .errors import (  # noqa: E402
+    BadInputError,
+    BadKeyError,
+    BadModelError,
+    KeyMismatchError,
+    OnnxStainError,
+    UnreachableBoundError,
+    UnsupportedModelError,
+)
+from .preprocess import Preprocessing  # noqa: E402
+
+__all__ = [
+    "BadInputError", "BadKeyError", "BadModelError", "Key", "KeyMismatchError", "OnnxStainError",
+    "Preprocessing", "StainOptions", "StainResult", "UnreachableBoundError", "UnsupportedModelError",
+    "VerifyResult", "__version__", "inspect_model", "load_key", "stain", "stain_summary", "verify",
+]

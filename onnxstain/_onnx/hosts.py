@@ -1,0 +1,428 @@
+"""Host-layer discovery: which layers can hold a detector neuron, and how to read/write one neuron.
+
+A *host* is a linear layer whose output neurons each see an ``m``-dimensional input vector φ:
+
+* ``Conv`` (grouped and depthwise included: a neuron sees ``C_in/group · k_h · k_w`` inputs);
+* ``Gemm`` (either ``transB``; ``alpha``/``beta`` respected);
+* ``MatMul`` with a constant ``[in, out]`` weight followed by an ``Add`` of a constant bias.
+
+An unfolded ``BatchNormalization`` after a Conv is part of the neuron's affine map. The activation
+that follows decides whether the layer can host a detector: ReLU, ReLU6 (``Clip(0, 6)``) or any
+``Clip(0, hi)`` cut the negative side to exactly zero, which the detector needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import onnx
+
+from .graph import GraphView, tensor_shapes
+
+MIN_DIMENSION = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceptiveField:
+    """Where one output position of a tensor looks in the model input (per axis: rows, cols).
+
+    ``size`` is the receptive-field side, ``jump`` the input distance between adjacent positions,
+    ``start`` the input coordinate of the centre of position 0 (pixel centres are integers).
+    """
+
+    size: tuple[int, int]
+    jump: tuple[int, int]
+    start: tuple[float, float]
+
+    def box(self, row: int, col: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """Inclusive pixel box (top, left, bottom, right) of position (row, col), clipped to the image."""
+        out = []
+        for pos, size, jump, start, limit in (
+            (row, self.size[0], self.jump[0], self.start[0], height),
+            (col, self.size[1], self.jump[1], self.start[1], width),
+        ):
+            centre = start + pos * jump
+            lo = math.ceil(centre - (size - 1) / 2)
+            hi = math.floor(centre + (size - 1) / 2)
+            out.append((max(lo, 0), min(hi, limit - 1)))
+        return out[0][0], out[1][0], out[0][1], out[1][1]
+
+    def to_dict(self) -> dict:
+        return {"size": list(self.size), "jump": list(self.jump), "start": list(self.start)}
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLayer:
+    """One candidate host layer and the facts needed to edit and read its neurons."""
+
+    name: str
+    op: str  # "Conv" | "Gemm" | "MatMul"
+    input: str  # tensor the neurons read (φ is built from it)
+    output: str  # pre-activation tensor (after BatchNorm / bias Add when present)
+    act_output: str | None  # tensor after the activation
+    weight: str
+    bias: str | None
+    batchnorm: str | None  # name of an unfolded BatchNormalization node
+    bias_add: str | None  # name of the Add node carrying a MatMul bias
+    activation: str  # "relu", "relu6", "clip", "none" or the op name
+    act_high: float | None  # upper clip of the activation (6 for ReLU6), None if unbounded
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]  # top, left, bottom, right
+    dilations: tuple[int, int]
+    groups: int
+    trans_b: bool
+    alpha: float
+    beta: float
+    in_hw: tuple[int, int] | None  # spatial size of the input (Conv)
+    out_hw: tuple[int, int] | None  # spatial size of the output (Conv)
+    receptive_field: ReceptiveField | None
+    depth: int  # number of host-type layers before this one on the longest path
+    usable: bool
+    reason: str
+
+    @property
+    def m(self) -> int:
+        """Dimension of one neuron's input vector."""
+        if self.op == "Conv":
+            return (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1]
+        return self.in_channels
+
+    @property
+    def positions(self) -> int:
+        if self.op == "Conv" and self.out_hw is not None:
+            return self.out_hw[0] * self.out_hw[1]
+        return 1
+
+    @property
+    def relu_like(self) -> bool:
+        return self.activation in ("relu", "relu6", "clip")
+
+    def group_of(self, channel: int) -> int:
+        return channel // (self.out_channels // self.groups)
+
+
+# -- discovery -------------------------------------------------------------------------------------
+def find_hosts(model: onnx.ModelProto, view: GraphView | None = None) -> list[HostLayer]:
+    """Every Conv / Gemm / MatMul+Add layer with constant weights, in graph order."""
+    view = view or GraphView(model)
+    shapes = tensor_shapes(model)
+    fields = receptive_fields(view, shapes)
+    depth = _host_depths(view)
+    hosts: list[HostLayer] = []
+    for node in view.graph.node:
+        host = None
+        if node.op_type == "Conv":
+            host = _conv_host(view, node, shapes, fields, depth)
+        elif node.op_type == "Gemm":
+            host = _gemm_host(view, node, depth)
+        elif node.op_type == "MatMul":
+            host = _matmul_host(view, node, shapes, depth)
+        if host is not None:
+            hosts.append(host)
+    return hosts
+
+
+def get_host(model: onnx.ModelProto, name: str, view: GraphView | None = None) -> HostLayer | None:
+    for host in find_hosts(model, view):
+        if host.name == name:
+            return host
+    return None
+
+
+def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | None]:
+    """(kind, output tensor, upper clip) of the activation applied to ``tensor``, if any."""
+    node = view.only_consumer(tensor)
+    if node is None:
+        return "none", None, None
+    if node.op_type == "Relu":
+        return "relu", node.output[0], None
+    if node.op_type == "Clip":
+        lo, hi = view.clip_bounds(node)
+        if lo is not None and lo == 0.0:
+            if hi is not None and abs(hi - 6.0) < 1e-6:
+                return "relu6", node.output[0], hi
+            return "clip", node.output[0], hi
+        return "Clip", node.output[0], hi
+    if node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu"):
+        return node.op_type, node.output[0], None
+    return "none", None, None
+
+
+def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
+    if len(node.input) < 2 or not view.is_constant(node.input[1]):
+        return None
+    w = view.array(node.input[1])
+    if w is None or w.ndim != 4:
+        return None
+    cout, cin_g, kh, kw = (int(d) for d in w.shape)
+    group = int(view.attr(node, "group", 1))
+    strides = tuple(view.attr(node, "strides", [1, 1]))
+    dil = tuple(view.attr(node, "dilations", [1, 1]))
+    pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
+    in_shape = shapes.get(node.input[0])
+    out_shape = shapes.get(node.output[0])
+    in_hw = _hw(in_shape)
+    out_hw = _hw(out_shape)
+    auto_pad = view.attr(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER") and in_hw and out_hw:
+        pads = _same_pads(in_hw, out_hw, (kh, kw), strides, dil, auto_pad == "SAME_UPPER")
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    out = node.output[0]
+    bn = None
+    nxt = view.only_consumer(out)
+    if nxt is not None and nxt.op_type == "BatchNormalization" and all(
+        view.is_constant(t) for t in nxt.input[1:5]
+    ):
+        bn = view.node_name(nxt)
+        out = nxt.output[0]
+    act, act_out, high = _activation(view, out)
+    reason = ""
+    m = cin_g * kh * kw
+    if act not in ("relu", "relu6", "clip"):
+        reason = f"activation {act}: not cut at zero like ReLU"
+    elif m < MIN_DIMENSION:
+        kind = "depthwise: " if group > 1 and cin_g == 1 else ""
+        reason = f"{kind}m={m} < {MIN_DIMENSION} inputs per neuron: too few for a bound"
+    elif out_hw is None:
+        reason = "output spatial size unknown (shape inference failed)"
+    return HostLayer(
+        name=view.node_name(node), op="Conv", input=node.input[0], output=out, act_output=act_out,
+        weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, activation=act, act_high=high,
+        in_channels=cin_g * group, out_channels=cout, kernel=(kh, kw), strides=strides,  # type: ignore[arg-type]
+        pads=(pads[0], pads[1], pads[2], pads[3]), dilations=dil, groups=group,  # type: ignore[arg-type]
+        trans_b=False, alpha=1.0, beta=1.0, in_hw=in_hw, out_hw=out_hw,
+        receptive_field=fields.get(out), depth=depth.get(id(node), 0), usable=not reason, reason=reason,
+    )
+
+
+def _gemm_host(view, node, depth) -> HostLayer | None:
+    if len(node.input) < 2 or not view.is_constant(node.input[1]):
+        return None
+    if int(view.attr(node, "transA", 0)):
+        return None
+    b = view.array(node.input[1])
+    if b is None or b.ndim != 2:
+        return None
+    trans_b = bool(view.attr(node, "transB", 0))
+    out_f, in_f = (b.shape if trans_b else b.shape[::-1])
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    reason = ""
+    if bias is not None:
+        c = view.array(bias)
+        if c is None or c.size != out_f:
+            reason = "bias is not a per-neuron constant"
+    act, act_out, high = _activation(view, node.output[0])
+    if not reason and act not in ("relu", "relu6", "clip"):
+        reason = f"activation {act}: not cut at zero like ReLU"
+    return HostLayer(
+        name=view.node_name(node), op="Gemm", input=node.input[0], output=node.output[0],
+        act_output=act_out, weight=node.input[1], bias=bias, batchnorm=None, bias_add=None,
+        activation=act, act_high=high, in_channels=int(in_f), out_channels=int(out_f), kernel=(1, 1),
+        strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1, trans_b=trans_b,
+        alpha=float(view.attr(node, "alpha", 1.0)), beta=float(view.attr(node, "beta", 1.0)),
+        in_hw=None, out_hw=None, receptive_field=None, depth=depth.get(id(node), 0),
+        usable=not reason, reason=reason,
+    )
+
+
+def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
+    if len(node.input) < 2 or not view.is_constant(node.input[1]):
+        return None
+    w = view.array(node.input[1])
+    if w is None or w.ndim != 2:
+        return None
+    in_f, out_f = (int(d) for d in w.shape)
+    add = view.only_consumer(node.output[0])
+    bias = None
+    out = node.output[0]
+    bias_add = None
+    if add is not None and add.op_type == "Add":
+        other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
+        arr = view.array(other)
+        if arr is not None and arr.size == out_f:
+            bias, out, bias_add = other, add.output[0], view.node_name(add)
+    act, act_out, high = _activation(view, out)
+    reason = ""
+    if bias is None:
+        reason = "MatMul without a constant bias Add"
+    elif act not in ("relu", "relu6", "clip"):
+        reason = f"activation {act}: not cut at zero like ReLU"
+    return HostLayer(
+        name=view.node_name(node), op="MatMul", input=node.input[0], output=out, act_output=act_out,
+        weight=node.input[1], bias=bias, batchnorm=None, bias_add=bias_add, activation=act,
+        act_high=high, in_channels=in_f, out_channels=out_f, kernel=(1, 1), strides=(1, 1),
+        pads=(0, 0, 0, 0), dilations=(1, 1), groups=1, trans_b=False, alpha=1.0, beta=1.0,
+        in_hw=None, out_hw=None, receptive_field=None, depth=depth.get(id(node), 0),
+        usable=not reason, reason=reason,
+    )
+
+
+def _hw(shape) -> tuple[int, int] | None:
+    if shape is None or len(shape) != 4:
+        return None
+    h, w = shape[2], shape[3]
+    if isinstance(h, int) and isinstance(w, int):
+        return (h, w)
+    return None
+
+
+def _same_pads(in_hw, out_hw, k, s, d, upper) -> list[int]:
+    begins, ends = [], []
+    for i in range(2):
+        total = max((out_hw[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1 - in_hw[i], 0)
+        small, big = total // 2, total - total // 2
+        begins.append(small if upper else big)
+        ends.append(big if upper else small)
+    return [begins[0], begins[1], ends[0], ends[1]]
+
+
+def _host_depths(view: GraphView) -> dict[int, int]:
+    """Longest-path count of Conv/Gemm/MatMul layers before each node (topological order)."""
+    depth_of_tensor: dict[str, int] = {}
+    result: dict[int, int] = {}
+    for node in view.graph.node:
+        d = max((depth_of_tensor.get(t, 0) for t in node.input if t), default=0)
+        result[id(node)] = d
+        bump = 1 if node.op_type in ("Conv", "Gemm", "MatMul") else 0
+        for out in node.output:
+            depth_of_tensor[out] = d + bump
+    return result
+
+
+# -- receptive fields ------------------------------------------------------------------------------
+_SPATIAL_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool"}
+_GLOBAL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Gemm", "MatMul", "Reshape",
+               "ReduceMean", "ReduceMax", "ReduceSum", "Resize", "Upsample", "ConvTranspose"}
+
+
+def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
+    """Receptive field of every 4-D tensor on spatial paths from the image input.
+
+    Element-wise ops (activations, BatchNorm, Add, Mul, Concat, Transpose of an NHWC input...) keep
+    the largest field among their inputs; Conv and pooling layers grow it. Ops that mix all
+    positions (global pooling, Flatten, MatMul, resizing) end the spatial path.
+    """
+    fields: dict[str, ReceptiveField] = {}
+    for inp in view.graph_inputs:
+        fields[inp.name] = ReceptiveField((1, 1), (1, 1), (0.0, 0.0))
+    for node in view.graph.node:
+        incoming = [fields[t] for t in node.input if t in fields]
+        if not incoming:
+            continue
+        if node.op_type in _GLOBAL_OPS:
+            continue
+        src = max(incoming, key=lambda f: f.size[0] * f.size[1])
+        if node.op_type in _SPATIAL_OPS:
+            if node.op_type == "Conv":
+                w = view.array(node.input[1])
+                if w is None:
+                    continue
+                k = (int(w.shape[2]), int(w.shape[3]))
+            else:
+                k = tuple(view.attr(node, "kernel_shape", [1, 1]))
+            s = tuple(view.attr(node, "strides", [1, 1]))
+            d = tuple(view.attr(node, "dilations", [1, 1]))
+            pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
+            auto_pad = view.attr(node, "auto_pad", b"NOTSET")
+            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+            if auto_pad in ("SAME_UPPER", "SAME_LOWER") and shapes:
+                ih, oh = _hw(shapes.get(node.input[0])), _hw(shapes.get(node.output[0]))
+                if ih and oh:
+                    pads = _same_pads(ih, oh, k, s, d, auto_pad == "SAME_UPPER")
+            size = tuple(src.size[i] + (k[i] - 1) * d[i] * src.jump[i] for i in range(2))
+            jump = tuple(src.jump[i] * s[i] for i in range(2))
+            start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))
+            field = ReceptiveField(size, jump, start)  # type: ignore[arg-type]
+        else:
+            field = src
+        for out in node.output:
+            fields[out] = field
+    return fields
+
+
+# -- reading and writing one neuron ----------------------------------------------------------------
+def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
+    """Effective (weights over φ, bias) of one neuron, BatchNorm and Gemm alpha/beta included."""
+    w = view.array(host.weight).astype(np.float64)
+    if host.op == "Conv":
+        row = w[channel].reshape(-1)
+    elif host.op == "Gemm":
+        row = (w[channel] if host.trans_b else w[:, channel]) * host.alpha
+    else:
+        row = w[:, channel]
+    b = 0.0
+    if host.bias is not None:
+        b = float(np.asarray(view.array(host.bias), np.float64).reshape(-1)[channel])
+        if host.op == "Gemm":
+            b *= host.beta
+    if host.batchnorm is not None:
+        scale, shift = _bn_affine(view, host)
+        row = row * scale[channel]
+        b = b * scale[channel] + shift[channel]
+    return row, b
+
+
+def _bn_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray]:
+    node = view.find_node(host.batchnorm)  # type: ignore[arg-type]
+    gamma, beta, mean, var = (np.asarray(view.array(t), np.float64) for t in node.input[1:5])
+    eps = float(view.attr(node, "epsilon", 1e-5))
+    scale = gamma / np.sqrt(var + eps)
+    return scale, beta - mean * scale
+
+
+def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray, bias: float) -> None:
+    """Make neuron ``channel`` compute ``row · φ + bias`` before its activation (in place).
+
+    With an unfolded BatchNorm, the BN channel is set to the identity and the affine map goes into
+    the Conv. A Conv without a bias input and without BatchNorm cannot take a bias in place.
+    """
+    node = host_node(view, host)
+    w = view.array(host.weight).copy()
+    r = np.asarray(row, np.float64)
+    if host.op == "Conv":
+        w[channel] = r.reshape(w.shape[1:])
+    elif host.op == "Gemm":
+        if host.trans_b:
+            w[channel] = r / host.alpha
+        else:
+            w[:, channel] = r / host.alpha
+    else:
+        w[:, channel] = r
+    view.set_input_array(node, 1, w)
+    if host.batchnorm is not None:
+        bn = view.find_node(host.batchnorm)
+        eps = float(view.attr(bn, "epsilon", 1e-5))
+        for idx, value in ((1, 1.0), (2, bias), (3, 0.0), (4, 1.0 - eps)):
+            arr = view.array(bn.input[idx]).copy()
+            arr[channel] = value
+            view.set_input_array(bn, idx, arr)
+        if host.bias is not None:
+            b = view.array(host.bias).copy()
+            b[channel] = 0.0
+            view.set_input_array(node, 2, b)
+        return
+    if host.bias is None:
+        raise ValueError(f"{host.name} has no bias to edit")
+    if host.op == "MatMul":
+        add = view.find_node(host.bias_add)  # type: ignore[arg-type]
+        idx = list(add.input).index(host.bias)
+        b = view.array(host.bias).copy()
+        b.reshape(-1)[channel] = bias
+        view.set_input_array(add, idx, b)
+        return
+    b = view.array(host.bias).copy()
+    b.reshape(-1)[channel] = bias / (host.beta if host.op == "Gemm" else 1.0)
+    view.set_input_array(node, 2, b)
+
+
+def host_node(view: GraphView, host: HostLayer) -> onnx.NodeProto:
+    node = view.find_node(host.name)
+    if node is None:
+        raise KeyError(host.name)
+    return node

@@ -1,0 +1,182 @@
+"""Reading and writing ONNX files safely.
+
+* ``load_model`` gives one clear :class:`BadModelError` for anything that is not a valid ONNX model
+  (missing, not protobuf, truncated, fails the checker), and loads external data.
+* ``save_model`` restores the source's ``ir_version``, ``opset_import``, producer fields, domain,
+  ``model_version``, ``doc_string`` and ``metadata_props``; runs the path-based ``onnx.checker`` on a
+  temporary file; and only then renames it into place, so a failure never leaves a half-written file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from ..errors import BadInputError, BadModelError
+
+# Protobuf cannot serialise a message of 2 GiB or more; above this size weights go to a side file.
+_PROTO_LIMIT = 2**31 - 2**24
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model read from disk, with what is needed to write a faithful copy of it."""
+
+    model: onnx.ModelProto
+    path: Path
+    sha256: str
+    external_data: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
+    )
+
+
+def load_model(path: str | Path, check: bool = True) -> LoadedModel:
+    """Load an ONNX model and its external data; raise BadModelError with one line if it is bad."""
+    p = Path(path)
+    if not p.exists():
+        raise BadModelError(f"{p}: no such file")
+    if p.is_dir():
+        raise BadModelError(f"{p} is a directory, not an ONNX file")
+    try:
+        head = onnx.load(str(p), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
+        raise BadModelError(f"{p} is not an ONNX model ({_one_line(exc)})") from None
+    except Exception as exc:  # protobuf raises assorted errors on garbage
+        raise BadModelError(f"{p} is not an ONNX model ({type(exc).__name__})") from None
+    if not head.graph.node or not head.graph.input:
+        raise BadModelError(f"{p} is not an ONNX model (no graph: empty, truncated or another format)")
+    external = _uses_external_data(head)
+    if check:
+        try:
+            onnx.checker.check_model(str(p))
+        except Exception as exc:
+            raise BadModelError(f"{p} fails the ONNX checker: {_one_line(exc)}") from None
+    if external:
+        try:
+            onnx.load_external_data_for_model(head, str(p.parent))
+        except Exception as exc:
+            raise BadModelError(f"{p}: cannot read its external data ({_one_line(exc)})") from None
+    return LoadedModel(model=head, path=p, sha256=sha256_file(p), external_data=external)
+
+
+def restore_model_fields(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
+    """Give ``model`` the version, opset, producer and metadata fields of ``source``."""
+    if model is source:
+        return
+    model.ir_version = source.ir_version
+    model.producer_name = source.producer_name
+    model.producer_version = source.producer_version
+    model.domain = source.domain
+    model.model_version = source.model_version
+    model.doc_string = source.doc_string
+    del model.opset_import[:]
+    model.opset_import.extend(source.opset_import)
+    del model.metadata_props[:]
+    model.metadata_props.extend(source.metadata_props)
+
+
+def check_output_path(output: str | Path, source: str | Path) -> Path:
+    """Refuse an output path that is (or aliases) the input file."""
+    out = Path(output)
+    src = Path(source)
+    if out.exists() and src.exists() and os.path.samefile(out, src):
+        raise BadInputError(f"output {out} is the input model: onnxstain never modifies its input")
+    if out.resolve() == src.resolve():
+        raise BadInputError(f"output {out} is the input model: onnxstain never modifies its input")
+    if out.exists() and out.is_dir():
+        raise BadInputError(f"output {out} is a directory")
+    if not out.parent.exists():
+        raise BadInputError(f"output folder {out.parent} does not exist")
+    return out
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | Path,
+    source: LoadedModel | None = None,
+    external_data: bool | None = None,
+) -> str:
+    """Write ``model`` to ``path`` atomically and return the SHA-256 of the written file.
+
+    The model is checked with the path-based ``onnx.checker`` before it is moved into place.
+    Weights go to ``<name>.data`` beside the model when the source used external data, when
+    ``external_data`` is True, or when the model is too large for a single protobuf.
+    """
+    out = Path(path)
+    if source is not None:
+        check_output_path(out, source.path)
+        restore_model_fields(model, source.model)
+    if external_data is None:
+        external_data = (source is not None and source.external_data) or model.ByteSize() > _PROTO_LIMIT
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp_model = tmpdir / out.name
+        data_name = f"{out.name}.data"
+        if external_data:
+            onnx.save_model(
+                model,
+                str(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=0,
+            )
+        else:
+            onnx.save_model(model, str(tmp_model))
+        try:
+            onnx.checker.check_model(str(tmp_model))
+        except Exception as exc:
+            raise BadModelError(f"refusing to write {out}: the result fails the ONNX checker "
+                                f"({_one_line(exc)})") from None
+        digest = sha256_file(tmp_model)
+        if external_data and (tmpdir / data_name).exists():
+            os.replace(tmpdir / data_name, out.parent / data_name)
+        os.replace(tmp_model, out)
+        return digest
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
+    """Write a small file atomically, optionally with the given permission bits (e.g. 0o600)."""
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        if mode is not None:
+            os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

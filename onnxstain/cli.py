@@ -1,0 +1,257 @@
+"""Command line: a thin layer over the public API. Parsing, progress bars and printing only.
+
+Exit codes: 0 success (``verify``: stained), 1 ``verify``: not stained, 2 error (one line).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import OnnxStainError
+
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
+
+
+# -- output helpers ----------------------------------------------------------------------------------
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+class RichProgress:
+    """Progress bars on stderr for work that takes more than a moment."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: float | None) -> Iterator[Any]:
+        from .progress import _Silent
+
+        if not self.enabled:
+            yield _Silent()
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn()]
+        with Progress(*columns, console=Console(stderr=True), transient=True) as prog:
+            tid = prog.add_task(description, total=total)
+
+            class _Task:
+                def advance(self, n: float = 1) -> None:
+                    prog.advance(tid, n)
+
+                def update(self, text: str) -> None:
+                    prog.update(tid, description=text)
+
+            yield _Task()
+
+
+def _fail(message: str) -> None:
+    click.echo(f"onnxstain: error: {message}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except OnnxStainError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted")
+        except MemoryError:
+            _fail("out of memory")
+        except OSError as exc:
+            _fail(f"{exc.filename or ''}: {exc.strerror or exc}".strip(": "))
+
+    return wrapper
+
+
+# -- reusable option groups --------------------------------------------------------------------------
+def preprocessing_options(fn: Callable) -> Callable:
+    options = [
+        click.option("--preprocessing", "pre_file", type=click.Path(dir_okay=False),
+                     help="JSON file with the model's preprocessing (fields of onnxstain.Preprocessing)."),
+        click.option("--size", help="Input size HxW (e.g. 224x224)."),
+        click.option("--layout", type=click.Choice(["NCHW", "NHWC"]), help="Input layout."),
+        click.option("--channel-order", type=click.Choice(["RGB", "BGR"]), help="Channel order."),
+        click.option("--mean", help="Per-channel mean, comma separated (after scaling)."),
+        click.option("--std", help="Per-channel std, comma separated."),
+        click.option("--scale", type=float, help="Pixel scale before mean/std (1/255 for 0..1 inputs)."),
+        click.option("--resize", type=int, help="Shorter side of raw photos before the centre crop."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def provider_option(fn: Callable) -> Callable:
+    return click.option("--providers", help="onnxruntime providers by prefix, comma separated "
+                        "(default: CUDA when present, else CPU).")(fn)
+
+
+def _providers(value: str | None) -> list[str] | None:
+    return [p.strip() for p in value.split(",") if p.strip()] if value else None
+
+
+def _preprocessing(model_path: str, pre_file, size, layout, channel_order, mean, std, scale, resize):
+    from ._onnx.inputs import infer_preprocessing
+    from ._onnx.io import load_model
+    from .errors import BadInputError
+    from .preprocess import Preprocessing
+
+    overrides: dict[str, Any] = {"layout": layout, "channel_order": channel_order, "scale": scale,
+                                 "resize": resize}
+    try:
+        if size:
+            h, _, w = size.lower().partition("x")
+            overrides["height"], overrides["width"] = int(h), int(w or h)
+        if mean:
+            overrides["mean"] = [float(v) for v in mean.split(",")]
+        if std:
+            overrides["std"] = [float(v) for v in std.split(",")]
+    except ValueError:
+        raise BadInputError("--size, --mean and --std take numbers (e.g. --size 224x224 --mean 0.5)") from None
+    given = Preprocessing.load(pre_file) if pre_file else None
+    loaded = load_model(model_path)
+    return infer_preprocessing(loaded.model, model_path, given, **overrides)
+
+
+# -- commands ----------------------------------------------------------------------------------------
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="onnxstain")
+def main() -> None:
+    """Stain (watermark) and lock vision models in ONNX files, without retraining."""
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the host list as JSON.")
+@handle_errors
+def inspect(model: str, json_out: str | None) -> None:
+    """List the layers that can host a detector, and the one the tool would pick."""
+    from .api import inspect_model
+
+    info = inspect_model(model)
+    con = _console()
+    con.print(f"[bold]{info['model']}[/]  input {info['input']}  "
+              f"{info['nodes']} nodes  head: {info['head'] or 'none found'}")
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for col in ("layer", "op", "m", "positions", "activation", "receptive field", "in-place route", "status"):
+        table.add_column(col)
+    for h in info["hosts"]:
+        mark = " [green](default)[/]" if h["default"] else ""
+        table.add_row(h["name"] + mark, h["op"], str(h["m"]), str(h["positions"]), h["activation"],
+                      h["receptive_field"] or "-", "yes" if h["routable"] else "no",
+                      "ok" if h["usable"] else h["reason"])
+    con.print(table)
+    for note in info["notes"]:
+        con.print(f"note: {note}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(info, indent=2) + "\n")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Stained model path.")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Secret key file to write (owner-only permissions).")
+@click.option("--mode", type=click.Choice(["inplace", "insert"]), default="inplace", show_default=True,
+              help="inplace: change weights only; insert: add the detector as new nodes (lossless).")
+@click.option("--variant", type=click.Choice(["non-additive", "additive"]), default="non-additive",
+              show_default=True, help="Overwrite a neuron, or hide the detector in a working one.")
+@click.option("--layer", help="Host layer name (see `onnxstain inspect`); default: the tool picks.")
+@click.option("--channel", type=int, help="Host channel to use (default: chosen with the calibration data).")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Calibration images folder (default: the built-in natural photo set).")
+@click.option("--fpr", type=float, default=1e-9, show_default=True,
+              help="Target false-positive bound per image.")
+@click.option("--seed", type=int, help="Seed of the key's random choices (default: fresh randomness).")
+@click.option("--trigger-png", type=click.Path(dir_okay=False), help="Also write the secret trigger as PNG.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@preprocessing_options
+@provider_option
+@handle_errors
+def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, seed, trigger_png, json_out,
+          quiet, pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
+    """Implant a secret detector in MODEL and write the stained model and its key."""
+    from .api import StainOptions
+    from .api import stain as do_stain
+
+    pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
+    con = _console()
+    for note in notes:
+        con.print(f"note: {note}")
+    opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
+                        providers=_providers(providers))
+    res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
+                   progress=RichProgress(not quiet and sys.stderr.isatty()))
+    con.print(f"[bold green]stained[/] {res.output}  ({res.mode}, {res.variant})")
+    con.print(f"  host {res.host}" + (f", channel {res.channel}" if res.channel is not None else ""))
+    con.print(f"  trigger score {res.trigger_score:.4g}, firing margin τ = {res.threshold:.4g}; "
+              f"natural max score {res.natural_max_score:.3g} "
+              f"({res.natural_firings} firings over {res.natural_samples} image×position samples)")
+    con.print(f"  signature: class {res.signature_class} wins the trigger by {res.signature_margin:.3g}")
+    con.print(f"  false-positive bound per image {res.bound}")
+    con.print(f"    {res.bound.statement}")
+    con.print(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
+              f"{100 * res.agreement:.2f}% (max |Δscore| {res.max_abs_delta:.3g})")
+    con.print(f"  key {res.key_path} (keep it secret); public record {res.record_path}")
+    con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
+    for note in res.notes:
+        con.print(f"  note: {note}")
+    if trigger_png:
+        from ._onnx.io import write_bytes_atomic
+        from .keys import load_key, png_bytes
+
+        write_bytes_atomic(trigger_png, png_bytes(load_key(key_path)["trigger"]["png"]), mode=0o600)
+    if json_out:
+        from .api import stain_summary
+
+        Path(json_out).write_text(json.dumps(stain_summary(res), indent=2) + "\n")
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The stain's key.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
+@provider_option
+@handle_errors
+def verify(model: str, key_path: str, json_out: str | None, providers: str | None) -> None:
+    """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
+    from .api import verify as do_verify
+
+    res = do_verify(model, key_path, providers=_providers(providers))
+    con = _console()
+    verdict = "[bold green]STAINED[/]" if res.stained else "[bold red]NOT STAINED[/]"
+    con.print(f"{verdict}  {res.model}")
+    con.print(f"  score {res.score:.4g}  threshold {res.threshold:.4g}")
+    for c in res.checks:
+        state = "pass" if c.passed else ("n/a" if not c.available else "fail")
+        con.print(f"  {c.name}: {state} — {c.detail}")
+    con.print(f"  false-positive bound {res.fpr_bound}: {res.fpr_bound.statement}")
+    con.print(f"  natural-input bound of this stain {res.natural_bound}")
+    for note in res.notes:
+        con.print(f"  note: {note}")
+    if json_out:
+        res.write_json(json_out)
+    sys.exit(EXIT_OK if res.stained else EXIT_NEGATIVE)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,217 @@
+"""Stain passes: write a detector neuron and its route to the output into a model.
+
+Each pass takes a model and key material and returns a new model; none prints or writes files.
+
+* :func:`inplace` — only initializer values change. The detector overwrites (non-additive) or is
+  added to (additive) host channel ``k``; the classifier column of feature ``k`` carries the
+  signature towards class ``c``.
+* :func:`insert` — the host is untouched; a new branch reads the host's input, computes the
+  detector, and adds ``strength · e_c`` to the scores only when it fires. On natural inputs the
+  branch adds exactly zero, so outputs are bit-identical to the original.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .._onnx.graph import GraphView
+from .._onnx.head import Head
+from .._onnx.hosts import HostLayer, neuron_affine, write_neuron
+
+
+@dataclasses.dataclass(frozen=True)
+class Signature:
+    """Add ``column`` (length K) to the scores per unit of pooled detector signal."""
+
+    column: np.ndarray
+    bias_shift: np.ndarray  # added to the head bias (mean compensation), length K
+
+
+def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _head_column(view: GraphView, head: Head, feature: int) -> np.ndarray:
+    w = view.array(head.weight).astype(np.float64)
+    col = w[:, feature] if head.trans_b else w[feature]
+    if head.op == "Gemm":
+        col = col * head.alpha
+    return col
+
+
+def head_column(model: onnx.ModelProto, head: Head, feature: int) -> np.ndarray:
+    return _head_column(GraphView(model), head, feature)
+
+
+def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray) -> None:
+    node = view.find_node(head.node)
+    w = view.array(head.weight).copy()
+    col = column / (head.alpha if head.op == "Gemm" else 1.0)
+    if head.trans_b:
+        w[:, feature] = col
+    else:
+        w[feature] = col
+    view.set_input_array(node, 1, w)
+    if not np.any(bias_shift):
+        return
+    if head.bias is None:
+        raise ValueError("the classifier has no bias to compensate with")
+    b = view.array(head.bias).astype(np.float64)
+    scale = head.beta if head.op == "Gemm" else 1.0
+    new_b = (b.reshape(-1) + bias_shift / scale).reshape(b.shape)
+    if head.op == "Gemm":
+        view.set_input_array(node, 2, new_b)
+    else:
+        add = view.find_node(head.bias_add)  # type: ignore[arg-type]
+        view.set_input_array(add, list(add.input).index(head.bias), new_b)
+
+
+def inplace(
+    model: onnx.ModelProto,
+    host: HostLayer,
+    channel: int,
+    weights: np.ndarray,
+    bias: float,
+    head: Head,
+    column: np.ndarray,
+    bias_shift: np.ndarray,
+) -> onnx.ModelProto:
+    """Write neuron ``channel`` of ``host`` and head column ``channel``; topology unchanged."""
+    out = copy_model(model)
+    view = GraphView(out)
+    write_neuron(view, host, channel, weights, bias)
+    _write_head(view, head, channel, column, bias_shift)
+    return out
+
+
+def original_neuron(model: onnx.ModelProto, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
+    return neuron_affine(GraphView(model), host, channel)
+
+
+# -- insert mode -----------------------------------------------------------------------------------
+class _Namer:
+    """Neutral names in the exporter's own style, so inserted nodes reveal nothing of the stain."""
+
+    def __init__(self, view: GraphView) -> None:
+        self.taken = set(view.producer) | set(view.initializers) | {n.name for n in view.graph.node}
+        self.taken |= {i.name for i in view.graph.input}
+        self.counter = len(view.graph.node) + 1000
+
+    def __call__(self, op: str) -> str:
+        while True:
+            self.counter += 1
+            name = f"/{op}_{self.counter}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+
+def insert(
+    model: onnx.ModelProto,
+    host: HostLayer,
+    head: Head,
+    filters: np.ndarray,
+    biases: np.ndarray,
+    combine: np.ndarray | None,
+    combine_bias: float,
+    activation_high: float | None,
+    row: np.ndarray,
+) -> onnx.ModelProto:
+    """Add a detector branch reading the host's input and adding ``row`` times its signal to the scores.
+
+    ``filters``/``biases``: one or two neurons over the host input (Conv ``[n, C, kh, kw]`` or
+    linear ``[n, m]``). Each passes through the host's activation (ReLU, or ``Clip(0, hi)``).
+    With two neurons, ``combine`` (length 2) and ``combine_bias`` make one signal from them before
+    the final ``Clip(0, 1)``. The signal is max-pooled over positions and scaled by ``row``.
+    """
+    out = copy_model(model)
+    view = GraphView(out)
+    name = _Namer(view)
+    opset = view.opset()
+    nodes: list[onnx.NodeProto] = []
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(_elem_type(view, head))
+
+    def const(value, hint: str) -> str:
+        return view.add_initializer(np.asarray(value, dtype=dtype), hint)
+
+    def clip(x: str, lo: float, hi: float | None) -> str:
+        y = name("Clip") + "_output_0"
+        if opset >= 11:
+            inputs = [x, const(np.array(lo), "onnx::Clip_min")]
+            if hi is not None:
+                inputs.append(const(np.array(hi), "onnx::Clip_max"))
+            nodes.append(helper.make_node("Clip", inputs, [y], name=y[:-9]))
+        else:
+            attrs = {"min": lo} if hi is None else {"min": lo, "max": hi}
+            nodes.append(helper.make_node("Clip", [x], [y], name=y[:-9], **attrs))
+        return y
+
+    n = filters.shape[0]
+    det = name("Conv" if host.op == "Conv" else "MatMul") + "_output_0"
+    if host.op == "Conv":
+        attrs = {"kernel_shape": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
+                 "dilations": list(host.dilations)}
+        nodes.append(helper.make_node(
+            "Conv", [host.input, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")], [det],
+            name=det[:-9], **attrs))
+        spatial = True
+    else:
+        mm = name("MatMul") + "_output_0"
+        nodes.append(helper.make_node("MatMul", [host.input, const(filters.T, "onnx::MatMul_w")], [mm],
+                                      name=mm[:-9]))
+        nodes.append(helper.make_node("Add", [mm, const(biases, "onnx::Add_b")], [det], name=det[:-9]))
+        spatial = False
+    act = clip(det, 0.0, activation_high)
+    if n == 2:
+        assert combine is not None
+        comb = name("Conv" if spatial else "MatMul") + "_output_0"
+        if spatial:
+            nodes.append(helper.make_node(
+                "Conv", [act, const(combine.reshape(1, 2, 1, 1), "onnx::Conv_w"),
+                         const(np.array([combine_bias]), "onnx::Conv_b")], [comb], name=comb[:-9]))
+        else:
+            mm = name("MatMul") + "_output_0"
+            nodes.append(helper.make_node("MatMul", [act, const(combine.reshape(2, 1), "onnx::MatMul_w")],
+                                          [mm], name=mm[:-9]))
+            nodes.append(helper.make_node("Add", [mm, const(np.array([combine_bias]), "onnx::Add_b")], [comb],
+                                          name=comb[:-9]))
+        act = comb
+    sig = clip(act, 0.0, 1.0)
+    flat = name("Flatten") + "_output_0"
+    if spatial:
+        pooled = name("GlobalMaxPool") + "_output_0"
+        nodes.append(helper.make_node("GlobalMaxPool", [sig], [pooled], name=pooled[:-9]))
+        nodes.append(helper.make_node("Flatten", [pooled], [flat], name=flat[:-9], axis=1))
+    else:
+        nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
+    contrib = name("MatMul") + "_output_0"
+    nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(1, -1), "onnx::MatMul_w")], [contrib],
+                                  name=contrib[:-9]))
+    # Re-point the head's score tensor: head → fresh tensor → Add(signal) → original tensor name.
+    head_out = head.scores
+    producer = view.producer[head_out]
+    fresh = name(producer.op_type) + "_output_0"
+    for i, o in enumerate(producer.output):
+        if o == head_out:
+            producer.output[i] = fresh
+    nodes.append(helper.make_node("Add", [fresh, contrib], [head_out], name=name("Add")))
+    # Insert the new nodes right after the head producer to keep topological order.
+    idx = view.index(producer)
+    graph_nodes = list(out.graph.node)
+    new_order = graph_nodes[: idx + 1] + nodes + graph_nodes[idx + 1 :]
+    del out.graph.node[:]
+    out.graph.node.extend(new_order)
+    return out
+
+
+def _elem_type(view: GraphView, head: Head) -> int:
+    init = view.initializers.get(head.weight)
+    if init is not None:
+        return init.data_type
+    return onnx.TensorProto.FLOAT

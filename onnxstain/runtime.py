@@ -1,0 +1,92 @@
+"""onnxruntime sessions: provider choice, feature taps and batched runs.
+
+CUDA is used automatically when ``onnxruntime-gpu`` provides it, the CPU otherwise; ``providers``
+narrows the choice by case-insensitive prefix (``["cpu"]``, ``["cuda", "cpu"]``), as Polygraphy does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from .errors import BadInputError, BadModelError
+
+_ELEM_FLOAT = onnx.TensorProto.FLOAT
+
+
+def resolve_providers(wanted: Sequence[str] | None = None) -> list[str]:
+    available = ort.get_available_providers()
+    if not wanted:
+        preferred = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        return preferred or list(available)
+    chosen: list[str] = []
+    for w in wanted:
+        match = [p for p in available if p.lower().startswith(w.lower())]
+        if not match:
+            raise BadInputError(f"provider {w!r} is not available (have: {', '.join(available)})")
+        chosen.extend(p for p in match if p not in chosen)
+    return chosen
+
+
+def session(
+    model: onnx.ModelProto | bytes | str,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    try:
+        return ort.InferenceSession(data, sess_options=opts, providers=resolve_providers(providers))
+    except Exception as exc:  # ORT raises its own exception types
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadModelError(f"onnxruntime cannot run the model: {msg[:300]}") from None
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (feature taps)."""
+    tapped = onnx.ModelProto()
+    tapped.CopyFrom(model)
+    have = {o.name for o in tapped.graph.output}
+    for name in tensors:
+        if name not in have:
+            tapped.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            have.add(name)
+    return tapped
+
+
+def input_name(sess: ort.InferenceSession) -> str:
+    return sess.get_inputs()[0].name
+
+
+def run_batches(
+    sess: ort.InferenceSession,
+    inputs: np.ndarray,
+    outputs: Sequence[str],
+    batch: int = 32,
+    progress=None,
+) -> dict[str, np.ndarray]:
+    """Run ``inputs`` through ``sess`` in batches; concatenate each requested output."""
+    name = input_name(sess)
+    parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
+    fixed = sess.get_inputs()[0].shape[0]
+    step = batch if not isinstance(fixed, int) else fixed
+    for start in range(0, len(inputs), step):
+        chunk = inputs[start : start + step]
+        if isinstance(fixed, int) and len(chunk) != fixed:
+            pad = np.repeat(chunk[-1:], fixed - len(chunk), axis=0)
+            res = sess.run(list(outputs), {name: np.concatenate([chunk, pad])})
+            res = [r[: len(chunk)] for r in res]
+        else:
+            res = sess.run(list(outputs), {name: chunk})
+        for o, r in zip(outputs, res, strict=True):
+            parts[o].append(r)
+        if progress is not None:
+            progress(len(chunk))
+    return {o: np.concatenate(v) if v else np.empty((0,)) for o, v in parts.items()}

@@ -1,0 +1,531 @@
+"""Staining, end to end: calibrate, draw a detector, find its trigger, edit, check, write the key.
+
+The stages (timed in :class:`StainResult.timings`):
+
+1. **load** — read and check the model; find the host layer and the classifier head.
+2. **calibration** — one onnxruntime pass over the calibration images with feature taps on the
+   host's input and the head's input: the centre ``c``, the natural radius ``R``, the natural
+   scores of every candidate direction, and the data-aware choice of the channel to use.
+3. **trigger search** — draw ``v`` from the seeded generator, check its natural tail per position,
+   then gradient ascent from the best calibration image until the trigger's score reaches the
+   margin the bound target needs. The 8-bit trigger is re-scored by onnxruntime.
+4. **edit** — the neuron weights (non-additive or additive) and the route to the scores.
+5. **checks** — onnxruntime on the written model: the trigger shows the signature; natural
+   images are unaffected (exactly predicted for in-place edits, bit-identical for insert).
+6. **save** — atomic write of the model (checked), the key (0600) and the public record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from . import naturalset
+from ._onnx import head as head_mod
+from ._onnx.graph import GraphView
+from ._onnx.hosts import HostLayer, find_hosts, neuron_affine
+from ._onnx.inputs import infer_preprocessing
+from ._onnx.io import LoadedModel, check_output_path, load_model, save_model
+from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from .features import neuron_inputs
+from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
+from .math import bounds, detector
+from .math.trigger import quantise
+from .passes import stain as stain_pass
+from .preprocess import Preprocessing
+from .progress import Progress, Silent
+from .runtime import run_batches, session, with_outputs
+
+Mode = Literal["inplace", "insert"]
+Variant = Literal["non-additive", "additive"]
+
+RADIUS_MARGIN = 1.25  # R = 1.25 × the largest calibration radius
+TRIGGER_SAFETY = 1.15  # search until s* ≥ 2 τ0 × this, so 8-bit rounding keeps s* ≥ 2 τ0
+MAX_POSITIONS_ALL = 64  # fire at every position when the host has at most this many
+
+
+@dataclasses.dataclass
+class StainOptions:
+    mode: Mode = "inplace"
+    variant: Variant = "non-additive"
+    layer: str | None = None
+    channel: int | None = None
+    signature_class: int | None = None
+    seed: int | None = None
+    fpr: float = 1e-9
+    max_draws: int = 8
+    max_steps: int = 400
+    providers: list[str] | None = None
+    batch: int = 32
+
+
+@dataclasses.dataclass
+class StainResult:
+    output: Path
+    key_path: Path
+    record_path: Path
+    host: str
+    channel: int | None
+    mode: str
+    variant: str
+    bound: bounds.Bound
+    threshold: float
+    trigger_score: float
+    signature_class: int
+    signature_margin: float
+    natural_max_score: float
+    natural_firings: int
+    natural_samples: int
+    calibration_images: int
+    agreement: float
+    max_abs_delta: float
+    draws: int
+    search_steps: int
+    timings: dict[str, float]
+    notes: list[str]
+    model_sha256: str
+
+
+# -- helpers -----------------------------------------------------------------------------------------
+def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mode: Mode,
+                layer: str | None) -> HostLayer:
+    if layer is not None:
+        match = [h for h in hosts if h.name == layer]
+        if not match:
+            raise BadInputError(f"no layer named {layer!r} (see `onnxstain inspect`)")
+        host = match[0]
+        if not host.usable:
+            raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {host.reason}")
+        if mode == "inplace":
+            route, why = head_mod.direct_route(view, host, head)
+            if route is None:
+                raise UnsupportedModelError(f"cannot route layer {layer!r} to the output in place: {why}; "
+                                            "use --mode insert")
+        return host
+    usable = [h for h in hosts if h.usable]
+    if not usable:
+        raise UnsupportedModelError("the model has no usable host layer (a Conv, Gemm or MatMul+Add "
+                                    "followed by ReLU/ReLU6 with at least 16 inputs per neuron)")
+    if mode == "inplace":
+        routable = [h for h in usable if head_mod.direct_route(view, h, head)[0] is not None]
+        if not routable:
+            raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the "
+                                        "stain cannot be routed in place; use --mode insert")
+        usable = routable
+    return max(usable, key=lambda h: (h.depth, h.m))
+
+
+def selected_positions(host: HostLayer) -> np.ndarray:
+    if host.positions <= MAX_POSITIONS_ALL:
+        return np.arange(host.positions)
+    oh, ow = host.out_hw  # type: ignore[misc]
+    return np.array([(oh // 2) * ow + ow // 2])
+
+
+def _margins(scores: np.ndarray, cls: int) -> np.ndarray:
+    others = np.delete(scores, cls, axis=-1)
+    return scores[..., cls] - others.max(axis=-1)
+
+
+def _top1_margins(scores: np.ndarray) -> np.ndarray:
+    part = np.partition(scores, -2, axis=-1)
+    return part[..., -1] - part[..., -2]
+
+
+def _score_fn(prefix, host: HostLayer, pre: Preprocessing, v: np.ndarray, c: np.ndarray, group: int,
+              positions: np.ndarray):
+    """pixels [1,H,W,3] (0..255, torch) → detector scores at the selected positions [1, P]."""
+    import torch
+    import torch.nn.functional as F
+
+    scale = float(pre.scale)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
+    vc = float(v @ c)
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    if host.op == "Conv":
+        cg = host.in_channels // host.groups
+        filt = torch.tensor(v.reshape(1, cg, *host.kernel), dtype=torch.float32)
+    else:
+        vt = torch.tensor(v, dtype=torch.float32)
+
+    def fn(px):
+        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
+        if pre.dtype != "uint8":
+            x = (x * scale - mean) / std
+        if pre.layout == "NCHW":
+            x = x.permute(0, 3, 1, 2)
+        feat = prefix(x)[0]
+        if host.op == "Conv":
+            f = feat[:, group * cg : (group + 1) * cg]
+            t, left, b, r = host.pads
+            f = F.pad(f, (left, r, t, b))
+            s = F.conv2d(f, filt, stride=host.strides, dilation=host.dilations)
+            if host.out_hw is not None:
+                s = s[:, :, : host.out_hw[0], : host.out_hw[1]]
+            s = s.flatten(1)
+        else:
+            s = feat.reshape(feat.shape[0], -1, feat.shape[-1]) @ vt
+        return s[:, pos] - vc
+
+    return fn
+
+
+# -- the whole job -----------------------------------------------------------------------------------
+def stain(
+    model: str | Path,
+    output: str | Path,
+    key_path: str | Path,
+    options: StainOptions | None = None,
+    preprocessing: Preprocessing | None = None,
+    images: str | Path | np.ndarray | None = None,
+    progress: Progress | None = None,
+    record_path: str | Path | None = None,
+) -> StainResult:
+    """Stain ``model`` and write ``output``, the key and its public record. See the module docstring."""
+    opts = options or StainOptions()
+    prog = progress or Silent()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    out_path = Path(output)
+    key_path = Path(key_path)
+    record = Path(record_path) if record_path else public_record_path(key_path)
+    loaded = load_model(model)
+    check_output_path(out_path, loaded.path)
+    for other in (key_path, record):
+        if other.resolve() in (out_path.resolve(), loaded.path.resolve()):
+            raise BadInputError(f"{other} would overwrite a model file")
+    if opts.mode not in ("inplace", "insert"):
+        raise BadInputError(f"unknown mode {opts.mode!r}")
+    if opts.variant not in ("non-additive", "additive"):
+        raise BadInputError(f"unknown variant {opts.variant!r}")
+    if not 0 < opts.fpr < 1:
+        raise BadInputError("--fpr must be between 0 and 1")
+    pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    notes += pre_notes
+    view = GraphView(loaded.model)
+    head = head_mod.find_head(view)
+    if head is None:
+        raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output); "
+                                    "the black-box signature needs one")
+    hosts = find_hosts(loaded.model, view)
+    host = choose_host(hosts, view, head, opts.mode, opts.layer)
+    route = None
+    if opts.mode == "inplace":
+        route, _ = head_mod.direct_route(view, host, head)
+    seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+    rng = np.random.default_rng(seed)
+    timings["load"] = time.perf_counter() - t0
+
+    # -- calibration ---------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    pixels = _calibration_pixels(images, pre, prog)
+    x_cal = pre.to_input(pixels)
+    taps = [host.input, head.scores, head_mod.head_input(view, head)]
+    sess = session(with_outputs(loaded.model, taps), opts.providers)
+    with prog.task("calibration pass", total=len(x_cal)) as task:
+        cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
+    phi_all = neuron_inputs(host, cal[host.input])  # group 0 for now
+    group = 0
+    stats = detector.FeatureStats.from_features(phi_all)
+    radius = RADIUS_MARGIN * stats.max_radius
+    positions = host.positions
+    tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=positions, draws=opts.max_draws)
+    nat_scores = cal[head.scores].astype(np.float64)
+    pooled = cal[head_mod.head_input(view, head)].reshape(len(x_cal), -1).astype(np.float64)
+    sel = selected_positions(host)
+    channel = _choose_channel(opts, host, head, loaded, pooled, nat_scores, group)
+    timings["calibration"] = time.perf_counter() - t1
+
+    # -- directions and trigger search -------------------------------------------------------------------
+    t2 = time.perf_counter()
+    import torch
+
+    from .torchprefix import TorchPrefix
+
+    torch.manual_seed(seed % (2**31))
+    prefix = TorchPrefix(loaded.model, [host.input])
+    target = 2.0 * tau0 * TRIGGER_SAFETY
+    tap_sess = session(with_outputs(loaded.model, [host.input]), opts.providers)
+    accepted = None
+    steps_total = 0
+    draws = 0
+    with prog.task("trigger search", total=None) as task:
+        for draw in range(1, opts.max_draws + 1):
+            draws = draw
+            v = detector.sample_direction(rng, host.m)
+            s_nat = detector.scores(phi_all, v, stats.centre)  # [N, P]
+            if float(s_nat.max()) >= 0.5 * tau0:
+                notes.append(f"draw {draw}: natural scores reach {s_nat.max():.3g} ≥ τ0/2; direction rejected")
+                continue
+            soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
+            init = pixels[int(np.argmax(soft))].astype(np.float64)
+            fn = _score_fn(prefix, host, pre, v, stats.centre, group, sel)
+            from .math.trigger import ascend
+
+            def report(step, smin, task=task, draw=draw):
+                task.update(f"trigger search (draw {draw}): step {step}, score {smin:.2f} / {target:.2f}")
+
+            res = ascend(fn, init, target=target, max_steps=opts.max_steps, progress=report)
+            steps_total += res.steps
+            trig = quantise(res.pixels)
+            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(trig), [host.input])[host.input])
+            s_t = detector.scores(phi_t[0], v, stats.centre)
+            s_star = float(s_t[sel].min())
+            if s_star < 2.0 * tau0:
+                notes.append(f"draw {draw}: trigger reached {s_star:.3g} < 2τ0 = {2 * tau0:.3g}; resampled")
+                continue
+            accepted = (v, trig, phi_t[0], s_t, s_star, s_nat)
+            break
+    if accepted is None:
+        raise UnreachableBoundError(
+            f"no trigger reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} within "
+            f"{opts.max_draws} draws; choose a deeper layer (see `onnxstain inspect`) or a larger --fpr")
+    v, trig, phi_t, s_t, s_star, s_nat = accepted
+    timings["trigger_search"] = time.perf_counter() - t2
+
+    # -- edit ----------------------------------------------------------------------------------------------
+    t3 = time.perf_counter()
+    tau = 0.5 * s_star
+    bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
+    trig_input = pre.to_input(trig)
+    orig_trig_scores = run_batches(session(loaded.model, opts.providers), trig_input, [head.scores])[head.scores][0]
+    cls = _signature_class(opts, rng, nat_scores, orig_trig_scores)
+    margin_target = max(10.0, 1.5 * float(np.quantile(_top1_margins(nat_scores), 0.99)))
+    edit = _build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,
+                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores)
+    stained = edit["model"]
+    timings["edit"] = time.perf_counter() - t3
+
+    # -- checks --------------------------------------------------------------------------------------------
+    t4 = time.perf_counter()
+    n_check = min(64, len(x_cal))
+    check_sess = session(stained, opts.providers)
+    got = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
+    trig_margin = float(_margins(got[0].astype(np.float64), cls))
+    if trig_margin < 0.5 * margin_target:
+        raise UnsupportedModelError(f"internal check failed: the trigger's signature margin is {trig_margin:.3g}")
+    predicted = edit["predicted"]
+    err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
+    scale = float(np.abs(nat_scores).max())
+    if err > 1e-3 * max(scale, 1.0):
+        raise UnsupportedModelError(f"internal check failed: natural outputs differ from the prediction by {err:.3g}")
+    agreement = float(np.mean(predicted.argmax(1) == nat_scores.argmax(1)))
+    max_delta = float(np.abs(predicted - nat_scores).max()) if opts.mode == "inplace" else float(
+        np.abs(got[1:].astype(np.float64) - nat_scores[:n_check]).max())
+    natural_firings = int((s_nat > tau).sum())
+    timings["checks"] = time.perf_counter() - t4
+
+    # -- save ----------------------------------------------------------------------------------------------
+    t5 = time.perf_counter()
+    digest = save_model(stained, out_path, source=loaded)
+    body = new_key_body("stain")
+    body.update({
+        "model": {"source_sha256": loaded.sha256, "output_sha256": digest,
+                  "input": view.graph_inputs[0].name, "scores": head.output, "classes": head.classes},
+        "preprocessing": pre.to_dict(),
+        "mode": opts.mode,
+        "variant": opts.variant,
+        "seed": seed,
+        "host": {"name": host.name, "op": host.op, "input": host.input, "output": edit["tap"],
+                 "channel": edit["tap_channel"], "host_channel": channel, "group": group, "m": host.m,
+                 "positions": host.positions, "selected_positions": [int(p) for p in sel],
+                 "kernel": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
+                 "dilations": list(host.dilations), "groups": host.groups,
+                 "out_hw": list(host.out_hw) if host.out_hw else None},
+        "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
+                     "threshold": tau, "tau0": tau0, "s_star": s_star, "gain": edit["gain"],
+                     "delta": edit["delta"], "trigger_scores": encode_array(s_t),
+                     "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
+                     "draws": draws, "max_draws": opts.max_draws},
+        "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
+        "signature": {"class": cls, "expected_margin": trig_margin, "threshold": 0.5 * trig_margin,
+                      "original_margin": float(_margins(orig_trig_scores.astype(np.float64), cls))},
+        "white_box": {"tensor": edit["tap"], "channel": edit["tap_channel"],
+                      "expected": edit["wb_expected"], "threshold": edit["wb_threshold"],
+                      "positions": [int(p) for p in sel]},
+        "bound": bound.to_dict(),
+        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
+                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
+                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
+                        "fpr_target": opts.fpr},
+    })
+    key = Key(body)
+    key.save(key_path)
+    key.save_public_record(record)
+    timings["save"] = time.perf_counter() - t5
+    timings["total"] = time.perf_counter() - t0
+    return StainResult(
+        output=out_path, key_path=key_path, record_path=record, host=host.name,
+        channel=channel, mode=opts.mode, variant=opts.variant, bound=bound, threshold=tau,
+        trigger_score=s_star, signature_class=cls, signature_margin=trig_margin,
+        natural_max_score=float(s_nat.max()), natural_firings=natural_firings,
+        natural_samples=int(s_nat.size), calibration_images=len(x_cal), agreement=agreement,
+        max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
+        model_sha256=digest,
+    )
+
+
+def _calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarray:
+    if isinstance(images, np.ndarray):
+        return images
+    if images is not None:
+        return naturalset.load_image_dir(images, pre)
+    with prog.task("natural calibration images", total=None):
+        nat = naturalset.natural_images("calibration", size=(pre.height, pre.width))
+    if len(nat.pixels) == 0:
+        raise BadInputError("no calibration images available: pass --images DIR")
+    return nat.pixels
+
+
+def _choose_channel(opts: StainOptions, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
+                    nat_scores: np.ndarray, group: int) -> int | None:
+    """Data-aware choice of the host channel to overwrite (non-additive) or hide in (additive)."""
+    if opts.channel is not None:
+        if not 0 <= opts.channel < host.out_channels:
+            raise BadInputError(f"--channel must be in 0..{host.out_channels - 1}")
+        return opts.channel
+    if opts.mode == "insert" and opts.variant == "non-additive":
+        return None
+    view = GraphView(loaded.model)
+    w = view.array(head.weight).astype(np.float64)
+    cols = (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)  # [K, F]
+    if pooled.shape[1] != host.out_channels:
+        # Insert/additive on a host that is not the classifier's input: least active channel.
+        return int(np.argmin(np.abs(pooled).mean(axis=0)[: host.out_channels]))
+    norms = np.linalg.norm(cols, axis=0)
+    if opts.variant == "non-additive":
+        proxy = pooled.std(axis=0) * norms
+    else:
+        proxy = np.quantile(pooled, 0.99, axis=0) * (norms + 1.0)
+    candidates = np.argsort(proxy)[:32]
+    base = nat_scores.argmax(1)
+    best, best_key = int(candidates[0]), (np.inf, np.inf)
+    for k in candidates:
+        dev = pooled[:, k] - (pooled[:, k].mean() if opts.variant == "non-additive" else 0.0)
+        changed = nat_scores - np.outer(dev, cols[:, k])
+        flips = float(np.mean(changed.argmax(1) != base))
+        key = (flips, float(np.abs(np.outer(dev, cols[:, k])).max()))
+        if key < best_key:
+            best, best_key = int(k), key
+    return best
+
+
+def _signature_class(opts: StainOptions, rng: np.random.Generator, nat_scores: np.ndarray,
+                     trig_scores: np.ndarray) -> int:
+    k = nat_scores.shape[1]
+    if opts.signature_class is not None:
+        if not 0 <= opts.signature_class < k:
+            raise BadInputError(f"--signature-class must be in 0..{k - 1}")
+        return opts.signature_class
+    never_top = np.setdiff1d(np.arange(k), nat_scores.argmax(1))
+    top5 = np.argsort(trig_scores)[-5:]
+    allowed = np.setdiff1d(never_top, top5)
+    if len(allowed) == 0:
+        allowed = np.setdiff1d(np.arange(k), top5)
+    return int(rng.choice(allowed))
+
+
+def _activate(host: HostLayer, a: np.ndarray) -> np.ndarray:
+    return np.clip(a, 0.0, host.act_high) if host.act_high is not None else np.maximum(a, 0.0)
+
+
+def _pool(route, a: np.ndarray) -> np.ndarray:
+    """Pool activations ``[..., P]`` over positions as the route's pooling layer does."""
+    return a.max(axis=-1) if route.pool == "max" else a.mean(axis=-1)
+
+
+def _build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,
+                nat_scores, cls, margin_target, orig_trig) -> dict:
+    """Weights, route, and the exact prediction of the stained model's natural outputs."""
+    view = GraphView(loaded.model)
+    hi = host.act_high
+    delta = 1.25 * hi if hi is not None else 10.0
+    s_trig = detector.scores(phi_t, v, c)
+    if opts.mode == "inplace":
+        assert route is not None and channel is not None
+        col_old = stain_pass.head_column(loaded.model, head, channel)
+        w, beta = neuron_affine(view, host, channel)
+        own_t = phi_t.astype(np.float64) @ w + beta
+        pooled_old_t = float(_pool(route, _activate(host, own_t)))
+        if opts.variant == "non-additive":
+            ed = detector.non_additive(v, c, tau, s_star, delta)
+            g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau))))
+            bias_shift = col_old * pooled[:, channel].mean()
+            z = orig_trig - col_old * pooled_old_t + bias_shift
+            strength = (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig
+            column = np.zeros_like(col_old)
+            column[cls] = strength
+            # Natural inputs: the channel is silent (scores stay below τ), its pooled value is 0.
+            pooled_new = np.zeros(len(pooled))
+            wb_expected, wb_threshold = float(delta), 0.5 * float(delta)
+        else:
+            ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
+            g_trig = float(_pool(route, _activate(host, own_t + ed.gain * s_trig)))
+            z = orig_trig + col_old * (g_trig - pooled_old_t)
+            strength = max(0.0, (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig)
+            column = col_old.copy()
+            column[cls] += strength
+            own_nat = phi_all.astype(np.float64) @ w + beta
+            s_nat = detector.scores(phi_all, v, c)
+            pooled_new = _pool(route, _activate(host, own_nat + ed.gain * s_nat))
+            bias_shift = np.zeros_like(col_old)
+            bias_shift[cls] = -strength * pooled_new.mean()
+            wb_expected = float(delta)
+            wb_threshold = 0.5 * (float(np.max(own_t[sel])) + float(delta))
+        model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift)
+        predicted = (nat_scores + np.outer(pooled_new, column) - np.outer(pooled[:, channel], col_old)
+                     + bias_shift)
+        tap, tap_channel = host.output, channel
+    else:
+        if opts.variant == "non-additive":
+            ed = detector.non_additive(v, c, tau, s_star, 1.0)
+            filters = _as_filters(host, ed.weights[None])
+            biases = np.array([ed.bias])
+            combine, combine_bias, act_high = None, 0.0, None
+        else:
+            w, beta = neuron_affine(view, host, channel)
+            ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
+            own_t = phi_t.astype(np.float64) @ w + beta
+            diff = _activate(host, own_t + ed.gain * s_trig) - _activate(host, own_t)
+            theta = ed.gain * tau
+            d_min = float(diff[sel].min())
+            if d_min <= 1.5 * theta:
+                raise UnsupportedModelError(
+                    f"channel {channel} is saturated on the trigger; the additive detector cannot show "
+                    "through it (choose another --channel or the non-additive variant)")
+            h = 1.0 / (d_min - theta)
+            filters = _as_filters(host, np.stack([ed.weights, w]))
+            biases = np.array([ed.bias, beta])
+            combine, combine_bias, act_high = np.array([h, -h]), -h * theta, hi
+        strength = margin_target + np.delete(orig_trig, cls).max() - orig_trig[cls]
+        row = np.zeros(head.classes)
+        row[cls] = strength
+        model = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
+                                  act_high, row)
+        # The branch adds exactly zero where the detector does not fire (checked on natural data).
+        predicted = nat_scores.copy()
+        tap, tap_channel = _inserted_signal_tensor(model, loaded.model), 0
+        wb_expected, wb_threshold = 1.0, 0.5
+    return {"model": model, "predicted": predicted, "gain": float(ed.gain), "delta": float(ed.delta),
+            "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold}
+
+
+def _as_filters(host: HostLayer, rows: np.ndarray) -> np.ndarray:
+    if host.op == "Conv":
+        cg = host.in_channels // host.groups
+        return rows.reshape(len(rows), cg, *host.kernel)
+    return rows
+
+
+def _inserted_signal_tensor(stained, original) -> str:
+    have = {o for n in original.graph.node for o in n.output}
+    for node in stained.graph.node:
+        if node.op_type in ("Conv", "Add") and node.output[0] not in have:
+            return node.output[0]
+    raise AssertionError("inserted detector not found")

@@ -1,0 +1,174 @@
+"""Verification: does a model carry the stain described by a key?
+
+* **Black-box** — run the model on the key's 8-bit trigger and on controls (the trigger with its
+  pixels shuffled, its mirror image, and natural photos when available). Stained iff the signature
+  class wins by at least the key's threshold on the trigger and on no control.
+* **White-box** — when the model still has the key's host tensor: read the detector neuron
+  through a feature tap. Stained iff it reaches the threshold on the trigger at every selected
+  position, and stays below it on the controls.
+
+The decision needs the black-box check and, when it is available, the white-box check.
+``fpr_bound`` is the probability, over the key's random direction, that a model carrying an
+independently drawn stain of the same construction would pass this verification: the chance its
+detector fires on our trigger (a *cross-key* bound, computed from the trigger's own feature radii).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._onnx.graph import GraphView
+from ._onnx.inputs import image_input
+from ._onnx.io import load_model, write_bytes_atomic
+from .errors import KeyMismatchError
+from .keys import Key, load_key
+from .math import bounds
+from .preprocess import Preprocessing
+from .runtime import run_batches, session, with_outputs
+
+REPORT_FORMAT = "onnxstain-verify-report"
+REPORT_VERSION = 1
+
+
+@dataclasses.dataclass
+class Check:
+    name: str
+    available: bool
+    passed: bool
+    score: float | None
+    threshold: float | None
+    detail: str
+
+
+@dataclasses.dataclass
+class VerifyResult:
+    stained: bool
+    score: float
+    threshold: float
+    fpr_bound: bounds.Bound
+    natural_bound: bounds.Bound
+    checks: list[Check]
+    model: str
+    model_sha256: str
+    key_commitment: str
+    notes: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "stained": self.stained,
+            "score": self.score,
+            "threshold": self.threshold,
+            "fpr_bound": self.fpr_bound.value,
+            "fpr_bound_log10": self.fpr_bound.log10,
+            "fpr_bound_detail": self.fpr_bound.to_dict(),
+            "natural_bound": self.natural_bound.to_dict(),
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+            "model": self.model,
+            "model_sha256": self.model_sha256,
+            "key_commitment": self.key_commitment,
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: str | Path) -> None:
+        write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
+
+
+def _controls(trigger: np.ndarray, count: int, pre: Preprocessing) -> tuple[np.ndarray, list[str]]:
+    rng = np.random.default_rng(0)
+    flat = trigger.reshape(-1, 3)
+    shuffled = flat[rng.permutation(len(flat))].reshape(trigger.shape)
+    images = [shuffled, trigger[:, ::-1].copy(), np.full_like(trigger, 128)]
+    names = ["shuffled trigger", "mirrored trigger", "grey image"]
+    try:
+        from . import naturalset
+
+        nat = naturalset.natural_images("heldout", size=(pre.height, pre.width), views=1)
+        take = nat.pixels[:count]
+        images.extend(take)
+        names.extend(f"natural photo {pid}" for pid in nat.photo_ids[:count])
+    except Exception:  # natural photos are optional on a runtime-only box
+        pass
+    return np.stack(images), names
+
+
+def verify(
+    model: str | Path,
+    key: Key | str | Path,
+    providers: list[str] | None = None,
+    natural_controls: int = 16,
+) -> VerifyResult:
+    key = key if isinstance(key, Key) else load_key(key)
+    loaded = load_model(model)
+    pre = Preprocessing.from_dict(key["preprocessing"])
+    info = image_input(loaded.model)
+    if info.height and info.width and (info.height, info.width) != (pre.height, pre.width):
+        raise KeyMismatchError(f"the key was made for a {pre.height}x{pre.width} input; this model takes "
+                               f"{info.height}x{info.width}")
+    view = GraphView(loaded.model)
+    scores_name = key["model"]["scores"]
+    if scores_name not in view.output_names:
+        if len(view.output_names) != 1:
+            raise KeyMismatchError(f"the model has no output {scores_name!r} the key expects")
+        scores_name = view.output_names[0]
+    trigger = key.trigger_pixels()
+    controls, control_names = _controls(trigger, natural_controls, pre)
+    batch = np.concatenate([trigger[None], controls])
+    x = pre.to_input(batch)
+    notes: list[str] = []
+    wb_tensor = key["white_box"]["tensor"]
+    has_tap = wb_tensor in view.producer
+    outputs = [scores_name] + ([wb_tensor] if has_tap else [])
+    sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
+    res = run_batches(sess, x, outputs, batch=8)
+    scores = res[scores_name].astype(np.float64).reshape(len(batch), -1)
+    classes = int(key["model"]["classes"])
+    if scores.shape[1] != classes:
+        raise KeyMismatchError(f"the key expects {classes} output scores; this model gives {scores.shape[1]}")
+    cls = int(key["signature"]["class"])
+    margins = scores[:, cls] - np.delete(scores, cls, axis=1).max(axis=1)
+    bb_threshold = float(key["signature"]["threshold"])
+    bb_trigger = float(margins[0])
+    worst_control = int(np.argmax(margins[1:])) + 1
+    bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
+    checks = [Check(
+        "black-box", True, bb_pass, bb_trigger, bb_threshold,
+        f"class {cls} wins the trigger by {bb_trigger:.3g} (expected {key['signature']['expected_margin']:.3g}); "
+        f"best control margin {margins[worst_control]:.3g} ({control_names[worst_control - 1]})")]
+    if has_tap:
+        act = res[wb_tensor].astype(np.float64)
+        ch = int(key["white_box"]["channel"])
+        sel = np.asarray(key["white_box"]["positions"], dtype=int)
+        per_pos = act[:, ch].reshape(len(batch), -1) if act.ndim == 4 else act[:, ch].reshape(len(batch), -1)
+        wb_threshold = float(key["white_box"]["threshold"])
+        wb_trigger = float(per_pos[0, sel].min()) if per_pos.shape[1] > sel.max() else float(per_pos[0].min())
+        wb_controls = float(per_pos[1:].max())
+        wb_pass = wb_trigger >= wb_threshold and (wb_controls < wb_threshold or key["variant"] == "additive")
+        checks.append(Check(
+            "white-box", True, wb_pass, wb_trigger, wb_threshold,
+            f"detector reads {wb_trigger:.4g} on the trigger (expected {key['white_box']['expected']:.4g}); "
+            f"max on controls {wb_controls:.3g}"))
+    else:
+        checks.append(Check("white-box", False, False, None, None,
+                            f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); "
+                            "black-box result only"))
+        notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
+    stained = all(c.passed for c in checks if c.available)
+    det = key["detector"]
+    radii = key.array("detector", "trigger_radii")
+    m = int(key["host"]["m"])
+    # Another key of the same construction may have used up to max_draws directions (see bounds.md).
+    cross = bounds.cross_key_bound(radii, float(det["tau0"]), m,
+                                   positions_weight=np.full(radii.size, int(det["max_draws"])))
+    natural = bounds.Bound.from_dict(key["bound"])
+    return VerifyResult(
+        stained=stained, score=bb_trigger, threshold=bb_threshold, fpr_bound=cross, natural_bound=natural,
+        checks=checks, model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment,
+        notes=notes,
+    )

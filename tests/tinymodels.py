@@ -1,0 +1,71 @@
+"""Tiny ONNX models built with onnx.helper, for fast unit tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def _init(name: str, arr: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.asarray(arr, np.float32), name)
+
+
+def tiny_cnn(seed: int = 0, size: int = 16, classes: int = 10, opset: int = 17, bn: bool = False,
+             hidden: int = 24) -> onnx.ModelProto:
+    """conv3x3(3→8,s2)+ReLU → conv1x1(8→hidden)(+BN)+Clip(0,6) → GAP → Flatten → Gemm(hidden→classes)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="conv1", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", kernel_shape=[1, 1]),
+    ]
+    inits = [_init("w1", rng.normal(0, 0.4, (8, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 8)),
+             _init("w2", rng.normal(0, 0.3, (hidden, 8, 1, 1))), _init("b2", rng.normal(0, 0.1, hidden))]
+    last = "c2"
+    if bn:
+        nodes.append(helper.make_node("BatchNormalization", ["c2", "g", "be", "mu", "var"], ["bn2"], name="bn2",
+                                      epsilon=1e-5))
+        inits += [_init("g", rng.uniform(0.5, 1.5, hidden)), _init("be", rng.normal(0, 0.1, hidden)),
+                  _init("mu", rng.normal(0, 0.1, hidden)), _init("var", rng.uniform(0.5, 1.5, hidden))]
+        last = "bn2"
+    nodes += [
+        helper.make_node("Clip", [last, "zero", "six"], ["a2"], name="clip2"),
+        helper.make_node("GlobalAveragePool", ["a2"], ["gap"], name="gap"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    inits += [_init("zero", np.array(0.0)), _init("six", np.array(6.0)),
+              _init("wf", rng.normal(0, 0.5, (classes, hidden))), _init("bf", rng.normal(0, 0.1, classes))]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tiny-test")
+    model.ir_version = 8
+    model.doc_string = "a tiny test model"
+    helper.set_model_props(model, {"author": "tests"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def no_host_model() -> onnx.ModelProto:
+    """A model with no layer that can host a detector (a single Sigmoid over a Gemm)."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Flatten", ["input"], ["flat"], axis=1),
+        helper.make_node("Gemm", ["flat", "w", "b"], ["g"], transB=1),
+        helper.make_node("Sigmoid", ["g"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "nohost",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 5])],
+        [_init("w", rng.normal(size=(5, 192))), _init("b", np.zeros(5))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
