@@ -308,6 +308,8 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
     the largest field among their inputs; Conv and pooling layers grow it. Ops that mix all
     positions (global pooling, Flatten, MatMul, resizing) end the spatial path.
     """
+    if shapes is None:
+        shapes = tensor_shapes(view.model)
     fields: dict[str, ReceptiveField] = {}
     for inp in view.graph_inputs:
         fields[inp.name] = ReceptiveField((1, 1), (1, 1), (0.0, 0.0))
@@ -339,6 +341,15 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             jump = tuple(src.jump[i] * s[i] for i in range(2))
             start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))
             field = ReceptiveField(size, jump, start)  # type: ignore[arg-type]
+        elif node.op_type == "Pad":
+            pads = view.attr(node, "pads")
+            if pads is None and len(node.input) > 1 and node.input[1]:
+                arr = view.array(node.input[1])
+                pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
+            if pads is None or len(pads) != 8:
+                continue
+            start = tuple(src.start[i] - pads[2 + i] * src.jump[i] for i in range(2))
+            field = ReceptiveField(src.size, src.jump, start)  # type: ignore[arg-type]
         else:
             field = src
         for out in node.output:
@@ -349,7 +360,8 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
 # -- reading and writing one neuron ----------------------------------------------------------------
 def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
     """Effective (weights over φ, bias) of one neuron, BatchNorm and Gemm alpha/beta included."""
-    w = view.array(host.weight).astype(np.float64)
+    _, weight_name, bias_node, bias_index = _current_tensors(view, host)
+    w = view.array(weight_name).astype(np.float64)
     if host.op == "Conv":
         row = w[channel].reshape(-1)
     elif host.op == "Gemm":
@@ -357,8 +369,8 @@ def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.nd
     else:
         row = w[:, channel]
     b = 0.0
-    if host.bias is not None:
-        b = float(np.asarray(view.array(host.bias), np.float64).reshape(-1)[channel])
+    if bias_node is not None:
+        b = float(np.asarray(view.array(bias_node.input[bias_index]), np.float64).reshape(-1)[channel])
         if host.op == "Gemm":
             b *= host.beta
     if host.batchnorm is not None:
@@ -376,14 +388,34 @@ def _bn_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray
     return scale, beta - mean * scale
 
 
+def _current_tensors(view: GraphView, host: HostLayer):
+    """(node, weight tensor, node holding the bias, its input index) as the graph is *now*.
+
+    Names are read from the nodes, not from ``host``: a copy-on-write may have renamed them.
+    """
+    node = host_node(view, host)
+    if host.op == "MatMul":
+        add = view.find_node(host.bias_add) if host.bias_add else None
+        if add is None:
+            return node, node.input[1], None, 0
+        idx = 1 if add.input[0] == node.output[0] else 0
+        return node, node.input[1], add, idx
+    if len(node.input) > 2 and node.input[2]:
+        return node, node.input[1], node, 2
+    return node, node.input[1], None, 0
+
+
 def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray, bias: float) -> None:
     """Make neuron ``channel`` compute ``row · φ + bias`` before its activation (in place).
 
     With an unfolded BatchNorm, the BN channel is set to the identity and the affine map goes into
-    the Conv. A Conv without a bias input and without BatchNorm cannot take a bias in place.
+    the Conv. A Conv without a bias input and without BatchNorm cannot take a bias in place; it is
+    refused before anything changes.
     """
-    node = host_node(view, host)
-    w = view.array(host.weight).copy()
+    node, weight_name, bias_node, bias_index = _current_tensors(view, host)
+    if host.batchnorm is None and bias_node is None:
+        raise ValueError(f"{host.name} has no bias to edit")
+    w = view.array(weight_name).copy()
     r = np.asarray(row, np.float64)
     if host.op == "Conv":
         w[channel] = r.reshape(w.shape[1:])
@@ -402,23 +434,14 @@ def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray
             arr = view.array(bn.input[idx]).copy()
             arr[channel] = value
             view.set_input_array(bn, idx, arr)
-        if host.bias is not None:
-            b = view.array(host.bias).copy()
-            b[channel] = 0.0
-            view.set_input_array(node, 2, b)
-        return
-    if host.bias is None:
-        raise ValueError(f"{host.name} has no bias to edit")
-    if host.op == "MatMul":
-        add = view.find_node(host.bias_add)  # type: ignore[arg-type]
-        idx = list(add.input).index(host.bias)
-        b = view.array(host.bias).copy()
-        b.reshape(-1)[channel] = bias
-        view.set_input_array(add, idx, b)
-        return
-    b = view.array(host.bias).copy()
-    b.reshape(-1)[channel] = bias / (host.beta if host.op == "Gemm" else 1.0)
-    view.set_input_array(node, 2, b)
+        bias, scale = 0.0, 1.0
+        if bias_node is None:
+            return
+    else:
+        scale = host.beta if host.op == "Gemm" else 1.0
+    b = view.array(bias_node.input[bias_index]).copy()
+    b.reshape(-1)[channel] = bias / scale
+    view.set_input_array(bias_node, bias_index, b)
 
 
 def host_node(view: GraphView, host: HostLayer) -> onnx.NodeProto:
