@@ -9,7 +9,7 @@ The stable API::
 
 __version__ = "0.1.0"
 
-from .api import (  # noqa: E402
+from .api import (
     Key,
     StainOptions,
     StainResult,
@@ -20,7 +20,7 @@ from .api import (  # noqa: E402
     stain_summary,
     verify,
 )
-from .errors import (  # noqa: E402
+from .errors import (
     BadInputError,
     BadKeyError,
     BadModelError,
@@ -29,7 +29,7 @@ from .errors import (  # noqa: E402
     UnreachableBoundError,
     UnsupportedModelError,
 )
-from .preprocess import Preprocessing  # noqa: E402
+from .preprocess import Preprocessing
 
 __all__ = [
     "BadInputError", "BadKeyError", "BadModelError", "Key", "KeyMismatchError", "OnnxStainError",

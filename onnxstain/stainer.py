@@ -27,25 +27,26 @@ import numpy as np
 from . import naturalset
 from ._onnx import head as head_mod
 from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts, neuron_affine
+from ._onnx.hosts import HostLayer, find_hosts, layer_affine, neuron_affine
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import LoadedModel, check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
 from .math import bounds, detector
-from .math.trigger import quantise
+from .math.trigger import ascend, quantise
 from .passes import stain as stain_pass
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .signature import class_margin, shift_score, top1_margins
 
 Mode = Literal["inplace", "insert"]
 Variant = Literal["non-additive", "additive"]
 
 RADIUS_MARGIN = 1.25  # R = 1.25 × the largest calibration radius
-TRIGGER_SAFETY = 1.15  # search until s* ≥ 2 τ0 × this, so 8-bit rounding keeps s* ≥ 2 τ0
-MAX_POSITIONS_ALL = 64  # fire at every position when the host has at most this many
+SEARCH_FACTOR = 1.35  # the search aims at scores ≥ 1.35 τ0 at every selected position ...
+ACCEPT_FACTOR = 1.25  # ... and the 8-bit trigger must keep ≥ 1.25 τ0 (re-scored by onnxruntime)
 
 
 @dataclasses.dataclass
@@ -120,25 +121,24 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
 
 
 def selected_positions(host: HostLayer) -> np.ndarray:
-    if host.positions <= MAX_POSITIONS_ALL:
+    """Positions where the trigger must fire: the central 3×3 block (the centre alone on big maps).
+
+    The detector runs at every position (the bound covers them all); the trigger only has to
+    fire at these, which keeps the search short.
+    """
+    if host.out_hw is None or host.positions < 9:
         return np.arange(host.positions)
-    oh, ow = host.out_hw  # type: ignore[misc]
-    return np.array([(oh // 2) * ow + ow // 2])
-
-
-def _margins(scores: np.ndarray, cls: int) -> np.ndarray:
-    others = np.delete(scores, cls, axis=-1)
-    return scores[..., cls] - others.max(axis=-1)
-
-
-def _top1_margins(scores: np.ndarray) -> np.ndarray:
-    part = np.partition(scores, -2, axis=-1)
-    return part[..., -1] - part[..., -2]
+    oh, ow = host.out_hw
+    if host.positions > 64:
+        return np.array([(oh // 2) * ow + ow // 2])
+    rows = range(oh // 2 - 1, oh // 2 + 2)
+    cols = range(ow // 2 - 1, ow // 2 + 2)
+    return np.array([r * ow + c for r in rows for c in cols])
 
 
 def _score_fn(prefix, host: HostLayer, pre: Preprocessing, v: np.ndarray, c: np.ndarray, group: int,
               positions: np.ndarray):
-    """pixels [1,H,W,3] (0..255, torch) → detector scores at the selected positions [1, P]."""
+    """pixels [1,H,W,3] (0..255, torch) → (scores at the selected positions [1, P_sel], radii [1, P])."""
     import torch
     import torch.nn.functional as F
 
@@ -146,12 +146,14 @@ def _score_fn(prefix, host: HostLayer, pre: Preprocessing, v: np.ndarray, c: np.
     mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
     std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
     vc = float(v @ c)
+    cc = float(c @ c)
     pos = torch.as_tensor(positions, dtype=torch.long)
     if host.op == "Conv":
         cg = host.in_channels // host.groups
-        filt = torch.tensor(v.reshape(1, cg, *host.kernel), dtype=torch.float32)
+        filt = torch.tensor(np.stack([v, c]).reshape(2, cg, *host.kernel), dtype=torch.float32)
+        ones = torch.ones(1, cg, *host.kernel)
     else:
-        vt = torch.tensor(v, dtype=torch.float32)
+        vt = torch.tensor(np.stack([v, c], axis=1), dtype=torch.float32)
 
     def fn(px):
         x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
@@ -164,13 +166,19 @@ def _score_fn(prefix, host: HostLayer, pre: Preprocessing, v: np.ndarray, c: np.
             f = feat[:, group * cg : (group + 1) * cg]
             t, left, b, r = host.pads
             f = F.pad(f, (left, r, t, b))
-            s = F.conv2d(f, filt, stride=host.strides, dilation=host.dilations)
+            proj = F.conv2d(f, filt, stride=host.strides, dilation=host.dilations)
+            sq = F.conv2d(f * f, ones, stride=host.strides, dilation=host.dilations)
             if host.out_hw is not None:
-                s = s[:, :, : host.out_hw[0], : host.out_hw[1]]
-            s = s.flatten(1)
+                proj = proj[:, :, : host.out_hw[0], : host.out_hw[1]]
+                sq = sq[:, :, : host.out_hw[0], : host.out_hw[1]]
+            proj, sq = proj.flatten(2), sq.flatten(1)
         else:
-            s = feat.reshape(feat.shape[0], -1, feat.shape[-1]) @ vt
-        return s[:, pos] - vc
+            f = feat.reshape(feat.shape[0], -1, feat.shape[-1])
+            proj = (f @ vt).transpose(1, 2)
+            sq = (f * f).sum(-1)
+        # ‖φ − c‖² = ‖φ‖² − 2 φ·c + ‖c‖²
+        radii = (sq - 2 * proj[:, 1] + cc).clamp(min=1e-12).sqrt()
+        return proj[:, 0][:, pos] - vc, radii
 
     return fn
 
@@ -239,7 +247,7 @@ def stain(
     nat_scores = cal[head.scores].astype(np.float64)
     pooled = cal[head_mod.head_input(view, head)].reshape(len(x_cal), -1).astype(np.float64)
     sel = selected_positions(host)
-    channel = _choose_channel(opts, host, head, loaded, pooled, nat_scores, group)
+    channel = _choose_channel(opts, host, head, loaded, pooled, nat_scores)
     timings["calibration"] = time.perf_counter() - t1
 
     # -- directions and trigger search -------------------------------------------------------------------
@@ -250,8 +258,13 @@ def stain(
 
     torch.manual_seed(seed % (2**31))
     prefix = TorchPrefix(loaded.model, [host.input])
-    target = 2.0 * tau0 * TRIGGER_SAFETY
+    target = SEARCH_FACTOR * tau0
     tap_sess = session(with_outputs(loaded.model, [host.input]), opts.providers)
+    weights = np.full(host.positions, opts.max_draws)
+
+    def cross_ok(_smin: float, radii: np.ndarray) -> bool:
+        return bounds.cross_key_bound(radii, tau0, host.m, positions_weight=weights).value <= opts.fpr
+
     accepted = None
     steps_total = 0
     draws = 0
@@ -266,21 +279,22 @@ def stain(
             soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
             init = pixels[int(np.argmax(soft))].astype(np.float64)
             fn = _score_fn(prefix, host, pre, v, stats.centre, group, sel)
-            from .math.trigger import ascend
 
             def report(step, smin, task=task, draw=draw):
                 task.update(f"trigger search (draw {draw}): step {step}, score {smin:.2f} / {target:.2f}")
 
-            res = ascend(fn, init, target=target, max_steps=opts.max_steps, progress=report)
+            res = ascend(fn, init, score_target=target, accept=cross_ok, max_steps=opts.max_steps,
+                         progress=report)
             steps_total += res.steps
             trig = quantise(res.pixels)
-            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(trig), [host.input])[host.input])
-            s_t = detector.scores(phi_t[0], v, stats.centre)
+            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(trig), [host.input])[host.input])[0]
+            s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[sel].min())
-            if s_star < 2.0 * tau0:
-                notes.append(f"draw {draw}: trigger reached {s_star:.3g} < 2τ0 = {2 * tau0:.3g}; resampled")
+            if s_star < ACCEPT_FACTOR * tau0:
+                notes.append(f"draw {draw}: the 8-bit trigger reached {s_star:.3g} < {ACCEPT_FACTOR} τ0 = "
+                             f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
                 continue
-            accepted = (v, trig, phi_t[0], s_t, s_star, s_nat)
+            accepted = (v, trig, phi_t, s_t, s_star, s_nat)
             break
     if accepted is None:
         raise UnreachableBoundError(
@@ -291,15 +305,16 @@ def stain(
 
     # -- edit ----------------------------------------------------------------------------------------------
     t3 = time.perf_counter()
-    tau = 0.5 * s_star
+    tau = tau0
     bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
     trig_input = pre.to_input(trig)
     orig_trig_scores = run_batches(session(loaded.model, opts.providers), trig_input, [head.scores])[head.scores][0]
     cls = _signature_class(opts, rng, nat_scores, orig_trig_scores)
-    margin_target = max(10.0, 1.5 * float(np.quantile(_top1_margins(nat_scores), 0.99)))
+    margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(nat_scores), 0.99)))
     edit = _build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,
                        sel, pooled, nat_scores, cls, margin_target, orig_trig_scores)
     stained = edit["model"]
+    channel = edit["channel"]
     timings["edit"] = time.perf_counter() - t3
 
     # -- checks --------------------------------------------------------------------------------------------
@@ -307,9 +322,19 @@ def stain(
     n_check = min(64, len(x_cal))
     check_sess = session(stained, opts.providers)
     got = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
-    trig_margin = float(_margins(got[0].astype(np.float64), cls))
-    if trig_margin < 0.5 * margin_target:
-        raise UnsupportedModelError(f"internal check failed: the trigger's signature margin is {trig_margin:.3g}")
+    if edit["signature"] == "shift":
+        trig_margin = float(shift_score(got[0], orig_trig_scores, edit["expected_trigger"]))
+        if abs(trig_margin - 1.0) > 0.05:
+            raise UnsupportedModelError(f"internal check failed: trigger shift score {trig_margin:.3g} (expected 1)")
+        signature = {"type": "shift", "class": cls, "original": encode_array(orig_trig_scores),
+                     "expected": encode_array(got[0]), "expected_margin": 1.0, "threshold": 0.5,
+                     "original_margin": 0.0}
+    else:
+        trig_margin = float(class_margin(got[0], cls))
+        if trig_margin < 0.5 * margin_target:
+            raise UnsupportedModelError(f"internal check failed: the trigger's signature margin is {trig_margin:.3g}")
+        signature = {"type": "class", "class": cls, "expected_margin": trig_margin, "threshold": 0.5 * trig_margin,
+                     "original_margin": float(class_margin(orig_trig_scores, cls))}
     predicted = edit["predicted"]
     err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
     scale = float(np.abs(nat_scores).max())
@@ -344,8 +369,7 @@ def stain(
                      "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
                      "draws": draws, "max_draws": opts.max_draws},
         "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
-        "signature": {"class": cls, "expected_margin": trig_margin, "threshold": 0.5 * trig_margin,
-                      "original_margin": float(_margins(orig_trig_scores.astype(np.float64), cls))},
+        "signature": signature,
         "white_box": {"tensor": edit["tap"], "channel": edit["tap_channel"],
                       "expected": edit["wb_expected"], "threshold": edit["wb_threshold"],
                       "positions": [int(p) for p in sel]},
@@ -384,7 +408,7 @@ def _calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarra
 
 
 def _choose_channel(opts: StainOptions, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
-                    nat_scores: np.ndarray, group: int) -> int | None:
+                    nat_scores: np.ndarray) -> int | None:
     """Data-aware choice of the host channel to overwrite (non-additive) or hide in (additive)."""
     if opts.channel is not None:
         if not 0 <= opts.channel < host.out_channels:
@@ -392,28 +416,42 @@ def _choose_channel(opts: StainOptions, host: HostLayer, head, loaded: LoadedMod
         return opts.channel
     if opts.mode == "insert" and opts.variant == "non-additive":
         return None
-    view = GraphView(loaded.model)
-    w = view.array(head.weight).astype(np.float64)
-    cols = (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)  # [K, F]
-    if pooled.shape[1] != host.out_channels:
-        # Insert/additive on a host that is not the classifier's input: least active channel.
-        return int(np.argmin(np.abs(pooled).mean(axis=0)[: host.out_channels]))
+    if opts.variant == "additive":
+        return None  # chosen after the trigger search, where its response to the trigger is known
+    cols = stain_pass.head_columns(loaded.model, head)  # [K, F]
+    # Non-additive: the overwritten channel's natural contribution is lost (its mean is compensated
+    # through the classifier bias). Score candidates by the exact number of top-1 flips on the
+    # calibration images, then by the largest score change.
     norms = np.linalg.norm(cols, axis=0)
-    if opts.variant == "non-additive":
-        proxy = pooled.std(axis=0) * norms
-    else:
-        proxy = np.quantile(pooled, 0.99, axis=0) * (norms + 1.0)
-    candidates = np.argsort(proxy)[:32]
+    proxy = pooled.std(axis=0) * norms
+    candidates = np.argsort(proxy)[:128]
     base = nat_scores.argmax(1)
     best, best_key = int(candidates[0]), (np.inf, np.inf)
     for k in candidates:
-        dev = pooled[:, k] - (pooled[:, k].mean() if opts.variant == "non-additive" else 0.0)
-        changed = nat_scores - np.outer(dev, cols[:, k])
-        flips = float(np.mean(changed.argmax(1) != base))
-        key = (flips, float(np.abs(np.outer(dev, cols[:, k])).max()))
+        dev = np.outer(pooled[:, k] - pooled[:, k].mean(), cols[:, k])
+        key = (float(np.sum((nat_scores - dev).argmax(1) != base)), float(np.abs(dev).max()))
         if key < best_key:
             best, best_key = int(k), key
     return best
+
+
+def _additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, sel: np.ndarray,
+                      mode: str, model) -> int:
+    """The working neuron to hide the detector in, given its response to the trigger.
+
+    Insert mode: the neuron most clearly active on the trigger (through ReLU the detector's part
+    then shows in full). In-place mode: the neuron whose classifier column moves the scores most when it
+    saturates on the trigger (the shift signature), among neurons that are off on the trigger.
+    """
+    rows, b = layer_affine(view, host)
+    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C]
+    hi = host.act_high if host.act_high is not None else 6.0
+    off = np.clip(own[sel], 0.0, hi).max(axis=0)  # activation on the trigger at the selected positions
+    if mode == "insert":
+        return int(np.argmax(own[sel].min(axis=0)))  # the most clearly active on the trigger
+    cols = stain_pass.head_columns(model, head)
+    gain = np.linalg.norm(cols, axis=0) * (hi - off)
+    return int(np.argmax(gain))
 
 
 def _signature_class(opts: StainOptions, rng: np.random.Generator, nat_scores: np.ndarray,
@@ -447,6 +485,9 @@ def _build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi
     hi = host.act_high
     delta = 1.25 * hi if hi is not None else 10.0
     s_trig = detector.scores(phi_t, v, c)
+    signature, expected_trigger = "class", None
+    if opts.variant == "additive" and channel is None:
+        channel = _additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
     if opts.mode == "inplace":
         assert route is not None and channel is not None
         col_old = stain_pass.head_column(loaded.model, head, channel)
@@ -467,17 +508,14 @@ def _build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi
         else:
             ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
             g_trig = float(_pool(route, _activate(host, own_t + ed.gain * s_trig)))
-            z = orig_trig + col_old * (g_trig - pooled_old_t)
-            strength = max(0.0, (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig)
-            column = col_old.copy()
-            column[cls] += strength
+            # The classifier stays as it is: the signature is the shift col_k · (g_trig − g_orig).
+            column, bias_shift = col_old, np.zeros_like(col_old)
+            expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
+            signature = "shift"
             own_nat = phi_all.astype(np.float64) @ w + beta
-            s_nat = detector.scores(phi_all, v, c)
-            pooled_new = _pool(route, _activate(host, own_nat + ed.gain * s_nat))
-            bias_shift = np.zeros_like(col_old)
-            bias_shift[cls] = -strength * pooled_new.mean()
-            wb_expected = float(delta)
-            wb_threshold = 0.5 * (float(np.max(own_t[sel])) + float(delta))
+            pooled_new = _pool(route, _activate(host, own_nat + ed.gain * detector.scores(phi_all, v, c)))
+            wb_expected = float(np.min((own_t + ed.gain * s_trig)[sel]))
+            wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
         model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift)
         predicted = (nat_scores + np.outer(pooled_new, column) - np.outer(pooled[:, channel], col_old)
                      + bias_shift)
@@ -489,30 +527,35 @@ def _build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi
             biases = np.array([ed.bias])
             combine, combine_bias, act_high = None, 0.0, None
         else:
+            # The inserted branch holds a copy of working neuron k plus the detector, and a copy of
+            # neuron k alone, both through ReLU; it signals when the first exceeds the second by more
+            # than θ = κτ, which needs S > τ (ReLU is 1-Lipschitz): the same firing event as always.
             w, beta = neuron_affine(view, host, channel)
-            ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
             own_t = phi_t.astype(np.float64) @ w + beta
-            diff = _activate(host, own_t + ed.gain * s_trig) - _activate(host, own_t)
-            theta = ed.gain * tau
+            kappa = 1.0
+            ed = detector.NeuronEdit(w + kappa * v, beta - kappa * float(v @ c), kappa, tau, kappa * s_star)
+            diff = np.maximum(own_t + kappa * s_trig, 0.0) - np.maximum(own_t, 0.0)
+            theta = kappa * tau
             d_min = float(diff[sel].min())
-            if d_min <= 1.5 * theta:
+            if d_min <= 1.05 * theta:
                 raise UnsupportedModelError(
-                    f"channel {channel} is saturated on the trigger; the additive detector cannot show "
-                    "through it (choose another --channel or the non-additive variant)")
+                    f"neuron {channel} is off on the trigger; the additive detector cannot show through it "
+                    "(choose another --channel or the non-additive variant)")
             h = 1.0 / (d_min - theta)
             filters = _as_filters(host, np.stack([ed.weights, w]))
             biases = np.array([ed.bias, beta])
-            combine, combine_bias, act_high = np.array([h, -h]), -h * theta, hi
+            combine, combine_bias, act_high = np.array([h, -h]), -h * theta, None
         strength = margin_target + np.delete(orig_trig, cls).max() - orig_trig[cls]
         row = np.zeros(head.classes)
         row[cls] = strength
-        model = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
-                                  act_high, row)
+        model, signal = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
+                                          act_high, row)
         # The branch adds exactly zero where the detector does not fire (checked on natural data).
         predicted = nat_scores.copy()
-        tap, tap_channel = _inserted_signal_tensor(model, loaded.model), 0
+        tap, tap_channel = signal, 0
         wb_expected, wb_threshold = 1.0, 0.5
     return {"model": model, "predicted": predicted, "gain": float(ed.gain), "delta": float(ed.delta),
+            "signature": signature, "expected_trigger": expected_trigger, "channel": channel,
             "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold}
 
 
@@ -521,11 +564,3 @@ def _as_filters(host: HostLayer, rows: np.ndarray) -> np.ndarray:
         cg = host.in_channels // host.groups
         return rows.reshape(len(rows), cg, *host.kernel)
     return rows
-
-
-def _inserted_signal_tensor(stained, original) -> str:
-    have = {o for n in original.graph.node for o in n.output}
-    for node in stained.graph.node:
-        if node.op_type in ("Conv", "Add") and node.output[0] not in have:
-            return node.output[0]
-    raise AssertionError("inserted detector not found")

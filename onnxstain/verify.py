@@ -30,6 +30,7 @@ from .keys import Key, load_key
 from .math import bounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
+from .signature import class_margin, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 1
@@ -131,21 +132,28 @@ def verify(
     classes = int(key["model"]["classes"])
     if scores.shape[1] != classes:
         raise KeyMismatchError(f"the key expects {classes} output scores; this model gives {scores.shape[1]}")
-    cls = int(key["signature"]["class"])
-    margins = scores[:, cls] - np.delete(scores, cls, axis=1).max(axis=1)
-    bb_threshold = float(key["signature"]["threshold"])
-    bb_trigger = float(margins[0])
-    worst_control = int(np.argmax(margins[1:])) + 1
-    bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
-    checks = [Check(
-        "black-box", True, bb_pass, bb_trigger, bb_threshold,
-        f"class {cls} wins the trigger by {bb_trigger:.3g} (expected {key['signature']['expected_margin']:.3g}); "
-        f"best control margin {margins[worst_control]:.3g} ({control_names[worst_control - 1]})")]
+    sig = key["signature"]
+    bb_threshold = float(sig["threshold"])
+    if sig.get("type", "class") == "shift":
+        original, expected = key.array("signature", "original"), key.array("signature", "expected")
+        bb_trigger = float(shift_score(scores[0], original, expected))
+        bb_pass = bb_trigger >= bb_threshold
+        detail = (f"the trigger's scores moved {bb_trigger:.3g} of the way from the original model's output "
+                  "towards the stained model's (1 = stained, 0 = original)")
+    else:
+        cls = int(sig["class"])
+        margins = class_margin(scores, cls)
+        bb_trigger = float(margins[0])
+        worst = int(np.argmax(margins[1:])) + 1
+        bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
+        detail = (f"class {cls} wins the trigger by {bb_trigger:.3g} (expected {sig['expected_margin']:.3g}); "
+                  f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
+    checks = [Check("black-box", True, bb_pass, bb_trigger, bb_threshold, detail)]
     if has_tap:
         act = res[wb_tensor].astype(np.float64)
         ch = int(key["white_box"]["channel"])
         sel = np.asarray(key["white_box"]["positions"], dtype=int)
-        per_pos = act[:, ch].reshape(len(batch), -1) if act.ndim == 4 else act[:, ch].reshape(len(batch), -1)
+        per_pos = act[:, ch].reshape(len(batch), -1)
         wb_threshold = float(key["white_box"]["threshold"])
         wb_trigger = float(per_pos[0, sel].min()) if per_pos.shape[1] > sel.max() else float(per_pos[0].min())
         wb_controls = float(per_pos[1:].max())

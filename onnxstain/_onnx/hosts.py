@@ -358,26 +358,35 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
 
 
 # -- reading and writing one neuron ----------------------------------------------------------------
-def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
-    """Effective (weights over φ, bias) of one neuron, BatchNorm and Gemm alpha/beta included."""
+def layer_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray]:
+    """Effective weights ``[C_out, m]`` over φ and biases ``[C_out]`` of every neuron of the layer.
+
+    BatchNorm and Gemm alpha/beta are included. Names are read from the graph as it is now.
+    """
     _, weight_name, bias_node, bias_index = _current_tensors(view, host)
     w = view.array(weight_name).astype(np.float64)
     if host.op == "Conv":
-        row = w[channel].reshape(-1)
+        rows = w.reshape(w.shape[0], -1)
     elif host.op == "Gemm":
-        row = (w[channel] if host.trans_b else w[:, channel]) * host.alpha
+        rows = (w if host.trans_b else w.T) * host.alpha
     else:
-        row = w[:, channel]
-    b = 0.0
+        rows = w.T
+    b = np.zeros(rows.shape[0])
     if bias_node is not None:
-        b = float(np.asarray(view.array(bias_node.input[bias_index]), np.float64).reshape(-1)[channel])
+        b = np.asarray(view.array(bias_node.input[bias_index]), np.float64).reshape(-1) * np.ones(rows.shape[0])
         if host.op == "Gemm":
-            b *= host.beta
+            b = b * host.beta
     if host.batchnorm is not None:
         scale, shift = _bn_affine(view, host)
-        row = row * scale[channel]
-        b = b * scale[channel] + shift[channel]
-    return row, b
+        rows = rows * scale[:, None]
+        b = b * scale + shift
+    return rows, b
+
+
+def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
+    """Effective (weights over φ, bias) of one neuron, BatchNorm and Gemm alpha/beta included."""
+    rows, b = layer_affine(view, host)
+    return rows[channel].copy(), float(b[channel])
 
 
 def _bn_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray]:

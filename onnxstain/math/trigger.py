@@ -28,14 +28,15 @@ def box_maximiser(v: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
 @dataclasses.dataclass
 class AscentResult:
     pixels: np.ndarray  # float pixels [H, W, 3] in 0..255
-    score: float  # soft-min objective reached (float pixels)
-    min_score: float  # minimum over the selected positions
+    min_score: float  # minimum score over the selected positions
+    max_radius: float  # largest centred feature radius over all positions
     steps: int
     reached: bool
-    history: list[float]
+    history: list[tuple[float, float]]  # (min score, max radius) at each step
 
 
 def soft_min(values, temperature: float):
+    """A smooth minimum over the last axis (equal to the minimum as the temperature goes to 0)."""
     import torch
 
     return -temperature * torch.logsumexp(-values / temperature, dim=-1) + temperature * float(
@@ -46,20 +47,26 @@ def soft_min(values, temperature: float):
 def ascend(
     score_fn: Callable,
     init_pixels: np.ndarray,
-    target: float,
+    score_target: float,
+    accept: Callable[[float, np.ndarray], bool],
     max_steps: int = 300,
     lr: float = 4.0,
     free_mask: np.ndarray | None = None,
     temperature: float = 0.5,
-    min_steps: int = 0,
+    radius_weight: float = 0.3,
     progress: Callable[[int, float], None] | None = None,
     check_every: int = 10,
 ) -> AscentResult:
-    """Maximise ``softmin(score_fn(pixels))`` by Adam on pixel values, clamped to ``[0, 255]``.
+    """Drive the detector scores above ``score_target`` while keeping the feature radius small.
 
-    ``score_fn`` maps a float tensor of pixels ``[1, H, W, 3]`` (0..255) to per-position scores
-    ``[1, P]``. ``free_mask`` (``[H, W]`` bool) restricts which pixels may change (a patch).
-    Stops when the minimum over positions reaches ``target`` (checked every ``check_every`` steps).
+    ``score_fn`` maps float pixels ``[1, H, W, 3]`` (0..255) to ``(scores, radii)``: the detector
+    scores at the selected positions ``[1, P_sel]`` and the centred feature radii at every position
+    ``[1, P]``. The objective is ``softmin(min(scores, cap)) − λ · max(radii)``: scores count up to a
+    cap a little above the target, and the radius penalty keeps the trigger *aligned* with the
+    detector rather than merely far from natural data (which is what keeps other keys' detectors
+    from firing on it). ``λ`` adapts every ``check_every`` steps (down while the scores are short of
+    the target, up once they pass it); the search stops as soon as ``accept(min_score, radii)``.
+    ``free_mask`` (``[H, W]`` bool) restricts which pixels may change (a patch).
     """
     import torch
 
@@ -69,33 +76,44 @@ def ascend(
     if free_mask is not None:
         mask = torch.tensor(free_mask[None, :, :, None], dtype=torch.float32)
     opt = torch.optim.Adam([param], lr=lr)
-    history: list[float] = []
-    best = (-np.inf, param.detach().clone(), -np.inf)
+    cap = 1.2 * score_target
+    lam = radius_weight
+    history: list[tuple[float, float]] = []
+    # best = (min score, pixels, radii): the smallest-radius point past the target, else the highest score.
+    best: tuple[float, torch.Tensor, np.ndarray] | None = None
     step = 0
     reached = False
     for step in range(1, max_steps + 1):
         opt.zero_grad(set_to_none=True)
         x = param if mask is None else base + (param - base) * mask
-        s = score_fn(x)
-        obj = soft_min(s, temperature).sum()
+        s, r = score_fn(x)
+        obj = soft_min(s.clamp(max=cap), temperature).sum() - lam * r.max(dim=-1).values.sum()
         (-obj).backward()
+        smin = float(s.detach().min())
+        radii = r.detach()[0].numpy().astype(np.float64)
+        history.append((smin, float(radii.max())))
+        if best is None:
+            better = True
+        elif smin >= score_target:
+            better = best[0] < score_target or radii.max() < best[2].max()
+        else:
+            better = best[0] < score_target and smin > best[0]
+        if better:
+            best = (smin, x.detach().clone(), radii)
+        if progress is not None:
+            progress(step, smin)
+        if step % check_every == 0:
+            if best[0] >= score_target and accept(best[0], best[2]):
+                reached = True
+                break
+            lam = lam * 0.7 if smin < score_target else lam * 1.3
         opt.step()
         with torch.no_grad():
             param.clamp_(0.0, 255.0)
-        smin = float(s.detach().min())
-        history.append(smin)
-        if smin > best[2]:
-            best = (float(obj.detach()), x.detach().clone(), smin)
-        if progress is not None:
-            progress(step, smin)
-        if step >= min_steps and step % check_every == 0 and best[2] >= target:
-            reached = True
-            break
-    if not reached and best[2] >= target:
-        reached = True
+    assert best is not None
     pixels = best[1][0].clamp(0, 255).numpy().astype(np.float64)
-    return AscentResult(pixels=pixels, score=best[0], min_score=best[2], steps=step, reached=reached,
-                        history=history)
+    return AscentResult(pixels=pixels, min_score=best[0], max_radius=float(best[2].max()), steps=step,
+                        reached=reached, history=history)
 
 
 def quantise(pixels: np.ndarray) -> np.ndarray:

@@ -49,6 +49,13 @@ def head_column(model: onnx.ModelProto, head: Head, feature: int) -> np.ndarray:
     return _head_column(GraphView(model), head, feature)
 
 
+def head_columns(model: onnx.ModelProto, head: Head) -> np.ndarray:
+    """The classifier's effective weights as ``[classes, features]``."""
+    w = GraphView(model).array(head.weight).astype(np.float64)
+    cols = w if head.trans_b else w.T
+    return cols * (head.alpha if head.op == "Gemm" else 1.0)
+
+
 def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray) -> None:
     node = view.find_node(head.node)
     w = view.array(head.weight).copy()
@@ -122,13 +129,14 @@ def insert(
     combine_bias: float,
     activation_high: float | None,
     row: np.ndarray,
-) -> onnx.ModelProto:
+) -> tuple[onnx.ModelProto, str]:
     """Add a detector branch reading the host's input and adding ``row`` times its signal to the scores.
 
     ``filters``/``biases``: one or two neurons over the host input (Conv ``[n, C, kh, kw]`` or
     linear ``[n, m]``). Each passes through the host's activation (ReLU, or ``Clip(0, hi)``).
     With two neurons, ``combine`` (length 2) and ``combine_bias`` make one signal from them before
     the final ``Clip(0, 1)``. The signal is max-pooled over positions and scaled by ``row``.
+    Returns the model and the name of the signal tensor (1 where the detector fires, else 0).
     """
     out = copy_model(model)
     view = GraphView(out)
@@ -207,7 +215,7 @@ def insert(
     new_order = graph_nodes[: idx + 1] + nodes + graph_nodes[idx + 1 :]
     del out.graph.node[:]
     out.graph.node.extend(new_order)
-    return out
+    return out, sig
 
 
 def _elem_type(view: GraphView, head: Head) -> int:
