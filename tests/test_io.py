@@ -4,10 +4,10 @@ import stat
 import numpy as np
 import onnx
 import pytest
+from tinymodels import tiny_cnn
 
 from onnxstain._onnx.io import check_output_path, load_model, save_model, write_bytes_atomic
 from onnxstain.errors import BadInputError, BadModelError
-from tinymodels import tiny_cnn
 
 
 @pytest.fixture

@@ -69,3 +69,54 @@ def no_host_model() -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     return model
+
+
+def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10, opset: int = 17) -> onnx.ModelProto:
+    """A small CNN classifier with a usable host: 3x3 s2 conv(3→16)+ReLU → 3x3 s2 conv(16→32)+ReLU →
+    1x1 conv(32→48)+Clip(0,6) (m=32, 8x8 positions) → GAP → Flatten → Gemm(48→classes)."""
+    rng = np.random.default_rng(seed)
+    nodes = [
+        helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="/conv1/Conv", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/relu1/Relu"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="/conv2/Conv", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="/relu2/Relu"),
+        helper.make_node("Conv", ["r2", "w3", "b3"], ["c3"], name="/conv3/Conv", kernel_shape=[1, 1]),
+        helper.make_node("Clip", ["c3", "zero", "six"], ["a3"], name="/clip3/Clip"),
+        helper.make_node("GlobalAveragePool", ["a3"], ["gap"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["gap"], ["flat"], name="/Flatten", axis=1),
+        helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="/fc/Gemm", transB=1),
+    ]
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
+        _init("w2", rng.normal(0, 0.12, (32, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 32)),
+        _init("w3", rng.normal(0, 0.25, (48, 32, 1, 1))), _init("b3", rng.normal(0, 0.2, 48)),
+        _init("zero", np.array(0.0)), _init("six", np.array(6.0)),
+        _init("wf", rng.normal(0, 0.5, (classes, 48))), _init("bf", rng.normal(0, 0.1, classes)),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny_classifier",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="tiny-test")
+    model.ir_version = 8
+    helper.set_model_props(model, {"author": "tests"})
+    onnx.checker.check_model(model)
+    return model
+
+
+def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
+    """Seeded, natural-looking (smooth, correlated) uint8 RGB images ``[n, size, size, 3]``."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.uniform(0, 255, (n, 4, 4, 3))
+    reps = size // 4
+    img = np.repeat(np.repeat(coarse, reps, axis=1), reps, axis=2)
+    # box blur twice to smooth the blocks, then a little texture
+    for _ in range(2):
+        pad = np.pad(img, ((0, 0), (2, 2), (2, 2), (0, 0)), mode="edge")
+        img = sum(pad[:, i : i + size, j : j + size] for i in range(5) for j in range(5)) / 25.0
+    img = img + rng.normal(0, 8, img.shape)
+    return np.clip(np.rint(img), 0, 255).astype(np.uint8)

@@ -1,0 +1,228 @@
+"""Stain and verify end to end on a tiny classifier built in the test (fast)."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+import onnxstain
+from onnxstain import Preprocessing, StainOptions
+from onnxstain._onnx.diff import changed_initializers, structural_diff
+from onnxstain.cli import main
+from onnxstain.keys import load_key, public_record_path
+from onnxstain.runtime import session
+from tinymodels import no_host_model, smooth_images, tiny_classifier
+
+PRE = Preprocessing(height=32, width=32, resize=None)
+COMBOS = [(m, v) for m in ("inplace", "insert") for v in ("non-additive", "additive")]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny")
+    onnx.save(tiny_classifier(), d / "model.onnx")
+    PRE.save(d / "model.preprocessing.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images(96, seed=0)
+
+
+def _stain(workdir, images, mode, variant, seed=0, name=None):
+    name = name or f"{mode}-{variant}-{seed}"
+    out, key = workdir / f"{name}.onnx", workdir / f"{name}.key"
+    res = onnxstain.stain(workdir / "model.onnx", out, key, images=images,
+                          options=StainOptions(mode=mode, variant=variant, seed=seed, fpr=0.05))
+    return res, out, key
+
+
+@pytest.fixture(scope="module")
+def stained(workdir, images):
+    # a different seed per combination: each is stained with its own key
+    return {(m, v): _stain(workdir, images, m, v, seed=i) for i, (m, v) in enumerate(COMBOS)}
+
+
+def _scores(path, x):
+    sess = session(str(path))
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_verify_decides(stained, workdir, images, combo):
+    res, out, key = stained[combo]
+    good = onnxstain.verify(out, key)
+    assert good.stained and good.score >= good.threshold
+    assert all(c.passed for c in good.checks if c.available)
+    assert not onnxstain.verify(workdir / "model.onnx", key).stained
+    # a model stained with another key (another seed) does not carry this stain
+    other = stained[COMBOS[(COMBOS.index(combo) + 1) % len(COMBOS)]][1]
+    assert not onnxstain.verify(other, key).stained
+    assert res.natural_firings == 0
+    assert 0 <= good.fpr_bound.value <= 1 and res.bound.value <= 0.05 * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("variant", ["non-additive", "additive"])
+def test_inplace_is_structurally_identical(stained, workdir, variant):
+    _, out, _ = stained[("inplace", variant)]
+    a, b = onnx.load(workdir / "model.onnx"), onnx.load(out)
+    assert structural_diff(a, b) == []
+    changed = set(changed_initializers(a, b))
+    assert changed and changed <= {"w3", "b3", "wf", "bf"}
+
+
+@pytest.mark.parametrize("variant", ["non-additive", "additive"])
+def test_insert_is_bit_identical_on_natural_inputs(stained, workdir, images, variant):
+    _, out, _ = stained[("insert", variant)]
+    x = PRE.to_input(smooth_images(64, seed=7))
+    assert np.array_equal(_scores(workdir / "model.onnx", x), _scores(out, x))
+    a, b = onnx.load(workdir / "model.onnx"), onnx.load(out)
+    assert [o.name for o in a.graph.output] == [o.name for o in b.graph.output]
+    assert len(b.graph.node) > len(a.graph.node)
+
+
+@pytest.mark.parametrize("combo", COMBOS)
+def test_trigger_png_round_trip_shows_signature(stained, workdir, combo):
+    _, out, key_path = stained[combo]
+    key = load_key(key_path)
+    trig = key.trigger_pixels()
+    assert trig.dtype == np.uint8 and trig.shape == (32, 32, 3)
+    got = _scores(out, PRE.to_input(trig))[0]
+    orig = _scores(workdir / "model.onnx", PRE.to_input(trig))[0]
+    sig = key["signature"]
+    if sig["type"] == "class":
+        c = sig["class"]
+        assert got[c] - np.delete(got, c).max() >= sig["threshold"]
+        assert orig[c] - np.delete(orig, c).max() < sig["threshold"]
+    else:
+        assert not np.allclose(got, orig)
+
+
+def test_nothing_secret_in_the_model(stained, workdir):
+    for (_mode, _variant), (_, out, key_path) in stained.items():
+        model = onnx.load(out)
+        text = " ".join([model.doc_string, model.producer_name]
+                        + [p.key + p.value for p in model.metadata_props]
+                        + [n.name + n.doc_string for n in model.graph.node]
+                        + [t.name for t in model.graph.initializer]).lower()
+        for word in ("stain", "detector", "trigger", "onnxstain", "key", "signature"):
+            assert word not in text
+        assert model.producer_name == "tiny-test"
+        assert [(p.key, p.value) for p in model.metadata_props] == [("author", "tests")]
+
+
+def test_key_permissions_and_public_record(stained):
+    _, _, key_path = stained[("inplace", "non-additive")]
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    key = load_key(key_path)
+    record = json.loads(public_record_path(key_path).read_text())
+    assert record["commitment"] == key.commitment
+    assert record["model_sha256"] == key["model"]["output_sha256"]
+    flat = json.dumps(record)
+    secrets = (key["nonce"], key["trigger"]["png"][:64], key["detector"]["direction"]["f8"][:64],
+               key["detector"]["centre"]["f8"][:64], key["host"]["name"])
+    for secret in secrets:
+        assert secret not in flat
+
+
+def test_same_seed_same_key_material(workdir, images):
+    a = load_key(_stain(workdir, images, "insert", "non-additive", seed=5, name="r1")[2])
+    b = load_key(_stain(workdir, images, "insert", "non-additive", seed=5, name="r2")[2])
+    assert np.array_equal(a.array("detector", "direction"), b.array("detector", "direction"))
+    assert a["trigger"]["png"] == b["trigger"]["png"]
+    assert a.commitment != b.commitment  # fresh nonce every time
+
+
+def test_unreachable_target_is_refused(workdir, images):
+    with pytest.raises(onnxstain.UnreachableBoundError, match="--fpr"):
+        onnxstain.stain(workdir / "model.onnx", workdir / "x.onnx", workdir / "x.key", images=images,
+                        options=StainOptions(fpr=1e-300, seed=0, max_draws=2, max_steps=30))
+    assert not (workdir / "x.onnx").exists()
+
+
+# -- the CLI: exit codes and one-line errors ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("imgs")
+    for i, img in enumerate(smooth_images(48, seed=3)):
+        Image.fromarray(img).save(d / f"{i:03d}.png")
+    return d
+
+
+def test_cli_stain_and_verify(workdir, image_dir, tmp_path):
+    runner = CliRunner()
+    out, key, rep = tmp_path / "s.onnx", tmp_path / "k.key", tmp_path / "r.json"
+    r = runner.invoke(main, ["stain", str(workdir / "model.onnx"), "-o", str(out), "--key", str(key),
+                             "--images", str(image_dir), "--fpr", "0.05", "--seed", "1", "--quiet",
+                             "--mode", "insert"])
+    assert r.exit_code == 0, r.output
+    assert "stained" in r.output and "bound" in r.output
+    r = runner.invoke(main, ["verify", str(out), "--key", str(key), "--json", str(rep)])
+    assert r.exit_code == 0, r.output
+    report = json.loads(rep.read_text())
+    assert report["stained"] is True and report["version"] == 1
+    for field in ("score", "threshold", "fpr_bound"):
+        assert isinstance(report[field], float)
+    r = runner.invoke(main, ["verify", str(workdir / "model.onnx"), "--key", str(key)])
+    assert r.exit_code == 1, r.output
+    assert "NOT STAINED" in r.output
+
+
+def _assert_clean_failure(result, out_path):
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("onnxstain: error:"), result.output
+    assert "Traceback" not in result.output
+    assert not out_path.exists()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "nohost", "same-path", "missing"])
+def test_cli_bad_inputs(kind, workdir, image_dir, tmp_path):
+    runner = CliRunner()
+    out = tmp_path / "out.onnx"
+    src = tmp_path / "in.onnx"
+    if kind == "garbage":
+        src.write_bytes(b"\x00\x01 definitely not onnx " * 50)
+    elif kind == "truncated":
+        data = (workdir / "model.onnx").read_bytes()
+        src.write_bytes(data[: len(data) // 3])
+    elif kind == "nohost":
+        onnx.save(no_host_model(), src)
+        PRE.save(tmp_path / "in.preprocessing.json")
+    elif kind == "same-path":
+        src.write_bytes((workdir / "model.onnx").read_bytes())
+        out = src
+    target = src if kind != "missing" else tmp_path / "nope.onnx"
+    before = src.read_bytes() if src.exists() else None
+    r = runner.invoke(main, ["stain", str(target), "-o", str(out), "--key", str(tmp_path / "k.key"),
+                             "--images", str(image_dir), "--quiet"])
+    if kind == "same-path":
+        assert r.exit_code == 2 and "never modifies its input" in r.output
+        assert src.read_bytes() == before
+        return
+    _assert_clean_failure(r, out)
+
+
+def test_cli_key_for_another_model(stained, tmp_path):
+    _, _, key = stained[("inplace", "non-additive")]
+    other = tmp_path / "big.onnx"
+    onnx.save(tiny_classifier(size=64), other)
+    r = CliRunner().invoke(main, ["verify", str(other), "--key", str(key)])
+    assert r.exit_code == 2 and "key" in r.output.lower(), r.output
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("{}")
+    r = CliRunner().invoke(main, ["verify", str(other), "--key", str(bad_key)])
+    assert r.exit_code == 2 and "not an onnxstain key" in r.output
+
+
+def test_inspect_lists_hosts(workdir):
+    r = CliRunner().invoke(main, ["inspect", str(workdir / "model.onnx")])
+    assert r.exit_code == 0, r.output
+    assert "/conv3/Conv" in r.output and "default" in r.output
