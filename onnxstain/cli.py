@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -206,7 +207,11 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     con.print(f"  trigger score {res.trigger_score:.4g}, firing margin τ = {res.threshold:.4g}; "
               f"natural max score {res.natural_max_score:.3g} "
               f"({res.natural_firings} firings over {res.natural_samples} image×position samples)")
-    con.print(f"  signature: class {res.signature_class} wins the trigger by {res.signature_margin:.3g}")
+    if res.signature_type == "shift":
+        con.print("  signature: on the trigger the scores shift as predicted (shift score "
+                  f"{res.signature_margin:.3g}; the original model scores 0)")
+    else:
+        con.print(f"  signature: class {res.signature_class} wins the trigger by {res.signature_margin:.3g}")
     con.print(f"  false-positive bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
     con.print(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
@@ -251,6 +256,81 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
     if json_out:
         res.write_json(json_out)
     sys.exit(EXIT_OK if res.stained else EXIT_NEGATIVE)
+
+
+@main.command()
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("modified", type=click.Path(dir_okay=False))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The stain's key.")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Images folder (default: the built-in held-out natural photos).")
+@click.option("--views", type=int, default=16, show_default=True,
+              help="Views per built-in photo (seeded augmentations; ignored with --images).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
+@click.option("--html", "html_out", type=click.Path(dir_okay=False),
+              help="Write a self-contained HTML report (needs matplotlib).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@provider_option
+@handle_errors
+def evaluate(original: str, modified: str, key_path: str, images: str | None, views: int, json_out: str | None,
+             html_out: str | None, quiet: bool, providers: str | None) -> None:
+    """Measure the stain of KEY in MODIFIED on natural images and compare with ORIGINAL and the bounds."""
+    from .api import evaluate as do_evaluate
+    from .math.bounds import format_probability
+
+    res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
+                      progress=RichProgress(not quiet and sys.stderr.isatty()))
+    con = _console()
+    info = res.images
+    con.print(f"[bold]evaluate[/] {res.modified}  (against {res.original})")
+    con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views at "
+              f"{info.height}x{info.width} ({info.source})")
+    con.print(f"  note: {info.correlation}")
+    d, cov = res.detector, res.coverage
+    if d is not None and cov is not None:
+        con.print(f"  measured: {d.firings} firings / {d.samples} image×position samples "
+                  f"({d.images_firing} / {info.images} images, {d.photos_firing} / {info.photos} photos)")
+        con.print(f"  measured: max natural score {d.max_score:.4g} vs τ = {d.threshold:.4g} "
+                  f"({d.max_score_over_threshold:.3g} τ, on {d.max_score_photo})")
+        con.print(f"  measured: coverage of R = {cov.radius:.4g}: {100 * cov.samples_inside:.4g}% of samples, "
+                  f"{100 * cov.images_inside:.4g}% of images inside; max radius {cov.max_radius:.4g} "
+                  f"({cov.max_radius_over_r:.3g} R)")
+    else:
+        con.print("  detector: not measured (the modified model lacks the detector's input tensor)")
+    con.print(f"  bound: ball (key) {res.ball_bound}")
+    if res.data_driven_bound is not None:
+        con.print(f"  bound: data-driven (95%) {res.data_driven_bound}")
+    if res.mixed_bound is not None:
+        con.print(f"  bound: mixed (95%) {res.mixed_bound}")
+    if res.measured is not None:
+        m = res.measured
+        up = format_probability(math.log10(m.upper)) if m.upper > 0 else "0"
+        con.print(f"  measured: per-image firing rate {m.firing}/{m.total} = {m.rate:.3g}; "
+                  f"bound: its 95% upper bound ≤ {up} (Clopper-Pearson)")
+    if res.photo_level is not None:
+        pl = res.photo_level
+        up = format_probability(math.log10(pl.measured.upper)) if pl.measured.upper > 0 else "0"
+        con.print(f"  bound: photo level ({pl.photos} independent photos): data-driven {pl.data_driven}, "
+                  f"mixed {pl.mixed}, firing rate ≤ {up}")
+    f = res.fidelity
+    con.print(f"  measured: top-1 agreement {100 * f.agreement:.3f}% ({f.differing} of {f.images} differ), "
+              f"mean KL {f.mean_kl:.3g}, max |Δscore| {f.max_abs_delta:.3g}; "
+              f"{100 * f.fragile_fraction:.3g}% fragile (top-1 margin < {f.fragile_margin:g})")
+    t = res.trigger
+    verdict = "[bold green]STAINED[/]" if t.stained else "[bold red]NOT STAINED[/]"
+    if t.modified_scores is not None:
+        con.print(f"  trigger: detector min score {min(t.modified_scores):.4g} at the selected positions vs "
+                  f"τ = {t.threshold:.4g} ({'fires' if t.modified_fires else 'does not fire'})")
+    con.print(f"  trigger: {verdict} — signature score {t.signature_score:.4g} vs threshold "
+              f"{t.signature_threshold:.4g} (original model {t.original_signature_score:.4g}); "
+              f"cross-key bound {t.cross_key_bound}")
+    for note in res.notes:
+        con.print(f"  note: {note}")
+    con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
+    if json_out:
+        res.write_json(json_out)
+    if html_out:
+        res.write_html(html_out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -76,6 +76,7 @@ class StainResult:
     bound: bounds.Bound
     threshold: float
     trigger_score: float
+    signature_type: str  # "class" (class wins by a margin) or "shift" (scores move as predicted)
     signature_class: int
     signature_margin: float
     natural_max_score: float
@@ -387,7 +388,7 @@ def stain(
     return StainResult(
         output=out_path, key_path=key_path, record_path=record, host=host.name,
         channel=channel, mode=opts.mode, variant=opts.variant, bound=bound, threshold=tau,
-        trigger_score=s_star, signature_class=cls, signature_margin=trig_margin,
+        trigger_score=s_star, signature_type=signature["type"], signature_class=cls, signature_margin=trig_margin,
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings,
         natural_samples=int(s_nat.size), calibration_images=len(x_cal), agreement=agreement,
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
@@ -411,20 +412,21 @@ def _choose_channel(opts: StainOptions, host: HostLayer, head, loaded: LoadedMod
                     nat_scores: np.ndarray) -> int | None:
     """Data-aware choice of the host channel to overwrite (non-additive) or hide in (additive)."""
     if opts.channel is not None:
-        if not 0 <= opts.channel < host.out_channels:
-            raise BadInputError(f"--channel must be in 0..{host.out_channels - 1}")
+        if not 0 <= opts.channel < host.out_channels // host.groups:
+            raise BadInputError(f"--channel must be in 0..{host.out_channels // host.groups - 1}")
         return opts.channel
     if opts.mode == "insert" and opts.variant == "non-additive":
         return None
     if opts.variant == "additive":
         return None  # chosen after the trigger search, where its response to the trigger is known
     cols = stain_pass.head_columns(loaded.model, head)  # [K, F]
+    in_group = np.arange(host.out_channels) < host.out_channels // host.groups  # φ is built for group 0
     # Non-additive: the overwritten channel's natural contribution is lost (its mean is compensated
     # through the classifier bias). Score candidates by the exact number of top-1 flips on the
     # calibration images, then by the largest score change.
     norms = np.linalg.norm(cols, axis=0)
-    proxy = pooled.std(axis=0) * norms
-    candidates = np.argsort(proxy)[:128]
+    proxy = np.where(in_group, pooled.std(axis=0) * norms, np.inf)
+    candidates = np.argsort(proxy)[: min(128, int(in_group.sum()))]
     base = nat_scores.argmax(1)
     best, best_key = int(candidates[0]), (np.inf, np.inf)
     for k in candidates:
@@ -444,12 +446,13 @@ def _additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray,
     saturates on the trigger (the shift signature), among neurons that are off on the trigger.
     """
     rows, b = layer_affine(view, host)
-    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C]
+    rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
+    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C / groups]
     hi = host.act_high if host.act_high is not None else 6.0
     off = np.clip(own[sel], 0.0, hi).max(axis=0)  # activation on the trigger at the selected positions
     if mode == "insert":
         return int(np.argmax(own[sel].min(axis=0)))  # the most clearly active on the trigger
-    cols = stain_pass.head_columns(model, head)
+    cols = stain_pass.head_columns(model, head)[:, : len(b)]
     gain = np.linalg.norm(cols, axis=0) * (hi - off)
     return int(np.argmax(gain))
 
