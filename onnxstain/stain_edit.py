@@ -1,0 +1,177 @@
+"""Deciding a stain's edit: which channel, which signature class, which weights and route.
+
+Everything here works on arrays collected by the calibration pass and the trigger search; the
+ONNX rewriting itself is in :mod:`onnxstain.passes.stain`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._onnx.graph import GraphView
+from ._onnx.hosts import HostLayer, layer_affine, neuron_affine
+from ._onnx.io import LoadedModel
+from .errors import BadInputError, UnsupportedModelError
+from .math import detector
+from .passes import stain as stain_pass
+
+
+def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
+                    nat_scores: np.ndarray) -> int | None:
+    """Data-aware choice of the host channel to overwrite (non-additive) or hide in (additive)."""
+    if opts.channel is not None:
+        if not 0 <= opts.channel < host.out_channels // host.groups:
+            raise BadInputError(f"--channel must be in 0..{host.out_channels // host.groups - 1}")
+        return opts.channel
+    if opts.mode == "insert" and opts.variant == "non-additive":
+        return None
+    if opts.variant == "additive":
+        return None  # chosen after the trigger search, where its response to the trigger is known
+    cols = stain_pass.head_columns(loaded.model, head)  # [K, F]
+    in_group = np.arange(host.out_channels) < host.out_channels // host.groups  # φ is built for group 0
+    # Non-additive: the overwritten channel's natural contribution is lost (its mean is compensated
+    # through the classifier bias). Score candidates by the exact number of top-1 flips on the
+    # calibration images, then by the largest score change.
+    norms = np.linalg.norm(cols, axis=0)
+    proxy = np.where(in_group, pooled.std(axis=0) * norms, np.inf)
+    candidates = np.argsort(proxy)[: min(128, int(in_group.sum()))]
+    base = nat_scores.argmax(1)
+    best, best_key = int(candidates[0]), (np.inf, np.inf)
+    for k in candidates:
+        dev = np.outer(pooled[:, k] - pooled[:, k].mean(), cols[:, k])
+        key = (float(np.sum((nat_scores - dev).argmax(1) != base)), float(np.abs(dev).max()))
+        if key < best_key:
+            best, best_key = int(k), key
+    return best
+
+
+def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, sel: np.ndarray,
+                      mode: str, model) -> int:
+    """The working neuron to hide the detector in, given its response to the trigger.
+
+    Insert mode: the neuron most clearly active on the trigger (through ReLU the detector's part
+    then shows in full). In-place mode: the neuron whose classifier column moves the scores most when it
+    saturates on the trigger (the shift signature), among neurons that are off on the trigger.
+    """
+    rows, b = layer_affine(view, host)
+    rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
+    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C / groups]
+    hi = host.act_high if host.act_high is not None else 6.0
+    off = np.clip(own[sel], 0.0, hi).max(axis=0)  # activation on the trigger at the selected positions
+    if mode == "insert":
+        return int(np.argmax(own[sel].min(axis=0)))  # the most clearly active on the trigger
+    cols = stain_pass.head_columns(model, head)[:, : len(b)]
+    gain = np.linalg.norm(cols, axis=0) * (hi - off)
+    return int(np.argmax(gain))
+
+
+def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
+                     trig_scores: np.ndarray) -> int:
+    k = nat_scores.shape[1]
+    if opts.signature_class is not None:
+        if not 0 <= opts.signature_class < k:
+            raise BadInputError(f"--signature-class must be in 0..{k - 1}")
+        return opts.signature_class
+    never_top = np.setdiff1d(np.arange(k), nat_scores.argmax(1))
+    top5 = np.argsort(trig_scores)[-5:]
+    allowed = np.setdiff1d(never_top, top5)
+    if len(allowed) == 0:
+        allowed = np.setdiff1d(np.arange(k), top5)
+    return int(rng.choice(allowed))
+
+
+def _activate(host: HostLayer, a: np.ndarray) -> np.ndarray:
+    return np.clip(a, 0.0, host.act_high) if host.act_high is not None else np.maximum(a, 0.0)
+
+
+def _pool(route, a: np.ndarray) -> np.ndarray:
+    """Pool activations ``[..., P]`` over positions as the route's pooling layer does."""
+    return a.max(axis=-1) if route.pool == "max" else a.mean(axis=-1)
+
+
+def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,
+                nat_scores, cls, margin_target, orig_trig) -> dict:
+    """Weights, route, and the exact prediction of the stained model's natural outputs."""
+    view = GraphView(loaded.model)
+    hi = host.act_high
+    delta = 1.25 * hi if hi is not None else 10.0
+    s_trig = detector.scores(phi_t, v, c)
+    signature, expected_trigger = "class", None
+    if opts.variant == "additive" and channel is None:
+        channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
+    if opts.mode == "inplace":
+        assert route is not None and channel is not None
+        col_old = stain_pass.head_column(loaded.model, head, channel)
+        w, beta = neuron_affine(view, host, channel)
+        own_t = phi_t.astype(np.float64) @ w + beta
+        pooled_old_t = float(_pool(route, _activate(host, own_t)))
+        if opts.variant == "non-additive":
+            ed = detector.non_additive(v, c, tau, s_star, delta)
+            g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau))))
+            bias_shift = col_old * pooled[:, channel].mean()
+            z = orig_trig - col_old * pooled_old_t + bias_shift
+            strength = (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig
+            column = np.zeros_like(col_old)
+            column[cls] = strength
+            # Natural inputs: the channel is silent (scores stay below τ), its pooled value is 0.
+            pooled_new = np.zeros(len(pooled))
+            wb_expected, wb_threshold = float(delta), 0.5 * float(delta)
+        else:
+            ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
+            g_trig = float(_pool(route, _activate(host, own_t + ed.gain * s_trig)))
+            # The classifier stays as it is: the signature is the shift col_k · (g_trig − g_orig).
+            column, bias_shift = col_old, np.zeros_like(col_old)
+            expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
+            signature = "shift"
+            own_nat = phi_all.astype(np.float64) @ w + beta
+            pooled_new = _pool(route, _activate(host, own_nat + ed.gain * detector.scores(phi_all, v, c)))
+            wb_expected = float(np.min((own_t + ed.gain * s_trig)[sel]))
+            wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
+        model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift)
+        predicted = (nat_scores + np.outer(pooled_new, column) - np.outer(pooled[:, channel], col_old)
+                     + bias_shift)
+        tap, tap_channel = host.output, channel
+    else:
+        if opts.variant == "non-additive":
+            ed = detector.non_additive(v, c, tau, s_star, 1.0)
+            filters = _as_filters(host, ed.weights[None])
+            biases = np.array([ed.bias])
+            combine, combine_bias, act_high = None, 0.0, None
+        else:
+            # The inserted branch holds a copy of working neuron k plus the detector, and a copy of
+            # neuron k alone, both through ReLU; it signals when the first exceeds the second by more
+            # than θ = κτ, which needs S > τ (ReLU is 1-Lipschitz): the same firing event as always.
+            w, beta = neuron_affine(view, host, channel)
+            own_t = phi_t.astype(np.float64) @ w + beta
+            kappa = 1.0
+            ed = detector.NeuronEdit(w + kappa * v, beta - kappa * float(v @ c), kappa, tau, kappa * s_star)
+            diff = np.maximum(own_t + kappa * s_trig, 0.0) - np.maximum(own_t, 0.0)
+            theta = kappa * tau
+            d_min = float(diff[sel].min())
+            if d_min <= 1.05 * theta:
+                raise UnsupportedModelError(
+                    f"neuron {channel} is off on the trigger; the additive detector cannot show through it "
+                    "(choose another --channel or the non-additive variant)")
+            h = 1.0 / (d_min - theta)
+            filters = _as_filters(host, np.stack([ed.weights, w]))
+            biases = np.array([ed.bias, beta])
+            combine, combine_bias, act_high = np.array([h, -h]), -h * theta, None
+        strength = margin_target + np.delete(orig_trig, cls).max() - orig_trig[cls]
+        row = np.zeros(head.classes)
+        row[cls] = strength
+        model, signal = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
+                                          act_high, row)
+        # The branch adds exactly zero where the detector does not fire (checked on natural data).
+        predicted = nat_scores.copy()
+        tap, tap_channel = signal, 0
+        wb_expected, wb_threshold = 1.0, 0.5
+    return {"model": model, "predicted": predicted, "gain": float(ed.gain), "delta": float(ed.delta),
+            "signature": signature, "expected_trigger": expected_trigger, "channel": channel,
+            "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold}
+
+
+def _as_filters(host: HostLayer, rows: np.ndarray) -> np.ndarray:
+    if host.op == "Conv":
+        cg = host.in_channels // host.groups
+        return rows.reshape(len(rows), cg, *host.kernel)
+    return rows
