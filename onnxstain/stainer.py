@@ -298,8 +298,8 @@ def stain(
             break
     if accepted is None:
         raise UnreachableBoundError(
-            f"no trigger reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} within "
-            f"{opts.max_draws} draws; choose a deeper layer (see `onnxstain inspect`) or a larger --fpr")
+            f"no trigger reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} (τ0/R = "
+            f"{tau0 / radius:.2f}) within {opts.max_draws} draws; {_easier_layers(hosts, opts)}")
     v, trig, phi_t, s_t, s_star, s_nat = accepted
     timings["trigger_search"] = time.perf_counter() - t2
 
@@ -393,6 +393,18 @@ def stain(
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
         model_sha256=digest,
     )
+
+
+def _easier_layers(hosts: list[HostLayer], opts: StainOptions) -> str:
+    """Which layers need the smallest margin ratio τ0/R for this target (higher m, fewer positions)."""
+    needs = []
+    for h in hosts:
+        if h.usable:
+            ratio = bounds.threshold_for_target(opts.fpr, 1.0, h.m, positions=h.positions, draws=opts.max_draws)
+            needs.append((ratio, h.name, h.m))
+    needs.sort()
+    best = ", ".join(f"{name} (m={m}, needs τ0/R={ratio:.2f})" for ratio, name, m in needs[:3])
+    return f"layers that need the smallest margin for this target: {best}; or ask for a larger --fpr"
 
 
 def _calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarray:
