@@ -185,10 +185,10 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     reason = ""
     m = cin_g * kh * kw
     if act not in ("relu", "relu6", "clip"):
-        reason = f"activation {act}: not cut at zero like ReLU"
+        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     elif m < MIN_DIMENSION:
         kind = "depthwise: " if group > 1 and cin_g == 1 else ""
-        reason = f"{kind}m={m} < {MIN_DIMENSION} inputs per neuron: too few for a bound"
+        reason = f"{kind}m={m} < {MIN_DIMENSION}: too few inputs"
     elif out_hw is None:
         reason = "output spatial size unknown (shape inference failed)"
     return HostLayer(
@@ -219,7 +219,7 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
             reason = "bias is not a per-neuron constant"
     act, act_out, high = _activation(view, node.output[0])
     if not reason and act not in ("relu", "relu6", "clip"):
-        reason = f"activation {act}: not cut at zero like ReLU"
+        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     return HostLayer(
         name=view.node_name(node), op="Gemm", input=node.input[0], output=node.output[0],
         act_output=act_out, weight=node.input[1], bias=bias, batchnorm=None, bias_add=None,
@@ -252,7 +252,7 @@ def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
     if bias is None:
         reason = "MatMul without a constant bias Add"
     elif act not in ("relu", "relu6", "clip"):
-        reason = f"activation {act}: not cut at zero like ReLU"
+        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     return HostLayer(
         name=view.node_name(node), op="MatMul", input=node.input[0], output=out, act_output=act_out,
         weight=node.input[1], bias=bias, batchnorm=None, bias_add=bias_add, activation=act,
