@@ -10,7 +10,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from PIL import Image
-from tinymodels import no_host_model, smooth_images, tiny_classifier
+from tinymodels import no_host_model, smooth_images, tiny_classifier, tiny_mlp
 
 import onnxstain
 from onnxstain import Preprocessing, StainOptions
@@ -226,3 +226,23 @@ def test_inspect_lists_hosts(workdir):
     r = CliRunner().invoke(main, ["inspect", str(workdir / "model.onnx")])
     assert r.exit_code == 0, r.output
     assert "/conv3/Conv" in r.output and "default" in r.output
+
+
+@pytest.mark.parametrize("layer", [{"trans_b": 1}, {"trans_b": 0}, {"matmul": True}],
+                         ids=["gemm-transB1", "gemm-transB0", "matmul-add"])
+@pytest.mark.parametrize("combo", COMBOS)
+def test_linear_hosts(tmp_path, layer, combo):
+    """Gemm (either transB) and MatMul+Add hidden layers host the detector in every mode."""
+    mode, variant = combo
+    onnx.save(tiny_mlp(**layer), tmp_path / "m.onnx")
+    pre = Preprocessing(height=8, width=8, resize=None)
+    res = onnxstain.stain(tmp_path / "m.onnx", tmp_path / "s.onnx", tmp_path / "k.key",
+                          images=smooth_images(200, size=8), preprocessing=pre,
+                          options=StainOptions(mode=mode, variant=variant, seed=1, fpr=0.01))
+    assert res.host in ("/fc1/Gemm", "/fc1/MatMul")
+    assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "k.key").stained
+    assert not onnxstain.verify(tmp_path / "m.onnx", tmp_path / "k.key").stained
+    if mode == "insert":
+        assert res.agreement == 1.0 and res.max_abs_delta == 0.0
+    else:
+        assert structural_diff(onnx.load(tmp_path / "m.onnx"), onnx.load(tmp_path / "s.onnx")) == []

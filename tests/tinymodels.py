@@ -120,3 +120,33 @@ def smooth_images(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
         img = sum(pad[:, i : i + size, j : j + size] for i in range(5) for j in range(5)) / 25.0
     img = img + rng.normal(0, 8, img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def tiny_mlp(seed: int = 0, size: int = 8, hidden: int = 40, classes: int = 10, trans_b: int = 1,
+             matmul: bool = False) -> onnx.ModelProto:
+    """Flatten → hidden linear layer + ReLU → Gemm head. The hidden layer is a Gemm (``trans_b``) or
+    a MatMul + Add with an ``[in, out]`` weight."""
+    rng = np.random.default_rng(seed)
+    d = 3 * size * size
+    w1 = rng.normal(0, 1 / np.sqrt(d), (hidden, d))
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"], name="/flatten/Flatten", axis=1)]
+    if matmul:
+        nodes += [helper.make_node("MatMul", ["flat", "w1"], ["mm"], name="/fc1/MatMul"),
+                  helper.make_node("Add", ["mm", "b1"], ["h"], name="/fc1/Add")]
+        w1_init = _init("w1", w1.T)
+    else:
+        nodes.append(helper.make_node("Gemm", ["flat", "w1", "b1"], ["h"], name="/fc1/Gemm", transB=trans_b))
+        w1_init = _init("w1", w1 if trans_b else w1.T)
+    nodes += [helper.make_node("Relu", ["h"], ["a"], name="/relu/Relu"),
+              helper.make_node("Gemm", ["a", "w2", "b2"], ["logits"], name="/fc2/Gemm", transB=1)]
+    graph = helper.make_graph(
+        nodes, "tiny_mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        [w1_init, _init("b1", rng.normal(0, 0.1, hidden)), _init("w2", rng.normal(0, 0.5, (classes, hidden))),
+         _init("b2", rng.normal(0, 0.1, classes))],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
