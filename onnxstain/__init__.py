@@ -10,10 +10,12 @@ The stable API::
 __version__ = "0.1.0"
 
 from .api import (
+    EvaluateResult,
     Key,
     StainOptions,
     StainResult,
     VerifyResult,
+    evaluate,
     inspect_model,
     load_key,
     stain,
@@ -32,7 +34,7 @@ from .errors import (
 from .preprocess import Preprocessing
 
 __all__ = [
-    "BadInputError", "BadKeyError", "BadModelError", "Key", "KeyMismatchError", "OnnxStainError",
+    "BadInputError", "BadKeyError", "BadModelError", "EvaluateResult", "Key", "KeyMismatchError", "OnnxStainError",
     "Preprocessing", "StainOptions", "StainResult", "UnreachableBoundError", "UnsupportedModelError",
-    "VerifyResult", "__version__", "inspect_model", "load_key", "stain", "stain_summary", "verify",
+    "VerifyResult", "__version__", "evaluate", "inspect_model", "load_key", "stain", "stain_summary", "verify",
 ]

@@ -11,12 +11,13 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model
+from .evaluate import EvaluateResult, evaluate
 from .keys import Key, load_key
 from .stainer import StainOptions, StainResult, choose_host, stain
 from .verify import VerifyResult, verify
 
-__all__ = ["Key", "StainOptions", "StainResult", "VerifyResult", "inspect_model", "load_key", "stain",
-           "stain_summary", "verify"]
+__all__ = ["EvaluateResult", "Key", "StainOptions", "StainResult", "VerifyResult", "evaluate", "inspect_model",
+           "load_key", "stain", "stain_summary", "verify"]
 
 
 def inspect_model(model: str | Path) -> dict[str, Any]:

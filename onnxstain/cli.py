@@ -284,7 +284,7 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     info = res.images
     con.print(f"[bold]evaluate[/] {res.modified}  (against {res.original})")
     con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views at "
-              f"{info.height}x{info.width} ({info.source})")
+              f"{info.height}x{info.width}; {info.source}")
     con.print(f"  note: {info.correlation}")
     d, cov = res.detector, res.coverage
     if d is not None and cov is not None:

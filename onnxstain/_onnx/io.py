@@ -162,12 +162,15 @@ def save_model(
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
-    """Write a small file atomically, optionally with the given permission bits (e.g. 0o600)."""
+    """Write a small file atomically with the given permission bits (default: 0o666 less the umask)."""
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
-        if mode is not None:
-            os.fchmod(fd, mode)
+        if mode is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = 0o666 & ~umask
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, out)
