@@ -38,6 +38,7 @@ from .math.trigger import ascend, quantise
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .scoring import detector_scores
 from .signature import class_margin, shift_score, top1_margins
 
 Mode = Literal["inplace", "insert"]
@@ -136,53 +137,6 @@ def selected_positions(host: HostLayer) -> np.ndarray:
     return np.array([r * ow + c for r in rows for c in cols])
 
 
-def _score_fn(prefix, host: HostLayer, pre: Preprocessing, v: np.ndarray, c: np.ndarray, group: int,
-              positions: np.ndarray):
-    """pixels [1,H,W,3] (0..255, torch) → (scores at the selected positions [1, P_sel], radii [1, P])."""
-    import torch
-    import torch.nn.functional as F
-
-    scale = float(pre.scale)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
-    vc = float(v @ c)
-    cc = float(c @ c)
-    pos = torch.as_tensor(positions, dtype=torch.long)
-    if host.op == "Conv":
-        cg = host.in_channels // host.groups
-        filt = torch.tensor(np.stack([v, c]).reshape(2, cg, *host.kernel), dtype=torch.float32)
-        ones = torch.ones(1, cg, *host.kernel)
-    else:
-        vt = torch.tensor(np.stack([v, c], axis=1), dtype=torch.float32)
-
-    def fn(px):
-        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
-        if pre.dtype != "uint8":
-            x = (x * scale - mean) / std
-        if pre.layout == "NCHW":
-            x = x.permute(0, 3, 1, 2)
-        feat = prefix(x)[0]
-        if host.op == "Conv":
-            f = feat[:, group * cg : (group + 1) * cg]
-            t, left, b, r = host.pads
-            f = F.pad(f, (left, r, t, b))
-            proj = F.conv2d(f, filt, stride=host.strides, dilation=host.dilations)
-            sq = F.conv2d(f * f, ones, stride=host.strides, dilation=host.dilations)
-            if host.out_hw is not None:
-                proj = proj[:, :, : host.out_hw[0], : host.out_hw[1]]
-                sq = sq[:, :, : host.out_hw[0], : host.out_hw[1]]
-            proj, sq = proj.flatten(2), sq.flatten(1)
-        else:
-            f = feat.reshape(feat.shape[0], -1, feat.shape[-1])
-            proj = (f @ vt).transpose(1, 2)
-            sq = (f * f).sum(-1)
-        # ‖φ − c‖² = ‖φ‖² − 2 φ·c + ‖c‖²
-        radii = (sq - 2 * proj[:, 1] + cc).clamp(min=1e-12).sqrt()
-        return proj[:, 0][:, pos] - vc, radii
-
-    return fn
-
-
 # -- the whole job -----------------------------------------------------------------------------------
 def stain(
     model: str | Path,
@@ -278,7 +232,7 @@ def stain(
                 continue
             soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
             init = pixels[int(np.argmax(soft))].astype(np.float64)
-            fn = _score_fn(prefix, host, pre, v, stats.centre, group, sel)
+            fn = detector_scores(prefix, host, pre, v[None], stats.centre, group, sel)
 
             def report(step, smin, task=task, draw=draw):
                 task.update(f"trigger search (draw {draw}): step {step}, score {smin:.2f} / {target:.2f}")

@@ -1,0 +1,66 @@
+"""Detector scores as a differentiable function of the input pixels (torch), for trigger search.
+
+Pixels ``[1, H, W, 3]`` (0..255) go through the model's preprocessing and the ONNX prefix up to the
+host layer's input (:class:`onnxstain.torchprefix.TorchPrefix`); the detector scores
+``v_i · (φ_p − c)`` and the centred radii ``‖φ_p − c‖`` are computed with convolutions (no im2col).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._onnx.hosts import HostLayer
+from .preprocess import Preprocessing
+
+
+def detector_scores(prefix, host: HostLayer, pre: Preprocessing, directions: np.ndarray, c: np.ndarray,
+                    group: int, positions: np.ndarray):
+    """Return ``fn(pixels) -> (scores [1, d·len(positions)], radii [1, P])`` for ``directions`` ``[d, m]``.
+
+    Scores are ordered detector-major (all positions of detector 0, then detector 1, ...).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    d = directions.shape[0]
+    scale = float(pre.scale)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
+    vc = torch.tensor(directions @ c, dtype=torch.float32).view(1, d, 1)
+    cc = float(c @ c)
+    pos = torch.as_tensor(positions, dtype=torch.long)
+    rows = np.concatenate([directions, c[None]])
+    if host.op == "Conv":
+        cg = host.in_channels // host.groups
+        filt = torch.tensor(rows.reshape(d + 1, cg, *host.kernel), dtype=torch.float32)
+        ones = torch.ones(1, cg, *host.kernel)
+    else:
+        vt = torch.tensor(rows.T, dtype=torch.float32)
+
+    def fn(px):
+        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
+        if pre.dtype != "uint8":
+            x = (x * scale - mean) / std
+        if pre.layout == "NCHW":
+            x = x.permute(0, 3, 1, 2)
+        feat = prefix(x)[0]
+        if host.op == "Conv":
+            f = feat[:, group * cg : (group + 1) * cg]
+            t, left, b, r = host.pads
+            f = F.pad(f, (left, r, t, b))
+            proj = F.conv2d(f, filt, stride=host.strides, dilation=host.dilations)
+            sq = F.conv2d(f * f, ones, stride=host.strides, dilation=host.dilations)
+            if host.out_hw is not None:
+                proj = proj[:, :, : host.out_hw[0], : host.out_hw[1]]
+                sq = sq[:, :, : host.out_hw[0], : host.out_hw[1]]
+            proj, sq = proj.flatten(2), sq.flatten(1)
+        else:
+            f = feat.reshape(feat.shape[0], -1, feat.shape[-1])
+            proj = (f @ vt).transpose(1, 2)
+            sq = (f * f).sum(-1)
+        # ‖φ − c‖² = ‖φ‖² − 2 φ·c + ‖c‖²
+        radii = (sq - 2 * proj[:, d] + cc).clamp(min=1e-12).sqrt()
+        scores = proj[:, :d][:, :, pos] - vc
+        return scores.flatten(1), radii
+
+    return fn
