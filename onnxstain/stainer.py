@@ -213,7 +213,6 @@ def stain(
     torch.manual_seed(seed % (2**31))
     prefix = TorchPrefix(loaded.model, [host.input])
     target = SEARCH_FACTOR * tau0
-    tap_sess = session(with_outputs(loaded.model, [host.input]), opts.providers)
     weights = np.full(host.positions, opts.max_draws)
 
     def cross_ok(_smin: float, radii: np.ndarray) -> bool:
@@ -241,7 +240,7 @@ def stain(
                          progress=report)
             steps_total += res.steps
             trig = quantise(res.pixels)
-            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(trig), [host.input])[host.input])[0]
+            phi_t = neuron_inputs(host, run_batches(sess, pre.to_input(trig), [host.input])[host.input])[0]
             s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[sel].min())
             if s_star < ACCEPT_FACTOR * tau0:
