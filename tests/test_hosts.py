@@ -24,6 +24,7 @@ from onnxstain._onnx.hosts import (
     write_neuron,
 )
 from onnxstain.features import neuron_inputs
+from onnxstain.runtime import with_outputs
 
 BATCH = 3
 
@@ -56,13 +57,7 @@ def _model(nodes, inits, in_shape, outputs=("y",), elem=TensorProto.FLOAT, opset
 
 def _run(model: onnx.ModelProto, x: np.ndarray, names) -> dict[str, np.ndarray]:
     """Run ``model`` with ``names`` exposed as outputs; no graph fusion (BN/activation stay separate)."""
-    tapped = onnx.ModelProto()
-    tapped.CopyFrom(model)
-    have = {o.name for o in tapped.graph.output}
-    for name in names:
-        if name not in have:
-            tapped.graph.output.append(helper.make_empty_tensor_value_info(name))
-            have.add(name)
+    tapped = with_outputs(model, names)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     opts.log_severity_level = 3

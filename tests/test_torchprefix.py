@@ -18,6 +18,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxstain.errors import BadInputError, UnsupportedModelError
+from onnxstain.runtime import with_outputs
 from onnxstain.torchprefix import SUPPORTED_OPS, TorchPrefix, torch_prefix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,15 +83,6 @@ def single(
     return make_model([node], [("x", x_shape, x_type)], outs, inits, opset)
 
 
-def with_outputs(model: onnx.ModelProto, names: Sequence[str]) -> onnx.ModelProto:
-    """A copy of model whose graph outputs also include names (hidden tensors)."""
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
-    have = {o.name for o in m.graph.output}
-    for n in names:
-        if n not in have:
-            m.graph.output.append(helper.make_empty_tensor_value_info(n))
-    return m
 
 
 def ort_run(model: onnx.ModelProto, x: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
