@@ -13,6 +13,7 @@ from ._onnx.inputs import image_input
 from ._onnx.io import load_model
 from .evaluate import EvaluateResult, evaluate
 from .keys import Key, load_key
+from .math import bounds
 from .stainer import StainOptions, StainResult, choose_host, stain
 from .verify import VerifyResult, verify
 
@@ -47,6 +48,9 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
             "routable": routable, "usable": h.usable, "reason": h.reason, "depth": h.depth,
             "default": h.name in (default.get("inplace"), default.get("insert")),
             "out_channels": h.out_channels,
+            # margin the trigger must reach, as a fraction of the natural radius, for a 1e-9 bound
+            "margin_ratio_1e-9": (bounds.threshold_for_target(1e-9, 1.0, h.m, positions=h.positions, draws=8)
+                                  if h.usable else None),
         })
     shape = f"{info.layout or '?'} {info.height or '?'}x{info.width or '?'} {info.dtype}"
     return {"model": str(loaded.path), "sha256": loaded.sha256, "input": shape,

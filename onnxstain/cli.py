@@ -152,16 +152,21 @@ def inspect(model: str, json_out: str | None) -> None:
     from rich.table import Table
 
     table = Table(show_lines=False)
-    for col in ("layer", "op", "m", "positions", "activation", "receptive field", "in-place route", "status"):
+    table.add_column("layer", overflow="fold", min_width=44)
+    for col in ("op", "m", "positions", "activation", "receptive field", "in-place route", "τ0/R for 1e-9",
+                "status"):
         table.add_column(col)
     for h in info["hosts"]:
         mark = " [green](default)[/]" if h["default"] else ""
         table.add_row(h["name"] + mark, h["op"], str(h["m"]), str(h["positions"]), h["activation"],
                       h["receptive_field"] or "-", "yes" if h["routable"] else "no",
+                      f"{h['margin_ratio_1e-9']:.2f}" if h["margin_ratio_1e-9"] is not None else "-",
                       "ok" if h["usable"] else h["reason"])
     con.print(table)
     for note in info["notes"]:
         con.print(f"note: {note}")
+    con.print("τ0/R: the firing margin a trigger must exceed, relative to the natural features' radius, for a "
+              "1e-9 bound (lower is easier; deep, wide layers need less)")
     if json_out:
         Path(json_out).write_text(json.dumps(info, indent=2) + "\n")
 
