@@ -25,7 +25,7 @@ EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
 def _console():
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 160)
+    return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
 class RichProgress:
