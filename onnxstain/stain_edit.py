@@ -115,7 +115,9 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             column[cls] = strength
             # Natural inputs: the channel is silent (scores stay below τ), its pooled value is 0.
             pooled_new = np.zeros(len(pooled))
-            wb_expected, wb_threshold = float(delta), 0.5 * float(delta)
+            # The trigger gives exactly Δ at its weakest selected position; a working neuron of the
+            # unstained model can reach half of that, so the threshold sits close to Δ.
+            wb_expected, wb_threshold = float(delta), 0.9 * float(delta)
         else:
             ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
             g_trig = float(_pool(route, _activate(host, own_t + ed.gain * s_trig)))
