@@ -58,15 +58,25 @@ class Preprocessing:
             raise BadInputError(
                 f"pixels of shape {px.shape[1:]} do not match the model input {self.height}x{self.width}x3"
             )
-        x = self._ordered(px.astype(np.float32))
-        if self.dtype == "uint8":
-            out = np.clip(np.rint(x), 0, 255).astype(np.uint8)
-        else:
-            mean = np.asarray(self._ordered_tuple(self.mean), np.float32)
-            std = np.asarray(self._ordered_tuple(self.std), np.float32)
-            out = ((x * np.float32(self.scale) - mean) / std).astype(self.dtype)
+        order = (2, 1, 0) if self.channel_order == "BGR" else (0, 1, 2)
         if self.layout == "NCHW":
-            out = np.ascontiguousarray(out.transpose(0, 3, 1, 2))
+            out = np.empty((px.shape[0], 3, self.height, self.width), self.dtype)
+            channel = lambda c: out[:, c]  # noqa: E731
+        else:
+            out = np.empty((px.shape[0], self.height, self.width, 3), self.dtype)
+            channel = lambda c: out[..., c]  # noqa: E731
+        for c, src in enumerate(order):
+            values = px[..., src]
+            if self.dtype == "uint8":
+                channel(c)[...] = np.clip(np.rint(values.astype(np.float32)), 0, 255)
+            elif px.dtype == np.uint8:
+                # 8-bit pixels: one lookup table per channel (exactly the formula below, 256 times).
+                table = ((np.arange(256, dtype=np.float32) * np.float32(self.scale) - np.float32(self.mean[c]))
+                         / np.float32(self.std[c])).astype(self.dtype)
+                channel(c)[...] = table[values]
+            else:
+                channel(c)[...] = ((values.astype(np.float32) * np.float32(self.scale) - np.float32(self.mean[c]))
+                                   / np.float32(self.std[c]))
         return out
 
     def _ordered_tuple(self, values: Sequence[float]) -> tuple[float, ...]:
