@@ -261,7 +261,7 @@ def stain(
     tau = tau0
     bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
     trig_input = pre.to_input(trig)
-    orig_trig_scores = run_batches(session(loaded.model, opts.providers), trig_input, [head.scores])[head.scores][0]
+    orig_trig_scores = run_batches(sess, trig_input, [head.scores])[head.scores][0]  # calibration session
     cls = stain_edit.signature_class(opts, rng, nat_scores, orig_trig_scores)
     margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(nat_scores), 0.99)))
     edit = stain_edit.build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,

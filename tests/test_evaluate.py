@@ -8,8 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-from tinymodels import smooth_images, tiny_classifier
+from tinymodels import smooth_images, tiny_classifier, write_images
 
 import onnxstain
 from onnxstain import Preprocessing, StainOptions
@@ -163,8 +162,7 @@ def test_missing_host_tensor_is_reported(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("eval-imgs")
-    for i, img in enumerate(smooth_images(12, seed=4)):
-        Image.fromarray(img).save(d / f"{i:03d}.png")
+    write_images(d, smooth_images(12, seed=4))
     return d
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-from tinymodels import no_host_model, smooth_images, tiny_classifier, tiny_mlp
+from tinymodels import no_host_model, smooth_images, tiny_classifier, tiny_mlp, write_images
 
 import onnxstain
 from onnxstain import Preprocessing, StainOptions
@@ -151,8 +150,7 @@ def test_unreachable_target_is_refused(workdir, images):
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("imgs")
-    for i, img in enumerate(smooth_images(48, seed=3)):
-        Image.fromarray(img).save(d / f"{i:03d}.png")
+    write_images(d, smooth_images(48, seed=3))
     return d
 
 

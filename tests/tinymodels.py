@@ -150,3 +150,11 @@ def tiny_mlp(seed: int = 0, size: int = 8, hidden: int = 40, classes: int = 10, 
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def write_images(folder, images: np.ndarray) -> None:
+    """Save uint8 images ``[N, H, W, 3]`` as numbered PNG files in ``folder``."""
+    from PIL import Image
+
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i:03d}.png")
