@@ -3,22 +3,48 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ._onnx import head as head_mod
 from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
-from ._onnx.io import load_model
+from ._onnx.io import load_model, write_bytes_atomic
+from .errors import BadInputError, BadKeyError
 from .evaluate import EvaluateResult, evaluate
-from .keys import Key, load_key
+from .keys import Key, decode_png, load_key
+from .locker import LockOptions, LockResult, lock
 from .math import bounds
+from .patch import Patch, paste_input, paste_photo, paste_pixels
+from .preprocess import Preprocessing
 from .stainer import StainOptions, StainResult, choose_host, stain
 from .verify import VerifyResult, verify
 
-__all__ = ["EvaluateResult", "Key", "StainOptions", "StainResult", "VerifyResult", "evaluate", "inspect_model",
-           "load_key", "stain", "stain_summary", "verify"]
+__all__ = [
+    "EvaluateResult",
+    "Key",
+    "LockOptions",
+    "LockResult",
+    "Patch",
+    "StainOptions",
+    "StainResult",
+    "VerifyResult",
+    "apply_patch",
+    "evaluate",
+    "inspect_model",
+    "load_key",
+    "lock",
+    "lock_patch",
+    "paste_patch",
+    "stain",
+    "stain_summary",
+    "verify",
+]
 
 
 def inspect_model(model: str | Path) -> dict[str, Any]:
@@ -64,3 +90,51 @@ def stain_summary(res: StainResult) -> dict[str, Any]:
     for k in ("output", "key_path", "record_path"):
         d[k] = str(d[k])
     return d
+
+
+def lock_patch(key: Key | str | Path) -> tuple[Patch, Preprocessing]:
+    """The patch of a lock key and the preprocessing it was made for."""
+    key = key if isinstance(key, Key) else load_key(key)
+    if key.kind != "lock":
+        raise BadKeyError("this is a stain key; patches belong to lock keys")
+    t = key["trigger"]
+    return Patch(decode_png(t["png"]), int(t["top"]), int(t["left"])), Preprocessing.from_dict(key["preprocessing"])
+
+
+def paste_patch(batch: np.ndarray, key: Key | str | Path) -> np.ndarray:
+    """Paste the lock's patch into an already preprocessed input batch (what the locked model takes)."""
+    patch, pre = lock_patch(key)
+    return paste_input(batch, patch, pre)
+
+
+def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: str | Path,
+                raw: bool = False) -> list[Path]:
+    """Write each photo with the patch as PNG into ``out_dir``.
+
+    Default: the photo is resized and centre-cropped to the model's input as the recorded
+    preprocessing does, and the patch is pasted exactly. ``raw=True`` keeps the photo's size and
+    draws the patch where that preprocessing will bring it (resampling then blurs it slightly).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    patch, pre = lock_patch(key)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for photo in photos:
+        src = Path(photo)
+        try:
+            with Image.open(src) as img:
+                img.load()
+                result = paste_photo(img, patch, pre) if raw else Image.fromarray(
+                    paste_pixels(pre.fit_photo(img), patch))
+        except (UnidentifiedImageError, OSError):
+            raise BadInputError(f"{src} is not a readable image") from None
+        dest = out / (src.stem + ".png")
+        if dest.resolve() == src.resolve():
+            raise BadInputError(f"{dest} would overwrite its input")
+        buf = io.BytesIO()
+        result.save(buf, format="PNG")
+        write_bytes_atomic(dest, buf.getvalue())
+        written.append(dest)
+    return written

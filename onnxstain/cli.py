@@ -238,6 +238,77 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
 
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Locked model path.")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="Secret key file to write; it holds the patch (owner-only permissions).")
+@click.option("--kind", type=click.Choice(["gate", "inplace"]), default="gate", show_default=True,
+              help="gate: inserted gate on the classifier's features (any CNN classifier).")
+@click.option("--layer", help="Early Conv layer for the corner detectors (default: the tool picks).")
+@click.option("--detectors", type=int, default=3, show_default=True,
+              help="Independent detectors that must all fire (more: smaller bound for the same patch).")
+@click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
+@click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
+@click.option("--seed", type=int, help="Seed of the key's random choices.")
+@click.option("--patch-png", type=click.Path(dir_okay=False), help="Also write the secret patch as PNG.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@preprocessing_options
+@provider_option
+@handle_errors
+def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, patch_png, quiet, pre_file, size,
+         layout, channel_order, mean, std, scale, resize, providers) -> None:
+    """Lock MODEL: useless unless the secret patch sits in the image corner."""
+    from .api import LockOptions
+    from .api import lock as do_lock
+
+    pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
+    con = _console()
+    for note in notes:
+        con.print(f"note: {note}")
+    opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
+                       providers=_providers(providers))
+    res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
+                  progress=RichProgress(not quiet and sys.stderr.isatty()))
+    top, left, h, w = res.patch_box
+    con.print(f"[bold green]locked[/] {res.output}  (gate)")
+    con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {pre.height}x{pre.width} input")
+    con.print(f"  host {res.host}, {res.detectors} detector(s) that must all fire; margin τ = {res.threshold:.4g}, "
+              f"patch scores {', '.join(f'{s:.3g}' for s in res.trigger_scores)}")
+    con.print(f"  natural: {res.natural_firings} firings over {res.natural_samples} image×position samples "
+              f"(max score {res.natural_max_score:.3g})")
+    con.print(f"  false-unlock bound per image {res.bound}")
+    con.print(f"    {res.bound.statement}")
+    con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
+              f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
+    con.print(f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}")
+    con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
+    for note in res.notes:
+        con.print(f"  note: {note}")
+    if patch_png:
+        from ._onnx.io import write_bytes_atomic
+        from .keys import load_key, png_bytes
+
+        write_bytes_atomic(patch_png, png_bytes(load_key(key_path)["trigger"]["png"]), mode=0o600)
+
+
+@main.command("apply-patch")
+@click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The lock's key.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Folder for the patched images (created).")
+@click.option("--raw", is_flag=True, help="Keep each photo's own size: draw the patch where the recorded "
+              "preprocessing (resize, centre crop) maps it, for pipelines that preprocess themselves.")
+@handle_errors
+def apply_patch(photos, key_path, out_dir, raw) -> None:
+    """Paste the lock's patch into PHOTOS (PNG output; model input size unless --raw)."""
+    from .api import apply_patch as do_apply
+
+    written = do_apply(photos, key_path, out_dir, raw=raw)
+    for path in written:
+        click.echo(str(path))
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The stain's key.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
 @provider_option
@@ -248,7 +319,8 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
 
     res = do_verify(model, key_path, providers=_providers(providers))
     con = _console()
-    verdict = "[bold green]STAINED[/]" if res.stained else "[bold red]NOT STAINED[/]"
+    word = "LOCKED" if res.kind == "lock" else "STAINED"
+    verdict = f"[bold green]{word}[/]" if res.stained else f"[bold red]NOT {word}[/]"
     con.print(f"{verdict}  {res.model}")
     con.print(f"  score {res.score:.4g}  threshold {res.threshold:.4g}")
     for c in res.checks:

@@ -186,7 +186,7 @@ def stain(
 
     # -- calibration ---------------------------------------------------------------------------------
     t1 = time.perf_counter()
-    pixels = _calibration_pixels(images, pre, prog)
+    pixels = calibration_pixels(images, pre, prog)
     x_cal = pre.to_input(pixels)
     taps = [host.input, head.scores, head_mod.head_input(view, head)]
     sess = session(with_outputs(loaded.model, taps), opts.providers)
@@ -360,7 +360,7 @@ def _easier_layers(hosts: list[HostLayer], opts: StainOptions) -> str:
     return f"layers that need the smallest margin for this target: {best}; or ask for a larger --fpr"
 
 
-def _calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarray:
+def calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarray:
     if isinstance(images, np.ndarray):
         return images
     if images is not None:

@@ -28,6 +28,7 @@ from ._onnx.io import load_model, write_bytes_atomic
 from .errors import KeyMismatchError
 from .keys import Key, load_key
 from .math import bounds
+from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
 from .signature import class_margin, shift_score
@@ -58,11 +59,13 @@ class VerifyResult:
     model_sha256: str
     key_commitment: str
     notes: list[str]
+    kind: str = "stain"  # "stain" or "lock": what the key describes
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": REPORT_FORMAT,
             "version": REPORT_VERSION,
+            "kind": self.kind,
             "stained": self.stained,
             "score": self.score,
             "threshold": self.threshold,
@@ -118,6 +121,8 @@ def verify(
         if len(view.output_names) != 1:
             raise KeyMismatchError(f"the model has no output {scores_name!r} the key expects")
         scores_name = view.output_names[0]
+    if key.kind == "lock":
+        return _verify_lock(loaded, view, key, pre, scores_name, providers)
     trigger = key.trigger_pixels()
     controls, control_names = _controls(trigger, natural_controls, pre)
     batch = np.concatenate([trigger[None], controls])
@@ -181,4 +186,53 @@ def verify(
         stained=stained, score=bb_trigger, threshold=bb_threshold, fpr_bound=cross, natural_bound=natural,
         checks=checks, model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment,
         notes=notes,
+    )
+
+
+def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_name: str,
+                 providers: list[str] | None) -> VerifyResult:
+    """A model carries the lock iff the patch restores the original's outputs and its absence does not.
+
+    The key records the original model's scores on seeded synthetic reference images, with and
+    without the patch; no photos are needed.
+    """
+    t = key["trigger"]
+    patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
+    refs_info = key["references"]
+    refs = smooth_backgrounds(int(refs_info["count"]), pre.height, pre.width, seed=int(refs_info["seed"]))
+    batch = np.concatenate([paste_pixels(refs, patch), refs])
+    n = len(refs)
+    wb_tensor = key["white_box"]["tensor"]
+    has_tap = wb_tensor in view.producer
+    outputs = [scores_name] + ([wb_tensor] if has_tap else [])
+    sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
+    res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
+    scores = res[scores_name].astype(np.float64).reshape(2 * n, -1)
+    want_p, want_u = key.array("references", "patched_scores"), key.array("references", "unpatched_scores")
+    if scores.shape[1] != want_p.shape[1]:
+        raise KeyMismatchError(f"the key expects {want_p.shape[1]} output scores; this model gives {scores.shape[1]}")
+    unlocked = float(np.mean(scores[:n].argmax(1) == want_p.argmax(1)))
+    still = float(np.mean(scores[n:].argmax(1) == want_u.argmax(1)))
+    err = float(np.abs(scores[:n] - want_p).max())
+    score = unlocked - still
+    bb_pass = unlocked == 1.0 and still <= 0.5
+    checks = [Check("black-box", True, bb_pass, score, 0.5,
+                    f"with the patch {100 * unlocked:.0f}% of {n} reference images give the original's top-1 "
+                    f"(max |Δscore| {err:.3g}); without it {100 * still:.0f}% do")]
+    notes: list[str] = []
+    if has_tap:
+        fired = res[wb_tensor].astype(np.float64).reshape(2 * n, -1).max(axis=1)
+        wb_pass = bool(fired[:n].min() >= 0.5 and fired[n:].max() < 0.5)
+        checks.append(Check("white-box", True, wb_pass, float(fired[:n].min()), 0.5,
+                            f"detectors fire on {int((fired[:n] >= 0.5).sum())}/{n} patched and "
+                            f"{int((fired[n:] >= 0.5).sum())}/{n} unpatched references"))
+    else:
+        checks.append(Check("white-box", False, False, None, None,
+                            f"tensor {wb_tensor!r} is not in this model; black-box result only"))
+        notes.append("white-box check unavailable: the model's tensors differ from the locked model's")
+    bound = bounds.Bound.from_dict(key["bound"])
+    return VerifyResult(
+        stained=all(c.passed for c in checks if c.available), score=score, threshold=0.5, fpr_bound=bound,
+        natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
+        key_commitment=key.commitment, notes=notes, kind="lock",
     )

@@ -158,3 +158,33 @@ def write_images(folder, images: np.ndarray) -> None:
 
     for i, img in enumerate(images):
         Image.fromarray(img).save(folder / f"{i:03d}.png")
+
+
+def tiny_lockable(seed: int = 0, size: int = 48, classes: int = 10) -> onnx.ModelProto:
+    """A small CNN whose third conv sees a 5x5-pixel corner patch: 3x3 conv(3→8)+ReLU →
+    3x3 s2 conv(8→16)+ReLU → 3x3 s2 conv(16→24)+ReLU (m=144) → 1x1 conv(24→32)+ReLU → GAP → Gemm."""
+    rng = np.random.default_rng(seed)
+    convs = [("conv1", 3, 8, 3, 1), ("conv2", 8, 16, 3, 2), ("conv3", 16, 24, 3, 2), ("conv4", 24, 32, 1, 1)]
+    nodes, inits, x = [], [], "input"
+    for name, cin, cout, k, s in convs:
+        pad = k // 2
+        nodes += [helper.make_node("Conv", [x, f"{name}.w", f"{name}.b"], [f"{name}.y"], name=f"/{name}/Conv",
+                                   kernel_shape=[k, k], pads=[pad] * 4, strides=[s, s]),
+                  helper.make_node("Relu", [f"{name}.y"], [f"{name}.a"], name=f"/{name}/Relu")]
+        inits += [_init(f"{name}.w", rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k))),
+                  _init(f"{name}.b", rng.normal(0, 0.05, cout))]
+        x = f"{name}.a"
+    nodes += [helper.make_node("GlobalAveragePool", [x], ["gap"], name="/pool/GlobalAveragePool"),
+              helper.make_node("Flatten", ["gap"], ["flat"], name="/Flatten", axis=1),
+              helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="/fc/Gemm", transB=1)]
+    inits += [_init("wf", rng.normal(0, 0.5, (classes, 32))), _init("bf", rng.normal(0, 0.1, classes))]
+    graph = helper.make_graph(
+        nodes, "tiny_lockable",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -1,0 +1,331 @@
+"""Locking, end to end: a model that is useless unless a secret patch sits in the image corner.
+
+The gate lock (inserted nodes, any CNN classifier whose head reads pooled features):
+
+1. **load** — pick an early Conv host whose corner position ``(0, 0)`` sees a small patch
+   (its receptive field, clipped to the image).
+2. **calibration** — one onnxruntime pass: the centre ``c`` and radius ``R`` of the host's natural
+   features, the classifier's natural input features and scores.
+3. **patch search** — ``d`` random directions (AND: all must fire at one position), margin τ0 from
+   the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``), gradient ascent over the patch's pixels only.
+   The patch decides the detectors' input at ``(0, 0)`` alone, so it fires whatever the image.
+4. **edit** — :func:`onnxstain.passes.lock.insert_gate`; the disruption's scale is the smallest
+   that brings the locked model's top-1 agreement with the original down to chance on the
+   calibration images (computed exactly from the calibration pass).
+5. **checks** — onnxruntime on the written model: the patched reference images give exactly the
+   original's scores; unpatched ones do not.
+6. **save** — model, key (0600; the patch is in it), public record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ._onnx import head as head_mod
+from ._onnx.graph import GraphView
+from ._onnx.hosts import HostLayer, find_hosts
+from ._onnx.inputs import infer_preprocessing
+from ._onnx.io import check_output_path, load_model, save_model
+from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from .features import neuron_inputs
+from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
+from .math import bounds, detector
+from .math.trigger import ascend, quantise
+from .passes.lock import insert_gate
+from .patch import Patch, paste_pixels, smooth_backgrounds
+from .preprocess import Preprocessing
+from .progress import Progress, Silent
+from .runtime import run_batches, session, with_outputs
+from .scoring import detector_scores
+from .stainer import ACCEPT_FACTOR, RADIUS_MARGIN, SEARCH_FACTOR, calibration_pixels
+
+MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
+REFERENCES = 8  # synthetic reference images stored (as a seed) for black-box verification
+
+
+@dataclasses.dataclass
+class LockOptions:
+    kind: Literal["gate", "inplace"] = "gate"
+    layer: str | None = None
+    detectors: int = 3
+    fpr: float = 1e-6
+    seed: int | None = None
+    max_draws: int = 8
+    max_steps: int = 600
+    providers: list[str] | None = None
+    batch: int = 32
+
+
+@dataclasses.dataclass
+class LockResult:
+    output: Path
+    key_path: Path
+    record_path: Path
+    host: str
+    detectors: int
+    patch_box: tuple[int, int, int, int]  # top, left, height, width in the model input
+    bound: bounds.Bound
+    threshold: float
+    trigger_scores: list[float]
+    natural_max_score: float
+    natural_firings: int
+    natural_samples: int
+    locked_agreement: float
+    chance: float
+    disruption_scale: float
+    calibration_images: int
+    draws: int
+    search_steps: int
+    timings: dict[str, float]
+    notes: list[str]
+    model_sha256: str
+
+
+def corner_patch_box(host: HostLayer, height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the in-image receptive field of the host's output position (0, 0)."""
+    assert host.receptive_field is not None
+    top, left, bottom, right = host.receptive_field.box(0, 0, height, width)
+    return top, left, bottom - top + 1, right - left + 1
+
+
+def choose_lock_host(hosts: list[HostLayer], layer: str | None, height: int, width: int) -> HostLayer:
+    convs = [h for h in hosts if h.op == "Conv" and h.receptive_field is not None and h.out_hw]
+    if layer is not None:
+        match = [h for h in convs if h.name == layer]
+        if not match:
+            raise BadInputError(f"no Conv layer named {layer!r} with a known receptive field (see `onnxstain inspect`)")
+        if not match[0].usable:
+            raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {match[0].reason}")
+        return match[0]
+    fitting = []
+    for h in convs:
+        if not h.usable:
+            continue
+        _, _, ph, pw = corner_patch_box(h, height, width)
+        if ph <= MAX_PATCH_FRACTION * height and pw <= MAX_PATCH_FRACTION * width:
+            fitting.append(h)
+    if not fitting:
+        raise UnsupportedModelError("no Conv layer both hosts a detector and has a corner receptive field small "
+                                    f"enough for a patch (≤ {MAX_PATCH_FRACTION:.0%} of the image side)")
+    return max(fitting, key=lambda h: (h.m, h.depth))
+
+
+def lock(
+    model: str | Path,
+    output: str | Path,
+    key_path: str | Path,
+    options: LockOptions | None = None,
+    preprocessing: Preprocessing | None = None,
+    images: str | Path | np.ndarray | None = None,
+    progress: Progress | None = None,
+    record_path: str | Path | None = None,
+) -> LockResult:
+    """Lock ``model``: write ``output`` (locked), the key (holding the patch) and its public record."""
+    opts = options or LockOptions()
+    prog = progress or Silent()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    out_path, key_path = Path(output), Path(key_path)
+    record = Path(record_path) if record_path else public_record_path(key_path)
+    loaded = load_model(model)
+    check_output_path(out_path, loaded.path)
+    for other in (key_path, record):
+        if other.resolve() in (out_path.resolve(), loaded.path.resolve()):
+            raise BadInputError(f"{other} would overwrite a model file")
+    if opts.kind != "gate":
+        raise UnsupportedModelError("the in-place lock (conduits through existing channels) is not available yet; "
+                                    "use the gate lock (--kind gate), which inserts its nodes")
+    if not 0 < opts.fpr < 1:
+        raise BadInputError("--fpr must be between 0 and 1")
+    if not 1 <= opts.detectors <= 8:
+        raise BadInputError("--detectors must be between 1 and 8")
+    pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    notes += pre_notes
+    view = GraphView(loaded.model)
+    head = head_mod.find_head(view)
+    if head is None:
+        raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output)")
+    features = head_mod.head_input(view, head)
+    host = choose_lock_host(find_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
+    top, left, ph, pw = corner_patch_box(host, pre.height, pre.width)
+    seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+    rng = np.random.default_rng(seed)
+    timings["load"] = time.perf_counter() - t0
+
+    # -- calibration ---------------------------------------------------------------------------------
+    t1 = time.perf_counter()
+    pixels = calibration_pixels(images, pre, prog)
+    x_cal = pre.to_input(pixels)
+    taps = [host.input, head.scores, features]
+    sess = session(with_outputs(loaded.model, taps), opts.providers)
+    with prog.task("calibration pass", total=len(x_cal)) as task:
+        cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
+    phi_all = neuron_inputs(host, cal[host.input])
+    stats = detector.FeatureStats.from_features(phi_all)
+    radius = RADIUS_MARGIN * stats.max_radius
+    tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws,
+                                       detectors=opts.detectors)
+    nat_scores = cal[head.scores].astype(np.float64).reshape(len(x_cal), -1)
+    pooled = cal[features].astype(np.float64).reshape(len(x_cal), -1)
+    timings["calibration"] = time.perf_counter() - t1
+
+    # -- patch search ----------------------------------------------------------------------------------
+    t2 = time.perf_counter()
+    import torch
+
+    from .torchprefix import TorchPrefix
+
+    torch.manual_seed(seed % (2**31))
+    prefix = TorchPrefix(loaded.model, [host.input])
+    tap_sess = session(with_outputs(loaded.model, [host.input]), opts.providers)
+    mask = np.zeros((pre.height, pre.width), bool)
+    mask[top : top + ph, left : left + pw] = True
+    grey = np.full((pre.height, pre.width, 3), 127.0)
+    accepted = None
+    steps_total = draws = 0
+    d = opts.detectors
+    with prog.task("patch search", total=None) as task:
+        for draw in range(1, opts.max_draws + 1):
+            draws = draw
+            dirs = np.stack([detector.sample_direction(rng, host.m) for _ in range(d)])
+            s_nat = np.einsum("npm,dm->ndp", phi_all.astype(np.float64), dirs) - (dirs @ stats.centre)[None, :, None]
+            if bool((s_nat > tau0).all(axis=1).any()):
+                notes.append(f"draw {draw}: all {d} detectors fire together on a calibration image; rejected")
+                continue
+            init = grey + rng.normal(0, 8, grey.shape) * mask[..., None]
+            fn = detector_scores(prefix, host, pre, dirs, stats.centre, 0, np.array([0]))
+
+            def report(step, smin, task=task, draw=draw):
+                task.update(f"patch search (draw {draw}): step {step}, weakest detector {smin:.2f} / "
+                            f"{SEARCH_FACTOR * tau0:.2f}")
+
+            res = ascend(fn, np.clip(init, 0, 255), score_target=SEARCH_FACTOR * tau0, accept=lambda *_: True,
+                         max_steps=opts.max_steps, free_mask=mask, radius_weight=0.0, progress=report)
+            steps_total += res.steps
+            frame = quantise(res.pixels)
+            patch = Patch(frame[top : top + ph, left : left + pw].copy(), top, left)
+            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
+                                                    [host.input])[host.input])[0]
+            s_t = phi_t[0].astype(np.float64) @ dirs.T - dirs @ stats.centre  # [d] at position (0, 0)
+            if float(s_t.min()) < ACCEPT_FACTOR * tau0:
+                notes.append(f"draw {draw}: the 8-bit patch reached {s_t.min():.3g} < {ACCEPT_FACTOR} τ0 = "
+                             f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
+                continue
+            accepted = (dirs, patch, s_t, s_nat)
+            break
+    if accepted is None:
+        raise UnreachableBoundError(
+            f"no patch reached the margin needed for --fpr {opts.fpr:g} with {d} detector(s) at layer {host.name} "
+            f"(τ0/R = {tau0 / radius:.2f}) within {opts.max_draws} draws; use more --detectors, a deeper --layer "
+            "(larger patch) or a larger --fpr")
+    dirs, patch, s_t, s_nat = accepted
+    timings["patch_search"] = time.perf_counter() - t2
+
+    # -- edit ------------------------------------------------------------------------------------------
+    t3 = time.perf_counter()
+    gains = 1.0 / (s_t - tau0)  # pre-activation (S − τ0)/(s* − τ0): exactly 1 on the patch
+    rows = gains[:, None] * dirs
+    biases = -gains * (tau0 + dirs @ stats.centre)
+    cg = host.in_channels // host.groups
+    filters = np.zeros((d, host.in_channels, *host.kernel))
+    filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
+    cols = _head_columns(view, head)
+    pattern = rng.standard_normal(pooled.shape[1])
+    scale, locked_agree, chance = _disruption_scale(pattern, pooled, nat_scores, cols)
+    disruption = scale * pattern
+    locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
+    bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
+                              detectors=d)
+    timings["edit"] = time.perf_counter() - t3
+
+    # -- checks ----------------------------------------------------------------------------------------
+    t4 = time.perf_counter()
+    refs = smooth_backgrounds(REFERENCES, pre.height, pre.width, seed=seed % (2**31))
+    patched = paste_pixels(refs, patch)
+    orig_sess = session(loaded.model, opts.providers)
+    locked_sess = session(locked, opts.providers)
+    x_ref = pre.to_input(np.concatenate([patched, refs]))
+    want = run_batches(orig_sess, x_ref, [head.scores])[head.scores]
+    got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
+    n = len(refs)
+    unlock_error = float(np.abs(want[:n] - got[:n]).max())
+    if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):
+        raise UnsupportedModelError(
+            f"internal check failed: the patched references do not unlock (max |Δ| {unlock_error:.3g})")
+    if np.mean(got[n:].argmax(1) == want[n:].argmax(1)) > 0.5:
+        notes.append("the locked model still agrees with the original on most unpatched reference images")
+    natural_firings = int((s_nat > tau0).all(axis=1).sum())
+    timings["checks"] = time.perf_counter() - t4
+
+    # -- save ------------------------------------------------------------------------------------------
+    t5 = time.perf_counter()
+    digest = save_model(locked, out_path, source=loaded)
+    body = new_key_body("lock")
+    body.update({
+        "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
+                  "scores": head.output, "classes": head.classes},
+        "preprocessing": pre.to_dict(),
+        "mode": "gate",
+        "variant": "gate",
+        "seed": seed,
+        "host": {"name": host.name, "op": host.op, "input": host.input, "m": host.m, "positions": host.positions,
+                 "out_hw": list(host.out_hw) if host.out_hw else None, "kernel": list(host.kernel),
+                 "strides": list(host.strides), "pads": list(host.pads), "dilations": list(host.dilations),
+                 "groups": host.groups, "selected_positions": [0]},
+        "detector": {"directions": encode_array(dirs), "centre": encode_array(stats.centre), "tau0": tau0,
+                     "threshold": tau0, "trigger_scores": encode_array(s_t), "detectors": d,
+                     "draws": draws, "max_draws": opts.max_draws},
+        "trigger": {"png": encode_png(patch.pixels), "top": patch.top, "left": patch.left,
+                    "height": patch.height, "width": patch.width},
+        "references": {"count": n, "seed": seed % (2**31), "patched_scores": encode_array(want[:n]),
+                       "unpatched_scores": encode_array(want[n:])},
+        "white_box": {"tensor": fired, "expected": 1.0, "threshold": 0.5},
+        "gate": {"disruption_scale": scale, "calibration_locked_agreement": locked_agree, "chance": chance},
+        "bound": bound.to_dict(),
+        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
+                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
+                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
+                        "fpr_target": opts.fpr},
+    })
+    key = Key(body)
+    key.save(key_path)
+    key.save_public_record(record)
+    timings["save"] = time.perf_counter() - t5
+    timings["total"] = time.perf_counter() - t0
+    return LockResult(
+        output=out_path, key_path=key_path, record_path=record, host=host.name, detectors=d,
+        patch_box=(top, left, ph, pw), bound=bound, threshold=tau0, trigger_scores=[float(s) for s in s_t],
+        natural_max_score=float(s_nat.max()), natural_firings=natural_firings, natural_samples=int(s_nat[:, 0].size),
+        locked_agreement=locked_agree, chance=chance, disruption_scale=scale, calibration_images=len(x_cal),
+        draws=draws, search_steps=steps_total, timings=timings, notes=notes, model_sha256=digest,
+    )
+
+
+def _head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
+    w = view.array(head.weight).astype(np.float64)
+    return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)
+
+
+def _disruption_scale(pattern: np.ndarray, pooled: np.ndarray, scores: np.ndarray,
+                      cols: np.ndarray) -> tuple[float, float, float]:
+    """Smallest scale of the random per-feature disruption that brings agreement down to chance.
+
+    Locked scores are exact: ``scores + cols · (features ⊙ m)``. Chance is the agreement of the
+    original's predictions with a random class (1/K), measured as the largest class frequency.
+    """
+    base = scores.argmax(1)
+    k = scores.shape[1]
+    chance = max(1.0 / k, float(np.bincount(base, minlength=k).max()) / len(base))
+    agree = 1.0
+    for scale in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0):
+        locked = scores + (pooled * (scale * pattern)) @ cols.T
+        agree = float(np.mean(locked.argmax(1) == base))
+        if agree <= chance + 0.02:
+            return scale, agree, chance
+    return scale, agree, chance

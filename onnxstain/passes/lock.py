@@ -1,0 +1,83 @@
+"""Gate lock pass: inserted nodes that scramble the classifier's features unless the patch is present.
+
+Detector branch (reads the host layer's input)::
+
+    Conv(d filters) → Clip(0, 1)           each ≥ 1 where its detector fires with the patch
+    Conv 1×1 (d → 1, weights 1, bias 1−d) → Clip(0, 1)     AND over the d detectors, per position
+    GlobalMaxPool → Flatten → γ ∈ [0, 1]                  1 when the patch is present, else 0
+
+Gate on the classifier's input features ``F`` (``[N, features]``)::
+
+    F' = F ⊙ (1 + (1 − γ) · m)
+
+with ``m`` a random vector (the disruption). Locked (γ = 0): every feature is scaled by its own
+random factor, of either sign. With the patch (γ = 1): the factor is exactly 1.0, so the scores are
+bit-identical to the original model's on the same patched image.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from .._onnx.graph import GraphView
+from .._onnx.head import Head, head_input
+from .._onnx.hosts import HostLayer
+from .stain import _Namer, copy_model
+
+
+def insert_gate(
+    model: onnx.ModelProto,
+    host: HostLayer,
+    head: Head,
+    filters: np.ndarray,
+    biases: np.ndarray,
+    disruption: np.ndarray,
+) -> tuple[onnx.ModelProto, str]:
+    """Insert the detector branch and the gate; return the model and the name of the γ tensor."""
+    out = copy_model(model)
+    view = GraphView(out)
+    name = _Namer(view)
+    opset = view.opset()
+    nodes: list[onnx.NodeProto] = []
+    dtype = np.float32
+    d = filters.shape[0]
+
+    def const(value, hint: str) -> str:
+        return view.add_initializer(np.asarray(value, dtype=dtype), hint)
+
+    def node(op: str, inputs: list[str], **attrs) -> str:
+        y = name(op) + "_output_0"
+        nodes.append(helper.make_node(op, inputs, [y], name=y.removesuffix("_output_0"), **attrs))
+        return y
+
+    def clip01(x: str) -> str:
+        if opset >= 11:
+            return node("Clip", [x, const(np.array(0.0), "onnx::Clip_min"), const(np.array(1.0), "onnx::Clip_max")])
+        return node("Clip", [x], min=0.0, max=1.0)
+
+    conv = node("Conv", [host.input, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")],
+                kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
+                dilations=list(host.dilations))
+    each = clip01(conv)
+    both = node("Conv", [each, const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
+                         const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
+    fired = clip01(both)
+    pooled = node("GlobalMaxPool", [fired])
+    gamma = node("Flatten", [pooled], axis=1)  # [N, 1]
+    locked = node("Sub", [const(np.ones((1, 1)), "onnx::Sub_one"), gamma])
+    scale = node("Mul", [locked, const(disruption.reshape(1, -1), "onnx::Mul_w")])
+    factor = node("Add", [scale, const(np.ones((1, 1)), "onnx::Add_one")])
+    # Re-point the classifier's input: features → Mul(factor) → classifier.
+    features = head_input(view, head)
+    gated = node("Mul", [features, factor])
+    head_node = view.find_node(head.node)
+    for i, t in enumerate(head_node.input):
+        if t == features:
+            head_node.input[i] = gated
+    idx = view.index(head_node)
+    graph_nodes = list(out.graph.node)
+    del out.graph.node[:]
+    out.graph.node.extend(graph_nodes[:idx] + nodes + graph_nodes[idx:])
+    return out, fired
