@@ -5,6 +5,8 @@ The stable API::
     import onnxstain
     result = onnxstain.stain("model.onnx", "stained.onnx", "owner.key")
     report = onnxstain.verify("stained.onnx", "owner.key")
+    locked = onnxstain.lock("model.onnx", "locked.onnx", "customer.key")
+    batch = onnxstain.paste_patch(batch, "customer.key")   # unlock an already preprocessed batch
 """
 
 __version__ = "0.1.0"
@@ -12,6 +14,7 @@ __version__ = "0.1.0"
 from .api import (
     EvaluateResult,
     Key,
+    LockAuditResult,
     LockOptions,
     LockResult,
     Patch,
@@ -19,6 +22,7 @@ from .api import (
     StainResult,
     VerifyResult,
     apply_patch,
+    audit_lock,
     evaluate,
     inspect_model,
     load_key,
@@ -47,6 +51,7 @@ __all__ = [
     "EvaluateResult",
     "Key",
     "KeyMismatchError",
+    "LockAuditResult",
     "LockOptions",
     "LockResult",
     "OnnxStainError",
@@ -59,6 +64,7 @@ __all__ = [
     "VerifyResult",
     "__version__",
     "apply_patch",
+    "audit_lock",
     "evaluate",
     "inspect_model",
     "load_key",

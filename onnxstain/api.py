@@ -18,6 +18,7 @@ from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError, BadKeyError
 from .evaluate import EvaluateResult, evaluate
 from .keys import Key, decode_png, load_key
+from .lock_audit import LockAuditResult
 from .locker import LockOptions, LockResult, lock
 from .math import bounds
 from .patch import Patch, paste_input, paste_photo, paste_pixels
@@ -28,6 +29,7 @@ from .verify import VerifyResult, verify
 __all__ = [
     "EvaluateResult",
     "Key",
+    "LockAuditResult",
     "LockOptions",
     "LockResult",
     "Patch",
@@ -35,6 +37,7 @@ __all__ = [
     "StainResult",
     "VerifyResult",
     "apply_patch",
+    "audit_lock",
     "evaluate",
     "inspect_model",
     "load_key",
@@ -138,3 +141,14 @@ def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: st
         write_bytes_atomic(dest, buf.getvalue())
         written.append(dest)
     return written
+
+
+def audit_lock(original: str | Path, locked: str | Path, key: Key | str | Path,
+               images: str | Path | np.ndarray | None = None, views: int = 16,
+               providers: list[str] | None = None, progress: Any = None, batch: int = 32) -> LockAuditResult:
+    """Lock audit of ``locked`` against ``original`` on natural images (see :mod:`onnxstain.lock_audit`)."""
+    from .lock_audit import audit_lock as run
+
+    key = key if isinstance(key, Key) else load_key(key)
+    return run(original, locked, key, images=images, views=views, providers=providers, progress=progress,
+               batch=batch)

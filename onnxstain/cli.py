@@ -244,7 +244,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
 @click.option("--kind", type=click.Choice(["gate", "inplace"]), default="gate", show_default=True,
               help="gate: inserted gate on the classifier's features (any CNN classifier).")
 @click.option("--layer", help="Early Conv layer for the corner detectors (default: the tool picks).")
-@click.option("--detectors", type=int, default=3, show_default=True,
+@click.option("--detectors", type=int, default=1, show_default=True,
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
 @click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
@@ -338,7 +338,8 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
 @main.command()
 @click.argument("original", type=click.Path(dir_okay=False))
 @click.argument("modified", type=click.Path(dir_okay=False))
-@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The stain's key.")
+@click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
+              help="The stain's or the lock's key.")
 @click.option("--images", type=click.Path(file_okay=False),
               help="Images folder (default: the built-in held-out natural photos).")
 @click.option("--views", type=int, default=16, show_default=True,
@@ -351,10 +352,18 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
 @handle_errors
 def evaluate(original: str, modified: str, key_path: str, images: str | None, views: int, json_out: str | None,
              html_out: str | None, quiet: bool, providers: str | None) -> None:
-    """Measure the stain of KEY in MODIFIED on natural images and compare with ORIGINAL and the bounds."""
+    """Measure the stain or lock of KEY in MODIFIED on natural images, against ORIGINAL and the bounds.
+
+    With a lock key this is the lock audit: agreement with the original without the patch, with it,
+    with wrong patches, and the false-unlock bound.
+    """
     from .api import evaluate as do_evaluate
+    from .api import load_key
     from .math.bounds import format_probability
 
+    if load_key(key_path).kind == "lock":
+        _lock_audit(original, modified, key_path, images, views, json_out, html_out, quiet, providers)
+        return
     res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
                       progress=RichProgress(not quiet and sys.stderr.isatty()))
     con = _console()
@@ -401,6 +410,43 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     con.print(f"  trigger: {verdict} — signature score {t.signature_score:.4g} vs threshold "
               f"{t.signature_threshold:.4g} (original model {t.original_signature_score:.4g}); "
               f"cross-key bound {t.cross_key_bound}")
+    for note in res.notes:
+        con.print(f"  note: {note}")
+    con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
+    if json_out:
+        res.write_json(json_out)
+    if html_out:
+        res.write_html(html_out)
+
+
+def _lock_audit(original: str, locked: str, key_path: str, images: str | None, views: int, json_out: str | None,
+                html_out: str | None, quiet: bool, providers: str | None) -> None:
+    from .api import audit_lock
+
+    res = audit_lock(original, locked, key_path, images=images, views=views, providers=_providers(providers),
+                     progress=RichProgress(not quiet and sys.stderr.isatty()))
+    con = _console()
+    info = res.images
+    top, left, h, w = res.patch_box
+    con.print(f"[bold]lock audit[/] {res.locked}  (against {res.original}; {res.lock_kind} lock, "
+              f"{h}x{w} patch at row {top}, col {left})")
+    con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views "
+              f"({res.centre_crops} centre crops); {info.source}")
+    con.print(f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points")
+    for c in res.conditions:
+        ok = "[green]ok[/]" if c.passed else "[bold red]FAIL[/]"
+        extra = f", centre crops {100 * c.centre_agreement:.2f}%" if c.centre_agreement is not None else ""
+        opened = f", lock opened on {100 * c.unlocked:.1f}%" if c.unlocked is not None else ""
+        delta = f", max |Δscore| {c.max_abs_delta:.3g}" if c.max_abs_delta is not None else ""
+        con.print(f"  {ok} {c.name:<20} agreement {100 * c.agreement:6.2f}%{extra}{opened}{delta}  "
+                  f"(expect {c.expect})")
+    f = res.firings
+    if f is not None:
+        con.print(f"  measured: {f.firings} firings / {f.samples} image×position samples of clean images "
+                  f"(weakest-detector max {f.max_weakest_score:.4g} vs τ = {f.threshold:.4g})")
+    con.print(f"  bound: false unlock per image (key) {res.key_bound}")
+    if res.data_driven_bound is not None:
+        con.print(f"  bound: data-driven (95%) {res.data_driven_bound}")
     for note in res.notes:
         con.print(f"  note: {note}")
     con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))

@@ -280,8 +280,9 @@ def _host_from_key(loaded: LoadedModel, key: Key) -> HostLayer:
 
 
 def _images(images: str | Path | np.ndarray | None, pre: Preprocessing, views: int,
-            prog: Progress) -> tuple[np.ndarray, np.ndarray, list[str], ImageSetInfo]:
-    """Pixels, the photo index of every image, a name for every image, and the description of the set."""
+            prog: Progress) -> tuple[np.ndarray, np.ndarray, list[str], ImageSetInfo, np.ndarray]:
+    """Pixels, the photo index of every image, a name for every image, the description of the set, and
+    the view index of every image (0: the centre crop of a built-in photo, or an image given as is)."""
     if isinstance(images, np.ndarray):
         pixels = images
         if pixels.ndim != 4 or pixels.shape[1:] != (pre.height, pre.width, 3):
@@ -289,11 +290,13 @@ def _images(images: str | Path | np.ndarray | None, pre: Preprocessing, views: i
         source, v = "array given by the caller", 1
         photo_of = np.arange(len(pixels))
         names = [f"image {i}" for i in range(len(pixels))]
+        view_of = np.zeros(len(pixels), np.int64)
     elif images is not None:
         pixels = naturalset.load_image_dir(images, pre)
         source, v = f"folder {images}", 1
         photo_of = np.arange(len(pixels))
         names = [f"image {i} of the folder" for i in range(len(pixels))]
+        view_of = np.zeros(len(pixels), np.int64)
     else:
         with prog.task(f"natural images (held-out photos × {views} views)", total=None):
             nat = naturalset.natural_images("heldout", size=(pre.height, pre.width), views=views)
@@ -302,6 +305,7 @@ def _images(images: str | Path | np.ndarray | None, pre: Preprocessing, views: i
         pixels = nat.pixels
         _, photo_of = np.unique(np.asarray(nat.photo_ids, dtype=str), return_inverse=True)
         names = [f"{pid} (view {int(k)})" for pid, k in zip(nat.photo_ids, nat.views, strict=True)]
+        view_of = np.asarray(nat.views, dtype=np.int64)
         source = "built-in natural photos, held-out split (disjoint from the calibration photos of `stain`)"
         v = views
     n = len(pixels)
@@ -318,7 +322,7 @@ def _images(images: str | Path | np.ndarray | None, pre: Preprocessing, views: i
                 f"make the data-driven statements optimistic.")
     info = ImageSetInfo(source=source, images=n, photos=photos, views_per_photo=v, height=pre.height,
                         width=pre.width, correlation=corr)
-    return pixels, np.asarray(photo_of, dtype=np.int64), names, info
+    return pixels, np.asarray(photo_of, dtype=np.int64), names, info, view_of
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:
@@ -364,7 +368,7 @@ def evaluate(
         raise BadInputError(f"--views must be a positive integer, not {views}")
     key = key if isinstance(key, Key) else load_key(key)
     if key.kind != "stain":
-        raise BadInputError(f"the key is a {key.kind!r} key; evaluate needs a stain key")
+        raise BadInputError(f"the key is a {key.kind!r} key; evaluate needs a stain key (use audit_lock for a lock)")
     orig = load_model(original)
     mod = load_model(modified)
     pre = Preprocessing.from_dict(key["preprocessing"])
@@ -404,7 +408,7 @@ def evaluate(
 
     # -- images --------------------------------------------------------------------------------------------
     t1 = time.perf_counter()
-    pixels, photo_of, names, info = _images(images, pre, int(views), prog)
+    pixels, photo_of, names, info, _ = _images(images, pre, int(views), prog)
     if images is not None and views != 16:
         notes.append("--views applies to the built-in photos only; the given images are used as they are")
     timings["images"] = time.perf_counter() - t1

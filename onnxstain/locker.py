@@ -9,9 +9,9 @@ The gate lock (inserted nodes, any CNN classifier whose head reads pooled featur
 3. **patch search** — ``d`` random directions (AND: all must fire at one position), margin τ0 from
    the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``), gradient ascent over the patch's pixels only.
    The patch decides the detectors' input at ``(0, 0)`` alone, so it fires whatever the image.
-4. **edit** — :func:`onnxstain.passes.lock.insert_gate`; the disruption's scale is the smallest
-   that brings the locked model's top-1 agreement with the original down to chance on the
-   calibration images (computed exactly from the calibration pass).
+4. **edit** — :func:`onnxstain.passes.lock.insert_gate`; the disruption flips the sign of a random
+   half of the classifier's input features, redrawn until the locked model's top-1 agreement with
+   the original on the calibration images (computed exactly from the calibration pass) is chance.
 5. **checks** — onnxruntime on the written model: the patched reference images give exactly the
    original's scores; unpatched ones do not.
 6. **save** — model, key (0600; the patch is in it), public record.
@@ -42,9 +42,14 @@ from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
 from .scoring import detector_scores
-from .stainer import ACCEPT_FACTOR, RADIUS_MARGIN, SEARCH_FACTOR, calibration_pixels
+from .stainer import RADIUS_MARGIN, calibration_pixels
 
 MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
+# The patch alone decides the detectors' input at the lock position, so its 8-bit onnxruntime score
+# is exactly what every patched image gives: a small safety factor is enough (a stain's trigger is a
+# whole image that must survive its own PNG round trip, hence the stainer's larger factors).
+ACCEPT_FACTOR = 1.1
+SEARCH_FACTOR = 1.15
 REFERENCES = 8  # synthetic reference images stored (as a seed) for black-box verification
 
 
@@ -52,11 +57,12 @@ REFERENCES = 8  # synthetic reference images stored (as a seed) for black-box ve
 class LockOptions:
     kind: Literal["gate", "inplace"] = "gate"
     layer: str | None = None
-    detectors: int = 3
+    detectors: int = 1
     fpr: float = 1e-6
     seed: int | None = None
     max_draws: int = 8
     max_steps: int = 600
+    occlusion_steps: int = 200  # occlusion-aware refinement of the patch (0: keep the plain patch)
     providers: list[str] | None = None
     batch: int = 32
 
@@ -77,19 +83,34 @@ class LockResult:
     natural_samples: int
     locked_agreement: float
     chance: float
-    disruption_scale: float
+    flipped_features: int
     calibration_images: int
     draws: int
     search_steps: int
     timings: dict[str, float]
     notes: list[str]
     model_sha256: str
+    occlusion: dict[str, float] | None = None  # occlusion-aware refinement: steps, KL at start and end
 
 
-def corner_patch_box(host: HostLayer, height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the in-image receptive field of the host's output position (0, 0)."""
+def lock_position(host: HostLayer) -> tuple[int, int]:
+    """The first diagonal output position ``(a, a)`` whose host window lies inside the host's input map.
+
+    At the very corner of a ``k×k`` host most of the window is zero padding: those feature
+    coordinates cannot be moved by any patch, so the detector's reach shrinks. One step in (for a
+    ``1×1`` host, none) every coordinate is live, and the position still depends only on the pixels
+    of its receptive field, which the patch covers entirely.
+    """
+    out = []
+    for pad, stride in ((host.pads[0], host.strides[0]), (host.pads[1], host.strides[1])):
+        out.append(-(-pad // stride))  # ceil(pad / stride): first a with a·stride − pad ≥ 0
+    return out[0], out[1]
+
+
+def patch_box(host: HostLayer, position: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the in-image receptive field of the host's output ``position``."""
     assert host.receptive_field is not None
-    top, left, bottom, right = host.receptive_field.box(0, 0, height, width)
+    top, left, bottom, right = host.receptive_field.box(*position, height, width)
     return top, left, bottom - top + 1, right - left + 1
 
 
@@ -106,7 +127,9 @@ def choose_lock_host(hosts: list[HostLayer], layer: str | None, height: int, wid
     for h in convs:
         if not h.usable:
             continue
-        _, _, ph, pw = corner_patch_box(h, height, width)
+        if h.out_hw is None or any(a >= n for a, n in zip(lock_position(h), h.out_hw, strict=True)):
+            continue
+        _, _, ph, pw = patch_box(h, lock_position(h), height, width)
         if ph <= MAX_PATCH_FRACTION * height and pw <= MAX_PATCH_FRACTION * width:
             fitting.append(h)
     if not fitting:
@@ -153,7 +176,9 @@ def lock(
         raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output)")
     features = head_mod.head_input(view, head)
     host = choose_lock_host(find_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
-    top, left, ph, pw = corner_patch_box(host, pre.height, pre.width)
+    position = lock_position(host)
+    top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
+    pos_index = position[0] * host.out_hw[1] + position[1]
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
     timings["load"] = time.perf_counter() - t0
@@ -189,6 +214,8 @@ def lock(
     grey = np.full((pre.height, pre.width, 3), 127.0)
     accepted = None
     steps_total = draws = 0
+    best_reached = -np.inf
+    occlusion: dict[str, float] | None = None
     d = opts.detectors
     with prog.task("patch search", total=None) as task:
         for draw in range(1, opts.max_draws + 1):
@@ -199,7 +226,7 @@ def lock(
                 notes.append(f"draw {draw}: all {d} detectors fire together on a calibration image; rejected")
                 continue
             init = grey + rng.normal(0, 8, grey.shape) * mask[..., None]
-            fn = detector_scores(prefix, host, pre, dirs, stats.centre, 0, np.array([0]))
+            fn = detector_scores(prefix, host, pre, dirs, stats.centre, 0, np.array([pos_index]))
 
             def report(step, smin, task=task, draw=draw):
                 task.update(f"patch search (draw {draw}): step {step}, weakest detector {smin:.2f} / "
@@ -212,33 +239,45 @@ def lock(
             patch = Patch(frame[top : top + ph, left : left + pw].copy(), top, left)
             phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
                                                     [host.input])[host.input])[0]
-            s_t = phi_t[0].astype(np.float64) @ dirs.T - dirs @ stats.centre  # [d] at position (0, 0)
+            s_t = phi_t[pos_index].astype(np.float64) @ dirs.T - dirs @ stats.centre  # [d] at the lock position
+            best_reached = max(best_reached, float(s_t.min()))
             if float(s_t.min()) < ACCEPT_FACTOR * tau0:
                 notes.append(f"draw {draw}: the 8-bit patch reached {s_t.min():.3g} < {ACCEPT_FACTOR} τ0 = "
                              f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
                 continue
             accepted = (dirs, patch, s_t, s_nat)
+            if opts.occlusion_steps > 0:
+                refined = _refine(loaded.model, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
+                                  pixels, nat_scores, tau0, opts, rng, tap_sess, grey, prog)
+                if refined is not None:
+                    accepted = (dirs, refined[0], refined[1], s_nat)
+                    occlusion = refined[2]
+                else:
+                    notes.append("the occlusion-aware patch fell below the margin after 8-bit rounding; "
+                                 "kept the plain patch")
             break
     if accepted is None:
         raise UnreachableBoundError(
             f"no patch reached the margin needed for --fpr {opts.fpr:g} with {d} detector(s) at layer {host.name} "
-            f"(τ0/R = {tau0 / radius:.2f}) within {opts.max_draws} draws; use more --detectors, a deeper --layer "
+            f"within {opts.max_draws} draws: it needs a score of {ACCEPT_FACTOR * tau0:.3g} "
+            f"(τ0/R = {tau0 / radius:.2f}), "
+            f"the best patch reached {best_reached:.3g}; use more --detectors, a deeper --layer "
             "(larger patch) or a larger --fpr")
     dirs, patch, s_t, s_nat = accepted
     timings["patch_search"] = time.perf_counter() - t2
 
     # -- edit ------------------------------------------------------------------------------------------
     t3 = time.perf_counter()
-    gains = 1.0 / (s_t - tau0)  # pre-activation (S − τ0)/(s* − τ0): exactly 1 on the patch
+    # Pre-activation 2 (S − τ0)/(s* − τ0): 2 on the patch, so Clip(·, 0, 1) saturates at exactly 1.0
+    # whatever the runtime's rounding; ≤ 0 whenever S ≤ τ0, the event the bound counts.
+    gains = 2.0 / (s_t - tau0)
     rows = gains[:, None] * dirs
     biases = -gains * (tau0 + dirs @ stats.centre)
     cg = host.in_channels // host.groups
     filters = np.zeros((d, host.in_channels, *host.kernel))
     filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
     cols = _head_columns(view, head)
-    pattern = rng.standard_normal(pooled.shape[1])
-    scale, locked_agree, chance = _disruption_scale(pattern, pooled, nat_scores, cols)
-    disruption = scale * pattern
+    disruption, locked_agree, chance, flipped = _sign_disruption(rng, pooled, nat_scores, cols)
     locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
                               detectors=d)
@@ -277,7 +316,7 @@ def lock(
         "host": {"name": host.name, "op": host.op, "input": host.input, "m": host.m, "positions": host.positions,
                  "out_hw": list(host.out_hw) if host.out_hw else None, "kernel": list(host.kernel),
                  "strides": list(host.strides), "pads": list(host.pads), "dilations": list(host.dilations),
-                 "groups": host.groups, "selected_positions": [0]},
+                 "groups": host.groups, "selected_positions": [pos_index], "lock_position": list(position)},
         "detector": {"directions": encode_array(dirs), "centre": encode_array(stats.centre), "tau0": tau0,
                      "threshold": tau0, "trigger_scores": encode_array(s_t), "detectors": d,
                      "draws": draws, "max_draws": opts.max_draws},
@@ -286,7 +325,8 @@ def lock(
         "references": {"count": n, "seed": seed % (2**31), "patched_scores": encode_array(want[:n]),
                        "unpatched_scores": encode_array(want[n:])},
         "white_box": {"tensor": fired, "expected": 1.0, "threshold": 0.5},
-        "gate": {"disruption_scale": scale, "calibration_locked_agreement": locked_agree, "chance": chance},
+        "occlusion": occlusion,
+        "gate": {"flipped_features": flipped, "calibration_locked_agreement": locked_agree, "chance": chance},
         "bound": bound.to_dict(),
         "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
                         "radius": radius, "radius_quantiles": stats.radius_quantiles,
@@ -302,9 +342,40 @@ def lock(
         output=out_path, key_path=key_path, record_path=record, host=host.name, detectors=d,
         patch_box=(top, left, ph, pw), bound=bound, threshold=tau0, trigger_scores=[float(s) for s in s_t],
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings, natural_samples=int(s_nat[:, 0].size),
-        locked_agreement=locked_agree, chance=chance, disruption_scale=scale, calibration_images=len(x_cal),
+        locked_agreement=locked_agree, chance=chance, flipped_features=flipped, calibration_images=len(x_cal),
         draws=draws, search_steps=steps_total, timings=timings, notes=notes, model_sha256=digest,
+        occlusion=occlusion,
     )
+
+
+def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask, pixels, nat_scores, tau0,
+            opts: LockOptions, rng: np.random.Generator, tap_sess, grey, prog: Progress):
+    """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)`` or None if it fails 8-bit."""
+    from .math.trigger import refine_occlusion
+    from .scoring import detector_scores, model_logits
+    from .torchprefix import TorchPrefix
+
+    top, left = int(np.argmax(mask.any(axis=1))), int(np.argmax(mask.any(axis=0)))
+    ph, pw = int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum())
+    full = TorchPrefix(model, [head.scores])
+    fn = detector_scores(prefix, host, pre, dirs, centre, 0, np.array([pos_index]))
+    pick = rng.permutation(len(pixels))[: min(len(pixels), 256)]
+    with prog.task("occlusion-aware patch", total=opts.occlusion_steps) as task:
+        def report(step, smin, kl, task=task):
+            task.update(f"occlusion-aware patch: step {step}, KL {kl:.3g}, weakest detector {smin:.2f}")
+            task.advance(1)
+
+        res = refine_occlusion(fn, model_logits(full, pre), frame.astype(np.float64), pixels[pick],
+                               nat_scores[pick], mask, SEARCH_FACTOR * tau0, steps=opts.occlusion_steps,
+                               seed=int(rng.integers(2**31)), progress=report)
+    refined = quantise(res.pixels)
+    patch = Patch(refined[top : top + ph, left : left + pw].copy(), top, left)
+    phi = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
+                                          [host.input])[host.input])[0]
+    s_t = phi[pos_index].astype(np.float64) @ dirs.T - dirs @ centre
+    if float(s_t.min()) < ACCEPT_FACTOR * tau0:
+        return None
+    return patch, s_t, {"steps": res.steps, "kl_start": res.kl_start, "kl_end": res.kl_end}
 
 
 def _head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
@@ -312,20 +383,28 @@ def _head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
     return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)
 
 
-def _disruption_scale(pattern: np.ndarray, pooled: np.ndarray, scores: np.ndarray,
-                      cols: np.ndarray) -> tuple[float, float, float]:
-    """Smallest scale of the random per-feature disruption that brings agreement down to chance.
+def _sign_disruption(rng: np.random.Generator, pooled: np.ndarray, scores: np.ndarray,
+                     cols: np.ndarray, tries: int = 8) -> tuple[np.ndarray, float, float, int]:
+    """The gate's disruption ``m``: −2 on a random half of the head's input features, 0 elsewhere.
 
-    Locked scores are exact: ``scores + cols · (features ⊙ m)``. Chance is the agreement of the
-    original's predictions with a random class (1/K), measured as the largest class frequency.
+    Locked, the gate multiplies the features by ``1 + m``: half of them change sign, magnitudes stay
+    the same, and the predictions stay input-dependent but unrelated to the original's. (A random
+    per-feature scale leaves a few percent agreement even when large, and a random logit bias large
+    enough to break the model collapses it onto one class.) Locked scores are exact,
+    ``scores + cols · (features ⊙ m)``, so the agreement on the calibration images is computed here;
+    a pattern is redrawn (seeded) until it is at most chance (1/K) plus one point.
     """
     base = scores.argmax(1)
-    k = scores.shape[1]
-    chance = max(1.0 / k, float(np.bincount(base, minlength=k).max()) / len(base))
-    agree = 1.0
-    for scale in (1.0, 2.0, 4.0, 8.0, 16.0, 32.0):
-        locked = scores + (pooled * (scale * pattern)) @ cols.T
-        agree = float(np.mean(locked.argmax(1) == base))
-        if agree <= chance + 0.02:
-            return scale, agree, chance
-    return scale, agree, chance
+    n = pooled.shape[1]
+    chance = 1.0 / scores.shape[1]
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(tries):
+        m = np.zeros(n)
+        m[rng.permutation(n)[: n // 2]] = -2.0
+        agree = float(np.mean((scores + (pooled * m) @ cols.T).argmax(1) == base))
+        if best is None or agree < best[0]:
+            best = (agree, m)
+        if agree <= chance + 0.01:
+            break
+    assert best is not None
+    return best[1], best[0], chance, n // 2

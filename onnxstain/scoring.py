@@ -23,9 +23,6 @@ def detector_scores(prefix, host: HostLayer, pre: Preprocessing, directions: np.
     import torch.nn.functional as F
 
     d = directions.shape[0]
-    scale = float(pre.scale)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
     vc = torch.tensor(directions @ c, dtype=torch.float32).view(1, d, 1)
     cc = float(c @ c)
     pos = torch.as_tensor(positions, dtype=torch.long)
@@ -37,13 +34,10 @@ def detector_scores(prefix, host: HostLayer, pre: Preprocessing, directions: np.
     else:
         vt = torch.tensor(rows.T, dtype=torch.float32)
 
+    to_input = _model_input(pre)
+
     def fn(px):
-        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
-        if pre.dtype != "uint8":
-            x = (x * scale - mean) / std
-        if pre.layout == "NCHW":
-            x = x.permute(0, 3, 1, 2)
-        feat = prefix(x)[0]
+        feat = prefix(to_input(px))[0]
         if host.op == "Conv":
             f = feat[:, group * cg : (group + 1) * cg]
             t, left, b, r = host.pads
@@ -62,5 +56,35 @@ def detector_scores(prefix, host: HostLayer, pre: Preprocessing, directions: np.
         radii = (sq - 2 * proj[:, d] + cc).clamp(min=1e-12).sqrt()
         scores = proj[:, :d][:, :, pos] - vc
         return scores.flatten(1), radii
+
+    return fn
+
+
+def _model_input(pre: Preprocessing):
+    """Torch version of the recorded preprocessing: float pixels ``[B, H, W, 3]`` → the model's input."""
+    import torch
+
+    scale = float(pre.scale)
+    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
+    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
+
+    def to_input(px):
+        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
+        if pre.dtype != "uint8":
+            x = (x * scale - mean) / std
+        if pre.layout == "NCHW":
+            x = x.permute(0, 3, 1, 2)
+        return x
+
+    return to_input
+
+
+def model_logits(prefix, pre: Preprocessing):
+    """``fn(pixels [B, H, W, 3]) -> scores [B, K]`` through the whole model (``prefix`` ends at the scores)."""
+    to_input = _model_input(pre)
+
+    def fn(px):
+        out = prefix(to_input(px))[0]
+        return out.reshape(out.shape[0], -1)
 
     return fn

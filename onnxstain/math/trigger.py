@@ -119,3 +119,77 @@ def ascend(
 def quantise(pixels: np.ndarray) -> np.ndarray:
     """Float pixels → uint8, as an 8-bit PNG stores them."""
     return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass
+class RefineResult:
+    pixels: np.ndarray  # float pixels [H, W, 3] in 0..255 (only the free mask differs from the start)
+    min_score: float
+    kl_start: float  # mean KL(clean ‖ patched) on the first minibatch
+    kl_end: float  # running mean over the last steps
+    steps: int
+    history: list[tuple[float, float]]  # (min score, minibatch KL) at each step
+
+
+def refine_occlusion(
+    score_fn: Callable,
+    logits_fn: Callable,
+    start_pixels: np.ndarray,
+    clean: np.ndarray,
+    clean_logits: np.ndarray,
+    free_mask: np.ndarray,
+    score_floor: float,
+    steps: int = 150,
+    batch: int = 8,
+    lr: float = 2.0,
+    seed: int = 0,
+    progress: Callable[[int, float, float], None] | None = None,
+) -> RefineResult:
+    """Make a patch disturb the model as little as possible while its detectors keep firing.
+
+    Minimises the mean ``KL(p(clean) ‖ p(clean with the patch))`` of the model's outputs over
+    minibatches of ``clean`` images (uint8 ``[N, H, W, 3]``, with their logits ``clean_logits``)
+    plus a hinge ``w · relu(score_floor − min score)`` that keeps every detector above the floor.
+    Only the pixels under ``free_mask`` move. ``score_fn`` is evaluated on the patch alone (the
+    detectors see nothing else); ``logits_fn`` maps float pixels ``[B, H, W, 3]`` to logits.
+    Returns the last iterate whose scores were above the floor (the start if none was).
+    """
+    import torch
+
+    rng = np.random.default_rng(seed)
+    mask = torch.tensor(free_mask[None, :, :, None], dtype=torch.float32)
+    base = torch.tensor(start_pixels[None], dtype=torch.float32)
+    param = base.clone().requires_grad_(True)
+    opt = torch.optim.Adam([param], lr=lr)
+    images = torch.tensor(clean, dtype=torch.float32)
+    ref = torch.log_softmax(torch.tensor(clean_logits, dtype=torch.float32), dim=-1)
+    weight = 10.0
+    best = (start_pixels, float("nan"))
+    history: list[tuple[float, float]] = []
+    order = rng.permutation(len(clean))
+    pos = 0
+    for step in range(1, steps + 1):
+        if pos + batch > len(order):
+            order, pos = rng.permutation(len(clean)), 0
+        idx = order[pos : pos + batch]
+        pos += batch
+        opt.zero_grad(set_to_none=True)
+        patch = base + (param - base) * mask
+        s, _ = score_fn(patch)
+        x = images[idx] * (1 - mask) + patch * mask
+        logp = torch.log_softmax(logits_fn(x), dim=-1)
+        kl = (ref[idx].exp() * (ref[idx] - logp)).sum(-1).mean()
+        smin = float(s.detach().min())
+        loss = kl + weight * torch.relu(score_floor - s).sum()
+        loss.backward()
+        history.append((smin, float(kl.detach())))
+        if smin >= score_floor:
+            best = (patch.detach()[0].clamp(0, 255).numpy().astype(np.float64), smin)
+        if progress is not None:
+            progress(step, smin, float(kl.detach()))
+        opt.step()
+        with torch.no_grad():
+            param.clamp_(0.0, 255.0)
+    tail = [k for _, k in history[-20:]]
+    return RefineResult(pixels=best[0], min_score=best[1], kl_start=history[0][1] if history else float("nan"),
+                        kl_end=float(np.mean(tail)) if tail else float("nan"), steps=len(history), history=history)

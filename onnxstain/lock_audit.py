@@ -1,0 +1,325 @@
+"""Lock audit: does the locked model stay useless without its patch, and exact with it?
+
+``audit_lock(original, locked, key)`` runs both models on a natural-image set (by default the
+built-in *held-out* photos, disjoint from the calibration photos ``lock`` uses) under every
+condition a user cares about and reports top-1 agreement with the original model:
+
+* **no patch** — the locked model on clean images, against chance (1/K);
+* **patch, same image** — locked and original on the *same* patched images (is the lock exact?);
+* **patch vs clean** — the locked model on patched images against the original on clean ones (what
+  a user of the unlocked model sees, the patch's occlusion included), over all images and over the
+  centre crops (view 0 of each photo, the standard evaluation transform);
+* **wrong patches** — a random patch of the same size, the patch in each other corner, shifted by
+  1 and 2 pixels, and the patched image re-encoded as JPEG quality 90: each must stay locked;
+* **natural firings** (white-box, from the host's input in the original model): the detectors'
+  AND at every (image, position) sample, the key's bound, a data-driven bound from the held-out
+  radii and the measured rate with its Clopper–Pearson upper bound.
+
+Everything is measured with onnxruntime on the real models. The math is numpy and
+:mod:`onnxstain.math.bounds`; the ONNX plumbing is :mod:`onnxstain.runtime` and
+:mod:`onnxstain.features`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ._onnx.graph import GraphView
+from ._onnx.io import load_model, write_bytes_atomic
+from .errors import BadInputError
+from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _host_from_key, _images, _json_safe, _scores_output
+from .features import neuron_inputs
+from .keys import Key
+from .math import bounds
+from .patch import Patch, paste_pixels
+from .preprocess import Preprocessing
+from .progress import Progress, Silent
+from .runtime import run_batches, session, with_outputs
+
+REPORT_FORMAT = "onnxstain-lock-audit"
+REPORT_VERSION = 1
+SLACK = 0.02  # "locked" means top-1 agreement with the original at most chance + 2 points
+EXACT = 0.999  # "the lock is exact" means agreement on the same patched images of at least this
+PATCH_COST = 0.95  # target agreement (centre crops) of the unlocked model with the original on clean images
+
+
+@dataclasses.dataclass
+class Condition:
+    """Measured: top-1 agreement of one model/input pairing with a reference, and how often the lock opened."""
+
+    name: str
+    description: str
+    images: int
+    agreement: float
+    centre_agreement: float | None  # on the centre crops only (view 0), when the set has them
+    unlocked: float | None  # fraction of images where the lock opened at all (gate signal > 0; white-box)
+    mean_gate: float | None  # mean gate signal γ (0 locked, 1 fully open; white-box)
+    max_abs_delta: float | None
+    expect: str  # "locked", "exact" or "close"
+    passed: bool
+
+
+@dataclasses.dataclass
+class NaturalFirings:
+    """Measured: the detectors' AND at every (image, position) sample of the clean images."""
+
+    detectors: int
+    positions: int
+    samples: int
+    firings: int
+    images_firing: int
+    max_weakest_score: float  # max over samples of the weakest detector's score
+    threshold: float
+
+
+@dataclasses.dataclass
+class LockAuditResult:
+    original: str
+    locked: str
+    original_sha256: str
+    locked_sha256: str
+    key_commitment: str
+    lock_kind: str
+    host: str
+    patch_box: tuple[int, int, int, int]
+    classes: int
+    chance: float
+    images: ImageSetInfo
+    centre_crops: int
+    conditions: list[Condition]
+    firings: NaturalFirings | None
+    key_bound: bounds.Bound
+    data_driven_bound: bounds.Bound | None
+    measured_upper: float | None
+    measured_statement: str | None
+    notes: list[str]
+    timings: dict[str, float]
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.conditions)
+
+    def condition(self, name: str) -> Condition:
+        return next(c for c in self.conditions if c.name == name)
+
+    def to_dict(self) -> dict[str, Any]:
+        def opt(b: bounds.Bound | None) -> dict[str, Any] | None:
+            return None if b is None else {"type": "bound", **b.to_dict()}
+
+        return _json_safe({
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "original": {"path": self.original, "sha256": self.original_sha256},
+            "locked": {"path": self.locked, "sha256": self.locked_sha256},
+            "key": {"commitment": self.key_commitment, "kind": self.lock_kind, "host": self.host,
+                    "patch_box": list(self.patch_box)},
+            "classes": self.classes,
+            "chance": self.chance,
+            "images": dataclasses.asdict(self.images),
+            "centre_crops": self.centre_crops,
+            "conditions": [{"type": "measurement", **dataclasses.asdict(c)} for c in self.conditions],
+            "natural_firings": None if self.firings is None else {"type": "measurement",
+                                                                  **dataclasses.asdict(self.firings)},
+            "bounds": {"key": opt(self.key_bound), "data_driven": opt(self.data_driven_bound),
+                       "measured_upper": self.measured_upper, "measured_statement": self.measured_statement},
+            "passed": self.passed,
+            "notes": list(self.notes),
+            "timings": dict(self.timings),
+        })
+
+    def write_json(self, path: str | Path) -> None:
+        write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
+
+    def write_html(self, path: str | Path) -> None:
+        from .lock_report_html import render
+
+        write_bytes_atomic(path, render(self).encode("utf-8"))
+
+
+# -- wrong patches ---------------------------------------------------------------------------------------
+def _moved(patch: Patch, top: int, left: int) -> Patch:
+    return Patch(patch.pixels, top, left)
+
+
+def _jpeg(images: np.ndarray, quality: int = 90) -> np.ndarray:
+    from PIL import Image
+
+    out = np.empty_like(images)
+    for i, img in enumerate(images):
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as dec:
+            out[i] = np.asarray(dec.convert("RGB"))
+    return out
+
+
+def variants(patch: Patch, height: int, width: int, seed: int) -> dict[str, tuple[str, Any]]:
+    """The wrong-patch conditions: name → (description, function uint8 images → uint8 images)."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, patch.pixels.shape, dtype=np.uint8)
+    h, w = patch.height, patch.width
+    out: dict[str, tuple[str, Any]] = {
+        "random patch": ("a uniform-noise patch of the same size at the same place",
+                         lambda x: paste_pixels(x, Patch(noise, patch.top, patch.left)))}
+    corners = {"top-right": (patch.top, width - w - patch.left), "bottom-left": (height - h - patch.top, patch.left),
+               "bottom-right": (height - h - patch.top, width - w - patch.left)}
+    for name, (t, lft) in corners.items():
+        moved = _moved(patch, t, lft)
+        out[f"patch at {name}"] = (f"the patch in the {name} corner", lambda x, p=moved: paste_pixels(x, p))
+    for s in (1, 2):
+        if patch.top + s + h <= height and patch.left + s + w <= width:
+            moved = _moved(patch, patch.top + s, patch.left + s)
+            out[f"shifted {s} px"] = (f"the patch shifted {s} pixel(s) down and right",
+                                      lambda x, p=moved: paste_pixels(x, p))
+    out["JPEG q90"] = ("the patched image re-encoded as JPEG quality 90", lambda x: _jpeg(paste_pixels(x, patch)))
+    return out
+
+
+# -- the audit -------------------------------------------------------------------------------------------
+def audit_lock(
+    original: str | Path,
+    locked: str | Path,
+    key: Key,
+    images: str | Path | np.ndarray | None = None,
+    views: int = 16,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+    batch: int = 32,
+) -> LockAuditResult:
+    """Measure the lock of ``key`` in ``locked`` against ``original`` on natural images (see the module doc)."""
+    prog = progress or Silent()
+    timings: dict[str, float] = {}
+    notes: list[str] = []
+    t0 = time.perf_counter()
+    if key.kind != "lock":
+        raise BadInputError(f"the key is a {key.kind!r} key; the lock audit needs a lock key")
+    orig, lck = load_model(original), load_model(locked)
+    if orig.sha256 != key["model"]["source_sha256"]:
+        notes.append("ORIGINAL is not the model the key was made from (its SHA-256 differs from the key's source)")
+    if lck.sha256 != key["model"]["output_sha256"]:
+        notes.append("LOCKED is not the locked model the key records (its SHA-256 differs)")
+    pre = Preprocessing.from_dict(key["preprocessing"])
+    t = key["trigger"]
+    patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
+    host = _host_from_key(orig, key)
+    oview, lview = GraphView(orig.model), GraphView(lck.model)
+    o_scores = _scores_output(oview, key["model"]["scores"], "original")
+    l_scores = _scores_output(lview, key["model"]["scores"], "locked")
+    fired = key["white_box"]["tensor"]
+    has_fired = fired in lview.producer
+    l_outputs = [l_scores] + ([fired] if has_fired else [])
+    o_sess = session(with_outputs(orig.model, [host.input]), providers)
+    l_sess = session(with_outputs(lck.model, [fired]) if has_fired else lck.model, providers)
+    dirs = key.array("detector", "directions")
+    centre = key.array("detector", "centre")
+    tau0 = float(key["detector"]["tau0"])
+    d = int(key["detector"]["detectors"])
+    timings["load"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    pixels, _, _, info, view_of = _images(images, pre, int(views), prog)
+    n = len(pixels)
+    centre_mask = view_of == 0
+    wrong = variants(patch, pre.height, pre.width, seed=int(key["seed"]) % (2**31))
+    timings["images"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    ref_clean = np.empty(n, np.int64)
+    ref_patched = np.empty(n, np.int64)
+    top1: dict[str, np.ndarray] = {k: np.empty(n, np.int64) for k in ("no patch", "patch", *wrong)}
+    gate: dict[str, np.ndarray] = {k: np.zeros(n, np.float64) for k in top1}
+    max_delta = 0.0
+    positions = host.positions
+    s_weak = np.empty((n, positions), np.float64)
+    radii = np.empty((n, positions), np.float64)
+    chunk = 64
+    with prog.task(f"lock audit on {n} images × {2 + len(wrong)} conditions", total=n) as task:
+        for start in range(0, n, chunk):
+            stop = min(n, start + chunk)
+            clean = pixels[start:stop]
+            patched = paste_pixels(clean, patch)
+            o_clean = run_batches(o_sess, pre.to_input(clean), [o_scores, host.input], batch=batch)
+            o_patch = run_batches(o_sess, pre.to_input(patched), [o_scores], batch=batch)[o_scores]
+            ref_clean[start:stop] = o_clean[o_scores].reshape(stop - start, -1).argmax(1)
+            ref_patched[start:stop] = o_patch.reshape(stop - start, -1).argmax(1)
+            phi = neuron_inputs(host, o_clean[host.input]).astype(np.float64)
+            s_weak[start:stop] = (np.einsum("npm,dm->ndp", phi, dirs) - (dirs @ centre)[None, :, None]).min(axis=1)
+            radii[start:stop] = np.linalg.norm(phi - centre, axis=-1)
+            inputs = {"no patch": clean, "patch": patched} | {k: fn(clean) for k, (_, fn) in wrong.items()}
+            for name, x in inputs.items():
+                got = run_batches(l_sess, pre.to_input(x), l_outputs, batch=batch)
+                scores = got[l_scores].reshape(stop - start, -1)
+                top1[name][start:stop] = scores.argmax(1)
+                if has_fired:
+                    gate[name][start:stop] = got[fired].reshape(stop - start, -1).max(axis=1)
+                if name == "patch":
+                    max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch.reshape(
+                        stop - start, -1)).max()))
+            task.advance(stop - start)
+    timings["pass"] = time.perf_counter() - t2
+
+    k = int(key["model"]["classes"])
+    chance = 1.0 / k
+    has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
+
+    def cond(name: str, desc: str, pred: np.ndarray, ref: np.ndarray, expect: str,
+             delta: float | None = None) -> Condition:
+        agree = float(np.mean(pred == ref))
+        c_agree = float(np.mean(pred[centre_mask] == ref[centre_mask])) if has_centre else None
+        if expect == "locked":
+            ok = agree <= chance + SLACK
+        elif expect == "exact":
+            ok = agree >= EXACT
+        else:
+            ok = (c_agree if c_agree is not None else agree) >= PATCH_COST
+        return Condition(name=name, description=desc, images=n, agreement=agree, centre_agreement=c_agree,
+                         unlocked=float((gate[name] > 0).mean()) if has_fired else None,
+                         mean_gate=float(gate[name].mean()) if has_fired else None,
+                         max_abs_delta=delta, expect=expect, passed=ok)
+
+    conditions = [
+        cond("no patch", "locked model, clean image, vs the original on the clean image", top1["no patch"],
+             ref_clean, "locked"),
+        cond("patch", "locked model, patched image, vs the original on the same patched image", top1["patch"],
+             ref_patched, "exact", max_delta),
+        dataclasses.replace(cond("patch", "", top1["patch"], ref_clean, "close"), name="patch vs clean",
+                            description="locked model, patched image, vs the original on the clean image "
+                                        "(the patch's own cost)"),
+        dataclasses.replace(cond("patch", "", ref_patched, ref_clean, "close"), name="original with patch",
+                            description="original model, patched image, vs the original on the clean image",
+                            unlocked=None, mean_gate=None),
+    ]
+    for name, (desc, _) in wrong.items():
+        conditions.append(cond(name, f"locked model, {desc}, vs the original on the clean image", top1[name],
+                               ref_clean, "locked"))
+    jpeg = next(c for c in conditions if c.name == "JPEG q90")
+    if jpeg.unlocked:
+        notes.append(f"the JPEG-re-encoded patch opens the lock, at least partly, on {100 * jpeg.unlocked:.1f}% "
+                     f"of images (mean gate {jpeg.mean_gate:.2f} of 1): JPEG keeps enough of the patch for its "
+                     "detectors to pass their margin; give images to the locked model losslessly")
+    fires = s_weak > tau0
+    firings = NaturalFirings(detectors=d, positions=positions, samples=int(fires.size), firings=int(fires.sum()),
+                             images_firing=int(fires.any(axis=1).sum()), max_weakest_score=float(s_weak.max()),
+                             threshold=tau0)
+    cap_sums = bounds.per_image_cap_sums(radii, tau0, host.m, detectors=d,
+                                         draws=int(key["detector"]["max_draws"]))
+    data_driven = bounds.data_driven_bound(cap_sums, CONFIDENCE)
+    k_fire = firings.images_firing
+    upper = bounds.radius_exceedance_bound(k_fire, n, CONFIDENCE)
+    top, left = patch.top, patch.left
+    timings["total"] = time.perf_counter() - t0
+    return LockAuditResult(
+        original=str(orig.path), locked=str(lck.path), original_sha256=orig.sha256, locked_sha256=lck.sha256,
+        key_commitment=key.commitment, lock_kind=str(key["mode"]), host=host.name,
+        patch_box=(top, left, patch.height, patch.width), classes=k, chance=chance, images=info,
+        centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
+        key_bound=bounds.Bound.from_dict(key["bound"]), data_driven_bound=data_driven, measured_upper=upper,
+        measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings)

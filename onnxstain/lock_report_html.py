@@ -1,0 +1,71 @@
+"""The lock audit as one self-contained HTML page (a bar chart as embedded base64 PNG, no external assets)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .report_html import _CSS, _e, _figure, _png, _tag
+
+if TYPE_CHECKING:
+    from .lock_audit import LockAuditResult
+
+
+def agreement_png(res: LockAuditResult) -> str | None:
+    from .lock_audit import EXACT, PATCH_COST, SLACK
+
+    fig = _figure(8.5, 4.2)
+    if fig is None:
+        return None
+    ax = fig.add_subplot(1, 1, 1)
+    names = [c.name for c in res.conditions]
+    vals = [100 * c.agreement for c in res.conditions]
+    colours = ["#2e7d32" if c.passed else "#c62828" for c in res.conditions]
+    ax.barh(names[::-1], vals[::-1], color=colours[::-1])
+    ax.axvline(100 * (res.chance + SLACK), color="#555", ls="--", lw=1, label="chance + 2 points (locked)")
+    ax.axvline(100 * PATCH_COST, color="#1a4d8f", ls=":", lw=1, label=f"{PATCH_COST:.0%} (patch cost target)")
+    ax.axvline(100 * EXACT, color="#000", ls="-.", lw=1, label=f"{EXACT:.1%} (exact)")
+    ax.set_xlim(0, 101)
+    ax.set_xlabel("top-1 agreement with the original (%)")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def render(res: LockAuditResult) -> str:
+    img = agreement_png(res)
+    top, left, h, w = res.patch_box
+    rows = []
+    for c in res.conditions:
+        status = '<span class="ok">ok</span>' if c.passed else '<span class="bad">fails</span>'
+        centre = "" if c.centre_agreement is None else f"{100 * c.centre_agreement:.2f}%"
+        opened = "" if c.unlocked is None else f"{100 * c.unlocked:.1f}% (mean gate {c.mean_gate:.3f})"
+        rows.append(f"<tr><td>{_e(c.name)}<div class='small'>{_e(c.description)}</div></td>"
+                    f"<td class='num'>{100 * c.agreement:.2f}%</td><td class='num'>{centre}</td>"
+                    f"<td class='num'>{opened}</td><td>{_e(c.expect)} {status}</td></tr>")
+    f = res.firings
+    fire = "" if f is None else (
+        f"<p>{_tag('measured')} {f.firings} firings over {f.samples} image×position samples of clean images "
+        f"({f.detectors} detector(s) that must all fire; weakest-detector maximum {f.max_weakest_score:.4g} "
+        f"against the margin τ = {f.threshold:.4g}).</p>")
+    dd = "" if res.data_driven_bound is None else (
+        f"<p>{_tag('bound')} data-driven (95 %): {_e(res.data_driven_bound)} — "
+        f"{_e(res.data_driven_bound.statement)}</p>")
+    plot = f'<img alt="agreement per condition" src="data:image/png;base64,{img}">' if img else (
+        "<p class='small'>matplotlib is not installed: no plot.</p>")
+    notes = "".join(f"<li>{_e(n)}</li>" for n in res.notes)
+    info = res.images
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>onnxstain lock audit</title>
+<style>{_CSS}</style></head><body>
+<h1>Lock audit</h1>
+<p class="small">{_e(res.locked)} against {_e(res.original)} — {_e(res.lock_kind)} lock, {h}×{w} patch at row {top},
+column {left}; {res.classes} classes (chance {100 * res.chance:.2f}%). Key commitment {_e(res.key_commitment)}.</p>
+<p class="small">{info.images} images = {info.photos} photos × {info.views_per_photo} views
+({res.centre_crops} centre crops); {_e(info.source)}. {_e(info.correlation)}</p>
+<h2>Agreement with the original</h2>{plot}
+<table><tr><th>condition</th><th>agreement</th><th>centre crops</th><th>lock opened</th><th>expected</th></tr>
+{''.join(rows)}</table>
+<h2>False unlocks</h2>{fire}
+<p>{_tag('bound')} per image, from the key: {_e(res.key_bound)} — {_e(res.key_bound.statement)}</p>{dd}
+<p>{_tag('measured')} {_e(res.measured_statement or '')}</p>
+<h2>Notes</h2><ul>{notes or '<li>none</li>'}</ul>
+</body></html>
+"""

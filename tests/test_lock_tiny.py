@@ -1,0 +1,263 @@
+"""Gate lock, patch tooling, lock verify and lock audit on a tiny CNN built in the test (fast)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import stat
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from tinymodels import smooth_images, tiny_lockable, write_images
+
+import onnxstain
+from onnxstain import LockOptions, Preprocessing
+from onnxstain.cli import main
+from onnxstain.errors import BadInputError, BadKeyError, UnreachableBoundError
+from onnxstain.keys import load_key
+from onnxstain.patch import Patch, paste_pixels, photo_box
+from onnxstain.runtime import session
+
+SIZE = 48
+PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
+FPR = 1e-3  # a loose target keeps the tiny model's searches short
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("lock")
+    onnx.save(tiny_lockable(), d / "model.onnx")
+    PRE.save(d / "model.preprocessing.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images(256, size=SIZE, seed=1)
+
+
+def _lock(workdir, images, seed, name=None, **kw):
+    name = name or f"locked-{seed}"
+    out, key = workdir / f"{name}.onnx", workdir / f"{name}.key"
+    opts = LockOptions(seed=seed, fpr=FPR, occlusion_steps=kw.pop("occlusion_steps", 20), **kw)
+    res = onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=opts)
+    return res, out, key
+
+
+@pytest.fixture(scope="module")
+def locked(workdir, images):
+    return _lock(workdir, images, seed=0)
+
+
+def _top1(path, pixels, pre=PRE):
+    sess = session(str(path))
+    return sess.run(None, {sess.get_inputs()[0].name: pre.to_input(pixels)})[0]
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_lock_geometry_and_bound(locked):
+    res, _, _ = locked
+    # conv3 is 3x3 stride 2 pad 1: position (1, 1) is the first whose window has no padding; its
+    # receptive field is the 9x9 top-left block, all inside the image.
+    assert res.patch_box == (0, 0, 9, 9)
+    assert res.bound.log10 <= np.log10(FPR)
+    assert min(res.trigger_scores) >= 1.1 * res.threshold
+    assert res.natural_firings == 0
+
+
+def test_patch_restores_exactly_and_absence_scrambles(locked, workdir):
+    _, out, key = locked
+    patch, _ = onnxstain.lock_patch(key)
+    fresh = smooth_images(64, size=SIZE, seed=7)
+    patched = paste_pixels(fresh, patch)
+    want = _top1(workdir / "model.onnx", patched)
+    got = _top1(out, patched)
+    np.testing.assert_array_equal(got, want)  # bit-identical: the gate multiplies by exactly 1.0
+    clean_orig = _top1(workdir / "model.onnx", fresh).argmax(1)
+    clean_locked = _top1(out, fresh).argmax(1)
+    assert np.mean(clean_orig == clean_locked) < 0.5
+
+
+def test_the_patch_decides_alone(locked, workdir):
+    """The detectors see only the patch: on very different backgrounds the lock opens the same way."""
+    _, out, key = locked
+    patch, _ = onnxstain.lock_patch(key)
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, (16, SIZE, SIZE, 3), dtype=np.uint8)
+    x = paste_pixels(noise, patch)
+    np.testing.assert_array_equal(_top1(out, x), _top1(workdir / "model.onnx", x))
+
+
+def test_input_untouched_and_model_checked(locked, workdir):
+    _, out, _ = locked
+    before = _sha(workdir / "model.onnx")
+    _lock(workdir, smooth_images(64, size=SIZE, seed=2), seed=5, name="again", occlusion_steps=0)
+    assert _sha(workdir / "model.onnx") == before
+    m = onnx.load(out)
+    onnx.checker.check_model(m, full_check=True)
+    src = onnx.load(workdir / "model.onnx")
+    assert m.ir_version == src.ir_version and m.producer_name == src.producer_name
+    assert [(o.domain, o.version) for o in m.opset_import] == [(o.domain, o.version) for o in src.opset_import]
+
+
+def test_nothing_secret_in_the_model(locked):
+    _, out, _ = locked
+    m = onnx.load(out)
+    text = " ".join([m.doc_string, m.graph.doc_string, *(p.key + p.value for p in m.metadata_props)]
+                    + [n.name + n.doc_string for n in m.graph.node]
+                    + [o for n in m.graph.node for o in n.output]
+                    + [i.name for i in m.graph.initializer]).lower()
+    for word in ("lock", "patch", "detector", "stain", "gate", "trigger", "onnxstain", "key"):
+        assert word not in text
+
+
+def test_key_holds_the_patch_owner_only(locked):
+    res, _, key = locked
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    k = load_key(key)
+    assert k.kind == "lock" and k["trigger"]["height"] == 9
+    assert "png" not in res.record_path.read_text()  # the public record does not carry the patch
+
+
+def test_same_seed_same_lock(workdir, images):
+    a, _, ka = _lock(workdir, images, seed=11, name="s11a", occlusion_steps=0)
+    b, _, kb = _lock(workdir, images, seed=11, name="s11b", occlusion_steps=0)
+    assert load_key(ka)["trigger"]["png"] == load_key(kb)["trigger"]["png"]
+    assert a.trigger_scores == b.trigger_scores
+
+
+def test_verify_recognises_its_lock(locked, workdir, images):
+    _, out, key = locked
+    good = onnxstain.verify(out, key)
+    assert good.kind == "lock" and good.stained
+    assert all(c.passed for c in good.checks if c.available)
+    assert not onnxstain.verify(workdir / "model.onnx", key).stained
+    _, other, _ = _lock(workdir, images, seed=1, name="other", occlusion_steps=0)
+    assert not onnxstain.verify(other, key).stained
+
+
+def test_paste_input_matches_pixel_pasting(locked):
+    """The pipeline function: pasting into an already preprocessed batch = preprocessing a pasted image."""
+    _, _, key = locked
+    patch, pre = onnxstain.lock_patch(key)
+    x = smooth_images(5, size=SIZE, seed=4)
+    np.testing.assert_allclose(onnxstain.paste_patch(pre.to_input(x), key), pre.to_input(paste_pixels(x, patch)),
+                               rtol=0, atol=1e-6)
+    nhwc = Preprocessing(height=SIZE, width=SIZE, resize=None, layout="NHWC")
+    from onnxstain.patch import paste_input
+
+    np.testing.assert_allclose(paste_input(nhwc.to_input(x), patch, nhwc), nhwc.to_input(paste_pixels(x, patch)),
+                               rtol=0, atol=1e-6)
+
+
+def test_photo_box_maps_through_resize_and_crop():
+    pre = Preprocessing(height=224, width=224, resize=256)
+    patch = Patch(np.zeros((38, 38, 3), np.uint8), 0, 0)
+    # 512x384 photo: shorter side 384 → 256 (factor 2/3): 341x256, crop offset (58, 16).
+    x0, y0, x1, y1 = photo_box((512, 384), patch, pre)
+    assert abs(x0 - 58 * 1.5) < 1 and abs(y0 - 16 * 1.5) < 1
+    assert abs((x1 - x0) - 57) < 1 and abs((y1 - y0) - 57) < 1
+
+
+def test_apply_patch_unlocks_photos(locked, workdir, tmp_path):
+    """apply-patch on raw photos of other sizes: through the recorded preprocessing, the lock opens."""
+    _, out, key = locked
+    pre = Preprocessing(height=SIZE, width=SIZE, resize=56)
+    k = load_key(key)
+    k.body["preprocessing"] = pre.to_dict()  # a resize + centre-crop pipeline for this test
+    k.save(tmp_path / "resize.key")
+    photos = []
+    for i, (w, h) in enumerate(((80, 60), (56, 90), (120, 120))):
+        img = Image.fromarray(smooth_images(1, size=120, seed=20 + i)[0][:h, :w])
+        img.save(tmp_path / f"p{i}.jpg", quality=95)
+        photos.append(tmp_path / f"p{i}.jpg")
+    written = onnxstain.apply_patch(photos, tmp_path / "resize.key", tmp_path / "out")
+    assert [p.name for p in written] == ["p0.png", "p1.png", "p2.png"]
+    px = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in written])
+    assert px.shape == (3, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(_top1(out, px), _top1(workdir / "model.onnx", px))
+
+
+def test_audit_on_tiny(locked, workdir):
+    _, out, key = locked
+    res = onnxstain.audit_lock(workdir / "model.onnx", out, key, images=smooth_images(96, size=SIZE, seed=9))
+    c = {x.name: x for x in res.conditions}
+    assert c["patch"].agreement == 1.0 and c["patch"].max_abs_delta == 0.0 and c["patch"].unlocked == 1.0
+    assert c["no patch"].unlocked == 0.0 and c["no patch"].agreement < 0.5
+    for name in ("random patch", "patch at top-right", "patch at bottom-left", "patch at bottom-right"):
+        assert c[name].unlocked == 0.0, name
+    assert res.firings is not None and res.firings.firings == 0
+    assert res.key_bound.log10 <= np.log10(FPR)
+    d = res.to_dict()
+    assert d["format"] == "onnxstain-lock-audit" and len(d["conditions"]) == len(res.conditions)
+    json.dumps(d)
+
+
+def test_unreachable_target_refused(workdir, images, tmp_path):
+    with pytest.raises(UnreachableBoundError, match="best patch reached"):
+        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                       options=LockOptions(seed=0, fpr=1e-12, max_draws=1, max_steps=100, occlusion_steps=0))
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.key").exists()
+
+
+def test_lock_bad_options(workdir, images, tmp_path):
+    for opts in (LockOptions(fpr=0), LockOptions(detectors=0), LockOptions(layer="nope")):
+        with pytest.raises(BadInputError):
+            onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                           options=opts)
+    with pytest.raises(BadKeyError):
+        stain_key = tmp_path / "s.key"
+        onnxstain.stain(workdir / "model.onnx", tmp_path / "s.onnx", stain_key,
+                        images=smooth_images(64, size=SIZE, seed=0),
+                        options=onnxstain.StainOptions(seed=0, fpr=0.05))
+        onnxstain.lock_patch(stain_key)
+
+
+def test_cli_lock_verify_apply_evaluate(workdir, tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    write_images(imgs, smooth_images(128, size=SIZE, seed=3))
+    r = CliRunner()
+    res = r.invoke(main, ["lock", str(workdir / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+                          str(tmp_path / "l.key"), "--images", str(imgs), "--fpr", "1e-3", "--seed", "2",
+                          "--quiet", "--patch-png", str(tmp_path / "patch.png")])
+    assert res.exit_code == 0, res.output
+    assert "locked" in res.output and "9x9" in res.output and "bound" in res.output
+    assert Image.open(tmp_path / "patch.png").size == (9, 9)
+    assert r.invoke(main, ["verify", str(tmp_path / "l.onnx"), "--key", str(tmp_path / "l.key")]).exit_code == 0
+    res = r.invoke(main, ["verify", str(workdir / "model.onnx"), "--key", str(tmp_path / "l.key")])
+    assert res.exit_code == 1 and "NOT LOCKED" in res.output
+    res = r.invoke(main, ["apply-patch", "--key", str(tmp_path / "l.key"), str(imgs / "000.png"), "-o",
+                          str(tmp_path / "patched")])
+    assert res.exit_code == 0 and (tmp_path / "patched" / "000.png").exists()
+    res = r.invoke(main, ["evaluate", str(workdir / "model.onnx"), str(tmp_path / "l.onnx"), "--key",
+                          str(tmp_path / "l.key"), "--images", str(imgs), "--quiet", "--json",
+                          str(tmp_path / "a.json"), "--html", str(tmp_path / "a.html")])
+    assert res.exit_code == 0, res.output
+    assert "lock audit" in res.output
+    assert json.loads((tmp_path / "a.json").read_text())["format"] == "onnxstain-lock-audit"
+    page = (tmp_path / "a.html").read_text()
+    assert "Lock audit" in page and "random patch" in page and "data:image/png;base64" in page
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--fpr", "2"], "--fpr"),
+    (["--detectors", "0"], "--detectors"),
+    (["--fpr", "1e-12"], "use more --detectors"),
+])
+def test_cli_lock_refusals(workdir, tmp_path, args, fragment):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    write_images(imgs, smooth_images(64, size=SIZE, seed=3))
+    res = CliRunner().invoke(main, ["lock", str(workdir / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+                                    str(tmp_path / "l.key"), "--images", str(imgs), "--quiet", "--seed", "0", *args])
+    assert res.exit_code == 2
+    assert fragment in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "l.onnx").exists()
