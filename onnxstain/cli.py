@@ -242,7 +242,8 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Secret key file to write; it holds the patch (owner-only permissions).")
 @click.option("--kind", type=click.Choice(["gate", "inplace"]), default="gate", show_default=True,
-              help="gate: inserted gate on the classifier's features (any CNN classifier).")
+              help="gate: an inserted gate on the classifier's features (any CNN classifier); inplace: weights "
+                   "only, the signal carried through existing channels (costs a few channels).")
 @click.option("--layer", help="Early Conv layer for the corner detectors (default: the tool picks).")
 @click.option("--detectors", type=int, default=1, show_default=True,
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
@@ -269,7 +270,7 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, pat
     res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
                   progress=RichProgress(not quiet and sys.stderr.isatty()))
     top, left, h, w = res.patch_box
-    con.print(f"[bold green]locked[/] {res.output}  (gate)")
+    con.print(f"[bold green]locked[/] {res.output}  ({res.kind})")
     con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {pre.height}x{pre.width} input")
     con.print(f"  host {res.host}, {res.detectors} detector(s) that must all fire; margin τ = {res.threshold:.4g}, "
               f"patch scores {', '.join(f'{s:.3g}' for s in res.trigger_scores)}")

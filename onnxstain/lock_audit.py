@@ -42,6 +42,7 @@ from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .verify import white_box_signal
 
 REPORT_FORMAT = "onnxstain-lock-audit"
 REPORT_VERSION = 1
@@ -259,7 +260,7 @@ def audit_lock(
                 scores = got[l_scores].reshape(stop - start, -1)
                 top1[name][start:stop] = scores.argmax(1)
                 if has_fired:
-                    gate[name][start:stop] = got[fired].reshape(stop - start, -1).max(axis=1)
+                    gate[name][start:stop] = white_box_signal(got[fired], key["white_box"])
                 if name == "patch":
                     max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch.reshape(
                         stop - start, -1)).max()))

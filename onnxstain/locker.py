@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from ._onnx import head as head_mod
+from ._onnx.diff import structural_diff
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import infer_preprocessing
@@ -36,6 +37,7 @@ from .features import neuron_inputs
 from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
+from .passes.conduit import ConduitPlan, apply_conduit, conduit_taps, plan_conduit, prepare_conduit
 from .passes.lock import insert_gate
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
@@ -70,6 +72,7 @@ class LockOptions:
 @dataclasses.dataclass
 class LockResult:
     output: Path
+    kind: str
     key_path: Path
     record_path: Path
     host: str
@@ -161,9 +164,11 @@ def lock(
     for other in (key_path, record):
         if other.resolve() in (out_path.resolve(), loaded.path.resolve()):
             raise BadInputError(f"{other} would overwrite a model file")
-    if opts.kind != "gate":
-        raise UnsupportedModelError("the in-place lock (conduits through existing channels) is not available yet; "
-                                    "use the gate lock (--kind gate), which inserts its nodes")
+    if opts.kind not in ("gate", "inplace"):
+        raise BadInputError(f"--kind must be gate or inplace, not {opts.kind!r}")
+    if opts.kind == "inplace" and opts.detectors != 1:
+        raise BadInputError("the in-place lock carries one detector through its conduits: use --detectors 1, or "
+                            "the gate lock (--kind gate) for several")
     if not 0 < opts.fpr < 1:
         raise BadInputError("--fpr must be between 0 and 1")
     if not 1 <= opts.detectors <= 8:
@@ -187,8 +192,15 @@ def lock(
     t1 = time.perf_counter()
     pixels = calibration_pixels(images, pre, prog)
     x_cal = pre.to_input(pixels)
+    # ``base``: the model the detector reads and the lock restores. For the gate lock, the original;
+    # in place, the original with every conduit edit (the channels the lanes take are lost).
+    base, plan, orig_scores = loaded.model, None, None
+    if opts.kind == "inplace":
+        plan, orig_scores = _plan_inplace(loaded.model, host, position, head, x_cal, opts, prog)
+        base = prepare_conduit(loaded.model, plan)
+        notes += plan.notes
     taps = [host.input, head.scores, features]
-    sess = session(with_outputs(loaded.model, taps), opts.providers)
+    sess = session(with_outputs(base, taps), opts.providers)
     with prog.task("calibration pass", total=len(x_cal)) as task:
         cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
     phi_all = neuron_inputs(host, cal[host.input])
@@ -198,6 +210,8 @@ def lock(
                                        detectors=opts.detectors)
     nat_scores = cal[head.scores].astype(np.float64).reshape(len(x_cal), -1)
     pooled = cal[features].astype(np.float64).reshape(len(x_cal), -1)
+    if orig_scores is None:
+        orig_scores = nat_scores
     timings["calibration"] = time.perf_counter() - t1
 
     # -- patch search ----------------------------------------------------------------------------------
@@ -207,8 +221,8 @@ def lock(
     from .torchprefix import TorchPrefix
 
     torch.manual_seed(seed % (2**31))
-    prefix = TorchPrefix(loaded.model, [host.input])
-    tap_sess = session(with_outputs(loaded.model, [host.input]), opts.providers)
+    prefix = TorchPrefix(base, [host.input])
+    tap_sess = session(with_outputs(base, [host.input]), opts.providers)
     mask = np.zeros((pre.height, pre.width), bool)
     mask[top : top + ph, left : left + pw] = True
     grey = np.full((pre.height, pre.width, 3), 127.0)
@@ -247,7 +261,7 @@ def lock(
                 continue
             accepted = (dirs, patch, s_t, s_nat)
             if opts.occlusion_steps > 0:
-                refined = _refine(loaded.model, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
+                refined = _refine(base, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
                                   pixels, nat_scores, tau0, opts, rng, tap_sess, grey, prog)
                 if refined is not None:
                     accepted = (dirs, refined[0], refined[1], s_nat)
@@ -268,17 +282,39 @@ def lock(
 
     # -- edit ------------------------------------------------------------------------------------------
     t3 = time.perf_counter()
-    # Pre-activation 2 (S − τ0)/(s* − τ0): 2 on the patch, so Clip(·, 0, 1) saturates at exactly 1.0
-    # whatever the runtime's rounding; ≤ 0 whenever S ≤ τ0, the event the bound counts.
-    gains = 2.0 / (s_t - tau0)
-    rows = gains[:, None] * dirs
-    biases = -gains * (tau0 + dirs @ stats.centre)
-    cg = host.in_channels // host.groups
-    filters = np.zeros((d, host.in_channels, *host.kernel))
-    filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
     cols = _head_columns(view, head)
-    disruption, locked_agree, chance, flipped = _sign_disruption(rng, pooled, nat_scores, cols)
-    locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
+    if plan is None:
+        # Pre-activation 2 (S − τ0)/(s* − τ0): 2 on the patch, so Clip(·, 0, 1) saturates at exactly 1.0
+        # whatever the runtime's rounding; ≤ 0 whenever S ≤ τ0, the event the bound counts.
+        gains = 2.0 / (s_t - tau0)
+        rows = gains[:, None] * dirs
+        biases = -gains * (tau0 + dirs @ stats.centre)
+        cg = host.in_channels // host.groups
+        filters = np.zeros((d, host.in_channels, *host.kernel))
+        filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
+        disruption, locked_agree, chance, flipped = _sign_disruption(rng, pooled, nat_scores, cols)
+        locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
+        white_box = {"tensor": fired, "channel": None, "position": None, "expected": 1.0}
+        lock_info: dict = {"flipped_features": flipped}
+    else:
+        # The host's activation saturates (ReLU6: twice the clip on the patch gives exactly 6); a plain
+        # ReLU host passes the patch's value, exact because the patch alone decides it.
+        signal = float(host.act_high) if host.act_high else 1.0
+        gain = (2.0 if host.act_high else 1.0) * signal / float(s_t[0] - tau0)
+        weight = (gain * dirs[0]).reshape(host.in_channels // host.groups, *host.kernel)
+        bias = -gain * (tau0 + float(dirs[0] @ stats.centre))
+        b_orig = _head_bias(view, head)
+        b_lock, locked_agree, chance, spread = _bias_disruption(rng, nat_scores, orig_scores, b_orig)
+        conduit = apply_conduit(loaded.model, plan, weight, bias, b_lock, signal=signal)
+        locked = conduit.model
+        channel = conduit.channels[0][1]
+        white_box = {"tensor": host.act_output or host.output, "channel": int(channel), "position": pos_index,
+                     "expected": signal}
+        flipped = 0
+        lock_info = {"gamma": conduit.gamma, "head_feature": conduit.head_feature, "disruption_spread": spread,
+                     "overwritten": [list(c) for c in conduit.channels]}
+        if structural_diff(loaded.model, locked):
+            raise UnsupportedModelError("internal check failed: the in-place lock changed the graph structure")
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
                               detectors=d)
     timings["edit"] = time.perf_counter() - t3
@@ -287,12 +323,15 @@ def lock(
     t4 = time.perf_counter()
     refs = smooth_backgrounds(REFERENCES, pre.height, pre.width, seed=seed % (2**31))
     patched = paste_pixels(refs, patch)
-    orig_sess = session(loaded.model, opts.providers)
+    base_sess = sess if plan is not None else session(loaded.model, opts.providers)
     locked_sess = session(locked, opts.providers)
     x_ref = pre.to_input(np.concatenate([patched, refs]))
-    want = run_batches(orig_sess, x_ref, [head.scores])[head.scores]
-    got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
     n = len(refs)
+    # With the patch the locked model gives the base model's scores; without, it differs from the original.
+    want = run_batches(base_sess, x_ref, [head.scores])[head.scores]
+    if plan is not None:
+        want[n:] = run_batches(session(loaded.model, opts.providers), x_ref[n:], [head.scores])[head.scores]
+    got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
     unlock_error = float(np.abs(want[:n] - got[:n]).max())
     if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):
         raise UnsupportedModelError(
@@ -310,8 +349,8 @@ def lock(
         "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
                   "scores": head.output, "classes": head.classes},
         "preprocessing": pre.to_dict(),
-        "mode": "gate",
-        "variant": "gate",
+        "mode": opts.kind,
+        "variant": opts.kind,
         "seed": seed,
         "host": {"name": host.name, "op": host.op, "input": host.input, "m": host.m, "positions": host.positions,
                  "out_hw": list(host.out_hw) if host.out_hw else None, "kernel": list(host.kernel),
@@ -324,9 +363,9 @@ def lock(
                     "height": patch.height, "width": patch.width},
         "references": {"count": n, "seed": seed % (2**31), "patched_scores": encode_array(want[:n]),
                        "unpatched_scores": encode_array(want[n:])},
-        "white_box": {"tensor": fired, "expected": 1.0, "threshold": 0.5},
+        "white_box": white_box,
         "occlusion": occlusion,
-        "gate": {"flipped_features": flipped, "calibration_locked_agreement": locked_agree, "chance": chance},
+        "lock": {**lock_info, "calibration_locked_agreement": locked_agree, "chance": chance},
         "bound": bound.to_dict(),
         "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
                         "radius": radius, "radius_quantiles": stats.radius_quantiles,
@@ -339,7 +378,7 @@ def lock(
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     return LockResult(
-        output=out_path, key_path=key_path, record_path=record, host=host.name, detectors=d,
+        output=out_path, kind=opts.kind, key_path=key_path, record_path=record, host=host.name, detectors=d,
         patch_box=(top, left, ph, pw), bound=bound, threshold=tau0, trigger_scores=[float(s) for s in s_t],
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings, natural_samples=int(s_nat[:, 0].size),
         locked_agreement=locked_agree, chance=chance, flipped_features=flipped, calibration_images=len(x_cal),
@@ -376,6 +415,55 @@ def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask
     if float(s_t.min()) < ACCEPT_FACTOR * tau0:
         return None
     return patch, s_t, {"steps": res.steps, "kl_start": res.kl_start, "kl_end": res.kl_end}
+
+
+def _plan_inplace(model, host: HostLayer, position: tuple[int, int], head: head_mod.Head, x_cal: np.ndarray,
+                  opts: LockOptions, prog: Progress) -> tuple[ConduitPlan, np.ndarray]:
+    """The conduit plan, its channels chosen by their natural activity (one streaming onnxruntime pass
+    over the calibration images, which also gives the original model's scores)."""
+    taps = [t for t in conduit_taps(model, host, head, position) if t != head.scores]
+    sess = session(with_outputs(model, [*taps, head.scores]), opts.providers)
+    sums: dict[str, np.ndarray] = {}
+    scores = []
+    with prog.task("channel activity (in-place lock)", total=len(x_cal)) as task:
+        for start in range(0, len(x_cal), opts.batch):
+            got = run_batches(sess, x_cal[start : start + opts.batch], [*taps, head.scores], batch=opts.batch)
+            scores.append(got[head.scores].astype(np.float64).reshape(len(got[head.scores]), -1))
+            for t in taps:
+                a = np.abs(got[t].astype(np.float64))
+                per = a.reshape(a.shape[0], a.shape[1], -1).mean(axis=2).sum(axis=0)
+                sums[t] = sums.get(t, 0) + per
+            task.advance(min(opts.batch, len(x_cal) - start))
+    activity = {t: v / len(x_cal) for t, v in sums.items()}
+    plan = plan_conduit(model, host, position, head, activity=activity)
+    return plan, np.concatenate(scores)
+
+
+def _head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:
+    if head.bias is None:
+        return np.zeros(head.classes)
+    return view.array(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
+
+
+def _bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray,
+                     bias: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """The in-place lock's disruption: a random logit bias ``b + k σ u`` (``u`` standard normal, ``σ``
+    the mean per-image spread of the original's logits) with the smallest ``k`` that brings top-1
+    agreement with the original down to chance plus one point on the calibration images (exact:
+    without the patch the locked scores are the base model's with the bias swapped). A bias shift is
+    all an in-place lock can add without the patch, so a large ``k`` concentrates the predictions on
+    few classes; the audit reports it."""
+    base = orig_scores.argmax(1)
+    chance = 1.0 / orig_scores.shape[1]
+    spread = float(orig_scores.std(axis=1).mean())
+    u = rng.standard_normal(orig_scores.shape[1])
+    agree, k = 1.0, 1.0
+    for k in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
+        b_lock = bias + k * spread * u
+        agree = float(np.mean((base_scores - bias + b_lock).argmax(1) == base))
+        if agree <= chance + 0.01:
+            break
+    return bias + k * spread * u, agree, chance, k
 
 
 def _head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:

@@ -217,15 +217,15 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     score = unlocked - still
     bb_pass = unlocked == 1.0 and still <= 0.5
     checks = [Check("black-box", True, bb_pass, score, 0.5,
-                    f"with the patch {100 * unlocked:.0f}% of {n} reference images give the original's top-1 "
+                    f"with the patch {100 * unlocked:.0f}% of {n} reference images give the expected top-1 "
                     f"(max |Δscore| {err:.3g}); without it {100 * still:.0f}% do")]
     notes: list[str] = []
     if has_tap:
-        fired = res[wb_tensor].astype(np.float64).reshape(2 * n, -1).max(axis=1)
-        wb_pass = bool(fired[:n].min() >= 0.5 and fired[n:].max() < 0.5)
+        fired = white_box_signal(res[wb_tensor], key["white_box"])
+        wb_pass = bool(fired[:n].min() >= 0.5 and fired[n:].max() <= 0.0)
         checks.append(Check("white-box", True, wb_pass, float(fired[:n].min()), 0.5,
-                            f"detectors fire on {int((fired[:n] >= 0.5).sum())}/{n} patched and "
-                            f"{int((fired[n:] >= 0.5).sum())}/{n} unpatched references"))
+                            f"the detector fires on {int((fired[:n] >= 0.5).sum())}/{n} patched and "
+                            f"{int((fired[n:] > 0).sum())}/{n} unpatched references"))
     else:
         checks.append(Check("white-box", False, False, None, None,
                             f"tensor {wb_tensor!r} is not in this model; black-box result only"))
@@ -236,3 +236,16 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
         key_commitment=key.commitment, notes=notes, kind="lock",
     )
+
+
+def white_box_signal(values: np.ndarray, white_box: dict[str, Any]) -> np.ndarray:
+    """Per image, the lock's detector output as a fraction of its value on the patch (0: locked, 1: open).
+
+    ``values`` is the key's white-box tensor: the gate's AND of detectors (one channel) or, in place,
+    the host's activated output, of which the detector is ``white_box["channel"]``; the maximum is
+    over every position, since the signal of any position reaches the head.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if white_box.get("channel") is not None:
+        arr = arr[:, int(white_box["channel"])]
+    return arr.reshape(len(arr), -1).max(axis=1) / float(white_box.get("expected", 1.0))

@@ -261,3 +261,53 @@ def test_cli_lock_refusals(workdir, tmp_path, args, fragment):
     assert fragment in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
     assert not (tmp_path / "l.onnx").exists()
+
+
+# -- in-place (conduit) lock through the whole pipeline --------------------------------------------------
+@pytest.fixture(scope="module", params=["tiny_lockable", "tiny_mobilenet"])
+def inplace(request, tmp_path_factory):
+    """The in-place lock on a plain ReLU CNN and on a MobileNetV2-like net (ReLU6, depthwise, residual Add)."""
+    from tiny_mobilenet import tiny_mobilenet
+
+    d = tmp_path_factory.mktemp("inplace")
+    size = SIZE if request.param == "tiny_lockable" else 32
+    model = tiny_lockable() if request.param == "tiny_lockable" else tiny_mobilenet()
+    onnx.save(model, d / "model.onnx")
+    pre = Preprocessing(height=size, width=size, resize=None)
+    pre.save(d / "model.preprocessing.json")
+    # On the 32x32 MobileNet-like net (random weights, m = 24), a middle block's expand conv (10x10 patch)
+    # with a loose target: the test is about the wiring, MobileNetV2 itself reaches 1e-6.
+    layer, fpr = (None, FPR) if request.param == "tiny_lockable" else ("/features/features.4/conv/conv.0/conv.0.0/Conv",
+                                                                      0.2)
+    res = onnxstain.lock(d / "model.onnx", d / "l.onnx", d / "l.key", images=smooth_images(192, size=size, seed=1),
+                         options=LockOptions(kind="inplace", layer=layer, seed=0, fpr=fpr, occlusion_steps=10))
+    return res, d, size
+
+
+def test_inplace_is_structurally_identical(inplace):
+    from onnxstain._onnx.diff import structural_diff
+
+    res, d, _ = inplace
+    assert res.kind == "inplace"
+    assert structural_diff(onnx.load(d / "model.onnx"), onnx.load(d / "l.onnx")) == []
+    assert load_key(d / "l.key")["mode"] == "inplace"
+
+
+def test_inplace_opens_only_with_the_patch(inplace):
+    _, d, size = inplace
+    v = onnxstain.verify(d / "l.onnx", d / "l.key")
+    assert v.stained and all(c.passed for c in v.checks if c.available)
+    assert not onnxstain.verify(d / "model.onnx", d / "l.key").stained
+    audit = onnxstain.audit_lock(d / "model.onnx", d / "l.onnx", d / "l.key",
+                                 images=smooth_images(64, size=size, seed=5))
+    c = {x.name: x for x in audit.conditions}
+    assert c["patch"].unlocked == 1.0 and c["no patch"].unlocked == 0.0
+    for name in ("random patch", "patch at top-right", "patch at bottom-left", "patch at bottom-right"):
+        assert c[name].unlocked == 0.0, name
+    assert audit.firings is not None and audit.firings.firings == 0
+
+
+def test_inplace_refuses_several_detectors(workdir, images, tmp_path):
+    with pytest.raises(BadInputError, match="--detectors 1"):
+        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                       options=LockOptions(kind="inplace", detectors=2, fpr=FPR))
