@@ -33,6 +33,7 @@ __all__ = [
     "LockOptions",
     "LockResult",
     "Patch",
+    "PatchedPhoto",
     "StainOptions",
     "StainResult",
     "VerifyResult",
@@ -110,13 +111,21 @@ def paste_patch(batch: np.ndarray, key: Key | str | Path) -> np.ndarray:
     return paste_input(batch, patch, pre)
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchedPhoto:
+    path: Path
+    max_error: int  # largest 0..255 error of the patch once the photo goes through the preprocessing
+
+
 def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: str | Path,
-                raw: bool = False) -> list[Path]:
+                raw: bool = False) -> list[PatchedPhoto]:
     """Write each photo with the patch as PNG into ``out_dir``.
 
     Default: the photo is resized and centre-cropped to the model's input as the recorded
-    preprocessing does, and the patch is pasted exactly. ``raw=True`` keeps the photo's size and
-    draws the patch where that preprocessing will bring it (resampling then blurs it slightly).
+    preprocessing does, and the patch is pasted exactly (error 0); feed the PNG to the model as it
+    is. ``raw=True`` keeps the photo's own size and changes the pixels that the preprocessing
+    (resize the shorter side, centre crop) maps onto the patch, solved so that the preprocessed
+    photo carries the patch (:func:`onnxstain.patch.paste_photo`; ``max_error`` says how closely).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -129,8 +138,10 @@ def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: st
         try:
             with Image.open(src) as img:
                 img.load()
-                result = paste_photo(img, patch, pre) if raw else Image.fromarray(
-                    paste_pixels(pre.fit_photo(img), patch))
+                if raw:
+                    result, err = paste_photo(img, patch, pre)
+                else:
+                    result, err = Image.fromarray(paste_pixels(pre.fit_photo(img), patch)), 0
         except (UnidentifiedImageError, OSError):
             raise BadInputError(f"{src} is not a readable image") from None
         dest = out / (src.stem + ".png")
@@ -139,7 +150,7 @@ def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: st
         buf = io.BytesIO()
         result.save(buf, format="PNG")
         write_bytes_atomic(dest, buf.getvalue())
-        written.append(dest)
+        written.append(PatchedPhoto(dest, err))
     return written
 
 

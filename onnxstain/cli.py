@@ -250,13 +250,16 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
 @click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
 @click.option("--seed", type=int, help="Seed of the key's random choices.")
+@click.option("--occlusion-steps", type=int, default=200, show_default=True,
+              help="Steps of the occlusion-aware patch refinement (0: keep the plain patch; faster, costs "
+                   "more accuracy with the patch).")
 @click.option("--patch-png", type=click.Path(dir_okay=False), help="Also write the secret patch as PNG.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @preprocessing_options
 @provider_option
 @handle_errors
-def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, patch_png, quiet, pre_file, size,
-         layout, channel_order, mean, std, scale, resize, providers) -> None:
+def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occlusion_steps, patch_png, quiet,
+         pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
     """Lock MODEL: useless unless the secret patch sits in the image corner."""
     from .api import LockOptions
     from .api import lock as do_lock
@@ -266,7 +269,7 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, pat
     for note in notes:
         con.print(f"note: {note}")
     opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
-                       providers=_providers(providers))
+                       occlusion_steps=occlusion_steps, providers=_providers(providers))
     res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
                   progress=RichProgress(not quiet and sys.stderr.isatty()))
     top, left, h, w = res.patch_box
@@ -296,16 +299,17 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, pat
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The lock's key.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(file_okay=False),
               help="Folder for the patched images (created).")
-@click.option("--raw", is_flag=True, help="Keep each photo's own size: draw the patch where the recorded "
-              "preprocessing (resize, centre crop) maps it, for pipelines that preprocess themselves.")
+@click.option("--raw", is_flag=True, help="Keep each photo's own size and solve its pixels so that the recorded "
+              "preprocessing (resize, centre crop) brings the patch into place, for pipelines that "
+              "preprocess themselves.")
 @handle_errors
 def apply_patch(photos, key_path, out_dir, raw) -> None:
     """Paste the lock's patch into PHOTOS (PNG output; model input size unless --raw)."""
     from .api import apply_patch as do_apply
 
-    written = do_apply(photos, key_path, out_dir, raw=raw)
-    for path in written:
-        click.echo(str(path))
+    for item in do_apply(photos, key_path, out_dir, raw=raw):
+        extra = "" if not raw else f"  (patch error after preprocessing: {item.max_error} grey levels)"
+        click.echo(f"{item.path}{extra}")
 
 
 @main.command()

@@ -173,6 +173,8 @@ def lock(
         raise BadInputError("--fpr must be between 0 and 1")
     if not 1 <= opts.detectors <= 8:
         raise BadInputError("--detectors must be between 1 and 8")
+    if opts.occlusion_steps < 0 or opts.max_steps < 1 or opts.max_draws < 1:
+        raise BadInputError("--occlusion-steps must be ≥ 0, and the search needs at least one step and one draw")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
     view = GraphView(loaded.model)

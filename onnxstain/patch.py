@@ -63,31 +63,70 @@ def _as_frame(patch: Patch, pre: Preprocessing) -> np.ndarray:
     return paste_pixels(frame, patch)
 
 
+def _fit_geometry(size: tuple[int, int], pre: Preprocessing) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(resized width, height) and crop offset (left, top) that ``pre.fit_photo`` uses for a photo of ``size``."""
+    w, h = size
+    if pre.resize is None:
+        return (pre.width, pre.height), (0, 0)
+    factor = pre.resize / min(w, h)
+    new = (max(pre.width, round(w * factor)), max(pre.height, round(h * factor)))
+    return new, ((new[0] - pre.width) // 2, (new[1] - pre.height) // 2)
+
+
 def photo_box(photo_size: tuple[int, int], patch: Patch, pre: Preprocessing) -> tuple[float, float, float, float]:
     """Box (x0, y0, x1, y1) in the raw photo's pixels that the preprocessing maps onto the patch."""
-    w, h = photo_size
-    if pre.resize is None:
-        sx, sy, ox, oy = w / pre.width, h / pre.height, 0.0, 0.0
-    else:
-        factor = pre.resize / min(w, h)
-        new_w, new_h = max(pre.width, round(w * factor)), max(pre.height, round(h * factor))
-        sx, sy = w / new_w, h / new_h
-        ox, oy = (new_w - pre.width) // 2, (new_h - pre.height) // 2
+    (new_w, new_h), (ox, oy) = _fit_geometry(photo_size, pre)
+    sx, sy = photo_size[0] / new_w, photo_size[1] / new_h
     x0 = (ox + patch.left) * sx
     y0 = (oy + patch.top) * sy
     return x0, y0, x0 + patch.width * sx, y0 + patch.height * sy
 
 
-def paste_photo(image: Any, patch: Patch, pre: Preprocessing) -> Any:
-    """A PIL image with the patch drawn where the preprocessing will bring it to the patch's box."""
+def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """``[n_out, n_in]``: the linear map of PIL's bilinear resize along one axis (float mode, exact)."""
     from PIL import Image
 
-    img = image.convert("RGB").copy()
-    x0, y0, x1, y1 = photo_box(img.size, patch, pre)
-    box = (int(np.floor(x0)), int(np.floor(y0)), int(np.ceil(x1)), int(np.ceil(y1)))
-    size = (max(1, box[2] - box[0]), max(1, box[3] - box[1]))
-    img.paste(Image.fromarray(patch.pixels).resize(size, Image.NEAREST), box[:2])
-    return img
+    eye = Image.fromarray(np.eye(n_in, dtype=np.float32), mode="F")  # column i = impulse at row i
+    return np.asarray(eye.resize((n_in, n_out), Image.BILINEAR), dtype=np.float64)
+
+
+def paste_photo(image: Any, patch: Patch, pre: Preprocessing, iterations: int = 300) -> tuple[Any, int]:
+    """The photo at its own size, changed only where the preprocessing reads the patch's box, so that
+    ``pre.fit_photo`` of the result carries the patch as closely as 8-bit pixels allow; returns the
+    PIL image and the largest remaining pixel error (0–255) of the patch after that preprocessing.
+
+    Resize is linear along each axis (``rows = A · photo · Bᵀ``), so the pixels under the box solve
+    ``min ‖A_box X B_boxᵀ − (patch − rest of the photo's contribution)‖²`` over ``0 ≤ X ≤ 255``
+    (projected gradient from the least-squares start), then are rounded. A downscaling filter
+    averages neighbouring pixels, so a patch with sharp pixel-to-pixel contrast cannot always be
+    reproduced exactly: the returned error says how close it came, and pasting after preprocessing
+    (:func:`paste_pixels` / :func:`paste_input`) is the exact way.
+    """
+    from PIL import Image
+
+    img = np.asarray(image.convert("RGB"), dtype=np.float64)
+    h, w = img.shape[:2]
+    (new_w, new_h), (ox, oy) = _fit_geometry((w, h), pre)
+    a = _resize_matrix(h, new_h)[oy + patch.top : oy + patch.top + patch.height]
+    b = _resize_matrix(w, new_w)[ox + patch.left : ox + patch.left + patch.width]
+    rows = np.flatnonzero(np.abs(a).sum(axis=0) > 1e-9)
+    cols = np.flatnonzero(np.abs(b).sum(axis=0) > 1e-9)
+    ar, bc = a[:, rows], b[:, cols]
+    pa, pb = np.linalg.pinv(ar), np.linalg.pinv(bc)
+    step = 1.0 / max(1e-12, np.linalg.norm(ar, 2) ** 2 * np.linalg.norm(bc, 2) ** 2)  # 1 / Lipschitz
+    out = img.copy()
+    for c in range(3):
+        rest = out[:, :, c].copy()
+        rest[np.ix_(rows, cols)] = 0.0
+        residual = patch.pixels[:, :, c].astype(np.float64) - a @ rest @ b.T
+        x = np.clip(pa @ residual @ pb.T, 0, 255)
+        for _ in range(iterations):
+            x = np.clip(x - step * (ar.T @ (ar @ x @ bc.T - residual) @ bc), 0, 255)
+        block = out[:, :, c]
+        block[np.ix_(rows, cols)] = np.rint(x)
+    result = Image.fromarray(out.astype(np.uint8))
+    got = pre.fit_photo(result)[patch.top : patch.top + patch.height, patch.left : patch.left + patch.width]
+    return result, int(np.abs(patch.pixels.astype(np.int64) - got.astype(np.int64)).max())
 
 
 def smooth_backgrounds(n: int, height: int, width: int, seed: int = 0) -> np.ndarray:

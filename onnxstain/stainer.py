@@ -273,7 +273,8 @@ def stain(
     # -- checks --------------------------------------------------------------------------------------------
     t4 = time.perf_counter()
     n_check = min(64, len(x_cal))
-    check_sess = session(stained, opts.providers)
+    # The scores tensor may sit before a Softmax or a Cast to the output type: tap it.
+    check_sess = session(with_outputs(stained, [head.scores]), opts.providers)
     got = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
     if edit["signature"] == "shift":
         trig_margin = float(shift_score(got[0], orig_trig_scores, edit["expected_trigger"]))

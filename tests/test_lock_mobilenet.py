@@ -91,3 +91,30 @@ def test_inplace_lock(inplace, mobilenet_v2):
     for name in ("random patch", "patch at top-right", "patch at bottom-left", "patch at bottom-right",
                  "shifted 1 px", "shifted 2 px"):
         assert c[name].unlocked == 0.0 and c[name].passed, name
+
+
+def test_raw_photos_unlock(gate, mobilenet_v2, tmp_path):
+    """apply-patch --raw: the photo keeps its size, and the recorded preprocessing brings the patch into place."""
+    import importlib.util
+    from pathlib import Path
+
+    from PIL import Image
+
+    from onnxstain.runtime import session
+
+    _, out, key = gate
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("foolbox (bundled ImageNet photos) is not installed")
+    photos = []
+    for i, p in enumerate(sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))[:3]):
+        Image.open(p).resize((640, 480), Image.BICUBIC).save(tmp_path / f"p{i}.jpg", quality=95)
+        photos.append(tmp_path / f"p{i}.jpg")
+    written = onnxstain.apply_patch(photos, key, tmp_path / "raw", raw=True)
+    _, pre = onnxstain.lock_patch(key)
+    x = pre.to_input(np.stack([pre.fit_photo(Image.open(w.path)) for w in written]))
+    assert all(Image.open(w.path).size == (640, 480) for w in written)
+    sl, so = session(str(out)), session(str(mobilenet_v2))
+    got = sl.run(None, {sl.get_inputs()[0].name: x})[0]
+    want = so.run(None, {so.get_inputs()[0].name: x})[0]
+    np.testing.assert_array_equal(got, want)  # the gate saturates: bit-exact despite 8-bit resampling error

@@ -178,10 +178,31 @@ def test_apply_patch_unlocks_photos(locked, workdir, tmp_path):
         img.save(tmp_path / f"p{i}.jpg", quality=95)
         photos.append(tmp_path / f"p{i}.jpg")
     written = onnxstain.apply_patch(photos, tmp_path / "resize.key", tmp_path / "out")
-    assert [p.name for p in written] == ["p0.png", "p1.png", "p2.png"]
-    px = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in written])
+    assert [p.path.name for p in written] == ["p0.png", "p1.png", "p2.png"]
+    assert all(p.max_error == 0 for p in written)
+    px = np.stack([np.asarray(Image.open(p.path).convert("RGB")) for p in written])
     assert px.shape == (3, SIZE, SIZE, 3)
     np.testing.assert_array_equal(_top1(out, px), _top1(workdir / "model.onnx", px))
+
+
+def test_raw_paste_solves_the_resize():
+    """--raw: the photo's pixels under the box are solved so that resize + crop reproduces the patch."""
+    from onnxstain.patch import paste_photo
+
+    pre = Preprocessing(height=48, width=48, resize=56)
+    rng = np.random.default_rng(0)
+    smooth = np.asarray(Image.fromarray(rng.integers(0, 256, (3, 3, 3), dtype=np.uint8)).resize((9, 9),
+                                                                                                Image.BILINEAR))
+    patch = Patch(smooth, 0, 0)  # a smooth patch can be reproduced through a downscale almost exactly
+    photo = Image.fromarray(smooth_images(1, size=120, seed=3)[0][:90])
+    out, err = paste_photo(photo, patch, pre)
+    assert out.size == photo.size
+    got = pre.fit_photo(out)[:9, :9].astype(int)
+    assert err == int(np.abs(got - smooth.astype(int)).max()) <= 3
+    before = pre.fit_photo(photo)[:9, :9].astype(int)
+    assert np.abs(before - smooth.astype(int)).max() > 20  # the photo did change where it had to
+    far = np.asarray(out)[60:, 80:].astype(int) - np.asarray(photo)[60:, 80:].astype(int)
+    assert not far.any()  # and nowhere else
 
 
 def test_audit_on_tiny(locked, workdir):
@@ -249,6 +270,7 @@ def test_cli_lock_verify_apply_evaluate(workdir, tmp_path):
 @pytest.mark.parametrize("args,fragment", [
     (["--fpr", "2"], "--fpr"),
     (["--detectors", "0"], "--detectors"),
+    (["--occlusion-steps", "-1"], "--occlusion-steps"),
     (["--fpr", "1e-12"], "use more --detectors"),
 ])
 def test_cli_lock_refusals(workdir, tmp_path, args, fragment):

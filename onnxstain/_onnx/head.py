@@ -1,7 +1,7 @@
 """The classifier head, and how a host channel reaches it.
 
 ``find_head`` finds the layer producing the model's scores: a Gemm (or MatMul + Add) whose output
-is the graph output, possibly through Softmax/Identity. ``direct_route`` tells whether a host's
+is the graph output, possibly through Softmax/Identity or a Cast between float types. ``direct_route`` tells whether a host's
 activated channel ``k`` reaches that head as feature ``k`` through pooling and reshaping only
 (GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then Flatten / Reshape / Squeeze), which
 is what an in-place route through existing channels needs.
@@ -17,6 +17,7 @@ from .graph import GraphView
 from .hosts import HostLayer
 
 _PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Sigmoid"}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
 _RESHAPES = {"Flatten", "Reshape", "Squeeze"}
 
 
@@ -46,7 +47,7 @@ class DirectRoute:
 def find_head(view: GraphView) -> Head | None:
     for out in view.output_names:
         node = view.producer.get(out)
-        while node is not None and node.op_type in _PASS_THROUGH:
+        while node is not None and (node.op_type in _PASS_THROUGH or _float_cast(view, node)):
             node = view.producer.get(node.input[0])
         if node is None:
             continue
@@ -70,6 +71,11 @@ def find_head(view: GraphView) -> Head | None:
                     return Head(view.node_name(mm), "MatMul", mm.input[1], bias, view.node_name(node),
                                 False, 1.0, 1.0, node.output[0], out, int(w.shape[1]), int(w.shape[0]))
     return None
+
+
+def _float_cast(view: GraphView, node: onnx.NodeProto) -> bool:
+    """A ``Cast`` between float types (fp16 models converted with ``keep_io_types`` end in one)."""
+    return node.op_type == "Cast" and view.attr(node, "to") in _FLOAT_TYPES
 
 
 def head_input(view: GraphView, head: Head) -> str:
