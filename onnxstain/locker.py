@@ -1,19 +1,21 @@
 """Locking, end to end: a model that is useless unless a secret patch sits in the image corner.
 
-The gate lock (inserted nodes, any CNN classifier whose head reads pooled features):
-
-1. **load** — pick an early Conv host whose corner position ``(0, 0)`` sees a small patch
-   (its receptive field, clipped to the image).
+1. **load** — the host: an early Conv whose first padding-free corner position sees a small patch
+   (:mod:`onnxstain.lock_geometry`); the patch is that position's receptive field.
 2. **calibration** — one onnxruntime pass: the centre ``c`` and radius ``R`` of the host's natural
-   features, the classifier's natural input features and scores.
-3. **patch search** — ``d`` random directions (AND: all must fire at one position), margin τ0 from
-   the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``), gradient ascent over the patch's pixels only.
-   The patch decides the detectors' input at ``(0, 0)`` alone, so it fires whatever the image.
-4. **edit** — :func:`onnxstain.passes.lock.insert_gate`; the disruption flips the sign of a random
-   half of the classifier's input features, redrawn until the locked model's top-1 agreement with
-   the original on the calibration images (computed exactly from the calibration pass) is chance.
-5. **checks** — onnxruntime on the written model: the patched reference images give exactly the
-   original's scores; unpatched ones do not.
+   features, the classifier's natural input features and scores. In place, first the conduit plan
+   (:mod:`onnxstain.passes.conduit`, channels chosen by their natural activity) and the features of
+   the model with the conduit edits, which is what the detector reads and the lock restores.
+3. **patch search** — ``d`` random directions (gate: all must fire at one position), margin τ0 from
+   the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``) fixed before they are drawn, gradient ascent over
+   the patch's pixels only, then the occlusion-aware refinement (:func:`refine_occlusion`). The 8-bit
+   patch is re-scored with onnxruntime; since it alone decides the detectors' input, that score is
+   what every patched image gives.
+4. **edit** — gate: :func:`onnxstain.passes.lock.insert_gate` with a sign-flip disruption; in place:
+   :func:`onnxstain.passes.conduit.apply_conduit` with a random head bias
+   (:mod:`onnxstain.math.disruption`: both chosen so that calibration agreement is chance).
+5. **checks** — onnxruntime on the locked model: patched reference images give exactly the scores
+   the lock restores; unpatched ones do not; in place, the graph structure is unchanged.
 6. **save** — model, key (0600; the patch is in it), public record.
 """
 
@@ -35,8 +37,10 @@ from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
+from .lock_geometry import choose_lock_host, lock_position, patch_box
 from .math import bounds, detector
-from .math.trigger import ascend, quantise
+from .math.disruption import bias_disruption, sign_disruption
+from .math.trigger import ascend, quantise, refine_occlusion
 from .passes.conduit import ConduitPlan, apply_conduit, conduit_taps, plan_conduit, prepare_conduit
 from .passes.lock import insert_gate
 from .patch import Patch, paste_pixels, smooth_backgrounds
@@ -46,7 +50,6 @@ from .runtime import run_batches, session, with_outputs
 from .scoring import detector_scores
 from .stainer import RADIUS_MARGIN, calibration_pixels
 
-MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
 # The patch alone decides the detectors' input at the lock position, so its 8-bit onnxruntime score
 # is exactly what every patched image gives: a small safety factor is enough (a stain's trigger is a
 # whole image that must survive its own PNG round trip, hence the stainer's larger factors).
@@ -94,51 +97,6 @@ class LockResult:
     notes: list[str]
     model_sha256: str
     occlusion: dict[str, float] | None = None  # occlusion-aware refinement: steps, KL at start and end
-
-
-def lock_position(host: HostLayer) -> tuple[int, int]:
-    """The first diagonal output position ``(a, a)`` whose host window lies inside the host's input map.
-
-    At the very corner of a ``k×k`` host most of the window is zero padding: those feature
-    coordinates cannot be moved by any patch, so the detector's reach shrinks. One step in (for a
-    ``1×1`` host, none) every coordinate is live, and the position still depends only on the pixels
-    of its receptive field, which the patch covers entirely.
-    """
-    out = []
-    for pad, stride in ((host.pads[0], host.strides[0]), (host.pads[1], host.strides[1])):
-        out.append(-(-pad // stride))  # ceil(pad / stride): first a with a·stride − pad ≥ 0
-    return out[0], out[1]
-
-
-def patch_box(host: HostLayer, position: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
-    """(top, left, h, w) of the in-image receptive field of the host's output ``position``."""
-    assert host.receptive_field is not None
-    top, left, bottom, right = host.receptive_field.box(*position, height, width)
-    return top, left, bottom - top + 1, right - left + 1
-
-
-def choose_lock_host(hosts: list[HostLayer], layer: str | None, height: int, width: int) -> HostLayer:
-    convs = [h for h in hosts if h.op == "Conv" and h.receptive_field is not None and h.out_hw]
-    if layer is not None:
-        match = [h for h in convs if h.name == layer]
-        if not match:
-            raise BadInputError(f"no Conv layer named {layer!r} with a known receptive field (see `onnxstain inspect`)")
-        if not match[0].usable:
-            raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {match[0].reason}")
-        return match[0]
-    fitting = []
-    for h in convs:
-        if not h.usable:
-            continue
-        if h.out_hw is None or any(a >= n for a, n in zip(lock_position(h), h.out_hw, strict=True)):
-            continue
-        _, _, ph, pw = patch_box(h, lock_position(h), height, width)
-        if ph <= MAX_PATCH_FRACTION * height and pw <= MAX_PATCH_FRACTION * width:
-            fitting.append(h)
-    if not fitting:
-        raise UnsupportedModelError("no Conv layer both hosts a detector and has a corner receptive field small "
-                                    f"enough for a patch (≤ {MAX_PATCH_FRACTION:.0%} of the image side)")
-    return max(fitting, key=lambda h: (h.m, h.depth))
 
 
 def lock(
@@ -198,6 +156,7 @@ def lock(
     # in place, the original with every conduit edit (the channels the lanes take are lost).
     base, plan, orig_scores = loaded.model, None, None
     if opts.kind == "inplace":
+        plan_conduit(loaded.model, host, position, head)  # refuses unsupported graphs before any pass
         plan, orig_scores = _plan_inplace(loaded.model, host, position, head, x_cal, opts, prog)
         base = prepare_conduit(loaded.model, plan)
         notes += plan.notes
@@ -294,7 +253,7 @@ def lock(
         cg = host.in_channels // host.groups
         filters = np.zeros((d, host.in_channels, *host.kernel))
         filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
-        disruption, locked_agree, chance, flipped = _sign_disruption(rng, pooled, nat_scores, cols)
+        disruption, locked_agree, chance, flipped = sign_disruption(rng, pooled, nat_scores, cols)
         locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
         white_box = {"tensor": fired, "channel": None, "position": None, "expected": 1.0}
         lock_info: dict = {"flipped_features": flipped}
@@ -306,7 +265,7 @@ def lock(
         weight = (gain * dirs[0]).reshape(host.in_channels // host.groups, *host.kernel)
         bias = -gain * (tau0 + float(dirs[0] @ stats.centre))
         b_orig = _head_bias(view, head)
-        b_lock, locked_agree, chance, spread = _bias_disruption(rng, nat_scores, orig_scores, b_orig)
+        b_lock, locked_agree, chance, spread = bias_disruption(rng, nat_scores, orig_scores, b_orig)
         conduit = apply_conduit(loaded.model, plan, weight, bias, b_lock, signal=signal)
         locked = conduit.model
         channel = conduit.channels[0][1]
@@ -392,7 +351,6 @@ def lock(
 def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask, pixels, nat_scores, tau0,
             opts: LockOptions, rng: np.random.Generator, tap_sess, grey, prog: Progress):
     """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)`` or None if it fails 8-bit."""
-    from .math.trigger import refine_occlusion
     from .scoring import detector_scores, model_logits
     from .torchprefix import TorchPrefix
 
@@ -447,54 +405,6 @@ def _head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:
     return view.array(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
 
 
-def _bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray,
-                     bias: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-    """The in-place lock's disruption: a random logit bias ``b + k σ u`` (``u`` standard normal, ``σ``
-    the mean per-image spread of the original's logits) with the smallest ``k`` that brings top-1
-    agreement with the original down to chance plus one point on the calibration images (exact:
-    without the patch the locked scores are the base model's with the bias swapped). A bias shift is
-    all an in-place lock can add without the patch, so a large ``k`` concentrates the predictions on
-    few classes; the audit reports it."""
-    base = orig_scores.argmax(1)
-    chance = 1.0 / orig_scores.shape[1]
-    spread = float(orig_scores.std(axis=1).mean())
-    u = rng.standard_normal(orig_scores.shape[1])
-    agree, k = 1.0, 1.0
-    for k in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
-        b_lock = bias + k * spread * u
-        agree = float(np.mean((base_scores - bias + b_lock).argmax(1) == base))
-        if agree <= chance + 0.01:
-            break
-    return bias + k * spread * u, agree, chance, k
-
-
 def _head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
     w = view.array(head.weight).astype(np.float64)
     return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)
-
-
-def _sign_disruption(rng: np.random.Generator, pooled: np.ndarray, scores: np.ndarray,
-                     cols: np.ndarray, tries: int = 8) -> tuple[np.ndarray, float, float, int]:
-    """The gate's disruption ``m``: −2 on a random half of the head's input features, 0 elsewhere.
-
-    Locked, the gate multiplies the features by ``1 + m``: half of them change sign, magnitudes stay
-    the same, and the predictions stay input-dependent but unrelated to the original's. (A random
-    per-feature scale leaves a few percent agreement even when large, and a random logit bias large
-    enough to break the model collapses it onto one class.) Locked scores are exact,
-    ``scores + cols · (features ⊙ m)``, so the agreement on the calibration images is computed here;
-    a pattern is redrawn (seeded) until it is at most chance (1/K) plus one point.
-    """
-    base = scores.argmax(1)
-    n = pooled.shape[1]
-    chance = 1.0 / scores.shape[1]
-    best: tuple[float, np.ndarray] | None = None
-    for _ in range(tries):
-        m = np.zeros(n)
-        m[rng.permutation(n)[: n // 2]] = -2.0
-        agree = float(np.mean((scores + (pooled * m) @ cols.T).argmax(1) == base))
-        if best is None or agree < best[0]:
-            best = (agree, m)
-        if agree <= chance + 0.01:
-            break
-    assert best is not None
-    return best[1], best[0], chance, n // 2

@@ -1,0 +1,53 @@
+"""Where a lock's detector sits and which pixels its patch covers (ONNX host facts, no math)."""
+
+from __future__ import annotations
+
+from ._onnx.hosts import HostLayer
+from .errors import BadInputError, UnsupportedModelError
+
+MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
+
+
+def lock_position(host: HostLayer) -> tuple[int, int]:
+    """The first diagonal output position ``(a, a)`` whose host window lies inside the host's input map.
+
+    At the very corner of a ``k×k`` host most of the window is zero padding: those feature
+    coordinates cannot be moved by any patch, so the detector's reach shrinks. One step in (for a
+    ``1×1`` host, none) every coordinate is live, and the position still depends only on the pixels
+    of its receptive field, which the patch covers entirely.
+    """
+    out = []
+    for pad, stride in ((host.pads[0], host.strides[0]), (host.pads[1], host.strides[1])):
+        out.append(-(-pad // stride))  # ceil(pad / stride): first a with a·stride − pad ≥ 0
+    return out[0], out[1]
+
+
+def patch_box(host: HostLayer, position: tuple[int, int], height: int, width: int) -> tuple[int, int, int, int]:
+    """(top, left, h, w) of the in-image receptive field of the host's output ``position``."""
+    assert host.receptive_field is not None
+    top, left, bottom, right = host.receptive_field.box(*position, height, width)
+    return top, left, bottom - top + 1, right - left + 1
+
+
+def choose_lock_host(hosts: list[HostLayer], layer: str | None, height: int, width: int) -> HostLayer:
+    convs = [h for h in hosts if h.op == "Conv" and h.receptive_field is not None and h.out_hw]
+    if layer is not None:
+        match = [h for h in convs if h.name == layer]
+        if not match:
+            raise BadInputError(f"no Conv layer named {layer!r} with a known receptive field (see `onnxstain inspect`)")
+        if not match[0].usable:
+            raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {match[0].reason}")
+        return match[0]
+    fitting = []
+    for h in convs:
+        if not h.usable:
+            continue
+        if h.out_hw is None or any(a >= n for a, n in zip(lock_position(h), h.out_hw, strict=True)):
+            continue
+        _, _, ph, pw = patch_box(h, lock_position(h), height, width)
+        if ph <= MAX_PATCH_FRACTION * height and pw <= MAX_PATCH_FRACTION * width:
+            fitting.append(h)
+    if not fitting:
+        raise UnsupportedModelError("no Conv layer both hosts a detector and has a corner receptive field small "
+                                    f"enough for a patch (≤ {MAX_PATCH_FRACTION:.0%} of the image side)")
+    return max(fitting, key=lambda h: (h.m, h.depth))

@@ -1,0 +1,58 @@
+"""Lock disruptions: what a lock does to the model's outputs when the patch is absent (numpy only).
+
+Both are computed exactly from the calibration pass, because a locked model's unpatched outputs are
+a known function of the original's: the gate multiplies the classifier's input features by ``1 + m``
+(:func:`sign_disruption`), the in-place lock swaps the classifier's bias (:func:`bias_disruption`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def sign_disruption(rng: np.random.Generator, pooled: np.ndarray, scores: np.ndarray,
+                     cols: np.ndarray, tries: int = 8) -> tuple[np.ndarray, float, float, int]:
+    """The gate's disruption ``m``: −2 on a random half of the head's input features, 0 elsewhere.
+
+    Locked, the gate multiplies the features by ``1 + m``: half of them change sign, magnitudes stay
+    the same, and the predictions stay input-dependent but unrelated to the original's. (A random
+    per-feature scale leaves a few percent agreement even when large, and a random logit bias large
+    enough to break the model collapses it onto one class.) Locked scores are exact,
+    ``scores + cols · (features ⊙ m)``, so the agreement on the calibration images is computed here;
+    a pattern is redrawn (seeded) until it is at most chance (1/K) plus one point.
+    """
+    base = scores.argmax(1)
+    n = pooled.shape[1]
+    chance = 1.0 / scores.shape[1]
+    best: tuple[float, np.ndarray] | None = None
+    for _ in range(tries):
+        m = np.zeros(n)
+        m[rng.permutation(n)[: n // 2]] = -2.0
+        agree = float(np.mean((scores + (pooled * m) @ cols.T).argmax(1) == base))
+        if best is None or agree < best[0]:
+            best = (agree, m)
+        if agree <= chance + 0.01:
+            break
+    assert best is not None
+    return best[1], best[0], chance, n // 2
+
+
+def bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray,
+                     bias: np.ndarray) -> tuple[np.ndarray, float, float, float]:
+    """The in-place lock's disruption: a random logit bias ``b + k σ u`` (``u`` standard normal, ``σ``
+    the mean per-image spread of the original's logits) with the smallest ``k`` that brings top-1
+    agreement with the original down to chance plus one point on the calibration images (exact:
+    without the patch the locked scores are the base model's with the bias swapped). A bias shift is
+    all an in-place lock can add without the patch, so a large ``k`` concentrates the predictions on
+    few classes; the audit reports it."""
+    base = orig_scores.argmax(1)
+    chance = 1.0 / orig_scores.shape[1]
+    spread = float(orig_scores.std(axis=1).mean())
+    u = rng.standard_normal(orig_scores.shape[1])
+    agree, k = 1.0, 1.0
+    for k in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
+        b_lock = bias + k * spread * u
+        agree = float(np.mean((base_scores - bias + b_lock).argmax(1) == base))
+        if agree <= chance + 0.01:
+            break
+    return bias + k * spread * u, agree, chance, k
