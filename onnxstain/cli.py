@@ -283,6 +283,10 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
     con.print(f"    {res.bound.statement}")
     con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
               f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
+    if res.unlocked_agreement < 1.0:
+        con.print(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
+                  f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
+                  f"--kind gate restores the original exactly")
     con.print(f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}")
     con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
     for note in res.notes:

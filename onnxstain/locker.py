@@ -88,6 +88,7 @@ class LockResult:
     natural_firings: int
     natural_samples: int
     locked_agreement: float
+    unlocked_agreement: float  # with the patch's signal, vs the original, on clean calibration images (gate: 1)
     chance: float
     flipped_features: int
     calibration_images: int
@@ -173,6 +174,8 @@ def lock(
     pooled = cal[features].astype(np.float64).reshape(len(x_cal), -1)
     if orig_scores is None:
         orig_scores = nat_scores
+    # What the unlocked model loses against the original (in place: the conduit channels), on clean images.
+    unlocked_agree = float(np.mean(nat_scores.argmax(1) == orig_scores.argmax(1)))
     timings["calibration"] = time.perf_counter() - t1
 
     # -- patch search ----------------------------------------------------------------------------------
@@ -326,7 +329,8 @@ def lock(
                        "unpatched_scores": encode_array(want[n:])},
         "white_box": white_box,
         "occlusion": occlusion,
-        "lock": {**lock_info, "calibration_locked_agreement": locked_agree, "chance": chance},
+        "lock": {**lock_info, "calibration_locked_agreement": locked_agree, "chance": chance,
+                 "calibration_unlocked_agreement": unlocked_agree},
         "bound": bound.to_dict(),
         "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
                         "radius": radius, "radius_quantiles": stats.radius_quantiles,
@@ -342,7 +346,8 @@ def lock(
         output=out_path, kind=opts.kind, key_path=key_path, record_path=record, host=host.name, detectors=d,
         patch_box=(top, left, ph, pw), bound=bound, threshold=tau0, trigger_scores=[float(s) for s in s_t],
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings, natural_samples=int(s_nat[:, 0].size),
-        locked_agreement=locked_agree, chance=chance, flipped_features=flipped, calibration_images=len(x_cal),
+        locked_agreement=locked_agree, unlocked_agreement=unlocked_agree, chance=chance, flipped_features=flipped,
+        calibration_images=len(x_cal),
         draws=draws, search_steps=steps_total, timings=timings, notes=notes, model_sha256=digest,
         occlusion=occlusion,
     )
