@@ -34,7 +34,7 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError
-from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _host_from_key, _images, _json_safe, _scores_output
+from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
 from .features import neuron_inputs
 from .keys import Key
 from .math import bounds
@@ -184,6 +184,18 @@ def variants(patch: Patch, height: int, width: int, seed: int) -> dict[str, tupl
     return out
 
 
+def _lock_host_from_key(loaded, key: Key):
+    """The key's detector host, rebuilt from the ORIGINAL model (a Conv, or a Conv's activated output)."""
+    from .errors import KeyMismatchError
+    from .lock_geometry import lock_hosts
+
+    kh = key["host"]
+    match = [h for h in lock_hosts(loaded.model) if h.name == kh["name"]]
+    if not match or match[0].input != kh["input"] or match[0].m != int(kh["m"]):
+        raise KeyMismatchError(f"the original model has no detector host {kh['name']!r} as the key describes it")
+    return match[0]
+
+
 # -- the audit -------------------------------------------------------------------------------------------
 def audit_lock(
     original: str | Path,
@@ -210,7 +222,7 @@ def audit_lock(
     pre = Preprocessing.from_dict(key["preprocessing"])
     t = key["trigger"]
     patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
-    host = _host_from_key(orig, key)
+    host = _lock_host_from_key(orig, key)
     oview, lview = GraphView(orig.model), GraphView(lck.model)
     o_scores = _scores_output(oview, key["model"]["scores"], "original")
     l_scores = _scores_output(lview, key["model"]["scores"], "locked")

@@ -56,6 +56,7 @@ def ascend(
     radius_weight: float = 0.3,
     progress: Callable[[int, float], None] | None = None,
     check_every: int = 10,
+    abandon: tuple[int, float] | None = None,
 ) -> AscentResult:
     """Drive the detector scores above ``score_target`` while keeping the feature radius small.
 
@@ -67,6 +68,9 @@ def ascend(
     from firing on it). ``λ`` adapts every ``check_every`` steps (down while the scores are short of
     the target, up once they pass it); the search stops as soon as ``accept(min_score, radii)``.
     ``free_mask`` (``[H, W]`` bool) restricts which pixels may change (a patch).
+    ``abandon=(step, score)`` gives up at ``step`` when the best score is still below ``score``: how
+    high a direction can be driven varies a lot between random directions, and a hopeless one shows
+    early, so a caller that may redraw the direction saves the rest of the budget.
     """
     import torch
 
@@ -107,6 +111,8 @@ def ascend(
                 reached = True
                 break
             lam = lam * 0.7 if smin < score_target else lam * 1.3
+        if abandon is not None and step == abandon[0] and best[0] < abandon[1]:
+            break
         opt.step()
         with torch.no_grad():
             param.clamp_(0.0, 255.0)
