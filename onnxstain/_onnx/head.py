@@ -1,10 +1,10 @@
 """The classifier head, and how a host channel reaches it.
 
 ``find_head`` finds the layer producing the model's scores: a Gemm (or MatMul + Add) whose output
-is the graph output, possibly through Softmax/Identity or a Cast between float types. ``direct_route`` tells whether a host's
-activated channel ``k`` reaches that head as feature ``k`` through pooling and reshaping only
-(GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then Flatten / Reshape / Squeeze), which
-is what an in-place route through existing channels needs.
+is the graph output, possibly through Softmax/Identity or a Cast between float types.
+``direct_route`` tells whether a host's activated channel ``k`` reaches that head as feature ``k``
+through pooling and reshaping only (GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then
+Flatten / Reshape / Squeeze), which is what an in-place route through existing channels needs.
 """
 
 from __future__ import annotations
