@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ._onnx.tensors import external_folder
 from .errors import BadInputError, BadModelError
 
 _ELEM_FLOAT = onnx.TensorProto.FLOAT
@@ -41,7 +42,16 @@ def session(
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
-    data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else model
+    if isinstance(model, onnx.ModelProto):
+        folder = external_folder(model)
+        if folder is not None:  # weights left on disk by load_model: tell onnxruntime where
+            opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+            # onnxruntime maps external data into memory; pre-packing would copy every weight
+            # (twice, briefly): without it a session of a multi-GB model costs no anonymous memory.
+            opts.add_session_config_entry("session.disable_prepacking", "1")
+        data = model.SerializeToString()
+    else:
+        data = model
     try:
         return ort.InferenceSession(data, sess_options=opts, providers=resolve_providers(providers))
     except Exception as exc:  # ORT raises its own exception types

@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from onnxstain._onnx.tensors import tensor_array
 from onnxstain.errors import BadInputError, UnsupportedModelError
 
 __all__ = ["SUPPORTED_OPS", "TorchPrefix", "torch_prefix"]
@@ -127,7 +128,9 @@ def _np_to_torch(arr: np.ndarray, fdtype: torch.dtype) -> torch.Tensor:
         arr = arr.astype(np.float32 if "float" in arr.dtype.name else np.int16)
     kind = arr.dtype.kind
     if kind == "f":
-        return torch.from_numpy(np.array(arr)).to(fdtype)
+        # a fresh writable array (external data read from disk) is used as is: no transient copy
+        fresh = arr.flags.writeable and arr.flags.c_contiguous
+        return torch.from_numpy(arr if fresh else np.array(arr)).to(fdtype)
     if kind == "u" and arr.dtype.itemsize > 1:
         arr = arr.astype(np.int64)
     return torch.from_numpy(np.array(arr))
@@ -1472,7 +1475,8 @@ class TorchPrefix(torch.nn.Module):
                 return consts[name]
             if name in inits and name not in dynamic:
                 try:
-                    consts[name] = _np_to_torch(numpy_helper.to_array(inits[name]), dtype)
+                    # external data is mapped from its file, not copied
+                    consts[name] = _np_to_torch(tensor_array(inits[name], mapped=True), dtype)
                 except TypeError as e:
                     raise UnsupportedModelError(f"initializer {name!r}: {e}") from None
                 return consts[name]

@@ -1,10 +1,15 @@
 """Reading and writing ONNX files safely.
 
 * ``load_model`` gives one clear :class:`BadModelError` for anything that is not a valid ONNX model
-  (missing, not protobuf, truncated, fails the checker), and loads external data.
+  (missing, not protobuf, truncated, fails the checker). External data above
+  ``LAZY_EXTERNAL_BYTES`` stays on disk: the tensors point at it (see :mod:`.tensors`) and are read
+  when needed, so a model of several GB costs no more memory than the tensors actually used
+  (onnxruntime maps the file while it runs). Smaller external data is read into memory.
 * ``save_model`` restores the source's ``ir_version``, ``opset_import``, producer fields, domain,
   ``model_version``, ``doc_string`` and ``metadata_props``; runs the path-based ``onnx.checker`` on a
   temporary file; and only then renames it into place, so a failure never leaves a half-written file.
+  With external data it streams each tensor to ``<name>.data`` (unchanged tensors are copied from
+  the source's data file chunk by chunk), so the weights are never all in memory at once.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
+from onnx import numpy_helper
 
 from ..errors import BadInputError, BadModelError
+from . import tensors
 
 # Protobuf cannot serialise a message of 2 GiB or more; above this size weights go to a side file.
 _PROTO_LIMIT = 2**31 - 2**24
+# External data up to this size is read into memory at load time; larger stays on disk.
+LAZY_EXTERNAL_BYTES = 256 * 2**20
 
 
 @dataclasses.dataclass
@@ -49,9 +58,7 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _uses_external_data(model: onnx.ModelProto) -> bool:
-    return any(
-        init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer
-    )
+    return tensors.uses_external_data(model)
 
 
 def load_model(path: str | Path, check: bool = True) -> LoadedModel:
@@ -77,10 +84,18 @@ def load_model(path: str | Path, check: bool = True) -> LoadedModel:
             raise BadModelError(f"{p} fails the ONNX checker: {_one_line(exc)}") from None
     if external:
         try:
-            onnx.load_external_data_for_model(head, str(p.parent))
+            files = tensors.make_root_relative(head, p.parent)
+            if sum(f.stat().st_size for f in files) <= LAZY_EXTERNAL_BYTES:
+                _load_into_memory(head)
         except Exception as exc:
             raise BadModelError(f"{p}: cannot read its external data ({_one_line(exc)})") from None
     return LoadedModel(model=head, path=p, sha256=sha256_file(p), external_data=external)
+
+
+def _load_into_memory(model: onnx.ModelProto) -> None:
+    for t in model.graph.initializer:
+        if tensors.is_external(t):
+            t.CopyFrom(numpy_helper.from_array(tensors.tensor_array(t), t.name))
 
 
 def restore_model_fields(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
@@ -131,20 +146,14 @@ def save_model(
         check_output_path(out, source.path)
         restore_model_fields(model, source.model)
     if external_data is None:
-        external_data = (source is not None and source.external_data) or model.ByteSize() > _PROTO_LIMIT
+        external_data = ((source is not None and source.external_data) or _uses_external_data(model)
+                         or model.ByteSize() > _PROTO_LIMIT)
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         tmp_model = tmpdir / out.name
         data_name = f"{out.name}.data"
         if external_data:
-            onnx.save_model(
-                model,
-                str(tmp_model),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=data_name,
-                size_threshold=0,
-            )
+            _save_streaming(model, tmp_model, data_name)
         else:
             onnx.save_model(model, str(tmp_model))
         try:
@@ -159,6 +168,69 @@ def save_model(
         return digest
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+_ALIGN = 4096  # page-aligned offsets let onnxruntime map the data file instead of copying it
+_CHUNK = 1 << 24
+_INLINE_BELOW = 0  # bytes: smaller tensors stay in the protobuf (0: every tensor goes to the data file)
+
+
+def _save_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
+    """Write ``model`` with every tensor of ``_INLINE_BELOW`` bytes or more in ``data_name`` beside it.
+
+    ``model`` is not modified. Tensors held on disk are copied from their file in chunks;
+    in-memory ones are written from their bytes.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)  # cheap: external tensors carry no data
+    with open(path.parent / data_name, "wb") as fh:
+        for t in out.graph.initializer:
+            if tensors.is_external(t):
+                src, offset, length = tensors.external_info(t)
+                if length is None:
+                    length = src.stat().st_size - offset
+                start = _pad(fh)
+                with open(src, "rb") as sf:
+                    sf.seek(offset)
+                    left = length
+                    while left > 0:
+                        chunk = sf.read(min(_CHUNK, left))
+                        if not chunk:
+                            raise BadModelError(f"{src} ends before the data of tensor {t.name!r}")
+                        fh.write(chunk)
+                        left -= len(chunk)
+            else:
+                raw = t.raw_data if t.HasField("raw_data") else None
+                if raw is None:
+                    if t.data_type == onnx.TensorProto.STRING:
+                        continue
+                    raw = numpy_helper.from_array(tensors.tensor_array(t)).raw_data
+                length = len(raw)
+                if length < _INLINE_BELOW:
+                    continue
+                start = _pad(fh)
+                fh.write(raw)
+                del raw
+            _set_external(t, data_name, start, length)
+    onnx.save_model(out, str(path))
+
+
+def _pad(fh) -> int:
+    pos = fh.tell()
+    if pos % _ALIGN:
+        fh.write(b"\0" * (_ALIGN - pos % _ALIGN))
+    return fh.tell()
+
+
+def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                  "string_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = t.external_data.add()
+        entry.key, entry.value = key, value
+    t.data_location = onnx.TensorProto.EXTERNAL
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
