@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._onnx.graph import GraphView
+from ._onnx.head import head_input
 from ._onnx.hosts import HostLayer, layer_affine, neuron_affine
 from ._onnx.io import LoadedModel
 from .errors import BadInputError, UnsupportedModelError
@@ -90,13 +91,21 @@ def _pool(route, a: np.ndarray) -> np.ndarray:
 
 
 def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,
-                nat_scores, cls, margin_target, orig_trig) -> dict:
-    """Weights, route, and the exact prediction of the stained model's natural outputs."""
+                nat_scores, cls, margin_target, orig_trig, radius: float = 0.0) -> dict:
+    """Weights, route, and the exact prediction of the stained model's natural outputs.
+
+    The edit is computed in float64 and stored in each tensor's own format (fp32, fp16, or int8 codes
+    with per-channel scales for QDQ weights). Predictions use the weights *as stored* (read back from
+    the edited graph), and ``tau_loss`` bounds how far that storage moves the detector's threshold
+    for any φ within ``radius`` of the centre: the stored detector can only fire where the exact
+    score exceeds ``tau − tau_loss``.
+    """
     view = GraphView(loaded.model)
     hi = host.act_high
     delta = 1.25 * hi if hi is not None else 10.0
     s_trig = detector.scores(phi_t, v, c)
     signature, expected_trigger = "class", None
+    edit_notes: list[str] = []
     if opts.variant == "additive" and channel is None:
         channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
     if opts.mode == "inplace":
@@ -110,28 +119,52 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau))))
             bias_shift = col_old * pooled[:, channel].mean()
             z = orig_trig - col_old * pooled_old_t + bias_shift
+            if head.scores_range is not None:
+                # quantized scores saturate at the top code: the signature must fit below it
+                room = head.scores_range[1] - np.delete(z, cls).max() - 2 * head.scores_step
+                if room < max(4 * head.scores_step, 0.5):
+                    raise UnsupportedModelError(
+                        f"the quantized scores top out at {head.scores_range[1]:.3g}, which leaves no room for "
+                        f"an in-place class signature (margin {room:.3g}); use --mode insert or --variant additive")
+                margin_target = min(margin_target, 0.8 * room)
             strength = (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig
             column = np.zeros_like(col_old)
             column[cls] = strength
-            # Natural inputs: the channel is silent (scores stay below τ), its pooled value is 0.
-            pooled_new = np.zeros(len(pooled))
             # The trigger gives exactly Δ at its weakest selected position; a working neuron of the
             # unstained model can reach half of that, so the threshold sits close to Δ.
             wb_expected, wb_threshold = float(delta), 0.9 * float(delta)
         else:
             ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
-            g_trig = float(_pool(route, _activate(host, own_t + ed.gain * s_trig)))
             # The classifier stays as it is: the signature is the shift col_k · (g_trig − g_orig).
             column, bias_shift = col_old, np.zeros_like(col_old)
-            expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
             signature = "shift"
-            own_nat = phi_all.astype(np.float64) @ w + beta
-            pooled_new = _pool(route, _activate(host, own_nat + ed.gain * detector.scores(phi_all, v, c)))
-            wb_expected = float(np.min((own_t + ed.gain * s_trig)[sel]))
-            wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
         model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift)
-        predicted = (nat_scores + np.outer(pooled_new, column) - np.outer(pooled[:, channel], col_old)
-                     + bias_shift)
+        # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
+        stored = GraphView(model)
+        w_eff, b_eff = neuron_affine(stored, host, channel)
+        own_t_eff = phi_t.astype(np.float64) @ w_eff + b_eff
+        own_nat = phi_all.astype(np.float64) @ w_eff + b_eff
+        pooled_new = _pool(route, _activate(host, own_nat))
+        # (non-additive: natural inputs keep the channel silent, scores below τ, so pooled_new is 0)
+        if opts.variant == "additive":
+            g_trig = float(_pool(route, _activate(host, own_t_eff)))
+            expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
+            wb_expected = float(np.min(own_t_eff[sel]))
+            wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
+        w_old, c_old = stain_pass.head_affine(loaded.model, head)
+        w_new, c_new = stain_pass.head_affine(model, head)
+        feats = pooled.copy()
+        feats[:, channel] = pooled_new
+        predicted = nat_scores + (feats @ w_new.T + c_new) - (pooled @ w_old.T + c_old)
+        tau_loss = _threshold_loss(ed, w_eff, b_eff, c, radius)
+        tolerance = _quantization_tolerance(stored, host, head, w_new[:, channel])
+        moved = np.abs(np.delete(w_new - w_old, channel, axis=1)).max(axis=1)  # other features' weights
+        if moved.max() > 0:
+            worst = int(np.argmax(moved))
+            edit_notes.append(
+                f"the quantized classifier row of class {worst} was re-encoded with a coarser scale to hold the "
+                f"signature: its natural scores move by up to {np.abs(predicted - nat_scores)[:, worst].max():.3g} "
+                "(--mode insert or --variant additive leave the classifier as it is)")
         tap, tap_channel = host.output, channel
     else:
         if opts.variant == "non-additive":
@@ -167,9 +200,47 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         predicted = nat_scores.copy()
         tap, tap_channel = signal, 0
         wb_expected, wb_threshold = 1.0, 0.5
+        dtype = stain_pass.branch_dtype(GraphView(loaded.model), head)
+        stored_w = ed.weights.astype(dtype).astype(np.float64)
+        tau_loss = _threshold_loss(ed, stored_w, float(np.asarray(ed.bias).astype(dtype)), c, radius)
+        tolerance = 0.0
     return {"model": model, "predicted": predicted, "gain": float(ed.gain), "delta": float(ed.delta),
             "signature": signature, "expected_trigger": expected_trigger, "channel": channel,
-            "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold}
+            "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold,
+            "margin_target": float(margin_target), "tau_loss": float(tau_loss), "tolerance": float(tolerance),
+            "notes": edit_notes}
+
+
+def _threshold_loss(ed: detector.NeuronEdit, w_eff: np.ndarray, b_eff: float, c: np.ndarray,
+                    radius: float) -> float:
+    """How much lower than τ the exact score may be where the stored neuron already fires.
+
+    Stored = intended + (Δw, Δb). For ‖φ − c‖ ≤ R the extra pre-activation is at most
+    ``‖Δw‖ R + |Δw·c + Δb|``; divided by the detector's gain it is a loss of threshold.
+    """
+    dw = np.asarray(w_eff, np.float64) - np.asarray(ed.weights, np.float64)
+    db = float(b_eff) - float(ed.bias)
+    return float((np.linalg.norm(dw) * radius + abs(float(dw @ c) + db)) / ed.gain)
+
+
+def _quantization_tolerance(view: GraphView, host: HostLayer, head, column: np.ndarray) -> float:
+    """Extra error allowed between predicted and computed natural scores in a QDQ model.
+
+    The scores are rounded to their own step (on both the original's and the stained model's side);
+    the edited channel's pooled value to the steps of the host's and the pooled features' Q → DQ.
+    """
+    if head.scores_step == 0.0 and not view.is_quantized(view.find_node(host.name).input[1]):
+        return 0.0
+    steps = [_dq_step(view, host.act_output), _dq_step(view, head_input(view, head))]
+    return 2.0 * head.scores_step + float(np.abs(column).max()) * sum(steps)
+
+
+def _dq_step(view: GraphView, tensor: str | None) -> float:
+    node = view.producer.get(tensor) if tensor else None
+    if node is None or node.op_type != "DequantizeLinear":
+        return 0.0
+    scale = view.array(node.input[1])
+    return float(np.max(scale)) if scale is not None else 0.0
 
 
 def _as_filters(host: HostLayer, rows: np.ndarray) -> np.ndarray:

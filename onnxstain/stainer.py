@@ -13,6 +13,15 @@ The stages (timed in :class:`StainResult.timings`):
 5. **checks** — onnxruntime on the written model: the trigger shows the signature; natural
    images are unaffected (exactly predicted for in-place edits, bit-identical for insert).
 6. **save** — atomic write of the model (checked), the key (0600) and the public record.
+
+Formats: edits are computed in float64 and stored in each weight's own format — fp16 stays fp16;
+int8 QDQ weights (per-channel) are re-encoded with a new scale for the edited channel only (a
+per-tensor weight is refused for in-place edits, before any work). What is stored is read back:
+predictions use it, and the detector threshold is raised by the worst-case effect of its rounding
+so the bound still holds. The checks then run the stored model in its own dtype (an fp16 or QDQ
+onnxruntime session). Weights in ``Constant`` nodes are edited there; shared weights are copied
+first. Models of more than ``LEAN_BYTES`` of weights (external data) never have them in
+onnxruntime and in the torch prefix at once.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from .signature import class_margin, shift_score, top1_margins
 Mode = Literal["inplace", "insert"]
 Variant = Literal["non-additive", "additive"]
 
+LEAN_BYTES = 256 * 2**20  # above this much weight data, onnxruntime and torch hold it in turn
 RADIUS_MARGIN = 1.25  # R = 1.25 × the largest calibration radius
 SEARCH_FACTOR = 1.35  # the search aims at scores ≥ 1.35 τ0 at every selected position ...
 ACCEPT_FACTOR = 1.25  # ... and the 8-bit trigger must keep ≥ 1.25 τ0 (re-scored by onnxruntime)
@@ -177,6 +187,8 @@ def stain(
                                     "the black-box signature needs one")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
+    if opts.mode == "inplace":
+        _check_quantized_weights(view, host, head, opts.variant)
     route = None
     if opts.mode == "inplace":
         route, _ = head_mod.direct_route(view, host, head)
@@ -189,9 +201,14 @@ def stain(
     pixels = calibration_pixels(images, pre, prog)
     x_cal = pre.to_input(pixels)
     taps = [host.input, head.scores, head_mod.head_input(view, head)]
-    sess = session(with_outputs(loaded.model, taps), opts.providers)
+    tapped = with_outputs(loaded.model, taps)
+    sess = session(tapped, opts.providers)
     with prog.task("calibration pass", total=len(x_cal)) as task:
         cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
+    # A large model never has its weights in onnxruntime and in the torch prefix at the same time.
+    lean = weight_bytes(loaded.model) > LEAN_BYTES
+    if lean:
+        sess = None
     phi_all = neuron_inputs(host, cal[host.input])  # group 0 for now
     group = 0
     stats = detector.FeatureStats.from_features(phi_all)
@@ -211,7 +228,7 @@ def stain(
     from .torchprefix import TorchPrefix
 
     torch.manual_seed(seed % (2**31))
-    prefix = TorchPrefix(loaded.model, [host.input])
+    prefix = None
     target = SEARCH_FACTOR * tau0
     weights = np.full(host.positions, opts.max_draws)
 
@@ -231,6 +248,8 @@ def stain(
                 continue
             soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
             init = pixels[int(np.argmax(soft))].astype(np.float64)
+            if prefix is None:
+                prefix = TorchPrefix(loaded.model, [host.input])
             fn = detector_scores(prefix, host, pre, v[None], stats.centre, group, sel)
 
             def report(step, smin, task=task, draw=draw):
@@ -240,20 +259,29 @@ def stain(
                          progress=report)
             steps_total += res.steps
             trig = quantise(res.pixels)
-            phi_t = neuron_inputs(host, run_batches(sess, pre.to_input(trig), [host.input])[host.input])[0]
+            if lean:
+                prefix = fn = None
+            if sess is None:
+                sess = session(tapped, opts.providers)
+            got_t = run_batches(sess, pre.to_input(trig), [host.input, head.scores])
+            if lean:
+                sess = None
+            phi_t = neuron_inputs(host, got_t[host.input])[0]
+            orig_trig_scores = got_t[head.scores][0]
             s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[sel].min())
             if s_star < ACCEPT_FACTOR * tau0:
                 notes.append(f"draw {draw}: the 8-bit trigger reached {s_star:.3g} < {ACCEPT_FACTOR} τ0 = "
                              f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
                 continue
-            accepted = (v, trig, phi_t, s_t, s_star, s_nat)
+            accepted = (v, trig, phi_t, s_t, s_star, s_nat, orig_trig_scores)
             break
     if accepted is None:
         raise UnreachableBoundError(
             f"no trigger reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} (τ0/R = "
             f"{tau0 / radius:.2f}) within {opts.max_draws} draws; {_easier_layers(hosts, opts)}")
-    v, trig, phi_t, s_t, s_star, s_nat = accepted
+    v, trig, phi_t, s_t, s_star, s_nat, orig_trig_scores = accepted
+    prefix = fn = sess = None  # free the torch prefix and the calibration session before the edit
     timings["trigger_search"] = time.perf_counter() - t2
 
     # -- edit ----------------------------------------------------------------------------------------------
@@ -261,11 +289,29 @@ def stain(
     tau = tau0
     bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
     trig_input = pre.to_input(trig)
-    orig_trig_scores = run_batches(sess, trig_input, [head.scores])[head.scores][0]  # calibration session
     cls = stain_edit.signature_class(opts, rng, nat_scores, orig_trig_scores)
     margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(nat_scores), 0.99)))
     edit = stain_edit.build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,
-                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores)
+                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores, radius)
+    if edit["tau_loss"] > 1e-6 * tau0:
+        # fp16 or int8 storage moves the detector's threshold: raise it so that the stored detector
+        # fires only where the exact score exceeds τ0 (the bound's threshold), then check again.
+        tau = tau0 + 1.5 * edit["tau_loss"]
+        if tau >= s_star:
+            raise UnsupportedModelError(
+                f"storing the detector in this model's weight format moves its threshold by {edit['tau_loss']:.3g}, "
+                f"beyond the trigger's margin ({s_star - tau0:.3g}); try another --seed or a larger --fpr")
+        edit = stain_edit.build_edit(opts, host, head, route, loaded, edit["channel"], v, stats.centre, tau, s_star,
+                                     phi_t, phi_all, sel, pooled, nat_scores, cls, margin_target, orig_trig_scores,
+                                     radius)
+        if tau - edit["tau_loss"] < tau0:
+            raise UnsupportedModelError(
+                f"internal check failed: the stored detector's threshold {tau - edit['tau_loss']:.4g} is below "
+                f"τ0 = {tau0:.4g}")
+        notes.append(f"detector threshold raised from {tau0:.4g} to {tau:.4g} to cover the rounding of the "
+                     "model's weight format")
+    margin_target = edit["margin_target"]
+    notes += edit["notes"]
     stained = edit["model"]
     channel = edit["channel"]
     timings["edit"] = time.perf_counter() - t3
@@ -278,7 +324,10 @@ def stain(
     got = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
     if edit["signature"] == "shift":
         trig_margin = float(shift_score(got[0], orig_trig_scores, edit["expected_trigger"]))
-        if abs(trig_margin - 1.0) > 0.05:
+        # quantized scores (QDQ) round the shift: allow their error along the expected direction
+        shift = float(np.linalg.norm(edit["expected_trigger"] - orig_trig_scores))
+        slack = 0.05 + edit["tolerance"] * np.sqrt(len(orig_trig_scores)) / max(shift, 1e-12)
+        if abs(trig_margin - 1.0) > min(slack, 0.5):
             raise UnsupportedModelError(f"internal check failed: trigger shift score {trig_margin:.3g} (expected 1)")
         signature = {"type": "shift", "class": cls, "original": encode_array(orig_trig_scores),
                      "expected": encode_array(got[0]), "expected_margin": 1.0, "threshold": 0.5,
@@ -292,12 +341,15 @@ def stain(
     predicted = edit["predicted"]
     err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
     scale = float(np.abs(nat_scores).max())
-    if err > 1e-3 * max(scale, 1.0):
+    # fp16 scores carry about 1e-3 relative rounding; QDQ scores one step of their quantization
+    eps = float(np.finfo(got.dtype).eps) if np.issubdtype(got.dtype, np.floating) else 0.0
+    if err > max(1e-3, 8 * eps) * max(scale, 1.0) + edit["tolerance"]:
         raise UnsupportedModelError(f"internal check failed: natural outputs differ from the prediction by {err:.3g}")
     agreement = float(np.mean(predicted.argmax(1) == nat_scores.argmax(1)))
     max_delta = float(np.abs(predicted - nat_scores).max()) if opts.mode == "inplace" else float(
         np.abs(got[1:].astype(np.float64) - nat_scores[:n_check]).max())
     natural_firings = int((s_nat > tau).sum())
+    check_sess = None
     timings["checks"] = time.perf_counter() - t4
 
     # -- save ----------------------------------------------------------------------------------------------
@@ -347,6 +399,37 @@ def stain(
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
         model_sha256=digest,
     )
+
+
+def _check_quantized_weights(view: GraphView, host: HostLayer, head: head_mod.Head, variant: str) -> None:
+    """Refuse, before any work, an in-place edit of int8 weights quantized per tensor.
+
+    A per-channel weight takes the edit with a new scale for the edited channel only; a per-tensor
+    one would have to re-encode every channel (or saturate), so it is refused with the ways out.
+    """
+    edited = [("host layer", host.weight)]
+    if variant == "non-additive":
+        edited.append(("classifier", head.weight))
+    for what, tensor in edited:
+        if view.is_quantized(tensor) and not view.quantized(tensor).per_axis:
+            raise UnsupportedModelError(
+                f"the {what} weight {tensor!r} is int8 quantized per tensor: an in-place stain needs per-channel "
+                "scales; quantize with per_channel=True, use --mode insert, or stain the float model and "
+                "quantize afterwards")
+
+
+def weight_bytes(model) -> int:
+    """Bytes of initializer data, whether in memory or in external data."""
+    from ._onnx.tensors import external_info, is_external
+
+    total = 0
+    for t in model.graph.initializer:
+        if is_external(t):
+            length = external_info(t)[2]
+            total += length if length is not None else 0
+        else:
+            total += t.ByteSize()
+    return total
 
 
 def _easier_layers(hosts: list[HostLayer], opts: StainOptions) -> str:

@@ -1,8 +1,15 @@
 """A read/write view of an ONNX graph: who produces and consumes each tensor, and weight access.
 
-Weights can be initializers or ``Constant`` nodes. Writing a weight that several nodes share makes
-a private copy for the node being edited (copy-on-write), so the other users are untouched.
-Values are written back in the tensor's own dtype (fp16 weights stay fp16).
+Weights can be initializers, ``Constant`` nodes, or the output of a ``DequantizeLinear`` of constant
+codes, scale and zero point (QDQ int8 weights): :meth:`GraphView.array` returns the dequantized
+values, and writing one re-encodes it in the quantized domain (see :mod:`.quant`: per-channel
+weights get a new scale for each edited channel only; a Conv/Gemm int32 bias keeps its scale equal
+to ``input_scale · weight_scale``). Writing a weight that several nodes share makes a private copy
+for the node being edited (copy-on-write), so the other users are untouched. Values are written
+back in the tensor's own dtype (fp16 weights stay fp16, int8 codes stay int8).
+
+``Q → DQ`` pairs on activations (fake quantization) are seen through by :meth:`skip_fake_quant`
+and described by :meth:`fake_quant`.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ from collections import defaultdict
 import numpy as np
 import onnx
 from onnx import numpy_helper
+
+from . import quant
+from .tensors import tensor_array
 
 
 class GraphView:
@@ -34,6 +44,13 @@ class GraphView:
                     self.consumers[inp].append(node)
             if node.op_type == "Constant" and any(a.name == "value" for a in node.attribute):
                 self.constant_nodes[node.output[0]] = node
+        # DequantizeLinear of constant codes / scale / zero point: a quantized weight
+        self.dequantized: dict[str, onnx.NodeProto] = {}
+        for node in g.node:
+            if (node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx")
+                    and all(self._is_stored(t) for t in node.input if t)
+                    and not self.attr(node, "block_size", 0)):
+                self.dequantized[node.output[0]] = node
         init_names = set(self.initializers)
         self.graph_inputs = [i for i in g.input if i.name not in init_names]
         self.output_names = [o.name for o in g.output]
@@ -64,17 +81,95 @@ class GraphView:
         return 0
 
     # -- weights -----------------------------------------------------------------------------------
-    def is_constant(self, name: str) -> bool:
+    def _is_stored(self, name: str) -> bool:
         return name in self.initializers or name in self.constant_nodes
 
-    def array(self, name: str) -> np.ndarray | None:
+    def is_constant(self, name: str) -> bool:
+        return self._is_stored(name) or name in self.dequantized
+
+    def is_quantized(self, name: str) -> bool:
+        return name in self.dequantized
+
+    def _stored(self, name: str) -> np.ndarray | None:
         if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
+            return tensor_array(self.initializers[name])  # external data is read from disk
         node = self.constant_nodes.get(name)
         if node is not None:
             attr = next(a for a in node.attribute if a.name == "value")
             return numpy_helper.to_array(attr.t)
         return None
+
+    def array(self, name: str) -> np.ndarray | None:
+        """The value of a constant tensor (a quantized weight is dequantized), or None."""
+        if name in self.dequantized:
+            return self.quantized(name).dequantize()
+        return self._stored(name)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a constant tensor, without reading its data (external data stays on disk)."""
+        if name in self.initializers:
+            return tuple(int(d) for d in self.initializers[name].dims)
+        node = self.constant_nodes.get(name)
+        if node is not None:
+            return tuple(int(d) for d in next(a for a in node.attribute if a.name == "value").t.dims)
+        dq = self.dequantized.get(name)
+        if dq is not None:
+            return self.shape(dq.input[0])
+        return None
+
+    def quantized(self, name: str) -> quant.Quantized:
+        """Codes, scale, zero point and axis of the quantized weight ``name`` (a DQ output)."""
+        dq = self.dequantized[name]
+        q = self._stored(dq.input[0])
+        scale = self._stored(dq.input[1])
+        assert q is not None and scale is not None
+        zp = self._stored(dq.input[2]) if len(dq.input) > 2 and dq.input[2] else None
+        if zp is None:
+            zp = np.zeros(scale.shape, q.dtype)
+        axis = int(self.attr(dq, "axis", 1))
+        axis = axis % q.ndim if q.ndim else 0
+        return quant.Quantized(q, scale, zp, axis)
+
+    def fake_quant(self, node: onnx.NodeProto) -> tuple[float, float, str] | None:
+        """(lowest, highest value, DQ output) of a ``QuantizeLinear`` whose only consumer dequantizes it.
+
+        Per-tensor constant scale and zero point only. The lowest value is 0 when the pair cuts the
+        negative side (uint8 with zero point 0, int8 with zero point −128): a ReLU in effect.
+        """
+        if node.op_type != "QuantizeLinear" or node.domain not in ("", "ai.onnx"):
+            return None
+        dq = self.only_consumer(node.output[0])
+        if dq is None or dq.op_type != "DequantizeLinear":
+            return None
+        if len(node.input) < 2 or self._stored(node.input[1]) is None:
+            return None
+        if list(dq.input[1:]) != list(node.input[1:]) and not all(
+            np.array_equal(self.array(a), self.array(b)) for a, b in zip(dq.input[1:], node.input[1:], strict=False)
+        ):
+            return None
+        scale = self._stored(node.input[1])
+        zp_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        zp = self._stored(zp_name) if zp_name else np.zeros((), np.uint8)
+        if scale is None or zp is None or scale.size != 1 or zp.size != 1:
+            return None
+        lo, hi = quant.qrange(zp.dtype)
+        s, z = float(scale.reshape(())), int(zp.reshape(()))
+        return (lo - z) * s, (hi - z) * s, dq.output[0]
+
+    def skip_fake_quant(self, tensor: str) -> str:
+        """Follow ``tensor`` through ``Q → DQ`` pairs that are its only consumers; the last float tensor."""
+        while True:
+            node = self.only_consumer(tensor)
+            fq = None if node is None else self.fake_quant(node)
+            if fq is None:
+                return tensor
+            tensor = fq[2]
+
+    def fake_quant_after(self, tensor: str) -> tuple[float, float] | None:
+        """(lowest, highest) value a ``Q → DQ`` pair right after ``tensor`` can represent, if any."""
+        node = self.only_consumer(tensor)
+        fq = None if node is None else self.fake_quant(node)
+        return None if fq is None else (fq[0], fq[1])
 
     def weight_users(self, name: str) -> int:
         return len(self.consumers.get(name, []))
@@ -86,6 +181,8 @@ class GraphView:
         The dtype of the stored tensor is kept.
         """
         name = node.input[input_index]
+        if name in self.dequantized:
+            return self._set_quantized(node, input_index, value)
         old = self.array(name)
         if old is None:
             raise ValueError(f"input {input_index} of {self.node_name(node)} is not a constant")
@@ -106,6 +203,81 @@ class GraphView:
             attr = next(a for a in self.constant_nodes[name].attribute if a.name == "value")
             attr.t.CopyFrom(numpy_helper.from_array(new, attr.t.name))
         return name
+
+    def _set_quantized(self, node: onnx.NodeProto, input_index: int, value: np.ndarray) -> str:
+        """Write a DQ weight: new codes (and per-channel scales) in its integer type.
+
+        When ``node`` is a Conv/Gemm whose bias is an int32 DQ, the bias scale of every channel whose
+        weight scale changed becomes ``input_scale · weight_scale`` again (the bias values are kept).
+        """
+        name = node.input[input_index]
+        old = self.quantized(name)
+        new = quant.requantize(old, value, name)
+        name = self._store_quantized(node, input_index, old, new)
+        if input_index == 1 and node.op_type in ("Conv", "Gemm") and len(node.input) > 2 \
+                and node.input[2] in self.dequantized and new.per_axis:
+            self._sync_bias_scale(node, old, new)
+        return name
+
+    def _sync_bias_scale(self, node: onnx.NodeProto, w_old: quant.Quantized, w_new: quant.Quantized) -> None:
+        bias = self.quantized(node.input[2])
+        if bias.q.dtype != np.int32 or bias.scale.size != w_new.scale.size:
+            return
+        moved = w_new.scale != w_old.scale
+        if not moved.any():
+            return
+        x_scale = None
+        producer = self.producer.get(node.input[0])
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            arr = self._stored(producer.input[1])
+            if arr is not None and arr.size == 1:
+                x_scale = arr.astype(bias.scale.dtype).reshape(())
+        target = bias.scale.copy()
+        if x_scale is not None:
+            target[moved] = (x_scale * w_new.scale.astype(bias.scale.dtype))[moved]
+        else:
+            ratio = bias.scale.astype(np.float64) / w_old.scale.astype(np.float64)
+            target[moved] = (ratio * w_new.scale.astype(np.float64))[moved]
+        self._store_quantized(node, 2, bias, quant.rescale(bias, target, node.input[2]))
+
+    def _store_quantized(self, node: onnx.NodeProto, input_index: int, old: quant.Quantized,
+                         new: quant.Quantized) -> str:
+        name = node.input[input_index]
+        dq = self.dequantized[name]
+        parts = [(0, old.q, new.q), (1, old.scale, new.scale)]
+        if len(dq.input) > 2 and dq.input[2]:
+            parts.append((2, old.zero_point, new.zero_point))
+        elif np.any(new.zero_point != 0):
+            raise ValueError(f"{name}: a zero point is needed but the DequantizeLinear has none")
+        if self.weight_users(name) > 1:
+            # the DQ output feeds other nodes too: a private DQ for ``node``, placed after the shared one
+            fresh = onnx.NodeProto()
+            fresh.CopyFrom(dq)
+            fresh.name = self._fresh_name(dq.name or "DequantizeLinear")
+            fresh.output[0] = self._fresh_name(name)
+            for i, _, arr in parts:
+                fresh.input[i] = self.add_initializer(arr, dq.input[i])
+            self.graph.node.insert(self.index(dq) + 1, fresh)
+            node.input[input_index] = fresh.output[0]
+            self.refresh()
+            return fresh.output[0]
+        if any(self.weight_users(dq.input[i]) > 1 for i, _, _ in parts):
+            # codes, scale or zero point shared with another DQ: private copies for this one
+            for i, _, arr in parts:
+                dq.input[i] = self.add_initializer(arr, dq.input[i])
+            self.refresh()
+            return name
+        for i, before, arr in parts:
+            if not np.array_equal(before, arr):
+                self._write_stored(dq.input[i], arr)
+        return name
+
+    def _write_stored(self, name: str, value: np.ndarray) -> None:
+        if name in self.initializers:
+            self.initializers[name].CopyFrom(numpy_helper.from_array(value, name))
+        else:
+            attr = next(a for a in self.constant_nodes[name].attribute if a.name == "value")
+            attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
 
     def add_initializer(self, value: np.ndarray, hint: str) -> str:
         name = self._fresh_name(hint)

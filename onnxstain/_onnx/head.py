@@ -1,16 +1,18 @@
 """The classifier head, and how a host channel reaches it.
 
 ``find_head`` finds the layer producing the model's scores: a Gemm (or MatMul + Add) whose output
-is the graph output, possibly through Softmax/Identity or a Cast between float types.
-``direct_route`` tells whether a host's activated channel ``k`` reaches that head as feature ``k``
-through pooling and reshaping only (GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then
-Flatten / Reshape / Squeeze), which is what an in-place route through existing channels needs.
+is the graph output, possibly through Softmax/Identity, a Cast between float types or (QDQ models) a
+``Q → DQ`` pair; ``Head.scores`` is then the dequantized scores. ``direct_route`` tells whether a host's
+activated channel ``k`` reaches that head as feature ``k`` through pooling and reshaping only
+(GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then Flatten / Reshape / Squeeze), which
+is what an in-place route through existing channels needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx
 
 from .graph import GraphView
@@ -35,6 +37,9 @@ class Head:
     output: str  # graph output carrying them
     classes: int
     in_features: int
+    # QDQ models: the range and step of the ``Q → DQ`` pair on the scores (``scores`` is its output)
+    scores_range: tuple[float, float] | None = None
+    scores_step: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,30 +52,57 @@ class DirectRoute:
 def find_head(view: GraphView) -> Head | None:
     for out in view.output_names:
         node = view.producer.get(out)
-        while node is not None and (node.op_type in _PASS_THROUGH or _float_cast(view, node)):
+        while node is not None:
+            if _dequantized_fake_quant(view, node):
+                node = view.producer[node.input[0]]  # the QuantizeLinear: step over the pair
+            elif not (node.op_type in _PASS_THROUGH or _float_cast(view, node)):
+                break
             node = view.producer.get(node.input[0])
         if node is None:
             continue
         if node.op_type == "Gemm" and view.is_constant(node.input[1]) and not view.attr(node, "transA", 0):
-            w = view.array(node.input[1])
+            w = view.shape(node.input[1])
+            if w is None or len(w) != 2:
+                continue
             trans_b = bool(view.attr(node, "transB", 0))
-            classes, in_f = (w.shape if trans_b else w.shape[::-1])
+            classes, in_f = (w if trans_b else w[::-1])
             bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-            if bias is not None and view.array(bias) is not None and view.array(bias).size != classes:
+            b_shape = None if bias is None else view.shape(bias)
+            if b_shape is not None and int(np.prod(b_shape)) != classes:
                 bias = None
             return Head(view.node_name(node), "Gemm", node.input[1], bias, None, trans_b,
                         float(view.attr(node, "alpha", 1.0)), float(view.attr(node, "beta", 1.0)),
-                        node.output[0], out, int(classes), int(in_f))
+                        *_scores(view, node.output[0], out, int(classes), int(in_f)))
         if node.op_type == "Add":
             mm = next((view.producer.get(t) for t in node.input
                        if view.producer.get(t) is not None and view.producer[t].op_type == "MatMul"), None)
             if mm is not None and view.is_constant(mm.input[1]):
-                w = view.array(mm.input[1])
+                w = view.shape(mm.input[1])
                 bias = next(t for t in node.input if t != mm.output[0])
-                if w.ndim == 2 and view.is_constant(bias):
+                if w is not None and len(w) == 2 and view.is_constant(bias):
                     return Head(view.node_name(mm), "MatMul", mm.input[1], bias, view.node_name(node),
-                                False, 1.0, 1.0, node.output[0], out, int(w.shape[1]), int(w.shape[0]))
+                                False, 1.0, 1.0, *_scores(view, node.output[0], out, w[1], w[0]))
     return None
+
+
+def _scores(view: GraphView, tensor: str, out: str, classes: int, in_f: int) -> tuple:
+    """(scores, output, classes, in_features, range, step): scores after a trailing ``Q → DQ`` if any."""
+    after = view.fake_quant_after(tensor)
+    if after is None:
+        return tensor, out, classes, in_f, None, 0.0
+    lo, hi = after
+    node = view.only_consumer(tensor)
+    assert node is not None
+    scale = view.array(node.input[1])
+    return view.skip_fake_quant(tensor), out, classes, in_f, (lo, hi), float(np.asarray(scale).reshape(()))
+
+
+def _dequantized_fake_quant(view: GraphView, node: onnx.NodeProto) -> bool:
+    """A ``DequantizeLinear`` of a ``QuantizeLinear`` (fake quantization of the scores in a QDQ model)."""
+    if node.op_type != "DequantizeLinear":
+        return False
+    q = view.producer.get(node.input[0])
+    return q is not None and q.op_type == "QuantizeLinear"
 
 
 def _float_cast(view: GraphView, node: onnx.NodeProto) -> bool:
@@ -88,7 +120,7 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     """How the host's activated channels reach the head, or (None, why not)."""
     if host.act_output is None:
         return None, "the host has no activation output"
-    tensor = host.act_output
+    tensor = view.skip_fake_quant(host.act_output)
     users = view.consumers.get(tensor, [])
     if len(users) != 1:
         return None, (f"the host's output feeds {len(users)} layers; only a host whose channels go "
@@ -115,6 +147,7 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         tensor = node.output[0]
     head_node = view.find_node(head.node)
     while True:
+        tensor = view.skip_fake_quant(tensor)  # QDQ models quantize the pooled features
         users = view.consumers.get(tensor, [])
         if len(users) != 1:
             return None, "the pooled features are used by more than the classifier"

@@ -135,31 +135,51 @@ def get_host(model: onnx.ModelProto, name: str, view: GraphView | None = None) -
 
 
 def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | None]:
-    """(kind, output tensor, upper clip) of the activation applied to ``tensor``, if any."""
+    """(kind, output tensor, upper clip) of the activation applied to ``tensor``, if any.
+
+    In a QDQ model the activation may be folded into the quantization that follows (a ``Q → DQ``
+    pair whose range starts at exactly 0 is a ReLU clipped at its top code); a ReLU-type activation
+    followed by such a pair takes the pair's upper end when it is lower. The output tensor is then
+    the dequantized one.
+    """
     node = view.only_consumer(tensor)
     if node is None:
         return "none", None, None
-    if node.op_type == "Relu":
-        return "relu", node.output[0], None
-    if node.op_type == "Clip":
+    fq = view.fake_quant(node)
+    if fq is not None:
+        lo, hi, out = fq
+        if lo == 0.0:
+            kind, out, high = "clip", out, hi
+        else:
+            kind, out, high = _activation(view, out)
+            return ("QuantizeLinear" if kind == "none" else kind), out, high
+    elif node.op_type == "Relu":
+        kind, out, high = "relu", node.output[0], None
+    elif node.op_type == "Clip":
         lo, hi = view.clip_bounds(node)
+        out = node.output[0]
         if lo is not None and lo == 0.0:
-            if hi is not None and abs(hi - 6.0) < 1e-6:
-                return "relu6", node.output[0], hi
-            return "clip", node.output[0], hi
-        return "Clip", node.output[0], hi
-    if node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu"):
+            kind, high = ("relu6" if hi is not None and abs(hi - 6.0) < 1e-6 else "clip"), hi
+        else:
+            return "Clip", out, hi
+    elif node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu"):
         return node.op_type, node.output[0], None
-    return "none", None, None
+    else:
+        return "none", None, None
+    after = view.fake_quant_after(out)
+    if after is not None:
+        out = view.skip_fake_quant(out)
+        high = after[1] if high is None else min(high, after[1])
+    return kind, out, high
 
 
 def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     if len(node.input) < 2 or not view.is_constant(node.input[1]):
         return None
-    w = view.array(node.input[1])
-    if w is None or w.ndim != 4:
+    w = view.shape(node.input[1])
+    if w is None or len(w) != 4:
         return None
-    cout, cin_g, kh, kw = (int(d) for d in w.shape)
+    cout, cin_g, kh, kw = w
     group = int(view.attr(node, "group", 1))
     strides = tuple(view.attr(node, "strides", [1, 1]))
     dil = tuple(view.attr(node, "dilations", [1, 1]))
@@ -206,16 +226,16 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
         return None
     if int(view.attr(node, "transA", 0)):
         return None
-    b = view.array(node.input[1])
-    if b is None or b.ndim != 2:
+    b = view.shape(node.input[1])
+    if b is None or len(b) != 2:
         return None
     trans_b = bool(view.attr(node, "transB", 0))
-    out_f, in_f = (b.shape if trans_b else b.shape[::-1])
+    out_f, in_f = (b if trans_b else b[::-1])
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     reason = ""
     if bias is not None:
-        c = view.array(bias)
-        if c is None or c.size != out_f:
+        c = view.shape(bias)
+        if c is None or int(np.prod(c)) != out_f:
             reason = "bias is not a per-neuron constant"
     act, act_out, high = _activation(view, node.output[0])
     if not reason and act not in ("relu", "relu6", "clip"):
@@ -234,18 +254,18 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
 def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
     if len(node.input) < 2 or not view.is_constant(node.input[1]):
         return None
-    w = view.array(node.input[1])
-    if w is None or w.ndim != 2:
+    w = view.shape(node.input[1])
+    if w is None or len(w) != 2:
         return None
-    in_f, out_f = (int(d) for d in w.shape)
+    in_f, out_f = w
     add = view.only_consumer(node.output[0])
     bias = None
     out = node.output[0]
     bias_add = None
     if add is not None and add.op_type == "Add":
         other = add.input[1] if add.input[0] == node.output[0] else add.input[0]
-        arr = view.array(other)
-        if arr is not None and arr.size == out_f:
+        arr = view.shape(other)
+        if arr is not None and int(np.prod(arr)) == out_f:
             bias, out, bias_add = other, add.output[0], view.node_name(add)
     act, act_out, high = _activation(view, out)
     reason = ""
@@ -322,10 +342,10 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
         src = max(incoming, key=lambda f: f.size[0] * f.size[1])
         if node.op_type in _SPATIAL_OPS:
             if node.op_type == "Conv":
-                w = view.array(node.input[1])
-                if w is None:
+                w = view.shape(node.input[1])
+                if w is None or len(w) != 4:
                     continue
-                k = (int(w.shape[2]), int(w.shape[3]))
+                k = (w[2], w[3])
             else:
                 k = tuple(view.attr(node, "kernel_shape", [1, 1]))
             s = tuple(view.attr(node, "strides", [1, 1]))

@@ -56,6 +56,16 @@ def head_columns(model: onnx.ModelProto, head: Head) -> np.ndarray:
     return cols * (head.alpha if head.op == "Gemm" else 1.0)
 
 
+def head_affine(model: onnx.ModelProto, head: Head) -> tuple[np.ndarray, np.ndarray]:
+    """The classifier's effective weights ``[classes, features]`` and biases ``[classes]`` as stored."""
+    view = GraphView(model)
+    cols = head_columns(model, head)
+    if head.bias is None:
+        return cols, np.zeros(cols.shape[0])
+    b = np.asarray(view.array(head.bias), np.float64).reshape(-1) * np.ones(cols.shape[0])
+    return cols, b * (head.beta if head.op == "Gemm" else 1.0)
+
+
 def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray) -> None:
     node = view.find_node(head.node)
     w = view.array(head.weight).copy()
@@ -143,7 +153,7 @@ def insert(
     name = _Namer(view)
     opset = view.opset()
     nodes: list[onnx.NodeProto] = []
-    dtype = onnx.helper.tensor_dtype_to_np_dtype(_elem_type(view, head))
+    dtype = branch_dtype(view, head)
 
     def const(value, hint: str) -> str:
         return view.add_initializer(np.asarray(value, dtype=dtype), hint)
@@ -218,8 +228,17 @@ def insert(
     return out, sig
 
 
-def _elem_type(view: GraphView, head: Head) -> int:
+def branch_dtype(view: GraphView, head: Head) -> np.dtype:
+    """The float type of the inserted branch: the classifier weights' own (fp16 models), else fp32.
+
+    A QDQ model's branch stays in float32 (its inserted constants are not quantized).
+    """
     init = view.initializers.get(head.weight)
-    if init is not None:
-        return init.data_type
-    return onnx.TensorProto.FLOAT
+    if init is not None and init.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        return onnx.helper.tensor_dtype_to_np_dtype(init.data_type)
+    node = view.constant_nodes.get(head.weight)
+    if node is not None:
+        t = next(a for a in node.attribute if a.name == "value").t
+        if t.data_type in (onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            return onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.dtype(np.float32)
