@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = one(model, kind, seed, work, args.views)
                 rep["runs"].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("timings", "notes")}), flush=True)
+                write(rep, args.out)  # a long study keeps what it has measured if it is stopped
             done = [r for r in rep["runs"] if r["kind"] == kind and "path" in r]
             if done:
                 rng = np.random.default_rng(0)
@@ -137,14 +138,18 @@ def main(argv: list[str] | None = None) -> int:
                     d = bench_stain.latency_pairs(model, Path(done[0]["path"]), x, pairs, warm, rounds=4)
                     lat[str(b)] = {k: v for k, v in d.items() if k not in ("orig_s", "stained_s")}
                 rep["latency"][kind] = lat
+    write(rep, args.out)
+    print(render(rep))
+    return 0
+
+
+def write(rep: dict[str, Any], out: Path) -> None:
     ok = [r for r in rep["runs"] if "path" in r]
     if ok:
         rep["summary"] = {"median_wall_s": statistics.median(r["wall_s"] for r in ok),
                           "median_ratio_load_save": statistics.median(r["ratio_load_save"] for r in ok)}
-    (args.out / "lock_seeds.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
-    (args.out / "lock_seeds.md").write_text(render(rep))
-    print(render(rep))
-    return 0
+    (out / "lock_seeds.json").write_text(json.dumps(rep, indent=2, default=str) + "\n")
+    (out / "lock_seeds.md").write_text(render(rep))
 
 
 if __name__ == "__main__":
