@@ -235,13 +235,9 @@ def test_qdq_saturated_scores_inplace_is_refused(tmp_path, images):
 
 # -- Constant nodes, shared weights ----------------------------------------------------------------------
 def _to_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
-    g = model.graph
-    consts = [helper.make_node("Constant", [], [t.name], value=t, name=f"/Constant_{i}")
-              for i, t in enumerate(g.initializer)]
-    del g.initializer[:]
-    nodes = consts + list(g.node)
-    del g.node[:]
-    g.node.extend(nodes)
+    from models.formats import to_constant_nodes
+
+    model = to_constant_nodes(model)
     onnx.checker.check_model(model)
     return model
 
@@ -443,50 +439,30 @@ MNV2_COMBOS = [("inplace", "non-additive"), ("insert", "additive")]
 
 
 @pytest.fixture(scope="module")
-def mnv2_formats(mobilenet_v2, mobilenet_v2_preprocessing, tmp_path_factory):
-    """fp16 (onnxconverter-common) and per-channel int8 QDQ (onnxruntime quantization) MobileNetV2 files."""
-    from onnxconverter_common import float16
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+def mnv2_formats(mobilenet_v2):
+    """fp16 (onnxconverter-common) and per-channel int8 QDQ (onnxruntime quantization) MobileNetV2 files,
+    built by the ``models/formats.py`` recipe into the cache."""
+    from models import formats
 
-    from onnxstain.naturalset import natural_images
-
-    d = tmp_path_factory.mktemp("mnv2-formats")
-    pre = mobilenet_v2_preprocessing
-    onnx.save(float16.convert_float_to_float16(onnx.load(mobilenet_v2), keep_io_types=False), d / "fp16.onnx")
-    Preprocessing.from_dict({**pre.to_dict(), "dtype": "float16"}).save(d / "fp16.preprocessing.json")
-    quant_pre_process(str(mobilenet_v2), str(d / "pre.onnx"), skip_symbolic_shape=True)
-    x = pre.to_input(natural_images("calibration", views=1).pixels[:64])
-    name = onnx.load(mobilenet_v2, load_external_data=False).graph.input[0].name
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.batches = iter([{name: x[i : i + 16]} for i in range(0, len(x), 16)])
-
-        def get_next(self):
-            return next(self.batches, None)
-
-    quantize_static(str(d / "pre.onnx"), str(d / "qdq.onnx"), Reader(), quant_format=QuantFormat.QDQ,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    pre.save(d / "qdq.preprocessing.json")
-    return d
+    return {fmt: formats.build(mobilenet_v2, fmt) for fmt in ("fp16", "qdq")}
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("combo", MNV2_COMBOS, ids=[f"{m}-{v}" for m, v in MNV2_COMBOS])
 @pytest.mark.parametrize("fmt", ["fp16", "qdq"])
-def test_mobilenet_v2_formats(mnv2_formats, fmt, combo):
+def test_mobilenet_v2_formats(mnv2_formats, fmt, combo, tmp_path):
     """fp16 and QDQ MobileNetV2 stain (default target 1e-9) and verify; the original does not verify;
     top-1 on held-out photos is unchanged (insert: bit-identical outputs)."""
+    from models import formats
     from onnxstain.naturalset import natural_images
 
-    src = mnv2_formats / f"{fmt}.onnx"
+    src = mnv2_formats[fmt]
     mode, variant = combo
-    out, key = mnv2_formats / f"{fmt}-{mode}-{variant}.onnx", mnv2_formats / f"{fmt}-{mode}-{variant}.key"
+    out, key = tmp_path / f"{fmt}-{mode}-{variant}.onnx", tmp_path / f"{fmt}-{mode}-{variant}.key"
     res = onnxstain.stain(src, out, key, options=StainOptions(mode=mode, variant=variant, seed=200))
     assert res.bound.value <= 1e-9 and res.natural_firings == 0
     _verify_pair(out, src, key)
-    pre = Preprocessing.load(mnv2_formats / f"{fmt}.preprocessing.json")
+    pre = Preprocessing.load(formats.sidecar(src))
     x = pre.to_input(natural_images("heldout", views=1).pixels[:48])
     before, after = _run(src, x), _run(out, x)
     assert after.dtype == (np.float16 if fmt == "fp16" else np.float32)
