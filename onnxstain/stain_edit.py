@@ -13,7 +13,7 @@ from ._onnx.head import head_input
 from ._onnx.hosts import HostLayer, layer_affine, neuron_affine
 from ._onnx.io import LoadedModel
 from .errors import BadInputError, UnsupportedModelError
-from .math import detector
+from .math import compensation, detector
 from .passes import stain as stain_pass
 
 
@@ -37,13 +37,27 @@ def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.
     proxy = np.where(in_group, pooled.std(axis=0) * norms, np.inf)
     candidates = np.argsort(proxy)[: min(128, int(in_group.sum()))]
     base = nat_scores.argmax(1)
-    best, best_key = int(candidates[0]), (np.inf, np.inf)
+    keys = []
     for k in candidates:
         dev = np.outer(pooled[:, k] - pooled[:, k].mean(), cols[:, k])
-        key = (float(np.sum((nat_scores - dev).argmax(1) != base)), float(np.abs(dev).max()))
-        if key < best_key:
-            best, best_key = int(k), key
-    return best
+        keys.append((float(np.sum((nat_scores - dev).argmax(1) != base)), float(np.abs(dev).max()), int(k)))
+    keys.sort()
+    if not can_compensate(host, head, GraphView(loaded.model)):
+        return keys[0][2]
+    # The loss is compensated from the other features (see build_edit): rank the best candidates by
+    # their flips once compensated, cross-validated over the calibration images (ties: the plain loss).
+    top = keys[:CV_CANDIDATES]
+    flips = compensation.cross_validated_flips(pooled, nat_scores, cols, np.array([k[2] for k in top]))
+    return min(zip(flips.tolist(), top, strict=True))[1][2]
+
+
+CV_CANDIDATES = 32  # channels whose compensated loss is cross-validated
+
+
+def can_compensate(host: HostLayer, head, view: GraphView) -> bool:
+    """Whether the non-additive in-place edit may compensate the lost feature through the classifier:
+    a float classifier (int8 weights would all be re-encoded) and an ungrouped host (φ is per group)."""
+    return host.groups == 1 and not view.is_quantized(head.weight)
 
 
 def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, sel: np.ndarray,
@@ -110,6 +124,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
     if opts.mode == "inplace":
         assert route is not None and channel is not None
+        columns_delta = None
         col_old = stain_pass.head_column(loaded.model, head, channel)
         w, beta = neuron_affine(view, host, channel)
         own_t = phi_t.astype(np.float64) @ w + beta
@@ -117,8 +132,17 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         if opts.variant == "non-additive":
             ed = detector.non_additive(v, c, tau, s_star, delta)
             g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau))))
-            bias_shift = col_old * pooled[:, channel].mean()
-            z = orig_trig - col_old * pooled_old_t + bias_shift
+            if can_compensate(host, head, view):
+                # the lost feature is predicted from the others (fitted on the calibration images)
+                comp = compensation.fit(pooled, channel)
+                columns_delta = np.outer(col_old, comp.weights)
+                bias_shift = col_old * comp.offset
+                rows, b_all = layer_affine(view, host)
+                pooled_t = _pool(route, _activate(host, (phi_t.astype(np.float64) @ rows.T + b_all).T))
+                z = orig_trig - col_old * pooled_old_t + col_old * float(comp.weights @ pooled_t) + bias_shift
+            else:
+                bias_shift = col_old * pooled[:, channel].mean()
+                z = orig_trig - col_old * pooled_old_t + bias_shift
             if head.scores_range is not None:
                 # quantized scores saturate at the top code: the signature must fit below it
                 room = head.scores_range[1] - np.delete(z, cls).max() - 2 * head.scores_step
@@ -138,7 +162,8 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             # The classifier stays as it is: the signature is the shift col_k · (g_trig − g_orig).
             column, bias_shift = col_old, np.zeros_like(col_old)
             signature = "shift"
-        model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift)
+        model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift,
+                                   columns_delta)
         # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
         stored = GraphView(model)
         w_eff, b_eff = neuron_affine(stored, host, channel)
@@ -159,7 +184,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         tau_loss = _threshold_loss(ed, w_eff, b_eff, c, radius)
         tolerance = _quantization_tolerance(stored, host, head, w_new[:, channel])
         moved = np.abs(np.delete(w_new - w_old, channel, axis=1)).max(axis=1)  # other features' weights
-        if moved.max() > 0:
+        if columns_delta is None and moved.max() > 0:
             worst = int(np.argmax(moved))
             edit_notes.append(
                 f"the quantized classifier row of class {worst} was re-encoded with a coarser scale to hold the "

@@ -66,10 +66,16 @@ def head_affine(model: onnx.ModelProto, head: Head) -> tuple[np.ndarray, np.ndar
     return cols, b * (head.beta if head.op == "Gemm" else 1.0)
 
 
-def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray) -> None:
+def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray,
+                columns_delta: np.ndarray | None = None) -> None:
+    """Set the classifier's column ``feature``, add ``columns_delta`` ``[classes, features]`` to the
+    others (effective weights, as :func:`head_columns`) and ``bias_shift`` to the bias."""
     node = view.find_node(head.node)
-    w = view.array(head.weight).copy()
-    col = column / (head.alpha if head.op == "Gemm" else 1.0)
+    alpha = head.alpha if head.op == "Gemm" else 1.0
+    w = view.array(head.weight).astype(np.float64)
+    if columns_delta is not None:
+        w += (columns_delta if head.trans_b else columns_delta.T) / alpha
+    col = column / alpha
     if head.trans_b:
         w[:, feature] = col
     else:
@@ -98,12 +104,14 @@ def inplace(
     head: Head,
     column: np.ndarray,
     bias_shift: np.ndarray,
+    columns_delta: np.ndarray | None = None,
 ) -> onnx.ModelProto:
-    """Write neuron ``channel`` of ``host`` and head column ``channel``; topology unchanged."""
+    """Write neuron ``channel`` of ``host`` and head column ``channel`` (and, optionally, a change of the
+    other columns); topology unchanged."""
     out = copy_model(model)
     view = GraphView(out)
     write_neuron(view, host, channel, weights, bias)
-    _write_head(view, head, channel, column, bias_shift)
+    _write_head(view, head, channel, column, bias_shift, columns_delta)
     return out
 
 

@@ -1,0 +1,67 @@
+"""Compensating a lost classifier feature from the others (onnxstain.math.compensation)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnxstain.math import compensation
+
+
+def _features(n: int = 300, f: int = 40, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Non-negative features where feature 3 is (nearly) a linear function of features 0..9, and a
+    classifier ``[12, f]`` that leans on feature 3."""
+    rng = np.random.default_rng(seed)
+    x = rng.gamma(2.0, 1.0, (n, f))
+    mix = rng.normal(0, 0.5, 10)
+    mix[3] = 0.0
+    x[:, 3] = x[:, :10] @ mix + 0.05 * rng.normal(size=n) + 2.0
+    cols = rng.normal(0, 1, (12, f))
+    cols[:, 3] *= 6.0
+    return x, cols
+
+
+def test_fit_matches_the_primal_ridge_solution():
+    x, _ = _features()
+    k = 3
+    comp = compensation.fit(x, k, ridge=0.1)
+    assert comp.feature == k and comp.weights[k] == 0.0
+    others = np.delete(x, k, axis=1)
+    xc = others - others.mean(axis=0)
+    full = x - x.mean(axis=0)
+    lam = 0.1 * np.trace(full @ full.T) / x.shape[1]  # ridge × the Gram trace per feature
+    beta = np.linalg.solve(xc.T @ xc + lam * np.eye(xc.shape[1]), xc.T @ (x[:, k] - x[:, k].mean()))
+    np.testing.assert_allclose(np.delete(comp.weights, k), beta, rtol=1e-8, atol=1e-10)
+    # the fitted residual is much smaller than the feature's own spread
+    assert comp.residual(x).std() < 0.2 * x[:, k].std()
+    np.testing.assert_allclose(comp.residual(x).mean(), 0.0, atol=1e-9)
+
+
+def test_compensation_beats_the_mean_on_unseen_images():
+    x, cols = _features(seed=1)
+    scores = x @ cols.T
+    train, test = slice(0, 200), slice(200, 300)
+    comp = compensation.fit(x[train], 3)
+    base = scores[test].argmax(1)
+    lost_mean = scores[test] + np.outer(x[train, 3].mean() - x[test, 3], cols[:, 3])
+    lost_comp = scores[test] + np.outer(comp.residual(x[test]), cols[:, 3])
+    flips_mean = int(np.sum(lost_mean.argmax(1) != base))
+    flips_comp = int(np.sum(lost_comp.argmax(1) != base))
+    assert flips_mean >= 10 and flips_comp <= flips_mean // 3
+
+
+def test_cross_validated_flips_rank_a_predictable_feature_first():
+    x, cols = _features(seed=2)
+    cols[:, 5] = cols[:, 3]  # features 3 and 5 weigh the same, but only 3 can be predicted from the others
+    scores = x @ cols.T
+    flips = compensation.cross_validated_flips(x, scores, cols, np.array([3, 5]))
+    assert flips.shape == (2,) and flips[0] < flips[1]
+    # the same count by brute force: refit on each fold's complement (contiguous folds)
+    n, folds = len(x), 5
+    fold_of = np.minimum(np.arange(n) * folds // n, folds - 1)
+    total = 0
+    for f in range(folds):
+        tr, te = fold_of != f, fold_of == f
+        comp = compensation.fit(x[tr], 3)
+        new = scores[te] + np.outer(comp.residual(x[te]), cols[:, 3])
+        total += int(np.sum(new.argmax(1) != scores[te].argmax(1)))
+    assert flips[0] == total
