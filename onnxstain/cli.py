@@ -212,15 +212,22 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     con.print(f"  trigger score {res.trigger_score:.4g}, firing margin τ = {res.threshold:.4g}; "
               f"natural max score {res.natural_max_score:.3g} "
               f"({res.natural_firings} firings over {res.natural_samples} image×position samples)")
-    if res.signature_type == "shift":
+    if res.signature_type == "pattern":
+        con.print(f"  signature: the trigger's output map correlates {res.signature_margin:.3g} with the key's "
+                  "secret pattern")
+    elif res.signature_type == "shift":
         con.print("  signature: on the trigger the scores shift as predicted (shift score "
                   f"{res.signature_margin:.3g}; the original model scores 0)")
     else:
         con.print(f"  signature: class {res.signature_class} wins the trigger by {res.signature_margin:.3g}")
     con.print(f"  false-positive bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
-    con.print(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
-              f"{100 * res.agreement:.2f}% (max |Δscore| {res.max_abs_delta:.3g})")
+    if res.signature_type == "pattern":
+        con.print(f"  output-map correlation with the original on the checked calibration images: mean "
+                  f"{res.agreement:.6f} (max |Δ| {res.max_abs_delta:.3g})")
+    else:
+        con.print(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
+                  f"{100 * res.agreement:.2f}% (max |Δscore| {res.max_abs_delta:.3g})")
     con.print(f"  key {res.key_path} (keep it secret); public record {res.record_path}")
     con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
     for note in res.notes:
@@ -281,9 +288,14 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
               f"(max score {res.natural_max_score:.3g})")
     con.print(f"  false-unlock bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
-    con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
-              f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
-    if res.unlocked_agreement < 1.0:
+    if res.metric == "correlation":
+        con.print(f"  locked: mean output-map correlation with the original {res.locked_agreement:.3f}; with the "
+                  f"patch: bit-identical to the original on the same image, {res.unlocked_agreement:.4f} against "
+                  "the original on clean images")
+    else:
+        con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
+                  f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
+    if res.unlocked_agreement < 1.0 and res.metric != "correlation":
         con.print(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
                   f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                   f"--kind gate restores the original exactly")
@@ -408,9 +420,13 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
         con.print(f"  bound: photo level ({pl.photos} independent photos): data-driven {pl.data_driven}, "
                   f"mixed {pl.mixed}, firing rate ≤ {up}")
     f = res.fidelity
-    con.print(f"  measured: top-1 agreement {100 * f.agreement:.3f}% ({f.differing} of {f.images} differ), "
-              f"mean KL {f.mean_kl:.3g}, max |Δscore| {f.max_abs_delta:.3g}; "
-              f"{100 * f.fragile_fraction:.3g}% fragile (top-1 margin < {f.fragile_margin:g})")
+    if f.metric == "correlation":
+        con.print(f"  measured: output-map correlation with the original mean {f.agreement:.6f}, min "
+                  f"{f.min_correlation:.6f} ({f.differing} of {f.images} below 0.999), max |Δ| {f.max_abs_delta:.3g}")
+    else:
+        con.print(f"  measured: top-1 agreement {100 * f.agreement:.3f}% ({f.differing} of {f.images} differ), "
+                  f"mean KL {f.mean_kl:.3g}, max |Δscore| {f.max_abs_delta:.3g}; "
+                  f"{100 * f.fragile_fraction:.3g}% fragile (top-1 margin < {f.fragile_margin:g})")
     t = res.trigger
     verdict = "[bold green]STAINED[/]" if t.stained else "[bold red]NOT STAINED[/]"
     if t.modified_scores is not None:
@@ -441,7 +457,10 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
               f"{h}x{w} patch at row {top}, col {left})")
     con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views "
               f"({res.centre_crops} centre crops); {info.source}")
-    con.print(f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points")
+    if res.metric == "correlation":
+        con.print("  agreement = mean Pearson correlation of output maps (×100); 'locked' means below 50")
+    else:
+        con.print(f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points")
     for c in res.conditions:
         ok = "[green]ok[/]" if c.passed else "[bold red]FAIL[/]"
         extra = f", centre crops {100 * c.centre_agreement:.2f}%" if c.centre_agreement is not None else ""

@@ -45,7 +45,7 @@ from .math import bounds, detector
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
-from .signature import top1_margins
+from .signature import pearson, top1_margins
 
 REPORT_FORMAT = "onnxstain-evaluate-report"
 REPORT_VERSION = 1
@@ -141,6 +141,9 @@ class Fidelity:
     max_abs_delta: float
     fragile_fraction: float
     fragile_margin: float
+    metric: str = "top-1"  # "correlation" for dense outputs: agreement is then the mean Pearson correlation of
+    # the output maps, "differing" counts maps correlating below 0.999, and KL/fragility do not apply (nan)
+    min_correlation: float | None = None
 
 
 @dataclasses.dataclass
@@ -271,6 +274,8 @@ def _host_from_key(loaded: LoadedModel, key: Key) -> HostLayer:
     if not match:
         raise KeyMismatchError(f"the original model has no layer {kh['name']!r} the key was made for")
     host = match[0]
+    if host.op == "MatMul" and host.tokens is None and int(kh["positions"]) > 1:
+        host = dataclasses.replace(host, tokens=int(kh["positions"]))  # token count read from a run at stain time
     if host.input != kh["input"] or host.m != int(kh["m"]) or host.positions != int(kh["positions"]):
         raise KeyMismatchError(
             f"layer {host.name!r} of the original model does not match the key (input {host.input!r}, "
@@ -431,6 +436,8 @@ def evaluate(
     margins = np.empty(n, np.float64)
     differ = np.zeros(n, bool)
     max_delta = 0.0
+    dense = key["signature"].get("type") == "pattern"  # a map output: fidelity is the maps' correlation
+    corr = np.ones(n, np.float64)
     m_outputs = [m_scores] + ([] if m_is_input or not white_box else [tap])
     with prog.task(f"evaluating on {n} images", total=n) as task:
         for start in range(0, n, chunk):
@@ -456,6 +463,8 @@ def evaluate(
             b = got[m_scores].reshape(stop - start, -1).astype(np.float64)
             if a.shape != b.shape:
                 raise KeyMismatchError(f"the models give {a.shape[1]} and {b.shape[1]} scores per image")
+            if dense:
+                corr[start:stop] = pearson(b, a)
             la, lb = _log_softmax(a), _log_softmax(b)
             kl[start:stop] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))
             margins[start:stop] = top1_margins(a)
@@ -463,10 +472,17 @@ def evaluate(
             max_delta = max(max_delta, float(np.abs(a - b).max()))
             task.advance(stop - start)
     fragile = margins < FRAGILE_MARGIN
-    fidelity = Fidelity(images=n, agreement=float(1.0 - differ.mean()), differing=int(differ.sum()),
-                        differing_fragile=int((differ & fragile).sum()), mean_kl=float(kl.mean()),
-                        max_kl=float(kl.max()), max_abs_delta=max_delta, fragile_fraction=float(fragile.mean()),
-                        fragile_margin=FRAGILE_MARGIN)
+    if dense:
+        nan = float("nan")
+        fidelity = Fidelity(images=n, agreement=float(corr.mean()), differing=int((corr < 0.999).sum()),
+                            differing_fragile=0, mean_kl=nan, max_kl=nan, max_abs_delta=max_delta,
+                            fragile_fraction=nan, fragile_margin=nan, metric="correlation",
+                            min_correlation=float(corr.min()))
+    else:
+        fidelity = Fidelity(images=n, agreement=float(1.0 - differ.mean()), differing=int(differ.sum()),
+                            differing_fragile=int((differ & fragile).sum()), mean_kl=float(kl.mean()),
+                            max_kl=float(kl.max()), max_abs_delta=max_delta,
+                            fragile_fraction=float(fragile.mean()), fragile_margin=FRAGILE_MARGIN)
     timings["pass"] = time.perf_counter() - t2
 
     # -- trigger ---------------------------------------------------------------------------------------------

@@ -42,6 +42,7 @@ from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .signature import pearson
 from .verify import white_box_signal
 
 REPORT_FORMAT = "onnxstain-lock-audit"
@@ -49,6 +50,7 @@ REPORT_VERSION = 1
 SLACK = 0.02  # "locked" means top-1 agreement with the original at most chance + 2 points
 EXACT = 0.999  # "the lock is exact" means agreement on the same patched images of at least this
 PATCH_COST = 0.95  # target agreement (centre crops) of the unlocked model with the original on clean images
+LOCKED_CORRELATION = 0.5  # dense outputs: "locked" means a mean output-map correlation below this
 
 
 @dataclasses.dataclass
@@ -102,6 +104,7 @@ class LockAuditResult:
     measured_statement: str | None
     notes: list[str]
     timings: dict[str, float]
+    metric: str = "top-1"  # "top-1" agreement or "correlation" (mean Pearson of output maps, dense outputs)
 
     @property
     def passed(self) -> bool:
@@ -122,6 +125,7 @@ class LockAuditResult:
             "key": {"commitment": self.key_commitment, "kind": self.lock_kind, "host": self.host,
                     "patch_box": list(self.patch_box)},
             "classes": self.classes,
+            "metric": self.metric,
             "chance": self.chance,
             "images": dataclasses.asdict(self.images),
             "centre_crops": self.centre_crops,
@@ -245,12 +249,23 @@ def audit_lock(
     timings["images"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    ref_clean = np.empty(n, np.int64)
-    ref_patched = np.empty(n, np.int64)
-    top1: dict[str, np.ndarray] = {k: np.empty(n, np.int64) for k in ("no patch", "patch", *wrong)}
-    gate: dict[str, np.ndarray] = {k: np.zeros(n, np.float64) for k in top1}
+    # Per image, how well a prediction matches a reference: top-1 equality (classifiers) or the Pearson
+    # correlation of output maps (dense-output locks, whose keys say "correlation").
+    dense = key["references"].get("metric") == "correlation"
+
+    def match(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        if dense:
+            return pearson(pred, ref)
+        return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
+
+    vs_clean: dict[str, np.ndarray] = {k: np.empty(n, np.float64) for k in ("no patch", "patch", *wrong)}
+    same_patched = np.empty(n, np.float64)  # locked vs original, both on the patched image
+    orig_patch = np.empty(n, np.float64)  # original on the patched image vs on the clean one
+    gate: dict[str, np.ndarray] = {k: np.zeros(n, np.float64) for k in vs_clean}
     max_delta = 0.0
-    positions = host.positions
+    # A detector that reads one position's window only (dense-output gate locks) is counted there alone.
+    det_pos = key["host"].get("detector_positions")
+    positions = len(det_pos) if det_pos is not None else host.positions
     s_weak = np.empty((n, positions), np.float64)
     radii = np.empty((n, positions), np.float64)
     chunk = 64
@@ -261,34 +276,36 @@ def audit_lock(
             patched = paste_pixels(clean, patch)
             o_clean = run_batches(o_sess, pre.to_input(clean), [o_scores, host.input], batch=batch)
             o_patch = run_batches(o_sess, pre.to_input(patched), [o_scores], batch=batch)[o_scores]
-            ref_clean[start:stop] = o_clean[o_scores].reshape(stop - start, -1).argmax(1)
-            ref_patched[start:stop] = o_patch.reshape(stop - start, -1).argmax(1)
+            o_patch = o_patch.reshape(stop - start, -1)
+            ref = o_clean[o_scores].reshape(stop - start, -1)
+            orig_patch[start:stop] = match(o_patch, ref)
             phi = neuron_inputs(host, o_clean[host.input]).astype(np.float64)
+            if det_pos is not None:
+                phi = phi[:, np.asarray(det_pos, dtype=int)]
             s_weak[start:stop] = (np.einsum("npm,dm->ndp", phi, dirs) - (dirs @ centre)[None, :, None]).min(axis=1)
             radii[start:stop] = np.linalg.norm(phi - centre, axis=-1)
             inputs = {"no patch": clean, "patch": patched} | {k: fn(clean) for k, (_, fn) in wrong.items()}
             for name, x in inputs.items():
                 got = run_batches(l_sess, pre.to_input(x), l_outputs, batch=batch)
                 scores = got[l_scores].reshape(stop - start, -1)
-                top1[name][start:stop] = scores.argmax(1)
+                vs_clean[name][start:stop] = match(scores, ref)
                 if has_fired:
                     gate[name][start:stop] = white_box_signal(got[fired], key["white_box"])
                 if name == "patch":
-                    max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch.reshape(
-                        stop - start, -1)).max()))
+                    same_patched[start:stop] = match(scores, o_patch)
+                    max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch).max()))
             task.advance(stop - start)
     timings["pass"] = time.perf_counter() - t2
 
     k = int(key["model"]["classes"])
-    chance = 1.0 / k
+    chance = 0.0 if dense else 1.0 / k
     has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
 
-    def cond(name: str, desc: str, pred: np.ndarray, ref: np.ndarray, expect: str,
-             delta: float | None = None) -> Condition:
-        agree = float(np.mean(pred == ref))
-        c_agree = float(np.mean(pred[centre_mask] == ref[centre_mask])) if has_centre else None
+    def cond(name: str, desc: str, per_image: np.ndarray, expect: str, delta: float | None = None) -> Condition:
+        agree = float(np.mean(per_image))
+        c_agree = float(np.mean(per_image[centre_mask])) if has_centre else None
         if expect == "locked":
-            ok = agree <= chance + SLACK
+            ok = agree < LOCKED_CORRELATION if dense else agree <= chance + SLACK
         elif expect == "exact":
             ok = agree >= EXACT
         else:
@@ -299,20 +316,20 @@ def audit_lock(
                          max_abs_delta=delta, expect=expect, passed=ok)
 
     conditions = [
-        cond("no patch", "locked model, clean image, vs the original on the clean image", top1["no patch"],
-             ref_clean, "locked"),
-        cond("patch", "locked model, patched image, vs the original on the same patched image", top1["patch"],
-             ref_patched, "exact", max_delta),
-        dataclasses.replace(cond("patch", "", top1["patch"], ref_clean, "close"), name="patch vs clean",
+        cond("no patch", "locked model, clean image, vs the original on the clean image", vs_clean["no patch"],
+             "locked"),
+        cond("patch", "locked model, patched image, vs the original on the same patched image", same_patched,
+             "exact", max_delta),
+        dataclasses.replace(cond("patch", "", vs_clean["patch"], "close"), name="patch vs clean",
                             description="locked model, patched image, vs the original on the clean image "
                                         "(the patch's own cost)"),
-        dataclasses.replace(cond("patch", "", ref_patched, ref_clean, "close"), name="original with patch",
+        dataclasses.replace(cond("patch", "", orig_patch, "close"), name="original with patch",
                             description="original model, patched image, vs the original on the clean image",
                             unlocked=None, mean_gate=None),
     ]
     for name, (desc, _) in wrong.items():
-        conditions.append(cond(name, f"locked model, {desc}, vs the original on the clean image", top1[name],
-                               ref_clean, "locked"))
+        conditions.append(cond(name, f"locked model, {desc}, vs the original on the clean image", vs_clean[name],
+                               "locked"))
     jpeg = next(c for c in conditions if c.name == "JPEG q90")
     if jpeg.unlocked:
         notes.append(f"the JPEG-re-encoded patch opens the lock, at least partly, on {100 * jpeg.unlocked:.1f}% "
@@ -335,4 +352,5 @@ def audit_lock(
         patch_box=(top, left, patch.height, patch.width), classes=k, chance=chance, images=info,
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
         key_bound=bounds.Bound.from_dict(key["bound"]), data_driven_bound=data_driven, measured_upper=upper,
-        measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings)
+        measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
+        metric="correlation" if dense else "top-1")

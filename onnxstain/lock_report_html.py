@@ -21,11 +21,16 @@ def agreement_png(res: LockAuditResult) -> str | None:
     vals = [100 * c.agreement for c in res.conditions]
     colours = ["#2e7d32" if c.passed else "#c62828" for c in res.conditions]
     ax.barh(names[::-1], vals[::-1], color=colours[::-1])
-    ax.axvline(100 * (res.chance + SLACK), color="#555", ls="--", lw=1, label="chance + 2 points (locked)")
+    dense = res.metric == "correlation"
+    if dense:
+        ax.axvline(50, color="#555", ls="--", lw=1, label="50 (locked below)")
+    else:
+        ax.axvline(100 * (res.chance + SLACK), color="#555", ls="--", lw=1, label="chance + 2 points (locked)")
     ax.axvline(100 * PATCH_COST, color="#1a4d8f", ls=":", lw=1, label=f"{PATCH_COST:.0%} (patch cost target)")
     ax.axvline(100 * EXACT, color="#000", ls="-.", lw=1, label=f"{EXACT:.1%} (exact)")
     ax.set_xlim(0, 101)
-    ax.set_xlabel("top-1 agreement with the original (%)")
+    ax.set_xlabel("mean output-map correlation with the original (×100)" if dense
+                  else "top-1 agreement with the original (%)")
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
@@ -53,11 +58,13 @@ def render(res: LockAuditResult) -> str:
         "<p class='small'>matplotlib is not installed: no plot.</p>")
     notes = "".join(f"<li>{_e(n)}</li>" for n in res.notes)
     info = res.images
+    what = ("agreement is the mean Pearson correlation of output maps (×100)" if res.metric == "correlation"
+            else f"{res.classes} classes (chance {100 * res.chance:.2f}%)")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>onnxstain lock audit</title>
 <style>{_CSS}</style></head><body>
 <h1>Lock audit</h1>
 <p class="small">{_e(res.locked)} against {_e(res.original)} — {_e(res.lock_kind)} lock, {h}×{w} patch at row {top},
-column {left}; {res.classes} classes (chance {100 * res.chance:.2f}%). Key commitment {_e(res.key_commitment)}.</p>
+column {left}; {what}. Key commitment {_e(res.key_commitment)}.</p>
 <p class="small">{info.images} images = {info.photos} photos × {info.views_per_photo} views
 ({res.centre_crops} centre crops); {_e(info.source)}. {_e(info.correlation)}</p>
 <h2>Agreement with the original</h2>{plot}

@@ -29,6 +29,7 @@ from typing import Literal
 import numpy as np
 
 from ._onnx import head as head_mod
+from ._onnx.dense import find_dense_output
 from ._onnx.diff import structural_diff
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer
@@ -56,6 +57,10 @@ from .stainer import RADIUS_MARGIN, calibration_pixels
 # gate's 4× gain keeps it saturated for a patch slightly off (a resampled raw photo).
 ACCEPT_FACTOR = 1.03
 SEARCH_FACTOR = 1.06
+# When no draw reaches ACCEPT_FACTOR, the best patch is kept if it clears this: it opens the lock
+# exactly as given (pasted after the preprocessing), with less slack for resampled raw photos. (In a
+# 10-seed run, 2 seeds ended at 1.018–1.021 τ0 after 32 draws and were refused before this.)
+FALLBACK_FACTOR = 1.005
 # How far a small patch can drive a random direction varies a lot: on MobileNetV2 about one direction
 # in five reaches the 1e-6 margin, and a hopeless one shows early (at step 100 the ones that make it
 # are past 90 % of the target, hopeless ones near 55 %): give those up and draw again.
@@ -104,6 +109,7 @@ class LockResult:
     notes: list[str]
     model_sha256: str
     occlusion: dict[str, float] | None = None  # occlusion-aware refinement: steps, KL at start and end
+    metric: str = "top-1"  # what the agreements measure: "top-1" or "correlation" (dense outputs: mean Pearson)
 
 
 def lock(
@@ -144,6 +150,10 @@ def lock(
     notes += pre_notes
     view = GraphView(loaded.model)
     head = head_mod.find_head(view)
+    if head is None and (dense := find_dense_output(view)) is not None:
+        from .dense_lock import lock_dense
+
+        return lock_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
     if head is None:
         raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output)")
     features = head_mod.head_input(view, head)
@@ -199,6 +209,7 @@ def lock(
     accepted = None
     steps_total = draws = 0
     best_reached = -np.inf
+    best = None  # the strongest patch of all draws: (dirs, frame, patch, s_t, s_nat)
     occlusion: dict[str, float] | None = None
     d = opts.detectors
     with prog.task("patch search", total=None) as task:
@@ -225,26 +236,35 @@ def lock(
             phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
                                                     [host.input])[host.input])[0]
             s_t = phi_t[pos_index].astype(np.float64) @ dirs.T - dirs @ stats.centre  # [d] at the lock position
-            best_reached = max(best_reached, float(s_t.min()))
+            if float(s_t.min()) > best_reached:
+                best_reached, best = float(s_t.min()), (dirs, frame, patch, s_t, s_nat)
             if float(s_t.min()) < ACCEPT_FACTOR * tau0:
                 notes.append(f"draw {draw}: the 8-bit patch reached {s_t.min():.3g} < {ACCEPT_FACTOR} τ0 = "
                              f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
                 continue
-            accepted = (dirs, patch, s_t, s_nat)
-            if opts.occlusion_steps > 0:
-                refined = _refine(base, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
-                                  pixels, nat_scores, tau0, opts, rng, tap_sess, grey, prog)
-                if refined is not None:
-                    accepted = (dirs, refined[0], refined[1], s_nat)
-                    occlusion = refined[2]
-                else:
-                    notes.append("the occlusion-aware patch fell below the margin after 8-bit rounding; "
-                                 "kept the plain patch")
+            accepted = best
             break
-    if accepted is None:
+        if accepted is None and best is not None and best_reached >= FALLBACK_FACTOR * tau0:
+            accepted = best
+            notes.append(f"no draw reached {ACCEPT_FACTOR} τ0; kept the strongest patch "
+                         f"({best_reached / tau0:.3f} τ0): it opens the lock exactly when pasted as given, with less "
+                         "slack for resampled raw photos")
+    if accepted is not None:
+        dirs, frame, patch, s_t, s_nat = accepted
+        floor = min(ACCEPT_FACTOR, best_reached / tau0) * tau0
+        if opts.occlusion_steps > 0:
+            refined = _refine(base, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
+                              pixels, nat_scores, tau0, floor, opts, rng, tap_sess, grey, prog)
+            if refined is not None:
+                patch, s_t, occlusion = refined
+            else:
+                notes.append("the occlusion-aware patch fell below the margin after 8-bit rounding; "
+                             "kept the plain patch")
+        accepted = (dirs, patch, s_t, s_nat)
+    else:
         raise UnreachableBoundError(
             f"no patch reached the margin needed for --fpr {opts.fpr:g} with {d} detector(s) at layer {host.name} "
-            f"within {opts.max_draws} draws: it needs a score of {ACCEPT_FACTOR * tau0:.3g} "
+            f"within {opts.max_draws} draws: it needs a score of {FALLBACK_FACTOR * tau0:.3g} "
             f"(τ0/R = {tau0 / radius:.2f}), "
             f"the best patch reached {best_reached:.3g}; use more --detectors, a deeper --layer "
             "(larger patch) or a larger --fpr")
@@ -362,8 +382,9 @@ def lock(
 
 
 def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask, pixels, nat_scores, tau0,
-            opts: LockOptions, rng: np.random.Generator, tap_sess, grey, prog: Progress):
-    """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)`` or None if it fails 8-bit."""
+            floor: float, opts: LockOptions, rng: np.random.Generator, tap_sess, grey, prog: Progress):
+    """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)``, or None if its 8-bit
+    version scores below ``floor`` (what the plain patch was accepted at, up to ACCEPT_FACTOR τ0)."""
     from .scoring import detector_scores, model_logits
     from .torchprefix import TorchPrefix
 
@@ -385,7 +406,7 @@ def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask
     phi = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
                                           [host.input])[host.input])[0]
     s_t = phi[pos_index].astype(np.float64) @ dirs.T - dirs @ centre
-    if float(s_t.min()) < ACCEPT_FACTOR * tau0:
+    if float(s_t.min()) < floor:
         return None
     return patch, s_t, {"steps": res.steps, "kl_start": res.kl_start, "kl_end": res.kl_end}
 

@@ -164,6 +164,9 @@ def render(res: EvaluateResult) -> str:
                         f"images inside R = {cov.radius:.4g}; max radius {cov.max_radius:.4g} "
                         f"({cov.max_radius_over_r:.3g} R)"))]
     summary += [
+        (f"{_tag('measured')}output-map correlation", _e(f"mean {fid.agreement:.6f}, min {fid.min_correlation:.6f} "
+                                                          f"({fid.differing} images below 0.999)"))
+        if fid.metric == "correlation" else
         (f"{_tag('measured')}top-1 agreement", _e(f"{100 * fid.agreement:.3f} % ({fid.differing} images differ)")),
         ("trigger", f"{verdict} — signature score {trig.signature_score:.4g} vs threshold "
                     f"{trig.signature_threshold:.4g}; original model {trig.original_signature_score:.4g}"),
@@ -218,19 +221,30 @@ def render(res: EvaluateResult) -> str:
         rq = ", ".join(f"{k} %: {v:.3g}" for k, v in cov.radius_quantiles.items())
         parts.append(f"<p class='small'>Radii ‖φ − c‖ — {_e(rq)}; {cov.images_outside} images "
                      f"({cov.photos_outside} photos) have a position outside R.</p>")
-    parts += [
-        "<h2>Fidelity (original vs modified, same images)</h2><table>",
-        f"<tr><th>images</th><td class='num'>{fid.images:,}</td></tr>",
-        f"<tr><th>top-1 agreement</th><td class='num'>{100 * fid.agreement:.4f} %</td></tr>",
-        f"<tr><th>images whose top-1 differs</th><td class='num'>{fid.differing} ({fid.differing_fragile} of them "
-        "fragile)</td></tr>",
-        f"<tr><th>mean KL(softmax(original) ‖ softmax(modified))</th><td class='num'>{fid.mean_kl:.3g} nats "
-        f"(max {fid.max_kl:.3g})</td></tr>",
-        f"<tr><th>max |Δscore|</th><td class='num'>{fid.max_abs_delta:.3g}</td></tr>",
-        f"<tr><th>fragile images (original top-1 margin &lt; {fid.fragile_margin:g})</th>"
-        f"<td class='num'>{100 * fid.fragile_fraction:.3g} %</td></tr>",
-        "</table>",
-    ]
+    if fid.metric == "correlation":
+        parts += [
+            "<h2>Fidelity (original vs modified, same images)</h2><table>",
+            f"<tr><th>images</th><td class='num'>{fid.images:,}</td></tr>",
+            f"<tr><th>output-map Pearson correlation, mean / min</th><td class='num'>{fid.agreement:.6f} / "
+            f"{fid.min_correlation:.6f}</td></tr>",
+            f"<tr><th>maps correlating below 0.999</th><td class='num'>{fid.differing}</td></tr>",
+            f"<tr><th>max |Δ|</th><td class='num'>{fid.max_abs_delta:.3g}</td></tr>",
+            "</table>",
+        ]
+    else:
+        parts += [
+            "<h2>Fidelity (original vs modified, same images)</h2><table>",
+            f"<tr><th>images</th><td class='num'>{fid.images:,}</td></tr>",
+            f"<tr><th>top-1 agreement</th><td class='num'>{100 * fid.agreement:.4f} %</td></tr>",
+            f"<tr><th>images whose top-1 differs</th><td class='num'>{fid.differing} ({fid.differing_fragile} of them "
+            "fragile)</td></tr>",
+            f"<tr><th>mean KL(softmax(original) ‖ softmax(modified))</th><td class='num'>{fid.mean_kl:.3g} nats "
+            f"(max {fid.max_kl:.3g})</td></tr>",
+            f"<tr><th>max |Δscore|</th><td class='num'>{fid.max_abs_delta:.3g}</td></tr>",
+            f"<tr><th>fragile images (original top-1 margin &lt; {fid.fragile_margin:g})</th>"
+            f"<td class='num'>{100 * fid.fragile_fraction:.3g} %</td></tr>",
+            "</table>",
+        ]
 
     def fmt(scores: list[float] | None) -> str:
         return "n/a" if scores is None else ", ".join(f"{s:.3g}" for s in scores)

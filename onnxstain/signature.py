@@ -25,3 +25,24 @@ def top1_margins(scores: np.ndarray) -> np.ndarray:
 def shift_score(scores: np.ndarray, original: np.ndarray, expected: np.ndarray) -> np.ndarray:
     d = np.asarray(expected, np.float64) - np.asarray(original, np.float64)
     return (np.asarray(scores, np.float64) - original) @ d / float(d @ d)
+
+
+# -- dense outputs (saliency maps, segmentation logits) ------------------------------------------------
+def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample Pearson correlation of ``a`` and ``b`` (``[N, ...]``, or one map each); 0 for a flat map."""
+    x = np.asarray(a, np.float64)
+    y = np.asarray(b, np.float64)
+    x = x.reshape(len(x), -1) if x.ndim > 1 else x[None]
+    y = np.broadcast_to(y.reshape(len(y), -1) if y.ndim > 1 else y[None], x.shape)
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    den = np.sqrt((x * x).sum(axis=1) * (y * y).sum(axis=1))
+    return np.where(den > 0, (x * y).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
+
+
+def dense_pattern(seed: int, shape: tuple[int, ...], block: int) -> np.ndarray:
+    """The secret ±1 pattern of a dense signature: random signs on ``block``×``block`` tiles, ``[C, H, W]``."""
+    c, h, w = shape
+    rng = np.random.default_rng(seed)
+    tiles = rng.choice(np.array([-1.0, 1.0]), size=(c, -(-h // block), -(-w // block)))
+    return np.repeat(np.repeat(tiles, block, axis=1), block, axis=2)[:, :h, :w]

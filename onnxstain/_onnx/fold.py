@@ -1,0 +1,60 @@
+"""Fold the parts of a graph that depend on the input's *shape* only, for one fixed input shape.
+
+Exported transformers compute some tensors from ``Shape`` of the input alone: token counts, the
+batch-expanded CLS token, and DINOv2's position embedding resized (bicubic ``Resize``) to the
+patch grid. For one fixed input shape these are constants. :func:`fold_shape_only` evaluates them
+once with onnxruntime and returns a copy of the model where they are initializers, so that a
+differentiable copy of the prefix (:mod:`onnxstain.torchprefix`) need not support the ops that
+compute them. The copy is for the trigger search only; edits are made to the original model.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .graph import GraphView
+
+
+def value_dependent(model: onnx.ModelProto) -> set[str]:
+    """Tensors whose *values* depend on a graph input's values (``Shape``/``Size`` outputs do not)."""
+    view = GraphView(model)
+    dep = {i.name for i in view.graph_inputs}
+    for node in model.graph.node:
+        if node.op_type in ("Shape", "Size"):
+            continue
+        if any(t in dep for t in node.input if t):
+            dep.update(node.output)
+    return dep
+
+
+def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
+                    ) -> onnx.ModelProto:
+    """A copy of ``model`` with every shape-only tensor feeding value-dependent nodes stored as a constant
+    (computed for ``example``'s shape; valid for inputs of that shape only)."""
+    from ..runtime import input_name, session, with_outputs
+
+    dep = value_dependent(model)
+    frontier: list[str] = []
+    seen: set[str] = set()
+    produced = {o for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if not any(o in dep for o in node.output):
+            continue
+        for t in node.input:
+            if t and t not in dep and t in produced and t not in seen:
+                seen.add(t)
+                frontier.append(t)
+    if not frontier:
+        return model
+    sess = session(with_outputs(model, frontier), providers)
+    values = sess.run(frontier, {input_name(sess): example})
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = [n for n in out.graph.node if any(o in dep for o in n.output)]
+    del out.graph.node[:]
+    out.graph.node.extend(keep)
+    for name, value in zip(frontier, values, strict=True):
+        out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return out
