@@ -16,6 +16,7 @@ Writes ``lock_seeds.json`` and ``lock_seeds.md`` to ``--out``.
 
     python tools/lock_seeds.py                          # 10 seeds, gate (and in-place when available)
     python tools/lock_seeds.py --seeds 2 --views 4      # a smoke run
+    python tools/lock_seeds.py --seeds 5,7 --kinds gate # chosen seeds
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def render(rep: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--seeds", default="10", help="a count N (seeds 0..N-1) or a comma list of seeds")
     ap.add_argument("--kinds", default="gate,inplace")
     ap.add_argument("--views", type=int, default=16)
     ap.add_argument("--pairs-b1", type=int, default=200)
@@ -124,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for kind in args.kinds.split(","):
-            for seed in range(args.seeds):
+            seeds = [int(x) for x in args.seeds.split(",")] if "," in args.seeds else range(int(args.seeds))
+            for seed in seeds:
                 r = one(model, kind, seed, work, args.views)
                 rep["runs"].append(r)
                 print(json.dumps({k: v for k, v in r.items() if k not in ("timings", "notes")}), flush=True)
