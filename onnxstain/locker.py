@@ -59,7 +59,7 @@ ACCEPT_FACTOR = 1.03
 SEARCH_FACTOR = 1.06
 # When no draw reaches ACCEPT_FACTOR, the best patch is kept if it clears this: it opens the lock
 # exactly as given (pasted after the preprocessing), with less slack for resampled raw photos. (In a
-# 10-seed run, 2 seeds ended at 1.018–1.021 τ0 after 32 draws and were refused before this.)
+# 10-seed run, 2 seeds ended at 1.017–1.021 τ0 after 32 draws and were refused before this.)
 FALLBACK_FACTOR = 1.005
 # How far a small patch can drive a random direction varies a lot: on MobileNetV2 about one direction
 # in five reaches the 1e-6 margin, and a hopeless one shows early (at step 100 the ones that make it

@@ -58,6 +58,7 @@ LEAN_BYTES = 256 * 2**20  # above this much weight data, onnxruntime and torch h
 RADIUS_MARGIN = 1.25  # R = 1.25 × the largest calibration radius
 SEARCH_FACTOR = 1.35  # the search aims at scores ≥ 1.35 τ0 at every selected position ...
 ACCEPT_FACTOR = 1.25  # ... and the 8-bit trigger must keep ≥ 1.25 τ0 (re-scored by onnxruntime)
+RAISE_ATTEMPTS = 4  # fp16/int8 storage: tries at raising τ until the stored detector's rounding is covered
 
 
 @dataclasses.dataclass
@@ -304,15 +305,21 @@ def stain(
     if edit["tau_loss"] > 1e-6 * tau0:
         # fp16 or int8 storage moves the detector's threshold: raise it so that the stored detector
         # fires only where the exact score exceeds τ0 (the bound's threshold), then check again.
-        tau = tau0 + 1.5 * edit["tau_loss"]
-        if tau >= s_star:
-            raise UnsupportedModelError(
-                f"storing the detector in this model's weight format moves its threshold by {edit['tau_loss']:.3g}, "
-                f"beyond the trigger's margin ({s_star - tau0:.3g}); try another --seed or a larger --fpr")
-        edit = stain_edit.build_edit(opts, host, head, route, loaded, edit["channel"], v, stats.centre, tau, s_star,
-                                     phi_t, phi_all, sel, pooled, nat_scores, cls, margin_target, orig_trig_scores,
-                                     radius)
-        if tau - edit["tau_loss"] < tau0:
+        # The rebuilt detector rounds a little differently: raise τ until its own rounding is covered.
+        loss = edit["tau_loss"]
+        for _ in range(RAISE_ATTEMPTS):
+            tau = tau0 + 1.5 * loss
+            if tau >= s_star:
+                raise UnsupportedModelError(
+                    f"storing the detector in this model's weight format moves its threshold by {loss:.3g}, "
+                    f"beyond the trigger's margin ({s_star - tau0:.3g}); try another --seed or a larger --fpr")
+            edit = stain_edit.build_edit(opts, host, head, route, loaded, edit["channel"], v, stats.centre, tau,
+                                         s_star, phi_t, phi_all, sel, pooled, nat_scores, cls, margin_target,
+                                         orig_trig_scores, radius)
+            if tau - edit["tau_loss"] >= tau0:
+                break
+            loss = max(2.0 * loss, edit["tau_loss"])
+        else:
             raise UnsupportedModelError(
                 f"internal check failed: the stored detector's threshold {tau - edit['tau_loss']:.4g} is below "
                 f"τ0 = {tau0:.4g}")
