@@ -482,3 +482,15 @@ def test_mobilenet_v2_fp16_threshold_raise_converges(mnv2_formats, tmp_path):
     assert any("threshold raised" in n for n in res.notes)
     assert load_key(key)["detector"]["threshold"] > load_key(key)["detector"]["tau0"]
     _verify_pair(out, src, key)
+
+
+@pytest.mark.parametrize("kind", ["gate", "inplace"])
+def test_fp16_lock_is_refused_before_any_work(fp16_model, tmp_path, kind):
+    """fp16 locks cannot be exact: one clear line, exit 2, no file, before the calibration pass."""
+    src, _ = fp16_model
+    out, key = tmp_path / "locked.onnx", tmp_path / "k.key"
+    r = CliRunner().invoke(main, ["lock", str(src), "-o", str(out), "--key", str(key), "--kind", kind, "--seed", "0"])
+    assert r.exit_code == 2, r.output
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("onnxstain: error:") and "fp16" in lines[0], r.output
+    assert not out.exists() and not key.exists()
