@@ -333,3 +333,38 @@ def test_inplace_refuses_several_detectors(workdir, images, tmp_path):
     with pytest.raises(BadInputError, match="--detectors 1"):
         onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
                        options=LockOptions(kind="inplace", detectors=2, fpr=FPR))
+
+
+def test_inplace_lock_with_weights_in_constant_nodes(tmp_path):
+    """Weights held by Constant nodes (as some exporters write them) are edited where they live: the
+    in-place lock's structural check compares their types and shapes, not their values."""
+    from models.formats import to_constant_nodes
+    from onnxstain._onnx.diff import structural_diff
+
+    src = tmp_path / "model.onnx"
+    onnx.save(to_constant_nodes(tiny_lockable()), src)
+    Preprocessing(height=SIZE, width=SIZE, resize=None).save(tmp_path / "model.preprocessing.json")
+    res = onnxstain.lock(src, tmp_path / "l.onnx", tmp_path / "l.key", images=smooth_images(192, size=SIZE, seed=1),
+                         options=LockOptions(kind="inplace", seed=0, fpr=FPR, occlusion_steps=10))
+    locked = onnx.load(tmp_path / "l.onnx")
+    assert res.kind == "inplace" and len(locked.graph.initializer) == 0
+    assert structural_diff(onnx.load(src), locked) == []
+    assert onnxstain.verify(tmp_path / "l.onnx", tmp_path / "l.key").stained
+
+
+def test_structural_diff_sees_a_constant_changing_shape():
+    from models.formats import to_constant_nodes
+    from onnxstain._onnx.diff import structural_diff
+
+    a = to_constant_nodes(tiny_lockable())
+    b = onnx.ModelProto()
+    b.CopyFrom(a)
+    t = b.graph.node[0].attribute[0].t
+    arr = onnx.numpy_helper.to_array(t)
+    t.CopyFrom(onnx.numpy_helper.from_array(arr.reshape(-1), t.name))
+    assert any("node 0 differs" in d for d in structural_diff(a, b))
+    c = onnx.ModelProto()
+    c.CopyFrom(a)
+    t = c.graph.node[0].attribute[0].t
+    t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) + 1, t.name))
+    assert structural_diff(a, c) == []  # values only

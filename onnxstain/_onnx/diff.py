@@ -1,7 +1,8 @@
 """Structural comparison of two ONNX models: same nodes, ops, attributes, tensor names and shapes.
 
 ``structural_diff`` returns a list of human-readable differences (empty when the graphs have the
-same topology and only initializer *values* differ) — what an in-place edit must satisfy.
+same topology and only the *values* of weights differ, whether initializers or tensors held by
+``Constant`` nodes) — what an in-place edit must satisfy.
 """
 
 from __future__ import annotations
@@ -9,8 +10,14 @@ from __future__ import annotations
 import onnx
 
 
+def _attr_sig(a: onnx.AttributeProto) -> str:
+    if a.type == onnx.AttributeProto.TENSOR:  # a weight held by a Constant node: its type and shape only
+        return repr((a.t.data_type, tuple(a.t.dims)))
+    return repr(onnx.helper.get_attribute_value(a))
+
+
 def _node_sig(node: onnx.NodeProto) -> tuple:
-    attrs = tuple(sorted((a.name, onnx.helper.get_attribute_value(a).__repr__()) for a in node.attribute))
+    attrs = tuple(sorted((a.name, _attr_sig(a)) for a in node.attribute))
     return (node.op_type, node.domain, tuple(node.input), tuple(node.output), attrs)
 
 
