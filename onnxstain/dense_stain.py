@@ -39,13 +39,11 @@ from .progress import Progress
 from .runtime import run_batches, session, with_outputs
 from .scoring import detector_scores
 from .signature import dense_pattern, pearson
+from .stainer import ACCEPT_FACTOR, RADIUS_MARGIN, SEARCH_FACTOR  # the classifier stain's margins, shared
 
 DELTA = 2.0  # detector pre-activation on the trigger: GELU(2) = 1.95, so Clip(0, 1) gives exactly 1
 PATTERN_BLOCK = 16  # side of the pattern's ±1 tiles, in output pixels
 PATTERN_THRESHOLD = 0.5  # verify: the trigger's map correlates with the pattern at least this much
-RADIUS_MARGIN = 1.25
-SEARCH_FACTOR = 1.35
-ACCEPT_FACTOR = 1.25
 CHECK_IMAGES = 64
 
 
