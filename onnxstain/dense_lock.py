@@ -33,7 +33,7 @@ from ._onnx.hosts import HostLayer
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, encode_array, encode_png, new_key_body
+from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
 from .lock_geometry import MAX_PATCH_FRACTION, lock_hosts, lock_position, patch_box
 from .math import bounds, detector
 from .math.trigger import box_maximiser
@@ -283,10 +283,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
                  "calibration_locked_agreement": float(locked_corr.mean()), "chance": 0.0,
                  "calibration_unlocked_agreement": float(unlocked_corr.mean()), "metric": "correlation"},
         "bound": bound.to_dict(),
-        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
-                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
-                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
-                        "fpr_target": opts.fpr},
+        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
     })
     key = Key(body)
     key.save(key_path)

@@ -30,7 +30,7 @@ from ._onnx.hosts import GELU_ZERO, HostLayer, find_hosts
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, encode_array, encode_png, new_key_body
+from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
 from .passes.dense import insert_token_stain
@@ -244,10 +244,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
                       "original_margin": orig_corr},
         "white_box": {"tensor": gamma, "channel": 0, "expected": 1.0, "threshold": 0.5, "positions": [0]},
         "bound": bound.to_dict(),
-        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
-                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
-                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
-                        "fpr_target": opts.fpr},
+        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
     })
     key = Key(body)
     key.save(key_path)

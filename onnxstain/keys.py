@@ -118,6 +118,15 @@ class Key:
         write_bytes_atomic(path, data, mode=0o644)
 
 
+def calibration_section(stats: Any, images: int, radius: float, natural_scores: np.ndarray, natural_firings: int,
+                        fpr_target: float) -> dict[str, Any]:
+    """The key's ``calibration`` record: the calibration set, its feature statistics (a
+    :class:`onnxstain.math.detector.FeatureStats`), the radius R and the detector's natural scores."""
+    return {"images": images, "samples": stats.samples, "max_radius": stats.max_radius, "radius": radius,
+            "radius_quantiles": stats.radius_quantiles, "natural_max_score": float(np.max(natural_scores)),
+            "natural_firings": natural_firings, "fpr_target": fpr_target}
+
+
 def new_key_body(kind: str) -> dict[str, Any]:
     return {
         "format": KEY_FORMAT,

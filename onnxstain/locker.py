@@ -38,7 +38,7 @@ from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
+from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
 from .lock_geometry import choose_lock_host, lock_hosts, lock_position, patch_box
 from .math import bounds, detector
 from .math.disruption import bias_disruption, sign_disruption
@@ -362,10 +362,7 @@ def lock(
         "lock": {**lock_info, "calibration_locked_agreement": locked_agree, "chance": chance,
                  "calibration_unlocked_agreement": unlocked_agree},
         "bound": bound.to_dict(),
-        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
-                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
-                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
-                        "fpr_target": opts.fpr},
+        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
     })
     key = Key(body)
     key.save(key_path)

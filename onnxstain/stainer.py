@@ -42,7 +42,7 @@ from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, encode_array, encode_png, new_key_body, public_record_path
+from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
 from .preprocess import Preprocessing
@@ -395,10 +395,7 @@ def stain(
                       "expected": edit["wb_expected"], "threshold": edit["wb_threshold"],
                       "positions": [int(p) for p in sel]},
         "bound": bound.to_dict(),
-        "calibration": {"images": len(x_cal), "samples": stats.samples, "max_radius": stats.max_radius,
-                        "radius": radius, "radius_quantiles": stats.radius_quantiles,
-                        "natural_max_score": float(s_nat.max()), "natural_firings": natural_firings,
-                        "fpr_target": opts.fpr},
+        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
     })
     key = Key(body)
     key.save(key_path)
