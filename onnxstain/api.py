@@ -57,7 +57,7 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
     loaded = load_model(model)
     view = GraphView(loaded.model)
     info = image_input(loaded.model)
-    head = head_mod.find_head(view)
+    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
     hosts = find_hosts(loaded.model, view)
     notes: list[str] = []
     default = {}
@@ -79,6 +79,10 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
                      "with a pattern signature; locks are gate locks (--kind gate)")
     elif head is None:
         notes.append("no classifier head found: stains need a Gemm/MatMul+Add producing the scores")
+    elif head.detection:
+        notes.append(f"detector: class logits {head.output!r} ({head.layout[0]} anchors × {head.layout[1]} labels) "
+                     "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
+                     "locks are gate locks (--kind gate)")
     rows = []
     for h in hosts:
         routable = bool(head) and head_mod.direct_route(view, h, head)[0] is not None

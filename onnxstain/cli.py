@@ -219,7 +219,9 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
         con.print("  signature: on the trigger the scores shift as predicted (shift score "
                   f"{res.signature_margin:.3g}; the original model scores 0)")
     else:
-        con.print(f"  signature: class {res.signature_class} wins the trigger by {res.signature_margin:.3g}")
+        what = (f"class {res.signature_class}" if res.signature_label is None else
+                f"a detection of label {res.signature_label} at anchor {res.signature_class}")
+        con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
     con.print(f"  false-positive bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
     if res.signature_type == "pattern":
@@ -292,10 +294,14 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
         con.print(f"  locked: mean output-map correlation with the original {res.locked_agreement:.3f}; with the "
                   f"patch: bit-identical to the original on the same image, {res.unlocked_agreement:.4f} against "
                   "the original on clean images")
+    elif res.metric == "anchor mAP":
+        con.print(f"  locked: detections' anchor-level mAP against the original's {res.locked_agreement:.3f} on "
+                  f"{min(res.calibration_images, 64)} calibration images; with the patch: bit-identical to the "
+                  "original on the same image")
     else:
         con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
                   f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
-    if res.unlocked_agreement < 1.0 and res.metric != "correlation":
+    if res.unlocked_agreement < 1.0 and res.metric == "top-1":
         con.print(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
                   f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                   f"--kind gate restores the original exactly")
@@ -420,7 +426,12 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
         con.print(f"  bound: photo level ({pl.photos} independent photos): data-driven {pl.data_driven}, "
                   f"mixed {pl.mixed}, firing rate ≤ {up}")
     f = res.fidelity
-    if f.metric == "correlation":
+    if f.metric == "anchor mAP":
+        con.print(f"  measured: detections' anchor-level mAP against the original's, per image: mean "
+                  f"{f.agreement:.6f}, min {f.min_correlation:.6f} ({f.differing} of {f.images} images with "
+                  "detections below 1), "
+                  f"max |Δ| {f.max_abs_delta:.3g}")
+    elif f.metric == "correlation":
         con.print(f"  measured: output-map correlation with the original mean {f.agreement:.6f}, min "
                   f"{f.min_correlation:.6f} ({f.differing} of {f.images} below 0.999), max |Δ| {f.max_abs_delta:.3g}")
     else:
@@ -459,6 +470,9 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
               f"({res.centre_crops} centre crops); {info.source}")
     if res.metric == "correlation":
         con.print("  agreement = mean Pearson correlation of output maps (×100); 'locked' means below 50")
+    elif res.metric == "anchor mAP":
+        con.print("  agreement = mean per-image anchor-level mAP of the detections against the original's (×100; "
+                  "images where the original detects nothing are left out); 'locked' means at most 5")
     else:
         con.print(f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points")
     for c in res.conditions:

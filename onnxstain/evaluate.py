@@ -40,8 +40,9 @@ from ._onnx.inputs import image_input
 from ._onnx.io import LoadedModel, load_model, write_bytes_atomic
 from .errors import BadInputError, KeyMismatchError
 from .features import neuron_inputs
-from .keys import Key, load_key
+from .keys import Key, detection_layout, load_key
 from .math import bounds, detector
+from .math.detection_agreement import per_image_anchor_map
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
@@ -437,6 +438,7 @@ def evaluate(
     differ = np.zeros(n, bool)
     max_delta = 0.0
     dense = key["signature"].get("type") == "pattern"  # a map output: fidelity is the maps' correlation
+    layout = detection_layout(key)  # a detector: fidelity is the detections' (anchor-level) mAP
     corr = np.ones(n, np.float64)
     m_outputs = [m_scores] + ([] if m_is_input or not white_box else [tap])
     with prog.task(f"evaluating on {n} images", total=n) as task:
@@ -465,6 +467,8 @@ def evaluate(
                 raise KeyMismatchError(f"the models give {a.shape[1]} and {b.shape[1]} scores per image")
             if dense:
                 corr[start:stop] = pearson(b, a)
+            elif layout is not None:
+                corr[start:stop] = per_image_anchor_map(a.reshape(-1, *layout), b.reshape(-1, *layout))
             la, lb = _log_softmax(a), _log_softmax(b)
             kl[start:stop] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))
             margins[start:stop] = top1_margins(a)
@@ -472,7 +476,14 @@ def evaluate(
             max_delta = max(max_delta, float(np.abs(a - b).max()))
             task.advance(stop - start)
     fragile = margins < FRAGILE_MARGIN
-    if dense:
+    if layout is not None:
+        nan = float("nan")
+        found = corr[~np.isnan(corr)]
+        fidelity = Fidelity(images=int(found.size), agreement=float(found.mean()) if found.size else nan,
+                            differing=int((found < 1.0).sum()), differing_fragile=0, mean_kl=nan, max_kl=nan,
+                            max_abs_delta=max_delta, fragile_fraction=nan, fragile_margin=nan, metric="anchor mAP",
+                            min_correlation=float(found.min()) if found.size else nan)
+    elif dense:
         nan = float("nan")
         fidelity = Fidelity(images=n, agreement=float(corr.mean()), differing=int((corr < 0.999).sum()),
                             differing_fragile=0, mean_kl=nan, max_kl=nan, max_abs_delta=max_delta,

@@ -127,6 +127,12 @@ def calibration_section(stats: Any, images: int, radius: float, natural_scores: 
             "natural_firings": natural_firings, "fpr_target": fpr_target}
 
 
+def detection_layout(key: Key) -> tuple[int, int] | None:
+    """A detector's class-logit layout ``(anchors, labels)`` as the key records it (None: not a detector)."""
+    layout = key["model"].get("layout")
+    return None if layout is None else (int(layout[0]), int(layout[1]))
+
+
 def new_key_body(kind: str) -> dict[str, Any]:
     return {
         "format": KEY_FORMAT,

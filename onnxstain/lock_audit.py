@@ -36,8 +36,9 @@ from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError
 from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
 from .features import neuron_inputs
-from .keys import Key
+from .keys import Key, detection_layout
 from .math import bounds
+from .math.detection_agreement import per_image_anchor_map
 from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
@@ -51,6 +52,7 @@ SLACK = 0.02  # "locked" means top-1 agreement with the original at most chance 
 EXACT = 0.999  # "the lock is exact" means agreement on the same patched images of at least this
 PATCH_COST = 0.95  # target agreement (centre crops) of the unlocked model with the original on clean images
 LOCKED_CORRELATION = 0.5  # dense outputs: "locked" means a mean output-map correlation below this
+LOCKED_MAP = 0.05  # detectors: "locked" means a mean per-image anchor-level mAP of at most this
 
 
 @dataclasses.dataclass
@@ -252,10 +254,13 @@ def audit_lock(
     # Per image, how well a prediction matches a reference: top-1 equality (classifiers) or the Pearson
     # correlation of output maps (dense-output locks, whose keys say "correlation").
     dense = key["references"].get("metric") == "correlation"
+    layout = detection_layout(key)  # detectors: per-image anchor-level mAP (NaN where nothing is detected)
 
     def match(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if dense:
             return pearson(pred, ref)
+        if layout is not None:
+            return per_image_anchor_map(ref.reshape(-1, *layout), pred.reshape(-1, *layout))
         return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
 
     vs_clean: dict[str, np.ndarray] = {k: np.empty(n, np.float64) for k in ("no patch", "patch", *wrong)}
@@ -298,14 +303,14 @@ def audit_lock(
     timings["pass"] = time.perf_counter() - t2
 
     k = int(key["model"]["classes"])
-    chance = 0.0 if dense else 1.0 / k
+    chance = 0.0 if dense or layout is not None else 1.0 / k
     has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
 
     def cond(name: str, desc: str, per_image: np.ndarray, expect: str, delta: float | None = None) -> Condition:
-        agree = float(np.mean(per_image))
-        c_agree = float(np.mean(per_image[centre_mask])) if has_centre else None
+        agree = _mean(per_image)
+        c_agree = _mean(per_image[centre_mask]) if has_centre else None
         if expect == "locked":
-            ok = agree < LOCKED_CORRELATION if dense else agree <= chance + SLACK
+            ok = agree < LOCKED_CORRELATION if dense else agree <= (LOCKED_MAP if layout else chance + SLACK)
         elif expect == "exact":
             ok = agree >= EXACT
         else:
@@ -353,4 +358,10 @@ def audit_lock(
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
         key_bound=bounds.Bound.from_dict(key["bound"]), data_driven_bound=data_driven, measured_upper=upper,
         measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
-        metric="correlation" if dense else "top-1")
+        metric="correlation" if dense else "anchor mAP" if layout is not None else "top-1")
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean of the per-image values that exist (a detector's images with no reference detection are NaN)."""
+    found = values[~np.isnan(values)]
+    return float(found.mean()) if found.size else float("nan")

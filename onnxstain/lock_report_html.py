@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
 
 def agreement_png(res: LockAuditResult) -> str | None:
-    from .lock_audit import EXACT, PATCH_COST, SLACK
+    from .lock_audit import EXACT, LOCKED_MAP, PATCH_COST, SLACK
 
     fig = _figure(8.5, 4.2)
     if fig is None:
@@ -24,13 +24,16 @@ def agreement_png(res: LockAuditResult) -> str | None:
     dense = res.metric == "correlation"
     if dense:
         ax.axvline(50, color="#555", ls="--", lw=1, label="50 (locked below)")
+    elif res.metric == "anchor mAP":
+        ax.axvline(100 * LOCKED_MAP, color="#555", ls="--", lw=1, label=f"{100 * LOCKED_MAP:g} (locked at most)")
     else:
         ax.axvline(100 * (res.chance + SLACK), color="#555", ls="--", lw=1, label="chance + 2 points (locked)")
     ax.axvline(100 * PATCH_COST, color="#1a4d8f", ls=":", lw=1, label=f"{PATCH_COST:.0%} (patch cost target)")
     ax.axvline(100 * EXACT, color="#000", ls="-.", lw=1, label=f"{EXACT:.1%} (exact)")
     ax.set_xlim(0, 101)
-    ax.set_xlabel("mean output-map correlation with the original (×100)" if dense
-                  else "top-1 agreement with the original (%)")
+    ax.set_xlabel({"correlation": "mean output-map correlation with the original (×100)",
+                   "anchor mAP": "mean per-image anchor-level mAP against the original's detections (×100)"}.get(
+                       res.metric, "top-1 agreement with the original (%)"))
     ax.legend(loc="lower right", fontsize=8)
     return _png(fig)
 
@@ -58,8 +61,10 @@ def render(res: LockAuditResult) -> str:
         "<p class='small'>matplotlib is not installed: no plot.</p>")
     notes = "".join(f"<li>{_e(n)}</li>" for n in res.notes)
     info = res.images
-    what = ("agreement is the mean Pearson correlation of output maps (×100)" if res.metric == "correlation"
-            else f"{res.classes} classes (chance {100 * res.chance:.2f}%)")
+    what = {"correlation": "agreement is the mean Pearson correlation of output maps (×100)",
+            "anchor mAP": "agreement is the mean per-image anchor-level mAP of the detections against the "
+                          "original's (×100; images where the original detects nothing are left out)"}.get(
+                res.metric, f"{res.classes} classes (chance {100 * res.chance:.2f}%)")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>onnxstain lock audit</title>
 <style>{_CSS}</style></head><body>
 <h1>Lock audit</h1>

@@ -41,7 +41,8 @@ from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
 from .lock_geometry import choose_lock_host, lock_hosts, lock_position, patch_box
 from .math import bounds, detector
-from .math.disruption import bias_disruption, sign_disruption
+from .math.detection_agreement import anchor_map
+from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from .math.trigger import ascend, quantise, refine_occlusion
 from .passes.conduit import ConduitPlan, apply_conduit, conduit_taps, plan_conduit, prepare_conduit
 from .passes.lock import insert_gate
@@ -151,14 +152,19 @@ def lock(
     notes += pre_notes
     view = GraphView(loaded.model)
     _refuse_half_precision(view)
-    head = head_mod.find_head(view)
+    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_lock import lock_dense
 
         return lock_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
     if head is None:
-        raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output)")
-    features = head_mod.head_input(view, head)
+        raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
+                                    "head (per-anchor class scores beside per-anchor boxes) found")
+    if head.detection and opts.kind == "inplace":
+        raise UnsupportedModelError(
+            "this is a detector: the in-place lock restores a classifier's bias through pooled conduits, and a "
+            "detector's per-anchor class head has none; use --kind gate")
+    features = None if head.detection else head_mod.head_input(view, head)
     host = choose_lock_host(lock_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
@@ -179,7 +185,7 @@ def lock(
         plan, orig_scores = _plan_inplace(loaded.model, host, position, head, x_cal, opts, prog)
         base = prepare_conduit(loaded.model, plan)
         notes += plan.notes
-    taps = [host.input, head.scores, features]
+    taps = [host.input, head.scores] + ([features] if features else [])
     sess = session(with_outputs(base, taps), opts.providers)
     with prog.task("calibration pass", total=len(x_cal)) as task:
         cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
@@ -189,7 +195,7 @@ def lock(
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws,
                                        detectors=opts.detectors)
     nat_scores = cal[head.scores].astype(np.float64).reshape(len(x_cal), -1)
-    pooled = cal[features].astype(np.float64).reshape(len(x_cal), -1)
+    pooled = None if features is None else cal[features].astype(np.float64).reshape(len(x_cal), -1)
     if orig_scores is None:
         orig_scores = nat_scores
     # What the unlocked model loses against the original (in place: the conduit channels), on clean images.
@@ -254,7 +260,9 @@ def lock(
     if accepted is not None:
         dirs, frame, patch, s_t, s_nat = accepted
         floor = min(ACCEPT_FACTOR, best_reached / tau0) * tau0
-        if opts.occlusion_steps > 0:
+        if opts.occlusion_steps > 0 and head.detection:
+            notes.append("occlusion-aware refinement skipped: it weighs classifier scores, not a detector's")
+        elif opts.occlusion_steps > 0:
             refined = _refine(base, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
                               pixels, nat_scores, tau0, floor, opts, rng, tap_sess, grey, prog)
             if refined is not None:
@@ -275,7 +283,6 @@ def lock(
 
     # -- edit ------------------------------------------------------------------------------------------
     t3 = time.perf_counter()
-    cols = _head_columns(view, head)
     if plan is None:
         # Pre-activation 4 (S − τ0)/(s* − τ0): 4 on the patch, so Clip(·, 0, 1) saturates at exactly 1.0
         # whatever the runtime's rounding or a resampled patch's error; ≤ 0 whenever S ≤ τ0, the event
@@ -286,10 +293,19 @@ def lock(
         cg = host.in_channels // host.groups
         filters = np.zeros((d, host.in_channels, *host.kernel))
         filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
-        disruption, locked_agree, chance, flipped = sign_disruption(rng, pooled, nat_scores, cols)
-        locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
+        if head.detection:
+            # Every head reads the maps after the host: flip the sign of half the host's channels.
+            disruption, flipped = half_sign_flips(rng, host.out_channels)
+            locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption,
+                                        target=host.act_output or host.output)
+            locked_agree, chance = _detection_agreement(locked, x_cal, cal[head.scores], head, opts), 0.0
+            lock_info = {"flipped_channels": flipped, "gated": "host", "agreement_metric": "anchor mAP"}
+        else:
+            disruption, locked_agree, chance, flipped = sign_disruption(rng, pooled, nat_scores,
+                                                                        _head_columns(view, head))
+            locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
+            lock_info = {"flipped_features": flipped}
         white_box = {"tensor": fired, "channel": None, "position": None, "expected": 1.0}
-        lock_info: dict = {"flipped_features": flipped}
     else:
         # The host's activation saturates (ReLU6: twice the clip on the patch gives exactly 6); a plain
         # ReLU host passes the patch's value, exact because the patch alone decides it.
@@ -341,7 +357,8 @@ def lock(
     body = new_key_body("lock")
     body.update({
         "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
-                  "scores": head.output, "classes": head.classes},
+                  "scores": head.output, "classes": head.classes,
+                  "layout": list(head.layout) if head.detection else None},
         "preprocessing": pre.to_dict(),
         "mode": opts.kind,
         "variant": opts.kind,
@@ -376,7 +393,7 @@ def lock(
         locked_agreement=locked_agree, unlocked_agreement=unlocked_agree, chance=chance, flipped_features=flipped,
         calibration_images=len(x_cal),
         draws=draws, search_steps=steps_total, timings=timings, notes=notes, model_sha256=digest,
-        occlusion=occlusion,
+        occlusion=occlusion, metric="anchor mAP" if head.detection else "top-1",
     )
 
 
@@ -442,6 +459,19 @@ def _plan_inplace(model, host: HostLayer, position: tuple[int, int], head: head_
     activity = {t: v / len(x_cal) for t, v in sums.items()}
     plan = plan_conduit(model, host, position, head, activity=activity)
     return plan, np.concatenate(scores)
+
+
+DETECTION_CHECK_IMAGES = 64  # calibration images the locked detector is run on to measure its agreement
+
+
+def _detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray,
+                         head: head_mod.Head, opts: LockOptions) -> float:
+    """Anchor-level mAP of the locked detector (no patch) against the original on calibration images."""
+    n = min(DETECTION_CHECK_IMAGES, len(x_cal))
+    got = run_batches(session(locked, opts.providers), x_cal[:n], [head.scores], batch=opts.batch)[head.scores]
+    shape = (n, *head.layout)
+    value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape))
+    return 0.0 if np.isnan(value) else value
 
 
 def _head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:

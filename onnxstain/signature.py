@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 
@@ -46,3 +48,47 @@ def dense_pattern(seed: int, shape: tuple[int, ...], block: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     tiles = rng.choice(np.array([-1.0, 1.0]), size=(c, -(-h // block), -(-w // block)))
     return np.repeat(np.repeat(tiles, block, axis=1), block, axis=2)[:, :h, :w]
+
+
+# -- which scores a signature lives in ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ScoreView:
+    """The scores a class signature is read from, as ``[N, K]``.
+
+    A classifier's scores are its output, flattened. A detector's class logits ``[N, A, C]`` are read in
+    one class column ``label``: ``[N, A]``, one score per anchor, so a "class" of the signature is an
+    anchor and a class signature is a prescribed detection — label ``label`` at that anchor, ahead of
+    every other anchor's ``label`` logit by the margin.
+    """
+
+    shape: tuple[int, ...]  # per-sample shape of the raw scores: (K,) or (A, C)
+    label: int | None = None
+
+    @property
+    def classes(self) -> int:
+        return int(self.shape[0]) if self.label is not None else int(np.prod(self.shape))
+
+    def flat(self, raw: np.ndarray) -> np.ndarray:
+        """``[N, ...]`` raw scores → ``[N, K]`` signature scores (float64)."""
+        arr = np.asarray(raw, np.float64)
+        if self.label is None:
+            return arr.reshape(len(arr), -1)
+        return arr.reshape(len(arr), *self.shape)[:, :, self.label]
+
+    def expand(self, row: np.ndarray) -> np.ndarray:
+        """A change of the signature scores (length K) as a change of the raw scores (``shape``)."""
+        if self.label is None:
+            return np.asarray(row, np.float64).reshape(self.shape)
+        full = np.zeros(self.shape)
+        full[:, self.label] = row
+        return full
+
+    def to_dict(self) -> dict:
+        return {"shape": list(self.shape), "label": self.label}
+
+    @classmethod
+    def from_dict(cls, d: dict | None, classes: int) -> ScoreView:
+        if not d:
+            return cls((int(classes),))
+        label = d.get("label")
+        return cls(tuple(int(s) for s in d["shape"]), None if label is None else int(label))

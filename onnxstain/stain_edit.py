@@ -15,6 +15,7 @@ from ._onnx.io import LoadedModel
 from .errors import BadInputError, UnsupportedModelError
 from .math import compensation, detector
 from .passes import stain as stain_pass
+from .signature import ScoreView
 
 
 def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
@@ -80,10 +81,25 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
     return int(np.argmax(gain))
 
 
-def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
-                     trig_scores: np.ndarray) -> int:
-    k = nat_scores.shape[1]
+def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
+    """The scores the signature lives in. A detector's: one label's column of the class logits, the label
+    chosen at random among 1..C−1 unless ``--signature-class`` names it (label 0 is skipped: it is the
+    background in SSD-style heads)."""
+    if not head.detection:
+        return ScoreView((head.classes,))
+    anchors, labels = head.layout
     if opts.signature_class is not None:
+        if not 0 <= opts.signature_class < labels:
+            raise BadInputError(f"--signature-class must be in 0..{labels - 1}")
+        return ScoreView((anchors, labels), int(opts.signature_class))
+    return ScoreView((anchors, labels), int(rng.integers(1, labels)))
+
+
+def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
+                     trig_scores: np.ndarray, view: ScoreView | None = None) -> int:
+    """The class the signature makes win; for a detector (``view.label`` set), the anchor."""
+    k = nat_scores.shape[1]
+    if opts.signature_class is not None and (view is None or view.label is None):
         if not 0 <= opts.signature_class < k:
             raise BadInputError(f"--signature-class must be in 0..{k - 1}")
         return opts.signature_class
@@ -105,7 +121,8 @@ def _pool(route, a: np.ndarray) -> np.ndarray:
 
 
 def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,
-                nat_scores, cls, margin_target, orig_trig, radius: float = 0.0) -> dict:
+                nat_scores, cls, margin_target, orig_trig, radius: float = 0.0,
+                scores_view: ScoreView | None = None) -> dict:
     """Weights, route, and the exact prediction of the stained model's natural outputs.
 
     The edit is computed in float64 and stored in each tensor's own format (fp32, fp16, or int8 codes
@@ -217,10 +234,10 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             biases = np.array([ed.bias, beta])
             combine, combine_bias, act_high = np.array([h, -h]), -h * theta, None
         strength = margin_target + np.delete(orig_trig, cls).max() - orig_trig[cls]
-        row = np.zeros(head.classes)
+        row = np.zeros(len(orig_trig))
         row[cls] = strength
         model, signal = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
-                                          act_high, row)
+                                          act_high, row if scores_view is None else scores_view.expand(row))
         # The branch adds exactly zero where the detector does not fire (checked on natural data).
         predicted = nat_scores.copy()
         tap, tap_channel = signal, 0

@@ -102,11 +102,16 @@ class StainResult:
     timings: dict[str, float]
     notes: list[str]
     model_sha256: str
+    signature_label: int | None = None  # detectors: the label shown at anchor ``signature_class``
 
 
 # -- helpers -----------------------------------------------------------------------------------------
 def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mode: Mode,
                 layer: str | None) -> HostLayer:
+    if mode == "inplace" and head.detection:
+        raise UnsupportedModelError(
+            "this is a detector (per-anchor class scores beside box outputs): its class head is not a "
+            "pooled classifier, so the stain cannot be routed through existing channels in place; use --mode insert")
     if layer is not None:
         match = [h for h in hosts if h.name == layer]
         if not match:
@@ -133,7 +138,16 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
             raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the "
                                         "stain cannot be routed in place; use --mode insert")
         usable = routable
+    if head.detection:
+        # A detector's deepest layers are narrow and 1×1 (a hard margin): take the layer that needs the
+        # smallest margin for the bound, the deeper one on ties.
+        return min(usable, key=lambda h: (round(_margin_ratio(h), 2), -h.depth))
     return max(usable, key=lambda h: (h.depth, h.m))
+
+
+def _margin_ratio(host: HostLayer, fpr: float = 1e-9, draws: int = 8) -> float:
+    """The firing margin τ0/R the bound target needs at ``host`` (lower is easier to reach)."""
+    return bounds.threshold_for_target(fpr, 1.0, host.m, positions=host.positions, draws=draws)
 
 
 def selected_positions(host: HostLayer) -> np.ndarray:
@@ -186,14 +200,15 @@ def stain(
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
     view = GraphView(loaded.model)
-    head = head_mod.find_head(view)
+    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_stain import stain_dense
 
         return stain_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
     if head is None:
-        raise UnsupportedModelError("no classifier head found (a Gemm or MatMul+Add producing the output); "
-                                    "the black-box signature needs one")
+        raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
+                                    "head (per-anchor class scores beside per-anchor boxes) "
+                                    "found; the black-box signature needs one")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
     if opts.mode == "inplace":
@@ -203,13 +218,14 @@ def stain(
         route, _ = head_mod.direct_route(view, host, head)
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
+    score_view = stain_edit.score_view(opts, rng, head)
     timings["load"] = time.perf_counter() - t0
 
     # -- calibration ---------------------------------------------------------------------------------
     t1 = time.perf_counter()
     pixels = calibration_pixels(images, pre, prog)
     x_cal = pre.to_input(pixels)
-    taps = [host.input, head.scores, head_mod.head_input(view, head)]
+    taps = [host.input, head.scores] + ([] if head.detection else [head_mod.head_input(view, head)])
     tapped = with_outputs(loaded.model, taps)
     sess = session(tapped, opts.providers)
     with prog.task("calibration pass", total=len(x_cal)) as task:
@@ -224,8 +240,8 @@ def stain(
     radius = RADIUS_MARGIN * stats.max_radius
     positions = host.positions
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=positions, draws=opts.max_draws)
-    nat_scores = cal[head.scores].astype(np.float64)
-    pooled = cal[head_mod.head_input(view, head)].reshape(len(x_cal), -1).astype(np.float64)
+    nat_scores = score_view.flat(cal[head.scores])
+    pooled = None if head.detection else cal[taps[2]].reshape(len(x_cal), -1).astype(np.float64)
     sel = selected_positions(host)
     channel = stain_edit.choose_channel(opts, host, head, loaded, pooled, nat_scores)
     timings["calibration"] = time.perf_counter() - t1
@@ -276,7 +292,7 @@ def stain(
             if lean:
                 sess = None
             phi_t = neuron_inputs(host, got_t[host.input])[0]
-            orig_trig_scores = got_t[head.scores][0]
+            orig_trig_scores = score_view.flat(got_t[head.scores])[0]
             s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[sel].min())
             if s_star < ACCEPT_FACTOR * tau0:
@@ -298,10 +314,10 @@ def stain(
     tau = tau0
     bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
     trig_input = pre.to_input(trig)
-    cls = stain_edit.signature_class(opts, rng, nat_scores, orig_trig_scores)
+    cls = stain_edit.signature_class(opts, rng, nat_scores, orig_trig_scores, score_view)
     margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(nat_scores), 0.99)))
     edit = stain_edit.build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,
-                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores, radius)
+                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores, radius, score_view)
     if edit["tau_loss"] > 1e-6 * tau0:
         # fp16 or int8 storage moves the detector's threshold: raise it so that the stored detector
         # fires only where the exact score exceeds τ0 (the bound's threshold), then check again.
@@ -315,7 +331,7 @@ def stain(
                     f"beyond the trigger's margin ({s_star - tau0:.3g}); try another --seed or a larger --fpr")
             edit = stain_edit.build_edit(opts, host, head, route, loaded, edit["channel"], v, stats.centre, tau,
                                          s_star, phi_t, phi_all, sel, pooled, nat_scores, cls, margin_target,
-                                         orig_trig_scores, radius)
+                                         orig_trig_scores, radius, score_view)
             if tau - edit["tau_loss"] >= tau0:
                 break
             loss = max(2.0 * loss, edit["tau_loss"])
@@ -336,7 +352,8 @@ def stain(
     n_check = min(64, len(x_cal))
     # The scores tensor may sit before a Softmax or a Cast to the output type: tap it.
     check_sess = session(with_outputs(stained, [head.scores]), opts.providers)
-    got = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
+    raw = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
+    got = score_view.flat(raw)
     if edit["signature"] == "shift":
         trig_margin = float(shift_score(got[0], orig_trig_scores, edit["expected_trigger"]))
         # quantized scores (QDQ) round the shift: allow their error along the expected direction
@@ -357,7 +374,7 @@ def stain(
     err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
     scale = float(np.abs(nat_scores).max())
     # fp16 scores carry about 1e-3 relative rounding; QDQ scores one step of their quantization
-    eps = float(np.finfo(got.dtype).eps) if np.issubdtype(got.dtype, np.floating) else 0.0
+    eps = float(np.finfo(raw.dtype).eps) if np.issubdtype(raw.dtype, np.floating) else 0.0
     if err > max(1e-3, 8 * eps) * max(scale, 1.0) + edit["tolerance"]:
         raise UnsupportedModelError(f"internal check failed: natural outputs differ from the prediction by {err:.3g}")
     agreement = float(np.mean(predicted.argmax(1) == nat_scores.argmax(1)))
@@ -373,7 +390,8 @@ def stain(
     body = new_key_body("stain")
     body.update({
         "model": {"source_sha256": loaded.sha256, "output_sha256": digest,
-                  "input": view.graph_inputs[0].name, "scores": head.output, "classes": head.classes},
+                  "input": view.graph_inputs[0].name, "scores": head.output, "classes": score_view.classes,
+                  "score_view": score_view.to_dict(), "layout": list(head.layout) if head.detection else None},
         "preprocessing": pre.to_dict(),
         "mode": opts.mode,
         "variant": opts.variant,
@@ -409,7 +427,7 @@ def stain(
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings,
         natural_samples=int(s_nat.size), calibration_images=len(x_cal), agreement=agreement,
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
-        model_sha256=digest,
+        model_sha256=digest, signature_label=score_view.label,
     )
 
 

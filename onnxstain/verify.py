@@ -31,7 +31,7 @@ from .math import bounds
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
-from .signature import class_margin, dense_pattern, pearson, shift_score
+from .signature import ScoreView, class_margin, dense_pattern, pearson, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 1
@@ -133,10 +133,13 @@ def verify(
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, x, outputs, batch=8)
-    scores = res[scores_name].astype(np.float64).reshape(len(batch), -1)
     classes = int(key["model"]["classes"])
-    if scores.shape[1] != classes:
-        raise KeyMismatchError(f"the key expects {classes} output scores; this model gives {scores.shape[1]}")
+    score_view = ScoreView.from_dict(key["model"].get("score_view"), classes)
+    raw = res[scores_name]
+    if raw[0].size != int(np.prod(score_view.shape)):
+        raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
+                               f"{raw[0].size}")
+    scores = score_view.flat(raw)
     sig = key["signature"]
     bb_threshold = float(sig["threshold"])
     if sig.get("type") == "pattern":
@@ -159,7 +162,8 @@ def verify(
         bb_trigger = float(margins[0])
         worst = int(np.argmax(margins[1:])) + 1
         bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
-        detail = (f"class {cls} wins the trigger by {bb_trigger:.3g} (expected {sig['expected_margin']:.3g}); "
+        what = f"class {cls}" if score_view.label is None else f"label {score_view.label} at anchor {cls}"
+        detail = (f"{what} wins the trigger by {bb_trigger:.3g} (expected {sig['expected_margin']:.3g}); "
                   f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
     checks = [Check("black-box", True, bb_pass, bb_trigger, bb_threshold, detail)]
     if has_tap:
@@ -216,7 +220,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
     scores = res[scores_name].astype(np.float64).reshape(2 * n, -1)
-    want_p, want_u = key.array("references", "patched_scores"), key.array("references", "unpatched_scores")
+    want_p, want_u = (key.array("references", which).reshape(n, -1) for which in ("patched_scores", "unpatched_scores"))
     if refs_info.get("metric") == "correlation":
         scores = _pooled_maps(res[scores_name], key)
     if scores.shape[1] != want_p.shape[1]:

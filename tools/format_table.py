@@ -15,7 +15,12 @@ same format:
 * classifiers (2-D outputs): top-1 agreement; stain in place ≥ 99 %, insert bit-identical
   (max |Δ| = 0); lock without the patch ≤ 1/K + 2 %, with the patch (same patched images) ≥ 99.9 %;
 * dense outputs (e.g. saliency maps): per-image Pearson correlation, mean and min; stain ≥ 0.999;
-  lock without the patch < 0.5, with it ≥ 0.99.
+  lock without the patch < 0.5, with it ≥ 0.99;
+* detectors (class logits and box encodings, with the recipe's ``.anchors.npy``): box mAP@0.5 of the
+  decoded, NMS-filtered detections against the unmodified model's (score ≥ 0.5 as pseudo ground
+  truth, :mod:`onnxstain.math.boxes`); stain ≥ 0.99; lock without the patch ≤ 0.05, with it on the same
+  patched images ≥ 0.999, and the patch's own cost (patched, against the original on clean images)
+  reported.
 
 Model formats come from ``models/formats.py`` (fp16, int8 QDQ, Constant-node weights, external data)
 and are built on first use. Writes ``format_table.json`` and ``format_table.md`` to ``--out``.
@@ -59,10 +64,39 @@ def model_path(name: str, fmt: str) -> Path | None:
     return base if fmt == "fp32" else formats.build(base, fmt)
 
 
-def run(path: Path, x: np.ndarray, batch: int = 16) -> np.ndarray:
+def run(path: Path, x: np.ndarray, batch: int = 16, output: int = 0) -> np.ndarray:
     sess = session(str(path))
     name = sess.get_inputs()[0].name
-    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)])
+    return np.concatenate([sess.run(None, {name: x[i : i + batch]})[output] for i in range(0, len(x), batch)])
+
+
+def detections(path: Path, x: np.ndarray, anchors: np.ndarray) -> list:
+    """Decoded, NMS-filtered detections of an SSD-style model (outputs ``box_encodings``, ``class_logits``)."""
+    from onnxstain.math import boxes
+
+    sess = session(str(path))
+    name = sess.get_inputs()[0].name
+    out: list = []
+    for i in range(0, len(x), 16):
+        enc, logits = sess.run(["box_encodings", "class_logits"], {name: x[i : i + 16]})
+        out += [boxes.postprocess(boxes.decode(e.reshape(-1, 4), anchors), lg, score_threshold=0.05)
+                for e, lg in zip(enc, logits, strict=True)]
+    return out
+
+
+def detector_fidelity(src: Path, out: Path, key: Path, op: str, x: np.ndarray,
+                      anchors: np.ndarray) -> tuple[dict[str, float], bool]:
+    from onnxstain.math.boxes import mean_average_precision as mean_ap
+
+    ref, got = detections(src, x, anchors), detections(out, x, anchors)
+    if op.startswith("stain"):
+        value = mean_ap(got, ref)
+        return {"mAP": value}, value >= 0.99
+    xp = onnxstain.paste_patch(x, key)
+    ref_p, got_p = detections(src, xp, anchors), detections(out, xp, anchors)
+    locked, exact, cost = mean_ap(got, ref), mean_ap(got_p, ref_p), mean_ap(got_p, ref)
+    return ({"mAP_no_patch": locked, "mAP_with_patch": exact, "mAP_patch_vs_clean": cost},
+            locked <= 0.05 and exact >= 0.999)
 
 
 def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -75,6 +109,9 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def fidelity(src: Path, out: Path, key: Path, op: str, x: np.ndarray) -> tuple[dict[str, float], bool]:
     """Measured fidelity of ``out`` against ``src`` and whether it meets the operation's criterion."""
+    anchors = src.with_name(src.name.removesuffix(".onnx") + ".anchors.npy")
+    if anchors.is_file():
+        return detector_fidelity(src, out, key, op, x, np.load(anchors))
     a, b = run(src, x), run(out, x)
     locking = op.startswith("lock")
     if locking:
@@ -131,6 +168,8 @@ def _fid_text(fid: dict[str, float]) -> str:
             continue
         if k.startswith("agreement"):
             parts.append(f"{k.replace('agreement_', '').replace('agreement', 'top-1')} {100 * v:.1f} %")
+        elif k.startswith("mAP"):
+            parts.append(f"{k.replace('mAP_', 'mAP ').replace('_', ' ')} {v:.4f}")
         elif k == "max_abs_delta":
             parts.append(f"max Δ {v:.3g}")
         else:

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .graph import GraphView
+from .graph import GraphView, tensor_shapes
 from .hosts import HostLayer
 
 _PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Sigmoid"}
@@ -40,6 +40,12 @@ class Head:
     # QDQ models: the range and step of the ``Q → DQ`` pair on the scores (``scores`` is its output)
     scores_range: tuple[float, float] | None = None
     scores_step: float = 0.0
+    # detectors (``op == "Detection"``): the class logits' per-sample shape (anchors, labels)
+    layout: tuple[int, int] | None = None
+
+    @property
+    def detection(self) -> bool:
+        return self.layout is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +88,30 @@ def find_head(view: GraphView) -> Head | None:
                 if w is not None and len(w) == 2 and view.is_constant(bias):
                     return Head(view.node_name(mm), "MatMul", mm.input[1], bias, view.node_name(node),
                                 False, 1.0, 1.0, *_scores(view, node.output[0], out, w[1], w[0]))
+    return None
+
+
+def find_detection_head(view: GraphView) -> Head | None:
+    """A detector's class scores: a graph output ``[B, A, C]`` beside a box output ``[B, A, 4]`` (or
+    ``[B, A, 1, 4]``) over the same ``A`` anchors. The scores tensor is the logits: the input of a
+    trailing Sigmoid or Softmax, if any. Such a head has no classifier weights to edit (insert only)."""
+    shapes = tensor_shapes(view.model)
+    known = {o: shapes.get(o) for o in view.output_names}
+    boxes = {int(s[1]) for s in known.values()
+             if s and len(s) in (3, 4) and s[-1] == 4 and isinstance(s[1], int) and all(d == 1 for d in s[2:-1])}
+    for out, shape in known.items():
+        if not shape or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
+            continue
+        anchors, labels = int(shape[1]), int(shape[2])
+        if labels < 2 or labels == 4 or anchors not in boxes:
+            continue
+        scores, node = out, view.producer.get(out)
+        if node is not None and node.op_type in ("Sigmoid", "Softmax"):
+            scores, node = node.input[0], view.producer.get(node.input[0])
+        if node is None:
+            continue
+        return Head(view.node_name(node), "Detection", "", None, None, False, 1.0, 1.0, scores, out, labels, 0,
+                    layout=(anchors, labels))
     return None
 
 

@@ -37,6 +37,15 @@ def sign_disruption(rng: np.random.Generator, pooled: np.ndarray, scores: np.nda
     return best[1], best[0], chance, n // 2
 
 
+def half_sign_flips(rng: np.random.Generator, channels: int) -> tuple[np.ndarray, int]:
+    """A gate disruption for a feature map: −2 on a random half of its channels (their sign flips when
+    locked), 0 elsewhere. Used where the outputs are not a classifier's scores (detectors), so no
+    calibration agreement can be computed in closed form."""
+    m = np.zeros(channels)
+    m[rng.permutation(channels)[: max(1, channels // 2)]] = -2.0
+    return m, max(1, channels // 2)
+
+
 def bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray,
                      bias: np.ndarray) -> tuple[np.ndarray, float, float, float]:
     """The in-place lock's disruption: a random logit bias ``b + k σ u`` (``u`` standard normal, ``σ``

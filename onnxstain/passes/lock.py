@@ -6,7 +6,8 @@ Detector branch (reads the host layer's input)::
     Conv 1×1 (d → 1, weights 1, bias 1−d) → Clip(0, 1)     AND over the d detectors, per position
     GlobalMaxPool → Flatten → γ ∈ [0, 1]                  1 when the patch is present, else 0
 
-Gate on the classifier's input features ``F`` (``[N, features]``)::
+Gate on the classifier's input features ``F`` (``[N, features]``), or, in a detector, on a feature map
+``[N, C, H, W]`` that every head reads (channel-wise)::
 
     F' = F ⊙ (1 + (1 − γ) · m)
 
@@ -34,8 +35,13 @@ def insert_gate(
     filters: np.ndarray,
     biases: np.ndarray,
     disruption: np.ndarray,
+    target: str | None = None,
 ) -> tuple[onnx.ModelProto, str]:
-    """Insert the detector branch and the gate; return the model and the name of the γ tensor."""
+    """Insert the detector branch and the gate; return the model and the name of the γ tensor.
+
+    ``target``: the tensor to gate — by default the classifier's input features; a feature map
+    ``[N, C, H, W]`` (``disruption`` of length C) has every consumer re-pointed to the gated map.
+    """
     out = copy_model(model)
     view = GraphView(out)
     name = _Namer(view)
@@ -64,19 +70,25 @@ def insert_gate(
     both = node("Conv", [each, const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
                          const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
     fired = clip01(both)
-    pooled = node("GlobalMaxPool", [fired])
-    gamma = node("Flatten", [pooled], axis=1)  # [N, 1]
-    locked = node("Sub", [const(np.ones((1, 1)), "onnx::Sub_one"), gamma])
-    scale = node("Mul", [locked, const(disruption.reshape(1, -1), "onnx::Mul_w")])
-    factor = node("Add", [scale, const(np.ones((1, 1)), "onnx::Add_one")])
-    # Re-point the classifier's input: features → Mul(factor) → classifier.
-    features = head_input(view, head)
-    gated = node("Mul", [features, factor])
-    head_node = view.find_node(head.node)
-    for i, t in enumerate(head_node.input):
-        if t == features:
-            head_node.input[i] = gated
-    idx = view.index(head_node)
+    pooled = node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
+    if target is None:
+        gamma, shape = node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
+        users = [view.find_node(head.node)]
+        target = head_input(view, head)
+    else:
+        gamma, shape = pooled, (1, -1, 1, 1)  # against a map [N, C, H, W]
+        users = list(view.consumers.get(target, []))
+    one = np.ones([1] * len(shape))
+    locked = node("Sub", [const(one, "onnx::Sub_one"), gamma])
+    scale = node("Mul", [locked, const(disruption.reshape(shape), "onnx::Mul_w")])
+    factor = node("Add", [scale, const(one, "onnx::Add_one")])
+    # Re-point the readers of the target: target → Mul(factor) → readers.
+    gated = node("Mul", [target, factor])
+    for user in users:
+        for i, t in enumerate(user.input):
+            if t == target:
+                user.input[i] = gated
+    idx = min(view.index(u) for u in users)
     graph_nodes = list(out.graph.node)
     del out.graph.node[:]
     out.graph.node.extend(graph_nodes[:idx] + nodes + graph_nodes[idx:])

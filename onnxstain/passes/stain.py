@@ -150,6 +150,8 @@ def insert(
 ) -> tuple[onnx.ModelProto, str]:
     """Add a detector branch reading the host's input and adding ``row`` times its signal to the scores.
 
+    ``row`` has the scores' per-sample shape: ``[K]`` for a classifier, ``[A, C]`` for a detector.
+
     ``filters``/``biases``: one or two neurons over the host input (Conv ``[n, C, kh, kw]`` or
     linear ``[n, m]``). Each passes through the host's activation (ReLU, or ``Clip(0, hi)``).
     With two neurons, ``combine`` (length 2) and ``combine_bias`` make one signal from them before
@@ -216,9 +218,17 @@ def insert(
         nodes.append(helper.make_node("Flatten", [pooled], [flat], name=flat[:-9], axis=1))
     else:
         nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
-    contrib = name("MatMul") + "_output_0"
-    nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(1, -1), "onnx::MatMul_w")], [contrib],
-                                  name=contrib[:-9]))
+    if row.ndim == 1:  # classifier scores [N, K]
+        contrib = name("MatMul") + "_output_0"
+        nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(1, -1), "onnx::MatMul_w")], [contrib],
+                                      name=contrib[:-9]))
+    else:  # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
+        shaped = name("Reshape") + "_output_0"
+        shape = view.add_initializer(np.array([-1] + [1] * row.ndim, np.int64), "onnx::Reshape_shape")
+        nodes.append(helper.make_node("Reshape", [flat, shape], [shaped], name=shaped[:-9]))
+        contrib = name("Mul") + "_output_0"
+        nodes.append(helper.make_node("Mul", [shaped, const(row[None], "onnx::Mul_w")], [contrib],
+                                      name=contrib[:-9]))
     # Re-point the head's score tensor: head → fresh tensor → Add(signal) → original tensor name.
     head_out = head.scores
     producer = view.producer[head_out]

@@ -1,0 +1,79 @@
+"""A tiny SSD-style detector built with onnx.helper (seeded, opset 17), for the detector tests.
+
+Backbone: 3×3 conv(3→8)+ReLU → 3×3 s2 conv(8→16)+ReLU → 3×3 s2 conv(16→24)+ReLU (corner patch
+5×5 px) → 1×1 conv(24→32)+ReLU6 (feature map 1, 12×12 at 48 px) → 3×3 s2 conv(32→48)+ReLU6
+(feature map 2, 6×6). Each feature map has a 3×3 class-predictor conv (``ANCHORS`` × ``LABELS``
+channels) and a 3×3 box-predictor conv (``ANCHORS`` × 4), laid out as the TF Object Detection API
+exports them: Transpose to NHWC, Reshape to ``[B, -1, LABELS]`` / ``[B, -1, 4]``, Concat over the
+anchors. Outputs ``class_logits`` ``[B, A, LABELS]`` (label 0: background) and ``box_encodings``
+``[B, A, 4]``. The class biases favour the background, so natural images give few detections.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+SIZE = 48
+ANCHORS = 3  # per cell
+LABELS = 6  # background + 5
+GRIDS = (12, 6)
+TOTAL_ANCHORS = ANCHORS * sum(g * g for g in GRIDS)
+
+
+def tiny_detector(seed: int = 0, size: int = SIZE) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def init(name: str, arr) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def conv(x: str, name: str, cin: int, cout: int, k: int, s: int, act: str | None, bias=None) -> str:
+        w = init(f"{name}.weight", rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32))
+        b = init(f"{name}.bias", (rng.normal(0, 0.05, cout) if bias is None else bias).astype(np.float32))
+        y = f"/{name}/Conv_output_0"
+        nodes.append(helper.make_node("Conv", [x, w, b], [y], name=f"/{name}/Conv", kernel_shape=[k, k],
+                                      pads=[k // 2] * 4, strides=[s, s]))
+        if act == "relu":
+            nodes.append(helper.make_node("Relu", [y], [f"/{name}/Relu_output_0"], name=f"/{name}/Relu"))
+            return f"/{name}/Relu_output_0"
+        if act == "relu6":
+            lo, hi = init(f"{name}.min", np.array(0.0, np.float32)), init(f"{name}.max", np.array(6.0, np.float32))
+            nodes.append(helper.make_node("Clip", [y, lo, hi], [f"/{name}/Clip_output_0"], name=f"/{name}/Clip"))
+            return f"/{name}/Clip_output_0"
+        return y
+
+    x = conv("input", "backbone.conv1", 3, 8, 3, 1, "relu")
+    x = conv(x, "backbone.conv2", 8, 16, 3, 2, "relu")
+    x = conv(x, "backbone.conv3", 16, 24, 3, 2, "relu")
+    f1 = conv(x, "backbone.conv4", 24, 32, 1, 1, "relu6")
+    f2 = conv(f1, "backbone.conv5", 32, 48, 3, 2, "relu6")
+    classes, boxes = [], []
+    for i, (f, cin) in enumerate(((f1, 32), (f2, 48))):
+        for kind, per, out in (("class", LABELS, classes), ("box", 4, boxes)):
+            bias = np.zeros(ANCHORS * per)
+            if kind == "class":
+                bias = np.tile(np.r_[3.0, np.full(LABELS - 1, -3.0)], ANCHORS)
+            y = conv(f, f"head.{kind}_predictor.{i}", cin, ANCHORS * per, 3, 1, None, bias=bias)
+            t = f"/head.{kind}_predictor.{i}/Transpose_output_0"
+            nodes.append(helper.make_node("Transpose", [y], [t], name=t[:-9], perm=[0, 2, 3, 1]))
+            shape = init(f"head.{kind}_predictor.{i}.shape", np.array([0, -1, per], np.int64))
+            r = f"/head.{kind}_predictor.{i}/Reshape_output_0"
+            nodes.append(helper.make_node("Reshape", [t, shape], [r], name=r[:-9]))
+            out.append(r)
+    nodes.append(helper.make_node("Concat", classes, ["class_logits"], name="/head/Concat", axis=1))
+    nodes.append(helper.make_node("Concat", boxes, ["box_encodings"], name="/head/Concat_1", axis=1))
+    graph = helper.make_graph(
+        nodes, "tiny_detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("class_logits", TensorProto.FLOAT, ["batch", TOTAL_ANCHORS, LABELS]),
+         helper.make_tensor_value_info("box_encodings", TensorProto.FLOAT, ["batch", TOTAL_ANCHORS, 4])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
