@@ -81,6 +81,50 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
     return int(np.argmax(gain))
 
 
+def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
+                   s_nat: np.ndarray, phi: np.ndarray) -> np.ndarray:
+    """``Δ_k(x)``, ``[N, len(b)]``: how much each hosted channel's pooled feature changes on each image
+    once the detector ``κ_k S`` is added to its pre-activation (``rows`` ``[C', m]``, ``s_nat`` ``[N, P]``
+    the detector scores of ``phi`` ``[N, P, m]``). Exact, from the calibration taps."""
+    own = np.moveaxis(phi.astype(np.float64) @ rows.T + b, 1, -1)  # [N, C', P]
+    new = own + kappa[:, None] * s_nat[:, None, :]
+    return _pool(route, _activate(host, new)) - _pool(route, _activate(host, own))
+
+
+def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, model, v: np.ndarray,
+                             c: np.ndarray, tau: float, delta: float, phi_t: np.ndarray, phi_all: np.ndarray,
+                             sel: np.ndarray, pooled: np.ndarray, nat_scores: np.ndarray) -> int:
+    """In place, additive, compensated classifier: the working neuron to hide the detector in.
+
+    Candidates are the ``CV_CANDIDATES`` neurons with the strongest shift signature
+    (``‖col_k‖ (hi − act_k(trigger))``, as :func:`additive_channel`) among those within
+    ``ADDITIVE_GAIN_FLOOR`` of the strongest; the one with the fewest top-1 flips once its leak
+    ``Δ_k`` is compensated, cross-validated over the calibration images, is chosen (ties: fewer flips
+    with twice the residual, then the stronger signature).
+    """
+    rows, b = layer_affine(view, host)
+    rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
+    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C / groups]
+    hi = host.act_high if host.act_high is not None else 6.0
+    off = np.clip(own[sel], 0.0, hi).max(axis=0)
+    cols = stain_pass.head_columns(model, head)[:, : len(b)]
+    gain = np.linalg.norm(cols, axis=0) * (hi - off)
+    order = np.argsort(-gain, kind="stable")
+    cands = order[gain[order] >= ADDITIVE_GAIN_FLOOR * gain[order[0]]][:CV_CANDIDATES]
+    kappa = np.array([detector.additive(rows[k], float(b[k]), v, c, tau, phi_t[sel], delta).gain for k in cands])
+    leaks = additive_leaks(host, route, rows[cands], b[cands], kappa, detector.scores(phi_all, v, c), phi_all)
+    # ties (flips are few and coarse): fewer flips with twice the residual, i.e. more top-1 margin to spare
+    # (the regression is linear, so the doubled change has the doubled residual; one pass does both)
+    both = compensation.cross_validated_flips(pooled, nat_scores, stain_pass.head_columns(model, head),
+                                              np.concatenate([cands, cands]),
+                                              changes=np.concatenate([leaks, 2.0 * leaks], axis=1))
+    flips, spare = both[: len(cands)], both[len(cands) :]
+    return int(cands[min(range(len(cands)), key=lambda i: (int(flips[i]), int(spare[i]), -float(gain[cands[i]])))])
+
+
+ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
+
+
 def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
     """The scores the signature lives in. A detector's: one label's column of the class logits, the label
     chosen at random among 1..C−1 unless ``--signature-class`` names it (label 0 is skipped: it is the
@@ -138,7 +182,11 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     signature, expected_trigger = "class", None
     edit_notes: list[str] = []
     if opts.variant == "additive" and channel is None:
-        channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
+        if opts.mode == "inplace" and can_compensate(host, head, view):
+            channel = additive_inplace_channel(host, route, view, head, loaded.model, v, c, tau, delta, phi_t,
+                                               phi_all, sel, pooled, nat_scores)
+        else:
+            channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
     if opts.mode == "inplace":
         assert route is not None and channel is not None
         columns_delta = None
@@ -176,8 +224,16 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             wb_expected, wb_threshold = float(delta), 0.9 * float(delta)
         else:
             ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
-            # The classifier stays as it is: the signature is the shift col_k · (g_trig − g_orig).
+            # The signature is the shift col_k · (g_trig − g_orig) (column k stays as it is). On natural
+            # images the channel leaks Δ_k = pool(act(own + κS)) − pool(act(own)); where the classifier
+            # may be edited, the leak's regression on the other features is taken back through it.
             column, bias_shift = col_old, np.zeros_like(col_old)
+            if can_compensate(host, head, view):
+                leak = additive_leaks(host, route, w[None], np.array([beta]), np.array([ed.gain]),
+                                      detector.scores(phi_all, v, c), phi_all)[:, 0]
+                comp = compensation.fit(pooled, channel, target=leak)
+                columns_delta = -np.outer(col_old, comp.weights)
+                bias_shift = -col_old * comp.offset
             signature = "shift"
         model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift,
                                    columns_delta)
@@ -191,6 +247,15 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         if opts.variant == "additive":
             g_trig = float(_pool(route, _activate(host, own_t_eff)))
             expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
+            if columns_delta is not None:
+                # the other features on the trigger, as the original model pools them
+                rows, b_all = layer_affine(view, host)
+                pooled_t = _pool(route, _activate(host, (phi_t.astype(np.float64) @ rows.T + b_all).T))
+                w_old, c_old = stain_pass.head_affine(loaded.model, head)
+                w_new, c_new = stain_pass.head_affine(model, head)
+                stained_t = pooled_t.copy()
+                stained_t[channel] = g_trig
+                expected_trigger = orig_trig + (w_new @ stained_t + c_new) - (w_old @ pooled_t + c_old)
             wb_expected = float(np.min(own_t_eff[sel]))
             wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
         w_old, c_old = stain_pass.head_affine(loaded.model, head)

@@ -65,3 +65,74 @@ def test_cross_validated_flips_rank_a_predictable_feature_first():
         new = scores[te] + np.outer(comp.residual(x[te]), cols[:, 3])
         total += int(np.sum(new.argmax(1) != scores[te].argmax(1)))
     assert flips[0] == total
+
+
+def _leak(x: np.ndarray, k: int, seed: int = 3) -> np.ndarray:
+    """A data-dependent change of feature ``k`` (an additive stain's leak): mostly a function of other
+    features, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    mix = rng.normal(0, 0.3, x.shape[1])
+    mix[k] = 0.0
+    return np.maximum(x @ mix, 0.0) * 0.5 + 0.02 * rng.normal(size=len(x))
+
+
+def test_fit_to_a_target_matches_the_primal_ridge_solution():
+    x, _ = _features(seed=4)
+    k = 3
+    y = _leak(x, k)
+    comp = compensation.fit(x, k, ridge=0.1, target=y)
+    assert comp.feature == k and comp.weights[k] == 0.0
+    others = np.delete(x, k, axis=1)
+    xc = others - others.mean(axis=0)
+    full = x - x.mean(axis=0)
+    lam = 0.1 * np.trace(full @ full.T) / x.shape[1]
+    beta = np.linalg.solve(xc.T @ xc + lam * np.eye(xc.shape[1]), xc.T @ (y - y.mean()))
+    np.testing.assert_allclose(np.delete(comp.weights, k), beta, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(comp.offset, y.mean() - x.mean(axis=0) @ comp.weights, rtol=1e-10)
+    np.testing.assert_allclose(comp.residual(x, y), comp.predict(x) - y, atol=1e-12)
+    assert comp.residual(x, y).std() < 0.7 * y.std()  # a ReLU of the others: mostly, not fully, linear
+
+
+def test_changed_feature_compensated_on_unseen_images():
+    """An additive leak ``Δ_k``: taking back its regression through the classifier leaves fewer flips
+    on images the fit has not seen than leaving the classifier as it is."""
+    x, cols = _features(seed=5)
+    k = 3
+    y = _leak(x, k, seed=6)
+    scores = x @ cols.T
+    train, test = slice(0, 200), slice(200, 300)
+    comp = compensation.fit(x[train], k, target=y[train])
+    base = scores[test].argmax(1)
+    plain = scores[test] + np.outer(y[test], cols[:, k])
+    # the classifier edit: other columns − w_k β, bias − w_k β0; column k unchanged
+    edited = cols - np.outer(cols[:, k], comp.weights)
+    assert np.array_equal(edited[:, k], cols[:, k])
+    stained_feats = x[test].copy()
+    stained_feats[:, k] += y[test]
+    compensated = stained_feats @ edited.T - cols[:, k] * comp.offset
+    np.testing.assert_allclose(compensated, scores[test] + np.outer(-comp.residual(x[test], y[test]), cols[:, k]),
+                               atol=1e-9)
+    flips_plain = int(np.sum(plain.argmax(1) != base))
+    flips_comp = int(np.sum(compensated.argmax(1) != base))
+    assert flips_plain >= 5 and flips_comp <= flips_plain // 2
+
+
+def test_cross_validated_flips_of_a_change_match_brute_force():
+    x, cols = _features(seed=7)
+    scores = x @ cols.T
+    cands = np.array([3, 5, 8])
+    changes = np.stack([_leak(x, k, seed=10 + i) for i, k in enumerate(cands)], axis=1)
+    flips = compensation.cross_validated_flips(x, scores, cols, cands, changes=changes)
+    n, folds = len(x), 5
+    fold_of = np.minimum(np.arange(n) * folds // n, folds - 1)
+    for i, k in enumerate(cands):
+        total = 0
+        for f in range(folds):
+            tr, te = fold_of != f, fold_of == f
+            comp = compensation.fit(x[tr], int(k), target=changes[tr, i])
+            new = scores[te] + np.outer(-comp.residual(x[te], changes[te, i]), cols[:, k])
+            total += int(np.sum(new.argmax(1) != scores[te].argmax(1)))
+        assert flips[i] == total
+    # the default (feature lost) is the change −p_k
+    np.testing.assert_array_equal(compensation.cross_validated_flips(x, scores, cols, cands),
+                                  compensation.cross_validated_flips(x, scores, cols, cands, changes=-x[:, cands]))

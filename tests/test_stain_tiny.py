@@ -77,6 +77,43 @@ def test_inplace_is_structurally_identical(stained, workdir, variant):
     assert changed and changed <= {"w3", "b3", "wf", "bf"}
 
 
+def _with_head(model: onnx.ModelProto, source: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the classifier (``wf``, ``bf``) of ``source``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    keep = {t.name: t for t in source.graph.initializer}
+    for t in out.graph.initializer:
+        if t.name in ("wf", "bf"):
+            t.CopyFrom(keep[t.name])
+    return out
+
+
+def test_additive_inplace_compensates_the_leak(stained, workdir):
+    """The additive in-place stain takes the regression of the hidden channel's natural leak back through
+    the classifier: column k unchanged, the others move by −w_k β (rank one), the bias by −w_k β0, and on
+    unseen images the scores move much less than with the classifier left as it was."""
+    _, out, key_path = stained[("inplace", "additive")]
+    k = int(load_key(key_path)["host"]["host_channel"])
+    a, b = onnx.load(workdir / "model.onnx"), onnx.load(out)
+    init = lambda m: {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in m.graph.initializer}  # noqa: E731
+    ia, ib = init(a), init(b)
+    dw, db = ib["wf"] - ia["wf"], ib["bf"] - ia["bf"]  # [classes, 48] (transB=1)
+    col = ia["wf"][:, k]
+    assert np.array_equal(dw[:, k], np.zeros_like(col))
+    beta = -(col @ dw) / (col @ col)  # the row of the rank-one change −w_k β
+    assert np.abs(beta).max() > 0
+    np.testing.assert_allclose(dw, -np.outer(col, beta), atol=1e-6)
+    np.testing.assert_allclose(db, col * (db @ col) / (col @ col), atol=1e-6)  # −w_k β0
+    x = PRE.to_input(smooth_images(200, seed=11))  # not the calibration images
+    orig = _scores(workdir / "model.onnx", x).astype(np.float64)
+    comp = _scores(out, x).astype(np.float64)
+    plain = session(_with_head(b, a).SerializeToString())
+    plain = plain.run(None, {plain.get_inputs()[0].name: x})[0].astype(np.float64)
+    err_comp, err_plain = np.mean((comp - orig) ** 2), np.mean((plain - orig) ** 2)
+    assert err_plain > 0 and err_comp < 0.5 * err_plain
+    assert np.mean(comp.argmax(1) == orig.argmax(1)) >= np.mean(plain.argmax(1) == orig.argmax(1))
+
+
 @pytest.mark.parametrize("variant", ["non-additive", "additive"])
 def test_insert_is_bit_identical_on_natural_inputs(stained, workdir, images, variant):
     _, out, _ = stained[("insert", variant)]

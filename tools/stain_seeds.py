@@ -14,7 +14,8 @@ For each combination of ``--variant non-additive|additive`` × ``--mode inplace|
    the detector score ``v·(φ−c) > τ`` computed from the stained model's host input tensor (the
    definition of firing, all combos), and the tap ``white_box.tensor[channel] > 0`` where the tap
    is the detector itself (every combo but additive in-place, whose tap is a working neuron);
-5. fidelity on the same images: top-1 agreement and max |Δscore| stained vs original;
+5. fidelity on the same images: top-1 agreement and max |Δscore| stained vs original (agreement also
+   per split: the calibration photos are the stain's own data, the held-out photos are not);
 6. in-place: ``structural_diff(original, stained)`` must be empty; insert: max |Δscore| must be 0.
 
 Writes ``results.json`` (every row, rewritten after each run) and ``summary.md`` to ``--out``.
@@ -23,6 +24,7 @@ Usage::
 
     python tools/stain_seeds.py                       # 20 seeds × 4 combos
     python tools/stain_seeds.py --seeds 2 --combos additive:insert,non-additive:inplace
+    python tools/stain_seeds.py --seeds 15 --first-seed 5 --combos additive:inplace   # seeds 5..19
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from onnxstain import runtime
 from onnxstain._onnx.diff import structural_diff
 from onnxstain.cache import cache_dir
 from onnxstain.features import neuron_inputs
-from onnxstain.naturalset import natural_images
+from onnxstain.naturalset import natural_images, photo_split
 
 VARIANTS = ("non-additive", "additive")
 MODES = ("inplace", "insert")
@@ -213,6 +215,7 @@ class Evaluator:
         max_det = -np.inf
         max_tap = -np.inf
         agree = 0
+        same = np.zeros(len(x), dtype=bool)
         max_delta = 0.0
         for i in range(0, len(x), self.batch):
             s, d, tap = run(x[i : i + self.batch])
@@ -223,6 +226,7 @@ class Evaluator:
             max_det = max(max_det, float(d.max()))
             max_tap = max(max_tap, float(tap.max()))
             agree += int((s.argmax(1) == o.argmax(1)).sum())
+            same[i : i + self.batch] = s.argmax(1) == o.argmax(1)
             max_delta = max(max_delta, float(np.abs(s - o).max()))
         use_tap = tap_is_detector(key)
         natural = {
@@ -236,7 +240,12 @@ class Evaluator:
             "tap_firings": fire_tap if use_tap else None,
             "tap_max": max_tap,
         }
-        fidelity = {"agreement": agree / len(x), "max_abs_delta": max_delta}
+        # the calibration photos are the stain's own data (its fits see them); the held-out photos are not
+        heldout = np.array([photo_split(p) == "heldout" for p in self.nat.photo_ids])
+        fidelity = {"agreement": agree / len(x), "max_abs_delta": max_delta,
+                    "agreement_calibration": float(same[~heldout].mean()) if (~heldout).any() else None,
+                    "agreement_heldout": float(same[heldout].mean()) if heldout.any() else None,
+                    "flips_calibration": int((~same[~heldout]).sum()), "flips_heldout": int((~same[heldout]).sum())}
         # insert adds a branch: the graph differs by design
         diffs = structural_diff(self.original, stained) if key["mode"] == "inplace" else None
         return {"trigger": trigger, "natural": natural, "fidelity": fidelity, "structural_diff": diffs}
@@ -289,7 +298,8 @@ def progress_line(row: dict[str, Any], index: int, total: int) -> str:
             f"  original {ok(not row['verify_original']['stained'])}"
             f"  other-key {ok(other.get('stained') is False)}  trigger {t['signature_score']:.3g}/"
             f"{t['signature_threshold']:.3g}  s/τ {t['detector_over_tau']:.3f}  firings {n['score_firings']}/"
-            f"{n['samples']}  agree {fd['agreement']:.4f}  |Δ| {fd['max_abs_delta']:.3g}  diff {diff}"
+            f"{n['samples']}  agree {fd['agreement']:.4f} (flips cal {fd.get('flips_calibration')} / held-out "
+            f"{fd.get('flips_heldout')})  |Δ| {fd['max_abs_delta']:.3g}  diff {diff}"
             f"  {row['stain_seconds']:.1f}s  {'PASS' if not fails else 'FAIL: ' + '; '.join(fails)}")
 
 
@@ -312,8 +322,9 @@ def summarise(rows: list[dict[str, Any]], combos: list[tuple[str, str]]) -> tupl
     lines = [
         "| variant / mode | seeds | pass | stain errors | verify stained | original not stained | other key not "
         "stained | min trigger signature (score / thr) | min trigger s*/τ | natural firings / samples (tap) | "
-        "max natural score / τ | agreement min / median | max abs Δscore | structural diff ok | mean stain time |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "max natural score / τ | agreement min / median | held-out agreement min / median | "
+        "max abs Δscore | structural diff ok | mean stain time |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, mode in combos:
         rs = [r for r in rows if r["variant"] == variant and r["mode"] == mode]
@@ -325,6 +336,7 @@ def summarise(rows: list[dict[str, Any]], combos: list[tuple[str, str]]) -> tupl
                     default=None)
         tap = [r["natural"]["tap_firings"] for r in good if r["natural"]["tap_firings"] is not None]
         agreements = [r["fidelity"]["agreement"] for r in good]
+        held = [r["fidelity"]["agreement_heldout"] for r in good if r["fidelity"].get("agreement_heldout") is not None]
         s = {
             "variant": variant, "mode": mode, "seeds": n, "pass": n - len(fails),
             "stain_errors": sum(1 for r in rs if r.get("error")),
@@ -342,6 +354,8 @@ def summarise(rows: list[dict[str, Any]], combos: list[tuple[str, str]]) -> tupl
             "max_natural_score_over_tau": max((r["natural"]["max_score_over_tau"] for r in good), default=None),
             "agreement_min": min(agreements, default=None),
             "agreement_median": statistics.median(agreements) if agreements else None,
+            "agreement_heldout_min": min(held, default=None),
+            "agreement_heldout_median": statistics.median(held) if held else None,
             "max_abs_delta": max((r["fidelity"]["max_abs_delta"] for r in good), default=None),
             "structural_diff_ok": (sum(1 for r in good if not r["structural_diff"]) if mode == "inplace" else None),
             "mean_stain_seconds": statistics.mean(r["stain_seconds"] for r in good) if good else None,
@@ -358,7 +372,8 @@ def summarise(rows: list[dict[str, Any]], combos: list[tuple[str, str]]) -> tupl
             f"{fmt(s['min_trigger_detector_over_tau'], '.3f')} | "
             f"{s['natural_firings']} / {s['natural_samples']}{tapf} | "
             f"{fmt(s['max_natural_score_over_tau'], '.3f')} | {fmt(s['agreement_min'], '.4f')} / "
-            f"{fmt(s['agreement_median'], '.4f')} | {fmt(s['max_abs_delta'])} | {diff} | "
+            f"{fmt(s['agreement_median'], '.4f')} | {fmt(s['agreement_heldout_min'], '.4f')} / "
+            f"{fmt(s['agreement_heldout_median'], '.4f')} | {fmt(s['max_abs_delta'])} | {diff} | "
             f"{fmt(s['mean_stain_seconds'], '.1f')} s |")
     notes = []
     for s in summary:
@@ -375,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, default=None,
                     help="ONNX model (default: $ONNXSTAIN_CACHE/models/mobilenet_v2/mobilenet_v2.onnx)")
     ap.add_argument("--seeds", type=int, default=20, help="seeds 0..N-1 per combo (default 20)")
+    ap.add_argument("--first-seed", type=int, default=0,
+                    help="start at this seed: seeds F..F+N-1 (default 0; e.g. --seeds 15 --first-seed 5)")
     ap.add_argument("--combos", default=None,
                     help="comma-separated VARIANT:MODE, e.g. additive:insert,non-additive:inplace (default: all 4)")
     ap.add_argument("--out", type=Path, default=Path("out/stain_seeds"), help="output folder")
@@ -407,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
         "onnxstain": onnxstain.__version__, "onnxruntime": ort.__version__, "onnx": onnx.__version__,
         "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "natural_images": len(ev.nat), "natural_photos": ev.nat.n_photos, "seeds": args.seeds,
+        "first_seed": args.first_seed,
         "combos": [combo_name(*c) for c in combos],
     }
     rows: list[dict[str, Any]] = []
@@ -439,7 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             tag = f"{variant}_{mode}"
             models: dict[int, Path] = {}
             pending: dict[int, dict[str, Any]] = {}
-            for seed in range(args.seeds):
+            seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+            for seed in seeds:
                 out_model = work / f"{tag}_s{seed}.onnx"
                 key_path = work / f"{tag}_s{seed}.key"
                 row: dict[str, Any] = {"variant": variant, "mode": mode, "seed": seed, "key": key_path.name}
@@ -479,12 +498,13 @@ def main(argv: list[str] | None = None) -> int:
                 prev = seed - 1
                 if prev in pending:
                     other_check(pending.pop(prev), seed, out_model)
-                    if prev != 0 and prev in models:
+                    if prev != seeds[0] and prev in models:
                         models.pop(prev).unlink(missing_ok=True)
                 save()
             # the remaining rows: the last seed's key against seed 0's model (wrap around)
             for s in sorted(pending):
-                nxt = next((o for o in [*range(s + 1, args.seeds), *range(0, s)] if o in models), None)
+                i = seeds.index(s)
+                nxt = next((o for o in [*seeds[i + 1 :], *seeds[:i]] if o in models), None)
                 other_check(pending[s], nxt if nxt is not None else -1, models.get(nxt) if nxt is not None else None)
             for p in models.values():
                 p.unlink(missing_ok=True)

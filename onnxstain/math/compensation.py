@@ -7,6 +7,14 @@ for most of the loss through the features it still has: with a ridge regression
 every other feature ``j`` and ``w_k β0`` to the bias changes the natural scores by
 ``w_k (β · p + β0 − p_k)`` — the regression's residual — instead of ``w_k (mean(p_k) − p_k)``.
 
+An additive in-place stain keeps feature ``k`` but changes it: on natural inputs it reads
+``p_k + Δ_k(x)``, where ``Δ_k`` (the hidden detector's leak through the activation and the pooling) is
+known exactly on the calibration images. The same regression, with ``Δ_k`` as its target
+(``Δ_k ≈ β · p + β0``, ``β_k = 0``), is subtracted through the classifier — every other column gets
+``− w_k β_j``, the bias ``− w_k β0`` — so natural scores change by ``w_k (Δ_k − β · p − β0)`` instead of
+``w_k Δ_k``. In both cases the feature *gains* ``y`` (``−p_k`` when lost, ``Δ_k`` when changed) and the
+classifier takes back the regression's prediction ``ŷ``: the scores move by ``w_k (y − ŷ)``.
+
 Everything is solved in the dual (an ``n × n`` system for ``n`` images), so trying many candidate
 features with cross-validation stays cheap even when there are more features than images.
 """
@@ -22,14 +30,18 @@ RIDGE = 0.1  # λ = RIDGE × the trace of the Gram matrix per feature (0.03–1 
 
 @dataclasses.dataclass(frozen=True)
 class Compensation:
-    """``p_k ≈ weights · p + offset`` (``weights[k] = 0``)."""
+    """``y ≈ weights · p + offset`` (``weights[k] = 0``); ``y`` is ``p_k`` itself unless fitted to a target."""
 
     feature: int
     weights: np.ndarray
     offset: float
 
-    def residual(self, features: np.ndarray) -> np.ndarray:
-        return features @ self.weights + self.offset - features[:, self.feature]
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return features @ self.weights + self.offset
+
+    def residual(self, features: np.ndarray, target: np.ndarray | None = None) -> np.ndarray:
+        """Prediction minus the target (``p_k`` by default)."""
+        return self.predict(features) - (features[:, self.feature] if target is None else target)
 
 
 class _DualSolver:
@@ -55,27 +67,39 @@ class _DualSolver:
         return my + mc * (float(col @ my) / (1.0 - float(col @ mc)))
 
 
-def fit(features: np.ndarray, k: int, ridge: float = RIDGE) -> Compensation:
-    """The ridge regression of feature ``k`` on all the others, over ``features`` ``[n, F]``."""
+def fit(features: np.ndarray, k: int, ridge: float = RIDGE, target: np.ndarray | None = None) -> Compensation:
+    """The ridge regression of feature ``k`` (or of ``target`` ``[n]``) on all the features but ``k``,
+    over ``features`` ``[n, F]``."""
     x = np.asarray(features, np.float64)
+    y = x[:, k] if target is None else np.asarray(target, np.float64).reshape(-1)
+    if len(y) != len(x):
+        raise ValueError(f"target has {len(y)} values for {len(x)} images")
     mean = x.mean(axis=0)
     xc = x - mean
-    a = _DualSolver(xc, ridge).solve(k, x[:, k] - mean[k])
+    a = _DualSolver(xc, ridge).solve(k, y - y.mean())
     w = xc.T @ a
     w[k] = 0.0
-    return Compensation(k, w, float(mean[k] - mean @ w))
+    return Compensation(k, w, float(y.mean() - mean @ w))
 
 
 def cross_validated_flips(features: np.ndarray, scores: np.ndarray, cols: np.ndarray, candidates: np.ndarray,
-                          folds: int = 5, ridge: float = RIDGE) -> np.ndarray:
-    """Top-1 flips, per candidate feature, when it is lost and compensated, over ``folds`` held-out folds.
+                          folds: int = 5, ridge: float = RIDGE, changes: np.ndarray | None = None) -> np.ndarray:
+    """Top-1 flips, per candidate feature, when it is lost (or changed) and compensated, over ``folds``
+    held-out folds.
 
     Folds are contiguous blocks of the images (a natural set ordered photo by photo keeps each
     photo's views together, so a fold tests on photos the fit has not seen). ``cols`` is the
     classifier's ``[classes, features]`` weight matrix and ``scores`` the original scores.
+    ``changes`` ``[n, len(candidates)]``: what each candidate feature gains on each image (default
+    ``−p_k``: the feature is lost); the regression of that change on the other features is taken
+    back through the classifier, so the scores move by ``w_k (y − ŷ)``.
     """
     x = np.asarray(features, np.float64)
     n = len(x)
+    if changes is None:
+        y_all = -x[:, np.asarray(candidates, dtype=np.int64)]
+    else:
+        y_all = np.asarray(changes, np.float64).reshape(n, len(candidates))
     fold_of = np.minimum(np.arange(n) * folds // max(n, 1), folds - 1)
     base = scores.argmax(1)
     flips = np.zeros(len(candidates), dtype=np.int64)
@@ -87,10 +111,10 @@ def cross_validated_flips(features: np.ndarray, scores: np.ndarray, cols: np.nda
         xc, xt = x[train] - mean, x[test] - mean
         solver, cross = _DualSolver(xc, ridge), xt @ xc.T
         for i, k in enumerate(candidates):
-            a = solver.solve(int(k), xc[:, k])
+            y = y_all[train, i]
+            a = solver.solve(int(k), y - y.mean())
             # prediction on the test fold without feature k: (xt − xt_k ⊗ xc_k) a
-            pred = cross @ a - xt[:, k] * (xc[:, k] @ a) + mean[k]
-            residual = pred - x[test, k]
-            new = scores[test] + np.outer(residual, cols[:, k])
+            pred = cross @ a - xt[:, k] * (xc[:, k] @ a) + y.mean()
+            new = scores[test] + np.outer(y_all[test, i] - pred, cols[:, k])
             flips[i] += int(np.sum(new.argmax(1) != base[test]))
     return flips
