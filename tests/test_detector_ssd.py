@@ -21,6 +21,10 @@ from onnxstain.runtime import session
 pytestmark = pytest.mark.slow
 
 HELD_OUT = 64  # natural held-out images for the fidelity figures
+# The default gate lock (one detector, 1e-6) is refused on this model: no patch of its 65×65 corner
+# reaches the margin (best 0.915 τ0 in 7 draws). Two detectors on the 49×49 corner of Conv__6305 at
+# 1e-5 lock it (README, "Object detectors").
+LOCK = {"seed": 0, "detectors": 2, "layer": "Conv__6305", "fpr": 1e-5}
 
 
 @pytest.fixture(scope="module")
@@ -99,14 +103,14 @@ def test_stain_trigger_is_a_confident_detection(stained, ssd):
 def locked(ssd, tmp_path_factory):
     src, _, _ = ssd
     d = tmp_path_factory.mktemp("ssd-lock")
-    res = onnxstain.lock(src, d / "locked.onnx", d / "lock.key", options=LockOptions(seed=0))
+    res = onnxstain.lock(src, d / "locked.onnx", d / "lock.key", options=LockOptions(**LOCK))
     return res, d / "locked.onnx", d / "lock.key"
 
 
 def test_gate_lock_on_the_detector(locked, ssd, natural):
     res, out, key = locked
     src, pre, anchors = ssd
-    assert res.bound.value <= 1e-6
+    assert res.bound.value <= LOCK["fpr"]
     assert onnxstain.verify(out, key).stained
     assert not onnxstain.verify(src, key).stained
     x = pre.to_input(natural)
@@ -116,3 +120,4 @@ def test_gate_lock_on_the_detector(locked, ssd, natural):
     a, b = _outputs(src, xp), _outputs(out, xp)
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[0], b[0])  # exact with it
     assert mean_average_precision(_detections(out, xp, anchors), ref_p) == 1.0
+    assert mean_average_precision(_detections(out, xp, anchors), ref) >= 0.95  # the patch's own cost
