@@ -27,6 +27,8 @@ and are built on first use. Writes ``format_table.json`` and ``format_table.md``
 
     python tools/format_table.py                                  # MobileNetV2 × 5 formats × 4 operations
     python tools/format_table.py --models mobilenet_v2:fp32,fp16 --ops stain-insert
+    python tools/format_table.py --models ssd_mobilenet_v2:fp32 --lock-detectors 2 --lock-layer Conv__6305 \
+        --lock-fpr 1e-5 --out out/formats_ssd                      # the detector (after ./dev ssd)
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def fidelity(src: Path, out: Path, key: Path, op: str, x: np.ndarray) -> tuple[d
             bool(corr.mean() < 0.5 and corr_p.min() >= 0.99))
 
 
-def cell(src: Path, op: str, work: Path, x: np.ndarray) -> dict[str, Any]:
+def cell(src: Path, op: str, work: Path, x: np.ndarray, lock_opts: dict[str, Any] | None = None) -> dict[str, Any]:
     kind, sub = op.split("-", 1)
     out, key = work / f"{op}.onnx", work / f"{op}.key"
     t0 = time.perf_counter()
@@ -144,7 +146,7 @@ def cell(src: Path, op: str, work: Path, x: np.ndarray) -> dict[str, Any]:
         if kind == "stain":
             res = onnxstain.stain(src, out, key, options=onnxstain.StainOptions(mode=sub, seed=0))
         else:
-            res = onnxstain.lock(src, out, key, options=onnxstain.LockOptions(kind=sub, seed=0))
+            res = onnxstain.lock(src, out, key, options=onnxstain.LockOptions(kind=sub, seed=0, **(lock_opts or {})))
     except OnnxStainError as e:
         return {"status": "refused", "message": str(e), "seconds": time.perf_counter() - t0}
     except Exception:
@@ -200,6 +202,8 @@ def render(rep: dict[str, Any]) -> str:
         if row.get("missing"):
             cells = [row["missing"]] * len(ops)
         lines.append(f"| {row['model']} | {row['format']} | " + " | ".join(cells) + " |")
+    if rep.get("lock_options"):
+        lines += ["", "Lock cells with " + ", ".join(f"--{k} {v}" for k, v in rep["lock_options"].items()) + "."]
     lines += ["", "verify: the modified model is recognised and the original is not. Fidelity against the "
               "unmodified model in the same format; lock: top-1 agreement (or saliency correlation) without the "
               "patch and with it, on the same patched images."]
@@ -212,13 +216,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("out/formats"))
+    ap.add_argument("--lock-detectors", type=int, default=None, help="lock cells: --detectors (default: the tool's)")
+    ap.add_argument("--lock-layer", default=None, help="lock cells: --layer (default: the tool's choice)")
+    ap.add_argument("--lock-fpr", type=float, default=None, help="lock cells: --fpr (default: the tool's)")
     args = ap.parse_args(argv)
+    lock_opts = {k: v for k, v in (("detectors", args.lock_detectors), ("layer", args.lock_layer),
+                                   ("fpr", args.lock_fpr)) if v is not None}
     ops = args.ops.split(",")
     unknown = set(ops) - set(OPS)
     if unknown:
         ap.error(f"unknown operations {sorted(unknown)}; known: {', '.join(OPS)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    rep: dict[str, Any] = {"ops": ops, "rows": [], "images": None}
+    rep: dict[str, Any] = {"ops": ops, "rows": [], "images": None, "lock_options": lock_opts}
     pixels = natural_images("heldout", views=args.views).pixels
     rep["images"] = len(pixels)
     for spec in args.models:
@@ -239,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                              natural_images("heldout", size=(pre.height, pre.width), views=args.views).pixels)
             with tempfile.TemporaryDirectory() as tmp:
                 for op in ops:
-                    c = cell(src, op, Path(tmp), x)
+                    c = cell(src, op, Path(tmp), x, lock_opts)
                     row["cells"][op] = c
                     print(json.dumps({"model": name, "format": fmt, "op": op,
                                       **{k: v for k, v in c.items() if k not in ("notes", "error")}}), flush=True)
