@@ -146,7 +146,8 @@ def cell(src: Path, op: str, work: Path, x: np.ndarray, lock_opts: dict[str, Any
         if kind == "stain":
             res = onnxstain.stain(src, out, key, options=onnxstain.StainOptions(mode=sub, seed=0))
         else:
-            res = onnxstain.lock(src, out, key, options=onnxstain.LockOptions(kind=sub, seed=0, **(lock_opts or {})))
+            extra = lock_opts if sub == "gate" and lock_opts else {}
+            res = onnxstain.lock(src, out, key, options=onnxstain.LockOptions(kind=sub, seed=0, **extra))
     except OnnxStainError as e:
         return {"status": "refused", "message": str(e), "seconds": time.perf_counter() - t0}
     except Exception:
@@ -203,7 +204,7 @@ def render(rep: dict[str, Any]) -> str:
             cells = [row["missing"]] * len(ops)
         lines.append(f"| {row['model']} | {row['format']} | " + " | ".join(cells) + " |")
     if rep.get("lock_options"):
-        lines += ["", "Lock cells with " + ", ".join(f"--{k} {v}" for k, v in rep["lock_options"].items()) + "."]
+        lines += ["", "Gate-lock cells with " + ", ".join(f"--{k} {v}" for k, v in rep["lock_options"].items()) + "."]
     lines += ["", "verify: the modified model is recognised and the original is not. Fidelity against the "
               "unmodified model in the same format; lock: top-1 agreement (or saliency correlation) without the "
               "patch and with it, on the same patched images."]
@@ -216,9 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", default=",".join(OPS))
     ap.add_argument("--views", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("out/formats"))
-    ap.add_argument("--lock-detectors", type=int, default=None, help="lock cells: --detectors (default: the tool's)")
-    ap.add_argument("--lock-layer", default=None, help="lock cells: --layer (default: the tool's choice)")
-    ap.add_argument("--lock-fpr", type=float, default=None, help="lock cells: --fpr (default: the tool's)")
+    ap.add_argument("--lock-detectors", type=int, default=None, help="gate-lock cells: --detectors")
+    ap.add_argument("--lock-layer", default=None, help="gate-lock cells: --layer")
+    ap.add_argument("--lock-fpr", type=float, default=None, help="gate-lock cells: --fpr")
     args = ap.parse_args(argv)
     lock_opts = {k: v for k, v in (("detectors", args.lock_detectors), ("layer", args.lock_layer),
                                    ("fpr", args.lock_fpr)) if v is not None}
