@@ -123,6 +123,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
 
 
 ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
+ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 
 def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
@@ -178,6 +179,11 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     view = GraphView(loaded.model)
     hi = host.act_high
     delta = 1.25 * hi if hi is not None else 10.0
+    if opts.variant == "additive" and opts.mode == "inplace" and hi is not None:
+        # The hidden neuron only has to saturate on the trigger (its activation is clipped at hi): any
+        # pre-activation above hi gives the same signature, and a smaller gain κ leaks less into the
+        # natural scores.
+        delta = ADDITIVE_SATURATION * hi
     s_trig = detector.scores(phi_t, v, c)
     signature, expected_trigger = "class", None
     edit_notes: list[str] = []
