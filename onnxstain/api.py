@@ -57,7 +57,7 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
     loaded = load_model(model)
     view = GraphView(loaded.model)
     info = image_input(loaded.model)
-    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
+    head = head_mod.find_scores_head(view)
     hosts = find_hosts(loaded.model, view)
     notes: list[str] = []
     default = {}

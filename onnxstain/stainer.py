@@ -200,7 +200,7 @@ def stain(
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
     view = GraphView(loaded.model)
-    head = head_mod.find_head(view) or head_mod.find_detection_head(view)
+    head = head_mod.find_scores_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_stain import stain_dense
 

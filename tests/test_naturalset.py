@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from onnxstain import naturalset
+from onnxstain.cache import package_dir
 from onnxstain.errors import BadInputError
 from onnxstain.naturalset import (
     NaturalSet,
@@ -43,7 +43,7 @@ def test_photo_ids_are_unique_and_stable(photos: list[tuple[str, Path]]) -> None
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all("/" in pid and path.is_file() for pid, path in photos)
-    if naturalset._package_dir("skimage") is not None:
+    if package_dir("skimage") is not None:
         assert "skimage/astronaut.png" in ids
         assert not any(pid.startswith("skimage/") and "text" in pid for pid in ids)
     assert not any("lena" in pid for pid in ids)
@@ -177,7 +177,7 @@ def test_load_image_dir_errors(tmp_path: Path) -> None:
 
 
 def test_labelled_imagenet() -> None:
-    if naturalset._package_dir("foolbox") is None:
+    if package_dir("foolbox") is None:
         pytest.skip("foolbox is not installed")
     pixels, labels = labelled_imagenet()
     assert pixels.shape == (20, 224, 224, 3) and pixels.dtype == np.uint8

@@ -91,6 +91,11 @@ def find_head(view: GraphView) -> Head | None:
     return None
 
 
+def find_scores_head(view: GraphView) -> Head | None:
+    """The head a class signature can be read from: a classifier's, else a detector's."""
+    return find_head(view) or find_detection_head(view)
+
+
 def find_detection_head(view: GraphView) -> Head | None:
     """A detector's class scores: a graph output ``[B, A, C]`` beside a box output ``[B, A, 4]`` (or
     ``[B, A, 1, 4]``) over the same ``A`` anchors. The scores tensor is the logits: the input of a
