@@ -433,8 +433,8 @@ def evaluate(
     img_max_r = np.zeros(n, np.float64)
     cap_sums = np.zeros(n, np.float64)
     firings = inside_samples = 0
-    kl = np.empty(n, np.float64)
-    margins = np.empty(n, np.float64)
+    kl = np.zeros(n, np.float64)
+    margins = np.zeros(n, np.float64)
     differ = np.zeros(n, bool)
     max_delta = 0.0
     dense = key["signature"].get("type") == "pattern"  # a map output: fidelity is the maps' correlation
@@ -469,10 +469,11 @@ def evaluate(
                 corr[start:stop] = pearson(b, a)
             elif layout is not None:
                 corr[start:stop] = per_image_anchor_map(a.reshape(-1, *layout), b.reshape(-1, *layout))
-            la, lb = _log_softmax(a), _log_softmax(b)
-            kl[start:stop] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))
-            margins[start:stop] = top1_margins(a)
-            differ[start:stop] = a.argmax(1) != b.argmax(1)
+            if layout is None:  # a softmax over a detector's anchors × labels would mean nothing
+                la, lb = _log_softmax(a), _log_softmax(b)
+                kl[start:stop] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))
+                margins[start:stop] = top1_margins(a)
+                differ[start:stop] = a.argmax(1) != b.argmax(1)
             max_delta = max(max_delta, float(np.abs(a - b).max()))
             task.advance(stop - start)
     fragile = margins < FRAGILE_MARGIN
