@@ -253,7 +253,9 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
 @click.option("--kind", type=click.Choice(["gate", "inplace"]), default="gate", show_default=True,
               help="gate: an inserted gate on the classifier's features (any CNN classifier); inplace: weights "
                    "only, the signal carried through existing channels (costs a few channels).")
-@click.option("--layer", help="Early Conv layer for the corner detectors (default: the tool picks).")
+@click.option("--layer", help="Where the corner detectors read: 'pixels' (gate default where the model reads a "
+                             "float NCHW image: a few raw corner pixels, data-free bound) or an early Conv layer "
+                             "(its corner position's receptive field is the patch; in-place default: the tool picks).")
 @click.option("--detectors", type=int, default=1, show_default=True,
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")

@@ -190,13 +190,18 @@ def variants(patch: Patch, height: int, width: int, seed: int) -> dict[str, tupl
     return out
 
 
-def _lock_host_from_key(loaded, key: Key):
-    """The key's detector host, rebuilt from the ORIGINAL model (a Conv, or a Conv's activated output)."""
+def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
+    """The key's detector host, rebuilt from the ORIGINAL model (a Conv, or a window of its pixels)."""
     from .errors import KeyMismatchError
     from .lock_geometry import lock_hosts
+    from .lock_window import WINDOW, pixel_conv, window_host
 
     kh = key["host"]
-    match = [h for h in lock_hosts(loaded.model) if h.name == kh["name"]]
+    hosts = lock_hosts(loaded.model)
+    if kh["name"] == WINDOW:
+        conv = pixel_conv(GraphView(loaded.model), hosts, pre)
+        hosts = [] if conv is None else [window_host(conv, int(kh["kernel"][0]))]
+    match = [h for h in hosts if h.name == kh["name"]]
     if not match or match[0].input != kh["input"] or match[0].m != int(kh["m"]):
         raise KeyMismatchError(f"the original model has no detector host {kh['name']!r} as the key describes it")
     return match[0]
@@ -228,7 +233,7 @@ def audit_lock(
     pre = Preprocessing.from_dict(key["preprocessing"])
     t = key["trigger"]
     patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
-    host = _lock_host_from_key(orig, key)
+    host = _lock_host_from_key(orig, key, pre)
     oview, lview = GraphView(orig.model), GraphView(lck.model)
     o_scores = _scores_output(oview, key["model"]["scores"], "original")
     l_scores = _scores_output(lview, key["model"]["scores"], "locked")

@@ -1,16 +1,20 @@
 """Locking, end to end: a model that is useless unless a secret patch sits in the image corner.
 
-1. **load** — the host: an early Conv whose first padding-free corner position sees a small patch
-   (:mod:`onnxstain.lock_geometry`); the patch is that position's receptive field.
+1. **load** — the host. Gate lock: by default a window of raw corner pixels where the model reads the
+   image (:mod:`onnxstain.lock_window`; the patch is the window, the radius certified by the pixel box).
+   In place, or with ``--layer NAME``: an early Conv whose first padding-free corner position sees a
+   small patch (:mod:`onnxstain.lock_geometry`); the patch is that position's receptive field.
 2. **calibration** — one onnxruntime pass: the centre ``c`` and radius ``R`` of the host's natural
    features, the classifier's natural input features and scores. In place, first the conduit plan
    (:mod:`onnxstain.passes.conduit`, channels chosen by their natural activity) and the features of
    the model with the conduit edits, which is what the detector reads and the lock restores.
 3. **patch search** — ``d`` random directions (gate: all must fire at one position), margin τ0 from
-   the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``) fixed before they are drawn, gradient ascent over
-   the patch's pixels only, then the occlusion-aware refinement (:func:`refine_occlusion`). The 8-bit
-   patch is re-scored with onnxruntime; since it alone decides the detectors' input, that score is
-   what every patched image gives.
+   the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``) fixed before they are drawn; a pixel window's patch
+   is the box corner (closed form), a Conv host's comes from gradient ascent over the patch's pixels;
+   then the occlusion-aware refinement (:func:`refine_occlusion`). The 8-bit patch is re-scored on
+   the host's input as the model computes it (onnxruntime, or the preprocessed image itself for a
+   pixel window); since it alone decides the detectors' input, that score is what every patched
+   image gives.
 4. **edit** — gate: :func:`onnxstain.passes.lock.insert_gate` with a sign-flip disruption; in place:
    :func:`onnxstain.passes.conduit.apply_conduit` with a random head bias
    (:mod:`onnxstain.math.disruption`: both chosen so that calibration agreement is chance).
@@ -39,7 +43,8 @@ from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
-from .lock_geometry import choose_lock_host, lock_hosts, lock_position, patch_box
+from .lock_geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_hosts, lock_position, patch_box
+from .lock_window import WINDOW, closed_form_patch, pixel_box, pixel_conv, window_host
 from .math import bounds, detector
 from .math.detection_agreement import anchor_map
 from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
@@ -69,6 +74,11 @@ FALLBACK_FACTOR = 1.005
 ABANDON_STEP = 100
 ABANDON_FRACTION = 0.75
 REFERENCES = 8  # synthetic reference images stored (as a seed) for black-box verification
+# The gate lock's default detector reads a window of raw pixels (:mod:`onnxstain.lock_window`): its
+# side is the smallest whose margin for the bound target is at most this fraction of the certified
+# radius. A random direction's best 8-bit patch reaches about √(2/π) ≈ 0.80 of it (5th percentile
+# 0.76 for a 5×5 window), so nearly every draw passes ACCEPT_FACTOR × the margin.
+WINDOW_REACH = 0.68
 
 
 @dataclasses.dataclass
@@ -165,7 +175,8 @@ def lock(
             "this is a detector: the in-place lock restores a classifier's bias through pooled conduits, and a "
             "detector's per-anchor class head has none; use --kind gate")
     features = None if head.detection else head_mod.head_input(view, head)
-    host = choose_lock_host(lock_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
+    host = _lock_host(loaded.model, view, opts, pre)
+    window = host.name == WINDOW
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
     pos_index = position[0] * host.out_hw[1] + position[1]
@@ -185,13 +196,28 @@ def lock(
         plan, orig_scores = _plan_inplace(loaded.model, host, position, head, x_cal, opts, prog)
         base = prepare_conduit(loaded.model, plan)
         notes += plan.notes
-    taps = [host.input, head.scores] + ([features] if features else [])
+    graph_inputs = {i.name for i in view.graph_inputs}
+    taps = [t for t in (host.input, head.scores, features) if t and t not in graph_inputs]
     sess = session(with_outputs(base, taps), opts.providers)
     with prog.task("calibration pass", total=len(x_cal)) as task:
         cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
+    if host.input in graph_inputs:
+        cal[host.input] = x_cal
+    tap_sess = None if host.input in graph_inputs else session(with_outputs(base, [host.input]), opts.providers)
+
+    def host_phi(px: np.ndarray) -> np.ndarray:
+        """The detectors' input vectors on 8-bit images ``[N, H, W, 3]``."""
+        x = pre.to_input(px)
+        return neuron_inputs(host, x if tap_sess is None else run_batches(tap_sess, x, [host.input])[host.input])
+
     phi_all = neuron_inputs(host, cal[host.input])
-    stats = detector.FeatureStats.from_features(phi_all)
-    radius = RADIUS_MARGIN * stats.max_radius
+    if window:
+        # Every 8-bit image lies in the pixel box: its radius about the box centre is certified.
+        centre, radius = bounds.box_ball(*pixel_box(host, pre))
+        stats, bound_kind = detector.FeatureStats.from_features(phi_all, centre), "data-free"
+    else:
+        stats, bound_kind = detector.FeatureStats.from_features(phi_all), "calibrated-radius"
+        radius = RADIUS_MARGIN * stats.max_radius
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws,
                                        detectors=opts.detectors)
     nat_scores = cal[head.scores].astype(np.float64).reshape(len(x_cal), -1)
@@ -210,7 +236,6 @@ def lock(
 
     torch.manual_seed(seed % (2**31))
     prefix = TorchPrefix(base, [host.input])
-    tap_sess = session(with_outputs(base, [host.input]), opts.providers)
     mask = np.zeros((pre.height, pre.width), bool)
     mask[top : top + ph, left : left + pw] = True
     grey = np.full((pre.height, pre.width, 3), 127.0)
@@ -228,21 +253,25 @@ def lock(
             if bool((s_nat > tau0).all(axis=1).any()):
                 notes.append(f"draw {draw}: all {d} detectors fire together on a calibration image; rejected")
                 continue
-            init = grey + rng.normal(0, 8, grey.shape) * mask[..., None]
-            fn = detector_scores(prefix, host, pre, dirs, stats.centre, 0, np.array([pos_index]))
+            if window:
+                # Closed form: the box corner of the directions' sum (exact for one detector).
+                patch = closed_form_patch(dirs.sum(axis=0), host, pre, (top, left, ph, pw))
+                frame = paste_pixels(grey.astype(np.uint8), patch)
+            else:
+                init = grey + rng.normal(0, 8, grey.shape) * mask[..., None]
+                fn = detector_scores(prefix, host, pre, dirs, stats.centre, 0, np.array([pos_index]))
 
-            def report(step, smin, task=task, draw=draw):
-                task.update(f"patch search (draw {draw}): step {step}, weakest detector {smin:.2f} / "
-                            f"{SEARCH_FACTOR * tau0:.2f}")
+                def report(step, smin, task=task, draw=draw):
+                    task.update(f"patch search (draw {draw}): step {step}, weakest detector {smin:.2f} / "
+                                f"{SEARCH_FACTOR * tau0:.2f}")
 
-            res = ascend(fn, np.clip(init, 0, 255), score_target=SEARCH_FACTOR * tau0, accept=lambda *_: True,
-                         max_steps=opts.max_steps, free_mask=mask, radius_weight=0.0, progress=report,
-                         abandon=(ABANDON_STEP, ABANDON_FRACTION * SEARCH_FACTOR * tau0))
-            steps_total += res.steps
-            frame = quantise(res.pixels)
-            patch = Patch(frame[top : top + ph, left : left + pw].copy(), top, left)
-            phi_t = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
-                                                    [host.input])[host.input])[0]
+                res = ascend(fn, np.clip(init, 0, 255), score_target=SEARCH_FACTOR * tau0, accept=lambda *_: True,
+                             max_steps=opts.max_steps, free_mask=mask, radius_weight=0.0, progress=report,
+                             abandon=(ABANDON_STEP, ABANDON_FRACTION * SEARCH_FACTOR * tau0))
+                steps_total += res.steps
+                frame = quantise(res.pixels)
+                patch = Patch(frame[top : top + ph, left : left + pw].copy(), top, left)
+            phi_t = host_phi(paste_pixels(grey.astype(np.uint8), patch)[None])[0]
             s_t = phi_t[pos_index].astype(np.float64) @ dirs.T - dirs @ stats.centre  # [d] at the lock position
             if float(s_t.min()) > best_reached:
                 best_reached, best = float(s_t.min()), (dirs, frame, patch, s_t, s_nat)
@@ -264,7 +293,7 @@ def lock(
             notes.append("occlusion-aware refinement skipped: it weighs classifier scores, not a detector's")
         elif opts.occlusion_steps > 0:
             refined = _refine(base, head, pre, prefix, host, dirs, stats.centre, pos_index, frame, mask,
-                              pixels, nat_scores, tau0, floor, opts, rng, tap_sess, grey, prog)
+                              pixels, nat_scores, tau0, floor, opts, rng, host_phi, grey, prog)
             if refined is not None:
                 patch, s_t, occlusion = refined
             else:
@@ -326,7 +355,7 @@ def lock(
         if structural_diff(loaded.model, locked):
             raise UnsupportedModelError("internal check failed: the in-place lock changed the graph structure")
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
-                              detectors=d)
+                              detectors=d, kind=bound_kind)
     timings["edit"] = time.perf_counter() - t3
 
     # -- checks ----------------------------------------------------------------------------------------
@@ -397,6 +426,27 @@ def lock(
     )
 
 
+def _lock_host(model: onnx.ModelProto, view: GraphView, opts: LockOptions, pre: Preprocessing) -> HostLayer:
+    """The detector's host: for the gate lock a window of raw pixels where the model reads the image
+    (unless ``--layer`` names a Conv), in place a Conv whose corner position sees the patch."""
+    hosts = lock_hosts(model, view)
+    if opts.kind == "gate" and opts.layer in (None, WINDOW):
+        conv = pixel_conv(view, hosts, pre)
+        side = None if conv is None else bounds.window_side(
+            opts.fpr, conv.in_channels, WINDOW_REACH / np.sqrt(opts.detectors), draws=opts.max_draws,
+            detectors=opts.detectors, max_side=int(MAX_PATCH_FRACTION * min(pre.height, pre.width)))
+        if conv is not None and side is not None:
+            return window_host(conv, side)
+        if opts.layer == WINDOW:
+            raise UnsupportedModelError(
+                "--layer pixels needs a model whose first Conv reads the normalised float NCHW image" if conv is None
+                else f"no pixel window small enough for a corner patch reaches --fpr {opts.fpr:g}")
+    elif opts.layer == WINDOW:
+        raise BadInputError("--layer pixels is the gate lock's detector; the in-place lock needs one of the model's "
+                            "Conv layers (see `onnxstain inspect`)")
+    return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
+
+
 def _refuse_half_precision(view: GraphView) -> None:
     """fp16 weights are refused before any work: the lock must be exact with the patch, and fp16
     rounding of the inserted detector and gate (or of the conduits, in place) breaks that (measured on
@@ -410,7 +460,7 @@ def _refuse_half_precision(view: GraphView) -> None:
 
 
 def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask, pixels, nat_scores, tau0,
-            floor: float, opts: LockOptions, rng: np.random.Generator, tap_sess, grey, prog: Progress):
+            floor: float, opts: LockOptions, rng: np.random.Generator, host_phi, grey, prog: Progress):
     """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)``, or None if its 8-bit
     version scores below ``floor`` (what the plain patch was accepted at, up to ACCEPT_FACTOR τ0)."""
     from .scoring import detector_scores, model_logits
@@ -431,8 +481,7 @@ def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask
                                seed=int(rng.integers(2**31)), progress=report)
     refined = quantise(res.pixels)
     patch = Patch(refined[top : top + ph, left : left + pw].copy(), top, left)
-    phi = neuron_inputs(host, run_batches(tap_sess, pre.to_input(paste_pixels(grey.astype(np.uint8), patch)),
-                                          [host.input])[host.input])[0]
+    phi = host_phi(paste_pixels(grey.astype(np.uint8), patch)[None])[0]
     s_t = phi[pos_index].astype(np.float64) @ dirs.T - dirs @ centre
     if float(s_t.min()) < floor:
         return None

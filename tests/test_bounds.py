@@ -13,6 +13,7 @@ from onnxstain.math.bounds import (
     Bound,
     _ln_cap_cf,
     ball_bound,
+    box_ball,
     cap_bound_gaussian,
     cap_bound_power,
     cap_probability,
@@ -25,6 +26,7 @@ from onnxstain.math.bounds import (
     per_image_cap_sums,
     radius_exceedance_bound,
     threshold_for_target,
+    window_side,
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -470,3 +472,45 @@ def test_bound_round_trip_and_str() -> None:
         Bound(value=0.1, log10=-1.0, kind="guess", params={}, statement="")
     with pytest.raises(ValueError):
         Bound(value=0.5, log10=-1.0, kind="data-free", params={}, statement="")
+
+
+# --------------------------------------------------------------------------------------------------
+# pixel windows: a certified ball around a box, and the window side a bound target needs
+# --------------------------------------------------------------------------------------------------
+
+
+def test_box_ball_holds_every_point_of_the_box() -> None:
+    rng = np.random.default_rng(0)
+    lo = rng.normal(-2, 0.1, 12)
+    hi = lo + rng.uniform(3, 5, 12)
+    c, r = box_ball(lo, hi)
+    corners = np.where(rng.integers(0, 2, (4096, 12)).astype(bool), hi, lo)
+    inside = lo + rng.uniform(0, 1, (4096, 12)) * (hi - lo)
+    assert np.linalg.norm(inside - c, axis=1).max() <= r
+    assert np.allclose(np.linalg.norm(corners - c, axis=1), r)  # every corner is on the sphere: the ball is tight
+    with pytest.raises(ValueError):
+        box_ball(hi, lo)
+
+
+def test_box_corner_reaches_sqrt_two_over_pi() -> None:
+    """The best box point for a random direction has margin ≈ √(2/π) R: what window_side's reach relies on."""
+    rng = np.random.default_rng(1)
+    m = 75
+    lo, hi = np.full(m, -2.1), np.full(m, 2.2)
+    c, r = box_ball(lo, hi)
+    g = rng.standard_normal((4000, m))
+    v = g / np.linalg.norm(g, axis=1, keepdims=True)
+    best = np.einsum("km,km->k", v, np.where(v > 0, hi, lo) - c) / r
+    assert abs(best.mean() - math.sqrt(2 / math.pi)) < 0.01
+    assert np.quantile(best, 0.01) > 0.68 * 1.03  # the locker's reach, with its acceptance factor
+
+
+@pytest.mark.parametrize("target,reach,side", [(1e-6, 0.68, 5), (1e-3, 0.68, 4), (1e-9, 0.68, 5), (1e-12, 0.68, 6)])
+def test_window_side_is_the_smallest_that_meets_the_target(target: float, reach: float, side: int) -> None:
+    got = window_side(target, 3, reach, draws=32)
+    assert got == side
+    m = 3 * side * side
+    tau = threshold_for_target(target, 1.0, m, draws=32)
+    assert tau <= reach < threshold_for_target(target, 1.0, 3 * (side - 1) ** 2, draws=32)
+    assert ball_bound(tau, 1.0, m, draws=32).log10 <= math.log10(target) + 1e-9
+    assert window_side(1e-300, 3, reach, draws=32, max_side=10) is None

@@ -16,7 +16,7 @@ from tinymodels import smooth_images, tiny_lockable, write_images
 import onnxstain
 from onnxstain import LockOptions, Preprocessing
 from onnxstain.cli import main
-from onnxstain.errors import BadInputError, BadKeyError, UnreachableBoundError
+from onnxstain.errors import BadInputError, BadKeyError, UnreachableBoundError, UnsupportedModelError
 from onnxstain.keys import load_key
 from onnxstain.patch import Patch, paste_pixels, photo_box
 from onnxstain.runtime import session
@@ -24,6 +24,7 @@ from onnxstain.runtime import session
 SIZE = 48
 PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
 FPR = 1e-3  # a loose target keeps the tiny model's searches short
+CONV3 = "/conv3/Conv"  # a Conv host for the gate lock (--layer), instead of the default pixel window
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +62,70 @@ def _sha(path):
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.fixture(scope="module")
+def conv_locked(workdir, images):
+    return _lock(workdir, images, seed=0, name="conv", layer=CONV3)
+
+
 def test_lock_geometry_and_bound(locked):
     res, _, _ = locked
+    # The default detector reads the top-left pixels: at 1e-3 (32 draws) a 4x4 window, m = 48, reaches
+    # the margin with about √(2/π) of the certified radius; the bound holds for every input.
+    assert res.host == "pixels" and res.patch_box == (0, 0, 4, 4)
+    assert res.bound.kind == "data-free" and res.bound.params["positions"] == 1 and res.bound.params["n"] == 48
+    assert res.bound.log10 <= np.log10(FPR)
+    assert min(res.trigger_scores) >= 1.03 * res.threshold
+    assert res.natural_firings == 0 and res.draws <= 2
+
+
+def test_pixel_window_radius_is_certified(locked):
+    """Every 8-bit image lies within the key's radius of its centre: black, white, noise and the patch."""
+    from onnxstain.features import neuron_inputs
+    from onnxstain.lock_window import window_host
+
+    res, _, key = locked
+    k = load_key(key)
+    c, r = k.array("detector", "centre"), float(k["bound"]["params"]["radius"])
+    rng = np.random.default_rng(0)
+    px = np.concatenate([np.zeros((1, SIZE, SIZE, 3), np.uint8), np.full((1, SIZE, SIZE, 3), 255, np.uint8),
+                         rng.integers(0, 256, (64, SIZE, SIZE, 3), dtype=np.uint8),
+                         paste_pixels(smooth_images(4, size=SIZE, seed=5), onnxstain.lock_patch(key)[0])])
+    host = window_host(_conv(res), 4)
+    phi = neuron_inputs(host, PRE.to_input(px)).astype(np.float64)[:, 0]
+    dist = np.linalg.norm(phi - c, axis=1)
+    assert dist.max() <= r * (1 + 1e-9)
+    assert dist[:2].max() >= 0.999 * r  # the box corners are as far as the radius says (it is tight)
+
+
+def _conv(res):
+    from onnxstain.lock_geometry import lock_hosts
+
+    return next(h for h in lock_hosts(onnx.load(res.output)) if h.name == "/conv1/Conv")
+
+
+def test_conv_host_geometry_and_bound(conv_locked, workdir):
+    res, out, key = conv_locked
     # conv3 is 3x3 stride 2 pad 1: position (1, 1) is the first whose window has no padding; its
     # receptive field is the 9x9 top-left block, all inside the image.
-    assert res.patch_box == (0, 0, 9, 9)
-    assert res.bound.log10 <= np.log10(FPR)
+    assert res.host == CONV3 and res.patch_box == (0, 0, 9, 9)
+    assert res.bound.kind == "calibrated-radius" and res.bound.log10 <= np.log10(FPR)
     assert min(res.trigger_scores) >= 1.1 * res.threshold
     assert res.natural_firings == 0
+    patched = paste_pixels(smooth_images(32, size=SIZE, seed=7), onnxstain.lock_patch(key)[0])
+    np.testing.assert_array_equal(_top1(out, patched), _top1(workdir / "model.onnx", patched))
+    assert onnxstain.verify(out, key).stained
+
+
+def test_pixel_window_opens_only_in_its_corner(locked, workdir):
+    """The inserted detector runs at the corner alone: the patch moved by a pixel or to another corner is
+    no patch at all."""
+    _, out, key = locked
+    patch, _ = onnxstain.lock_patch(key)
+    fresh = smooth_images(32, size=SIZE, seed=8)
+    orig = _top1(workdir / "model.onnx", fresh).argmax(1)
+    for top, left in ((1, 0), (0, 1), (0, SIZE - patch.width), (SIZE - patch.height, SIZE - patch.width)):
+        moved = Patch(patch.pixels, top, left)
+        assert np.mean(_top1(out, paste_pixels(fresh, moved)).argmax(1) == orig) < 0.5
 
 
 def test_patch_restores_exactly_and_absence_scrambles(locked, workdir):
@@ -121,7 +178,7 @@ def test_key_holds_the_patch_owner_only(locked):
     res, _, key = locked
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     k = load_key(key)
-    assert k.kind == "lock" and k["trigger"]["height"] == 9
+    assert k.kind == "lock" and k["trigger"]["height"] == res.patch_box[2] == 4
     assert "png" not in res.record_path.read_text()  # the public record does not carry the patch
 
 
@@ -223,8 +280,23 @@ def test_audit_on_tiny(locked, workdir):
 def test_unreachable_target_refused(workdir, images, tmp_path):
     with pytest.raises(UnreachableBoundError, match="best patch reached"):
         onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
-                       options=LockOptions(seed=0, fpr=1e-12, max_draws=1, max_steps=100, occlusion_steps=0))
+                       options=LockOptions(seed=0, fpr=1e-12, max_draws=1, max_steps=100, occlusion_steps=0,
+                                           layer=CONV3))
+    # A pixel window wide enough for 1e-300 would not be a corner patch (at most 22 % of the side).
+    with pytest.raises(UnsupportedModelError, match="no pixel window"):
+        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                       options=LockOptions(seed=0, fpr=1e-300, layer="pixels"))
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.key").exists()
+
+
+def test_pixel_window_for_the_gate_lock_only(workdir, images, tmp_path):
+    with pytest.raises(BadInputError, match="in-place lock needs one of the model's"):
+        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                       options=LockOptions(kind="inplace", layer="pixels", fpr=FPR))
+    nhwc = Preprocessing(height=SIZE, width=SIZE, resize=None, layout="NHWC")
+    with pytest.raises(UnsupportedModelError, match="normalised float NCHW"):
+        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
+                       preprocessing=nhwc, options=LockOptions(layer="pixels", fpr=FPR))
 
 
 def test_lock_bad_options(workdir, images, tmp_path):
@@ -249,8 +321,8 @@ def test_cli_lock_verify_apply_evaluate(workdir, tmp_path):
                           str(tmp_path / "l.key"), "--images", str(imgs), "--fpr", "1e-3", "--seed", "2",
                           "--quiet", "--patch-png", str(tmp_path / "patch.png")])
     assert res.exit_code == 0, res.output
-    assert "locked" in res.output and "9x9" in res.output and "bound" in res.output
-    assert Image.open(tmp_path / "patch.png").size == (9, 9)
+    assert "locked" in res.output and "4x4" in res.output and "data-free" in res.output
+    assert Image.open(tmp_path / "patch.png").size == (4, 4)
     assert r.invoke(main, ["verify", str(tmp_path / "l.onnx"), "--key", str(tmp_path / "l.key")]).exit_code == 0
     res = r.invoke(main, ["verify", str(workdir / "model.onnx"), "--key", str(tmp_path / "l.key")])
     assert res.exit_code == 1 and "NOT LOCKED" in res.output
@@ -271,7 +343,9 @@ def test_cli_lock_verify_apply_evaluate(workdir, tmp_path):
     (["--fpr", "2"], "--fpr"),
     (["--detectors", "0"], "--detectors"),
     (["--occlusion-steps", "-1"], "--occlusion-steps"),
-    (["--fpr", "1e-12"], "use more --detectors"),
+    (["--fpr", "1e-12", "--layer", CONV3], "use more --detectors"),
+    (["--fpr", "1e-300", "--layer", "pixels"], "no pixel window"),
+    (["--kind", "inplace", "--layer", "pixels"], "in-place lock needs"),
 ])
 def test_cli_lock_refusals(workdir, tmp_path, args, fragment):
     imgs = tmp_path / "imgs"

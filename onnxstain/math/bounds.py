@@ -43,6 +43,7 @@ __all__ = [
     "KINDS",
     "Bound",
     "ball_bound",
+    "box_ball",
     "cap_bound_gaussian",
     "cap_bound_power",
     "cap_probability",
@@ -55,6 +56,7 @@ __all__ = [
     "per_image_cap_sums",
     "radius_exceedance_bound",
     "threshold_for_target",
+    "window_side",
 ]
 
 KINDS: tuple[str, ...] = ("data-free", "calibrated-radius", "data-driven", "cross-key")
@@ -506,6 +508,37 @@ def threshold_for_target(
         else:
             lo = mid
     return hi
+
+
+def box_ball(lo: npt.ArrayLike, hi: npt.ArrayLike) -> tuple[np.ndarray, float]:
+    """The smallest ball holding the box ``lo ≤ x ≤ hi``: its centre and its (certified) radius.
+
+    Features that are an affine image of bounded inputs (raw pixels) lie in such a box for every
+    input, so a :func:`ball_bound` with this radius is ``"data-free"``.
+    """
+    lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    if lo_a.shape != hi_a.shape or np.any(~(hi_a >= lo_a)):
+        raise ValueError("the box needs lo <= hi element-wise, with equal shapes")
+    return 0.5 * (lo_a + hi_a), float(np.linalg.norm(0.5 * (hi_a - lo_a)))
+
+
+def window_side(
+    target: float, channels: int, reach: float, draws: int = 1, detectors: int = 1, max_side: int = 16
+) -> int | None:
+    """Smallest side ``s`` of a square window (``m = channels·s²`` inputs, one position) whose margin for
+    ``target`` is at most ``reach`` of the radius (``tau/R <= reach``); None if none up to ``max_side``.
+
+    For a box-shaped feature domain (raw pixels) and a random direction ``v``, the best trigger's margin
+    ``max v·(x − c) / R`` concentrates near ``sqrt(2/pi)`` (the box corner ``c + h·sign(v)`` gives
+    ``h·sum|v_i| / (h·sqrt(m))``); ``reach`` is the caller's safety below that.
+    """
+    for side in range(1, max_side + 1):
+        m = channels * side * side
+        if m < 2:
+            continue
+        if threshold_for_target(target, 1.0, m, positions=1, draws=draws, detectors=detectors) <= reach:
+            return side
+    return None
 
 
 # --------------------------------------------------------------------------------------------------

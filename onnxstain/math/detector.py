@@ -40,10 +40,10 @@ class FeatureStats:
     samples: int
 
     @classmethod
-    def from_features(cls, phi: np.ndarray) -> FeatureStats:
-        """``phi``: ``[N, P, m]``."""
+    def from_features(cls, phi: np.ndarray, centre: np.ndarray | None = None) -> FeatureStats:
+        """``phi``: ``[N, P, m]``; the centre is their mean unless given."""
         flat = phi.reshape(-1, phi.shape[-1]).astype(np.float64)
-        c = flat.mean(axis=0)
+        c = flat.mean(axis=0) if centre is None else np.asarray(centre, dtype=np.float64)
         radii = np.linalg.norm(flat - c, axis=1)
         q = {f"{p:g}": float(np.quantile(radii, p / 100)) for p in (50, 99, 99.9, 100)}
         return cls(centre=c, max_radius=float(radii.max()), radius_quantiles=q, samples=len(flat))
