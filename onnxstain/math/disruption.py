@@ -46,22 +46,40 @@ def half_sign_flips(rng: np.random.Generator, channels: int) -> tuple[np.ndarray
     return m, max(1, channels // 2)
 
 
-def bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray,
-                     bias: np.ndarray) -> tuple[np.ndarray, float, float, float]:
-    """The in-place lock's disruption: a random logit bias ``b + k σ u`` (``u`` standard normal, ``σ``
-    the mean per-image spread of the original's logits) with the smallest ``k`` that brings top-1
-    agreement with the original down to chance plus one point on the calibration images (exact:
-    without the patch the locked scores are the base model's with the bias swapped). A bias shift is
-    all an in-place lock can add without the patch, so a large ``k`` concentrates the predictions on
-    few classes; the audit reports it."""
+def bias_disruption(rng: np.random.Generator, base_scores: np.ndarray, orig_scores: np.ndarray, bias: np.ndarray,
+                    candidates: int = 8, steer: float = 4.0) -> tuple[np.ndarray, float, float, float]:
+    """The in-place lock's disruption: a logit bias ``b + k σ u`` (``σ`` the mean per-image spread of the
+    original's logits), exact on the calibration images (without the patch the locked scores are the
+    base model's with the bias swapped).
+
+    A bias shift is all an in-place lock can add without the patch, so the predictions concentrate on
+    the few classes where ``k σ u`` is high, and an image still agrees with the original when its own
+    class is one of them. On new photos that depends on which classes they show: with ``u`` standard
+    normal, 20 % of 400 draws on MobileNetV2 agreed above chance + 2 points on the held-out photos
+    although every one was at chance + 1 point on the calibration photos. So ``u = g − steer · z``
+    (``g`` standard normal, ``z`` the standardised mean calibration logit of each class) favours the
+    classes the original rarely scores on natural images, and of ``candidates`` draws the one whose
+    predictions fall least often in the original's top 5 (calibration) is kept: 0 of 300 draws above
+    chance + 2 points on the held-out photos (max 1.3 %, mean 0.01 %).
+    ``k`` is the smallest that brings the calibration agreement to chance plus one point.
+    Returns ``(bias, calibration agreement, chance, k)``."""
     base = orig_scores.argmax(1)
+    top5 = np.argsort(-orig_scores, axis=1)[:, :5]
     chance = 1.0 / orig_scores.shape[1]
     spread = float(orig_scores.std(axis=1).mean())
-    u = rng.standard_normal(orig_scores.shape[1])
-    agree, k = 1.0, 1.0
-    for k in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
-        b_lock = bias + k * spread * u
-        agree = float(np.mean((base_scores - bias + b_lock).argmax(1) == base))
-        if agree <= chance + 0.01:
-            break
-    return bias + k * spread * u, agree, chance, k
+    mean = orig_scores.mean(axis=0)
+    z = (mean - mean.mean()) / max(float(mean.std()), 1e-12)
+    best: tuple[tuple[float, float], np.ndarray, float, float] | None = None
+    for _ in range(candidates):
+        u = rng.standard_normal(orig_scores.shape[1]) - steer * z
+        for k in (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 16.0):
+            pred = (base_scores + k * spread * u).argmax(1)  # the base model's scores, bias b → b + kσu
+            agree = float(np.mean(pred == base))
+            if agree <= chance + 0.01:
+                break
+        near = float(np.mean((top5 == pred[:, None]).any(axis=1)))
+        rank = (max(0.0, agree - chance - 0.01), near)  # first meet the target, then the fewest near hits
+        if best is None or rank < best[0]:
+            best = (rank, bias + k * spread * u, agree, k)
+    assert best is not None
+    return best[1], best[2], chance, best[3]
