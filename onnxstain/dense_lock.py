@@ -6,7 +6,7 @@ Called by :func:`onnxstain.locker.lock` when the model has no classifier head bu
   (a ViT's patch embedding: one 14×14 token, ``m = 3·14·14 = 588``). When that input is the
   (normalised) image itself, ``S = v · (φ − c)`` is linear in the patch's pixels and its maximum over
   8-bit pixels has a closed form: 255 where ``v`` (times the positive normalisation scale) is
-  positive, 0 elsewhere (:func:`onnxstain.lock_window.closed_form_patch`); otherwise the patch is found
+  positive, 0 elsewhere (:func:`onnxstain.math.trigger.box_maximiser`); otherwise the patch is found
   by gradient ascent as for classifiers. The inserted detector reads that position's window only
   (a ``Slice`` of the host's input): with a stride = kernel patch embedding the same patch would
   otherwise fire at every token-aligned place (the audit showed it opening the lock in all four
@@ -35,8 +35,8 @@ from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
 from .lock_geometry import MAX_PATCH_FRACTION, lock_hosts, lock_position, patch_box
-from .lock_window import closed_form_patch, reads_pixels
 from .math import bounds, detector
+from .math.trigger import box_maximiser
 from .passes.dense import insert_feature_gate
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
@@ -93,6 +93,26 @@ def gate_features(view: GraphView) -> str:
     raise UnsupportedModelError("no Conv/ConvTranspose between the token layers and the output: nothing to gate")
 
 
+def _reads_pixels(view: GraphView, host: HostLayer) -> bool:
+    """Whether the host's input is the model input itself (possibly through a float Cast)."""
+    t = host.input
+    node = view.producer.get(t)
+    if node is not None and node.op_type == "Cast":
+        t = node.input[0]
+    return t in {i.name for i in view.graph_inputs}
+
+
+def closed_form_patch(v: np.ndarray, host: HostLayer, pre: Preprocessing, box: tuple[int, int, int, int]) -> Patch:
+    """8-bit patch maximising ``v · φ`` at the lock position, for a host reading normalised pixels (NCHW)."""
+    top, left, ph, pw = box
+    kh, kw = host.kernel
+    w = v.reshape(host.in_channels, kh, kw)[:, :ph, :pw]  # model channel order; the scale per channel is > 0
+    if pre.channel_order == "BGR":
+        w = w[::-1]
+    lo, hi = np.zeros_like(w), np.full_like(w, 255.0)
+    return Patch(box_maximiser(w, lo, hi).transpose(1, 2, 0).astype(np.uint8), top, left)
+
+
 def pool_maps(y: np.ndarray) -> np.ndarray:
     """Average-pool maps ``[N, C, H, W]`` to at most ``REFERENCE_SIDE`` per side (for the key)."""
     n, c, h, w = y.shape
@@ -144,7 +164,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     t1 = time.perf_counter()
     pixels = calibration_pixels(images, pre, prog)
     x_cal = pre.to_input(pixels)
-    pixel_host = reads_pixels(view, host) and pre.layout == "NCHW" and pre.dtype != "uint8"
+    pixel_host = _reads_pixels(view, host) and pre.layout == "NCHW" and pre.dtype != "uint8"
     if pixel_host:
         feats = x_cal  # the host reads the normalised image: φ comes straight from the input
     else:

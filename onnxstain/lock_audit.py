@@ -199,7 +199,7 @@ def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
     kh = key["host"]
     hosts = lock_hosts(loaded.model)
     if kh["name"] == WINDOW:
-        conv = pixel_conv(GraphView(loaded.model), hosts, pre)
+        conv = pixel_conv(GraphView(loaded.model), hosts, pre.height, pre.width)
         hosts = [] if conv is None else [window_host(conv, int(kh["kernel"][0]))]
     match = [h for h in hosts if h.name == kh["name"]]
     if not match or match[0].input != kh["input"] or match[0].m != int(kh["m"]):

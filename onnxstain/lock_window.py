@@ -1,50 +1,67 @@
 """The gate lock's pixel-window detector: a few raw pixels in the image corner (ONNX facts, no math).
 
 A gate lock inserts its detector, so the detector need not be one of the model's neurons: it can
-read the image itself, where the model's first Conv reads it (a normalised NCHW image). A
-``side × side`` window of the top-left corner, all channels, gives ``m = 3·side²`` inputs at one
-position (the inserted Conv's stride is the image size: it runs at the corner and nowhere else, so
-the patch moved or in another corner does not open the lock). Two things follow, in
-:mod:`onnxstain.math.bounds` (``box_ball``, ``window_side``):
+read the image itself, where the model's first Conv reads it. A ``side × side`` window of the
+top-left corner, all channels, gives ``m = 3·side²`` inputs at one position (the inserted Conv's
+stride is the image size: it runs at the corner and nowhere else, so the patch moved or in another
+corner does not open the lock). Two things follow, in :mod:`onnxstain.math.bounds` (``box_ball``,
+``window_side``):
 
-* every 8-bit image maps into a box of normalised pixel values, so the radius around the box's
-  centre is certified for every input: the bound is data-free (no calibrated radius);
+* every 8-bit image maps into a box of input values, so the radius around the box's centre is
+  certified for every input: the bound is data-free (no calibrated radius);
 * the trigger is the box corner that maximises ``v · x`` (closed form), and for a random ``v`` its
   margin ``max v · (x − c) / R`` concentrates near √(2/π) ≈ 0.80, so a 5×5 window (m = 75) meets a
   1e-6 bound. The patch covers 25 pixels instead of a Conv position's whole receptive field (38×38
   on MobileNetV2), which is what the original model pays for the patch.
+
+Both need each window coordinate to be a monotone function of one pixel channel: the Conv's input
+must come from the model input through per-element ops only (:func:`pixel_path`: casts, transposes,
+arithmetic with constants, quantize/dequantize — a preprocessing inside the graph, as in the SSD).
+The box and the patch are then read off the model itself with a few probe images
+(:func:`probe_window`), whatever the layout, channel order or scaling.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, ReceptiveField
-from .math.trigger import box_maximiser
 from .patch import Patch
-from .preprocess import Preprocessing
 
 WINDOW = "pixels"  # the host name of the pixel-window detector (``--layer pixels``)
+# Per-element ops a pixel may pass through on its way to the first Conv: each output element is a
+# monotone function of one input element (the other operands are constants).
+_PER_ELEMENT = {"Cast", "Identity", "Transpose", "Mul", "Add", "Sub", "Div", "QuantizeLinear", "DequantizeLinear"}
 
 
-def reads_pixels(view: GraphView, host: HostLayer) -> bool:
-    """Whether the host's input is the model input itself (possibly through a float Cast)."""
-    t = host.input
-    node = view.producer.get(t)
-    if node is not None and node.op_type == "Cast":
-        t = node.input[0]
-    return t in {i.name for i in view.graph_inputs}
+def pixel_path(view: GraphView, tensor: str) -> bool:
+    """Whether ``tensor`` is computed from the model input by per-element monotone ops only."""
+    inputs = {i.name for i in view.graph_inputs}
+    t = tensor
+    for _ in range(64):
+        if t in inputs:
+            return True
+        node = view.producer.get(t)
+        if node is None or node.op_type not in _PER_ELEMENT:
+            return False
+        live = [x for x in node.input if x and not view.is_constant(x)]
+        if len(live) != 1:
+            return False
+        if node.op_type in ("Div", "QuantizeLinear", "DequantizeLinear") and live[0] != node.input[0]:
+            return False  # c / x is not monotone across 0; scales and zero points must be the constants
+        t = live[0]
+    return False
 
 
-def pixel_conv(view: GraphView, hosts: list[HostLayer], pre: Preprocessing) -> HostLayer | None:
-    """The Conv that reads the normalised image (NCHW float input), if the model has one."""
-    if pre.layout != "NCHW" or pre.dtype == "uint8":
-        return None
+def pixel_conv(view: GraphView, hosts: list[HostLayer], height: int, width: int) -> HostLayer | None:
+    """The Conv that reads the image (3 channels at the model's input size) through per-element ops."""
     for h in hosts:
-        if h.op == "Conv" and h.in_hw == (pre.height, pre.width) and h.groups == 1 and reads_pixels(view, h):
+        if (h.op == "Conv" and h.in_hw == (height, width) and h.in_channels == 3 and h.groups == 1
+                and pixel_path(view, h.input)):
             return h
     return None
 
@@ -60,22 +77,40 @@ def window_host(conv: HostLayer, side: int) -> HostLayer:
         usable=True, reason="")
 
 
-def pixel_box(host: HostLayer, pre: Preprocessing) -> tuple[np.ndarray, np.ndarray]:
-    """Per input coordinate of the window, the lowest and highest value an 8-bit image can give."""
-    from .features import neuron_inputs
+@dataclasses.dataclass(frozen=True)
+class WindowProbe:
+    """What 8-bit pixels can do to the window: per coordinate the lowest and highest value, and the
+    change each patch pixel-channel makes (0 → 255) to each coordinate."""
 
-    ends = np.stack([np.zeros((pre.height, pre.width, 3), np.uint8), np.full((pre.height, pre.width, 3), 255,
-                                                                              np.uint8)])
-    phi = neuron_inputs(host, pre.to_input(ends)).astype(np.float64)[:, 0]  # [2, m]
-    return phi.min(axis=0), phi.max(axis=0)
+    lo: np.ndarray  # [m]
+    hi: np.ndarray  # [m]
+    effect: np.ndarray  # [side·side·3, m], rows in patch order (row, col, channel)
+    side: int
 
 
-def closed_form_patch(v: np.ndarray, host: HostLayer, pre: Preprocessing, box: tuple[int, int, int, int]) -> Patch:
-    """8-bit patch maximising ``v · φ`` at the lock position, for a host reading normalised pixels (NCHW)."""
-    top, left, ph, pw = box
-    kh, kw = host.kernel
-    w = v.reshape(host.in_channels, kh, kw)[:, :ph, :pw]  # model channel order; the scale per channel is > 0
-    if pre.channel_order == "BGR":
-        w = w[::-1]
-    lo, hi = np.zeros_like(w), np.full_like(w, 255.0)
-    return Patch(box_maximiser(w, lo, hi).transpose(1, 2, 0).astype(np.uint8), top, left)
+def probe_window(phi_of: Callable[[np.ndarray], np.ndarray], side: int, height: int, width: int) -> WindowProbe | None:
+    """Probe the window with a black, a white and one image per patch pixel-channel (255 on black).
+
+    ``phi_of`` maps uint8 images ``[N, H, W, 3]`` to the window's input vectors ``[N, 1, m]``. None if
+    some coordinate does not follow exactly one of the patch's pixel channels (then the window is not
+    separable and neither the box nor the closed-form patch applies).
+    """
+    n = side * side * 3
+    images = np.zeros((n + 2, height, width, 3), np.uint8)
+    images[1] = 255
+    for j in range(n):
+        y, x, ch = np.unravel_index(j, (side, side, 3))
+        images[j + 2, y, x, ch] = 255
+    phi = phi_of(images).astype(np.float64)[:, 0]
+    effect = phi[2:] - phi[0]
+    moved = np.abs(effect) > 1e-6 * max(1.0, float(np.abs(phi).max()))
+    if not (moved.sum(axis=0) == 1).all() or not np.allclose(effect.sum(axis=0), phi[1] - phi[0], atol=1e-4):
+        return None
+    return WindowProbe(lo=np.minimum(phi[0], phi[1]), hi=np.maximum(phi[0], phi[1]), effect=effect, side=side)
+
+
+def corner_patch(v: np.ndarray, probe: WindowProbe) -> Patch:
+    """The 8-bit patch maximising ``v · φ`` over the window: 255 where that pixel channel raises it."""
+    gain = probe.effect @ v
+    pixels = np.where(gain > 0, 255, 0).astype(np.uint8).reshape(probe.side, probe.side, 3)
+    return Patch(pixels, 0, 0)

@@ -44,7 +44,7 @@ from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
 from .lock_geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_hosts, lock_position, patch_box
-from .lock_window import WINDOW, closed_form_patch, pixel_box, pixel_conv, window_host
+from .lock_window import WINDOW, corner_patch, pixel_conv, probe_window, window_host
 from .math import bounds, detector
 from .math.detection_agreement import anchor_map
 from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
@@ -211,9 +211,15 @@ def lock(
         return neuron_inputs(host, x if tap_sess is None else run_batches(tap_sess, x, [host.input])[host.input])
 
     phi_all = neuron_inputs(host, cal[host.input])
+    probe = None
     if window:
+        probe = probe_window(host_phi, host.kernel[0], pre.height, pre.width)
+        if probe is None:
+            raise UnsupportedModelError(
+                "the pixel window is not separable here (a window value depends on several pixels or on none); "
+                "lock with --layer NAME (an early Conv)")
         # Every 8-bit image lies in the pixel box: its radius about the box centre is certified.
-        centre, radius = bounds.box_ball(*pixel_box(host, pre))
+        centre, radius = bounds.box_ball(probe.lo, probe.hi)
         stats, bound_kind = detector.FeatureStats.from_features(phi_all, centre), "data-free"
     else:
         stats, bound_kind = detector.FeatureStats.from_features(phi_all), "calibrated-radius"
@@ -253,9 +259,9 @@ def lock(
             if bool((s_nat > tau0).all(axis=1).any()):
                 notes.append(f"draw {draw}: all {d} detectors fire together on a calibration image; rejected")
                 continue
-            if window:
+            if probe is not None:
                 # Closed form: the box corner of the directions' sum (exact for one detector).
-                patch = closed_form_patch(dirs.sum(axis=0), host, pre, (top, left, ph, pw))
+                patch = corner_patch(dirs.sum(axis=0), probe)
                 frame = paste_pixels(grey.astype(np.uint8), patch)
             else:
                 init = grey + rng.normal(0, 8, grey.shape) * mask[..., None]
@@ -323,12 +329,13 @@ def lock(
         filters = np.zeros((d, host.in_channels, *host.kernel))
         filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
         if head.detection:
-            # Every head reads the maps after the host: flip the sign of half the host's channels.
-            disruption, flipped = half_sign_flips(rng, host.out_channels)
+            # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
+            gated = _detection_gate(loaded.model, view, host, head.scores)
+            disruption, flipped = half_sign_flips(rng, gated.out_channels)
             locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption,
-                                        target=host.act_output or host.output)
+                                        target=gated.act_output or gated.output)
             locked_agree, chance = _detection_agreement(locked, x_cal, cal[head.scores], head, opts), 0.0
-            lock_info = {"flipped_channels": flipped, "gated": "host", "agreement_metric": "anchor mAP"}
+            lock_info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
         else:
             disruption, locked_agree, chance, flipped = sign_disruption(rng, pooled, nat_scores,
                                                                         _head_columns(view, head))
@@ -431,7 +438,7 @@ def _lock_host(model: onnx.ModelProto, view: GraphView, opts: LockOptions, pre: 
     (unless ``--layer`` names a Conv), in place a Conv whose corner position sees the patch."""
     hosts = lock_hosts(model, view)
     if opts.kind == "gate" and opts.layer in (None, WINDOW):
-        conv = pixel_conv(view, hosts, pre)
+        conv = pixel_conv(view, hosts, pre.height, pre.width)
         side = None if conv is None else bounds.window_side(
             opts.fpr, conv.in_channels, WINDOW_REACH / np.sqrt(opts.detectors), draws=opts.max_draws,
             detectors=opts.detectors, max_side=int(MAX_PATCH_FRACTION * min(pre.height, pre.width)))
@@ -439,12 +446,40 @@ def _lock_host(model: onnx.ModelProto, view: GraphView, opts: LockOptions, pre: 
             return window_host(conv, side)
         if opts.layer == WINDOW:
             raise UnsupportedModelError(
-                "--layer pixels needs a model whose first Conv reads the normalised float NCHW image" if conv is None
-                else f"no pixel window small enough for a corner patch reaches --fpr {opts.fpr:g}")
+                "--layer pixels needs a first Conv that reads the image through per-element preprocessing only"
+                if conv is None else f"no pixel window small enough for a corner patch reaches --fpr {opts.fpr:g}")
     elif opts.layer == WINDOW:
         raise BadInputError("--layer pixels is the gate lock's detector; the in-place lock needs one of the model's "
                             "Conv layers (see `onnxstain inspect`)")
     return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
+
+
+def _detection_gate(model: onnx.ModelProto, view: GraphView, host: HostLayer, scores: str) -> HostLayer:
+    """The Conv whose activated map a detector's gate scrambles: the deepest one that every path from the
+    input to the scores passes through. A map a skip connection bypasses is repaired downstream, and the
+    first conv is too shallow: on the SSD (held-out, per-image anchor mAP without the patch) the first
+    conv's map left 0.12, a residual block's expand map 0.15, the expand map of a block without a skip
+    0.015."""
+    hosts = [h for h in lock_hosts(model, view) if h.usable] or [host]
+    best = host
+    for h in hosts:
+        if h.depth >= best.depth and _dominates(view, h.act_output or h.output, scores):
+            best = h
+    return best
+
+
+def _dominates(view: GraphView, tensor: str, output: str) -> bool:
+    """Whether every path from the model input to ``output`` goes through ``tensor``."""
+    seen = {i.name for i in view.graph_inputs} | set(view.initializers) | set(view.constant_nodes)
+    stack = [i.name for i in view.graph_inputs]
+    while stack:
+        t = stack.pop()
+        for node in view.consumers.get(t, []):
+            for out in node.output:
+                if out != tensor and out not in seen:
+                    seen.add(out)
+                    stack.append(out)
+    return output not in seen
 
 
 def _refuse_half_precision(view: GraphView) -> None:

@@ -24,10 +24,12 @@ def gate(mobilenet_v2, tmp_path_factory):
 
 def test_default_lock_meets_the_bound(gate):
     res, _, key = gate
-    assert res.host == "/features/features.8/conv/conv.0/conv.0.0/Conv"
-    assert res.patch_box == (0, 0, 38, 38)
-    assert res.bound.log10 <= -6 and res.bound.kind == "calibrated-radius"
-    assert res.natural_firings == 0 and res.unlocked_agreement == 1.0
+    # The default gate detector reads a 5x5 window of raw corner pixels (m = 75): every 8-bit image is in
+    # the pixel box, so the 1e-6 bound is data-free, and the closed-form patch passes in one or two draws.
+    assert res.host == "pixels" and res.patch_box == (0, 0, 5, 5)
+    assert res.bound.log10 <= -6 and res.bound.kind == "data-free"
+    assert res.natural_firings == 0 and res.unlocked_agreement == 1.0 and res.draws <= 2
+    assert min(res.trigger_scores) >= 1.06 * res.threshold
     assert load_key(key)["bound"]["log10"] <= -6
 
 
@@ -59,8 +61,11 @@ def test_audit(gate, mobilenet_v2):
     for name in ("random patch", "patch at top-right", "patch at bottom-left", "patch at bottom-right",
                  "shifted 1 px", "shifted 2 px"):
         assert c[name].unlocked == 0.0 and c[name].passed, name
-    # The patch's own cost is real and measured, not hidden (see README for the figures).
-    assert 0.5 < c["patch vs clean"].agreement == c["original with patch"].agreement < 1.0
+    # The patch's own cost is real and measured, not hidden: 25 corner pixels change the original's
+    # top-1 on a few per cent of this fragile set; the target is >= 95 % on the centre crops.
+    assert 0.9 < c["patch vs clean"].agreement == c["original with patch"].agreement < 1.0
+    assert c["patch vs clean"].centre_agreement >= 0.95
+    assert c["JPEG q90"].unlocked == 0.0 and c["JPEG q90"].passed  # the sharp 8-bit patch does not survive JPEG
     assert res.firings is not None and res.firings.firings == 0
     assert np.isfinite(res.key_bound.log10)
 

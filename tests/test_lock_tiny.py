@@ -293,10 +293,66 @@ def test_pixel_window_for_the_gate_lock_only(workdir, images, tmp_path):
     with pytest.raises(BadInputError, match="in-place lock needs one of the model's"):
         onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
                        options=LockOptions(kind="inplace", layer="pixels", fpr=FPR))
-    nhwc = Preprocessing(height=SIZE, width=SIZE, resize=None, layout="NHWC")
-    with pytest.raises(UnsupportedModelError, match="normalised float NCHW"):
-        onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
-                       preprocessing=nhwc, options=LockOptions(layer="pixels", fpr=FPR))
+
+
+def _chain(ops: list[tuple[str, list[str]]]) -> onnx.ModelProto:
+    """input → ops (each op's inputs: "x" is the running tensor, other names are constants) → conv."""
+    from onnx import TensorProto, helper
+
+    nodes, inits, x = [], [], "input"
+    consts = {"k": 2.0, "s": 0.5, "zp": 0.0}
+    for i, (op, ins) in enumerate(ops):
+        names = []
+        for a in ins:
+            if a == "x":
+                names.append(x)
+            else:
+                names.append(f"c{i}{a}")
+                dtype = np.uint8 if a == "zp" else np.float32
+                inits.append(onnx.numpy_helper.from_array(np.array(consts[a], dtype), f"c{i}{a}"))
+        attrs = {"perm": [0, 1, 2, 3]} if op == "Transpose" else {}
+        if op == "ReduceMean":
+            attrs = {"keepdims": 1}
+        nodes.append(helper.make_node(op, names, [f"t{i}"], **attrs))
+        x = f"t{i}"
+        if op == "QuantizeLinear":
+            nodes.append(helper.make_node("DequantizeLinear", [x, names[1], names[2]], [f"d{i}"]))
+            x = f"d{i}"
+    return helper.make_model(helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 3, 8, 8])], inits))
+
+
+@pytest.mark.parametrize("ops,ok", [
+    ([("Cast", ["x"]), ("Mul", ["k", "x"]), ("Sub", ["x", "s"]), ("Transpose", ["x"])], True),
+    ([("Sub", ["s", "x"]), ("Div", ["x", "k"])], True),  # decreasing is fine: still monotone per element
+    ([("QuantizeLinear", ["x", "s", "zp"])], True),
+    ([("Div", ["k", "x"])], False),  # k / x is not monotone across 0
+    ([("ReduceMean", ["x"])], False),  # mixes pixels
+    ([("Mul", ["x", "x"])], False),  # two live inputs
+])
+def test_pixel_path(ops, ok):
+    from onnxstain._onnx.graph import GraphView
+    from onnxstain.lock_window import pixel_path
+
+    m = _chain(ops)
+    assert pixel_path(GraphView(m), m.graph.output[0].name) is ok
+
+
+def test_probe_refuses_a_window_that_mixes_pixels():
+    from onnxstain.lock_window import probe_window
+
+    def separable(px):
+        x = px[:, :3, :3].astype(np.float64).transpose(0, 3, 1, 2) / 255 * 4 - 2  # NCHW window, scaled
+        return x.reshape(len(px), 1, -1)
+
+    def mixed(px):
+        out = separable(px)
+        return out + out.mean(axis=2, keepdims=True)  # every coordinate also sees the window's mean
+
+    probe = probe_window(separable, 3, 16, 16)
+    assert probe is not None and np.allclose(probe.lo, -2) and np.allclose(probe.hi, 2)
+    assert probe_window(mixed, 3, 16, 16) is None
 
 
 def test_lock_bad_options(workdir, images, tmp_path):
