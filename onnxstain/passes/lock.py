@@ -63,8 +63,19 @@ def insert_gate(
             return node("Clip", [x, const(np.array(0.0), "onnx::Clip_min"), const(np.array(1.0), "onnx::Clip_max")])
         return node("Clip", [x], min=0.0, max=1.0)
 
-    conv = node("Conv", [host.input, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")],
-                kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
+    source, strides = host.input, list(host.strides)
+    if host.out_hw == (1, 1) and not any(host.pads):
+        # One position (a pixel window): read just its window, not a strided pass over the whole map.
+        ends = [host.kernel[0] * host.dilations[0], host.kernel[1] * host.dilations[1]]
+        if opset >= 10:
+            source = node("Slice", [source, view.add_initializer(np.array([0, 0], np.int64), "onnx::Slice_starts"),
+                                    view.add_initializer(np.array(ends, np.int64), "onnx::Slice_ends"),
+                                    view.add_initializer(np.array([2, 3], np.int64), "onnx::Slice_axes")])
+        else:
+            source = node("Slice", [source], starts=[0, 0], ends=ends, axes=[2, 3])
+        strides = [1, 1]
+    conv = node("Conv", [source, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")],
+                kernel_shape=list(host.kernel), strides=strides, pads=list(host.pads),
                 dilations=list(host.dilations))
     each = clip01(conv)
     both = node("Conv", [each, const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
