@@ -66,7 +66,7 @@ def insert_gate(
     source, strides = host.input, list(host.strides)
     if host.out_hw == (1, 1) and not any(host.pads):
         # One position (a pixel window): read just its window, not a strided pass over the whole map.
-        ends = [host.kernel[0] * host.dilations[0], host.kernel[1] * host.dilations[1]]
+        ends = [(host.kernel[0] - 1) * host.dilations[0] + 1, (host.kernel[1] - 1) * host.dilations[1] + 1]
         if opset >= 10:
             source = node("Slice", [source, view.add_initializer(np.array([0, 0], np.int64), "onnx::Slice_starts"),
                                     view.add_initializer(np.array(ends, np.int64), "onnx::Slice_ends"),
