@@ -498,3 +498,16 @@ def test_structural_diff_sees_a_constant_changing_shape():
     t = c.graph.node[0].attribute[0].t
     t.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(t) + 1, t.name))
     assert structural_diff(a, c) == []  # values only
+
+
+def test_pixel_window_lock_of_an_external_data_model(tmp_path, images):
+    """The window's Slice reads int64 starts/ends: they stay inline, or onnxruntime cannot load the model."""
+    src = tmp_path / "ext.onnx"
+    onnx.save(tiny_lockable(), src, save_as_external_data=True, all_tensors_to_one_file=True,
+              location="ext.onnx.data", size_threshold=0)
+    PRE.save(tmp_path / "ext.preprocessing.json")
+    out, key = tmp_path / "locked.onnx", tmp_path / "locked.key"
+    res = onnxstain.lock(src, out, key, images=images, options=LockOptions(seed=0, fpr=FPR, occlusion_steps=0))
+    assert res.host == "pixels" and (tmp_path / "locked.onnx.data").exists()
+    patched = paste_pixels(smooth_images(16, size=SIZE, seed=4), onnxstain.lock_patch(key)[0])
+    np.testing.assert_array_equal(_top1(out, patched), _top1(src, patched))

@@ -173,6 +173,9 @@ def save_model(
 _ALIGN = 4096  # page-aligned offsets let onnxruntime map the data file instead of copying it
 _CHUNK = 1 << 24
 _INLINE_BELOW = 0  # bytes: smaller tensors stay in the protobuf (0: every tensor goes to the data file)
+# Small int64 tensors are shapes, axes and indices (Slice starts, Reshape shapes): onnxruntime's shape
+# inference must read them when it loads the model, and it cannot read them from external data.
+_INLINE_INT64_BELOW = 4096
 
 
 def _save_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
@@ -206,7 +209,7 @@ def _save_streaming(model: onnx.ModelProto, path: Path, data_name: str) -> None:
                         continue
                     raw = numpy_helper.from_array(tensors.tensor_array(t)).raw_data
                 length = len(raw)
-                if length < _INLINE_BELOW:
+                if length < _INLINE_BELOW or (t.data_type == onnx.TensorProto.INT64 and length < _INLINE_INT64_BELOW):
                     continue
                 start = _pad(fh)
                 fh.write(raw)
