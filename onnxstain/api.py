@@ -84,10 +84,9 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
                      "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are gate locks (--kind gate)")
     if info.height and info.width:
-        from .lock_geometry import lock_hosts
         from .lock_window import pixel_conv
 
-        conv = pixel_conv(view, lock_hosts(loaded.model, view), info.height, info.width)
+        conv = pixel_conv(view, hosts, info.height, info.width)
         if conv is not None:
             notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so the default gate "
                          "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")

@@ -175,7 +175,8 @@ def lock(
             "this is a detector: the in-place lock restores a classifier's bias through pooled conduits, and a "
             "detector's per-anchor class head has none; use --kind gate")
     features = None if head.detection else head_mod.head_input(view, head)
-    host = _lock_host(loaded.model, view, opts, pre)
+    hosts = lock_hosts(loaded.model, view)
+    host = _lock_host(hosts, view, opts, pre)
     window = host.name == WINDOW
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
@@ -330,7 +331,7 @@ def lock(
         filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
         if head.detection:
             # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
-            gated = _detection_gate(loaded.model, view, host, head.scores)
+            gated = _detection_gate(hosts, view, host, head.scores)
             disruption, flipped = half_sign_flips(rng, gated.out_channels)
             locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption,
                                         target=gated.act_output or gated.output)
@@ -433,10 +434,9 @@ def lock(
     )
 
 
-def _lock_host(model: onnx.ModelProto, view: GraphView, opts: LockOptions, pre: Preprocessing) -> HostLayer:
+def _lock_host(hosts: list[HostLayer], view: GraphView, opts: LockOptions, pre: Preprocessing) -> HostLayer:
     """The detector's host: for the gate lock a window of raw pixels where the model reads the image
     (unless ``--layer`` names a Conv), in place a Conv whose corner position sees the patch."""
-    hosts = lock_hosts(model, view)
     if opts.kind == "gate" and opts.layer in (None, WINDOW):
         conv = pixel_conv(view, hosts, pre.height, pre.width)
         side = None if conv is None else bounds.window_side(
@@ -454,15 +454,14 @@ def _lock_host(model: onnx.ModelProto, view: GraphView, opts: LockOptions, pre: 
     return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
 
 
-def _detection_gate(model: onnx.ModelProto, view: GraphView, host: HostLayer, scores: str) -> HostLayer:
+def _detection_gate(hosts: list[HostLayer], view: GraphView, host: HostLayer, scores: str) -> HostLayer:
     """The Conv whose activated map a detector's gate scrambles: the deepest one that every path from the
     input to the scores passes through. A map a skip connection bypasses is repaired downstream, and the
     first conv is too shallow: on the SSD (held-out, per-image anchor mAP without the patch) the first
     conv's map left 0.12, a residual block's expand map 0.15, the expand map of a block without a skip
     0.015."""
-    hosts = [h for h in lock_hosts(model, view) if h.usable] or [host]
     best = host
-    for h in hosts:
+    for h in (h for h in hosts if h.usable):
         if h.depth >= best.depth and _dominates(view, h.act_output or h.output, scores):
             best = h
     return best
