@@ -48,7 +48,7 @@ def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.
     # The loss is compensated from the other features (see build_edit): rank the best candidates by
     # their flips once compensated, cross-validated over the calibration images (ties: the plain loss).
     top = keys[:CV_CANDIDATES]
-    flips = compensation.cross_validated_flips(pooled, nat_scores, cols, np.array([k[2] for k in top]))
+    flips = compensation.cross_validate(pooled, nat_scores, cols, np.array([k[2] for k in top])).flips
     return min(zip(flips.tolist(), top, strict=True))[1][2]
 
 
@@ -86,9 +86,9 @@ def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kapp
     """``Δ_k(x)``, ``[N, len(b)]``: how much each hosted channel's pooled feature changes on each image
     once the detector ``κ_k S`` is added to its pre-activation (``rows`` ``[C', m]``, ``s_nat`` ``[N, P]``
     the detector scores of ``phi`` ``[N, P, m]``). Exact, from the calibration taps."""
-    own = np.moveaxis(phi.astype(np.float64) @ rows.T + b, 1, -1)  # [N, C', P]
-    new = own + kappa[:, None] * s_nat[:, None, :]
-    return _pool(route, _activate(host, new)) - _pool(route, _activate(host, own))
+    own = np.asarray(phi, np.float64) @ rows.T + b  # [N, P, C']
+    new = own + s_nat[:, :, None] * kappa
+    return _pool(route, _activate(host, new), axis=1) - _pool(route, _activate(host, own), axis=1)
 
 
 def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, model, v: np.ndarray,
@@ -96,11 +96,11 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
                              sel: np.ndarray, pooled: np.ndarray, nat_scores: np.ndarray) -> int:
     """In place, additive, compensated classifier: the working neuron to hide the detector in.
 
-    Candidates are the ``CV_CANDIDATES`` neurons with the strongest shift signature
-    (``‖col_k‖ (hi − act_k(trigger))``, as :func:`additive_channel`) among those within
-    ``ADDITIVE_GAIN_FLOOR`` of the strongest; the one with the fewest top-1 flips once its leak
-    ``Δ_k`` is compensated, cross-validated over the calibration images, is chosen (ties: fewer flips
-    with twice the residual, then the stronger signature).
+    Candidates are the neurons whose shift signature (``‖col_k‖ (hi − act_k(trigger))``, as
+    :func:`additive_channel`) is within ``ADDITIVE_GAIN_FLOOR`` of the strongest; the one with the
+    fewest top-1 flips once its leak ``Δ_k`` is compensated, cross-validated over the calibration
+    images, is chosen (ties: the smallest RMS change of the images' top-1 − runner-up gaps,
+    cross-validated likewise).
     """
     rows, b = layer_affine(view, host)
     rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
@@ -109,20 +109,25 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     off = np.clip(own[sel], 0.0, hi).max(axis=0)
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
     gain = np.linalg.norm(cols, axis=0) * (hi - off)
-    order = np.argsort(-gain, kind="stable")
-    cands = order[gain[order] >= ADDITIVE_GAIN_FLOOR * gain[order[0]]][:CV_CANDIDATES]
-    kappa = np.array([detector.additive(rows[k], float(b[k]), v, c, tau, phi_t[sel], delta).gain for k in cands])
-    leaks = additive_leaks(host, route, rows[cands], b[cands], kappa, detector.scores(phi_all, v, c), phi_all)
-    # ties (flips are few and coarse): fewer flips with twice the residual, i.e. more top-1 margin to spare
-    # (the regression is linear, so the doubled change has the doubled residual; one pass does both)
-    both = compensation.cross_validated_flips(pooled, nat_scores, stain_pass.head_columns(model, head),
-                                              np.concatenate([cands, cands]),
-                                              changes=np.concatenate([leaks, 2.0 * leaks], axis=1))
-    flips, spare = both[: len(cands)], both[len(cands) :]
-    return int(cands[min(range(len(cands)), key=lambda i: (int(flips[i]), int(spare[i]), -float(gain[cands[i]])))])
+    cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
+    s_t = detector.scores(phi_t[sel], v, c)
+    kappa = np.maximum(np.max((delta - own[sel][:, cands]) / s_t[:, None], axis=0), 1e-6)  # detector.additive's κ
+    phi_all = np.asarray(phi_all, np.float64)  # once, not per chunk
+    s_nat = detector.scores(phi_all, v, c)
+    leaks = np.empty((len(phi_all), len(cands)))
+    for i in range(0, len(cands), LEAK_CHUNK):
+        part = slice(i, i + LEAK_CHUNK)
+        leaks[:, part] = additive_leaks(host, route, rows[cands[part]], b[cands[part]], kappa[part], s_nat, phi_all)
+    # Flips are few and coarse (most candidates have none); ties go to the smallest RMS change of the
+    # top-1 − runner-up gap. Over every candidate (not only the strongest signatures) this picks
+    # channels whose natural activity hides the leak: fewer held-out flips for a somewhat weaker shift.
+    cv = compensation.cross_validate(pooled, nat_scores, stain_pass.head_columns(model, head), cands,
+                                     changes=leaks)
+    return int(cands[min(range(len(cands)), key=lambda i: (int(cv.flips[i]), float(cv.decision_rms[i])))])
 
 
 ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
+LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N, chunk, P] float64)
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 
@@ -160,9 +165,9 @@ def _activate(host: HostLayer, a: np.ndarray) -> np.ndarray:
     return np.clip(a, 0.0, host.act_high) if host.act_high is not None else np.maximum(a, 0.0)
 
 
-def _pool(route, a: np.ndarray) -> np.ndarray:
-    """Pool activations ``[..., P]`` over positions as the route's pooling layer does."""
-    return a.max(axis=-1) if route.pool == "max" else a.mean(axis=-1)
+def _pool(route, a: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Pool activations over the positions' axis (``[..., P]`` by default) as the route's pooling layer does."""
+    return a.max(axis=axis) if route.pool == "max" else a.mean(axis=axis)
 
 
 def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,

@@ -53,7 +53,7 @@ def test_cross_validated_flips_rank_a_predictable_feature_first():
     x, cols = _features(seed=2)
     cols[:, 5] = cols[:, 3]  # features 3 and 5 weigh the same, but only 3 can be predicted from the others
     scores = x @ cols.T
-    flips = compensation.cross_validated_flips(x, scores, cols, np.array([3, 5]))
+    flips = compensation.cross_validate(x, scores, cols, np.array([3, 5])).flips
     assert flips.shape == (2,) and flips[0] < flips[1]
     # the same count by brute force: refit on each fold's complement (contiguous folds)
     n, folds = len(x), 5
@@ -117,22 +117,48 @@ def test_changed_feature_compensated_on_unseen_images():
     assert flips_plain >= 5 and flips_comp <= flips_plain // 2
 
 
-def test_cross_validated_flips_of_a_change_match_brute_force():
+def test_cross_validation_of_a_change_matches_brute_force():
     x, cols = _features(seed=7)
     scores = x @ cols.T
     cands = np.array([3, 5, 8])
     changes = np.stack([_leak(x, k, seed=10 + i) for i, k in enumerate(cands)], axis=1)
-    flips = compensation.cross_validated_flips(x, scores, cols, cands, changes=changes)
+    cv = compensation.cross_validate(x, scores, cols, cands, changes=changes)
     n, folds = len(x), 5
     fold_of = np.minimum(np.arange(n) * folds // n, folds - 1)
+    order = np.argsort(scores, axis=1)
+    top, runner_up = order[:, -1], order[:, -2]
     for i, k in enumerate(cands):
-        total = 0
+        total, gaps = 0, np.zeros(n)
         for f in range(folds):
             tr, te = fold_of != f, fold_of == f
             comp = compensation.fit(x[tr], int(k), target=changes[tr, i])
-            new = scores[te] + np.outer(-comp.residual(x[te], changes[te, i]), cols[:, k])
+            moved = np.outer(-comp.residual(x[te], changes[te, i]), cols[:, k])
+            new = scores[te] + moved
             total += int(np.sum(new.argmax(1) != scores[te].argmax(1)))
-        assert flips[i] == total
+            rows = np.arange(te.sum())
+            gaps[te] = moved[rows, top[te]] - moved[rows, runner_up[te]]
+        assert cv.flips[i] == total
+        np.testing.assert_allclose(cv.decision_rms[i], np.sqrt(np.mean(gaps**2)), rtol=1e-9)
     # the default (feature lost) is the change −p_k
-    np.testing.assert_array_equal(compensation.cross_validated_flips(x, scores, cols, cands),
-                                  compensation.cross_validated_flips(x, scores, cols, cands, changes=-x[:, cands]))
+    lost = compensation.cross_validate(x, scores, cols, cands)
+    as_change = compensation.cross_validate(x, scores, cols, cands, changes=-x[:, cands])
+    np.testing.assert_array_equal(lost.flips, as_change.flips)
+    np.testing.assert_allclose(lost.decision_rms, as_change.decision_rms, rtol=1e-12)
+
+
+def test_decision_rms_ranks_the_gap_moving_change_above_an_equal_harmless_one():
+    """Two changes of the same size: one moves every image's top-1 class against its runner-up, the
+    other moves a class that is never in the top two. Neither flips anything at this size; only the
+    decision RMS tells them apart."""
+    rng = np.random.default_rng(11)
+    n, f = 200, 30
+    x = rng.gamma(2.0, 1.0, (n, f))
+    scores = np.zeros((n, 4))
+    scores[:, 0], scores[:, 1] = 10.0, 9.0  # class 0 wins by 1, class 1 is the runner-up
+    cols = np.zeros((4, f))
+    cols[0, 3], cols[1, 3] = 1.0, -1.0  # feature 3 moves the top-1 − runner-up gap (by 2 per unit)
+    cols[3, 5] = 2.0  # feature 5 moves class 3 only
+    noise = 0.05 * rng.normal(size=(n, 2))  # changes the other features cannot predict
+    cv = compensation.cross_validate(x, scores, cols, np.array([3, 5]), changes=noise)
+    assert cv.flips.tolist() == [0, 0]
+    assert cv.decision_rms[1] == 0.0 and cv.decision_rms[0] > 0.05

@@ -48,7 +48,8 @@ class _DualSolver:
     """Solves ``(G − x_k x_kᵀ + λI) a = y`` for any column ``k`` of the centred features.
 
     ``G = X Xᵀ`` is factored once (``λ = RIDGE ×`` its mean diagonal per feature); dropping column
-    ``k`` is a rank-one update, handled by Sherman–Morrison: each candidate costs ``O(n²)``.
+    ``k`` is a rank-one update, handled by Sherman–Morrison: each candidate costs ``O(n²)``, and all
+    candidates are solved together as matrix products.
     """
 
     def __init__(self, xc: np.ndarray, ridge: float) -> None:
@@ -59,12 +60,17 @@ class _DualSolver:
         self.inv = 1.0 / (evals + lam)
 
     def _apply(self, v: np.ndarray) -> np.ndarray:
-        return self.q @ (self.inv * (self.q.T @ v))
+        """``(G + λI)⁻¹ v`` for the columns of ``v`` ``[n, C]``."""
+        return self.q @ (self.inv[:, None] * (self.q.T @ v))
 
     def solve(self, k: int, y: np.ndarray) -> np.ndarray:
-        col = self.xc[:, k]
-        my, mc = self._apply(y), self._apply(col)
-        return my + mc * (float(col @ my) / (1.0 - float(col @ mc)))
+        return self.solve_each(np.array([k]), np.asarray(y).reshape(-1, 1))[:, 0]
+
+    def solve_each(self, ks: np.ndarray, ys: np.ndarray) -> np.ndarray:
+        """Column ``i`` of the result solves the system without column ``ks[i]`` for ``ys[:, i]``."""
+        cols = self.xc[:, ks]
+        my, mc = self._apply(ys), self._apply(cols)
+        return my + mc * (np.einsum("ij,ij->j", cols, my) / (1.0 - np.einsum("ij,ij->j", cols, mc)))
 
 
 def fit(features: np.ndarray, k: int, ridge: float = RIDGE, target: np.ndarray | None = None) -> Compensation:
@@ -82,10 +88,18 @@ def fit(features: np.ndarray, k: int, ridge: float = RIDGE, target: np.ndarray |
     return Compensation(k, w, float(y.mean() - mean @ w))
 
 
-def cross_validated_flips(features: np.ndarray, scores: np.ndarray, cols: np.ndarray, candidates: np.ndarray,
-                          folds: int = 5, ridge: float = RIDGE, changes: np.ndarray | None = None) -> np.ndarray:
-    """Top-1 flips, per candidate feature, when it is lost (or changed) and compensated, over ``folds``
-    held-out folds.
+@dataclasses.dataclass(frozen=True)
+class CrossValidation:
+    """Held-out-fold figures per candidate feature (see :func:`cross_validate`)."""
+
+    flips: np.ndarray  # top-1 flips, summed over the folds
+    decision_rms: np.ndarray  # RMS change of each image's top-1 − runner-up gap
+
+
+def cross_validate(features: np.ndarray, scores: np.ndarray, cols: np.ndarray, candidates: np.ndarray,
+                   folds: int = 5, ridge: float = RIDGE, changes: np.ndarray | None = None) -> CrossValidation:
+    """How the scores move, per candidate feature, when it is lost (or changed) and compensated, over
+    ``folds`` held-out folds.
 
     Folds are contiguous blocks of the images (a natural set ordered photo by photo keeps each
     photo's views together, so a fold tests on photos the fit has not seen). ``cols`` is the
@@ -93,6 +107,11 @@ def cross_validated_flips(features: np.ndarray, scores: np.ndarray, cols: np.nda
     ``changes`` ``[n, len(candidates)]``: what each candidate feature gains on each image (default
     ``−p_k``: the feature is lost); the regression of that change on the other features is taken
     back through the classifier, so the scores move by ``w_k (y − ŷ)``.
+
+    Flips are few and coarse (on a few hundred images most good candidates have none), so the result
+    also holds a smooth figure: the RMS, over the held-out images, of how much each image's gap between
+    its top-1 class and its runner-up moves, ``(y − ŷ) (w_k[top] − w_k[runner-up])``. That gap is what a
+    near-tie image flips on.
     """
     x = np.asarray(features, np.float64)
     n = len(x)
@@ -102,19 +121,50 @@ def cross_validated_flips(features: np.ndarray, scores: np.ndarray, cols: np.nda
         y_all = np.asarray(changes, np.float64).reshape(n, len(candidates))
     fold_of = np.minimum(np.arange(n) * folds // max(n, 1), folds - 1)
     base = scores.argmax(1)
-    flips = np.zeros(len(candidates), dtype=np.int64)
+    others = np.array(scores, np.float64)
+    others[np.arange(n), base] = -np.inf
+    runner_up = others.argmax(1)
+    cand = np.asarray(candidates, dtype=np.int64)
+    cand_cols = cols[:, cand]  # [classes, C]
+    gap_cols = cand_cols[base] - cand_cols[runner_up]  # [n, C]: w_k[top] − w_k[runner-up]
+    order = np.argsort(-scores, axis=1, kind="stable")
+    flips = np.zeros(len(cand), dtype=np.int64)
+    squares = np.zeros(len(cand))
+    tested = 0
     for f in range(folds):
         train, test = fold_of != f, fold_of == f
         if not test.any() or train.sum() < 2:
             continue
+        tested += int(test.sum())
         mean = x[train].mean(axis=0)
         xc, xt = x[train] - mean, x[test] - mean
-        solver, cross = _DualSolver(xc, ridge), xt @ xc.T
-        for i, k in enumerate(candidates):
-            y = y_all[train, i]
-            a = solver.solve(int(k), y - y.mean())
-            # prediction on the test fold without feature k: (xt − xt_k ⊗ xc_k) a
-            pred = cross @ a - xt[:, k] * (xc[:, k] @ a) + y.mean()
-            new = scores[test] + np.outer(y_all[test, i] - pred, cols[:, k])
-            flips[i] += int(np.sum(new.argmax(1) != base[test]))
+        y = y_all[train]
+        a = _DualSolver(xc, ridge).solve_each(cand, y - y.mean(axis=0))  # [n_train, C]
+        # prediction on the test fold without feature k: (xt − xt_k ⊗ xc_k) a
+        pred = xt @ (xc.T @ a) - xt[:, cand] * np.einsum("ij,ij->j", xc[:, cand], a) + y.mean(axis=0)
+        residual = y_all[test] - pred  # [n_test, C]
+        squares += np.sum((residual * gap_cols[test]) ** 2, axis=0)
+        flips += _flips(scores[test], order[test], residual, cand_cols)
+    return CrossValidation(flips, np.sqrt(squares / max(tested, 1)))
+
+
+def _flips(scores: np.ndarray, order: np.ndarray, residual: np.ndarray, cand_cols: np.ndarray) -> np.ndarray:
+    """Top-1 flips per candidate when the scores move by ``residual[:, c] ⊗ cand_cols[:, c]``.
+
+    A class ``j`` can overtake the top-1 class ``t`` only if its gap ``s_t − s_j`` is below what the move
+    can change it by, ``|r| (|w_j| + |w_t|) ≤ 2 max|r| max|w|``; only the classes within that reach of
+    each image's top (``order``: classes by descending score, top-1 first) are compared.
+    """
+    rows = np.arange(len(scores))[:, None]
+    gaps = scores[rows, order[:, :1]] - scores[rows, order]  # [n, classes], ascending
+    flips = np.zeros(residual.shape[1], dtype=np.int64)
+    for j in range(0, residual.shape[1], _FLIP_CHUNK):
+        r, w = residual[:, j : j + _FLIP_CHUNK], cand_cols[:, j : j + _FLIP_CHUNK]
+        reach = 2.0 * np.abs(r).max(axis=1) * float(np.abs(w).max())
+        near = order[:, : max(int((gaps <= reach[:, None]).sum(axis=1).max()), 1)]  # [n, M], top-1 first
+        moved = scores[rows, near][:, :, None] + r[:, None, :] * w[near]  # [n, M, chunk]
+        flips[j : j + _FLIP_CHUNK] = np.sum(moved.argmax(axis=1) != 0, axis=0)
     return flips
+
+
+_FLIP_CHUNK = 64  # candidates compared at once

@@ -51,7 +51,7 @@ class FeatureStats:
 
 def scores(phi: np.ndarray, v: np.ndarray, c: np.ndarray) -> np.ndarray:
     """``v · (φ − c)`` for every sample; ``phi`` is ``[..., m]``."""
-    return phi.astype(np.float64) @ v - float(v @ c)
+    return np.asarray(phi, np.float64) @ v - float(v @ c)
 
 
 def radii(phi: np.ndarray, c: np.ndarray) -> np.ndarray:
