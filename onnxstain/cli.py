@@ -356,7 +356,8 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
         state = "pass" if c.passed else ("n/a" if not c.available else "fail")
         con.print(f"  {c.name}: {state} — {c.detail}")
     con.print(f"  false-positive bound {res.fpr_bound}: {res.fpr_bound.statement}")
-    con.print(f"  natural-input bound of this stain {res.natural_bound}")
+    what = "false-unlock bound of this lock per image" if res.kind == "lock" else "natural-input bound of this stain"
+    con.print(f"  {what} {res.natural_bound}")
     for note in res.notes:
         con.print(f"  note: {note}")
     if json_out:

@@ -131,6 +131,9 @@ def test_verify_detector_lock(locked, workdir):
     _, out, key = locked
     assert onnxstain.verify(out, key).stained
     assert not onnxstain.verify(workdir / "model.onnx", key).stained
+    r = CliRunner().invoke(main, ["verify", str(out), "--key", str(key)])
+    assert r.exit_code == 0 and "LOCKED" in r.output
+    assert "false-unlock bound of this lock" in r.output and "stain" not in r.output
 
 
 def test_cli_stain_and_verify_detector(workdir, images, tmp_path):
