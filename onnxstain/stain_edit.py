@@ -110,8 +110,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
     gain = np.linalg.norm(cols, axis=0) * (hi - off)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
-    s_t = detector.scores(phi_t[sel], v, c)
-    kappa = np.maximum(np.max((delta - own[sel][:, cands]) / s_t[:, None], axis=0), 1e-6)  # detector.additive's κ
+    kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
     phi_all = np.asarray(phi_all, np.float64)  # once, not per chunk
     s_nat = detector.scores(phi_all, v, c)
     leaks = np.empty((len(phi_all), len(cands)))
@@ -127,7 +126,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
 
 
 ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
-LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N, chunk, P] float64)
+LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N, P, chunk] float64)
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 

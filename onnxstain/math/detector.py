@@ -77,17 +77,25 @@ def non_additive(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, delta:
     return NeuronEdit(weights=g * v, bias=-g * (tau + float(v @ c)), gain=g, threshold=tau, delta=delta)
 
 
+def additive_gains(
+    rows: np.ndarray, biases: np.ndarray, v: np.ndarray, c: np.ndarray, tau: float,
+    trigger_phi: np.ndarray, delta: float,
+) -> np.ndarray:
+    """``κ`` for hiding the detector in each neuron ``(rows[i], biases[i])`` (``rows`` ``[C, m]``): the
+    smallest gain with which the trigger reaches ≥ Δ at every row of ``trigger_phi``."""
+    s = scores(trigger_phi, v, c)
+    if np.any(s <= tau):
+        raise ValueError("the trigger does not exceed the margin at every selected position")
+    own = np.asarray(trigger_phi, np.float64) @ np.atleast_2d(rows).T + biases  # [P, C]
+    return np.maximum(np.max(np.maximum(delta - own, 0.0) / s[:, None], axis=0), 1e-6)
+
+
 def additive(
     w: np.ndarray, beta: float, v: np.ndarray, c: np.ndarray, tau: float,
     trigger_phi: np.ndarray, delta: float,
 ) -> NeuronEdit:
     """Hide the detector in neuron ``(w, β)``: the trigger reaches ≥ Δ at every row of ``trigger_phi``."""
-    s = scores(trigger_phi, v, c)
-    if np.any(s <= tau):
-        raise ValueError("the trigger does not exceed the margin at every selected position")
-    own = trigger_phi.astype(np.float64) @ w + beta
-    kappa = float(np.max(np.maximum(delta - own, 0.0) / s))
-    kappa = max(kappa, 1e-6)
+    kappa = float(additive_gains(w[None], np.array([beta]), v, c, tau, trigger_phi, delta)[0])
     return NeuronEdit(
         weights=w + kappa * v, bias=beta - kappa * float(v @ c), gain=kappa, threshold=tau, delta=delta
     )
