@@ -82,13 +82,19 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
 
 
 def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
-                   s_nat: np.ndarray, phi: np.ndarray) -> np.ndarray:
+                   s_nat: np.ndarray, phi: np.ndarray, dtype=np.float64) -> np.ndarray:
     """``Δ_k(x)``, ``[N, len(b)]``: how much each hosted channel's pooled feature changes on each image
     once the detector ``κ_k S`` is added to its pre-activation (``rows`` ``[C', m]``, ``s_nat`` ``[N, P]``
-    the detector scores of ``phi`` ``[N, P, m]``). Exact, from the calibration taps."""
-    own = np.asarray(phi, np.float64) @ rows.T + b  # [N, P, C']
-    new = own + s_nat[:, :, None] * kappa
-    return _pool(route, _activate(host, new), axis=1) - _pool(route, _activate(host, own), axis=1)
+    the detector scores of ``phi`` ``[N, P, m]``). Exact, from the calibration taps; ``float32`` is
+    enough to rank candidates and twice as fast."""
+    n, p, m = phi.shape
+    own = np.asarray(phi, dtype).reshape(n * p, m) @ np.asarray(rows, dtype).T
+    own += np.asarray(b, dtype)
+    new = np.asarray(s_nat, dtype).reshape(n * p, 1) * np.asarray(kappa, dtype)
+    new += own
+    new, own = _activate(host, new, out=new), _activate(host, own, out=own)
+    new -= own
+    return _pool(route, new.reshape(n, p, -1), axis=1).astype(np.float64)
 
 
 def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, model, v: np.ndarray,
@@ -111,12 +117,12 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     gain = np.linalg.norm(cols, axis=0) * (hi - off)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
     kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
-    phi_all = np.asarray(phi_all, np.float64)  # once, not per chunk
     s_nat = detector.scores(phi_all, v, c)
     leaks = np.empty((len(phi_all), len(cands)))
     for i in range(0, len(cands), LEAK_CHUNK):
         part = slice(i, i + LEAK_CHUNK)
-        leaks[:, part] = additive_leaks(host, route, rows[cands[part]], b[cands[part]], kappa[part], s_nat, phi_all)
+        leaks[:, part] = additive_leaks(host, route, rows[cands[part]], b[cands[part]], kappa[part], s_nat, phi_all,
+                                        dtype=np.float32)
     # Flips are few and coarse (most candidates have none); ties go to the smallest RMS change of the
     # top-1 − runner-up gap. Over every candidate (not only the strongest signatures) this picks
     # channels whose natural activity hides the leak: fewer held-out flips for a somewhat weaker shift.
@@ -126,7 +132,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
 
 
 ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
-LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N, P, chunk] float64)
+LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N·P, chunk] float32)
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 
@@ -160,8 +166,8 @@ def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
     return int(rng.choice(allowed))
 
 
-def _activate(host: HostLayer, a: np.ndarray) -> np.ndarray:
-    return np.clip(a, 0.0, host.act_high) if host.act_high is not None else np.maximum(a, 0.0)
+def _activate(host: HostLayer, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    return np.clip(a, 0.0, host.act_high, out=out) if host.act_high is not None else np.maximum(a, 0.0, out=out)
 
 
 def _pool(route, a: np.ndarray, axis: int = -1) -> np.ndarray:
