@@ -61,6 +61,20 @@ def can_compensate(host: HostLayer, head, view: GraphView) -> bool:
     return host.groups == 1 and not view.is_quantized(head.weight)
 
 
+def _group0_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray]:
+    rows, b = layer_affine(view, host)
+    return rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # φ is group 0's
+
+
+def _shift_strengths(host: HostLayer, rows: np.ndarray, b: np.ndarray, cols: np.ndarray, phi_t: np.ndarray,
+                     sel: np.ndarray) -> np.ndarray:
+    """Per neuron, how far its classifier column moves the scores when the trigger saturates it:
+    ``‖col_k‖ (hi − act_k(trigger))``, the activation taken at its highest selected position."""
+    own = phi_t[sel].astype(np.float64) @ rows.T + b  # [P, C / groups]
+    hi = host.act_high if host.act_high is not None else 6.0
+    return np.linalg.norm(cols, axis=0) * (hi - np.clip(own, 0.0, hi).max(axis=0))
+
+
 def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, sel: np.ndarray,
                       mode: str, model) -> int:
     """The working neuron to hide the detector in, given its response to the trigger.
@@ -69,16 +83,12 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
     then shows in full). In-place mode: the neuron whose classifier column moves the scores most when it
     saturates on the trigger (the shift signature), among neurons that are off on the trigger.
     """
-    rows, b = layer_affine(view, host)
-    rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
-    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C / groups]
-    hi = host.act_high if host.act_high is not None else 6.0
-    off = np.clip(own[sel], 0.0, hi).max(axis=0)  # activation on the trigger at the selected positions
+    rows, b = _group0_affine(view, host)
     if mode == "insert":
-        return int(np.argmax(own[sel].min(axis=0)))  # the most clearly active on the trigger
+        own = phi_t[sel].astype(np.float64) @ rows.T + b
+        return int(np.argmax(own.min(axis=0)))  # the most clearly active on the trigger
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = np.linalg.norm(cols, axis=0) * (hi - off)
-    return int(np.argmax(gain))
+    return int(np.argmax(_shift_strengths(host, rows, b, cols, phi_t, sel)))
 
 
 def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
@@ -108,13 +118,9 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     images, is chosen (ties: the smallest RMS change of the images' top-1 − runner-up gaps,
     cross-validated likewise).
     """
-    rows, b = layer_affine(view, host)
-    rows, b = rows[: host.out_channels // host.groups], b[: host.out_channels // host.groups]  # group 0
-    own = phi_t.astype(np.float64) @ rows.T + b  # [P, C / groups]
-    hi = host.act_high if host.act_high is not None else 6.0
-    off = np.clip(own[sel], 0.0, hi).max(axis=0)
+    rows, b = _group0_affine(view, host)
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = np.linalg.norm(cols, axis=0) * (hi - off)
+    gain = _shift_strengths(host, rows, b, cols, phi_t, sel)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
     kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
     s_nat = detector.scores(phi_all, v, c)
@@ -126,8 +132,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     # Flips are few and coarse (most candidates have none); ties go to the smallest RMS change of the
     # top-1 − runner-up gap. Over every candidate (not only the strongest signatures) this picks
     # channels whose natural activity hides the leak: fewer held-out flips for a somewhat weaker shift.
-    cv = compensation.cross_validate(pooled, nat_scores, stain_pass.head_columns(model, head), cands,
-                                     changes=leaks)
+    cv = compensation.cross_validate(pooled, nat_scores, cols, cands, changes=leaks)
     return int(cands[min(range(len(cands)), key=lambda i: (int(cv.flips[i]), float(cv.decision_rms[i])))])
 
 

@@ -133,7 +133,7 @@ def test_verify_detector_lock(locked, workdir):
     assert not onnxstain.verify(workdir / "model.onnx", key).stained
     r = CliRunner().invoke(main, ["verify", str(out), "--key", str(key)])
     assert r.exit_code == 0 and "LOCKED" in r.output
-    assert "false-unlock bound of this lock" in r.output and "stain" not in r.output
+    assert "false-unlock bound of this lock" in r.output and "bound of this stain" not in r.output
 
 
 def test_cli_stain_and_verify_detector(workdir, images, tmp_path):

@@ -115,19 +115,12 @@ def cross_validate(features: np.ndarray, scores: np.ndarray, cols: np.ndarray, c
     """
     x = np.asarray(features, np.float64)
     n = len(x)
-    if changes is None:
-        y_all = -x[:, np.asarray(candidates, dtype=np.int64)]
-    else:
-        y_all = np.asarray(changes, np.float64).reshape(n, len(candidates))
-    fold_of = np.minimum(np.arange(n) * folds // max(n, 1), folds - 1)
-    base = scores.argmax(1)
-    others = np.array(scores, np.float64)
-    others[np.arange(n), base] = -np.inf
-    runner_up = others.argmax(1)
     cand = np.asarray(candidates, dtype=np.int64)
+    y_all = -x[:, cand] if changes is None else np.asarray(changes, np.float64).reshape(n, len(cand))
+    fold_of = np.minimum(np.arange(n) * folds // max(n, 1), folds - 1)
+    order = np.argsort(-scores, axis=1, kind="stable")  # classes by descending score; ties as argmax breaks them
     cand_cols = cols[:, cand]  # [classes, C]
-    gap_cols = cand_cols[base] - cand_cols[runner_up]  # [n, C]: w_k[top] − w_k[runner-up]
-    order = np.argsort(-scores, axis=1, kind="stable")
+    gap_cols = cand_cols[order[:, 0]] - cand_cols[order[:, 1]]  # [n, C]: w_k[top] − w_k[runner-up]
     flips = np.zeros(len(cand), dtype=np.int64)
     squares = np.zeros(len(cand))
     tested = 0
