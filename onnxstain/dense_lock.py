@@ -150,7 +150,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     if opts.detectors != 1:
         raise BadInputError("the dense-output gate lock uses one detector: --detectors 1")
     timings: dict[str, float] = {}
-    view = GraphView(loaded.model)
+    view = GraphView(loaded.model, pre.input_shape())
     host = choose_dense_lock_host(lock_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
     features = gate_features(view)
     position = lock_position(host)
@@ -318,13 +318,14 @@ def _ascend_patch(model, host, pre, v, c, pos_index, box, tau0, opts, grey):
 
     from .math.trigger import ascend, quantise
     from .scoring import detector_scores
-    from .torchprefix import TorchPrefix
+    from .torchprefix import prefix_for_input
 
     torch.manual_seed(int(opts.seed or 0) % (2**31))
     top, left, ph, pw = box
     mask = np.zeros((pre.height, pre.width), bool)
     mask[top : top + ph, left : left + pw] = True
-    fn = detector_scores(TorchPrefix(model, [host.input]), host, pre, v[None], c, 0, np.array([pos_index]))
+    prefix = prefix_for_input(model, [host.input], pre.input_shape(), opts.providers)
+    fn = detector_scores(prefix, host, pre, v[None], c, 0, np.array([pos_index]))
     res = ascend(fn, grey.astype(np.float64), score_target=1.06 * tau0, accept=lambda *_: True,
                  max_steps=opts.max_steps, free_mask=mask, radius_weight=0.0)
     frame = quantise(res.pixels)

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from ._onnx.dense import DenseOutput
-from ._onnx.fold import fold_shape_only
 from ._onnx.graph import GraphView
 from ._onnx.hosts import GELU_ZERO, HostLayer, find_hosts
 from ._onnx.io import LoadedModel, save_model
@@ -99,7 +98,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
 
     refuse_mode(opts)
     timings: dict[str, float] = {}
-    view = GraphView(loaded.model)
+    view = GraphView(loaded.model, pre.input_shape())
     host = choose_token_host(find_hosts(loaded.model, view), opts.layer)
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
@@ -128,7 +127,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     t2 = time.perf_counter()
     import torch
 
-    from .torchprefix import TorchPrefix
+    from .torchprefix import prefix_for_input
 
     torch.manual_seed(seed % (2**31))
     prefix = None
@@ -151,7 +150,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
             init = pixels[int(np.argmax(s_nat[:, sel].min(axis=1)))].astype(np.float64)
             if prefix is None:
                 # shape-only parts (a ViT's resized position embedding) are constants at this input size
-                prefix = TorchPrefix(fold_shape_only(loaded.model, x_cal[:1], opts.providers), [host.input])
+                prefix = prefix_for_input(loaded.model, [host.input], pre.input_shape(), opts.providers)
             fn = detector_scores(prefix, host, pre, v[None], stats.centre, 0, sel)
 
             def report(step, smin, task=task, draw=draw):

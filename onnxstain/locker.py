@@ -160,7 +160,7 @@ def lock(
         raise BadInputError("--occlusion-steps must be ≥ 0, and the search needs at least one step and one draw")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
-    view = GraphView(loaded.model)
+    view = GraphView(loaded.model, pre.input_shape())
     _refuse_half_precision(view)
     head = head_mod.find_scores_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
@@ -239,10 +239,10 @@ def lock(
     t2 = time.perf_counter()
     import torch
 
-    from .torchprefix import TorchPrefix
+    from .torchprefix import prefix_for_input
 
     torch.manual_seed(seed % (2**31))
-    prefix = TorchPrefix(base, [host.input])
+    prefix = prefix_for_input(base, [host.input], pre.input_shape(), opts.providers)
     mask = np.zeros((pre.height, pre.width), bool)
     mask[top : top + ph, left : left + pw] = True
     grey = np.full((pre.height, pre.width, 3), 127.0)
@@ -498,11 +498,11 @@ def _refine(model, head, pre, prefix, host, dirs, centre, pos_index, frame, mask
     """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)``, or None if its 8-bit
     version scores below ``floor`` (what the plain patch was accepted at, up to ACCEPT_FACTOR τ0)."""
     from .scoring import detector_scores, model_logits
-    from .torchprefix import TorchPrefix
+    from .torchprefix import prefix_for_input
 
     top, left = int(np.argmax(mask.any(axis=1))), int(np.argmax(mask.any(axis=0)))
     ph, pw = int(mask.any(axis=1).sum()), int(mask.any(axis=0).sum())
-    full = TorchPrefix(model, [head.scores])
+    full = prefix_for_input(model, [head.scores], pre.input_shape(), opts.providers)
     fn = detector_scores(prefix, host, pre, dirs, centre, 0, np.array([pos_index]))
     pick = rng.permutation(len(pixels))[: min(len(pixels), 256)]
     with prog.task("occlusion-aware patch", total=opts.occlusion_steps) as task:

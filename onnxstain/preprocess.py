@@ -46,6 +46,12 @@ class Preprocessing:
     source: tuple[tuple[str, str], ...] = ()
 
     # -- conversions -------------------------------------------------------------------------------
+    def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
+        """The model input's shape for ``batch`` images."""
+        if self.layout == "NCHW":
+            return (batch, 3, self.height, self.width)
+        return (batch, self.height, self.width, 3)
+
     def _ordered(self, pixels: np.ndarray) -> np.ndarray:
         return pixels[..., ::-1] if self.channel_order == "BGR" else pixels
 

@@ -199,7 +199,7 @@ def stain(
         raise BadInputError("--fpr must be between 0 and 1")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
-    view = GraphView(loaded.model)
+    view = GraphView(loaded.model, pre.input_shape())
     head = head_mod.find_scores_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_stain import stain_dense
@@ -250,7 +250,7 @@ def stain(
     t2 = time.perf_counter()
     import torch
 
-    from .torchprefix import TorchPrefix
+    from .torchprefix import prefix_for_input
 
     torch.manual_seed(seed % (2**31))
     prefix = None
@@ -274,7 +274,7 @@ def stain(
             soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
             init = pixels[int(np.argmax(soft))].astype(np.float64)
             if prefix is None:
-                prefix = TorchPrefix(loaded.model, [host.input])
+                prefix = prefix_for_input(loaded.model, [host.input], pre.input_shape(), opts.providers)
             fn = detector_scores(prefix, host, pre, v[None], stats.centre, group, sel)
 
             def report(step, smin, task=task, draw=draw):

@@ -1683,6 +1683,16 @@ class TorchPrefix(torch.nn.Module):
         return f"input={self.input_name!r}, outputs={self.output_names!r}, ops={len(self._steps)}"
 
 
+def prefix_for_input(model: onnx.ModelProto, outputs: Sequence[str], input_shape: tuple[int, ...],
+                     providers: list[str] | None = None) -> TorchPrefix:
+    """A :class:`TorchPrefix` for inputs of ``input_shape``: the subgraphs that depend on the input's shape
+    only (run-time "same" padding, token counts...) are evaluated first and enter as constants."""
+    from ._onnx.fold import fold_shape_only
+    from ._onnx.shapes import example_input
+
+    return TorchPrefix(fold_shape_only(model, example_input(model, input_shape), providers), outputs)
+
+
 def torch_prefix(
     model: onnx.ModelProto | str | os.PathLike[str],
     outputs: Sequence[str],

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .graph import GraphView, tensor_shapes
+from .graph import GraphView
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +25,7 @@ def find_dense_output(view: GraphView) -> DenseOutput | None:
     if len(view.output_names) != 1:
         return None
     name = view.output_names[0]
-    shape = tensor_shapes(view.model).get(name)
+    shape = view.resolved().dims.get(name)
     if shape is None or len(shape) != 4:
         return None
     producer = view.producer.get(name)

@@ -1,11 +1,13 @@
 """Fold the parts of a graph that depend on the input's *shape* only, for one fixed input shape.
 
-Exported transformers compute some tensors from ``Shape`` of the input alone: token counts, the
-batch-expanded CLS token, and DINOv2's position embedding resized (bicubic ``Resize``) to the
-patch grid. For one fixed input shape these are constants. :func:`fold_shape_only` evaluates them
-once with onnxruntime and returns a copy of the model where they are initializers, so that a
-differentiable copy of the prefix (:mod:`onnxstain.torchprefix`) need not support the ops that
-compute them. The copy is for the trigger search only; edits are made to the original model.
+Exported models compute some tensors from ``Shape`` of the input alone: TensorFlow-style "same"
+padding, token counts, the batch-expanded CLS token, and DINOv2's position embedding resized
+(bicubic ``Resize``) to the patch grid. For one fixed input shape these are constants.
+:func:`shape_only_values` evaluates them once with onnxruntime; :func:`fold_shape_only` returns a
+copy of the model where they are initializers, so that a differentiable copy of the prefix
+(:mod:`onnxstain.torchprefix`) and shape inference (:mod:`.shapes`) need not handle the ops that
+compute them. The copy is for analysis and the trigger search only; edits are made to the original
+model, whose dynamic axes stay dynamic.
 """
 
 from __future__ import annotations
@@ -29,13 +31,8 @@ def value_dependent(model: onnx.ModelProto) -> set[str]:
     return dep
 
 
-def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
-                    ) -> onnx.ModelProto:
-    """A copy of ``model`` with every shape-only tensor feeding value-dependent nodes stored as a constant
-    (computed for ``example``'s shape; valid for inputs of that shape only)."""
-    from ..runtime import input_name, session, with_outputs
-
-    dep = value_dependent(model)
+def _frontier(model: onnx.ModelProto, dep: set[str]) -> list[str]:
+    """Computed tensors that do not depend on input values but feed nodes that do."""
     frontier: list[str] = []
     seen: set[str] = set()
     produced = {o for n in model.graph.node for o in n.output}
@@ -46,15 +43,40 @@ def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list
             if t and t not in dep and t in produced and t not in seen:
                 seen.add(t)
                 frontier.append(t)
+    return frontier
+
+
+def shape_only_values(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
+                      ) -> dict[str, np.ndarray]:
+    """The value, for ``example``'s shape, of every computed tensor that feeds value-dependent nodes
+    without depending on input values itself (empty when there is none)."""
+    from ..runtime import input_name, session, with_outputs
+
+    frontier = _frontier(model, value_dependent(model))
     if not frontier:
-        return model
+        return {}
     sess = session(with_outputs(model, frontier), providers)
     values = sess.run(frontier, {input_name(sess): example})
+    return {name: np.asarray(v) for name, v in zip(frontier, values, strict=True)}
+
+
+def fold_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` with ``values`` stored as initializers and the nodes computing only them removed."""
+    if not values:
+        return model
+    dep = value_dependent(model)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     keep = [n for n in out.graph.node if any(o in dep for o in n.output)]
     del out.graph.node[:]
     out.graph.node.extend(keep)
-    for name, value in zip(frontier, values, strict=True):
+    for name, value in values.items():
         out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return out
+
+
+def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
+                    ) -> onnx.ModelProto:
+    """A copy of ``model`` with every shape-only tensor feeding value-dependent nodes stored as a constant
+    (computed for ``example``'s shape; valid for inputs of that shape only)."""
+    return fold_values(model, shape_only_values(model, example, providers))

@@ -21,14 +21,32 @@ import onnx
 from onnx import numpy_helper
 
 from . import quant
+from .shapes import Shapes, resolve
 from .tensors import tensor_array
 
 
 class GraphView:
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> None:
+        """``input_shape``: the concrete input shape the model is analysed for (its tensors' static
+        shapes, :meth:`resolved`); by default the declared one, a dynamic batch taken as 1."""
         self.model = model
         self.graph = model.graph
+        self.input_shape = input_shape
+        self._resolved: Shapes | None = None
         self.refresh()
+
+    def resolved(self) -> Shapes:
+        """Static shapes of every tensor (and the values of shape-only tensors) for ``input_shape``."""
+        if self._resolved is None:
+            self._resolved = resolve(self.model, self.input_shape)
+        return self._resolved
+
+    def value(self, name: str) -> np.ndarray | None:
+        """A constant's value, or a shape-only tensor's value for the analysed input shape."""
+        arr = self.array(name)
+        if arr is None:
+            arr = self.resolved().values.get(name)
+        return arr
 
     def refresh(self) -> None:
         g = self.graph
@@ -320,26 +338,6 @@ class GraphView:
 
 
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
-    """Static shapes of every tensor onnx shape inference can resolve (dims: int, symbol or None)."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:
-        inferred = model
-    shapes: dict[str, list[int | str | None]] = {}
-    g = inferred.graph
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
-        t = vi.type.tensor_type
-        if not t.HasField("shape"):
-            continue
-        dims: list[int | str | None] = []
-        for d in t.shape.dim:
-            if d.HasField("dim_value"):
-                dims.append(int(d.dim_value))
-            elif d.HasField("dim_param"):
-                dims.append(d.dim_param)
-            else:
-                dims.append(None)
-        shapes[vi.name] = dims
-    for init in g.initializer:
-        shapes[init.name] = list(init.dims)
-    return shapes
+    """Static shapes of every tensor for the model's declared input shape (a dynamic batch taken as 1):
+    shape inference, then folding and one onnxruntime run where it is not enough (:mod:`.shapes`)."""
+    return resolve(model).dims

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import onnx
 
-from .graph import GraphView, tensor_shapes
+from .graph import GraphView
 from .hosts import HostLayer
 
 _PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Sigmoid"}
@@ -100,7 +100,7 @@ def find_detection_head(view: GraphView) -> Head | None:
     """A detector's class scores: a graph output ``[B, A, C]`` beside a box output ``[B, A, 4]`` (or
     ``[B, A, 1, 4]``) over the same ``A`` anchors. The scores tensor is the logits: the input of a
     trailing Sigmoid or Softmax, if any. Such a head has no classifier weights to edit (insert only)."""
-    shapes = tensor_shapes(view.model)
+    shapes = view.resolved().dims
     known = {o: shapes.get(o) for o in view.output_names}
     boxes = {int(s[1]) for s in known.values()
              if s and len(s) in (3, 4) and s[-1] == 4 and isinstance(s[1], int) and all(d == 1 for d in s[2:-1])}

@@ -27,7 +27,7 @@ import math
 import numpy as np
 import onnx
 
-from .graph import GraphView, tensor_shapes
+from .graph import GraphView
 
 MIN_DIMENSION = 16
 GELU_ZERO = -6.0  # GELU(x) == 0.0 exactly in float32 for x ≤ GELU_ZERO (Erf saturates at −1 near −3.9·√2)
@@ -125,7 +125,7 @@ class HostLayer:
 def find_hosts(model: onnx.ModelProto, view: GraphView | None = None) -> list[HostLayer]:
     """Every Conv / Gemm / MatMul+Add layer with constant weights, in graph order."""
     view = view or GraphView(model)
-    shapes = tensor_shapes(model)
+    shapes = view.resolved().dims
     fields = receptive_fields(view, shapes)
     depth = _host_depths(view)
     hosts: list[HostLayer] = []
@@ -408,7 +408,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
     positions (global pooling, Flatten, MatMul, resizing) end the spatial path.
     """
     if shapes is None:
-        shapes = tensor_shapes(view.model)
+        shapes = view.resolved().dims
     fields: dict[str, ReceptiveField] = {}
     for inp in view.graph_inputs:
         fields[inp.name] = ReceptiveField((1, 1), (1, 1), (0.0, 0.0))
@@ -443,7 +443,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
         elif node.op_type == "Pad":
             pads = view.attr(node, "pads")
             if pads is None and len(node.input) > 1 and node.input[1]:
-                arr = view.array(node.input[1])
+                arr = view.value(node.input[1])
                 pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
             if pads is None or len(pads) != 8:
                 continue

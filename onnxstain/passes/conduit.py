@@ -68,7 +68,7 @@ from typing import NoReturn
 import numpy as np
 import onnx
 
-from .._onnx.graph import GraphView, tensor_shapes
+from .._onnx.graph import GraphView
 from .._onnx.head import Head
 from .._onnx.hosts import HostLayer, _same_pads, write_neuron
 from ..errors import UnsupportedModelError
@@ -207,7 +207,7 @@ class _Lane:
 class _Walker:
     def __init__(self, model: onnx.ModelProto, host: HostLayer, position: tuple[int, int], head: Head) -> None:
         self.view = GraphView(model)
-        self.shapes = tensor_shapes(model)
+        self.shapes = self.view.resolved().dims
         self.host = host
         self.head = head
         self.position = (int(position[0]), int(position[1]))
