@@ -52,14 +52,22 @@ __all__ = [
 ]
 
 
-def inspect_model(model: str | Path) -> dict[str, Any]:
-    """Candidate host layers of ``model`` with their dimensions, routes and the default choice."""
+def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dict[str, Any]:
+    """Candidate host layers of ``model`` with their dimensions, routes and the default choice.
+
+    ``size`` (height, width) is the input size to analyse a model with dynamic height and width at
+    (default: the recorded preprocessing's, else 224×224).
+    """
+    from ._onnx.inputs import infer_preprocessing
+
     loaded = load_model(model)
-    view = GraphView(loaded.model)
     info = image_input(loaded.model)
+    overrides = {"height": size[0], "width": size[1]} if size else {}
+    pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, **overrides)
+    view = GraphView(loaded.model, pre.input_shape())
     head = head_mod.find_scores_head(view)
     hosts = find_hosts(loaded.model, view)
-    notes: list[str] = []
+    notes: list[str] = [n for n in pre_notes if "input size" in n]
     default = {}
     for mode in ("inplace", "insert"):
         try:
@@ -69,10 +77,10 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
             notes.append(f"{mode}: {exc}")
     dense = find_dense_output(view) if head is None else None
     if dense is not None:
-        from .dense_stain import choose_token_host
+        from .dense_stain import choose_dense_host
 
         try:
-            default["insert"] = choose_token_host(hosts, None).name
+            default["insert"] = choose_dense_host(hosts, None).name
         except Exception as exc:  # report why, do not fail inspect
             notes.append(f"insert: {exc}")
         notes.append(f"dense output {dense.output!r} and no classifier head: stains are inserted (--mode insert) "
@@ -83,13 +91,12 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
         notes.append(f"detector: class logits {head.output!r} ({head.layout[0]} anchors × {head.layout[1]} labels) "
                      "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are gate locks (--kind gate)")
-    if info.height and info.width:
-        from .lock_window import pixel_conv
+    from .lock_window import pixel_conv
 
-        conv = pixel_conv(view, hosts, info.height, info.width)
-        if conv is not None:
-            notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so the default gate "
-                         "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")
+    conv = pixel_conv(view, hosts, pre.height, pre.width)
+    if conv is not None:
+        notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so the default gate "
+                     "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")
     rows = []
     for h in hosts:
         routable = bool(head) and head_mod.direct_route(view, h, head)[0] is not None
@@ -104,7 +111,8 @@ def inspect_model(model: str | Path) -> dict[str, Any]:
             "margin_ratio_1e-9": (bounds.threshold_for_target(1e-9, 1.0, h.m, positions=h.positions, draws=8)
                                   if h.usable else None),
         })
-    shape = f"{info.layout or '?'} {info.height or '?'}x{info.width or '?'} {info.dtype}"
+    dynamic = "" if info.height and info.width else f" (dynamic; analysed at {pre.height}x{pre.width})"
+    shape = f"{info.layout or pre.layout} {info.height or '?'}x{info.width or '?'}{dynamic} {info.dtype}"
     return {"model": str(loaded.path), "sha256": loaded.sha256, "input": shape,
             "nodes": len(view.graph.node), "head": head.node if head else None, "hosts": rows,
             "default": default, "notes": notes}

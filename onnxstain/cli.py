@@ -107,6 +107,21 @@ def _providers(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 
+def _size(size: str | None) -> tuple[int, int] | None:
+    from .errors import BadInputError
+
+    if not size:
+        return None
+    h, _, w = size.lower().partition("x")
+    try:
+        hw = int(h), int(w or h)
+    except ValueError:
+        raise BadInputError(f"--size takes HxW in pixels (e.g. 224x224), not {size!r}") from None
+    if min(hw) <= 0:
+        raise BadInputError(f"--size must be positive, not {size!r}")
+    return hw
+
+
 def _preprocessing(model_path: str, pre_file, size, layout, channel_order, mean, std, scale, resize):
     from ._onnx.inputs import infer_preprocessing
     from ._onnx.io import load_model
@@ -140,12 +155,13 @@ def main() -> None:
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the host list as JSON.")
+@click.option("--size", help="Input size HxW to analyse a model whose height and width are dynamic.")
 @handle_errors
-def inspect(model: str, json_out: str | None) -> None:
+def inspect(model: str, json_out: str | None, size: str | None) -> None:
     """List the layers that can host a detector, and the one the tool would pick."""
     from .api import inspect_model
 
-    info = inspect_model(model)
+    info = inspect_model(model, _size(size))
     con = _console()
     con.print(f"[bold]{info['model']}[/]  input {info['input']}  "
               f"{info['nodes']} nodes  head: {info['head'] or 'none found'}")

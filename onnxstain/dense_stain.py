@@ -25,14 +25,14 @@ import numpy as np
 
 from ._onnx.dense import DenseOutput
 from ._onnx.graph import GraphView
-from ._onnx.hosts import GELU_ZERO, HostLayer, find_hosts
+from ._onnx.hosts import GELU_ZERO, MIN_DIMENSION, HostLayer, find_hosts
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
-from .passes.dense import insert_token_stain
+from .passes.dense import insert_dense_stain
 from .preprocess import Preprocessing
 from .progress import Progress
 from .runtime import run_batches, session, with_outputs
@@ -41,7 +41,8 @@ from .signature import dense_pattern, pearson
 from .stainer import ACCEPT_FACTOR, RADIUS_MARGIN, SEARCH_FACTOR  # the classifier stain's margins, shared
 
 DELTA = 2.0  # detector pre-activation on the trigger: GELU(2) = 1.95, so Clip(0, 1) gives exactly 1
-PATTERN_BLOCK = 16  # side of the pattern's ±1 tiles, in output pixels
+PATTERN_BLOCK = 16  # side of the pattern's ±1 tiles, in output pixels (at most; see pattern_block)
+PATTERN_TILES = 4  # at least this many tiles along each side of the map
 PATTERN_THRESHOLD = 0.5  # verify: the trigger's map correlates with the pattern at least this much
 CHECK_IMAGES = 64
 
@@ -56,23 +57,38 @@ def refuse_mode(opts) -> None:
                                     "(--variant non-additive)")
 
 
-def token_hosts(hosts: list[HostLayer]) -> list[HostLayer]:
-    return [h for h in hosts if h.usable and h.op == "MatMul"]
+def dense_hosts(hosts: list[HostLayer]) -> list[HostLayer]:
+    """Hosts a dense-output model's inserted detector can read: token layers (``MatMul + Add`` on
+    ``[B, T, m]``) and convolutions with a known output size."""
+    return [h for h in hosts if h.usable and (h.op == "MatMul" or (h.op == "Conv" and h.out_hw is not None))]
 
 
-def choose_token_host(hosts: list[HostLayer], layer: str | None) -> HostLayer:
-    usable = token_hosts(hosts)
+def choose_dense_host(hosts: list[HostLayer], layer: str | None) -> HostLayer:
+    usable = dense_hosts(hosts)
     if layer is not None:
         match = [h for h in hosts if h.name == layer]
         if not match:
             raise BadInputError(f"no layer named {layer!r} (see `onnxstain inspect`)")
         if match[0] not in usable:
-            raise UnsupportedModelError(f"layer {layer!r} cannot host a token detector: "
-                                        f"{match[0].reason or 'not a MatMul+Add token layer'}")
+            raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: "
+                                        f"{match[0].reason or 'not a token layer or a convolution'}")
         return match[0]
     if not usable:
-        raise UnsupportedModelError("the model has no usable token host (a MatMul+Add followed by GELU or ReLU)")
+        reasons = sorted({h.reason for h in hosts if h.reason})
+        raise UnsupportedModelError(
+            "the model has no usable host layer (a Conv, or a MatMul+Add token layer, followed by a ReLU-type "
+            f"activation or GELU, with at least {MIN_DIMENSION} inputs per neuron)"
+            + (f"; the candidates fail because: {'; '.join(reasons[:3])}" if reasons else ""))
     return max(usable, key=lambda h: (h.depth, h.m))
+
+
+def selected_dense_positions(host: HostLayer) -> np.ndarray:
+    """Where the trigger must fire: the centre token of a ViT, or the central position(s) of a conv map."""
+    if host.op == "Conv":
+        from .stainer import selected_positions
+
+        return selected_positions(host)
+    return selected_tokens(host.positions)
 
 
 def selected_tokens(tokens: int) -> np.ndarray:
@@ -81,6 +97,12 @@ def selected_tokens(tokens: int) -> np.ndarray:
     if g * g == tokens - 1:
         return np.array([1 + (g // 2) * g + g // 2])
     return np.array([tokens // 2])
+
+
+def pattern_block(shape: tuple[int, int, int]) -> int:
+    """Tile side of the ±1 pattern: ``PATTERN_BLOCK`` output pixels, smaller on small maps so that each
+    side has at least ``PATTERN_TILES`` tiles (a map of one tile would be flat and correlate with nothing)."""
+    return max(1, min(PATTERN_BLOCK, min(shape[1], shape[2]) // PATTERN_TILES))
 
 
 def detector_weights(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, gelu: bool) -> detector.NeuronEdit:
@@ -99,7 +121,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     refuse_mode(opts)
     timings: dict[str, float] = {}
     view = GraphView(loaded.model, pre.input_shape())
-    host = choose_token_host(find_hosts(loaded.model, view), opts.layer)
+    host = choose_dense_host(find_hosts(loaded.model, view), opts.layer)
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
     timings["load"] = time.perf_counter() - t0
@@ -113,14 +135,15 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     with prog.task("calibration pass", total=len(x_cal)) as task:
         cal = run_batches(sess, x_cal, taps, batch=opts.batch, progress=task.advance)
     phi_all = neuron_inputs(host, cal[host.input])
-    host = dataclasses.replace(host, tokens=int(phi_all.shape[1]))
+    if host.op != "Conv":
+        host = dataclasses.replace(host, tokens=int(phi_all.shape[1]))
     nat_out = cal[dense.output]
     del cal
     dense = dataclasses.replace(dense, shape=tuple(int(d) for d in nat_out.shape[1:]))
     stats = detector.FeatureStats.from_features(phi_all)
     radius = RADIUS_MARGIN * stats.max_radius
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws)
-    sel = selected_tokens(host.positions)
+    sel = selected_dense_positions(host)
     timings["calibration"] = time.perf_counter() - t1
 
     # -- directions and trigger search ---------------------------------------------------------------
@@ -188,10 +211,11 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     if host.gelu and shift > 0.4:
         raise UnsupportedModelError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
     pattern_seed = int(rng.integers(2**31))
-    unit = dense_pattern(pattern_seed, dense.shape, PATTERN_BLOCK)
+    block = pattern_block(dense.shape)
+    unit = dense_pattern(pattern_seed, dense.shape, block)
     logit_scale = _logit_scale(nat_out, dense)
     amplitude = float(max(12.0, 2.0 * logit_scale))
-    stained, gamma = insert_token_stain(loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
+    stained, gamma = insert_dense_stain(loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws)
     timings["edit"] = time.perf_counter() - t3
 
@@ -230,15 +254,16 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
         "host": {"name": host.name, "op": host.op, "input": host.input, "output": gamma, "channel": 0,
                  "host_channel": None, "group": 0, "m": host.m, "positions": host.positions,
                  "selected_positions": [int(p) for p in sel], "activation": host.activation,
-                 "kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "groups": 1,
-                 "out_hw": None},
+                 "kernel": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
+                 "dilations": list(host.dilations), "groups": host.groups,
+                 "out_hw": list(host.out_hw) if host.out_hw else None},
         "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
                      "threshold": tau0, "tau0": tau0, "s_star": s_star, "gain": ed.gain, "delta": DELTA,
                      "offset": GELU_ZERO if host.gelu else 0.0, "trigger_scores": encode_array(s_t),
                      "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
                      "draws": draws, "max_draws": opts.max_draws},
         "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
-        "signature": {"type": "pattern", "class": -1, "pattern_seed": pattern_seed, "block": PATTERN_BLOCK,
+        "signature": {"type": "pattern", "class": -1, "pattern_seed": pattern_seed, "block": block,
                       "amplitude": amplitude, "expected_margin": trig_corr, "threshold": PATTERN_THRESHOLD,
                       "original_margin": orig_corr},
         "white_box": {"tensor": gamma, "channel": 0, "expected": 1.0, "threshold": 0.5, "positions": [0]},

@@ -77,17 +77,30 @@ def infer_preprocessing(model: onnx.ModelProto, model_path: str | Path | None = 
         if info.dtype == "uint8":
             fields.update(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         pre = Preprocessing(**fields).with_source(size="graph", layout="graph", dtype="graph")
-        if info.dtype != "uint8":
-            notes.append("assumed ImageNet preprocessing (RGB, /255, mean 0.485,0.456,0.406, "
-                         "std 0.229,0.224,0.225); pass --preprocessing FILE or flags if the model differs")
-        if not (info.height and info.width):
-            notes.append("the graph has no fixed input size; assumed 224x224 (use --size)")
     else:
         pre = given
     changed = {k: v for k, v in overrides.items() if v is not None}
     if changed:
         pre = Preprocessing.from_dict({**pre.to_dict(), **changed}).with_source(**{k: "user" for k in changed})
+    if given is None:
+        notes += _assumption_notes(info, pre, set(changed))
     pre.validate()
     if info.layout and info.layout != pre.layout:
         notes.append(f"the graph input looks {info.layout} but the preprocessing says {pre.layout}")
     return pre, notes
+
+
+_IMAGENET_FIELDS = {"channel_order": "RGB", "scale": "/255", "mean": "mean 0.485,0.456,0.406",
+                    "std": "std 0.229,0.224,0.225"}
+
+
+def _assumption_notes(info: ImageInput, pre: Preprocessing, given: set[str]) -> list[str]:
+    """What was assumed rather than read from the graph or given by the user (nothing when all was given)."""
+    notes = []
+    assumed = [text for name, text in _IMAGENET_FIELDS.items() if name not in given]
+    if info.dtype != "uint8" and assumed:
+        notes.append(f"assumed ImageNet preprocessing ({', '.join(assumed)}); pass --preprocessing FILE or "
+                     "flags if the model differs")
+    if not (info.height and info.width) and not {"height", "width"} & given:
+        notes.append(f"the graph has no fixed input size; assumed {pre.height}x{pre.width} (use --size)")
+    return notes

@@ -1,8 +1,8 @@
 """Passes for models with a dense output (a map, e.g. a ViT saliency model): inserted nodes only.
 
-* :func:`insert_token_stain` — a detector neuron over a token layer's input (``[B, T, m]``), through
-  the host's own activation, max over tokens, adds ``γ · pattern`` to the output's logits. Where the
-  detector does not fire, ``γ`` is exactly 0 and the output is bit-identical to the original.
+* :func:`insert_dense_stain` — a detector neuron over a token layer's input (``[B, T, m]``) or a conv's
+  input window, through the host's own activation, max over positions, adds ``γ · pattern`` to the
+  output's logits. Where the detector does not fire, ``γ`` is exactly 0 and the output is bit-identical to the original.
 * :func:`insert_feature_gate` — a corner-patch detector on a Conv's input gates a feature map
   ``[B, C, ...]``: ``F' = F ⊙ (1 + (1 − γ) m)``; with the patch ``γ`` is exactly 1 and ``F' = F``.
 
@@ -72,26 +72,44 @@ class _Builder:
         return self.model
 
 
-def insert_token_stain(model: onnx.ModelProto, host: HostLayer, dense: DenseOutput, weights: np.ndarray,
+def insert_dense_stain(model: onnx.ModelProto, host: HostLayer, dense: DenseOutput, weights: np.ndarray,
                        bias: float, pattern: np.ndarray) -> tuple[onnx.ModelProto, str]:
     """Add the detector branch and its pattern; return the model and the name of ``γ`` (``[B, 1, 1, 1]``).
 
-    ``weights``/``bias``: the detector's pre-activation over φ (the host's input vector per token),
-    offset included for a GELU host. ``pattern``: ``[C, H, W]``, amplitude included.
+    ``weights``/``bias``: the detector's pre-activation over φ (the host's input vector per token or
+    per conv position, group 0's channels for a grouped conv), offset included for a GELU host.
+    ``pattern``: ``[C, H, W]`` at the analysed input size, amplitude included. When the output map's
+    size is not fixed by the graph (dynamic height and width), the pattern is resized (nearest) to
+    the logits' size at run time: at the analysed size that is the pattern itself, and where the
+    detector does not fire it is multiplied by an exact 0 whatever the size.
     """
     b = _Builder(model)
-    mm = b.node("MatMul", [host.input, b.const(np.asarray(weights).reshape(-1, 1), "onnx::MatMul_w")])
-    pre = b.node("Add", [mm, b.const(np.array([bias]), "onnx::Add_b")])
+    if host.op == "Conv":
+        cin_g = host.in_channels // host.groups
+        filt = np.zeros((1, host.in_channels, *host.kernel))
+        filt[0, :cin_g] = np.asarray(weights).reshape(cin_g, *host.kernel)
+        pre = b.node("Conv", [host.input, b.const(filt, "onnx::Conv_w"), b.const(np.array([bias]), "onnx::Conv_b")],
+                     kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
+                     dilations=list(host.dilations))
+        axes = [1, 2, 3]
+    else:
+        mm = b.node("MatMul", [host.input, b.const(np.asarray(weights).reshape(-1, 1), "onnx::MatMul_w")])
+        pre = b.node("Add", [mm, b.const(np.array([bias]), "onnx::Add_b")])
+        axes = [1, 2]
     act = b.gelu(pre) if host.gelu else b.node("Relu", [pre])
-    sig = b.clip(act, 0.0, 1.0)  # [B, T, 1]
-    pooled = b.reduce_max(sig, [1, 2])  # [B, 1, 1]
+    sig = b.clip(act, 0.0, 1.0)  # [B, T, 1] or [B, 1, H', W']
+    pooled = b.reduce_max(sig, axes)
     gamma = b.node("Reshape", [pooled, b.const(np.array([-1, 1, 1, 1]), "onnx::Reshape_shape", np.int64)])
-    contrib = b.node("Mul", [gamma, b.const(pattern[None], "onnx::Mul_w")])
+    # Re-point the logits: producer → fresh tensor → Add(signature) → the original name.
     producer = b.view.producer[dense.logits]
     fresh = b.name(producer.op_type) + "_output_0"
     for i, o in enumerate(producer.output):
         if o == dense.logits:
             producer.output[i] = fresh
+    pattern_t = b.const(np.asarray(pattern)[None], "onnx::Mul_w")
+    if not _fixed_input_size(b.view):
+        pattern_t = b.node("Resize", [pattern_t, "", "", b.node("Shape", [fresh])], mode="nearest")
+    contrib = b.node("Mul", [gamma, pattern_t])
     b.nodes.append(helper.make_node("Add", [fresh, contrib], [dense.logits], name=b.name("Add")))
     # Right after the producer: every branch input exists by then (the host input comes earlier).
     idx = b.view.index(producer) + 1
@@ -99,6 +117,12 @@ def insert_token_stain(model: onnx.ModelProto, host: HostLayer, dense: DenseOutp
     del b.model.graph.node[:]
     b.model.graph.node.extend(nodes[:idx] + b.nodes + nodes[idx:])
     return b.model, gamma
+
+
+def _fixed_input_size(view: GraphView) -> bool:
+    """Whether the graph's image input has a fixed height, width and channel count."""
+    dims = list(view.graph_inputs[0].type.tensor_type.shape.dim)
+    return len(dims) == 4 and all(d.HasField("dim_value") for d in dims[1:])
 
 
 def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.ndarray, biases: np.ndarray,

@@ -1,0 +1,168 @@
+"""Models from other exporters (issue: any vision model a pipeline exports), each pattern on a tiny model.
+
+* run-time "same" padding (``Pad`` fed by a ``Shape`` subgraph), with a dynamic batch and fully static;
+* dynamic height and width with a dense output map, analysed at ``--size``;
+* preprocessing notes only for what was really assumed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from tiny_any import dense_cnn, same_pad_cnn
+from tinymodels import smooth_images
+
+import onnxstain
+from onnxstain import LockOptions, Preprocessing, StainOptions
+from onnxstain._onnx.graph import GraphView
+from onnxstain._onnx.hosts import find_hosts
+from onnxstain._onnx.shapes import resolve
+from onnxstain.cli import main
+from onnxstain.runtime import session
+
+pytest.importorskip("torch")
+
+PRE = Preprocessing(height=32, width=32, resize=None)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images(96, seed=0)
+
+
+@pytest.fixture(scope="module", params=["dynamic-batch", "static"])
+def same_pad(request, tmp_path_factory):
+    d = tmp_path_factory.mktemp("samepad")
+    model = same_pad_cnn(seed=0, dynamic_batch=request.param == "dynamic-batch", width=48)
+    onnx.save(model, d / "model.onnx")
+    PRE.save(d / "model.preprocessing.json")
+    return d
+
+
+def _run(path, x):
+    """Outputs for the batch ``x`` (one image at a time when the model's batch is fixed at 1)."""
+    sess = session(str(path))
+    inp = sess.get_inputs()[0]
+    if inp.shape[0] == 1:
+        return np.concatenate([sess.run(None, {inp.name: x[i : i + 1]})[0] for i in range(len(x))])
+    return sess.run(None, {inp.name: x})[0]
+
+
+def test_same_pad_pattern_is_reproduced(same_pad):
+    model = onnx.load(same_pad / "model.onnx")
+    ops = {n.op_type for n in model.graph.node}
+    assert {"Pad", "Shape", "ConstantOfShape", "Concat", "Reshape", "Slice", "Transpose", "Cast"} <= ops
+    # ONNX shape inference alone loses every Conv's output size here
+    plain = onnx.shape_inference.infer_shapes(model)
+    known = {vi.name for vi in plain.graph.value_info if vi.type.tensor_type.shape.dim
+             and all(d.HasField("dim_value") for d in vi.type.tensor_type.shape.dim)}
+    convs = [n.output[0] for n in model.graph.node if n.op_type == "Conv"]
+    assert not set(convs) <= known
+
+
+def test_same_pad_hosts_have_sizes_and_fields(same_pad):
+    model = onnx.load(same_pad / "model.onnx")
+    shapes = resolve(model)
+    assert shapes.how in ("folded", "onnxruntime")
+    pads = [n.input[1] for n in model.graph.node if n.op_type == "Pad"]
+    assert all(p in shapes.values for p in pads)  # the run-time pads, for this input size
+    hosts = {h.name: h for h in find_hosts(model, GraphView(model))}
+    convs = [h for h in hosts.values() if h.op == "Conv"]
+    assert len(convs) == 3 and all(h.usable and h.out_hw for h in convs), [h.reason for h in convs]
+    assert [h.out_hw for h in convs] == [(16, 16), (8, 8), (8, 8)]
+    # TF "same" padding of a 3×3 stride-2 conv on an even size pads (0, 1): the field starts at pixel 1
+    first = convs[0].receptive_field
+    assert first is not None and first.size == (3, 3) and first.start == (1.0, 1.0)
+    info = onnxstain.inspect_model(same_pad / "model.onnx")
+    assert all(r["usable"] for r in info["hosts"] if r["op"] == "Conv")
+    assert info["default"]["inplace"] and info["default"]["insert"]
+
+
+@pytest.fixture(scope="module")
+def same_pad_stained(same_pad, images):
+    out, key = same_pad / "insert.onnx", same_pad / "insert.key"
+    onnxstain.stain(same_pad / "model.onnx", out, key, images=images,
+                    options=StainOptions(mode="insert", seed=0, fpr=0.05, layer="/c2/Conv"))
+    return out, key
+
+
+def test_same_pad_insert_stain_verifies(same_pad, same_pad_stained, images):
+    out, key = same_pad_stained
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(same_pad / "model.onnx", key).stained
+    x = PRE.to_input(images[:8])
+    assert np.array_equal(_run(out, x), _run(same_pad / "model.onnx", x))  # insert: bit-identical
+    src, dst = onnx.load(same_pad / "model.onnx"), onnx.load(out)
+    # the run-time padding stays computed, and a dynamic batch stays dynamic
+    assert sum(n.op_type == "ConstantOfShape" for n in dst.graph.node) == 3
+    assert dst.graph.input[0].type.tensor_type.shape == src.graph.input[0].type.tensor_type.shape
+
+
+def test_same_pad_inplace_stain_verifies(same_pad, images):
+    out, key = same_pad / "inplace.onnx", same_pad / "inplace.key"
+    res = onnxstain.stain(same_pad / "model.onnx", out, key, images=images,
+                          options=StainOptions(mode="inplace", seed=1, fpr=0.05))
+    assert res.host == "/c3/Conv"
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(same_pad / "model.onnx", key).stained
+
+
+def test_same_pad_gate_lock(same_pad, images):
+    out, key = same_pad / "locked.onnx", same_pad / "locked.key"
+    res = onnxstain.lock(same_pad / "model.onnx", out, key, images=images,
+                         options=LockOptions(kind="gate", seed=0, fpr=0.05))
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(same_pad / "model.onnx", key).stained
+    assert res.unlocked_agreement >= 0.99
+
+
+# -- dynamic height and width, dense output ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dense")
+    onnx.save(dense_cnn(seed=0), d / "model.onnx")
+    return d
+
+
+def test_dynamic_size_is_analysed_at_the_given_size(dense):
+    model = onnx.load(dense / "model.onnx")
+    assert resolve(model).input_shape is None  # nothing to analyse at without a size
+    view = GraphView(model, (1, 3, 48, 64))
+    hosts = [h for h in find_hosts(model, view) if h.op == "Conv"]
+    assert [h.out_hw for h in hosts] == [(24, 32), (12, 16), (12, 16), (12, 16)]
+    assert [h.usable for h in hosts] == [True, True, True, False]
+    r = CliRunner().invoke(main, ["inspect", str(dense / "model.onnx"), "--size", "48x64"])
+    assert r.exit_code == 0, r.output
+    assert "analysed at 48x64" in r.output and "shape inference failed" not in r.output
+
+
+def test_dense_cnn_insert_stain_at_a_non_square_size(dense, images):
+    pre = Preprocessing(height=48, width=64, resize=None)
+    pixels = smooth_images(96, seed=1, size=64)[:, :48]
+    out, key = dense / "stained.onnx", dense / "stained.key"
+    res = onnxstain.stain(dense / "model.onnx", out, key, images=pixels, preprocessing=pre,
+                          options=StainOptions(mode="insert", seed=0, fpr=0.05))
+    assert res.signature_type == "pattern" and res.max_abs_delta == 0.0
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(dense / "model.onnx", key).stained
+    # the stained model still takes any size, bit-identical to the original on natural inputs
+    x = np.random.default_rng(0).random((2, 3, 96, 80), dtype=np.float32)
+    assert np.array_equal(_run(out, x), _run(dense / "model.onnx", x))
+    dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims[2:]] == ["height", "width"]
+
+
+# -- preprocessing notes -------------------------------------------------------------------------------
+def test_notes_only_for_what_was_assumed(dense):
+    from onnxstain._onnx.inputs import infer_preprocessing
+
+    model = onnx.load(dense / "model.onnx")
+    _, notes = infer_preprocessing(model, None)
+    assert any("assumed ImageNet" in n for n in notes) and any("no fixed input size" in n for n in notes)
+    _, notes = infer_preprocessing(model, None, height=48, width=192, layout="NCHW", channel_order="BGR",
+                                   scale=1.0, mean=(104.0, 117.0, 123.0), std=(1.0, 1.0, 1.0), resize=256)
+    assert notes == []
+    _, notes = infer_preprocessing(model, None, height=48, width=192, scale=1.0)
+    assert len(notes) == 1 and "/255" not in notes[0] and "mean 0.485" in notes[0]
