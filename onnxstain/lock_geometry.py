@@ -5,7 +5,7 @@ from __future__ import annotations
 import onnx
 
 from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts
+from ._onnx.hosts import HostLayer, find_hosts, why_unusable
 from .errors import BadInputError, UnsupportedModelError
 
 MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
@@ -62,6 +62,9 @@ def choose_lock_host(hosts: list[HostLayer], layer: str | None, height: int, wid
         if ph <= MAX_PATCH_FRACTION * height and pw <= MAX_PATCH_FRACTION * width:
             fitting.append(h)
     if not fitting:
-        raise UnsupportedModelError("no Conv layer both hosts a detector and has a corner receptive field small "
-                                    f"enough for a patch (≤ {MAX_PATCH_FRACTION:.0%} of the image side)")
+        usable = [h for h in convs if h.usable]
+        why = (f"{len(usable)} Conv layer(s) could host one, but none has a corner receptive field small enough "
+               f"for a patch (≤ {MAX_PATCH_FRACTION:.0%} of the image side)") if usable else (
+            "no Conv layer can host a detector: " + why_unusable(convs or hosts))
+        raise UnsupportedModelError(why)
     return max(fitting, key=lambda h: (h.m, h.depth))

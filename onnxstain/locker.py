@@ -370,14 +370,15 @@ def lock(
     t4 = time.perf_counter()
     refs = smooth_backgrounds(REFERENCES, pre.height, pre.width, seed=seed % (2**31))
     patched = paste_pixels(refs, patch)
-    base_sess = sess if plan is not None else session(loaded.model, opts.providers)
-    locked_sess = session(locked, opts.providers)
+    base_sess = sess if plan is not None else session(with_outputs(loaded.model, [head.scores]), opts.providers)
+    locked_sess = session(with_outputs(locked, [head.scores]), opts.providers)
     x_ref = pre.to_input(np.concatenate([patched, refs]))
     n = len(refs)
     # With the patch the locked model gives the base model's scores; without, it differs from the original.
     want = run_batches(base_sess, x_ref, [head.scores])[head.scores]
     if plan is not None:
-        want[n:] = run_batches(session(loaded.model, opts.providers), x_ref[n:], [head.scores])[head.scores]
+        orig_sess = session(with_outputs(loaded.model, [head.scores]), opts.providers)
+        want[n:] = run_batches(orig_sess, x_ref[n:], [head.scores])[head.scores]
     got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
     unlock_error = float(np.abs(want[:n] - got[:n]).max())
     if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):
@@ -551,7 +552,8 @@ def _detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits:
                          head: head_mod.Head, opts: LockOptions) -> float:
     """Anchor-level mAP of the locked detector (no patch) against the original on calibration images."""
     n = min(DETECTION_CHECK_IMAGES, len(x_cal))
-    got = run_batches(session(locked, opts.providers), x_cal[:n], [head.scores], batch=opts.batch)[head.scores]
+    got = run_batches(session(with_outputs(locked, [head.scores]), opts.providers), x_cal[:n], [head.scores],
+                      batch=opts.batch)[head.scores]
     shape = (n, *head.layout)
     value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape))
     return 0.0 if np.isnan(value) else value

@@ -37,7 +37,7 @@ from . import naturalset, stain_edit
 from ._onnx import head as head_mod
 from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts
+from ._onnx.hosts import MIN_DIMENSION, HostLayer, find_hosts, why_unusable
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
@@ -130,13 +130,17 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
         return host
     usable = [h for h in hosts if h.usable and not h.gelu]
     if not usable:
-        raise UnsupportedModelError("the model has no usable host layer (a Conv, Gemm or MatMul+Add "
-                                    "followed by ReLU/ReLU6 with at least 16 inputs per neuron)")
+        raise UnsupportedModelError("the model has no usable host layer (a Conv, Gemm or MatMul+Add followed by "
+                                    f"a ReLU-type activation, with at least {MIN_DIMENSION} inputs per neuron): "
+                                    + why_unusable(hosts))
     if mode == "inplace":
-        routable = [h for h in usable if head_mod.direct_route(view, h, head)[0] is not None]
+        routes = {h.name: head_mod.direct_route(view, h, head) for h in usable}
+        routable = [h for h in usable if routes[h.name][0] is not None]
         if not routable:
-            raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the "
-                                        "stain cannot be routed in place; use --mode insert")
+            deepest = max(usable, key=lambda h: h.depth)
+            raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the stain "
+                                        f"cannot be routed in place (the deepest, {deepest.name}: "
+                                        f"{routes[deepest.name][1]}); use --mode insert")
         usable = routable
     if head.detection:
         # A detector's deepest layers are narrow and 1×1 (a hard margin): take the layer that needs the

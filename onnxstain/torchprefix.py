@@ -1685,12 +1685,13 @@ class TorchPrefix(torch.nn.Module):
 
 def prefix_for_input(model: onnx.ModelProto, outputs: Sequence[str], input_shape: tuple[int, ...],
                      providers: list[str] | None = None) -> TorchPrefix:
-    """A :class:`TorchPrefix` for inputs of ``input_shape``: the subgraphs that depend on the input's shape
-    only (run-time "same" padding, token counts...) are evaluated first and enter as constants."""
+    """A :class:`TorchPrefix` for inputs of ``input_shape`` (any batch size): the subgraphs that depend on
+    the input's height and width only (run-time "same" padding, token counts...) are evaluated first and
+    enter as constants; what depends on the batch size stays computed."""
     from ._onnx.fold import fold_shape_only
     from ._onnx.shapes import example_input
 
-    return TorchPrefix(fold_shape_only(model, example_input(model, input_shape), providers), outputs)
+    return TorchPrefix(fold_shape_only(model, example_input(model, input_shape), providers, any_batch=True), outputs)
 
 
 def torch_prefix(

@@ -46,37 +46,61 @@ def _frontier(model: onnx.ModelProto, dep: set[str]) -> list[str]:
     return frontier
 
 
-def shape_only_values(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
-                      ) -> dict[str, np.ndarray]:
+def shape_only_values(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None,
+                      any_batch: bool = False) -> dict[str, np.ndarray]:
     """The value, for ``example``'s shape, of every computed tensor that feeds value-dependent nodes
-    without depending on input values itself (empty when there is none)."""
+    without depending on input values itself (empty when there is none).
+
+    ``any_batch``: keep only the values that are the same for a batch of one and a batch of two
+    (a ``Reshape`` to ``[N, -1]`` computed from the batch size stays computed).
+    """
     from ..runtime import input_name, session, with_outputs
 
     frontier = _frontier(model, value_dependent(model))
     if not frontier:
         return {}
     sess = session(with_outputs(model, frontier), providers)
-    values = sess.run(frontier, {input_name(sess): example})
-    return {name: np.asarray(v) for name, v in zip(frontier, values, strict=True)}
+    name = input_name(sess)
+    values = dict(zip(frontier, (np.asarray(v) for v in sess.run(frontier, {name: example})), strict=True))
+    if any_batch:
+        twice = np.concatenate([example[:1], example[:1]])
+        try:
+            other = sess.run(frontier, {name: twice})
+        except Exception:  # a graph fixed at batch 1: every value holds for the only batch it takes
+            other = list(values.values())
+        values = {k: v for (k, v), w in zip(values.items(), other, strict=True)
+                  if v.shape == np.shape(w) and np.array_equal(v, w)}
+    return values
 
 
 def fold_values(model: onnx.ModelProto, values: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """A copy of ``model`` with ``values`` stored as initializers and the nodes computing only them removed."""
+    """A copy of ``model`` with ``values`` stored as initializers and the nodes that only computed them removed."""
     if not values:
         return model
     dep = value_dependent(model)
+    nodes = list(model.graph.node)
+    keep = [any(o in dep for o in n.output) for n in nodes]
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    todo = [t for i, n in enumerate(nodes) if keep[i] for t in n.input]
+    while todo:  # what a kept node reads and is not folded must still be computed
+        t = todo.pop()
+        i = producer.get(t)
+        if t in values or i is None or keep[i]:
+            continue
+        keep[i] = True
+        todo.extend(nodes[i].input)
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    keep = [n for n in out.graph.node if any(o in dep for o in n.output)]
     del out.graph.node[:]
-    out.graph.node.extend(keep)
+    out.graph.node.extend(n for n, k in zip(nodes, keep, strict=True) if k)
     for name, value in values.items():
         out.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
     return out
 
 
-def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None
-                    ) -> onnx.ModelProto:
+def fold_shape_only(model: onnx.ModelProto, example: np.ndarray, providers: list[str] | None = None,
+                    any_batch: bool = False) -> onnx.ModelProto:
     """A copy of ``model`` with every shape-only tensor feeding value-dependent nodes stored as a constant
-    (computed for ``example``'s shape; valid for inputs of that shape only)."""
-    return fold_values(model, shape_only_values(model, example, providers))
+    (computed for ``example``'s shape; valid for inputs of that shape only, or of that shape with any batch
+    size with ``any_batch``)."""
+    return fold_values(model, shape_only_values(model, example, providers, any_batch))

@@ -18,9 +18,10 @@ import onnx
 from .graph import GraphView
 from .hosts import HostLayer
 
-_PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Sigmoid"}
+_PASS_THROUGH = {"Identity", "Softmax", "LogSoftmax", "Sigmoid", "Relu"}  # monotone in each score
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
-_RESHAPES = {"Flatten", "Reshape", "Squeeze"}
+_RESHAPES = {"Flatten", "Reshape", "Squeeze", "Transpose"}
+_ELEMENTWISE = {"Identity", "Dropout"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,27 +98,48 @@ def find_scores_head(view: GraphView) -> Head | None:
 
 
 def find_detection_head(view: GraphView) -> Head | None:
-    """A detector's class scores: a graph output ``[B, A, C]`` beside a box output ``[B, A, 4]`` (or
-    ``[B, A, 1, 4]``) over the same ``A`` anchors. The scores tensor is the logits: the input of a
-    trailing Sigmoid or Softmax, if any. Such a head has no classifier weights to edit (insert only)."""
+    """A detector's class scores: a graph output ``[B, A, C]`` beside a box output over the same ``A``
+    anchors — ``[B, A, 4]``, ``[B, A, 1, 4]``, or ``[B, A, 4 k]`` for box distributions (GFL / NanoDet
+    heads). With several scales (one pair of outputs each) the first pair is used. The scores tensor is
+    the logits: the input of a trailing Sigmoid or Softmax, if any (through a Transpose / Reshape that
+    only lays them out). Such a head has no classifier weights to edit (insert only)."""
     shapes = view.resolved().dims
     known = {o: shapes.get(o) for o in view.output_names}
-    boxes = {int(s[1]) for s in known.values()
-             if s and len(s) in (3, 4) and s[-1] == 4 and isinstance(s[1], int) and all(d == 1 for d in s[2:-1])}
+
+    def boxes_of(shape) -> bool:
+        return (bool(shape) and len(shape) in (3, 4) and isinstance(shape[-1], int) and shape[-1] % 4 == 0
+                and isinstance(shape[1], int) and all(d == 1 for d in shape[2:-1]))
+
     for out, shape in known.items():
         if not shape or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
             continue
         anchors, labels = int(shape[1]), int(shape[2])
-        if labels < 2 or labels == 4 or anchors not in boxes:
+        if labels < 2 or labels == 4:
+            continue
+        if not any(o != out and boxes_of(s) and int(s[1]) == anchors and (s[-1] == 4 or s[-1] != labels)
+                   for o, s in known.items()):
             continue
         scores, node = out, view.producer.get(out)
+        while node is not None and node.op_type in ("Identity", "Transpose", "Reshape") and \
+                _squashed_before(view, node.input[0]):
+            node = view.producer.get(node.input[0])
         if node is not None and node.op_type in ("Sigmoid", "Softmax"):
             scores, node = node.input[0], view.producer.get(node.input[0])
+        if node is None or (scores != out and shapes.get(scores) != shape):
+            scores, node = out, view.producer.get(out)  # the logits are laid out differently: add to the output
         if node is None:
             continue
         return Head(view.node_name(node), "Detection", "", None, None, False, 1.0, 1.0, scores, out, labels, 0,
                     layout=(anchors, labels))
     return None
+
+
+def _squashed_before(view: GraphView, tensor: str) -> bool:
+    """Whether a Sigmoid/Softmax produces ``tensor`` through layout-only ops."""
+    node = view.producer.get(tensor)
+    while node is not None and node.op_type in ("Identity", "Transpose", "Reshape"):
+        node = view.producer.get(node.input[0])
+    return node is not None and node.op_type in ("Sigmoid", "Softmax")
 
 
 def _scores(view: GraphView, tensor: str, out: str, classes: int, in_f: int) -> tuple:
@@ -152,32 +174,52 @@ def head_input(view: GraphView, head: Head) -> str:
 
 
 def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRoute | None, str]:
-    """How the host's activated channels reach the head, or (None, why not)."""
+    """How the host's activated channels reach the head, or (None, why not).
+
+    The route may transpose the map (a tf2onnx model's NHWC tail), pool it (GlobalAveragePool /
+    GlobalMaxPool, or ReduceMean / ReduceMax over exactly the spatial axes, in either layout), and
+    reshape the pooled ``[N, C]`` features (Flatten / Reshape / Squeeze / Transpose / Identity /
+    Dropout, fake quantization) before the head reads channel ``k`` as its feature ``k``.
+    """
     if host.act_output is None:
-        return None, "the host has no activation output"
+        return None, f"{host.name} has no activation output"
     tensor = view.skip_fake_quant(host.act_output)
-    users = view.consumers.get(tensor, [])
-    if len(users) != 1:
-        return None, (f"the host's output feeds {len(users)} layers; only a host whose channels go "
-                      "straight to the classifier (pooling, then the head) can be routed in place")
-    node = users[0]
-    pool = None
+    channel_axis = 1
     positions = host.positions
-    if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
-        pool = "mean" if node.op_type == "GlobalAveragePool" else "max"
-    elif node.op_type in ("ReduceMean", "ReduceMax"):
-        axes = view.attr(node, "axes")
-        if axes is None and len(node.input) > 1 and node.input[1]:
-            axes = list(view.array(node.input[1]).reshape(-1))
-        if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
-            return None, "the host output is reduced over axes other than height and width"
-        pool = "mean" if node.op_type == "ReduceMean" else "max"
-    elif host.op != "Conv":
-        pool = "none"
-        positions = 1
-    else:
-        return None, (f"the host's channels reach the classifier through a {node.op_type} layer; "
-                      "routing through further layers in place is not supported")
+    pool = None
+    while pool is None:
+        users = view.consumers.get(tensor, [])
+        if len(users) != 1:
+            return None, (f"the output of {host.name} feeds {len(users)} layers; only a host whose channels go "
+                          "straight to the classifier (pooling, then the head) can be routed in place")
+        node = users[0]
+        if node.op_type in _ELEMENTWISE:
+            tensor = view.skip_fake_quant(node.output[0])
+            continue
+        if node.op_type == "Transpose" and host.op == "Conv":
+            perm = [int(p) for p in view.attr(node, "perm", [0, 3, 2, 1])]
+            if len(perm) != 4 or perm[0] != 0:
+                return None, f"{view.node_name(node)} moves the batch axis"
+            channel_axis = perm.index(channel_axis)
+            tensor = view.skip_fake_quant(node.output[0])
+            continue
+        if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+            if channel_axis != 1:
+                return None, f"{view.node_name(node)} pools a transposed map"
+            pool = "mean" if node.op_type == "GlobalAveragePool" else "max"
+        elif node.op_type in ("ReduceMean", "ReduceMax"):
+            axes = view.attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = list(view.array(node.input[1]).reshape(-1))
+            spatial = sorted({0, 1, 2, 3} - {0, channel_axis})
+            if host.op != "Conv" or axes is None or sorted(int(a) % 4 for a in axes) != spatial:
+                return None, f"{view.node_name(node)} reduces over axes other than height and width"
+            pool = "mean" if node.op_type == "ReduceMean" else "max"
+        elif host.op != "Conv":
+            pool, positions = "none", 1
+        else:
+            return None, (f"the channels of {host.name} reach the classifier through {view.node_name(node)} "
+                          f"({node.op_type}); routing through further layers in place is not supported")
     if pool != "none":
         tensor = node.output[0]
     head_node = view.find_node(head.node)
@@ -189,11 +231,12 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         nxt = users[0]
         if nxt is head_node:
             break
-        if nxt.op_type not in _RESHAPES:
-            return None, f"a {nxt.op_type} layer sits between the host and the classifier"
+        if nxt.op_type not in _RESHAPES | _ELEMENTWISE:
+            return None, f"{view.node_name(nxt)} ({nxt.op_type}) sits between {host.name} and the classifier"
         tensor = nxt.output[0]
     if head.in_features != host.out_channels:
-        return None, "the classifier does not read the host's channels one to one"
+        return None, (f"the classifier reads {head.in_features} features, {host.name} gives {host.out_channels} "
+                      "channels: not one to one")
     return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0), ""
 
 

@@ -142,6 +142,18 @@ def find_hosts(model: onnx.ModelProto, view: GraphView | None = None) -> list[Ho
     return hosts
 
 
+def why_unusable(hosts: list[HostLayer]) -> str:
+    """The reasons candidate layers cannot host, most common first, each with an example node."""
+    if not hosts:
+        return "the graph has no Conv, Gemm or MatMul layer with constant weights"
+    by_reason: dict[str, list[str]] = {}
+    for h in hosts:
+        if h.reason:
+            by_reason.setdefault(h.reason, []).append(h.name)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    return "; ".join(f"{len(names)} layer(s) {reason} (e.g. {names[0]})" for reason, names in ranked[:3])
+
+
 def get_host(model: onnx.ModelProto, name: str, view: GraphView | None = None) -> HostLayer | None:
     for host in find_hosts(model, view):
         if host.name == name:
