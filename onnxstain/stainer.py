@@ -213,6 +213,10 @@ def stain(
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
                                     "head (per-anchor class scores beside per-anchor boxes) "
                                     "found; the black-box signature needs one")
+    if head.classes < 2:
+        raise UnsupportedModelError(
+            f"{head.node} gives a single score (a binary sigmoid classifier): a class signature needs at least two "
+            "scores to compare, and single-score signatures are not supported yet; `onnxstain lock` works")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
     if opts.mode == "inplace":

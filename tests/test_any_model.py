@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_any import dense_cnn, same_pad_cnn
+from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn
 from tinymodels import smooth_images
 
 import onnxstain
@@ -166,3 +166,37 @@ def test_notes_only_for_what_was_assumed(dense):
     assert notes == []
     _, notes = infer_preprocessing(model, None, height=48, width=192, scale=1.0)
     assert len(notes) == 1 and "/255" not in notes[0] and "mean 0.485" in notes[0]
+
+
+# -- a tf2onnx-style NHWC tail: the in-place route transposes, then reduces over H and W ---------------------
+def test_inplace_route_through_an_nhwc_tail(tmp_path, images):
+    from onnxstain._onnx.head import direct_route, find_head
+
+    model = nhwc_tail_classifier(seed=0)
+    view = GraphView(model)
+    head = find_head(view)
+    assert head is not None and head.op == "MatMul"
+    routes = {h.name: direct_route(view, h, head) for h in find_hosts(model, view) if h.op == "Conv"}
+    assert routes["/mid/Conv"][0] is not None and routes["/mid/Conv"][0].pool == "mean"
+    assert routes["/stem/Conv"][0] is None and "/mid/Conv" in routes["/stem/Conv"][1]  # names the blocking layer
+    onnx.save(model, tmp_path / "model.onnx")
+    pre = Preprocessing(height=32, width=32, resize=None, layout="NHWC")
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "st.onnx", tmp_path / "st.key", images=images,
+                          preprocessing=pre, options=StainOptions(mode="inplace", seed=0, fpr=0.05))
+    assert res.host == "/mid/Conv"
+    assert onnxstain.verify(tmp_path / "st.onnx", tmp_path / "st.key").stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "st.key").stained
+
+
+def test_refusals_name_the_layers_and_reasons():
+    from onnxstain._onnx.head import find_head
+    from onnxstain.errors import UnsupportedModelError
+    from onnxstain.stainer import choose_host
+
+    head = find_head(GraphView(nhwc_tail_classifier()))
+    model = dense_cnn(seed=0)  # analysed without a size, its conv output sizes are unknown
+    view = GraphView(model)
+    with pytest.raises(UnsupportedModelError) as err:
+        choose_host(find_hosts(model, view), view, head, "insert", None)
+    msg = str(err.value)
+    assert "output spatial size unknown" in msg and "/0/Conv" in msg and "Sigmoid" in msg

@@ -28,7 +28,6 @@ def _export(module, example, dynamic_axes: dict | None, opset: int = 17) -> onnx
 
 
 def _same_pad_module(classes: int, width: int):
-    import torch
     import torch.nn.functional as F
     from torch import nn
 
@@ -123,3 +122,26 @@ def dense_cnn(seed: int = 0, size: tuple[int, int] = (48, 64)) -> onnx.ModelProt
     )
     axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch", 2: "h4", 3: "w4"}}
     return _export(net, torch.rand(1, 3, *size), axes)
+
+
+def nhwc_tail_classifier(seed: int = 0, size: int = 32, classes: int = 10, width: int = 48) -> onnx.ModelProto:
+    """A tf2onnx-style NHWC tail: ``… → Relu → Transpose(0,2,3,1) → ReduceMean(axes 1,2) → MatMul+Add``."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.mid = nn.Conv2d(16, width, 3, stride=2, padding=1)
+            self.head = nn.Parameter(torch.randn(width, classes) * 0.3)
+            self.bias = nn.Parameter(torch.randn(classes) * 0.1)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x.permute(0, 3, 1, 2)))
+            x = torch.relu(self.mid(x)).permute(0, 2, 3, 1)
+            return x.mean((1, 2)) @ self.head + self.bias
+
+    return _export(Net(), torch.rand(1, size, size, 3), {"input": {0: "batch"}, "output": {0: "batch"}})
