@@ -120,9 +120,10 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
         if not host.usable:
             raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {host.reason}")
         if host.token_layer:
-            raise UnsupportedModelError(f"layer {layer!r} is a MatMul over tokens (its input is not [batch, features]): "
-                                        "classifier stains need a Conv, Gemm or [batch, features] MatMul host "
-                                        "(token hosts serve dense-output models in --mode insert)")
+            raise UnsupportedModelError(
+                f"layer {layer!r} is a MatMul over tokens (its input is not [batch, features]): classifier stains "
+                "need a Conv, Gemm or [batch, features] MatMul host (token hosts serve dense-output models in "
+                "--mode insert)")
         if mode == "inplace" and host.inplace_reason:
             raise UnsupportedModelError(f"layer {layer!r} cannot host an in-place detector: {host.inplace_reason}")
         if mode == "inplace":
