@@ -138,15 +138,15 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
                                     "ReLU, ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish, with at least 16 "
                                     "inputs per neuron; `onnxstain inspect` gives each layer's reason)")
     if mode == "inplace":
-        exact = [h for h in usable if not h.inplace_reason]
-        if not exact:
-            raise UnsupportedModelError(f"no layer can host an in-place detector: {usable[-1].inplace_reason}")
-        usable = exact
         routable = [h for h in usable if head_mod.direct_route(view, h, head)[0] is not None]
         if not routable:
             raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the "
                                         "stain cannot be routed in place; use --mode insert")
-        usable = routable
+        exact = [h for h in routable if not h.inplace_reason]
+        if not exact:
+            raise UnsupportedModelError(f"layer {routable[-1].name!r} reaches the classifier, but its "
+                                        f"{routable[-1].inplace_reason}")
+        usable = exact
     if head.detection:
         # A detector's deepest layers are narrow and 1×1 (a hard margin): take the layer that needs the
         # smallest margin for the bound, the deeper one on ties.

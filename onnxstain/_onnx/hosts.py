@@ -282,7 +282,8 @@ def _decomposed_activation(view: GraphView, tensor: str) -> Activation | None:
     ``Pow``/``Mul`` tanh GELU, ``x · Sigmoid(x)``, ``x · Tanh(Softplus(x))``, ``x · HardSigmoid(x)``,
     ``x · Clip(x + 3, 0, 6) / 6``, ``Max(x, 0)`` / ``Min`` pairs.
     """
-    if tensor in view.output_names or not view.consumers.get(tensor):
+    users = view.consumers.get(tensor, [])
+    if tensor in view.output_names or not users or any(n.op_type not in activations.ELEMENTWISE for n in users):
         return None
     order = {id(n): i for i, n in enumerate(view.graph.node)}
     values: dict[str, np.ndarray] = {tensor: activations.PROBES}
