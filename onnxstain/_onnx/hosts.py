@@ -212,10 +212,12 @@ def _activation(view: GraphView, tensor: str) -> Activation:
         if single is not None:
             return single
     decomposed = _decomposed_activation(view, tensor)
-    if decomposed is not None:
+    if decomposed is not None and decomposed.kind != "elementwise":
         return decomposed
     if node is not None and node.op_type in _OTHER_ACTIVATIONS:
         return Activation(node.op_type, node.output[0], node=view.node_name(node), label=node.op_type)
+    if decomposed is not None:
+        return decomposed
     users = view.consumers.get(tensor, [])
     where = ("a graph output" if tensor in view.output_names else
              f"{len(users)} nodes" if len(users) > 1 else f"a {users[0].op_type}" if users else "nothing")
@@ -289,11 +291,12 @@ def _decomposed_activation(view: GraphView, tensor: str) -> Activation | None:
     values: dict[str, np.ndarray] = {tensor: activations.PROBES}
     region: list[onnx.NodeProto] = []
     in_region: set[int] = set()
-    best = None
+    best = closed = None
     while len(region) < _MAX_DECOMPOSITION:
         open_ = [t for t in values if t in view.output_names
                  or any(id(n) not in in_region for n in view.consumers.get(t, []))]
         if len(open_) == 1 and open_[0] != tensor:
+            closed = (open_[0], len(region))
             match = activations.identify(activations.PROBES, values[open_[0]])
             if match is not None:
                 best = (open_[0], match, len(region))
@@ -314,7 +317,11 @@ def _decomposed_activation(view: GraphView, tensor: str) -> Activation | None:
         in_region.add(id(node))
         values[node.output[0]] = out
     if best is None:
-        return None
+        if closed is None or np.allclose(values[closed[0]], activations.PROBES):
+            return None  # nothing closes, or an Identity
+        out, size = closed  # an element-wise function of the pre-activation that is no known activation
+        return Activation("elementwise", out, node=view.node_name(region[0]),
+                          label="·".join(n.op_type for n in region[:size]))
     out, (kind, params, high), size = best
     used = region[:size]
     return Activation(kind, out, high, params, node=view.node_name(used[0]),
@@ -361,6 +368,9 @@ def _activation_reasons(act: Activation) -> tuple[str, str]:
     if act.kind == "none":
         return (f"no activation after the layer (its output goes to {act.label or 'nothing'}; a host needs ReLU, "
                 "ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish)"), ""
+    if act.kind == "elementwise":
+        return (f"the element-wise function after the layer ({act.label}, from node {act.node!r}) is not a "
+                "recognised activation (ReLU, ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish)"), ""
     if act.kind not in activations.HOST_KINDS:
         return (f"activation {act.kind} (node {act.node!r}) is not cut at zero and is not a rectifier-like "
                 "activation a detector can sit under"), ""
