@@ -104,7 +104,8 @@ def _graph(nodes, inits=(), opset=20):
 
 
 _W = [("w", np.random.default_rng(0).normal(size=(16, 8))), ("b", np.zeros(8))]
-_LIN = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"), helper.make_node("Add", ["mm", "b"], ["p"], name="add")]
+_LIN = [helper.make_node("MatMul", ["x", "w"], ["mm"], name="mm"),
+        helper.make_node("Add", ["mm", "b"], ["p"], name="add")]
 
 
 @pytest.mark.parametrize(("nodes", "inits", "kind"), [
@@ -161,12 +162,12 @@ def test_activation_ends_where_the_known_function_does():
     SiLU's, and the scaling is downstream."""
     nodes = [helper.make_node("Sigmoid", ["p"], ["s"]), helper.make_node("Mul", ["p", "s"], ["m"]),
              helper.make_node("Mul", ["m", "two"], ["y"])]
-    host = find_hosts(_graph(_LIN + nodes, _W + [("two", 2.0)]))[0]
+    host = find_hosts(_graph(_LIN + nodes, [*_W, ("two", 2.0)]))[0]
     assert host.activation == "silu" and host.act_output == "m" and host.act_label == "Sigmoid·Mul"
 
 
 def test_squashing_and_gate_activations_are_refused_with_their_name():
-    host = find_hosts(_graph(_LIN + [helper.make_node("Tanh", ["p"], ["y"], name="th")], _W))[0]
+    host = find_hosts(_graph([*_LIN, helper.make_node("Tanh", ["p"], ["y"], name="th")], _W))[0]
     assert not host.usable and "Tanh" in host.reason and "'th'" in host.reason
 
 
@@ -207,7 +208,7 @@ def test_activations_without_zero_leak_below_zero():
         assert np.all(activations.apply(kind, x, params) != 0)
 
 
-@pytest.mark.parametrize("kind", list(activations.ZERO_POINTS) + ["hardsigmoid"])
+@pytest.mark.parametrize("kind", [*activations.ZERO_POINTS, "hardsigmoid"])
 def test_float64_activation_matches_torch(kind):
     xs = np.linspace(-12, 12, 2001)
     ref = {"relu": torch.relu, "relu6": torch.nn.functional.relu6, "clip": torch.relu,
