@@ -316,3 +316,10 @@ def test_inplace_without_exact_zero_is_refused_in_one_line(tmp_path, images, kin
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("onnxstain: error:") and host.act_node in lines[0]
     assert not (tmp_path / "s.onnx").exists()
+
+
+def test_torch_prefix_supports_every_recognised_op():
+    from onnxstain._onnx.hosts import _SINGLE_OPS
+    from onnxstain.torchprefix import SUPPORTED_OPS
+
+    assert set(activations.ELEMENTWISE) | set(_SINGLE_OPS) <= set(SUPPORTED_OPS)
