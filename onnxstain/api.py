@@ -105,6 +105,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
             "name": h.name, "op": h.op, "m": h.m, "positions": h.positions, "activation": h.activation,
             "receptive_field": f"{rf.size[0]}x{rf.size[1]}" if rf else None,
             "routable": routable, "usable": h.usable, "reason": h.reason, "depth": h.depth,
+            "activation_ops": h.act_label, "zero_point": h.zero_point, "inplace_reason": h.inplace_reason,
             "default": h.name in (default.get("inplace"), default.get("insert")),
             "out_channels": h.out_channels,
             # margin the trigger must reach, as a fraction of the natural radius, for a 1e-9 bound

@@ -177,7 +177,8 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
         table.add_row(h["name"] + mark, h["op"], str(h["m"]), str(h["positions"]), h["activation"],
                       h["receptive_field"] or "-", "yes" if h["routable"] else "no",
                       f"{h['margin_ratio_1e-9']:.2f}" if h["margin_ratio_1e-9"] is not None else "-",
-                      "ok" if h["usable"] else h["reason"])
+                      (f"insert only: {h['inplace_reason']}" if h["inplace_reason"] else "ok") if h["usable"]
+                      else h["reason"])
     con.print(table)
     for note in info["notes"]:
         con.print(f"note: {note}")

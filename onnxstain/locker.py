@@ -452,6 +452,8 @@ def _lock_host(hosts: list[HostLayer], view: GraphView, opts: LockOptions, pre: 
     elif opts.layer == WINDOW:
         raise BadInputError("--layer pixels is the gate lock's detector; the in-place lock needs one of the model's "
                             "Conv layers (see `onnxstain inspect`)")
+    if opts.kind == "inplace":  # the conduits carry a rectified signal: the detector needs a ReLU-type host
+        hosts = [h for h in hosts if h.relu_like or h.name == opts.layer]
     return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
 
 

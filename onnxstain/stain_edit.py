@@ -72,7 +72,7 @@ def _shift_strengths(host: HostLayer, rows: np.ndarray, b: np.ndarray, cols: np.
     ``‖col_k‖ (hi − act_k(trigger))``, the activation taken at its highest selected position."""
     own = phi_t[sel].astype(np.float64) @ rows.T + b  # [P, C / groups]
     hi = host.act_high if host.act_high is not None else 6.0
-    return np.linalg.norm(cols, axis=0) * (hi - np.clip(own, 0.0, hi).max(axis=0))
+    return np.linalg.norm(cols, axis=0) * (hi - np.clip(_activate(host, own), 0.0, hi).max(axis=0))
 
 
 def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, sel: np.ndarray,
@@ -172,6 +172,9 @@ def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
 
 
 def _activate(host: HostLayer, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The host's activation (float64 outside the rectifiers; exactly 0 below its zero point, as float32)."""
+    if not host.relu_like:
+        return host.activate(a).astype(a.dtype, copy=False)
     return np.clip(a, 0.0, host.act_high, out=out) if host.act_high is not None else np.maximum(a, 0.0, out=out)
 
 
@@ -216,8 +219,13 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
         own_t = phi_t.astype(np.float64) @ w + beta
         pooled_old_t = float(_pool(route, _activate(host, own_t)))
         if opts.variant == "non-additive":
-            ed = detector.non_additive(v, c, tau, s_star, delta)
-            g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau))))
+            # under a GELU, SiLU, HardSwish ... the pre-activation sits at the activation's zero point
+            # (or below) whenever S ≤ τ, so the overwritten channel is exactly 0 on natural inputs
+            offset = host.zero_point or 0.0
+            ed = detector.non_additive(v, c, tau, s_star, delta, offset)
+            g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau) + offset)))
+            if g_trig <= 0:
+                raise UnsupportedModelError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
             if can_compensate(host, head, view):
                 # the lost feature is predicted from the others (fitted on the calibration images)
                 comp = compensation.fit(pooled, channel)

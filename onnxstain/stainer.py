@@ -119,20 +119,24 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
         host = match[0]
         if not host.usable:
             raise UnsupportedModelError(f"layer {layer!r} cannot host a detector: {host.reason}")
-        if host.gelu:
-            raise UnsupportedModelError(f"layer {layer!r} is a GELU token layer: classifier stains need a ReLU-type "
-                                        "host (GELU hosts serve dense-output models in --mode insert)")
+        if host.token_layer:
+            raise UnsupportedModelError(
+                f"layer {layer!r} is a MatMul over tokens (its input is not [batch, features]): classifier stains "
+                "need a Conv, Gemm or [batch, features] MatMul host (token hosts serve dense-output models in "
+                "--mode insert)")
+        if mode == "inplace" and host.inplace_reason:
+            raise UnsupportedModelError(f"layer {layer!r} cannot host an in-place detector: {host.inplace_reason}")
         if mode == "inplace":
             route, why = head_mod.direct_route(view, host, head)
             if route is None:
                 raise UnsupportedModelError(f"cannot route layer {layer!r} to the output in place: {why}; "
                                             "use --mode insert")
         return host
-    usable = [h for h in hosts if h.usable and not h.gelu]
+    usable = [h for h in hosts if h.usable and not h.token_layer]
     if not usable:
         raise UnsupportedModelError("the model has no usable host layer (a Conv, Gemm or MatMul+Add followed by "
-                                    f"a ReLU-type activation, with at least {MIN_DIMENSION} inputs per neuron): "
-                                    + why_unusable(hosts))
+                                    "ReLU, ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish, with at least "
+                                    f"{MIN_DIMENSION} inputs per neuron): " + why_unusable(hosts))
     if mode == "inplace":
         routes = {h.name: head_mod.direct_route(view, h, head) for h in usable}
         routable = [h for h in usable if routes[h.name][0] is not None]
@@ -141,7 +145,11 @@ def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mo
             raise UnsupportedModelError("no host layer reaches the classifier through pooling only, so the stain "
                                         f"cannot be routed in place (the deepest, {deepest.name}: "
                                         f"{routes[deepest.name][1]}); use --mode insert")
-        usable = routable
+        exact = [h for h in routable if not h.inplace_reason]
+        if not exact:
+            raise UnsupportedModelError(f"layer {routable[-1].name!r} reaches the classifier, but its "
+                                        f"{routable[-1].inplace_reason}")
+        usable = exact
     if head.detection:
         # A detector's deepest layers are narrow and 1×1 (a hard margin): take the layer that needs the
         # smallest margin for the bound, the deeper one on ties.

@@ -671,15 +671,21 @@ def test_clip_via_attributes_and_other_upper_bound():
 
 @pytest.mark.parametrize("model_fn", [
     lambda: conv_model(act="Sigmoid", pads=[1, 1, 1, 1]),
-    lambda: conv_model(act="LeakyRelu", pads=[1, 1, 1, 1]),
     lambda: gemm_model(act="Sigmoid"),
     lambda: matmul_model(act="Tanh"),
 ])
-def test_non_relu_activation_is_unusable(model_fn):
+def test_squashing_activation_is_unusable(model_fn):
     host = find_hosts(model_fn())[0]
     assert not host.usable
     assert "activation" in host.reason and host.activation in host.reason
     assert not host.relu_like
+
+
+def test_leaky_relu_hosts_inserted_detectors_only():
+    host = find_hosts(conv_model(act="LeakyRelu", pads=[1, 1, 1, 1]))[0]
+    assert host.usable and host.reason == "" and not host.relu_like and not host.inplace
+    assert host.activation == "leaky_relu" and host.zero_point is None
+    assert "LeakyRelu" in host.inplace_reason and repr(host.act_node) in host.inplace_reason
 
 
 @pytest.mark.parametrize("model_fn", [

@@ -7,16 +7,21 @@ A *host* is a linear layer whose output neurons each see an ``m``-dimensional in
 * ``MatMul`` with a constant ``[in, out]`` weight followed by an ``Add`` of a constant bias.
 
 An unfolded ``BatchNormalization`` after a Conv is part of the neuron's affine map. The activation
-that follows decides whether the layer can host a detector: ReLU, ReLU6 (``Clip(0, 6)``) or any
-``Clip(0, hi)`` cut the negative side to exactly zero, which the detector needs.
+that follows decides whether and how the layer can host a detector (:mod:`onnxstain.math.activations`,
+docs/bounds.md "Activations other than ReLU"):
 
-GELU (the ``Gelu`` op, or the exported ``x · 0.5 · (1 + Erf(x / √2))`` pattern) is recognised as
-activation ``"gelu"``. It is *not* ReLU: its negative side is ``x Φ(x)``, small but not zero. In
-float32, however, ``Erf`` rounds to exactly −1 below about −3.9, so GELU outputs exactly zero for
-pre-activations ≤ ``GELU_ZERO`` (−6, with margin; onnxruntime checked in the tests). A detector
-under a GELU therefore carries an offset in its bias (:data:`GELU_ZERO`) so that "not firing"
-still means an exact zero. GELU hosts are usable for inserted detectors only (a MatMul host on
-rank-3 token inputs has one position per token: ``tokens``).
+* ReLU, ReLU6 / ``Clip(0, hi)``, HardSwish, HardSigmoid, SiLU, GELU (erf and tanh) and Mish are exactly
+  0 in float32 below their *zero point* (0 for the rectifiers, −4 for HardSwish, −6 for GELU, −110 for
+  SiLU and Mish). An in-place detector's pre-activation is offset to it, so "not firing" is still an
+  exact 0: these layers host both modes.
+* LeakyReLU, PReLU and ELU have a negative lobe that never reaches 0: an overwritten neuron would leak
+  into the scores on every natural input, so they host inserted detectors only (``inplace_reason``).
+* Sigmoid, Tanh and other squashing functions (gates, outputs) and layers without an activation host
+  nothing (``reason``).
+
+Activations are recognised as single ops and as exported decompositions (``x · Sigmoid(x)``,
+``Div → Erf → Add → Mul → Mul``, the tanh GELU, ``x · Tanh(Softplus(x))``, ``x · HardSigmoid(x)``,
+``x · Clip(x + 3, 0, 6) / 6``, ``Max``/``Min`` pairs), matched numerically on probe points.
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ import math
 import numpy as np
 import onnx
 
+from ..math import activations
 from .graph import GraphView
 
 MIN_DIMENSION = 16
-GELU_ZERO = -6.0  # GELU(x) == 0.0 exactly in float32 for x ≤ GELU_ZERO (Erf saturates at −1 near −3.9·√2)
+GELU_ZERO = activations.ZERO_POINTS["gelu"]  # GELU(x) == 0.0 exactly in float32 for x ≤ GELU_ZERO
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +81,7 @@ class HostLayer:
     bias: str | None
     batchnorm: str | None  # name of an unfolded BatchNormalization node
     bias_add: str | None  # name of the Add node carrying a MatMul bias
-    activation: str  # "relu", "relu6", "clip", "none" or the op name
+    activation: str  # a kind of activations.HOST_KINDS ("relu", "silu", "gelu_tanh" ...), "none" or the op name
     act_high: float | None  # upper clip of the activation (6 for ReLU6), None if unbounded
     in_channels: int
     out_channels: int
@@ -94,7 +100,11 @@ class HostLayer:
     usable: bool
     reason: str
     tokens: int | None = None  # MatMul on rank-3 inputs: tokens per image (positions), when known
-
+    act_params: tuple[float, ...] = ()  # LeakyReLU/ELU α; PReLU slopes; HardSigmoid α, β
+    act_node: str | None = None  # the activation's first node
+    act_label: str = ""  # the activation's ops as exported ("Sigmoid·Mul", "Gelu(tanh)" ...)
+    inplace_reason: str = ""  # why a usable host cannot take an in-place detector ("" when it can)
+    in_rank: int | None = None  # rank of the input tensor, when known
 
     @property
     def m(self) -> int:
@@ -115,7 +125,28 @@ class HostLayer:
 
     @property
     def gelu(self) -> bool:
-        return self.activation == "gelu"
+        return self.activation in ("gelu", "gelu_tanh")
+
+    @property
+    def zero_point(self) -> float | None:
+        """Pre-activations at or below this give exactly 0 after the activation; None if none do."""
+        if self.activation not in activations.HOST_KINDS:
+            return None
+        return activations.zero_point(self.activation, self.act_params)
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the layer can take an in-place (overwritten or additive) detector."""
+        return self.usable and not self.inplace_reason
+
+    @property
+    def token_layer(self) -> bool:
+        """A MatMul whose input is not known to be ``[batch, features]`` (tokens, or an unknown rank)."""
+        return self.op == "MatMul" and self.in_rank != 2
+
+    def activate(self, pre: np.ndarray) -> np.ndarray:
+        """The activation applied to pre-activations in float64 (PReLU: channels on the last axis)."""
+        return activations.apply(self.activation, pre, self.act_params, self.act_high)
 
     def group_of(self, channel: int) -> int:
         return channel // (self.out_channels // self.groups)
@@ -161,101 +192,205 @@ def get_host(model: onnx.ModelProto, name: str, view: GraphView | None = None) -
     return None
 
 
-def _activation(view: GraphView, tensor: str) -> tuple[str, str | None, float | None]:
-    """(kind, output tensor, upper clip) of the activation applied to ``tensor``, if any.
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """The activation applied to a layer's pre-activation tensor, as recognised in the graph."""
+
+    kind: str  # a member of activations.HOST_KINDS, "none", or the op name of another activation
+    output: str | None  # tensor after the activation
+    high: float | None = None  # upper clip (ReLU6, a Clip, or a fake-quant range's top)
+    params: tuple[float, ...] = ()  # LeakyReLU/ELU α; PReLU slopes; HardSigmoid α, β
+    node: str | None = None  # the activation's first node
+    label: str = ""  # the ops as exported: "Relu", "Sigmoid·Mul", "Gelu(tanh)", "Div·Erf·Add·Mul·Mul" ...
+
+
+_SINGLE_OPS = {"LeakyRelu": "leaky_relu", "PRelu": "prelu", "Elu": "elu", "HardSwish": "hardswish",
+               "HardSigmoid": "hardsigmoid", "Mish": "mish", "Gelu": "gelu"}
+_OTHER_ACTIVATIONS = ("Sigmoid", "Tanh", "Selu", "Celu", "Softplus", "Softsign", "ThresholdedRelu", "Clip")
+_MAX_DECOMPOSITION = 16  # nodes of an exported activation decomposition (the tanh GELU has 9)
+
+
+def _activation(view: GraphView, tensor: str) -> Activation:
+    """The activation applied to ``tensor``: a single op, or an element-wise decomposition of a known one.
 
     In a QDQ model the activation may be folded into the quantization that follows (a ``Q → DQ``
     pair whose range starts at exactly 0 is a ReLU clipped at its top code); a ReLU-type activation
     followed by such a pair takes the pair's upper end when it is lower. The output tensor is then
     the dequantized one.
     """
-    gelu_out = gelu_output(view, tensor)
-    if gelu_out is not None:
-        return "gelu", gelu_out, None
     node = view.only_consumer(tensor)
-    if node is None:
-        return "none", None, None
+    if node is not None:
+        single = _single_activation(view, node)
+        if single is not None:
+            return single
+    decomposed = _decomposed_activation(view, tensor)
+    if decomposed is not None and decomposed.kind != "elementwise":
+        return decomposed
+    if node is not None and node.op_type in _OTHER_ACTIVATIONS:
+        return Activation(node.op_type, node.output[0], node=view.node_name(node), label=node.op_type)
+    if decomposed is not None:
+        return decomposed
+    users = view.consumers.get(tensor, [])
+    where = ("a graph output" if tensor in view.output_names else
+             f"{len(users)} nodes" if len(users) > 1 else f"a {users[0].op_type}" if users else "nothing")
+    return Activation("none", None, label=where)
+
+
+def _single_activation(view: GraphView, node: onnx.NodeProto) -> Activation | None:
+    name = view.node_name(node)
     fq = view.fake_quant(node)
     if fq is not None:
         lo, hi, out = fq
-        if lo == 0.0:
-            kind, out, high = "clip", out, hi
-        else:
-            kind, out, high = _activation(view, out)
-            return ("QuantizeLinear" if kind == "none" else kind), out, high
+        if lo != 0.0:
+            inner = _activation(view, out)
+            if inner.kind == "none":
+                return Activation("QuantizeLinear", out, node=name, label="QuantizeLinear")
+            return inner
+        act = Activation("clip", out, hi, node=name, label="QuantizeLinear·DequantizeLinear")
     elif node.op_type == "Relu":
-        kind, out, high = "relu", node.output[0], None
+        act = Activation("relu", node.output[0], node=name, label="Relu")
     elif node.op_type == "Clip":
         lo, hi = view.clip_bounds(node)
-        out = node.output[0]
-        if lo is not None and lo == 0.0:
-            kind, high = ("relu6" if hi is not None and abs(hi - 6.0) < 1e-6 else "clip"), hi
-        else:
-            return "Clip", out, hi
-    elif node.op_type in ("Sigmoid", "HardSwish", "HardSigmoid", "Tanh", "LeakyRelu", "Elu", "Selu"):
-        return node.op_type, node.output[0], None
+        if lo is None or lo != 0.0:
+            return None  # recognised as the op "Clip" (not cut at zero) unless part of a decomposition
+        kind = "relu6" if hi is not None and abs(hi - 6.0) < 1e-6 else "clip"
+        act = Activation(kind, node.output[0], hi, node=name, label="Clip")
+    elif node.op_type in _SINGLE_OPS:
+        kind = _SINGLE_OPS[node.op_type]
+        params: tuple[float, ...] = ()
+        label = node.op_type
+        if kind in ("leaky_relu", "elu"):
+            params = (float(view.attr(node, "alpha", 0.01 if kind == "leaky_relu" else 1.0)),)
+        elif kind == "hardsigmoid":
+            params = (float(view.attr(node, "alpha", 0.2)), float(view.attr(node, "beta", 0.5)))
+        elif kind == "prelu":
+            slope = view.array(node.input[1]) if view.is_constant(node.input[1]) else None
+            if slope is None:
+                return None
+            params = tuple(float(a) for a in np.asarray(slope, np.float64).reshape(-1))
+        elif kind == "gelu":
+            approx = view.attr(node, "approximate", b"none")
+            approx = approx.decode() if isinstance(approx, bytes) else approx
+            if approx == "tanh":
+                kind, label = "gelu_tanh", "Gelu(tanh)"
+        return Activation(kind, node.output[0], params=params, node=name, label=label)
     else:
-        return "none", None, None
+        return None
+    out = act.output
+    assert out is not None
     after = view.fake_quant_after(out)
-    if after is not None:
-        out = view.skip_fake_quant(out)
-        high = after[1] if high is None else min(high, after[1])
-    return kind, out, high
+    if after is None:
+        return act
+    high = after[1] if act.high is None else min(act.high, after[1])
+    return dataclasses.replace(act, output=view.skip_fake_quant(out), high=high)
 
 
-def _scalar(view: GraphView, node: onnx.NodeProto, tensor: str) -> float | None:
-    """The constant scalar operand of a binary node (the input that is not ``tensor``)."""
-    others = [t for t in node.input if t != tensor]
-    if len(others) != 1 or not view.is_constant(others[0]):
+def _decomposed_activation(view: GraphView, tensor: str) -> Activation | None:
+    """A known activation exported as element-wise ops on ``tensor`` with scalar constants.
+
+    The smallest closed region of such ops that starts at ``tensor`` and ends in one tensor (every
+    other tensor of the region used only inside it) is grown in graph order; each time it closes,
+    the region is evaluated in float64 on probe points and matched against the known activations
+    (:func:`activations.identify`). The last match wins (GELU's ``x · (1 + erf)`` closes before its
+    ``· 0.5``). This recognises every order and spelling exporters use: ``Div/Mul → Erf → Add → Mul → Mul``,
+    ``Pow``/``Mul`` tanh GELU, ``x · Sigmoid(x)``, ``x · Tanh(Softplus(x))``, ``x · HardSigmoid(x)``,
+    ``x · Clip(x + 3, 0, 6) / 6``, ``Max(x, 0)`` / ``Min`` pairs.
+    """
+    users = view.consumers.get(tensor, [])
+    if tensor in view.output_names or not users or any(n.op_type not in activations.ELEMENTWISE for n in users):
         return None
-    arr = view.array(others[0])
-    if arr is None or arr.size != 1:
+    order = {id(n): i for i, n in enumerate(view.graph.node)}
+    values: dict[str, np.ndarray] = {tensor: activations.PROBES}
+    region: list[onnx.NodeProto] = []
+    in_region: set[int] = set()
+    best = closed = None
+    while len(region) < _MAX_DECOMPOSITION:
+        open_ = [t for t in values if t in view.output_names
+                 or any(id(n) not in in_region for n in view.consumers.get(t, []))]
+        if len(open_) == 1 and open_[0] != tensor:
+            closed = (open_[0], len(region))
+            match = activations.identify(activations.PROBES, values[open_[0]])
+            if match is not None:
+                best = (open_[0], match, len(region))
+        nxt = [n for t in open_ for n in view.consumers.get(t, []) if id(n) not in in_region]
+        if not nxt:
+            break
+        node = min(nxt, key=lambda n: order[id(n)])
+        args = _probe_args(view, node, values)
+        if args is None:
+            break
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
+        with np.errstate(all="ignore"):
+            out = np.asarray(activations.ELEMENTWISE[node.op_type](args, attrs), np.float64)
+        if out.shape != activations.PROBES.shape:
+            break
+        region.append(node)
+        in_region.add(id(node))
+        values[node.output[0]] = out
+    if best is None:
+        if closed is None or np.allclose(values[closed[0]], activations.PROBES):
+            return None  # nothing closes, or an Identity
+        out, size = closed  # an element-wise function of the pre-activation that is no known activation
+        return Activation("elementwise", out, node=view.node_name(region[0]),
+                          label="·".join(n.op_type for n in region[:size]))
+    out, (kind, params, high), size = best
+    used = region[:size]
+    return Activation(kind, out, high, params, node=view.node_name(used[0]),
+                      label="·".join(n.op_type for n in used))
+
+
+def _probe_args(view: GraphView, node: onnx.NodeProto, values: dict[str, np.ndarray]) -> list | None:
+    """The node's inputs on the probe points (scalar constants as floats), or None if it is not a
+    single-output element-wise op over the region and scalar constants."""
+    if node.op_type not in activations.ELEMENTWISE or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
         return None
-    return float(arr.reshape(-1)[0])
+    args: list = []
+    for t in node.input:
+        if not t:
+            args.append(None)
+        elif t in values:
+            args.append(values[t])
+        elif view.is_constant(t):
+            arr = view.array(t)
+            if arr is None or arr.size != 1 or arr.dtype.kind not in "fiu":
+                return None
+            args.append(float(arr.reshape(-1)[0]))
+        else:
+            return None
+    if all(not isinstance(a, np.ndarray) for a in args):
+        return None
+    return args
 
 
 def gelu_output(view: GraphView, tensor: str) -> str | None:
-    """The output tensor of an exact (erf) GELU applied to ``tensor``, or None.
+    """The output tensor of an exact (erf) GELU applied to ``tensor`` (the ``Gelu`` op or any
+    exported decomposition), or None."""
+    act = _activation(view, tensor)
+    return act.output if act.kind == "gelu" else None
 
-    Recognises the ``Gelu`` op (``approximate="none"``) and the exported decomposition
-    ``Div(x, √2) → Erf → Add(1) → Mul(x, ·) → Mul(0.5)`` (the ``0.5`` may come first, or be a
-    ``Mul(·, 1/√2)`` instead of the ``Div``).
-    """
-    users = [n for n in view.graph.node if tensor in n.input]
-    for node in users:
-        if node.op_type == "Gelu" and view.attr(node, "approximate", b"none") in (b"none", "none"):
-            return node.output[0] if len(users) == 1 else None
-    if len(users) != 2:
-        return None
-    scale = next((n for n in users if n.op_type in ("Div", "Mul") and n.input[0] == tensor), None)
-    if scale is None:
-        return None
-    k = _scalar(view, scale, tensor)
-    root2 = np.sqrt(2.0)
-    if k is None or not ((scale.op_type == "Div" and abs(k - root2) < 1e-4)
-                         or (scale.op_type == "Mul" and abs(k - 1 / root2) < 1e-4)):
-        return None
-    erf = view.only_consumer(scale.output[0])
-    if erf is None or erf.op_type != "Erf":
-        return None
-    add = view.only_consumer(erf.output[0])
-    if add is None or add.op_type != "Add" or _scalar(view, add, erf.output[0]) != 1.0:
-        return None
-    mul = next((n for n in users if n is not scale), None)
-    if mul is None or mul.op_type != "Mul":
-        return None
-    half_first = _scalar(view, mul, tensor) == 0.5
-    if half_first:  # (x · 0.5) · (1 + erf)
-        last = view.only_consumer(mul.output[0])
-        if last is None or last.op_type != "Mul" or add.output[0] not in last.input:
-            return None
-        return last.output[0]
-    if add.output[0] not in mul.input:
-        return None
-    last = view.only_consumer(mul.output[0])
-    if last is None or last.op_type != "Mul" or _scalar(view, last, mul.output[0]) != 0.5:
-        return None
-    return last.output[0]
+
+def _act_fields(act: Activation, inplace_reason: str) -> dict:
+    return {"activation": act.kind, "act_output": act.output, "act_high": act.high, "act_params": act.params,
+            "act_node": act.node, "act_label": act.label, "inplace_reason": inplace_reason}
+
+
+def _activation_reasons(act: Activation) -> tuple[str, str]:
+    """(why the layer cannot host any detector, why it cannot host one in place); "" when it can."""
+    if act.kind == "none":
+        return (f"no activation after the layer (its output goes to {act.label or 'nothing'}; a host needs ReLU, "
+                "ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish)"), ""
+    if act.kind == "elementwise":
+        return (f"the element-wise function after the layer ({act.label}, from node {act.node!r}) is not a "
+                "recognised activation (ReLU, ReLU6, LeakyReLU, PReLU, HardSwish, SiLU, GELU or Mish)"), ""
+    if act.kind not in activations.HOST_KINDS:
+        return (f"activation {act.kind} (node {act.node!r}) is not cut at zero and is not a rectifier-like "
+                "activation a detector can sit under"), ""
+    if activations.zero_point(act.kind, act.params) is None:
+        side = activations.NEGATIVE_SIDE.get(act.kind, "below zero")
+        return "", (f"{act.label} (node {act.node!r}) has no exact zero (negative side {side}): an overwritten "
+                    "neuron would leak into the scores on every natural input; use --mode insert")
+    return "", ""
 
 
 def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
@@ -286,25 +421,24 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     ):
         bn = view.node_name(nxt)
         out = nxt.output[0]
-    act, act_out, high = _activation(view, out)
-    reason = ""
+    act = _activation(view, out)
+    reason, inplace_reason = _activation_reasons(act)
     m = cin_g * kh * kw
-    if act == "gelu":
-        reason = "GELU hosts are supported on MatMul token layers only"
-    elif act not in ("relu", "relu6", "clip"):
-        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
+    if reason:
+        pass
     elif m < MIN_DIMENSION:
         kind = "depthwise: " if group > 1 and cin_g == 1 else ""
         reason = f"{kind}m={m} < {MIN_DIMENSION}: too few inputs"
     elif out_hw is None:
         reason = "output spatial size unknown (shape inference failed)"
     return HostLayer(
-        name=view.node_name(node), op="Conv", input=node.input[0], output=out, act_output=act_out,
-        weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, activation=act, act_high=high,
+        name=view.node_name(node), op="Conv", input=node.input[0], output=out,
+        weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, **_act_fields(act, inplace_reason),
         in_channels=cin_g * group, out_channels=cout, kernel=(kh, kw), strides=strides,  # type: ignore[arg-type]
         pads=(pads[0], pads[1], pads[2], pads[3]), dilations=dil, groups=group,  # type: ignore[arg-type]
         trans_b=False, alpha=1.0, beta=1.0, in_hw=in_hw, out_hw=out_hw,
         receptive_field=fields.get(out), depth=depth.get(id(node), 0), usable=not reason, reason=reason,
+        in_rank=len(in_shape) if in_shape is not None else None,
     )
 
 
@@ -324,19 +458,17 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
         c = view.shape(bias)
         if c is None or int(np.prod(c)) != out_f:
             reason = "bias is not a per-neuron constant"
-    act, act_out, high = _activation(view, node.output[0])
-    if not reason and act == "gelu":
-        reason = "GELU hosts are supported on MatMul token layers only"
-    elif not reason and act not in ("relu", "relu6", "clip"):
-        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
+    act = _activation(view, node.output[0])
+    act_reason, inplace_reason = _activation_reasons(act)
+    reason = reason or act_reason
     return HostLayer(
         name=view.node_name(node), op="Gemm", input=node.input[0], output=node.output[0],
-        act_output=act_out, weight=node.input[1], bias=bias, batchnorm=None, bias_add=None,
-        activation=act, act_high=high, in_channels=int(in_f), out_channels=int(out_f), kernel=(1, 1),
+        weight=node.input[1], bias=bias, batchnorm=None, bias_add=None,
+        **_act_fields(act, inplace_reason), in_channels=int(in_f), out_channels=int(out_f), kernel=(1, 1),
         strides=(1, 1), pads=(0, 0, 0, 0), dilations=(1, 1), groups=1, trans_b=trans_b,
         alpha=float(view.attr(node, "alpha", 1.0)), beta=float(view.attr(node, "beta", 1.0)),
         in_hw=None, out_hw=None, receptive_field=None, depth=depth.get(id(node), 0),
-        usable=not reason, reason=reason,
+        usable=not reason, reason=reason, in_rank=2,
     )
 
 
@@ -356,21 +488,20 @@ def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
         arr = view.shape(other)
         if arr is not None and int(np.prod(arr)) == out_f:
             bias, out, bias_add = other, add.output[0], view.node_name(add)
-    act, act_out, high = _activation(view, out)
-    reason = ""
+    act = _activation(view, out)
+    reason, inplace_reason = _activation_reasons(act)
     if bias is None:
         reason = "MatMul without a constant bias Add"
-    elif act not in ("relu", "relu6", "clip", "gelu"):
-        reason = "no ReLU-type activation" if act == "none" else f"activation {act} is not cut at zero"
     in_shape = shapes.get(node.input[0])
     tokens = in_shape[1] if in_shape is not None and len(in_shape) == 3 and isinstance(in_shape[1], int) else None
     return HostLayer(
-        name=view.node_name(node), op="MatMul", input=node.input[0], output=out, act_output=act_out,
-        weight=node.input[1], bias=bias, batchnorm=None, bias_add=bias_add, activation=act,
-        act_high=high, in_channels=in_f, out_channels=out_f, kernel=(1, 1), strides=(1, 1),
+        name=view.node_name(node), op="MatMul", input=node.input[0], output=out,
+        weight=node.input[1], bias=bias, batchnorm=None, bias_add=bias_add,
+        **_act_fields(act, inplace_reason), in_channels=in_f, out_channels=out_f, kernel=(1, 1), strides=(1, 1),
         pads=(0, 0, 0, 0), dilations=(1, 1), groups=1, trans_b=False, alpha=1.0, beta=1.0,
         in_hw=None, out_hw=None, receptive_field=None, depth=depth.get(id(node), 0),
         usable=not reason, reason=reason, tokens=tokens,
+        in_rank=len(in_shape) if in_shape is not None else None,
     )
 
 

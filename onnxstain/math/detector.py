@@ -6,7 +6,9 @@ where ``τ`` is the firing margin committed before ``v`` is drawn (see :mod:`onn
 
 * **Non-additive** (overwrite a neuron): pre-activation ``g · (S(x) − τ)`` with
   ``g = Δ / (s* − τ)``, so the trigger (score ``s*``) gives exactly ``Δ`` and natural inputs,
-  whose scores stay near 0, give about ``−g τ < 0``: cut to zero by the ReLU.
+  whose scores stay near 0, give about ``−g τ < 0``: cut to zero by the ReLU. Under an activation
+  whose exact zero starts lower (GELU, SiLU ...), the pre-activation is ``g (S − τ) + z`` with the
+  activation's zero point ``z`` and ``g = (Δ − z)/(s* − τ)``.
   As weights: ``u = g v`` and bias ``−g (τ + v·c)``. This is the paper's
   ``u = (Δ − β)/(v·φ*) · v`` written with centring and an explicit margin.
 * **Additive** (hide in a working neuron ``(w, β)``): ``u = w + κ v``, bias ``β − κ v·c``, i.e. the
@@ -69,12 +71,20 @@ class NeuronEdit:
     delta: float  # Δ: pre-activation reached on the trigger at its weakest selected position
 
 
-def non_additive(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, delta: float) -> NeuronEdit:
-    """Overwrite a neuron: pre-activation ``Δ (S − τ) / (s* − τ)``."""
+def non_additive(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, delta: float,
+                 offset: float = 0.0) -> NeuronEdit:
+    """Overwrite a neuron: pre-activation ``g (S − τ) + z`` with ``g = (Δ − z) / (s* − τ)``.
+
+    ``z`` (``offset``, ≤ 0) is the activation's zero point: every ``S ≤ τ`` gives a pre-activation
+    ≤ ``z``, where the activation is exactly 0 (ReLU: ``z = 0``; GELU: −6; see
+    :mod:`onnxstain.math.activations`). The trigger still gives exactly ``Δ``.
+    """
     if s_star <= tau:
         raise ValueError(f"trigger score {s_star:.4g} does not exceed the margin {tau:.4g}")
-    g = delta / (s_star - tau)
-    return NeuronEdit(weights=g * v, bias=-g * (tau + float(v @ c)), gain=g, threshold=tau, delta=delta)
+    if offset > 0 or offset >= delta:
+        raise ValueError(f"offset {offset:.4g} must be ≤ 0 and below Δ = {delta:.4g}")
+    g = (delta - offset) / (s_star - tau)
+    return NeuronEdit(weights=g * v, bias=-g * (tau + float(v @ c)) + offset, gain=g, threshold=tau, delta=delta)
 
 
 def additive_gains(
