@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ._onnx.dense import DenseOutput
-from ._onnx.graph import GraphView
+from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
@@ -49,6 +49,7 @@ LOCKED_CORRELATION = 0.5  # without the patch, the mean output correlation must 
 REFERENCES = 8
 REFERENCE_SIDE = 56  # reference maps are stored average-pooled to at most this side
 CHECK_IMAGES = 64
+MIN_GATE_CHANNELS = 8  # a CNN's gate flips half the channels of a map at least this wide
 
 
 def refuse_kind(opts) -> None:
@@ -80,13 +81,25 @@ def choose_dense_lock_host(hosts: list[HostLayer], layer: str | None, height: in
     return max(fitting, key=lambda h: (h.m, -h.depth))
 
 
-def gate_features(view: GraphView) -> str:
-    """The feature map where the token stream becomes a map: data input of the first Conv/ConvTranspose
-    after the last MatMul."""
+def gate_features(view: GraphView, output: str | None = None) -> str:
+    """The feature map the gate scrambles. For a transformer, where the token stream becomes a map: the
+    data input of the first Conv/ConvTranspose after the last MatMul. For a CNN (no MatMul), the input of
+    the deepest Conv that every path to ``output`` goes through and that reads at least
+    ``MIN_GATE_CHANNELS`` channels (a U-Net's skip connections bypass every earlier map)."""
     nodes = list(view.graph.node)
     last = max((i for i, n in enumerate(nodes) if n.op_type == "MatMul"), default=None)
     if last is None:
-        raise UnsupportedModelError("no token layers (MatMul) before the output: nothing to gate")
+        out = output or view.output_names[0]
+        shapes = view.resolved().dims
+        for n in reversed(nodes):
+            if n.op_type not in ("Conv", "ConvTranspose") or n.input[0] not in view.producer:
+                continue
+            shape = shapes.get(n.input[0])
+            wide = shape is not None and len(shape) == 4 and isinstance(shape[1], int) and shape[1] >= MIN_GATE_CHANNELS
+            if wide and dominates(view, n.input[0], out):
+                return n.input[0]
+        raise UnsupportedModelError(f"no Conv reads a map of at least {MIN_GATE_CHANNELS} channels that every path to "
+                                    f"{out!r} goes through: nothing to gate")
     for n in nodes[last + 1 :]:
         if n.op_type in ("Conv", "ConvTranspose"):
             return n.input[0]
@@ -152,7 +165,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     timings: dict[str, float] = {}
     view = GraphView(loaded.model, pre.input_shape())
     host = choose_dense_lock_host(lock_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
-    features = gate_features(view)
+    features = gate_features(view, dense.output)
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
     pos_index = position[0] * host.out_hw[1] + position[1]

@@ -36,7 +36,7 @@ import onnx
 from ._onnx import head as head_mod
 from ._onnx.dense import find_dense_output
 from ._onnx.diff import structural_diff
-from ._onnx.graph import GraphView
+from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
@@ -465,23 +465,9 @@ def _detection_gate(hosts: list[HostLayer], view: GraphView, host: HostLayer, sc
     0.015."""
     best = host
     for h in (h for h in hosts if h.usable):
-        if h.depth >= best.depth and _dominates(view, h.act_output or h.output, scores):
+        if h.depth >= best.depth and dominates(view, h.act_output or h.output, scores):
             best = h
     return best
-
-
-def _dominates(view: GraphView, tensor: str, output: str) -> bool:
-    """Whether every path from the model input to ``output`` goes through ``tensor``."""
-    seen = {i.name for i in view.graph_inputs} | set(view.initializers) | set(view.constant_nodes)
-    stack = [i.name for i in view.graph_inputs]
-    while stack:
-        t = stack.pop()
-        for node in view.consumers.get(t, []):
-            for out in node.output:
-                if out != tensor and out not in seen:
-                    seen.add(out)
-                    stack.append(out)
-    return output not in seen
 
 
 def _refuse_half_precision(view: GraphView) -> None:

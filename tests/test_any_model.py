@@ -200,3 +200,17 @@ def test_refusals_name_the_layers_and_reasons():
         choose_host(find_hosts(model, view), view, head, "insert", None)
     msg = str(err.value)
     assert "output spatial size unknown" in msg and "/0/Conv" in msg and "Sigmoid" in msg
+
+
+def test_dense_cnn_gate_lock(dense):
+    pre = Preprocessing(height=48, width=64, resize=None)
+    pixels = smooth_images(96, seed=2, size=64)[:, :48]
+    out, key = dense / "locked.onnx", dense / "locked.key"
+    onnxstain.lock(dense / "model.onnx", out, key, images=pixels, preprocessing=pre,
+                   options=LockOptions(kind="gate", seed=0, fpr=1e-3))
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(dense / "model.onnx", key).stained
+    # the gate scrambles the map the last conv reads (a CNN has no token stream to gate)
+    ops = {n.op_type for n in onnx.load(dense / "model.onnx").graph.node}
+    gated = {n.op_type for n in onnx.load(out).graph.node} - ops
+    assert "Slice" in gated and "Mul" in gated

@@ -337,6 +337,20 @@ class GraphView:
         return None
 
 
+def dominates(view: GraphView, tensor: str, output: str) -> bool:
+    """Whether every path from the model input to ``output`` goes through ``tensor``."""
+    seen = {i.name for i in view.graph_inputs} | set(view.initializers) | set(view.constant_nodes)
+    stack = [i.name for i in view.graph_inputs]
+    while stack:
+        t = stack.pop()
+        for node in view.consumers.get(t, []):
+            for out in node.output:
+                if out != tensor and out not in seen:
+                    seen.add(out)
+                    stack.append(out)
+    return output not in seen
+
+
 def tensor_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:
     """Static shapes of every tensor for the model's declared input shape (a dynamic batch taken as 1):
     shape inference, then folding and one onnxruntime run where it is not enough (:mod:`.shapes`)."""
