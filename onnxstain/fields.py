@@ -42,6 +42,9 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+MAX_INT = 2**53  # integers beyond exact float64 (and int64 arithmetic) are refused
+
+
 # -- checkers: read(value, path) -> Python value, write(value) -> JSON value --------------------------------
 class Checker:
     nullable: bool = False
@@ -62,6 +65,8 @@ class Int(Checker):
     def read(self, value: Any, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise FieldError(path, f"is {_describe(value)}, not an integer")
+        if abs(value) > MAX_INT:
+            raise FieldError(path, f"is {_describe(value)}, too large")
         if self.lo is not None and value < self.lo:
             raise FieldError(path, f"is {value}, below its minimum {self.lo}")
         if self.hi is not None and value > self.hi:

@@ -26,7 +26,7 @@ import base64
 import binascii
 import dataclasses
 import io
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -394,7 +394,7 @@ class KeyBody(Record):
     schema_version: int | None = spec(Int(), optional=True)
 
     @classmethod
-    def from_dict(cls, data: Any, path: str = "") -> KeyBody:
+    def from_dict(cls, data: Any, path: str = "") -> Self:
         # the envelope first, so that a key of another format or version is named as such
         if isinstance(data, dict):
             if data.get("format") != KEY_FORMAT:

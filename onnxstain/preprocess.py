@@ -150,7 +150,16 @@ class Preprocessing:
                 if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                     raise FieldError(_at(path, name), "is not an object of strings")
                 d[name] = tuple(sorted(value.items()))
-        return cls(**d)
+        pre = cls(**d)
+        if pre.dtype != "uint8":
+            with np.errstate(all="ignore"):
+                ends = np.array([0, 255], np.float32)
+                values = [((ends * np.float32(pre.scale) - np.float32(m)) / np.float32(sd)).astype(pre.dtype)
+                          for m, sd in zip(pre.mean, pre.std, strict=True)]
+            if not np.all(np.isfinite(values)):
+                raise FieldError(_at(path, "scale"), f"with mean and std gives inputs that are not finite in "
+                                                     f"{pre.dtype}")
+        return pre
 
     @classmethod
     def load(cls, path: str | Path) -> Preprocessing:

@@ -108,11 +108,17 @@ def test_fixture_key_verifies_the_model_it_was_made_for(name, tmp_path):
     model, _ = build_model(name)
     if hashlib.sha256(model.SerializeToString()).hexdigest() != fixture["model"]["source_sha256"]:
         pytest.skip("the source model rebuilt here differs from the fixture's (see the test above)")
-    src, out, _ = run_job(name, tmp_path)
+    src, out, new_key = run_job(name, tmp_path)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == fixture["model"]["output_sha256"]
     key = _write(tmp_path, fixture, "fixture.key")
     assert onnxstain.verify(out, key).stained
     assert not onnxstain.verify(src, key).stained
+    # today's writer gives the same key, field for field, plus schema_version (fresh nonce and time)
+    new = json.loads(new_key.read_text())
+    assert new.pop("schema_version") == SCHEMA_VERSION
+    for fresh in ("nonce", "created"):
+        new.pop(fresh), fixture.pop(fresh)
+    assert new == fixture
 
 
 def test_new_keys_record_the_schema_version(tmp_path):
