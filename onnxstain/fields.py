@@ -19,7 +19,7 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, NoReturn, Self
 
 import numpy as np
 
@@ -316,5 +316,5 @@ class Record:
         return out
 
 
-def fail(path: str, problem: str) -> None:
+def fail(path: str, problem: str) -> NoReturn:
     raise FieldError(path, problem)

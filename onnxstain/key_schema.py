@@ -71,14 +71,19 @@ def _png_reader(value: Any, path: str) -> str:
     return value
 
 
-def decode_png(data: str, path: str = "trigger.png") -> np.ndarray:
-    """The base64 PNG as uint8 RGB ``[H, W, 3]`` (a :class:`FieldError` if it does not decode)."""
-    from PIL import Image, UnidentifiedImageError
+def decode_png(data: str, path: str = "trigger.png", size: tuple[int, int] | None = None) -> np.ndarray:
+    """The base64 PNG as uint8 RGB ``[H, W, 3]`` (a :class:`FieldError` if it does not decode, or if its
+    ``(height, width)`` is not ``size``, checked before the pixels are decoded)."""
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(base64.b64decode(data))) as img:
+            if size is not None and (img.height, img.width) != size:
+                raise FieldError(path, f"is a {img.height}x{img.width} image; the key says {size[0]}x{size[1]}")
             return np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except FieldError:
+        raise
+    except Exception:  # PIL raises many kinds on a corrupt image (decompression bombs included)
         raise FieldError(path, "is not a readable PNG image") from None
 
 
@@ -254,9 +259,7 @@ class TriggerSection(Record):
     def check(self, path: str) -> None:
         if (self.top is None) != (self.left is None):
             fail(f"{path}.{'top' if self.top is None else 'left'}", "is missing")
-        shape = self.pixels().shape
-        if shape != (self.height, self.width, 3):
-            fail(f"{path}.png", f"is a {shape[0]}x{shape[1]} image; the key says {self.height}x{self.width}")
+        decode_png(self.png, f"{path}.png" if path else "png", (self.height, self.width))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +419,12 @@ class KeyBody(Record):
         for name in ("signature",) if lock else ("references", "lock", "occlusion"):
             if getattr(self, name) is not None:
                 fail(name, f"is not a field of a {self.kind} key")
+        modes = {"stain": (("inplace", "insert"), ("non-additive", "additive")),
+                 "lock": (("gate", "inplace"), (self.mode,))}[self.kind]
+        if self.mode not in modes[0]:
+            fail("mode", f"is {self.mode!r}, not one of {', '.join(modes[0])} (a {self.kind} key)")
+        if self.variant not in modes[1]:
+            fail("variant", f"is {self.variant!r}, not one of {', '.join(modes[1])} (a {self.kind} {self.mode} key)")
         if self.model.dense_shape is not None and self.model.layout is not None:
             fail("model.layout", "is not a field of a dense-output key")
         self._check_detector()
@@ -456,6 +465,8 @@ class KeyBody(Record):
 
     def _check_white_box(self) -> None:
         wb = self.white_box
+        if wb.position is not None and wb.position >= self.host.positions:
+            fail("white_box.position", f"is {wb.position}; the host has {self.host.positions} positions")
         if wb.positions is not None and max(wb.positions) >= self.host.positions:
             fail("white_box.positions", f"has position {max(wb.positions)}; the host has {self.host.positions}")
         if self.kind == "stain" and (wb.threshold is None or wb.positions is None or wb.channel is None):

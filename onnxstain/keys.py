@@ -122,9 +122,6 @@ class Key(KeyBody):
         object.__setattr__(key, "_canonical", _canonical_json(body))
         return key
 
-    def to_json(self) -> dict[str, Any]:
-        return self.to_dict()
-
     def canonical(self) -> bytes:
         raw = self.__dict__.get("_canonical")
         return raw if raw is not None else _canonical_json(self.to_dict())
