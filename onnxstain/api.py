@@ -18,14 +18,14 @@ from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError, BadKeyError
 from .evaluate import EvaluateResult, evaluate
-from .keys import Key, decode_png, load_key
+from .keys import Key, load_key
 from .lock_audit import LockAuditResult
 from .locker import LockOptions, LockResult, lock
 from .math import bounds
 from .patch import Patch, paste_input, paste_photo, paste_pixels
 from .preprocess import Preprocessing
 from .stainer import StainOptions, StainResult, choose_host, stain
-from .verify import VerifyResult, verify
+from .verify import VerifyResult, key_patch, verify
 
 __all__ = [
     "EvaluateResult",
@@ -132,8 +132,7 @@ def lock_patch(key: Key | str | Path) -> tuple[Patch, Preprocessing]:
     key = key if isinstance(key, Key) else load_key(key)
     if key.kind != "lock":
         raise BadKeyError("this is a stain key; patches belong to lock keys")
-    t = key["trigger"]
-    return Patch(decode_png(t["png"]), int(t["top"]), int(t["left"])), Preprocessing.from_dict(key["preprocessing"])
+    return key_patch(key), key.preprocessing
 
 
 def paste_patch(batch: np.ndarray, key: Key | str | Path) -> np.ndarray:

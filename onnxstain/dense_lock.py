@@ -33,7 +33,20 @@ from ._onnx.hosts import HostLayer
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
+from .keys import (
+    F8,
+    CalibrationSection,
+    DetectorSection,
+    HostSection,
+    Key,
+    LockSection,
+    ModelSection,
+    ReferencesSection,
+    TriggerSection,
+    WhiteBoxSection,
+    encode_png,
+    envelope,
+)
 from .lock_geometry import MAX_PATCH_FRACTION, lock_hosts, lock_position, patch_box
 from .math import bounds, detector
 from .math.trigger import box_maximiser
@@ -268,37 +281,36 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     digest = save_model(locked, out_path, source=loaded)
     n = REFERENCES
     pooled = pool_maps(want.astype(np.float64))
-    body = new_key_body("lock")
-    body.update({
-        "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
-                  "scores": dense.output, "classes": int(np.prod(pooled.shape[1:])),
-                  "dense_shape": [int(d) for d in want.shape[1:]]},
-        "preprocessing": pre.to_dict(),
-        "mode": "gate",
-        "variant": "gate",
-        "seed": seed,
-        "host": {"name": host.name, "op": host.op, "input": host.input, "m": host.m, "positions": host.positions,
-                 "out_hw": list(host.out_hw) if host.out_hw else None, "kernel": list(host.kernel),
-                 "strides": list(host.strides), "pads": list(host.pads), "dilations": list(host.dilations),
-                 "groups": host.groups, "selected_positions": [pos_index], "lock_position": list(position),
-                 "detector_positions": [pos_index]},
-        "detector": {"directions": encode_array(v[None]), "centre": encode_array(stats.centre), "tau0": tau0,
-                     "threshold": tau0, "trigger_scores": encode_array(np.array([s_t])), "detectors": 1,
-                     "draws": draws, "max_draws": opts.max_draws},
-        "trigger": {"png": encode_png(patch.pixels), "top": patch.top, "left": patch.left,
-                    "height": patch.height, "width": patch.width},
-        "references": {"count": n, "seed": seed % (2**31), "metric": "correlation",
-                       "patched_scores": encode_array(pooled[:n].reshape(n, -1)),
-                       "unpatched_scores": encode_array(pooled[n:].reshape(n, -1))},
-        "white_box": {"tensor": fired, "channel": None, "position": None, "expected": 1.0},
-        "occlusion": None,
-        "lock": {"flipped_features": channels // 2, "gated_tensor": "decoder input",
-                 "calibration_locked_agreement": float(locked_corr.mean()), "chance": 0.0,
-                 "calibration_unlocked_agreement": float(unlocked_corr.mean()), "metric": "correlation"},
-        "bound": bound.to_dict(),
-        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    })
-    key = Key(body)
+    key = Key(
+        **envelope("lock"),
+        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                           scores=dense.output, classes=int(np.prod(pooled.shape[1:])),
+                           dense_shape=tuple(int(d) for d in want.shape[1:])),
+        preprocessing=pre,
+        mode="gate",
+        variant="gate",
+        seed=seed,
+        host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
+                         out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
+                         strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
+                         groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position),
+                         detector_positions=(pos_index,)),
+        detector=DetectorSection(directions=F8.of(v[None]), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
+                                 trigger_scores=F8.of(np.array([s_t])), detectors=1, draws=draws,
+                                 max_draws=opts.max_draws),
+        trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
+                               width=patch.width),
+        references=ReferencesSection(count=n, seed=seed % (2**31), metric="correlation",
+                                     patched_scores=F8.of(pooled[:n].reshape(n, -1)),
+                                     unpatched_scores=F8.of(pooled[n:].reshape(n, -1))),
+        white_box=WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0),
+        occlusion=None,
+        lock=LockSection(flipped_features=channels // 2, gated_tensor="decoder input",
+                         calibration_locked_agreement=float(locked_corr.mean()), chance=0.0,
+                         calibration_unlocked_agreement=float(unlocked_corr.mean()), metric="correlation"),
+        bound=bound,
+        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+    )
     key.save(key_path)
     key.save_public_record(record)
     timings["save"] = time.perf_counter() - t5

@@ -29,7 +29,19 @@ from ._onnx.hosts import GELU_ZERO, MIN_DIMENSION, HostLayer, find_hosts
 from ._onnx.io import LoadedModel, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
+from .keys import (
+    F8,
+    CalibrationSection,
+    DetectorSection,
+    HostSection,
+    Key,
+    ModelSection,
+    SignatureSection,
+    TriggerSection,
+    WhiteBoxSection,
+    encode_png,
+    envelope,
+)
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
 from .passes.dense import insert_dense_stain
@@ -243,34 +255,31 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
     digest = save_model(stained, out_path, source=loaded)
-    body = new_key_body("stain")
-    body.update({
-        "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
-                  "scores": dense.output, "classes": int(np.prod(dense.shape)), "dense_shape": list(dense.shape)},
-        "preprocessing": pre.to_dict(),
-        "mode": "insert",
-        "variant": "non-additive",
-        "seed": seed,
-        "host": {"name": host.name, "op": host.op, "input": host.input, "output": gamma, "channel": 0,
-                 "host_channel": None, "group": 0, "m": host.m, "positions": host.positions,
-                 "selected_positions": [int(p) for p in sel], "activation": host.activation,
-                 "kernel": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
-                 "dilations": list(host.dilations), "groups": host.groups,
-                 "out_hw": list(host.out_hw) if host.out_hw else None},
-        "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
-                     "threshold": tau0, "tau0": tau0, "s_star": s_star, "gain": ed.gain, "delta": DELTA,
-                     "offset": GELU_ZERO if host.gelu else 0.0, "trigger_scores": encode_array(s_t),
-                     "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
-                     "draws": draws, "max_draws": opts.max_draws},
-        "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
-        "signature": {"type": "pattern", "class": -1, "pattern_seed": pattern_seed, "block": block,
-                      "amplitude": amplitude, "expected_margin": trig_corr, "threshold": PATTERN_THRESHOLD,
-                      "original_margin": orig_corr},
-        "white_box": {"tensor": gamma, "channel": 0, "expected": 1.0, "threshold": 0.5, "positions": [0]},
-        "bound": bound.to_dict(),
-        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    })
-    key = Key(body)
+    key = Key(
+        **envelope("stain"),
+        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                           scores=dense.output, classes=int(np.prod(dense.shape)), dense_shape=tuple(dense.shape)),
+        preprocessing=pre,
+        mode="insert",
+        variant="non-additive",
+        seed=seed,
+        host=HostSection(name=host.name, op=host.op, input=host.input, output=gamma, channel=0, host_channel=None,
+                         group=0, m=host.m, positions=host.positions, selected_positions=tuple(int(p) for p in sel),
+                         activation=host.activation, kernel=tuple(host.kernel), strides=tuple(host.strides),
+                         pads=tuple(host.pads), dilations=tuple(host.dilations), groups=host.groups,
+                         out_hw=tuple(host.out_hw) if host.out_hw else None),
+        detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau0, tau0=tau0,
+                                 s_star=s_star, gain=ed.gain, delta=DELTA, offset=GELU_ZERO if host.gelu else 0.0,
+                                 trigger_scores=F8.of(s_t), trigger_radii=F8.of(detector.radii(phi_t, stats.centre)),
+                                 draws=draws, max_draws=opts.max_draws),
+        trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
+        signature=SignatureSection(type="pattern", cls=-1, pattern_seed=pattern_seed, block=block,
+                                   amplitude=amplitude, expected_margin=trig_corr, threshold=PATTERN_THRESHOLD,
+                                   original_margin=orig_corr),
+        white_box=WhiteBoxSection(tensor=gamma, channel=0, expected=1.0, threshold=0.5, positions=(0,)),
+        bound=bound,
+        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+    )
     key.save(key_path)
     key.save_public_record(record)
     timings["save"] = time.perf_counter() - t5

@@ -38,9 +38,9 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import LoadedModel, load_model, write_bytes_atomic
-from .errors import BadInputError, KeyMismatchError
+from .errors import BadInputError, BadKeyError, KeyMismatchError
 from .features import neuron_inputs
-from .keys import Key, detection_layout, load_key
+from .keys import Key, load_key
 from .math import bounds, detector
 from .math.detection_agreement import per_image_anchor_map
 from .preprocess import Preprocessing
@@ -270,18 +270,20 @@ def _has_tensor(view: GraphView, name: str) -> bool:
 
 def _host_from_key(loaded: LoadedModel, key: Key) -> HostLayer:
     """The key's host layer, rebuilt from the ORIGINAL model and checked against the key."""
-    kh = key["host"]
-    match = [h for h in find_hosts(loaded.model) if h.name == kh["name"]]
+    kh = key.host
+    match = [h for h in find_hosts(loaded.model) if h.name == kh.name]
     if not match:
-        raise KeyMismatchError(f"the original model has no layer {kh['name']!r} the key was made for")
+        raise KeyMismatchError(f"the original model has no layer {kh.name!r} the key was made for")
     host = match[0]
-    if host.op == "MatMul" and host.tokens is None and int(kh["positions"]) > 1:
-        host = dataclasses.replace(host, tokens=int(kh["positions"]))  # token count read from a run at stain time
-    if host.input != kh["input"] or host.m != int(kh["m"]) or host.positions != int(kh["positions"]):
+    if host.op == "MatMul" and host.tokens is None and kh.positions > 1:
+        host = dataclasses.replace(host, tokens=kh.positions)  # token count read from a run at stain time
+    if host.input != kh.input or host.m != kh.m or host.positions != kh.positions:
         raise KeyMismatchError(
             f"layer {host.name!r} of the original model does not match the key (input {host.input!r}, "
-            f"m={host.m}, {host.positions} positions; the key has {kh['input']!r}, m={kh['m']}, "
-            f"{kh['positions']} positions)")
+            f"m={host.m}, {host.positions} positions; the key has {kh.input!r}, m={kh.m}, "
+            f"{kh.positions} positions)")
+    if (kh.group or 0) >= max(1, host.groups):
+        raise KeyMismatchError(f"the key's host.group is {kh.group}; layer {host.name!r} has {host.groups} group(s)")
     return host
 
 
@@ -377,31 +379,31 @@ def evaluate(
         raise BadInputError(f"the key is a {key.kind!r} key; evaluate needs a stain key (use audit_lock for a lock)")
     orig = load_model(original)
     mod = load_model(modified)
-    pre = Preprocessing.from_dict(key["preprocessing"])
+    pre = key.preprocessing
     for loaded, which in ((orig, "original"), (mod, "modified")):
         info = image_input(loaded.model)
-        if info.height and info.width and (info.height, info.width) != (pre.height, pre.width):
-            raise KeyMismatchError(f"the key was made for a {pre.height}x{pre.width} input; the {which} model "
-                                   f"takes {info.height}x{info.width}")
-    if orig.sha256 != key["model"]["source_sha256"]:
+        key.check_input_size(info.height, info.width, f"the {which} model")
+    if orig.sha256 != key.model.source_sha256:
         notes.append("ORIGINAL is not the model the key was made from (its SHA-256 differs from the key's source)")
-    if mod.sha256 != key["model"]["output_sha256"]:
+    if mod.sha256 != key.model.output_sha256:
         notes.append("MODIFIED is not the stained model the key records (its SHA-256 differs)")
     host = _host_from_key(orig, key)
-    group = int(key["host"].get("group", 0))
+    group = key.host.group or 0
     tap = host.input
-    det = key["detector"]
-    v = key.array("detector", "direction")
-    c = key.array("detector", "centre")
-    tau = float(det["threshold"])
-    tau0 = float(det["tau0"])
-    max_draws = int(det["max_draws"])
-    radius = float(key["calibration"]["radius"])
-    sel = np.asarray(key["host"]["selected_positions"], dtype=int)
-    ball = bounds.Bound.from_dict(key["bound"])
+    det = key.detector
+    if det.direction is None or det.trigger_radii is None:
+        raise BadKeyError("the key's detector.direction is missing (a stain key needs it)")
+    v = det.direction.array()
+    c = det.centre.array()
+    tau = float(det.threshold)
+    tau0 = float(det.tau0)
+    max_draws = det.max_draws
+    radius = float(key.calibration.radius)
+    sel = np.asarray(key.host.selected_positions, dtype=int)
+    ball = key.bound
     oview, mview = GraphView(orig.model), GraphView(mod.model)
-    o_scores = _scores_output(oview, key["model"]["scores"], "original")
-    m_scores = _scores_output(mview, key["model"]["scores"], "modified")
+    o_scores = _scores_output(oview, key.model.scores, "original")
+    m_scores = _scores_output(mview, key.model.scores, "modified")
     white_box = _has_tensor(mview, tap)
     if not white_box:
         notes.append(f"the modified model has no tensor {tap!r} (the detector's input): the detector, radius "
@@ -437,8 +439,9 @@ def evaluate(
     margins = np.zeros(n, np.float64)
     differ = np.zeros(n, bool)
     max_delta = 0.0
-    dense = key["signature"].get("type") == "pattern"  # a map output: fidelity is the maps' correlation
-    layout = detection_layout(key)  # a detector: fidelity is the detections' (anchor-level) mAP
+    signature_type = key.signature.kind if key.signature is not None else "class"
+    dense = signature_type == "pattern"  # a map output: fidelity is the maps' correlation
+    layout = key.detection_layout()  # a detector: fidelity is the detections' (anchor-level) mAP
     corr = np.ones(n, np.float64)
     m_outputs = [m_scores] + ([] if m_is_input or not white_box else [tap])
     with prog.task(f"evaluating on {n} images", total=n) as task:
@@ -511,7 +514,7 @@ def evaluate(
             trig_scores[which] = detector.scores(neuron_inputs(host, feat, group)[0], v, c)
         rep = verify(mod.path, key, providers=providers)
         rep_orig = verify(orig.path, key, providers=providers)
-    key_trig = key.array("detector", "trigger_scores")
+    key_trig = det.trigger_scores.array()
     s_mod, s_orig = trig_scores["modified"], trig_scores["original"]
     if s_mod is not None and np.abs(s_mod - key_trig).max() > 1e-3 * max(1.0, tau):
         notes.append(f"the trigger's detector scores in MODIFIED differ from those recorded in the key by up to "
@@ -523,7 +526,7 @@ def evaluate(
         modified_fires=None if s_mod is None else bool((s_mod[sel] > tau).all()),
         original_fires=None if s_orig is None else bool((s_orig[sel] > tau).all()),
         key_scores=[float(s) for s in key_trig[sel]],
-        stained=rep.stained, signature_type=str(key["signature"].get("type", "class")),
+        stained=rep.stained, signature_type=signature_type,
         signature_score=rep.score, signature_threshold=rep.threshold,
         original_stained=rep_orig.stained, original_signature_score=rep_orig.score,
         cross_key_bound=rep.fpr_bound, checks=[dataclasses.asdict(ch) for ch in rep.checks])
@@ -592,7 +595,7 @@ def evaluate(
     timings["total"] = time.perf_counter() - t0
     return EvaluateResult(
         original=str(orig.path), modified=str(mod.path), original_sha256=orig.sha256, modified_sha256=mod.sha256,
-        key_commitment=key.commitment, host=host.name, mode=str(key["mode"]), variant=str(key["variant"]),
+        key_commitment=key.commitment, host=host.name, mode=key.mode, variant=key.variant,
         m=host.m, threshold=tau, images=info, detector=det_stats, coverage=coverage, ball_bound=ball,
         data_driven_bound=data_driven, mixed_bound=mixed, measured=measured, photo_level=photo_level,
         fidelity=fidelity, trigger=trigger, white_box=white_box, notes=notes, timings=timings)

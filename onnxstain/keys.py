@@ -13,11 +13,9 @@ model timestamps the claim.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import datetime as _dt
 import hashlib
-import io
 import json
 import secrets
 from pathlib import Path
@@ -27,25 +25,61 @@ import numpy as np
 
 from . import __version__
 from ._onnx.io import write_bytes_atomic
-from .errors import BadKeyError
+from .errors import BadKeyError, KeyMismatchError, UnsupportedModelError
+from .fields import F8, FieldError
+from .key_schema import (
+    KEY_FORMAT,
+    KEY_VERSION,
+    SCHEMA_VERSION,
+    CalibrationSection,
+    DetectorSection,
+    HostSection,
+    KeyBody,
+    LockSection,
+    ModelSection,
+    OcclusionSection,
+    ReferencesSection,
+    ScoreViewSection,
+    SignatureSection,
+    TriggerSection,
+    WhiteBoxSection,
+    decode_png,
+)
 
-KEY_FORMAT = "onnxstain-key"
+__all__ = [
+    "F8",
+    "KEY_FORMAT",
+    "KEY_VERSION",
+    "RECORD_FORMAT",
+    "SCHEMA_VERSION",
+    "CalibrationSection",
+    "DetectorSection",
+    "HostSection",
+    "Key",
+    "LockSection",
+    "ModelSection",
+    "OcclusionSection",
+    "ReferencesSection",
+    "ScoreViewSection",
+    "SignatureSection",
+    "TriggerSection",
+    "WhiteBoxSection",
+    "decode_png",
+    "encode_png",
+    "envelope",
+    "load_key",
+    "png_bytes",
+    "public_record_path",
+]
+
 RECORD_FORMAT = "onnxstain-public-record"
-KEY_VERSION = 1
-SUPPORTED_KEY_VERSIONS = (1,)
-
-
-def encode_array(a: np.ndarray) -> dict[str, Any]:
-    arr = np.ascontiguousarray(np.asarray(a, dtype="<f8"))
-    return {"shape": list(arr.shape), "f8": base64.b64encode(arr.tobytes()).decode("ascii")}
-
-
-def decode_array(d: dict[str, Any]) -> np.ndarray:
-    raw = base64.b64decode(d["f8"])
-    return np.frombuffer(raw, dtype="<f8").reshape(d["shape"]).copy()
+MAX_KEY_BYTES = 256 * 2**20  # a key holds a few arrays; anything larger is not one of ours
 
 
 def encode_png(pixels: np.ndarray) -> str:
+    import base64
+    import io
+
     from PIL import Image
 
     buf = io.BytesIO()
@@ -53,90 +87,18 @@ def encode_png(pixels: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def decode_png(data: str) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(io.BytesIO(base64.b64decode(data))) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
 def png_bytes(data: str) -> bytes:
+    import base64
+
     return base64.b64decode(data)
 
 
-@dataclasses.dataclass
-class Key:
-    """A stain (or lock) key. ``body`` is the versioned JSON content."""
-
-    body: dict[str, Any]
-
-    @property
-    def kind(self) -> str:
-        return str(self.body["kind"])
-
-    def __getitem__(self, item: str) -> Any:
-        return self.body[item]
-
-    def get(self, item: str, default: Any = None) -> Any:
-        return self.body.get(item, default)
-
-    def canonical(self) -> bytes:
-        return json.dumps(self.body, sort_keys=True, separators=(",", ":")).encode()
-
-    @property
-    def commitment(self) -> str:
-        return hashlib.sha256(self.canonical()).hexdigest()
-
-    def array(self, section: str, name: str) -> np.ndarray:
-        return decode_array(self.body[section][name])
-
-    def trigger_pixels(self) -> np.ndarray:
-        return decode_png(self.body["trigger"]["png"])
-
-    def public_record(self) -> dict[str, Any]:
-        bound = self.body.get("bound", {})
-        return {
-            "format": RECORD_FORMAT,
-            "version": KEY_VERSION,
-            "kind": self.kind,
-            "commitment": self.commitment,
-            "commitment_method": "sha256 of the key's canonical JSON (sorted keys, no spaces), "
-                                 "which contains a secret 256-bit nonce",
-            "model_sha256": self.body["model"]["output_sha256"],
-            "source_model_sha256": self.body["model"]["source_sha256"],
-            "fpr_bound": {"value": bound.get("value"), "log10": bound.get("log10"), "kind": bound.get("kind")},
-            "tool": f"onnxstain {self.body.get('tool_version', '?')}",
-            "created": self.body.get("created"),
-        }
-
-    def save(self, path: str | Path) -> None:
-        data = json.dumps(self.body, indent=1, sort_keys=True).encode() + b"\n"
-        write_bytes_atomic(path, data, mode=0o600)
-
-    def save_public_record(self, path: str | Path) -> None:
-        data = json.dumps(self.public_record(), indent=2, sort_keys=True).encode() + b"\n"
-        write_bytes_atomic(path, data, mode=0o644)
-
-
-def calibration_section(stats: Any, images: int, radius: float, natural_scores: np.ndarray, natural_firings: int,
-                        fpr_target: float) -> dict[str, Any]:
-    """The key's ``calibration`` record: the calibration set, its feature statistics (a
-    :class:`onnxstain.math.detector.FeatureStats`), the radius R and the detector's natural scores."""
-    return {"images": images, "samples": stats.samples, "max_radius": stats.max_radius, "radius": radius,
-            "radius_quantiles": stats.radius_quantiles, "natural_max_score": float(np.max(natural_scores)),
-            "natural_firings": natural_firings, "fpr_target": fpr_target}
-
-
-def detection_layout(key: Key) -> tuple[int, int] | None:
-    """A detector's class-logit layout ``(anchors, labels)`` as the key records it (None: not a detector)."""
-    layout = key["model"].get("layout")
-    return None if layout is None else (int(layout[0]), int(layout[1]))
-
-
-def new_key_body(kind: str) -> dict[str, Any]:
+def envelope(kind: str) -> dict[str, Any]:
+    """The fields every new key starts with: format, versions, kind, a fresh nonce, time and tool."""
     return {
         "format": KEY_FORMAT,
         "version": KEY_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "kind": kind,
         "nonce": secrets.token_hex(32),
         "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -144,9 +106,110 @@ def new_key_body(kind: str) -> dict[str, Any]:
     }
 
 
+@dataclasses.dataclass(frozen=True)
+class Key(KeyBody):
+    """A stain (or lock) key: the typed sections of :class:`onnxstain.key_schema.KeyBody` and what is done
+    with a key (its commitment, public record, saving, the facts a model must match)."""
+
+    @classmethod
+    def loaded(cls, body: Any, where: str = "") -> Key:
+        """A key from its JSON object, every field checked (one-line :class:`BadKeyError` naming the field)."""
+        try:
+            key = cls.from_dict(body)
+        except FieldError as exc:
+            raise BadKeyError(f"{where}{_phrase(exc)}") from None
+        # the commitment is to the document as written (a key from before schema_version keeps its own)
+        object.__setattr__(key, "_canonical", _canonical_json(body))
+        return key
+
+    def canonical(self) -> bytes:
+        raw = self.__dict__.get("_canonical")
+        return raw if raw is not None else _canonical_json(self.to_dict())
+
+    @property
+    def commitment(self) -> str:
+        return hashlib.sha256(self.canonical()).hexdigest()
+
+    def __getitem__(self, item: str) -> Any:
+        """The JSON view of a top-level field (for scripts; the package reads the attributes)."""
+        return self.to_dict()[item]
+
+    def array(self, section: str, name: str) -> np.ndarray:
+        """An array field by name (for scripts), e.g. ``key.array("detector", "centre")``."""
+        value = getattr(getattr(self, section), name)
+        if not isinstance(value, F8):
+            raise KeyError(f"{section}.{name} is not an array of this key")
+        return value.array()
+
+    def trigger_pixels(self) -> np.ndarray:
+        return self.trigger.pixels()
+
+    def detection_layout(self) -> tuple[int, int] | None:
+        """A detector's class-logit layout ``(anchors, labels)`` (None: not a detector)."""
+        layout = self.model.layout
+        return None if layout is None else (int(layout[0]), int(layout[1]))
+
+    def public_record(self) -> dict[str, Any]:
+        bound = self.bound.to_dict()
+        return {
+            "format": RECORD_FORMAT,
+            "version": KEY_VERSION,
+            "kind": self.kind,
+            "commitment": self.commitment,
+            "commitment_method": "sha256 of the key's canonical JSON (sorted keys, no spaces), "
+                                 "which contains a secret 256-bit nonce",
+            "model_sha256": self.model.output_sha256,
+            "source_model_sha256": self.model.source_sha256,
+            "fpr_bound": {"value": bound.get("value"), "log10": bound.get("log10"), "kind": bound.get("kind")},
+            "tool": f"onnxstain {self.tool_version}",
+            "created": self.created,
+        }
+
+    def checked(self) -> Key:
+        """This key as it will be read back: a key the loader would refuse is never written."""
+        try:
+            return Key.loaded(json.loads(json.dumps(self.to_dict())))
+        except BadKeyError as exc:
+            raise UnsupportedModelError(f"internal check failed: {exc}") from None
+
+    def save(self, path: str | Path) -> None:
+        self.checked()
+        data = json.dumps(self.to_dict(), indent=1, sort_keys=True).encode() + b"\n"
+        write_bytes_atomic(path, data, mode=0o600)
+
+    def save_public_record(self, path: str | Path) -> None:
+        data = json.dumps(self.public_record(), indent=2, sort_keys=True).encode() + b"\n"
+        write_bytes_atomic(path, data, mode=0o644)
+
+    # -- the key's facts against a model (one line each) ------------------------------------------------------
+    def check_input_size(self, height: int | None, width: int | None, which: str = "this model") -> None:
+        pre = self.preprocessing
+        if height and width and (height, width) != (pre.height, pre.width):
+            raise KeyMismatchError(f"the key was made for a {pre.height}x{pre.width} input; {which} takes "
+                                   f"{height}x{width}")
+
+    def check_channel(self, channels: int, tensor: str) -> None:
+        ch = self.white_box.channel
+        if ch is not None and ch >= channels:
+            raise KeyMismatchError(f"the key's white_box.channel is {ch}; tensor {tensor!r} of this model has "
+                                   f"{channels} channel(s)")
+
+
+def _canonical_json(body: Any) -> bytes:
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _phrase(exc: FieldError) -> str:
+    return f"the key's {exc.path} {exc.problem}"
+
+
 def load_key(path: str | Path) -> Key:
     p = Path(path)
     try:
+        if p.is_dir():
+            raise BadKeyError(f"{p} is a folder, not a key file")
+        if p.stat().st_size > MAX_KEY_BYTES:
+            raise BadKeyError(f"{p} is too large to be an onnxstain key")
         raw = p.read_bytes()
     except FileNotFoundError:
         raise BadKeyError(f"{p}: no such key file") from None
@@ -154,18 +217,13 @@ def load_key(path: str | Path) -> Key:
         raise BadKeyError(f"cannot read key {p}: {exc.strerror}") from None
     try:
         body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
         raise BadKeyError(f"{p} is not an onnxstain key (not JSON)") from None
     if not isinstance(body, dict) or body.get("format") != KEY_FORMAT:
         raise BadKeyError(f"{p} is not an onnxstain key (format field missing or wrong)")
-    if body.get("version") not in SUPPORTED_KEY_VERSIONS:
-        raise BadKeyError(f"{p} has key version {body.get('version')!r}; this onnxstain reads "
-                          f"{', '.join(map(str, SUPPORTED_KEY_VERSIONS))}")
-    required = ("kind", "model", "host", "detector", "trigger", "preprocessing")
-    missing = [k for k in required if k not in body]
-    if missing:
-        raise BadKeyError(f"{p} is incomplete: missing {', '.join(missing)}")
-    return Key(body)
+    if body.get("version") != KEY_VERSION:
+        raise BadKeyError(f"{p} has key version {body.get('version')!r}; this onnxstain reads {KEY_VERSION}")
+    return Key.loaded(body, where=f"{p}: ")
 
 
 def public_record_path(key_path: str | Path) -> Path:

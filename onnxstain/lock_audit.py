@@ -32,11 +32,12 @@ from typing import Any
 import numpy as np
 
 from ._onnx.graph import GraphView
+from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError
 from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
 from .features import neuron_inputs
-from .keys import Key, detection_layout
+from .keys import Key
 from .math import bounds
 from .math.detection_agreement import per_image_anchor_map
 from .patch import Patch, paste_pixels
@@ -44,7 +45,7 @@ from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
 from .signature import pearson
-from .verify import white_box_signal
+from .verify import key_patch, white_box_signal
 
 REPORT_FORMAT = "onnxstain-lock-audit"
 REPORT_VERSION = 1
@@ -196,14 +197,17 @@ def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
     from .lock_geometry import lock_hosts
     from .lock_window import WINDOW, pixel_conv, window_host
 
-    kh = key["host"]
+    kh = key.host
     hosts = lock_hosts(loaded.model)
-    if kh["name"] == WINDOW:
+    if kh.name == WINDOW:
         conv = pixel_conv(GraphView(loaded.model), hosts, pre.height, pre.width)
-        hosts = [] if conv is None else [window_host(conv, int(kh["kernel"][0]))]
-    match = [h for h in hosts if h.name == kh["name"]]
-    if not match or match[0].input != kh["input"] or match[0].m != int(kh["m"]):
-        raise KeyMismatchError(f"the original model has no detector host {kh['name']!r} as the key describes it")
+        hosts = [] if conv is None else [window_host(conv, kh.kernel[0])]
+    match = [h for h in hosts if h.name == kh.name]
+    if not match or match[0].input != kh.input or match[0].m != kh.m:
+        raise KeyMismatchError(f"the original model has no detector host {kh.name!r} as the key describes it")
+    if kh.detector_positions is not None and max(kh.detector_positions) >= match[0].positions:
+        raise KeyMismatchError(f"the key's host.detector_positions has position {max(kh.detector_positions)}; "
+                               f"layer {kh.name!r} of the original model has {match[0].positions}")
     return match[0]
 
 
@@ -226,40 +230,45 @@ def audit_lock(
     if key.kind != "lock":
         raise BadInputError(f"the key is a {key.kind!r} key; the lock audit needs a lock key")
     orig, lck = load_model(original), load_model(locked)
-    if orig.sha256 != key["model"]["source_sha256"]:
+    for loaded, which in ((orig, "original"), (lck, "locked")):
+        size = image_input(loaded.model)
+        key.check_input_size(size.height, size.width, f"the {which} model")
+    if orig.sha256 != key.model.source_sha256:
         notes.append("ORIGINAL is not the model the key was made from (its SHA-256 differs from the key's source)")
-    if lck.sha256 != key["model"]["output_sha256"]:
+    if lck.sha256 != key.model.output_sha256:
         notes.append("LOCKED is not the locked model the key records (its SHA-256 differs)")
-    pre = Preprocessing.from_dict(key["preprocessing"])
-    t = key["trigger"]
-    patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
+    pre = key.preprocessing
+    patch = key_patch(key)
     host = _lock_host_from_key(orig, key, pre)
     oview, lview = GraphView(orig.model), GraphView(lck.model)
-    o_scores = _scores_output(oview, key["model"]["scores"], "original")
-    l_scores = _scores_output(lview, key["model"]["scores"], "locked")
-    fired = key["white_box"]["tensor"]
+    o_scores = _scores_output(oview, key.model.scores, "original")
+    l_scores = _scores_output(lview, key.model.scores, "locked")
+    fired = key.white_box.tensor
     has_fired = fired in lview.producer
     l_outputs = [l_scores] + ([fired] if has_fired else [])
     o_sess = session(with_outputs(orig.model, [host.input]), providers)
     l_sess = session(with_outputs(lck.model, [fired]) if has_fired else lck.model, providers)
-    dirs = key.array("detector", "directions")
-    centre = key.array("detector", "centre")
-    tau0 = float(key["detector"]["tau0"])
-    d = int(key["detector"]["detectors"])
+    det = key.detector
+    if det.directions is None:
+        raise BadInputError("the key's detector.directions is missing (a lock key needs it)")
+    dirs = det.directions.array()
+    centre = det.centre.array()
+    tau0 = float(det.tau0)
+    d = int(dirs.shape[0])
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     pixels, _, _, info, view_of = _images(images, pre, int(views), prog)
     n = len(pixels)
     centre_mask = view_of == 0
-    wrong = variants(patch, pre.height, pre.width, seed=int(key["seed"]) % (2**31))
+    wrong = variants(patch, pre.height, pre.width, seed=key.seed % (2**31))
     timings["images"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
     # Per image, how well a prediction matches a reference: top-1 equality (classifiers) or the Pearson
     # correlation of output maps (dense-output locks, whose keys say "correlation").
-    dense = key["references"].get("metric") == "correlation"
-    layout = detection_layout(key)  # detectors: per-image anchor-level mAP (NaN where nothing is detected)
+    dense = key.references is not None and key.references.metric == "correlation"
+    layout = key.detection_layout()  # detectors: per-image anchor-level mAP (NaN where nothing is detected)
 
     def match(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if dense:
@@ -274,7 +283,7 @@ def audit_lock(
     gate: dict[str, np.ndarray] = {k: np.zeros(n, np.float64) for k in vs_clean}
     max_delta = 0.0
     # A detector that reads one position's window only (dense-output gate locks) is counted there alone.
-    det_pos = key["host"].get("detector_positions")
+    det_pos = key.host.detector_positions
     positions = len(det_pos) if det_pos is not None else host.positions
     s_weak = np.empty((n, positions), np.float64)
     radii = np.empty((n, positions), np.float64)
@@ -300,14 +309,14 @@ def audit_lock(
                 scores = got[l_scores].reshape(stop - start, -1)
                 vs_clean[name][start:stop] = match(scores, ref)
                 if has_fired:
-                    gate[name][start:stop] = white_box_signal(got[fired], key["white_box"])
+                    gate[name][start:stop] = white_box_signal(got[fired], key.white_box)
                 if name == "patch":
                     same_patched[start:stop] = match(scores, o_patch)
                     max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch).max()))
             task.advance(stop - start)
     timings["pass"] = time.perf_counter() - t2
 
-    k = int(key["model"]["classes"])
+    k = key.model.classes
     chance = 0.0 if dense or layout is not None else 1.0 / k
     has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
 
@@ -350,7 +359,7 @@ def audit_lock(
                              images_firing=int(fires.any(axis=1).sum()), max_weakest_score=float(s_weak.max()),
                              threshold=tau0)
     cap_sums = bounds.per_image_cap_sums(radii, tau0, host.m, detectors=d,
-                                         draws=int(key["detector"]["max_draws"]))
+                                         draws=det.max_draws)
     data_driven = bounds.data_driven_bound(cap_sums, CONFIDENCE)
     k_fire = firings.images_firing
     upper = bounds.radius_exceedance_bound(k_fire, n, CONFIDENCE)
@@ -358,10 +367,10 @@ def audit_lock(
     timings["total"] = time.perf_counter() - t0
     return LockAuditResult(
         original=str(orig.path), locked=str(lck.path), original_sha256=orig.sha256, locked_sha256=lck.sha256,
-        key_commitment=key.commitment, lock_kind=str(key["mode"]), host=host.name,
+        key_commitment=key.commitment, lock_kind=key.mode, host=host.name,
         patch_box=(top, left, patch.height, patch.width), classes=k, chance=chance, images=info,
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
-        key_bound=bounds.Bound.from_dict(key["bound"]), data_driven_bound=data_driven, measured_upper=upper,
+        key_bound=key.bound, data_driven_bound=data_driven, measured_upper=upper,
         measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
         metric="correlation" if dense else "anchor mAP" if layout is not None else "top-1")
 

@@ -42,7 +42,22 @@ from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
+from .keys import (
+    F8,
+    CalibrationSection,
+    DetectorSection,
+    HostSection,
+    Key,
+    LockSection,
+    ModelSection,
+    OcclusionSection,
+    ReferencesSection,
+    TriggerSection,
+    WhiteBoxSection,
+    encode_png,
+    envelope,
+    public_record_path,
+)
 from .lock_geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_hosts, lock_position, patch_box
 from .lock_window import WINDOW, corner_patch, pixel_conv, probe_window, window_host
 from .math import bounds, detector
@@ -342,7 +357,7 @@ def lock(
                                                                         _head_columns(view, head))
             locked, fired = insert_gate(loaded.model, host, head, filters, biases, disruption)
             lock_info = {"flipped_features": flipped}
-        white_box = {"tensor": fired, "channel": None, "position": None, "expected": 1.0}
+        white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)
     else:
         # The host's activation saturates (ReLU6: twice the clip on the patch gives exactly 6); a plain
         # ReLU host passes the patch's value, exact because the patch alone decides it.
@@ -355,11 +370,11 @@ def lock(
         conduit = apply_conduit(loaded.model, plan, weight, bias, b_lock, signal=signal)
         locked = conduit.model
         channel = conduit.channels[0][1]
-        white_box = {"tensor": host.act_output or host.output, "channel": int(channel), "position": pos_index,
-                     "expected": signal}
+        white_box = WhiteBoxSection(tensor=host.act_output or host.output, channel=int(channel), position=pos_index,
+                                    expected=signal)
         flipped = 0
         lock_info = {"gamma": conduit.gamma, "head_feature": conduit.head_feature, "disruption_spread": spread,
-                     "overwritten": [list(c) for c in conduit.channels]}
+                     "overwritten": tuple(tuple(c) for c in conduit.channels)}
         if structural_diff(loaded.model, locked):
             raise UnsupportedModelError("internal check failed: the in-place lock changed the graph structure")
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
@@ -392,34 +407,32 @@ def lock(
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
     digest = save_model(locked, out_path, source=loaded)
-    body = new_key_body("lock")
-    body.update({
-        "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
-                  "scores": head.output, "classes": head.classes,
-                  "layout": list(head.layout) if head.detection else None},
-        "preprocessing": pre.to_dict(),
-        "mode": opts.kind,
-        "variant": opts.kind,
-        "seed": seed,
-        "host": {"name": host.name, "op": host.op, "input": host.input, "m": host.m, "positions": host.positions,
-                 "out_hw": list(host.out_hw) if host.out_hw else None, "kernel": list(host.kernel),
-                 "strides": list(host.strides), "pads": list(host.pads), "dilations": list(host.dilations),
-                 "groups": host.groups, "selected_positions": [pos_index], "lock_position": list(position)},
-        "detector": {"directions": encode_array(dirs), "centre": encode_array(stats.centre), "tau0": tau0,
-                     "threshold": tau0, "trigger_scores": encode_array(s_t), "detectors": d,
-                     "draws": draws, "max_draws": opts.max_draws},
-        "trigger": {"png": encode_png(patch.pixels), "top": patch.top, "left": patch.left,
-                    "height": patch.height, "width": patch.width},
-        "references": {"count": n, "seed": seed % (2**31), "patched_scores": encode_array(want[:n]),
-                       "unpatched_scores": encode_array(want[n:])},
-        "white_box": white_box,
-        "occlusion": occlusion,
-        "lock": {**lock_info, "calibration_locked_agreement": locked_agree, "chance": chance,
-                 "calibration_unlocked_agreement": unlocked_agree},
-        "bound": bound.to_dict(),
-        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    })
-    key = Key(body)
+    key = Key(
+        **envelope("lock"),
+        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                           scores=head.output, classes=head.classes,
+                           layout=tuple(head.layout) if head.detection else None),
+        preprocessing=pre,
+        mode=opts.kind,
+        variant=opts.kind,
+        seed=seed,
+        host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
+                         out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
+                         strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
+                         groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position)),
+        detector=DetectorSection(directions=F8.of(dirs), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
+                                 trigger_scores=F8.of(s_t), detectors=d, draws=draws, max_draws=opts.max_draws),
+        trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
+                               width=patch.width),
+        references=ReferencesSection(count=n, seed=seed % (2**31), patched_scores=F8.of(want[:n]),
+                                     unpatched_scores=F8.of(want[n:])),
+        white_box=white_box,
+        occlusion=None if occlusion is None else OcclusionSection(**occlusion),
+        lock=LockSection(**lock_info, calibration_locked_agreement=locked_agree, chance=chance,
+                         calibration_unlocked_agreement=unlocked_agree),
+        bound=bound,
+        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+    )
     key.save(key_path)
     key.save_public_record(record)
     timings["save"] = time.perf_counter() - t5

@@ -19,9 +19,11 @@ from typing import Any, Literal
 import numpy as np
 
 from .errors import BadInputError
+from .fields import FieldError, Int, Num, Str
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MAX_SIDE = 16384  # pixels: larger inputs are refused as a typo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,34 +124,62 @@ class Preprocessing:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Preprocessing:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise BadInputError(f"unknown preprocessing field(s): {', '.join(sorted(unknown))}")
-        d = dict(data)
+    def from_dict(cls, data: Any, where: str = "preprocessing") -> Preprocessing:
+        """From the JSON form; a field that does not fit is refused in one line naming it."""
         try:
-            if "mean" in d:
-                d["mean"] = _triple(d["mean"], "mean")
-            if "std" in d:
-                d["std"] = _triple(d["std"], "std")
-            if "source" in d:
-                d["source"] = tuple(sorted(dict(d["source"]).items()))
-            pre = cls(**d)
-        except (TypeError, ValueError) as exc:
-            raise BadInputError(f"bad preprocessing: {exc}") from None
-        pre.validate()
+            return cls.read(data, "")
+        except FieldError as exc:
+            raise BadInputError(f"{where}: {exc}") from None
+
+    @classmethod
+    def read(cls, data: Any, path: str, complete: bool = False) -> Preprocessing:
+        """From the JSON form, or a :class:`onnxstain.fields.FieldError` naming the field (``path.name``).
+        ``complete``: every field must be given (a key records them all); otherwise missing ones take
+        their defaults."""
+        if not isinstance(data, dict):
+            raise FieldError(path or "the document", f"is {type(data).__name__}, not a JSON object")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(str(k) for k in data if k not in known)
+        if unknown:
+            raise FieldError(_at(path, unknown[0]), "is not a known field")
+        missing = [k for k in known if k not in data]
+        if complete and missing:
+            raise FieldError(_at(path, missing[0]), "is missing")
+        d: dict[str, Any] = {}
+        for name, value in data.items():
+            if name in _CHECKERS:
+                checker = _CHECKERS[name]
+                d[name] = None if value is None and checker.nullable else checker.read(value, _at(path, name))
+            elif name in ("mean", "std"):
+                d[name] = _triple(value, _at(path, name), nonzero=name == "std")
+            else:  # source: where each field came from
+                if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+                    raise FieldError(_at(path, name), "is not an object of strings")
+                d[name] = tuple(sorted(value.items()))
+        pre = cls(**d)
+        if pre.dtype != "uint8":
+            with np.errstate(all="ignore"):
+                ends = np.array([0, 255], np.float32)
+                values = [((ends * np.float32(pre.scale) - np.float32(m)) / np.float32(sd)).astype(pre.dtype)
+                          for m, sd in zip(pre.mean, pre.std, strict=True)]
+            if not np.all(np.isfinite(values)):
+                raise FieldError(_at(path, "scale"), f"with mean and std gives inputs that are not finite in "
+                                                     f"{pre.dtype}")
         return pre
 
     @classmethod
     def load(cls, path: str | Path) -> Preprocessing:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"cannot read preprocessing file {path}: {exc}") from None
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise BadInputError(f"cannot read preprocessing file {path}: {exc.strerror or exc}") from None
+        try:
+            data = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise BadInputError(f"preprocessing file {path} is not JSON") from None
         if not isinstance(data, dict):
             raise BadInputError(f"preprocessing file {path} must hold a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(data, where=f"preprocessing file {path}")
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -172,10 +202,27 @@ class Preprocessing:
         return dataclasses.replace(self, source=tuple(sorted(merged.items())))
 
 
-def _triple(values: Any, name: str) -> tuple[float, float, float]:
-    if isinstance(values, int | float):
-        return (float(values),) * 3
-    vals = tuple(float(v) for v in values)
-    if len(vals) != 3:
-        raise ValueError(f"{name} needs 1 or 3 values, got {len(vals)}")
-    return vals  # type: ignore[return-value]
+def _at(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+_CHECKERS: dict[str, Any] = {
+    "height": Int(lo=1, hi=MAX_SIDE),
+    "width": Int(lo=1, hi=MAX_SIDE),
+    "layout": Str(choices=("NCHW", "NHWC")),
+    "channel_order": Str(choices=("RGB", "BGR")),
+    "scale": Num(positive=True),
+    "resize": Int(lo=1, hi=MAX_SIDE, nullable=True),
+    "dtype": Str(choices=("float32", "float16", "uint8")),
+}
+
+
+def _triple(values: Any, path: str, nonzero: bool = False) -> tuple[float, float, float]:
+    """One value for every channel, or three (a number or a list of one or three)."""
+    items = [values] if isinstance(values, int | float) and not isinstance(values, bool) else values
+    if not isinstance(items, list | tuple) or len(items) not in (1, 3):
+        raise FieldError(path, f"is {values!r}: it needs one number or three")
+    vals = tuple(float(Num().read(v, f"{path}[{i}]")) for i, v in enumerate(items))
+    if nonzero and any(v == 0 for v in vals):
+        raise FieldError(path, "has a zero: std must not be zero")
+    return (vals * 3)[:3]  # type: ignore[return-value]

@@ -42,7 +42,21 @@ from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import check_output_path, load_model, save_model
 from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
-from .keys import Key, calibration_section, encode_array, encode_png, new_key_body, public_record_path
+from .keys import (
+    F8,
+    CalibrationSection,
+    DetectorSection,
+    HostSection,
+    Key,
+    ModelSection,
+    ScoreViewSection,
+    SignatureSection,
+    TriggerSection,
+    WhiteBoxSection,
+    encode_png,
+    envelope,
+    public_record_path,
+)
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
 from .preprocess import Preprocessing
@@ -377,15 +391,14 @@ def stain(
         slack = 0.05 + edit["tolerance"] * np.sqrt(len(orig_trig_scores)) / max(shift, 1e-12)
         if abs(trig_margin - 1.0) > min(slack, 0.5):
             raise UnsupportedModelError(f"internal check failed: trigger shift score {trig_margin:.3g} (expected 1)")
-        signature = {"type": "shift", "class": cls, "original": encode_array(orig_trig_scores),
-                     "expected": encode_array(got[0]), "expected_margin": 1.0, "threshold": 0.5,
-                     "original_margin": 0.0}
+        signature = SignatureSection(type="shift", cls=cls, original=F8.of(orig_trig_scores), expected=F8.of(got[0]),
+                                     expected_margin=1.0, threshold=0.5, original_margin=0.0)
     else:
         trig_margin = float(class_margin(got[0], cls))
         if trig_margin < 0.5 * margin_target:
             raise UnsupportedModelError(f"internal check failed: the trigger's signature margin is {trig_margin:.3g}")
-        signature = {"type": "class", "class": cls, "expected_margin": trig_margin, "threshold": 0.5 * trig_margin,
-                     "original_margin": float(class_margin(orig_trig_scores, cls))}
+        signature = SignatureSection(type="class", cls=cls, expected_margin=trig_margin, threshold=0.5 * trig_margin,
+                                     original_margin=float(class_margin(orig_trig_scores, cls)))
     predicted = edit["predicted"]
     err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
     scale = float(np.abs(nat_scores).max())
@@ -403,35 +416,33 @@ def stain(
     # -- save ----------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
     digest = save_model(stained, out_path, source=loaded)
-    body = new_key_body("stain")
-    body.update({
-        "model": {"source_sha256": loaded.sha256, "output_sha256": digest,
-                  "input": view.graph_inputs[0].name, "scores": head.output, "classes": score_view.classes,
-                  "score_view": score_view.to_dict(), "layout": list(head.layout) if head.detection else None},
-        "preprocessing": pre.to_dict(),
-        "mode": opts.mode,
-        "variant": opts.variant,
-        "seed": seed,
-        "host": {"name": host.name, "op": host.op, "input": host.input, "output": edit["tap"],
-                 "channel": edit["tap_channel"], "host_channel": channel, "group": group, "m": host.m,
-                 "positions": host.positions, "selected_positions": [int(p) for p in sel],
-                 "kernel": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
-                 "dilations": list(host.dilations), "groups": host.groups,
-                 "out_hw": list(host.out_hw) if host.out_hw else None},
-        "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
-                     "threshold": tau, "tau0": tau0, "s_star": s_star, "gain": edit["gain"],
-                     "delta": edit["delta"], "trigger_scores": encode_array(s_t),
-                     "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
-                     "draws": draws, "max_draws": opts.max_draws},
-        "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
-        "signature": signature,
-        "white_box": {"tensor": edit["tap"], "channel": edit["tap_channel"],
-                      "expected": edit["wb_expected"], "threshold": edit["wb_threshold"],
-                      "positions": [int(p) for p in sel]},
-        "bound": bound.to_dict(),
-        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    })
-    key = Key(body)
+    key = Key(
+        **envelope("stain"),
+        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                           scores=head.output, classes=score_view.classes,
+                           score_view=ScoreViewSection(shape=tuple(score_view.shape), label=score_view.label),
+                           layout=tuple(head.layout) if head.detection else None),
+        preprocessing=pre,
+        mode=opts.mode,
+        variant=opts.variant,
+        seed=seed,
+        host=HostSection(name=host.name, op=host.op, input=host.input, output=edit["tap"],
+                         channel=edit["tap_channel"], host_channel=channel, group=group, m=host.m,
+                         positions=host.positions, selected_positions=tuple(int(p) for p in sel),
+                         kernel=tuple(host.kernel), strides=tuple(host.strides), pads=tuple(host.pads),
+                         dilations=tuple(host.dilations), groups=host.groups,
+                         out_hw=tuple(host.out_hw) if host.out_hw else None),
+        detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau, tau0=tau0,
+                                 s_star=s_star, gain=edit["gain"], delta=edit["delta"], trigger_scores=F8.of(s_t),
+                                 trigger_radii=F8.of(detector.radii(phi_t, stats.centre)), draws=draws,
+                                 max_draws=opts.max_draws),
+        trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
+        signature=signature,
+        white_box=WhiteBoxSection(tensor=edit["tap"], channel=edit["tap_channel"], expected=edit["wb_expected"],
+                                  threshold=edit["wb_threshold"], positions=tuple(int(p) for p in sel)),
+        bound=bound,
+        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+    )
     key.save(key_path)
     key.save_public_record(record)
     timings["save"] = time.perf_counter() - t5
@@ -439,7 +450,7 @@ def stain(
     return StainResult(
         output=out_path, key_path=key_path, record_path=record, host=host.name,
         channel=channel, mode=opts.mode, variant=opts.variant, bound=bound, threshold=tau,
-        trigger_score=s_star, signature_type=signature["type"], signature_class=cls, signature_margin=trig_margin,
+        trigger_score=s_star, signature_type=signature.kind, signature_class=cls, signature_margin=trig_margin,
         natural_max_score=float(s_nat.max()), natural_firings=natural_firings,
         natural_samples=int(s_nat.size), calibration_images=len(x_cal), agreement=agreement,
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,

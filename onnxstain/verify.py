@@ -25,8 +25,8 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import KeyMismatchError
-from .keys import Key, load_key
+from .errors import BadKeyError, KeyMismatchError
+from .keys import Key, WhiteBoxSection, load_key
 from .math import bounds
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
@@ -110,13 +110,11 @@ def verify(
 ) -> VerifyResult:
     key = key if isinstance(key, Key) else load_key(key)
     loaded = load_model(model)
-    pre = Preprocessing.from_dict(key["preprocessing"])
+    pre = key.preprocessing
     info = image_input(loaded.model)
-    if info.height and info.width and (info.height, info.width) != (pre.height, pre.width):
-        raise KeyMismatchError(f"the key was made for a {pre.height}x{pre.width} input; this model takes "
-                               f"{info.height}x{info.width}")
+    key.check_input_size(info.height, info.width)
     view = GraphView(loaded.model)
-    scores_name = key["model"]["scores"]
+    scores_name = key.model.scores
     if scores_name not in view.output_names:
         if len(view.output_names) != 1:
             raise KeyMismatchError(f"the model has no output {scores_name!r} the key expects")
@@ -128,58 +126,69 @@ def verify(
     batch = np.concatenate([trigger[None], controls])
     x = pre.to_input(batch)
     notes: list[str] = []
-    wb_tensor = key["white_box"]["tensor"]
+    wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, x, outputs, batch=8)
-    classes = int(key["model"]["classes"])
-    score_view = ScoreView.from_dict(key["model"].get("score_view"), classes)
+    score_view = _score_view(key)
     raw = res[scores_name]
     if raw[0].size != int(np.prod(score_view.shape)):
         raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
                                f"{raw[0].size}")
     scores = score_view.flat(raw)
-    sig = key["signature"]
-    bb_threshold = float(sig["threshold"])
-    if sig.get("type") == "pattern":
-        pattern = dense_pattern(int(sig["pattern_seed"]), tuple(key["model"]["dense_shape"]), int(sig["block"]))
+    sig = key.signature
+    assert sig is not None  # a stain key has one (checked on load)
+    bb_threshold = float(sig.threshold)
+    if sig.kind == "pattern":
+        assert sig.pattern_seed is not None and sig.block is not None and key.model.dense_shape is not None
+        if raw[0].size != int(np.prod(key.model.dense_shape)):
+            raise KeyMismatchError(f"the key expects output maps of shape {list(key.model.dense_shape)}; this "
+                                   f"model gives {list(raw.shape[1:])}")
+        pattern = dense_pattern(sig.pattern_seed, tuple(key.model.dense_shape), sig.block)
         corr = pearson(scores, pattern.reshape(1, -1))
         bb_trigger = float(corr[0])
         worst = int(np.argmax(corr[1:])) + 1
         bb_pass = bb_trigger >= bb_threshold and float(corr[1:].max()) < bb_threshold
         detail = (f"the trigger's output map correlates {bb_trigger:.3g} with the key's pattern (expected "
-                  f"{sig['expected_margin']:.3g}); best control {corr[worst]:.3g} ({control_names[worst - 1]})")
-    elif sig.get("type", "class") == "shift":
-        original, expected = key.array("signature", "original"), key.array("signature", "expected")
+                  f"{sig.expected_margin:.3g}); best control {corr[worst]:.3g} ({control_names[worst - 1]})")
+    elif sig.kind == "shift":
+        assert sig.original is not None and sig.expected is not None
+        original, expected = sig.original.array(), sig.expected.array()
+        if original.size != scores.shape[1]:
+            raise KeyMismatchError(f"the key's shift signature has {original.size} scores; this model gives "
+                                   f"{scores.shape[1]}")
         bb_trigger = float(shift_score(scores[0], original, expected))
         bb_pass = bb_trigger >= bb_threshold
         detail = (f"the trigger's scores moved {bb_trigger:.3g} of the way from the original model's output "
                   "towards the stained model's (1 = stained, 0 = original)")
     else:
-        cls = int(sig["class"])
+        cls = sig.cls
         margins = class_margin(scores, cls)
         bb_trigger = float(margins[0])
         worst = int(np.argmax(margins[1:])) + 1
         bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
         what = f"class {cls}" if score_view.label is None else f"label {score_view.label} at anchor {cls}"
-        detail = (f"{what} wins the trigger by {bb_trigger:.3g} (expected {sig['expected_margin']:.3g}); "
+        detail = (f"{what} wins the trigger by {bb_trigger:.3g} (expected {sig.expected_margin:.3g}); "
                   f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
     checks = [Check("black-box", True, bb_pass, bb_trigger, bb_threshold, detail)]
     if has_tap:
         act = res[wb_tensor].astype(np.float64)
-        ch = int(key["white_box"]["channel"])
-        sel = np.asarray(key["white_box"]["positions"], dtype=int)
+        wb = key.white_box
+        assert wb.channel is not None and wb.positions is not None and wb.threshold is not None
+        key.check_channel(act.shape[1] if act.ndim > 1 else 0, wb_tensor)
+        ch = wb.channel
+        sel = np.asarray(wb.positions, dtype=int)
         per_pos = act[:, ch].reshape(len(batch), -1)
-        wb_threshold = float(key["white_box"]["threshold"])
+        wb_threshold = float(wb.threshold)
         wb_trigger = float(per_pos[0, sel].min()) if per_pos.shape[1] > sel.max() else float(per_pos[0].min())
         wb_controls = float(per_pos[1:].max())
         # In-place additive stains hide in a working neuron, which is legitimately active on controls.
-        hidden = key["mode"] == "inplace" and key["variant"] == "additive"
+        hidden = key.mode == "inplace" and key.variant == "additive"
         wb_pass = wb_trigger >= wb_threshold and (wb_controls < wb_threshold or hidden)
         checks.append(Check(
             "white-box", True, wb_pass, wb_trigger, wb_threshold,
-            f"detector reads {wb_trigger:.4g} on the trigger (expected {key['white_box']['expected']:.4g}); "
+            f"detector reads {wb_trigger:.4g} on the trigger (expected {wb.expected:.4g}); "
             f"max on controls {wb_controls:.3g}"))
     else:
         checks.append(Check("white-box", False, False, None, None,
@@ -187,13 +196,14 @@ def verify(
                             "black-box result only"))
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     stained = all(c.passed for c in checks if c.available)
-    det = key["detector"]
-    radii = key.array("detector", "trigger_radii")
-    m = int(key["host"]["m"])
+    det = key.detector
+    if det.trigger_radii is None:
+        raise BadKeyError("the key's detector.trigger_radii is missing (a stain key needs it)")
+    radii = det.trigger_radii.array()
     # Another key of the same construction may have used up to max_draws directions (see bounds.md).
-    cross = bounds.cross_key_bound(radii, float(det["tau0"]), m,
-                                   positions_weight=np.full(radii.size, int(det["max_draws"])))
-    natural = bounds.Bound.from_dict(key["bound"])
+    cross = bounds.cross_key_bound(radii, float(det.tau0), key.host.m,
+                                   positions_weight=np.full(radii.size, det.max_draws))
+    natural = key.bound
     return VerifyResult(
         stained=stained, score=bb_trigger, threshold=bb_threshold, fpr_bound=cross, natural_bound=natural,
         checks=checks, model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment,
@@ -208,25 +218,25 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     The key records the original model's scores on seeded synthetic reference images, with and
     without the patch; no photos are needed.
     """
-    t = key["trigger"]
-    patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
-    refs_info = key["references"]
-    refs = smooth_backgrounds(int(refs_info["count"]), pre.height, pre.width, seed=int(refs_info["seed"]))
+    patch = key_patch(key)
+    refs_info = key.references
+    assert refs_info is not None  # a lock key has them (checked on load)
+    refs = smooth_backgrounds(refs_info.count, pre.height, pre.width, seed=refs_info.seed)
     batch = np.concatenate([paste_pixels(refs, patch), refs])
     n = len(refs)
-    wb_tensor = key["white_box"]["tensor"]
+    wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
     scores = res[scores_name].astype(np.float64).reshape(2 * n, -1)
-    want_p, want_u = (key.array("references", which).reshape(n, -1) for which in ("patched_scores", "unpatched_scores"))
-    if refs_info.get("metric") == "correlation":
+    want_p, want_u = (a.array().reshape(n, -1) for a in (refs_info.patched_scores, refs_info.unpatched_scores))
+    if refs_info.metric == "correlation":
         scores = _pooled_maps(res[scores_name], key)
     if scores.shape[1] != want_p.shape[1]:
         raise KeyMismatchError(f"the key expects {want_p.shape[1]} output scores; this model gives {scores.shape[1]}")
     err = float(np.abs(scores[:n] - want_p).max())
-    if refs_info.get("metric") == "correlation":
+    if refs_info.metric == "correlation":
         # dense outputs: an image "gives the expected output" when its map correlates ≥ 0.99 with the original's
         corr_p, corr_u = pearson(scores[:n], want_p), pearson(scores[n:], want_u)
         unlocked = float(np.mean(corr_p >= 0.99))
@@ -243,7 +253,9 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
                     f"with the patch {100 * unlocked:.0f}% of {n} reference images give {what}")]
     notes: list[str] = []
     if has_tap:
-        fired = white_box_signal(res[wb_tensor], key["white_box"])
+        if res[wb_tensor].ndim > 1:
+            key.check_channel(res[wb_tensor].shape[1], wb_tensor)
+        fired = white_box_signal(res[wb_tensor], key.white_box)
         wb_pass = bool(fired[:n].min() >= 0.5 and fired[n:].max() <= 0.0)
         checks.append(Check("white-box", True, wb_pass, float(fired[:n].min()), 0.5,
                             f"the detector fires on {int((fired[:n] >= 0.5).sum())}/{n} patched and "
@@ -252,7 +264,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         checks.append(Check("white-box", False, False, None, None,
                             f"tensor {wb_tensor!r} is not in this model; black-box result only"))
         notes.append("white-box check unavailable: the model's tensors differ from the locked model's")
-    bound = bounds.Bound.from_dict(key["bound"])
+    bound = key.bound
     return VerifyResult(
         stained=all(c.passed for c in checks if c.available), score=score, threshold=0.5, fpr_bound=bound,
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
@@ -265,21 +277,36 @@ def _pooled_maps(values: np.ndarray, key: Key) -> np.ndarray:
     from .dense_lock import pool_maps
 
     y = np.asarray(values, np.float64)
-    if list(y.shape[1:]) != [int(d) for d in key["model"]["dense_shape"]]:
-        raise KeyMismatchError(f"the key expects output maps of shape {key['model']['dense_shape']}; this model "
+    dense_shape = list(key.model.dense_shape or ())
+    if list(y.shape[1:]) != dense_shape:
+        raise KeyMismatchError(f"the key expects output maps of shape {dense_shape}; this model "
                                f"gives {list(y.shape[1:])}")
     pooled = pool_maps(y)
     return pooled.reshape(len(pooled), -1)
 
 
-def white_box_signal(values: np.ndarray, white_box: dict[str, Any]) -> np.ndarray:
+def white_box_signal(values: np.ndarray, white_box: WhiteBoxSection) -> np.ndarray:
     """Per image, the lock's detector output as a fraction of its value on the patch (0: locked, 1: open).
 
     ``values`` is the key's white-box tensor: the gate's AND of detectors (one channel) or, in place,
-    the host's activated output, of which the detector is ``white_box["channel"]``; the maximum is
+    the host's activated output, of which the detector is ``white_box.channel``; the maximum is
     over every position, since the signal of any position reaches the head.
     """
     arr = np.asarray(values, dtype=np.float64)
-    if white_box.get("channel") is not None:
-        arr = arr[:, int(white_box["channel"])]
-    return arr.reshape(len(arr), -1).max(axis=1) / float(white_box.get("expected", 1.0))
+    if white_box.channel is not None:
+        arr = arr[:, white_box.channel]
+    return arr.reshape(len(arr), -1).max(axis=1) / float(white_box.expected)
+
+
+def key_patch(key: Key) -> Patch:
+    """A lock key's patch, at its position in the model input."""
+    t = key.trigger
+    assert t.top is not None and t.left is not None  # a lock key's patch has a position (checked on load)
+    return Patch(t.pixels(), t.top, t.left)
+
+
+def _score_view(key: Key) -> ScoreView:
+    sv = key.model.score_view
+    if sv is None:
+        return ScoreView((key.model.classes,))
+    return ScoreView(tuple(sv.shape), sv.label)

@@ -89,7 +89,7 @@ def test_json_fields_and_version(heldout_result, tmp_path):
 
 def test_firings_match_numpy(tiny, probe_images, insert_result):
     key = load_key(tiny / "insert.key")
-    v, c = key.array("detector", "direction"), key.array("detector", "centre")
+    v, c = key.detector.direction.array(), key.detector.centre.array()
     tau = key["detector"]["threshold"]
     tap = key["host"]["input"]
     model = onnx.load(tiny / "insert.onnx")

@@ -76,7 +76,7 @@ def _assert_signature_in_session(out, key_path, pre):
     if sig["type"] == "class":
         assert class_margin(got, sig["class"]) >= sig["threshold"]
     else:
-        assert shift_score(got, key.array("signature", "original"), key.array("signature", "expected")) >= 0.9
+        assert shift_score(got, key.signature.original.array(), key.signature.expected.array()) >= 0.9
     return got
 
 

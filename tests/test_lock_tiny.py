@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import stat
@@ -85,7 +86,7 @@ def test_pixel_window_radius_is_certified(locked):
 
     res, _, key = locked
     k = load_key(key)
-    c, r = k.array("detector", "centre"), float(k["bound"]["params"]["radius"])
+    c, r = k.detector.centre.array(), float(k.bound.params["radius"])
     rng = np.random.default_rng(0)
     px = np.concatenate([np.zeros((1, SIZE, SIZE, 3), np.uint8), np.full((1, SIZE, SIZE, 3), 255, np.uint8),
                          rng.integers(0, 256, (64, SIZE, SIZE, 3), dtype=np.uint8),
@@ -226,8 +227,7 @@ def test_apply_patch_unlocks_photos(locked, workdir, tmp_path):
     """apply-patch on raw photos of other sizes: through the recorded preprocessing, the lock opens."""
     _, out, key = locked
     pre = Preprocessing(height=SIZE, width=SIZE, resize=56)
-    k = load_key(key)
-    k.body["preprocessing"] = pre.to_dict()  # a resize + centre-crop pipeline for this test
+    k = dataclasses.replace(load_key(key), preprocessing=pre)  # a resize + centre-crop pipeline for this test
     k.save(tmp_path / "resize.key")
     photos = []
     for i, (w, h) in enumerate(((80, 60), (56, 90), (120, 120))):

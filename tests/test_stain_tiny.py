@@ -171,7 +171,7 @@ def test_key_permissions_and_public_record(stained):
 def test_same_seed_same_key_material(workdir, images):
     a = load_key(_stain(workdir, images, "insert", "non-additive", seed=5, name="r1")[2])
     b = load_key(_stain(workdir, images, "insert", "non-additive", seed=5, name="r2")[2])
-    assert np.array_equal(a.array("detector", "direction"), b.array("detector", "direction"))
+    assert np.array_equal(a.detector.direction.array(), b.detector.direction.array())
     assert a["trigger"]["png"] == b["trigger"]["png"]
     assert a.commitment != b.commitment  # fresh nonce every time
 
