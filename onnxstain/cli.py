@@ -221,7 +221,13 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     else:
         what = (f"class {res.signature_class}" if res.signature_label is None else
                 f"a detection of label {res.signature_label} at anchor {res.signature_class}")
-        con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
+        if res.triggers > 1:
+            con.print(f"  signature: {res.triggers} triggers, each shows its own class (classes "
+                      f"{', '.join(map(str, res.signature_classes))}) by at least {res.signature_margin:.3g}")
+        else:
+            con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
+    if res.chance_text is not None:
+        con.print(f"  black-box chance ≤ {res.chance_text}: an unrelated model shows the signature")
     con.print(f"  false-positive bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
     if res.signature_type == "pattern":
@@ -355,6 +361,9 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
     for c in res.checks:
         state = "pass" if c.passed else ("n/a" if not c.available else "fail")
         con.print(f"  {c.name}: {state} — {c.detail}")
+    if res.chance_text is not None:
+        con.print(f"  black-box chance ≤ {res.chance_text}: a model that does not depend on the key shows "
+                  "every prescribed class")
     con.print(f"  false-positive bound {res.fpr_bound}: {res.fpr_bound.statement}")
     what = "false-unlock bound of this lock per image" if res.kind == "lock" else "natural-input bound of this stain"
     con.print(f"  {what} {res.natural_bound}")
