@@ -335,7 +335,8 @@ def stain(
     if n_trig == 1:
         cls, allowed = stain_edit.signature_choice(opts, rng, nat_scores, orig_trig_scores, score_view)
         classes, allowed_sets = [cls], [allowed]
-        if opts.signature_class is None and 1.0 / allowed > target_chance and not head.detection:
+        shift = opts.mode == "inplace" and opts.variant == "additive"  # the shift signature has no class draw
+        if opts.signature_class is None and 1.0 / allowed > target_chance and not head.detection and not shift:
             notes.append(f"black-box chance of the signature is 1/{allowed} (one trigger, its class drawn from "
                          f"{allowed}), above the target {target_chance:g}: the in-place route carries one trigger; "
                          "--mode insert carries as many as the target needs" if opts.mode == "inplace" else

@@ -136,3 +136,17 @@ def test_single_score_head_is_refused_in_one_line(tmp_path, images):
     with pytest.raises(UnsupportedModelError, match="single value"):
         onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
                         preprocessing=PRE, options=StainOptions(mode="insert", seed=0, fpr=FPR))
+
+
+@pytest.mark.parametrize("classes", [1, 2, 3, 5, 6, 10])
+def test_signature_choice_never_draws_from_an_empty_set(classes):
+    """Finding 2: with five classes or fewer every class is in the trigger's top 5; the draw falls back."""
+    from onnxstain.stain_edit import signature_choice
+
+    rng = np.random.default_rng(classes)
+    nat = rng.normal(size=(40, classes))
+    for _ in range(20):
+        cls, allowed = signature_choice(StainOptions(), rng, nat, rng.normal(size=classes))
+        assert 0 <= cls < classes and 1 <= allowed <= classes
+        if classes >= 2:
+            assert allowed < classes  # the trigger's own top class is never prescribed in a single-trigger stain

@@ -37,7 +37,7 @@ def single_suffices(classes: int, target: float) -> bool:
     The legacy choice excludes the classes the calibration images and the trigger already favour, so
     its ``|A|`` is a little below ``K``; with ``K ≥ 2/target`` up to half the classes may be excluded.
     """
-    return classes >= 2 and classes * target >= 2.0
+    return classes >= 2 and classes * target >= 2.0 - 1e-9  # (1000 × 2e-3 is 2 up to rounding)
 
 
 def triggers_needed(allowed: int, target: float, cap: int = MAX_TRIGGERS) -> int | None:
