@@ -186,6 +186,9 @@ def inspect(model: str, json_out: str | None) -> None:
               help="Calibration images folder (default: the built-in natural photo set).")
 @click.option("--fpr", type=float, default=1e-9, show_default=True,
               help="Target false-positive bound per image.")
+@click.option("--chance", type=float,
+              help="Target black-box chance that an unrelated model shows the signature (default: the --fpr, "
+                   "but not below 2e-3; few-class models take several triggers in --mode insert).")
 @click.option("--seed", type=int, help="Seed of the key's random choices (default: fresh randomness).")
 @click.option("--trigger-png", type=click.Path(dir_okay=False), help="Also write the secret trigger as PNG.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary.")
@@ -193,7 +196,7 @@ def inspect(model: str, json_out: str | None) -> None:
 @preprocessing_options
 @provider_option
 @handle_errors
-def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, seed, trigger_png, json_out,
+def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, chance, seed, trigger_png, json_out,
           quiet, pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
     """Implant a secret detector in MODEL and write the stained model and its key."""
     from .api import StainOptions
@@ -204,7 +207,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     for note in notes:
         con.print(f"note: {note}")
     opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
-                        providers=_providers(providers))
+                        chance=chance, providers=_providers(providers))
     res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
                    progress=RichProgress(not quiet and sys.stderr.isatty()))
     con.print(f"[bold green]stained[/] {res.output}  ({res.mode}, {res.variant})")

@@ -202,6 +202,8 @@ def stain(
         raise BadInputError(f"unknown variant {opts.variant!r}")
     if not 0 < opts.fpr < 1:
         raise BadInputError("--fpr must be between 0 and 1")
+    if opts.chance is not None and not 0 < opts.chance < 1:
+        raise BadInputError("--chance must be between 0 and 1")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
     view = GraphView(loaded.model, pre.input_shape())
