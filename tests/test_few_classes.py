@@ -150,3 +150,25 @@ def test_signature_choice_never_draws_from_an_empty_set(classes):
         assert 0 <= cls < classes and 1 <= allowed <= classes
         if classes >= 2:
             assert allowed < classes  # the trigger's own top class is never prescribed in a single-trigger stain
+
+
+def _with_sigmoid(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A multi-label head: the logits through a Sigmoid (several labels may be on at once)."""
+    g = model.graph
+    g.node[-1].output[0] = "logits_raw"
+    g.node.append(onnx.helper.make_node("Sigmoid", ["logits_raw"], ["logits"], name="/Sigmoid"))
+    onnx.checker.check_model(model)
+    return model
+
+
+def test_sigmoid_multilabel_head(tmp_path, images):
+    """The class signature holds for a sigmoid head too (the bound needs only the uniform, independent draw);
+    verify reads the logits back from the probabilities."""
+    onnx.save(_with_sigmoid(tiny_classifier(classes=4, seed=3)), tmp_path / "model.onnx")
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
+                          preprocessing=PRE, options=StainOptions(mode="insert", seed=5, fpr=FPR))
+    assert res.triggers == chance.triggers_needed(4, FPR) == 3
+    assert load_key(tmp_path / "s.key")["model"]["output_activation"] == "sigmoid"
+    good = onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key")
+    assert good.stained and 10.0 ** good.chance_log10 <= FPR
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "s.key").stained
