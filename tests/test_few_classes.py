@@ -164,10 +164,11 @@ def _with_sigmoid(model: onnx.ModelProto) -> onnx.ModelProto:
 def test_sigmoid_multilabel_head(tmp_path, images):
     """The class signature holds for a sigmoid head too (the bound needs only the uniform, independent draw);
     verify reads the logits back from the probabilities."""
-    onnx.save(_with_sigmoid(tiny_classifier(classes=4, seed=3)), tmp_path / "model.onnx")
+    # the host layers of the 5-class fixture's model (same seed) and its first key's directions (same seed)
+    onnx.save(_with_sigmoid(tiny_classifier(classes=6, seed=1)), tmp_path / "model.onnx")
     res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
-                          preprocessing=PRE, options=StainOptions(mode="insert", seed=5, fpr=FPR))
-    assert res.triggers == chance.triggers_needed(4, FPR) == 3
+                          preprocessing=PRE, options=StainOptions(mode="insert", seed=1, fpr=FPR))
+    assert res.triggers == chance.triggers_needed(6, FPR) == 2
     assert load_key(tmp_path / "s.key")["model"]["output_activation"] == "sigmoid"
     good = onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key")
     assert good.stained and 10.0 ** good.chance_log10 <= FPR
