@@ -203,6 +203,9 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
               help="Calibration images folder (default: the built-in natural photo set).")
 @click.option("--fpr", type=float, default=1e-9, show_default=True,
               help="Target false-positive bound per image.")
+@click.option("--chance", type=float,
+              help="Target black-box chance that an unrelated model shows the signature (default: the --fpr, "
+                   "but not below 2e-3; few-class models take several triggers in --mode insert).")
 @click.option("--seed", type=int, help="Seed of the key's random choices (default: fresh randomness).")
 @click.option("--trigger-png", type=click.Path(dir_okay=False), help="Also write the secret trigger as PNG.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary.")
@@ -210,7 +213,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 @preprocessing_options
 @provider_option
 @handle_errors
-def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, seed, trigger_png, json_out,
+def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, chance, seed, trigger_png, json_out,
           quiet, pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
     """Implant a secret detector in MODEL and write the stained model and its key."""
     from .api import StainOptions
@@ -221,7 +224,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     for note in notes:
         con.print(f"note: {note}")
     opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
-                        providers=_providers(providers))
+                        chance=chance, providers=_providers(providers))
     res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
                    progress=RichProgress(not quiet and sys.stderr.isatty()))
     con.print(f"[bold green]stained[/] {res.output}  ({res.mode}, {res.variant})")
@@ -238,7 +241,13 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, s
     else:
         what = (f"class {res.signature_class}" if res.signature_label is None else
                 f"a detection of label {res.signature_label} at anchor {res.signature_class}")
-        con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
+        if res.triggers > 1:
+            con.print(f"  signature: {res.triggers} triggers, each shows its own class (classes "
+                      f"{', '.join(map(str, res.signature_classes))}) by at least {res.signature_margin:.3g}")
+        else:
+            con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
+    if res.chance_text is not None:
+        con.print(f"  black-box chance ≤ {res.chance_text}: an unrelated model shows the signature")
     con.print(f"  false-positive bound per image {res.bound}")
     con.print(f"    {res.bound.statement}")
     if res.signature_type == "pattern":
@@ -372,6 +381,9 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
     for c in res.checks:
         state = "pass" if c.passed else ("n/a" if not c.available else "fail")
         con.print(f"  {c.name}: {state} — {c.detail}")
+    if res.chance_text is not None:
+        con.print(f"  black-box chance ≤ {res.chance_text}: a model that does not depend on the key shows "
+                  "every prescribed class")
     con.print(f"  false-positive bound {res.fpr_bound}: {res.fpr_bound.statement}")
     what = "false-unlock bound of this lock per image" if res.kind == "lock" else "natural-input bound of this stain"
     con.print(f"  {what} {res.natural_bound}")

@@ -160,6 +160,8 @@ class ModelSection(Record):
     layout: tuple[int, ...] | None = spec(Ints(lo=1, length=2), optional=True,
                                           write_null=lambda s: s.dense_shape is None)
     dense_shape: tuple[int, ...] | None = spec(Ints(lo=1, min_length=1, max_length=4), optional=True)
+    # the squashing of a classifier's output (verify reads margins as logits); null: the scores themselves
+    output_activation: str | None = spec(Str(choices=("softmax", "sigmoid")), optional=True)
 
     def check(self, path: str) -> None:
         sv = self.score_view
@@ -263,24 +265,58 @@ class TriggerSection(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class SignatureTrigger(Record):
+    """One trigger of a multi-trigger class signature (few-class models): its class, detector and image."""
+
+    cls: int = spec(Int(lo=0), name="class")
+    allowed: int = spec(Int(lo=1))  # size of the set the class was drawn from
+    expected_margin: float = spec(Num())
+    threshold: float = spec(Num())
+    original_margin: float = spec(Num())
+    png: str = spec(Str())
+    direction: F8 = spec(Array(ndim=1))
+    trigger_scores: F8 = spec(Array(ndim=1))
+    trigger_radii: F8 = spec(Array(ndim=1))
+    s_star: float = spec(Num())
+    draws: int = spec(Int(lo=1))
+    white_box_channel: int = spec(Int(lo=0))
+
+
+def _triggers(value: Any, path: str) -> tuple[SignatureTrigger, ...]:
+    if not isinstance(value, list) or not value:
+        raise FieldError(path, "is not a non-empty list of triggers")
+    return tuple(SignatureTrigger.from_dict(v, f"{path}[{i}]") for i, v in enumerate(value))
+
+
+def _trigger_rows(value: tuple[SignatureTrigger, ...]) -> list[dict[str, Any]]:
+    return [t.to_dict() for t in value]
+
+
+@dataclasses.dataclass(frozen=True)
 class SignatureSection(Record):
     cls: int = spec(Int(lo=-1), name="class")
     expected_margin: float = spec(Num())
     threshold: float = spec(Num())
     original_margin: float = spec(Num())
-    type: str | None = spec(Str(choices=("class", "shift", "pattern")), optional=True)
+    type: str | None = spec(Str(choices=("class", "shift", "pattern", "multi-class")), optional=True)
     original: F8 | None = spec(Array(ndim=1), optional=True)  # shift signatures
     expected: F8 | None = spec(Array(ndim=1), optional=True)
     pattern_seed: int | None = spec(Int(lo=0, hi=2**32 - 1), optional=True)  # pattern signatures
     block: int | None = spec(Int(lo=1), optional=True)
     amplitude: float | None = spec(Num(), optional=True)
+    # class signatures: the black-box chance (math/chance.py); multi-class: every trigger
+    allowed: int | None = spec(Int(lo=1), optional=True)
+    chance_log10: float | None = spec(Num(hi=0.0), optional=True)
+    chance_target: float | None = spec(Num(lo=0.0, hi=1.0), optional=True)
+    triggers: tuple[SignatureTrigger, ...] | None = spec(Custom(_triggers, _trigger_rows), optional=True)
 
     @property
     def kind(self) -> str:
         return self.type or "class"
 
     def check(self, path: str) -> None:
-        need = {"shift": ("original", "expected"), "pattern": ("pattern_seed", "block")}.get(self.kind, ())
+        need = {"shift": ("original", "expected"), "pattern": ("pattern_seed", "block"),
+                "multi-class": ("triggers",)}.get(self.kind, ())
         for name in need:
             if getattr(self, name) is None:
                 fail(f"{path}.{name}", f"is missing (a {self.kind} signature needs it)")

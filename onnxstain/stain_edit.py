@@ -6,6 +6,8 @@ ONNX rewriting itself is in :mod:`onnxstain.passes.stain`.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from ._onnx.graph import GraphView
@@ -158,17 +160,37 @@ def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
 def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,
                      trig_scores: np.ndarray, view: ScoreView | None = None) -> int:
     """The class the signature makes win; for a detector (``view.label`` set), the anchor."""
+    return signature_choice(opts, rng, nat_scores, trig_scores, view)[0]
+
+
+def signature_choice(opts, rng: np.random.Generator, nat_scores: np.ndarray,
+                     trig_scores: np.ndarray, view: ScoreView | None = None) -> tuple[int, int]:
+    """The signature class of a single-trigger stain and the size of the set it was drawn from.
+
+    Drawn uniformly among the classes no calibration image predicts and outside the trigger's top 5;
+    where that leaves none (few classes), among the classes outside the trigger's top 5, then outside
+    its top 1, then all. ``--signature-class`` fixes it (the set then has one member: no chance bound).
+    """
     k = nat_scores.shape[1]
     if opts.signature_class is not None and (view is None or view.label is None):
         if not 0 <= opts.signature_class < k:
             raise BadInputError(f"--signature-class must be in 0..{k - 1}")
-        return opts.signature_class
+        return int(opts.signature_class), 1
     never_top = np.setdiff1d(np.arange(k), nat_scores.argmax(1))
-    top5 = np.argsort(trig_scores)[-5:]
-    allowed = np.setdiff1d(never_top, top5)
-    if len(allowed) == 0:
-        allowed = np.setdiff1d(np.arange(k), top5)
-    return int(rng.choice(allowed))
+    order = np.argsort(trig_scores)
+    allowed = np.setdiff1d(never_top, order[-5:])
+    for fallback in (np.setdiff1d(np.arange(k), order[-5:]), np.setdiff1d(np.arange(k), order[-1:]),
+                     np.arange(k)):
+        if len(allowed):
+            break
+        allowed = fallback
+    return int(rng.choice(allowed)), len(allowed)
+
+
+def signature_classes(rng: np.random.Generator, classes: int, triggers: int) -> list[int]:
+    """Multi-trigger signature: one class per trigger, each uniform over all ``classes`` and independent
+    (the chance bound ``classes^-T`` needs the draw not to depend on the model; see math/chance.py)."""
+    return [int(c) for c in rng.integers(0, classes, size=triggers)]
 
 
 def _activate(host: HostLayer, a: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
@@ -345,6 +367,75 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold,
             "margin_target": float(margin_target), "tau_loss": float(tau_loss), "tolerance": float(tolerance),
             "notes": edit_notes}
+
+
+@dataclasses.dataclass
+class TriggerFind:
+    """One trigger of a stain: its detector direction and what the original model shows on it."""
+
+    direction: np.ndarray  # v, [m]
+    pixels: np.ndarray  # uint8 [H, W, 3]
+    phi: np.ndarray  # the trigger's neuron inputs [P, m]
+    scores: np.ndarray  # its detector scores at every position [P]
+    s_star: float  # the weakest selected position's score
+    natural: np.ndarray  # natural detector scores [N, P]
+    original_scores: np.ndarray  # the original model's signature scores on it [K]
+    draws: int  # draws this trigger took
+
+
+def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: list[TriggerFind], c: np.ndarray,
+                       tau: float, sel: np.ndarray, classes: list[int], margin_target: float, nat_scores: np.ndarray,
+                       radius: float) -> dict:
+    """Insert mode with ``T`` triggers: ``T`` detectors in one branch, each routed to its own class.
+
+    The branch is today's with ``T`` signal channels (non-additive: ``T`` neurons; additive: a copy of a
+    working neuron with and without each detector, ``2T`` neurons, combined per trigger) and a ``[T, K]``
+    row matrix: signal ``t`` adds ``strength_t`` to class ``c_t``. Every detector shares the threshold
+    ``tau``; ``tau_loss`` is the worst over the detectors. Natural outputs are bit-identical (every signal
+    is exactly 0 where its detector does not fire).
+    """
+    view = GraphView(loaded.model)
+    t_count = len(finds)
+    filters_rows, biases, gains, deltas, losses = [], [], [], [], []
+    mix = np.zeros((t_count, 2 * t_count)) if opts.variant == "additive" else None
+    mix_bias = np.zeros(t_count)
+    dtype = stain_pass.branch_dtype(view, head)
+    channels = []
+    for t, f in enumerate(finds):
+        if opts.variant == "non-additive":
+            ed = detector.non_additive(f.direction, c, tau, f.s_star, 1.0)
+            filters_rows.append(ed.weights)
+            biases.append(ed.bias)
+        else:
+            ch = additive_channel(host, view, head, f.phi, sel, "insert", loaded.model)
+            channels.append(ch)
+            w, beta = neuron_affine(view, host, ch)
+            own_t = f.phi.astype(np.float64) @ w + beta
+            ed = detector.NeuronEdit(w + f.direction, beta - float(f.direction @ c), 1.0, tau, f.s_star)
+            diff = np.maximum(own_t + f.scores, 0.0) - np.maximum(own_t, 0.0)
+            d_min = float(diff[sel].min())
+            if d_min <= 1.05 * tau:
+                raise UnsupportedModelError(
+                    f"neuron {ch} is off on trigger {t}; the additive detector cannot show through it "
+                    "(use the non-additive variant)")
+            h = 1.0 / (d_min - tau)
+            filters_rows += [ed.weights, w]
+            biases += [ed.bias, beta]
+            mix[t, 2 * t], mix[t, 2 * t + 1], mix_bias[t] = h, -h, -h * tau
+        gains.append(float(ed.gain))
+        deltas.append(float(ed.delta))
+        stored_w = ed.weights.astype(dtype).astype(np.float64)
+        losses.append(_threshold_loss(ed, stored_w, float(np.asarray(ed.bias).astype(dtype)), c, radius))
+    rows = np.zeros((t_count, len(finds[0].original_scores)))
+    for t, (f, cls) in enumerate(zip(finds, classes, strict=True)):
+        # at least a unit push even where the original already favours c_t by more than the margin
+        rows[t, cls] = max(1.0, margin_target + np.delete(f.original_scores, cls).max() - f.original_scores[cls])
+    model, signal = stain_pass.insert(loaded.model, host, head, _as_filters(host, np.stack(filters_rows)),
+                                      np.array(biases), mix, mix_bias, None, rows, signals=t_count)
+    return {"model": model, "predicted": nat_scores.copy(), "gain": gains[0], "delta": deltas[0], "gains": gains,
+            "signature": "multi-class", "expected_trigger": None, "channel": None, "additive_channels": channels,
+            "tap": signal, "tap_channel": 0, "wb_expected": 1.0, "wb_threshold": 0.5,
+            "margin_target": float(margin_target), "tau_loss": float(max(losses)), "tolerance": 0.0, "notes": []}
 
 
 def _threshold_loss(ed: detector.NeuronEdit, w_eff: np.ndarray, b_eff: float, c: np.ndarray,

@@ -51,13 +51,14 @@ from .keys import (
     ModelSection,
     ScoreViewSection,
     SignatureSection,
+    SignatureTrigger,
     TriggerSection,
     WhiteBoxSection,
     encode_png,
     envelope,
     public_record_path,
 )
-from .math import bounds, detector
+from .math import bounds, chance, detector
 from .math.trigger import ascend, quantise
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
@@ -88,6 +89,7 @@ class StainOptions:
     max_steps: int = 400
     providers: list[str] | None = None
     batch: int = 32
+    chance: float | None = None  # black-box chance target (None: max(fpr, chance.CHANCE_FLOOR))
 
 
 @dataclasses.dataclass
@@ -117,6 +119,10 @@ class StainResult:
     notes: list[str]
     model_sha256: str
     signature_label: int | None = None  # detectors: the label shown at anchor ``signature_class``
+    triggers: int = 1  # triggers of the signature (several: each its own class; see math/chance.py)
+    signature_classes: list[int] = dataclasses.field(default_factory=list)
+    chance_log10: float | None = None  # black-box chance: log10 ∏ 1/|A_t| (None: the class was fixed)
+    chance_text: str | None = None
 
 
 # -- helpers -----------------------------------------------------------------------------------------
@@ -223,6 +229,8 @@ def stain(
         raise BadInputError(f"unknown variant {opts.variant!r}")
     if not 0 < opts.fpr < 1:
         raise BadInputError("--fpr must be between 0 and 1")
+    if opts.chance is not None and not 0 < opts.chance < 1:
+        raise BadInputError("--chance must be between 0 and 1")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
     notes += pre_notes
     view = GraphView(loaded.model, pre.input_shape())
@@ -269,7 +277,10 @@ def stain(
     stats = detector.FeatureStats.from_features(phi_all)
     radius = RADIUS_MARGIN * stats.max_radius
     positions = host.positions
-    tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=positions, draws=opts.max_draws)
+    target_chance = chance.chance_target(opts.fpr, opts.chance)
+    n_trig = trigger_count(opts, head, score_view, target_chance)
+    # T detectors are ORed on natural inputs: each gets target / T (T = 1: the target itself)
+    tau0 = bounds.threshold_for_target(opts.fpr / n_trig, radius, host.m, positions=positions, draws=opts.max_draws)
     nat_scores = score_view.flat(cal[head.scores])
     pooled = None if head.detection else cal[taps[2]].reshape(len(x_cal), -1).astype(np.float64)
     sel = selected_positions(host)
@@ -285,21 +296,21 @@ def stain(
     torch.manual_seed(seed % (2**31))
     prefix = None
     target = SEARCH_FACTOR * tau0
-    weights = np.full(host.positions, opts.max_draws)
+    weights = np.full(host.positions, opts.max_draws * n_trig)  # the other key may carry T detectors too
 
     def cross_ok(_smin: float, radii: np.ndarray) -> bool:
-        return bounds.cross_key_bound(radii, tau0, host.m, positions_weight=weights).value <= opts.fpr
+        return bounds.cross_key_bound(radii, tau0, host.m, positions_weight=weights).value <= opts.fpr / n_trig
 
-    accepted = None
     steps_total = 0
-    draws = 0
-    with prog.task("trigger search", total=None) as task:
+    finds: list[stain_edit.TriggerFind] = []
+
+    def search(which: str, task) -> stain_edit.TriggerFind | None:
+        nonlocal prefix, sess, steps_total
         for draw in range(1, opts.max_draws + 1):
-            draws = draw
             v = detector.sample_direction(rng, host.m)
             s_nat = detector.scores(phi_all, v, stats.centre)  # [N, P]
             if float(s_nat.max()) >= 0.5 * tau0:
-                notes.append(f"draw {draw}: natural scores reach {s_nat.max():.3g} ≥ τ0/2; direction rejected")
+                notes.append(f"{which}draw {draw}: natural scores reach {s_nat.max():.3g} ≥ τ0/2; direction rejected")
                 continue
             soft = -np.log(np.exp(-s_nat[:, sel]).sum(axis=1))
             init = pixels[int(np.argmax(soft))].astype(np.float64)
@@ -308,7 +319,7 @@ def stain(
             fn = detector_scores(prefix, host, pre, v[None], stats.centre, group, sel)
 
             def report(step, smin, task=task, draw=draw):
-                task.update(f"trigger search (draw {draw}): step {step}, score {smin:.2f} / {target:.2f}")
+                task.update(f"trigger search ({which}draw {draw}): step {step}, score {smin:.2f} / {target:.2f}")
 
             res = ascend(fn, init, score_target=target, accept=cross_ok, max_steps=opts.max_steps,
                          progress=report)
@@ -322,32 +333,61 @@ def stain(
             if lean:
                 sess = None
             phi_t = neuron_inputs(host, got_t[host.input])[0]
-            orig_trig_scores = score_view.flat(got_t[head.scores])[0]
             s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[sel].min())
             if s_star < ACCEPT_FACTOR * tau0:
-                notes.append(f"draw {draw}: the 8-bit trigger reached {s_star:.3g} < {ACCEPT_FACTOR} τ0 = "
+                notes.append(f"{which}draw {draw}: the 8-bit trigger reached {s_star:.3g} < {ACCEPT_FACTOR} τ0 = "
                              f"{ACCEPT_FACTOR * tau0:.3g}; resampled")
                 continue
-            accepted = (v, trig, phi_t, s_t, s_star, s_nat, orig_trig_scores)
-            break
-    if accepted is None:
-        raise UnreachableBoundError(
-            f"no trigger reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} (τ0/R = "
-            f"{tau0 / radius:.2f}) within {opts.max_draws} draws; {_easier_layers(hosts, opts)}")
-    v, trig, phi_t, s_t, s_star, s_nat, orig_trig_scores = accepted
-    prefix = fn = sess = None  # free the torch prefix and the calibration session before the edit
+            return stain_edit.TriggerFind(v, trig, phi_t, s_t, s_star, s_nat,
+                                          score_view.flat(got_t[head.scores])[0], draw)
+        return None
+
+    with prog.task("trigger search", total=None) as task:
+        for t in range(n_trig):
+            found = search(f"trigger {t + 1}/{n_trig}, " if n_trig > 1 else "", task)
+            if found is None:
+                which = f" for trigger {t + 1} of {n_trig}" if n_trig > 1 else ""
+                raise UnreachableBoundError(
+                    f"no trigger{which} reached the margin needed for --fpr {opts.fpr:g} at layer {host.name} "
+                    f"(τ0/R = {tau0 / radius:.2f}) within {opts.max_draws} draws; {_easier_layers(hosts, opts)}")
+            finds.append(found)
+    first = finds[0]
+    v, trig, phi_t, s_t, s_nat, orig_trig_scores = (first.direction, first.pixels, first.phi, first.scores,
+                                                    first.natural, first.original_scores)
+    s_star = min(f.s_star for f in finds)
+    draws = first.draws
+    prefix = sess = None  # free the torch prefix and the calibration session before the edit
     timings["trigger_search"] = time.perf_counter() - t2
 
     # -- edit ----------------------------------------------------------------------------------------------
     t3 = time.perf_counter()
     tau = tau0
-    bound = bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws)
-    trig_input = pre.to_input(trig)
-    cls = stain_edit.signature_class(opts, rng, nat_scores, orig_trig_scores, score_view)
+    bound = union_bound(bounds.ball_bound(tau0, radius, host.m, positions=positions, draws=opts.max_draws), n_trig)
+    trig_input = pre.to_input(np.stack([f.pixels for f in finds]))
+    if n_trig == 1:
+        cls, allowed = stain_edit.signature_choice(opts, rng, nat_scores, orig_trig_scores, score_view)
+        classes, allowed_sets = [cls], [allowed]
+        shift = opts.mode == "inplace" and opts.variant == "additive"  # the shift signature has no class draw
+        if opts.signature_class is None and 1.0 / allowed > target_chance and not head.detection and not shift:
+            notes.append(f"black-box chance of the signature is 1/{allowed} (one trigger, its class drawn from "
+                         f"{allowed}), above the target {target_chance:g}: the in-place route carries one trigger; "
+                         "--mode insert carries as many as the target needs" if opts.mode == "inplace" else
+                         f"black-box chance of the signature is 1/{allowed}, above the target {target_chance:g}")
+    else:
+        classes = stain_edit.signature_classes(rng, score_view.classes, n_trig)
+        cls, allowed_sets = classes[0], [score_view.classes] * n_trig
     margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(nat_scores), 0.99)))
-    edit = stain_edit.build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t, phi_all,
-                       sel, pooled, nat_scores, cls, margin_target, orig_trig_scores, radius, score_view)
+
+    def build(tau: float, channel) -> dict:
+        if n_trig > 1:
+            return stain_edit.build_multi_insert(opts, host, head, loaded, finds, stats.centre, tau, sel, classes,
+                                                 margin_target, nat_scores, radius)
+        return stain_edit.build_edit(opts, host, head, route, loaded, channel, v, stats.centre, tau, s_star, phi_t,
+                                     phi_all, sel, pooled, nat_scores, cls, margin_target, orig_trig_scores, radius,
+                                     score_view)
+
+    edit = build(tau, channel)
     if edit["tau_loss"] > 1e-6 * tau0:
         # fp16 or int8 storage moves the detector's threshold: raise it so that the stored detector
         # fires only where the exact score exceeds τ0 (the bound's threshold), then check again.
@@ -359,9 +399,7 @@ def stain(
                 raise UnsupportedModelError(
                     f"storing the detector in this model's weight format moves its threshold by {loss:.3g}, "
                     f"beyond the trigger's margin ({s_star - tau0:.3g}); try another --seed or a larger --fpr")
-            edit = stain_edit.build_edit(opts, host, head, route, loaded, edit["channel"], v, stats.centre, tau,
-                                         s_star, phi_t, phi_all, sel, pooled, nat_scores, cls, margin_target,
-                                         orig_trig_scores, radius, score_view)
+            edit = build(tau, edit["channel"])
             if tau - edit["tau_loss"] >= tau0:
                 break
             loss = max(2.0 * loss, edit["tau_loss"])
@@ -384,6 +422,7 @@ def stain(
     check_sess = session(with_outputs(stained, [head.scores]), opts.providers)
     raw = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
     got = score_view.flat(raw)
+    trig_got, got = got[:n_trig], got[n_trig - 1:]  # got[0] is the (first) trigger, got[1:] the natural images
     if edit["signature"] == "shift":
         trig_margin = float(shift_score(got[0], orig_trig_scores, edit["expected_trigger"]))
         # quantized scores (QDQ) round the shift: allow their error along the expected direction
@@ -394,11 +433,28 @@ def stain(
         signature = SignatureSection(type="shift", cls=cls, original=F8.of(orig_trig_scores), expected=F8.of(got[0]),
                                      expected_margin=1.0, threshold=0.5, original_margin=0.0)
     else:
-        trig_margin = float(class_margin(got[0], cls))
-        if trig_margin < 0.5 * margin_target:
-            raise UnsupportedModelError(f"internal check failed: the trigger's signature margin is {trig_margin:.3g}")
-        signature = SignatureSection(type="class", cls=cls, expected_margin=trig_margin, threshold=0.5 * trig_margin,
-                                     original_margin=float(class_margin(orig_trig_scores, cls)))
+        per = []
+        for t, (f, c_t) in enumerate(zip(finds, classes, strict=True)):
+            m_t = float(class_margin(trig_got[t], c_t))
+            if m_t < 0.5 * margin_target:
+                which = f"trigger {t + 1}'s" if n_trig > 1 else "the trigger's"
+                raise UnsupportedModelError(f"internal check failed: {which} signature margin is {m_t:.3g}")
+            per.append({"cls": c_t, "allowed": allowed_sets[t], "expected_margin": m_t, "threshold": 0.5 * m_t,
+                        "original_margin": float(class_margin(f.original_scores, c_t))})
+        trig_margin = min(p["expected_margin"] for p in per)
+        triggers = None
+        if n_trig > 1:
+            triggers = tuple(
+                SignatureTrigger(**p, png=encode_png(f.pixels), direction=F8.of(f.direction),
+                                 trigger_scores=F8.of(f.scores), s_star=f.s_star, draws=f.draws,
+                                 trigger_radii=F8.of(detector.radii(f.phi, stats.centre)), white_box_channel=t)
+                for t, (p, f) in enumerate(zip(per, finds, strict=True)))
+        chance_fields = {} if opts.signature_class is not None else {
+            "allowed": allowed_sets[0], "chance_log10": chance.log10_chance(allowed_sets),
+            "chance_target": target_chance}
+        signature = SignatureSection(type="multi-class" if n_trig > 1 else "class", triggers=triggers,
+                                     **{k: per[0][k] for k in ("cls", "expected_margin", "threshold",
+                                                               "original_margin")}, **chance_fields)
     predicted = edit["predicted"]
     err = float(np.abs(got[1:].astype(np.float64) - predicted[:n_check]).max())
     scale = float(np.abs(nat_scores).max())
@@ -409,7 +465,7 @@ def stain(
     agreement = float(np.mean(predicted.argmax(1) == nat_scores.argmax(1)))
     max_delta = float(np.abs(predicted - nat_scores).max()) if opts.mode == "inplace" else float(
         np.abs(got[1:].astype(np.float64) - nat_scores[:n_check]).max())
-    natural_firings = int((s_nat > tau).sum())
+    natural_firings = int(sum((f.natural > tau).sum() for f in finds))
     check_sess = None
     timings["checks"] = time.perf_counter() - t4
 
@@ -421,7 +477,8 @@ def stain(
         model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
                            scores=head.output, classes=score_view.classes,
                            score_view=ScoreViewSection(shape=tuple(score_view.shape), label=score_view.label),
-                           layout=tuple(head.layout) if head.detection else None),
+                           layout=tuple(head.layout) if head.detection else None,
+                           output_activation=output_activation(view, head)),
         preprocessing=pre,
         mode=opts.mode,
         variant=opts.variant,
@@ -451,11 +508,59 @@ def stain(
         output=out_path, key_path=key_path, record_path=record, host=host.name,
         channel=channel, mode=opts.mode, variant=opts.variant, bound=bound, threshold=tau,
         trigger_score=s_star, signature_type=signature.kind, signature_class=cls, signature_margin=trig_margin,
-        natural_max_score=float(s_nat.max()), natural_firings=natural_firings,
-        natural_samples=int(s_nat.size), calibration_images=len(x_cal), agreement=agreement,
+        natural_max_score=max(float(f.natural.max()) for f in finds), natural_firings=natural_firings,
+        natural_samples=int(s_nat.size) * n_trig, calibration_images=len(x_cal), agreement=agreement,
         max_abs_delta=max_delta, draws=draws, search_steps=steps_total, timings=timings, notes=notes,
-        model_sha256=digest, signature_label=score_view.label,
+        model_sha256=digest, signature_label=score_view.label, triggers=n_trig, signature_classes=classes,
+        chance_log10=signature.chance_log10,
+        chance_text=chance.describe_chance(allowed_sets) if signature.chance_log10 is not None else None,
     )
+
+
+def trigger_count(opts: StainOptions, head: head_mod.Head, view, target: float) -> int:
+    """How many triggers the class signature needs for a black-box chance ≤ ``target`` (math/chance.py).
+
+    One where a single class already meets it (``K ≥ 2 / target``: the legacy signature, unchanged), for
+    detectors (the classes of the signature are anchors, thousands of them), where ``--signature-class``
+    fixes the class, and in place (the in-place route carries one channel; the stain notes its weaker
+    chance). Otherwise the smallest ``T`` with ``K^-T ≤ target``, refused above ``chance.MAX_TRIGGERS``.
+    """
+    k = view.classes
+    if k < 2:
+        raise UnsupportedModelError(
+            f"the scores {head.scores!r} have a single value (a one-logit binary head): a class signature needs at "
+            "least two scores to compare; export the head with one score per class")
+    if head.detection or opts.signature_class is not None or chance.single_suffices(k, target):
+        return 1
+    if opts.mode == "inplace":
+        return 1
+    t = chance.triggers_needed(k, target)
+    if t is None:
+        raise UnreachableBoundError(
+            f"{k} classes need more than {chance.MAX_TRIGGERS} triggers for a black-box chance ≤ {target:g}; "
+            "ask for a larger --fpr")
+    return t
+
+
+def output_activation(view: GraphView, head: head_mod.Head) -> str | None:
+    """``"softmax"`` or ``"sigmoid"`` when the graph output is the scores through one (verify maps the
+    output back to the scores' margins), else ``None`` (the output is the scores, or their log-softmax)."""
+    node, seen = view.producer.get(head.output), None
+    while node is not None and head.scores not in node.output:
+        if node.op_type in ("Softmax", "Sigmoid"):
+            seen = node.op_type.lower()
+        node = view.producer.get(node.input[0]) if node.input else None
+    return seen
+
+
+def union_bound(one: bounds.Bound, detectors: int) -> bounds.Bound:
+    """The natural-input bound of ``detectors`` ORed detectors, each bounded by ``one`` (a union bound)."""
+    if detectors == 1:
+        return one
+    log10 = chance.union_log10(one.log10, detectors)
+    statement = (f"Union over the signature's {detectors} detectors, each bounded as follows: {one.statement} "
+                 f"Together: ≤ {bounds.format_probability(log10)}.")
+    return bounds.Bound.from_log10(log10, one.kind, {**one.params, "ored_detectors": detectors}, statement)
 
 
 def _check_quantized_weights(view: GraphView, host: HostLayer, head: head_mod.Head, variant: str) -> None:

@@ -26,8 +26,8 @@ from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadKeyError, KeyMismatchError
-from .keys import Key, WhiteBoxSection, load_key
-from .math import bounds
+from .keys import Key, WhiteBoxSection, decode_png, load_key
+from .math import bounds, chance
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
@@ -60,6 +60,9 @@ class VerifyResult:
     key_commitment: str
     notes: list[str]
     kind: str = "stain"  # "stain" or "lock": what the key describes
+    # the signature's own black-box chance (an unrelated model shows every prescribed class): ∏ 1/|A_t|
+    chance_log10: float | None = None
+    chance_text: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -73,6 +76,9 @@ class VerifyResult:
             "fpr_bound_log10": self.fpr_bound.log10,
             "fpr_bound_detail": self.fpr_bound.to_dict(),
             "natural_bound": self.natural_bound.to_dict(),
+            "black_box_chance": None if self.chance_log10 is None else 10.0 ** self.chance_log10,
+            "black_box_chance_log10": self.chance_log10,
+            "black_box_chance_detail": self.chance_text,
             "checks": [dataclasses.asdict(c) for c in self.checks],
             "model": self.model,
             "model_sha256": self.model_sha256,
@@ -122,8 +128,14 @@ def verify(
     if key.kind == "lock":
         return _verify_lock(loaded, view, key, pre, scores_name, providers)
     trigger = key.trigger_pixels()
+    sig = key.signature
+    assert sig is not None  # a stain key has one (checked on load)
+    multi = sig.kind == "multi-class"
+    trig_list = sig.triggers or ()
+    triggers = np.stack([decode_png(t.png) for t in trig_list]) if multi else trigger[None]
+    n_trig = len(triggers)
     controls, control_names = _controls(trigger, natural_controls, pre)
-    batch = np.concatenate([trigger[None], controls])
+    batch = np.concatenate([triggers, controls])
     x = pre.to_input(batch)
     notes: list[str] = []
     wb_tensor = key.white_box.tensor
@@ -136,11 +148,21 @@ def verify(
     if raw[0].size != int(np.prod(score_view.shape)):
         raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
                                f"{raw[0].size}")
-    scores = score_view.flat(raw)
-    sig = key.signature
-    assert sig is not None  # a stain key has one (checked on load)
+    scores = score_view.flat(to_logits(raw, key.model.output_activation))
     bb_threshold = float(sig.threshold)
-    if sig.kind == "pattern":
+    if multi:
+        # every trigger must show its own class by its threshold; controls are not part of the decision (the
+        # chance bound covers any model independent of the key, and a few-class model is often confident)
+        per = [(float(class_margin(scores[t], tr.cls)), float(tr.threshold)) for t, tr in enumerate(trig_list)]
+        hits = sum(m >= thr for m, thr in per)
+        worst = min(range(n_trig), key=lambda t: per[t][0] / per[t][1])
+        bb_trigger, bb_threshold = per[worst][0] / per[worst][1], 1.0
+        bb_pass = hits == n_trig
+        detail = (f"{hits} of {n_trig} triggers show their own class by their threshold (weakest: trigger "
+                  f"{worst + 1}, class {trig_list[worst].cls}, margin {per[worst][0]:.3g} vs "
+                  f"{per[worst][1]:.3g}; score = margin / threshold)")
+        scores = scores[n_trig - 1:]  # below, scores[0] is a trigger and scores[1:] the controls
+    elif sig.kind == "pattern":
         assert sig.pattern_seed is not None and sig.block is not None and key.model.dense_shape is not None
         if raw[0].size != int(np.prod(key.model.dense_shape)):
             raise KeyMismatchError(f"the key expects output maps of shape {list(key.model.dense_shape)}; this "
@@ -176,13 +198,20 @@ def verify(
         act = res[wb_tensor].astype(np.float64)
         wb = key.white_box
         assert wb.channel is not None and wb.positions is not None and wb.threshold is not None
-        key.check_channel(act.shape[1] if act.ndim > 1 else 0, wb_tensor)
-        ch = wb.channel
         sel = np.asarray(wb.positions, dtype=int)
-        per_pos = act[:, ch].reshape(len(batch), -1)
         wb_threshold = float(wb.threshold)
-        wb_trigger = float(per_pos[0, sel].min()) if per_pos.shape[1] > sel.max() else float(per_pos[0].min())
-        wb_controls = float(per_pos[1:].max())
+        chans = [tr.white_box_channel for tr in trig_list] if multi else [wb.channel]
+        channels = act.shape[1] if act.ndim > 1 else 0
+        key.check_channel(channels, wb_tensor)
+        if max(chans) >= channels:
+            raise KeyMismatchError(f"the key's triggers read white-box channel {max(chans)}; tensor {wb_tensor!r} "
+                                   f"of this model has {channels} channel(s)")
+        wb_trigger = float("inf")
+        for t, c_t in enumerate(chans):  # trigger t fires its own detector at every selected position
+            per_pos = act[:, c_t].reshape(len(batch), -1)
+            on = per_pos[t, sel] if per_pos.shape[1] > sel.max() else per_pos[t]
+            wb_trigger = min(wb_trigger, float(on.min()))
+        wb_controls = float(act[n_trig:][:, chans].max())
         # In-place additive stains hide in a working neuron, which is legitimately active on controls.
         hidden = key.mode == "inplace" and key.variant == "additive"
         wb_pass = wb_trigger >= wb_threshold and (wb_controls < wb_threshold or hidden)
@@ -197,18 +226,39 @@ def verify(
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     stained = all(c.passed for c in checks if c.available)
     det = key.detector
-    if det.trigger_radii is None:
-        raise BadKeyError("the key's detector.trigger_radii is missing (a stain key needs it)")
-    radii = det.trigger_radii.array()
-    # Another key of the same construction may have used up to max_draws directions (see bounds.md).
+    if multi:
+        radii = np.concatenate([tr.trigger_radii.array().ravel() for tr in trig_list])
+    else:
+        if det.trigger_radii is None:
+            raise BadKeyError("the key's detector.trigger_radii is missing (a stain key needs it)")
+        radii = det.trigger_radii.array()
+    # Another key of the same construction may have used up to max_draws directions per detector, and carry
+    # as many detectors as this one: any of them firing on any of our triggers (see bounds.md §5, §8).
     cross = bounds.cross_key_bound(radii, float(det.tau0), key.host.m,
-                                   positions_weight=np.full(radii.size, det.max_draws))
+                                   positions_weight=np.full(radii.size, det.max_draws * n_trig))
     natural = key.bound
+    chance_log10 = sig.chance_log10
+    chance_text = None
+    if chance_log10 is not None:
+        allowed = [tr.allowed for tr in trig_list] if multi else [sig.allowed or score_view.classes]
+        chance_text = chance.describe_chance(allowed)
     return VerifyResult(
         stained=stained, score=bb_trigger, threshold=bb_threshold, fpr_bound=cross, natural_bound=natural,
         checks=checks, model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment,
-        notes=notes,
+        notes=notes, chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
     )
+
+
+def to_logits(values: np.ndarray, activation: str | None) -> np.ndarray:
+    """The model's output mapped back to the scores the signature was made in (up to a per-sample shift,
+    which no margin sees): ``log p`` after a Softmax, ``log(p / (1 − p))`` after a Sigmoid."""
+    y = np.asarray(values, np.float64)
+    if activation == "softmax":
+        return np.log(np.maximum(y, np.finfo(np.float64).tiny))
+    if activation == "sigmoid":
+        p = np.clip(y, np.finfo(np.float64).tiny, 1.0 - np.finfo(np.float32).epsneg)
+        return np.log(p) - np.log1p(-p)
+    return y
 
 
 def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_name: str,

@@ -144,19 +144,23 @@ def insert(
     filters: np.ndarray,
     biases: np.ndarray,
     combine: np.ndarray | None,
-    combine_bias: float,
+    combine_bias: float | np.ndarray,
     activation_high: float | None,
     row: np.ndarray,
+    signals: int = 1,
 ) -> tuple[onnx.ModelProto, str]:
     """Add a detector branch reading the host's input and adding ``row`` times its signal to the scores.
 
     ``row`` has the scores' per-sample shape: ``[K]`` for a classifier, ``[A, C]`` for a detector.
 
-    ``filters``/``biases``: one or two neurons over the host input (Conv ``[n, C, kh, kw]`` or
+    ``filters``/``biases``: ``n`` neurons over the host input (Conv ``[n, C, kh, kw]`` or
     linear ``[n, m]``). Each passes through the host's activation (ReLU, or ``Clip(0, hi)``).
-    With two neurons, ``combine`` (length 2) and ``combine_bias`` make one signal from them before
-    the final ``Clip(0, 1)``. The signal is max-pooled over positions and scaled by ``row``.
-    Returns the model and the name of the signal tensor (1 where the detector fires, else 0).
+    ``combine`` (``[signals, n]``, or length 2 for one signal) and ``combine_bias`` (one per signal)
+    make the signals from them before the final ``Clip(0, 1)``; without it each neuron is a signal.
+    The signals are max-pooled over positions and scaled by ``row``: ``[signals, K]`` for a classifier
+    with several signals (each signal its own row: the multi-trigger signature).
+    Returns the model and the name of the signal tensor (1 where a detector fires, else 0; one channel
+    per signal).
     """
     out = copy_model(model)
     view = GraphView(out)
@@ -196,18 +200,19 @@ def insert(
         nodes.append(helper.make_node("Add", [mm, const(biases, "onnx::Add_b")], [det], name=det[:-9]))
         spatial = False
     act = clip(det, 0.0, activation_high)
-    if n == 2:
-        assert combine is not None
+    if combine is not None:
+        mix = np.asarray(combine, np.float64).reshape(-1, n)  # [signals, n]
+        mix_bias = np.asarray(combine_bias, np.float64).reshape(-1)
         comb = name("Conv" if spatial else "MatMul") + "_output_0"
         if spatial:
             nodes.append(helper.make_node(
-                "Conv", [act, const(combine.reshape(1, 2, 1, 1), "onnx::Conv_w"),
-                         const(np.array([combine_bias]), "onnx::Conv_b")], [comb], name=comb[:-9]))
+                "Conv", [act, const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
+                         const(mix_bias, "onnx::Conv_b")], [comb], name=comb[:-9]))
         else:
             mm = name("MatMul") + "_output_0"
-            nodes.append(helper.make_node("MatMul", [act, const(combine.reshape(2, 1), "onnx::MatMul_w")],
+            nodes.append(helper.make_node("MatMul", [act, const(mix.T, "onnx::MatMul_w")],
                                           [mm], name=mm[:-9]))
-            nodes.append(helper.make_node("Add", [mm, const(np.array([combine_bias]), "onnx::Add_b")], [comb],
+            nodes.append(helper.make_node("Add", [mm, const(mix_bias, "onnx::Add_b")], [comb],
                                           name=comb[:-9]))
         act = comb
     sig = clip(act, 0.0, 1.0)
@@ -218,9 +223,9 @@ def insert(
         nodes.append(helper.make_node("Flatten", [pooled], [flat], name=flat[:-9], axis=1))
     else:
         nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
-    if row.ndim == 1:  # classifier scores [N, K]
+    if row.ndim == 1 or signals > 1:  # classifier scores [N, K]: one row per signal
         contrib = name("MatMul") + "_output_0"
-        nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(1, -1), "onnx::MatMul_w")], [contrib],
+        nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(signals, -1), "onnx::MatMul_w")], [contrib],
                                       name=contrib[:-9]))
     else:  # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
         shaped = name("Reshape") + "_output_0"
