@@ -243,10 +243,6 @@ def stain(
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
                                     "head (per-anchor class scores beside per-anchor boxes) "
                                     "found; the black-box signature needs one")
-    if head.classes < 2:
-        raise UnsupportedModelError(
-            f"{head.node} gives a single score (a binary sigmoid classifier): a class signature needs at least two "
-            "scores to compare, and single-score signatures are not supported yet; `onnxstain lock` works")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
     if opts.mode == "inplace":
@@ -529,7 +525,7 @@ def trigger_count(opts: StainOptions, head: head_mod.Head, view, target: float) 
     if k < 2:
         raise UnsupportedModelError(
             f"the scores {head.scores!r} have a single value (a one-logit binary head): a class signature needs at "
-            "least two scores to compare; export the head with one score per class")
+            "least two scores to compare; export the head with one score per class (`onnxstain lock` works as is)")
     if head.detection or opts.signature_class is not None or chance.single_suffices(k, target):
         return 1
     if opts.mode == "inplace":
