@@ -27,12 +27,13 @@ from ._onnx.dense import DenseOutput
 from ._onnx.fold import fold_shape_only
 from ._onnx.graph import GraphView
 from ._onnx.hosts import GELU_ZERO, HostLayer, find_hosts
-from ._onnx.io import LoadedModel, save_model
-from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from ._onnx.io import LoadedModel
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import Key, calibration_section, encode_array, encode_png, new_key_body
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
+from .outputs import Artefacts, write_unit
 from .passes.dense import insert_token_stain
 from .preprocess import Preprocessing
 from .progress import Progress
@@ -94,13 +95,15 @@ def detector_weights(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, ge
 
 
 def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path: Path, record: Path, opts,
-                pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float):
-    from .stainer import StainResult, calibration_pixels
+                pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float,
+                artefacts: Artefacts | None = None):
+    from .stainer import StainResult, calibration_pixels, refuse_underflowing_target
 
     refuse_mode(opts)
     timings: dict[str, float] = {}
     view = GraphView(loaded.model)
     host = choose_token_host(find_hosts(loaded.model, view), opts.layer)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws, positions=1)
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
     timings["load"] = time.perf_counter() - t0
@@ -187,7 +190,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     shift = float(np.linalg.norm(stored_w - ed.weights) * radius
                   + abs(float((stored_w - ed.weights) @ stats.centre) + stored_b - ed.bias))
     if host.gelu and shift > 0.4:
-        raise UnsupportedModelError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
+        raise InternalError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
     pattern_seed = int(rng.integers(2**31))
     unit = dense_pattern(pattern_seed, dense.shape, PATTERN_BLOCK)
     logit_scale = _logit_scale(nat_out, dense)
@@ -203,15 +206,15 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     got = run_batches(check, np.concatenate([pre.to_input(trig), x_cal[:n_check]]), [dense.output, gamma])
     out, sig = got[dense.output], got[gamma].reshape(-1)
     if sig[0] != 1.0:
-        raise UnsupportedModelError(f"internal check failed: the detector gives {sig[0]:.4g} on the trigger (want 1)")
+        raise InternalError(f"internal check failed: the detector gives {sig[0]:.4g} on the trigger (want 1)")
     if np.any(sig[1:] != 0.0) or not np.array_equal(out[1:], nat_out[:n_check]):
-        raise UnsupportedModelError("internal check failed: natural outputs of the stained model are not "
+        raise InternalError("internal check failed: natural outputs of the stained model are not "
                                     "bit-identical to the original's")
     orig_trig = run_batches(session(loaded.model, opts.providers), pre.to_input(trig), [dense.output])[dense.output]
     trig_corr = float(pearson(out[:1], unit[None])[0])
     orig_corr = float(pearson(orig_trig, unit[None])[0])
     if trig_corr < 0.9 or abs(orig_corr) >= PATTERN_THRESHOLD / 2:
-        raise UnsupportedModelError(f"internal check failed: pattern correlation {trig_corr:.3g} on the trigger, "
+        raise InternalError(f"internal check failed: pattern correlation {trig_corr:.3g} on the trigger, "
                                     f"{orig_corr:.3g} for the original model")
     fidelity = pearson(out[1:], nat_out[:n_check])
     natural_firings = int((s_nat > tau0).sum())
@@ -219,36 +222,35 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
 
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
-    digest = save_model(stained, out_path, source=loaded)
-    body = new_key_body("stain")
-    body.update({
-        "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
-                  "scores": dense.output, "classes": int(np.prod(dense.shape)), "dense_shape": list(dense.shape)},
-        "preprocessing": pre.to_dict(),
-        "mode": "insert",
-        "variant": "non-additive",
-        "seed": seed,
-        "host": {"name": host.name, "op": host.op, "input": host.input, "output": gamma, "channel": 0,
-                 "host_channel": None, "group": 0, "m": host.m, "positions": host.positions,
-                 "selected_positions": [int(p) for p in sel], "activation": host.activation,
-                 "kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "groups": 1,
-                 "out_hw": None},
-        "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
-                     "threshold": tau0, "tau0": tau0, "s_star": s_star, "gain": ed.gain, "delta": DELTA,
-                     "offset": GELU_ZERO if host.gelu else 0.0, "trigger_scores": encode_array(s_t),
-                     "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
-                     "draws": draws, "max_draws": opts.max_draws},
-        "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
-        "signature": {"type": "pattern", "class": -1, "pattern_seed": pattern_seed, "block": PATTERN_BLOCK,
-                      "amplitude": amplitude, "expected_margin": trig_corr, "threshold": PATTERN_THRESHOLD,
-                      "original_margin": orig_corr},
-        "white_box": {"tensor": gamma, "channel": 0, "expected": 1.0, "threshold": 0.5, "positions": [0]},
-        "bound": bound.to_dict(),
-        "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    })
-    key = Key(body)
-    key.save(key_path)
-    key.save_public_record(record)
+    with write_unit(artefacts) as writer:  # staged, synced; key, record, then model renamed (outputs.py)
+        digest = writer.stage_model(stained, out_path, source=loaded)
+        body = new_key_body("stain")
+        body.update({
+            "model": {"source_sha256": loaded.sha256, "output_sha256": digest, "input": view.graph_inputs[0].name,
+                      "scores": dense.output, "classes": int(np.prod(dense.shape)), "dense_shape": list(dense.shape)},
+            "preprocessing": pre.to_dict(),
+            "mode": "insert",
+            "variant": "non-additive",
+            "seed": seed,
+            "host": {"name": host.name, "op": host.op, "input": host.input, "output": gamma, "channel": 0,
+                     "host_channel": None, "group": 0, "m": host.m, "positions": host.positions,
+                     "selected_positions": [int(p) for p in sel], "activation": host.activation,
+                     "kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1], "groups": 1,
+                     "out_hw": None},
+            "detector": {"direction": encode_array(v), "centre": encode_array(stats.centre),
+                         "threshold": tau0, "tau0": tau0, "s_star": s_star, "gain": ed.gain, "delta": DELTA,
+                         "offset": GELU_ZERO if host.gelu else 0.0, "trigger_scores": encode_array(s_t),
+                         "trigger_radii": encode_array(detector.radii(phi_t, stats.centre)),
+                         "draws": draws, "max_draws": opts.max_draws},
+            "trigger": {"png": encode_png(trig), "height": pre.height, "width": pre.width},
+            "signature": {"type": "pattern", "class": -1, "pattern_seed": pattern_seed, "block": PATTERN_BLOCK,
+                          "amplitude": amplitude, "expected_margin": trig_corr, "threshold": PATTERN_THRESHOLD,
+                          "original_margin": orig_corr},
+            "white_box": {"tensor": gamma, "channel": 0, "expected": 1.0, "threshold": 0.5, "positions": [0]},
+            "bound": bound.to_dict(),
+            "calibration": calibration_section(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+        })
+        writer.stage_key(Key(body), key_path, record)
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     return StainResult(

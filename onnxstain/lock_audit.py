@@ -43,6 +43,7 @@ from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .signature import pearson
 from .verify import white_box_signal
 
@@ -231,6 +232,8 @@ def audit_lock(
     if lck.sha256 != key["model"]["output_sha256"]:
         notes.append("LOCKED is not the locked model the key records (its SHA-256 differs)")
     pre = Preprocessing.from_dict(key["preprocessing"])
+    for loaded, which in ((orig, "original"), (lck, "locked")):
+        refuse_nonfinite(loaded, pre, providers, f"the {which} model")
     t = key["trigger"]
     patch = Patch(key.trigger_pixels(), int(t["top"]), int(t["left"]))
     host = _lock_host_from_key(orig, key, pre)

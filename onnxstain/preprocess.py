@@ -138,9 +138,11 @@ class Preprocessing:
     @classmethod
     def load(cls, path: str | Path) -> Preprocessing:
         try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise BadInputError(f"cannot read preprocessing file {path}: {exc}") from None
+            data = json.loads(Path(path).read_bytes())
+        except OSError as exc:
+            raise BadInputError(f"cannot read preprocessing file {path}: {exc.strerror or exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise BadInputError(f"preprocessing file {path} is not JSON") from None
         if not isinstance(data, dict):
             raise BadInputError(f"preprocessing file {path} must hold a JSON object")
         return cls.from_dict(data)
@@ -149,6 +151,24 @@ class Preprocessing:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self) -> None:
+        for name in ("height", "width"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise BadInputError(f"preprocessing: {name} must be an integer, not {value!r}")
+        if self.resize is not None and (not isinstance(self.resize, int) or isinstance(self.resize, bool)
+                                        or self.resize <= 0):
+            raise BadInputError(f"preprocessing: resize must be a positive integer (or null), not {self.resize!r}")
+        for name in ("layout", "channel_order", "dtype"):
+            if not isinstance(getattr(self, name), str):
+                raise BadInputError(f"preprocessing: {name} must be a string, not {getattr(self, name)!r}")
+        numbers = [("scale", self.scale)] + [("mean", v) for v in self.mean] + [("std", v) for v in self.std]
+        for name, value in numbers:
+            if not isinstance(value, int | float) or isinstance(value, bool) or not np.isfinite(value):
+                raise BadInputError(f"preprocessing: {name} must be a finite number, not {value!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise BadInputError("preprocessing: mean and std need 1 or 3 values")
+        if self.scale == 0:
+            raise BadInputError("preprocessing: scale must not be zero")
         if self.height <= 0 or self.width <= 0:
             raise BadInputError("preprocessing: input size must be positive")
         if self.layout not in ("NCHW", "NHWC"):
@@ -167,9 +187,15 @@ class Preprocessing:
 
 
 def _triple(values: Any, name: str) -> tuple[float, float, float]:
+    if isinstance(values, bool) or not isinstance(values, int | float | list | tuple):
+        raise ValueError(f"{name} must be a number or a list of 1 or 3 numbers, not {values!r}")
     if isinstance(values, int | float):
         return (float(values),) * 3
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise ValueError(f"{name} must hold numbers, not {list(values)!r}")
     vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        return vals * 3  # type: ignore[return-value]
     if len(vals) != 3:
         raise ValueError(f"{name} needs 1 or 3 values, got {len(vals)}")
     return vals  # type: ignore[return-value]

@@ -31,6 +31,7 @@ from .math import bounds
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .signature import ScoreView, class_margin, dense_pattern, pearson, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
@@ -115,6 +116,7 @@ def verify(
     if info.height and info.width and (info.height, info.width) != (pre.height, pre.width):
         raise KeyMismatchError(f"the key was made for a {pre.height}x{pre.width} input; this model takes "
                                f"{info.height}x{info.width}")
+    refuse_nonfinite(loaded, pre, providers)
     view = GraphView(loaded.model)
     scores_name = key["model"]["scores"]
     if scores_name not in view.output_names:
