@@ -250,7 +250,6 @@ CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str | None]] = 
     ("lock-key-is-output", _with(LOCK, swap={"{d}/lo.key": "{d}/lo.onnx"}), None, "same file"),
     ("lock-out-is-images", _with(LOCK, swap={"{d}/lo.onnx": "{d}/imgs48"}), None, "directory"),
     ("lock-seed-negative", _with(LOCK, "--seed", "-1"), None, "--seed"),
-    ("lock-fpr-underflow", _with(LOCK, "--fpr", "1e-300"), None, "--fpr"),
     ("lock-scale-nan", _with(LOCK, "--scale", "nan"), None, "scale"),
     ("lock-detectors-zero", _with(LOCK, "--detectors", "0"), None, "--detectors"),
     ("lock-nan-weight", _with(LOCK, swap={"{d}/lk.onnx": "{d}/n.onnx"}),
@@ -303,12 +302,19 @@ CASES: list[tuple[str, list[str], Callable[[Path], None] | None, str | None]] = 
 ]
 
 
+# Refused, but only after the patch search has failed (6 min here): no a-priori test of reachability
+# for a Conv host yet, so it is kept out of the fast corpus.
+SLOW_CASES = [("lock-fpr-underflow", _with(LOCK, "--fpr", "1e-300"), None, "--fpr")]
+
+
 def test_corpus_size():
     commands = {args[0] for _, args, _, _ in CASES}
     assert len(CASES) >= 60 and commands == {"inspect", "stain", "lock", "verify", "evaluate", "apply-patch"}
 
 
-@pytest.mark.parametrize("name,args,setup,fragment", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("name,args,setup,fragment",
+                         CASES + [pytest.param(*c, marks=pytest.mark.slow) for c in SLOW_CASES],
+                         ids=[c[0] for c in CASES + SLOW_CASES])
 def test_bad_input(base, tmp_path, name, args, setup, fragment):
     d = tmp_path / "case"
     shutil.copytree(base, d)
