@@ -15,13 +15,14 @@ from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
-from ._onnx.io import load_model, write_bytes_atomic
+from ._onnx.io import load_model
 from .errors import BadInputError, BadKeyError
 from .evaluate import EvaluateResult, evaluate
 from .keys import Key, load_key
 from .lock_audit import LockAuditResult
 from .locker import LockOptions, LockResult, lock
 from .math import bounds
+from .outputs import Artefacts, OutputPlan
 from .patch import Patch, paste_input, paste_photo, paste_pixels
 from .preprocess import Preprocessing
 from .stainer import StainOptions, StainResult, choose_host, stain
@@ -159,28 +160,36 @@ def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: st
     """
     from PIL import Image, UnidentifiedImageError
 
-    patch, pre = lock_patch(key)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    sources = [Path(p) for p in photos]
+    plan = OutputPlan().input("--key", None if isinstance(key, Key) else key).output("-o", out, folder=True)
+    for src in sources:
+        plan.input("photo", src)
+    for src in sources:
+        plan.output(f"the patched copy of {src}", out / (src.stem + ".png"), in_planned_folder=True)
+    plan.check()
+    patch, pre = lock_patch(key)
     written = []
-    for photo in photos:
-        src = Path(photo)
-        try:
-            with Image.open(src) as img:
-                img.load()
-                if raw:
-                    result, err = paste_photo(img, patch, pre)
-                else:
-                    result, err = Image.fromarray(paste_pixels(pre.fit_photo(img), patch)), 0
-        except (UnidentifiedImageError, OSError):
-            raise BadInputError(f"{src} is not a readable image") from None
-        dest = out / (src.stem + ".png")
-        if dest.resolve() == src.resolve():
-            raise BadInputError(f"{dest} would overwrite its input")
-        buf = io.BytesIO()
-        result.save(buf, format="PNG")
-        write_bytes_atomic(dest, buf.getvalue())
-        written.append(PatchedPhoto(dest, err))
+    with Artefacts() as staged:  # every photo is read and patched before any file lands in out_dir
+        staged.make_folder(out)
+        for src in sources:
+            try:
+                with Image.open(src) as img:
+                    photo = img.convert("RGB")  # decodes it all: a corrupt file fails here
+            except (UnidentifiedImageError, Image.DecompressionBombError):
+                raise BadInputError(f"{src} is not a readable image") from None
+            except Exception as exc:  # PIL raises assorted errors on a corrupt file
+                raise BadInputError(f"{src} is not a readable image ({type(exc).__name__})") from None
+            if raw:
+                result, err = paste_photo(photo, patch, pre)
+            else:
+                result, err = Image.fromarray(paste_pixels(pre.fit_photo(photo), patch)), 0
+            dest = out / (src.stem + ".png")
+            buf = io.BytesIO()
+            result.save(buf, format="PNG")
+            staged.stage_bytes(dest, buf.getvalue())
+            written.append(PatchedPhoto(dest, err))
+        staged.commit()
     return written
 
 

@@ -1,6 +1,12 @@
 """Command line: a thin layer over the public API. Parsing, progress bars and printing only.
 
-Exit codes: 0 success (``verify``: stained), 1 ``verify``: not stained, 2 error (one line).
+Exit codes: 0 success (``verify``: stained), 1 ``verify``: not stained, 2 error (one line
+``onnxstain: error: …``: a bad option, file, model, key or image), 3 internal error (a bug: one line
+and a "please report" line; the traceback with ``--debug`` or ``ONNXSTAIN_DEBUG=1``).
+
+Every command first checks its outputs against its inputs and each other
+(:class:`onnxstain.outputs.OutputPlan`), then writes all of them as one unit
+(:class:`onnxstain.outputs.Artefacts`).
 """
 
 from __future__ import annotations
@@ -9,16 +15,20 @@ import contextlib
 import functools
 import json
 import math
+import os
 import sys
+import traceback
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import click
 
 from .errors import OnnxStainError
+from .outputs import Artefacts, OutputPlan
 
-EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR = 0, 1, 2
+EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
+_LIBRARIES = ("onnx", "onnxruntime", "google")  # their exceptions on bad input are the user's to fix
+_debug = False
 
 
 # -- output helpers ----------------------------------------------------------------------------------
@@ -58,9 +68,31 @@ class RichProgress:
             yield _Task()
 
 
+def _one_line(text: str) -> str:
+    parts = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    return " ".join(parts)[:500] or "unknown error"
+
+
 def _fail(message: str) -> None:
-    click.echo(f"onnxstain: error: {message}", err=True)
+    click.echo(f"onnxstain: error: {_one_line(message)}", err=True)
     sys.exit(EXIT_ERROR)
+
+
+def _debugging() -> bool:
+    return _debug or os.environ.get("ONNXSTAIN_DEBUG", "") not in ("", "0")
+
+
+def _internal(exc: BaseException) -> None:
+    if _debugging():
+        traceback.print_exception(exc)
+    click.echo(f"onnxstain: internal error: {type(exc).__name__}: {_one_line(str(exc))}", err=True)
+    click.echo("onnxstain: this is a bug in onnxstain; please report it with the command line"
+               + ("" if _debugging() else " and the traceback that --debug prints"), err=True)
+    sys.exit(EXIT_INTERNAL)
+
+
+def _from_library(exc: BaseException) -> bool:
+    return (type(exc).__module__ or "").split(".")[0] in _LIBRARIES
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -76,8 +108,37 @@ def handle_errors(fn: Callable) -> Callable:
             _fail("out of memory")
         except OSError as exc:
             _fail(f"{exc.filename or ''}: {exc.strerror or exc}".strip(": "))
+        except (SystemExit, click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as exc:
+            if _from_library(exc):
+                _fail(f"{type(exc).__module__.split('.')[0]}: {exc}")
+            _internal(exc)
 
     return wrapper
+
+
+class _Group(click.Group):
+    """Click's usage errors (bad option values, missing files...) as one ``onnxstain: error:`` line."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:
+            click.echo(exc.ctx.get_help() if exc.ctx else str(exc), err=True)
+            sys.exit(EXIT_ERROR)
+        except click.ClickException as exc:
+            _fail(_usage_message(exc))
+        except click.exceptions.Abort:
+            _fail("interrupted")
+        if not standalone_mode:
+            return rv
+        sys.exit(rv if isinstance(rv, int) else EXIT_OK)
+
+
+def _usage_message(exc: click.ClickException) -> str:
+    text = _one_line(exc.format_message())
+    return text[0].lower() + text[1:] if text[:1].isupper() and not text[1:2].isupper() else text
 
 
 # -- reusable option groups --------------------------------------------------------------------------
@@ -91,7 +152,8 @@ def preprocessing_options(fn: Callable) -> Callable:
         click.option("--mean", help="Per-channel mean, comma separated (after scaling)."),
         click.option("--std", help="Per-channel std, comma separated."),
         click.option("--scale", type=float, help="Pixel scale before mean/std (1/255 for 0..1 inputs)."),
-        click.option("--resize", type=int, help="Shorter side of raw photos before the centre crop."),
+        click.option("--resize", type=click.IntRange(min=1),
+                     help="Shorter side of raw photos before the centre crop."),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -134,22 +196,41 @@ def _preprocessing(model_path: str, pre_file, size, layout, channel_order, mean,
         if size:
             h, _, w = size.lower().partition("x")
             overrides["height"], overrides["width"] = int(h), int(w or h)
+            if overrides["height"] <= 0 or overrides["width"] <= 0:
+                raise ValueError
         if mean:
             overrides["mean"] = [float(v) for v in mean.split(",")]
         if std:
             overrides["std"] = [float(v) for v in std.split(",")]
     except ValueError:
-        raise BadInputError("--size, --mean and --std take numbers (e.g. --size 224x224 --mean 0.5)") from None
+        raise BadInputError("--size takes HxW (e.g. 224x224), --mean and --std 1 or 3 numbers (e.g. --mean 0.5 or "
+                            "--mean 0.485,0.456,0.406)") from None
     given = Preprocessing.load(pre_file) if pre_file else None
     loaded = load_model(model_path)
     return infer_preprocessing(loaded.model, model_path, given, **overrides)
 
 
 # -- commands ----------------------------------------------------------------------------------------
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="onnxstain")
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Print the traceback of an internal error.")
+def main(debug: bool) -> None:
     """Stain (watermark) and lock vision models in ONNX files, without retraining."""
+    global _debug
+    _debug = debug
+
+
+def _write(plan_items: list[tuple[str | None, bytes, int | None]]) -> None:
+    """Write side outputs (path, bytes, mode) as one unit."""
+    with Artefacts() as out:
+        for path, data, mode in plan_items:
+            if path:
+                out.stage_bytes(path, data, mode=mode)
+        out.commit()
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2).encode() + b"\n"
 
 
 @main.command()
@@ -161,6 +242,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
     """List the layers that can host a detector, and the one the tool would pick."""
     from .api import inspect_model
 
+    OutputPlan().model_input("MODEL", model).output("--json", json_out).check()
     info = inspect_model(model, _size(size))
     con = _console()
     con.print(f"[bold]{info['model']}[/]  input {info['input']}  "
@@ -185,7 +267,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
     con.print("τ0/R: the firing margin a trigger must exceed, relative to the natural features' radius, for a "
               "1e-9 bound (lower is easier; deep, wide layers need less)")
     if json_out:
-        Path(json_out).write_text(json.dumps(info, indent=2) + "\n")
+        _write([(json_out, _json_bytes(info), None)])
 
 
 @main.command()
@@ -206,7 +288,8 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 @click.option("--chance", type=float,
               help="Target black-box chance that an unrelated model shows the signature (default: the --fpr, "
                    "but not below 2e-3; few-class models take several triggers in --mode insert).")
-@click.option("--seed", type=int, help="Seed of the key's random choices (default: fresh randomness).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1),
+              help="Seed of the key's random choices (default: fresh randomness).")
 @click.option("--trigger-png", type=click.Path(dir_okay=False), help="Also write the secret trigger as PNG.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -216,17 +299,27 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, chance, seed, trigger_png, json_out,
           quiet, pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
     """Implant a secret detector in MODEL and write the stained model and its key."""
-    from .api import StainOptions
+    from .api import StainOptions, stain_summary
     from .api import stain as do_stain
+    from .keys import png_bytes
 
-    pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
-    con = _console()
-    for note in notes:
-        con.print(f"note: {note}")
-    opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
-                        chance=chance, providers=_providers(providers))
-    res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
-                   progress=RichProgress(not quiet and sys.stderr.isatty()))
+    (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
+     .input("--preprocessing", pre_file).model_output("-o", output).key_output("--key", key_path)
+     .output("--trigger-png", trigger_png).output("--json", json_out).check())
+    with Artefacts() as out:
+        pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
+        con = _console()
+        for note in notes:
+            con.print(f"note: {note}")
+        opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
+                            chance=chance, providers=_providers(providers))
+        res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
+                       progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
+        if trigger_png:
+            out.stage_bytes(trigger_png, png_bytes(out.key.trigger.png), mode=0o600)
+        if json_out:
+            out.stage_bytes(json_out, _json_bytes(stain_summary(res)))
+        out.commit()
     con.print(f"[bold green]stained[/] {res.output}  ({res.mode}, {res.variant})")
     con.print(f"  host {res.host}" + (f", channel {res.channel}" if res.channel is not None else ""))
     con.print(f"  trigger score {res.trigger_score:.4g}, firing margin τ = {res.threshold:.4g}; "
@@ -260,15 +353,6 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
     con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
     for note in res.notes:
         con.print(f"  note: {note}")
-    if trigger_png:
-        from ._onnx.io import write_bytes_atomic
-        from .keys import load_key, png_bytes
-
-        write_bytes_atomic(trigger_png, png_bytes(load_key(key_path)["trigger"]["png"]), mode=0o600)
-    if json_out:
-        from .api import stain_summary
-
-        Path(json_out).write_text(json.dumps(stain_summary(res), indent=2) + "\n")
 
 
 @main.command()
@@ -286,7 +370,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
 @click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
-@click.option("--seed", type=int, help="Seed of the key's random choices.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed of the key's random choices.")
 @click.option("--occlusion-steps", type=int, default=200, show_default=True,
               help="Steps of the occlusion-aware patch refinement (0: keep the plain patch; faster, costs "
                    "more accuracy with the patch).")
@@ -300,15 +384,23 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
     """Lock MODEL: useless unless the secret patch sits in the image corner."""
     from .api import LockOptions
     from .api import lock as do_lock
+    from .keys import png_bytes
 
-    pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
-    con = _console()
-    for note in notes:
-        con.print(f"note: {note}")
-    opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
-                       occlusion_steps=occlusion_steps, providers=_providers(providers))
-    res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
-                  progress=RichProgress(not quiet and sys.stderr.isatty()))
+    (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
+     .input("--preprocessing", pre_file).model_output("-o", output).key_output("--key", key_path)
+     .output("--patch-png", patch_png).check())
+    with Artefacts() as out:
+        pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
+        con = _console()
+        for note in notes:
+            con.print(f"note: {note}")
+        opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
+                           occlusion_steps=occlusion_steps, providers=_providers(providers))
+        res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
+                      progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
+        if patch_png:
+            out.stage_bytes(patch_png, png_bytes(out.key.trigger.png), mode=0o600)
+        out.commit()
     top, left, h, w = res.patch_box
     con.print(f"[bold green]locked[/] {res.output}  ({res.kind})")
     con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {pre.height}x{pre.width} input")
@@ -337,11 +429,6 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
     con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
     for note in res.notes:
         con.print(f"  note: {note}")
-    if patch_png:
-        from ._onnx.io import write_bytes_atomic
-        from .keys import load_key, png_bytes
-
-        write_bytes_atomic(patch_png, png_bytes(load_key(key_path)["trigger"]["png"]), mode=0o600)
 
 
 @main.command("apply-patch")
@@ -372,7 +459,10 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
     """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
     from .api import verify as do_verify
 
+    OutputPlan().model_input("MODEL", model).input("--key", key_path).output("--json", json_out).check()
     res = do_verify(model, key_path, providers=_providers(providers))
+    if json_out:
+        _write([(json_out, _json_bytes(res.to_dict()), None)])
     con = _console()
     word = "LOCKED" if res.kind == "lock" else "STAINED"
     verdict = f"[bold green]{word}[/]" if res.stained else f"[bold red]NOT {word}[/]"
@@ -389,8 +479,6 @@ def verify(model: str, key_path: str, json_out: str | None, providers: str | Non
     con.print(f"  {what} {res.natural_bound}")
     for note in res.notes:
         con.print(f"  note: {note}")
-    if json_out:
-        res.write_json(json_out)
     sys.exit(EXIT_OK if res.stained else EXIT_NEGATIVE)
 
 
@@ -420,11 +508,14 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     from .api import load_key
     from .math.bounds import format_probability
 
+    (OutputPlan().model_input("ORIGINAL", original).model_input("MODIFIED", modified).input("--key", key_path)
+     .input("--images", images, folder=True).output("--json", json_out).output("--html", html_out).check())
     if load_key(key_path).kind == "lock":
         _lock_audit(original, modified, key_path, images, views, json_out, html_out, quiet, providers)
         return
     res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
                       progress=RichProgress(not quiet and sys.stderr.isatty()))
+    _write_reports(res, json_out, html_out, "report_html")
     con = _console()
     info = res.images
     con.print(f"[bold]evaluate[/] {res.modified}  (against {res.original})")
@@ -481,10 +572,14 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     for note in res.notes:
         con.print(f"  note: {note}")
     con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
-    if json_out:
-        res.write_json(json_out)
-    if html_out:
-        res.write_html(html_out)
+
+
+def _write_reports(res: Any, json_out: str | None, html_out: str | None, renderer: str) -> None:
+    """The JSON and HTML reports of an evaluation, rendered first and written as one unit."""
+    import importlib
+
+    html = importlib.import_module(f".{renderer}", __package__).render(res).encode("utf-8") if html_out else b""
+    _write([(json_out, _json_bytes(res.to_dict()), None), (html_out, html, None)])
 
 
 def _lock_audit(original: str, locked: str, key_path: str, images: str | None, views: int, json_out: str | None,
@@ -493,6 +588,7 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
 
     res = audit_lock(original, locked, key_path, images=images, views=views, providers=_providers(providers),
                      progress=RichProgress(not quiet and sys.stderr.isatty()))
+    _write_reports(res, json_out, html_out, "lock_report_html")
     con = _console()
     info = res.images
     top, left, h, w = res.patch_box
@@ -524,10 +620,6 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
     for note in res.notes:
         con.print(f"  note: {note}")
     con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
-    if json_out:
-        res.write_json(json_out)
-    if html_out:
-        res.write_html(html_out)
 
 
 if __name__ == "__main__":  # pragma: no cover

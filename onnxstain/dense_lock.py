@@ -30,8 +30,8 @@ import numpy as np
 from ._onnx.dense import DenseOutput
 from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
-from ._onnx.io import LoadedModel, save_model
-from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from ._onnx.io import LoadedModel
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -50,6 +50,7 @@ from .keys import (
 from .lock_geometry import MAX_PATCH_FRACTION, lock_hosts, lock_position, patch_box
 from .math import bounds, detector
 from .math.trigger import box_maximiser
+from .outputs import Artefacts, write_unit
 from .passes.dense import insert_feature_gate
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
@@ -168,9 +169,10 @@ def _natural_scores(host: HostLayer, x: np.ndarray, v: np.ndarray, c: np.ndarray
 
 
 def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path: Path, record: Path, opts,
-               pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float):
+               pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float,
+               artefacts: Artefacts | None = None):
     from .locker import LockResult
-    from .stainer import RADIUS_MARGIN, calibration_pixels
+    from .stainer import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 
     refuse_kind(opts)
     if opts.detectors != 1:
@@ -178,6 +180,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     timings: dict[str, float] = {}
     view = GraphView(loaded.model, pre.input_shape())
     host = choose_dense_lock_host(lock_hosts(loaded.model, view), opts.layer, pre.height, pre.width)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws, positions=1)
     features = gate_features(view, dense.output)
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
@@ -267,7 +270,7 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
     l_patch = run_batches(locked_sess, x_patch, [dense.output])[dense.output]
     o_patch = run_batches(orig_sess, x_patch, [dense.output])[dense.output]
     if not np.array_equal(l_patch, o_patch):
-        raise UnsupportedModelError("internal check failed: with the patch the locked model is not bit-identical "
+        raise InternalError("internal check failed: with the patch the locked model is not bit-identical "
                                     "to the original on the same images")
     unlocked_corr = pearson(l_patch, o_clean)  # the patch's own cost, against the original on clean images
     refs = smooth_backgrounds(REFERENCES, pre.height, pre.width, seed=seed % (2**31))
@@ -278,41 +281,41 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
 
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
-    digest = save_model(locked, out_path, source=loaded)
-    n = REFERENCES
-    pooled = pool_maps(want.astype(np.float64))
-    key = Key(
-        **envelope("lock"),
-        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
-                           scores=dense.output, classes=int(np.prod(pooled.shape[1:])),
-                           dense_shape=tuple(int(d) for d in want.shape[1:])),
-        preprocessing=pre,
-        mode="gate",
-        variant="gate",
-        seed=seed,
-        host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
-                         out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
-                         strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
-                         groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position),
-                         detector_positions=(pos_index,)),
-        detector=DetectorSection(directions=F8.of(v[None]), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
-                                 trigger_scores=F8.of(np.array([s_t])), detectors=1, draws=draws,
-                                 max_draws=opts.max_draws),
-        trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
-                               width=patch.width),
-        references=ReferencesSection(count=n, seed=seed % (2**31), metric="correlation",
-                                     patched_scores=F8.of(pooled[:n].reshape(n, -1)),
-                                     unpatched_scores=F8.of(pooled[n:].reshape(n, -1))),
-        white_box=WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0),
-        occlusion=None,
-        lock=LockSection(flipped_features=channels // 2, gated_tensor="decoder input",
-                         calibration_locked_agreement=float(locked_corr.mean()), chance=0.0,
-                         calibration_unlocked_agreement=float(unlocked_corr.mean()), metric="correlation"),
-        bound=bound,
-        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    )
-    key.save(key_path)
-    key.save_public_record(record)
+    with write_unit(artefacts) as writer:  # staged, synced; key, record, then model renamed (outputs.py)
+        digest = writer.stage_model(locked, out_path, source=loaded)
+        n = REFERENCES
+        pooled = pool_maps(want.astype(np.float64))
+        key = Key(
+            **envelope("lock"),
+            model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                               scores=dense.output, classes=int(np.prod(pooled.shape[1:])),
+                               dense_shape=tuple(int(d) for d in want.shape[1:])),
+            preprocessing=pre,
+            mode="gate",
+            variant="gate",
+            seed=seed,
+            host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
+                             out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
+                             strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
+                             groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position),
+                             detector_positions=(pos_index,)),
+            detector=DetectorSection(directions=F8.of(v[None]), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
+                                     trigger_scores=F8.of(np.array([s_t])), detectors=1, draws=draws,
+                                     max_draws=opts.max_draws),
+            trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
+                                   width=patch.width),
+            references=ReferencesSection(count=n, seed=seed % (2**31), metric="correlation",
+                                         patched_scores=F8.of(pooled[:n].reshape(n, -1)),
+                                         unpatched_scores=F8.of(pooled[n:].reshape(n, -1))),
+            white_box=WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0),
+            occlusion=None,
+            lock=LockSection(flipped_features=channels // 2, gated_tensor="decoder input",
+                             calibration_locked_agreement=float(locked_corr.mean()), chance=0.0,
+                             calibration_unlocked_agreement=float(unlocked_corr.mean()), metric="correlation"),
+            bound=bound,
+            calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+        )
+        writer.stage_key(key, key_path, record)
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     notes.append(f"fidelity is the Pearson correlation of output maps, on {n_check} calibration images: locked "

@@ -26,8 +26,8 @@ import numpy as np
 from ._onnx.dense import DenseOutput
 from ._onnx.graph import GraphView
 from ._onnx.hosts import GELU_ZERO, MIN_DIMENSION, HostLayer, find_hosts
-from ._onnx.io import LoadedModel, save_model
-from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from ._onnx.io import LoadedModel
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -44,6 +44,7 @@ from .keys import (
 )
 from .math import bounds, detector
 from .math.trigger import ascend, quantise
+from .outputs import Artefacts, write_unit
 from .passes.dense import insert_dense_stain
 from .preprocess import Preprocessing
 from .progress import Progress
@@ -127,13 +128,15 @@ def detector_weights(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, ge
 
 
 def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path: Path, record: Path, opts,
-                pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float):
-    from .stainer import StainResult, calibration_pixels
+                pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float,
+                artefacts: Artefacts | None = None):
+    from .stainer import StainResult, calibration_pixels, refuse_underflowing_target
 
     refuse_mode(opts)
     timings: dict[str, float] = {}
     view = GraphView(loaded.model, pre.input_shape())
     host = choose_dense_host(find_hosts(loaded.model, view), opts.layer)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws)
     seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
     rng = np.random.default_rng(seed)
     timings["load"] = time.perf_counter() - t0
@@ -221,7 +224,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     shift = float(np.linalg.norm(stored_w - ed.weights) * radius
                   + abs(float((stored_w - ed.weights) @ stats.centre) + stored_b - ed.bias))
     if host.gelu and shift > 0.4:
-        raise UnsupportedModelError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
+        raise InternalError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
     pattern_seed = int(rng.integers(2**31))
     block = pattern_block(dense.shape)
     unit = dense_pattern(pattern_seed, dense.shape, block)
@@ -238,15 +241,15 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     got = run_batches(check, np.concatenate([pre.to_input(trig), x_cal[:n_check]]), [dense.output, gamma])
     out, sig = got[dense.output], got[gamma].reshape(-1)
     if sig[0] != 1.0:
-        raise UnsupportedModelError(f"internal check failed: the detector gives {sig[0]:.4g} on the trigger (want 1)")
+        raise InternalError(f"internal check failed: the detector gives {sig[0]:.4g} on the trigger (want 1)")
     if np.any(sig[1:] != 0.0) or not np.array_equal(out[1:], nat_out[:n_check]):
-        raise UnsupportedModelError("internal check failed: natural outputs of the stained model are not "
+        raise InternalError("internal check failed: natural outputs of the stained model are not "
                                     "bit-identical to the original's")
     orig_trig = run_batches(session(loaded.model, opts.providers), pre.to_input(trig), [dense.output])[dense.output]
     trig_corr = float(pearson(out[:1], unit[None])[0])
     orig_corr = float(pearson(orig_trig, unit[None])[0])
     if trig_corr < 0.9 or abs(orig_corr) >= PATTERN_THRESHOLD / 2:
-        raise UnsupportedModelError(f"internal check failed: pattern correlation {trig_corr:.3g} on the trigger, "
+        raise InternalError(f"internal check failed: pattern correlation {trig_corr:.3g} on the trigger, "
                                     f"{orig_corr:.3g} for the original model")
     fidelity = pearson(out[1:], nat_out[:n_check])
     natural_firings = int((s_nat > tau0).sum())
@@ -254,34 +257,35 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
 
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
-    digest = save_model(stained, out_path, source=loaded)
-    key = Key(
-        **envelope("stain"),
-        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
-                           scores=dense.output, classes=int(np.prod(dense.shape)), dense_shape=tuple(dense.shape)),
-        preprocessing=pre,
-        mode="insert",
-        variant="non-additive",
-        seed=seed,
-        host=HostSection(name=host.name, op=host.op, input=host.input, output=gamma, channel=0, host_channel=None,
-                         group=0, m=host.m, positions=host.positions, selected_positions=tuple(int(p) for p in sel),
-                         activation=host.activation, kernel=tuple(host.kernel), strides=tuple(host.strides),
-                         pads=tuple(host.pads), dilations=tuple(host.dilations), groups=host.groups,
-                         out_hw=tuple(host.out_hw) if host.out_hw else None),
-        detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau0, tau0=tau0,
-                                 s_star=s_star, gain=ed.gain, delta=DELTA, offset=GELU_ZERO if host.gelu else 0.0,
-                                 trigger_scores=F8.of(s_t), trigger_radii=F8.of(detector.radii(phi_t, stats.centre)),
-                                 draws=draws, max_draws=opts.max_draws),
-        trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
-        signature=SignatureSection(type="pattern", cls=-1, pattern_seed=pattern_seed, block=block,
-                                   amplitude=amplitude, expected_margin=trig_corr, threshold=PATTERN_THRESHOLD,
-                                   original_margin=orig_corr),
-        white_box=WhiteBoxSection(tensor=gamma, channel=0, expected=1.0, threshold=0.5, positions=(0,)),
-        bound=bound,
-        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    )
-    key.save(key_path)
-    key.save_public_record(record)
+    with write_unit(artefacts) as writer:  # staged, synced; key, record, then model renamed (outputs.py)
+        digest = writer.stage_model(stained, out_path, source=loaded)
+        key = Key(
+            **envelope("stain"),
+            model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                               scores=dense.output, classes=int(np.prod(dense.shape)), dense_shape=tuple(dense.shape)),
+            preprocessing=pre,
+            mode="insert",
+            variant="non-additive",
+            seed=seed,
+            host=HostSection(name=host.name, op=host.op, input=host.input, output=gamma, channel=0, host_channel=None,
+                             group=0, m=host.m, positions=host.positions, selected_positions=tuple(int(p) for p in sel),
+                             activation=host.activation, kernel=tuple(host.kernel), strides=tuple(host.strides),
+                             pads=tuple(host.pads), dilations=tuple(host.dilations), groups=host.groups,
+                             out_hw=tuple(host.out_hw) if host.out_hw else None),
+            detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau0, tau0=tau0,
+                                     s_star=s_star, gain=ed.gain, delta=DELTA, offset=GELU_ZERO if host.gelu else 0.0,
+                                     trigger_scores=F8.of(s_t),
+                                     trigger_radii=F8.of(detector.radii(phi_t, stats.centre)),
+                                     draws=draws, max_draws=opts.max_draws),
+            trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
+            signature=SignatureSection(type="pattern", cls=-1, pattern_seed=pattern_seed, block=block,
+                                       amplitude=amplitude, expected_margin=trig_corr, threshold=PATTERN_THRESHOLD,
+                                       original_margin=orig_corr),
+            white_box=WhiteBoxSection(tensor=gamma, channel=0, expected=1.0, threshold=0.5, positions=(0,)),
+            bound=bound,
+            calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+        )
+        writer.stage_key(key, key_path, record)
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     return StainResult(

@@ -46,6 +46,7 @@ from .math.detection_agreement import per_image_anchor_map
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .signature import pearson, top1_margins
 
 REPORT_FORMAT = "onnxstain-evaluate-report"
@@ -383,6 +384,7 @@ def evaluate(
     for loaded, which in ((orig, "original"), (mod, "modified")):
         info = image_input(loaded.model)
         key.check_input_size(info.height, info.width, f"the {which} model")
+        refuse_nonfinite(loaded, pre, providers, f"the {which} model")
     if orig.sha256 != key.model.source_sha256:
         notes.append("ORIGINAL is not the model the key was made from (its SHA-256 differs from the key's source)")
     if mod.sha256 != key.model.output_sha256:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from ._onnx.io import write_bytes_atomic
-from .errors import BadKeyError, KeyMismatchError, UnsupportedModelError
+from .errors import BadKeyError, InternalError, KeyMismatchError
 from .fields import F8, FieldError
 from .key_schema import (
     KEY_FORMAT,
@@ -172,7 +172,7 @@ class Key(KeyBody):
         try:
             return Key.loaded(json.loads(json.dumps(self.to_dict())))
         except BadKeyError as exc:
-            raise UnsupportedModelError(f"internal check failed: {exc}") from None
+            raise InternalError(f"internal check failed: {exc}") from None
 
     def save(self, path: str | Path) -> None:
         self.checked()

@@ -44,6 +44,7 @@ from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .signature import pearson
 from .verify import key_patch, white_box_signal
 
@@ -238,6 +239,8 @@ def audit_lock(
     if lck.sha256 != key.model.output_sha256:
         notes.append("LOCKED is not the locked model the key records (its SHA-256 differs)")
     pre = key.preprocessing
+    for loaded, which in ((orig, "original"), (lck, "locked")):
+        refuse_nonfinite(loaded, pre, providers, f"the {which} model")
     patch = key_patch(key)
     host = _lock_host_from_key(orig, key, pre)
     oview, lview = GraphView(orig.model), GraphView(lck.model)

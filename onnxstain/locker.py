@@ -39,8 +39,8 @@ from ._onnx.diff import structural_diff
 from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
 from ._onnx.inputs import infer_preprocessing
-from ._onnx.io import check_output_path, load_model, save_model
-from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from ._onnx.io import load_model
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -64,14 +64,16 @@ from .math import bounds, detector
 from .math.detection_agreement import anchor_map
 from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from .math.trigger import ascend, quantise, refine_occlusion
+from .outputs import Artefacts, job_plan, write_unit
 from .passes.conduit import ConduitPlan, apply_conduit, conduit_taps, plan_conduit, prepare_conduit
 from .passes.lock import insert_gate
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .scoring import detector_scores
-from .stainer import RADIUS_MARGIN, calibration_pixels
+from .stainer import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 
 # The patch alone decides the detectors' input at the lock position, so its 8-bit onnxruntime score
 # is exactly what every patched image gives: a small safety factor is enough (a stain's trigger is a
@@ -148,8 +150,11 @@ def lock(
     images: str | Path | np.ndarray | None = None,
     progress: Progress | None = None,
     record_path: str | Path | None = None,
+    artefacts: Artefacts | None = None,
 ) -> LockResult:
-    """Lock ``model``: write ``output`` (locked), the key (holding the patch) and its public record."""
+    """Lock ``model``: write ``output`` (locked), the key (holding the patch) and its public record.
+
+    With ``artefacts`` they are only staged there (the caller commits, :mod:`onnxstain.outputs`)."""
     opts = options or LockOptions()
     prog = progress or Silent()
     timings: dict[str, float] = {}
@@ -157,11 +162,8 @@ def lock(
     t0 = time.perf_counter()
     out_path, key_path = Path(output), Path(key_path)
     record = Path(record_path) if record_path else public_record_path(key_path)
+    job_plan(model, out_path, key_path, record).check()
     loaded = load_model(model)
-    check_output_path(out_path, loaded.path)
-    for other in (key_path, record):
-        if other.resolve() in (out_path.resolve(), loaded.path.resolve()):
-            raise BadInputError(f"{other} would overwrite a model file")
     if opts.kind not in ("gate", "inplace"):
         raise BadInputError(f"--kind must be gate or inplace, not {opts.kind!r}")
     if opts.kind == "inplace" and opts.detectors != 1:
@@ -169,11 +171,14 @@ def lock(
                             "the gate lock (--kind gate) for several")
     if not 0 < opts.fpr < 1:
         raise BadInputError("--fpr must be between 0 and 1")
+    if opts.seed is not None and not 0 <= opts.seed < 2**63:
+        raise BadInputError(f"--seed must be a non-negative integer below 2^63, not {opts.seed}")
     if not 1 <= opts.detectors <= 8:
         raise BadInputError("--detectors must be between 1 and 8")
     if opts.occlusion_steps < 0 or opts.max_steps < 1 or opts.max_draws < 1:
         raise BadInputError("--occlusion-steps must be ≥ 0, and the search needs at least one step and one draw")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    refuse_nonfinite(loaded, pre, opts.providers)
     notes += pre_notes
     view = GraphView(loaded.model, pre.input_shape())
     _refuse_half_precision(view)
@@ -181,7 +186,8 @@ def lock(
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_lock import lock_dense
 
-        return lock_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
+        return lock_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0,
+                          artefacts=artefacts)
     if head is None:
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
                                     "head (per-anchor class scores beside per-anchor boxes) found")
@@ -192,6 +198,7 @@ def lock(
     features = None if head.detection else head_mod.head_input(view, head)
     hosts = lock_hosts(loaded.model, view)
     host = _lock_host(hosts, view, opts, pre)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws, opts.detectors)
     window = host.name == WINDOW
     position = lock_position(host)
     top, left, ph, pw = patch_box(host, position, pre.height, pre.width)
@@ -376,7 +383,7 @@ def lock(
         lock_info = {"gamma": conduit.gamma, "head_feature": conduit.head_feature, "disruption_spread": spread,
                      "overwritten": tuple(tuple(c) for c in conduit.channels)}
         if structural_diff(loaded.model, locked):
-            raise UnsupportedModelError("internal check failed: the in-place lock changed the graph structure")
+            raise InternalError("internal check failed: the in-place lock changed the graph structure")
     bound = bounds.ball_bound(tau0, radius, host.m, positions=host.positions, draws=opts.max_draws,
                               detectors=d, kind=bound_kind)
     timings["edit"] = time.perf_counter() - t3
@@ -397,7 +404,7 @@ def lock(
     got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
     unlock_error = float(np.abs(want[:n] - got[:n]).max())
     if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):
-        raise UnsupportedModelError(
+        raise InternalError(
             f"internal check failed: the patched references do not unlock (max |Δ| {unlock_error:.3g})")
     if np.mean(got[n:].argmax(1) == want[n:].argmax(1)) > 0.5:
         notes.append("the locked model still agrees with the original on most unpatched reference images")
@@ -406,35 +413,35 @@ def lock(
 
     # -- save ------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
-    digest = save_model(locked, out_path, source=loaded)
-    key = Key(
-        **envelope("lock"),
-        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
-                           scores=head.output, classes=head.classes,
-                           layout=tuple(head.layout) if head.detection else None),
-        preprocessing=pre,
-        mode=opts.kind,
-        variant=opts.kind,
-        seed=seed,
-        host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
-                         out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
-                         strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
-                         groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position)),
-        detector=DetectorSection(directions=F8.of(dirs), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
-                                 trigger_scores=F8.of(s_t), detectors=d, draws=draws, max_draws=opts.max_draws),
-        trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
-                               width=patch.width),
-        references=ReferencesSection(count=n, seed=seed % (2**31), patched_scores=F8.of(want[:n]),
-                                     unpatched_scores=F8.of(want[n:])),
-        white_box=white_box,
-        occlusion=None if occlusion is None else OcclusionSection(**occlusion),
-        lock=LockSection(**lock_info, calibration_locked_agreement=locked_agree, chance=chance,
-                         calibration_unlocked_agreement=unlocked_agree),
-        bound=bound,
-        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    )
-    key.save(key_path)
-    key.save_public_record(record)
+    with write_unit(artefacts) as writer:  # staged, synced; key, record, then model renamed (outputs.py)
+        digest = writer.stage_model(locked, out_path, source=loaded)
+        key = Key(
+            **envelope("lock"),
+            model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                               scores=head.output, classes=head.classes,
+                               layout=tuple(head.layout) if head.detection else None),
+            preprocessing=pre,
+            mode=opts.kind,
+            variant=opts.kind,
+            seed=seed,
+            host=HostSection(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
+                             out_hw=tuple(host.out_hw) if host.out_hw else None, kernel=tuple(host.kernel),
+                             strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
+                             groups=host.groups, selected_positions=(pos_index,), lock_position=tuple(position)),
+            detector=DetectorSection(directions=F8.of(dirs), centre=F8.of(stats.centre), tau0=tau0, threshold=tau0,
+                                     trigger_scores=F8.of(s_t), detectors=d, draws=draws, max_draws=opts.max_draws),
+            trigger=TriggerSection(png=encode_png(patch.pixels), top=patch.top, left=patch.left, height=patch.height,
+                                   width=patch.width),
+            references=ReferencesSection(count=n, seed=seed % (2**31), patched_scores=F8.of(want[:n]),
+                                         unpatched_scores=F8.of(want[n:])),
+            white_box=white_box,
+            occlusion=None if occlusion is None else OcclusionSection(**occlusion),
+            lock=LockSection(**lock_info, calibration_locked_agreement=locked_agree, chance=chance,
+                             calibration_unlocked_agreement=unlocked_agree),
+            bound=bound,
+            calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+        )
+        writer.stage_key(key, key_path, record)
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     return LockResult(

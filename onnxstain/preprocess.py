@@ -185,16 +185,14 @@ class Preprocessing:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def validate(self) -> None:
-        if self.height <= 0 or self.width <= 0:
-            raise BadInputError("preprocessing: input size must be positive")
-        if self.layout not in ("NCHW", "NHWC"):
-            raise BadInputError(f"preprocessing: layout must be NCHW or NHWC, not {self.layout!r}")
-        if self.channel_order not in ("RGB", "BGR"):
-            raise BadInputError(f"preprocessing: channel order must be RGB or BGR, not {self.channel_order!r}")
-        if any(s == 0 for s in self.std):
-            raise BadInputError("preprocessing: std must not be zero")
-        if self.dtype not in ("float32", "float16", "uint8"):
-            raise BadInputError(f"preprocessing: unsupported dtype {self.dtype!r}")
+        """Every field through the same checks as the JSON form (:meth:`read`): a :class:`Preprocessing`
+        built in code (the API, the graph's guesses) is held to what a preprocessing file is."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["source"] = dict(self.source)
+        try:
+            type(self).read(data, "")
+        except FieldError as exc:
+            raise BadInputError(f"preprocessing: {exc}") from None
 
     def with_source(self, **fields: str) -> Preprocessing:
         merged = dict(self.source)

@@ -14,7 +14,7 @@ from ._onnx.graph import GraphView
 from ._onnx.head import head_input
 from ._onnx.hosts import HostLayer, layer_affine, neuron_affine
 from ._onnx.io import LoadedModel
-from .errors import BadInputError, UnsupportedModelError
+from .errors import BadInputError, InternalError, UnsupportedModelError
 from .math import compensation, detector
 from .passes import stain as stain_pass
 from .signature import ScoreView
@@ -247,7 +247,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             ed = detector.non_additive(v, c, tau, s_star, delta, offset)
             g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau) + offset)))
             if g_trig <= 0:
-                raise UnsupportedModelError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
+                raise InternalError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
             if can_compensate(host, head, view):
                 # the lost feature is predicted from the others (fitted on the calibration images)
                 comp = compensation.fit(pooled, channel)

@@ -39,8 +39,8 @@ from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
 from ._onnx.hosts import MIN_DIMENSION, HostLayer, find_hosts, why_unusable
 from ._onnx.inputs import infer_preprocessing
-from ._onnx.io import check_output_path, load_model, save_model
-from .errors import BadInputError, UnreachableBoundError, UnsupportedModelError
+from ._onnx.io import load_model
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -60,9 +60,11 @@ from .keys import (
 )
 from .math import bounds, chance, detector
 from .math.trigger import ascend, quantise
+from .outputs import Artefacts, job_plan, write_unit
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .scoring import detector_scores
 from .signature import class_margin, shift_score, top1_margins
 
@@ -182,6 +184,18 @@ def _margin_ratio(host: HostLayer, fpr: float = 1e-9, draws: int = 8) -> float:
     return bounds.threshold_for_target(fpr, 1.0, host.m, positions=host.positions, draws=draws)
 
 
+def refuse_underflowing_target(fpr: float, host: HostLayer, draws: int, detectors: int = 1,
+                               positions: int | None = None) -> None:
+    """Refuse at once a target so small that it needs the margin τ0 to reach the whole natural radius R:
+    the ball bound is then 0 (not a probability one can claim), and no search can meet it."""
+    ratio = bounds.threshold_for_target(fpr, 1.0, host.m, positions=positions or host.positions, draws=draws,
+                                        detectors=detectors)
+    if not ratio < 1.0:
+        raise UnreachableBoundError(
+            f"--fpr {fpr:g} is out of reach at layer {host.name} (m={host.m}): it needs a firing margin equal to "
+            "the whole natural radius (the bound underflows to 0); ask for a larger --fpr")
+
+
 def selected_positions(host: HostLayer) -> np.ndarray:
     """Positions where the trigger must fire: the central 3×3 block (the centre alone on big maps).
 
@@ -208,8 +222,12 @@ def stain(
     images: str | Path | np.ndarray | None = None,
     progress: Progress | None = None,
     record_path: str | Path | None = None,
+    artefacts: Artefacts | None = None,
 ) -> StainResult:
-    """Stain ``model`` and write ``output``, the key and its public record. See the module docstring."""
+    """Stain ``model`` and write ``output``, the key and its public record. See the module docstring.
+
+    With ``artefacts`` the model, key and record are only staged there (the caller commits them
+    with its own outputs, :mod:`onnxstain.outputs`); without, they are written as one unit here."""
     opts = options or StainOptions()
     prog = progress or Silent()
     timings: dict[str, float] = {}
@@ -218,11 +236,8 @@ def stain(
     out_path = Path(output)
     key_path = Path(key_path)
     record = Path(record_path) if record_path else public_record_path(key_path)
+    job_plan(model, out_path, key_path, record).check()
     loaded = load_model(model)
-    check_output_path(out_path, loaded.path)
-    for other in (key_path, record):
-        if other.resolve() in (out_path.resolve(), loaded.path.resolve()):
-            raise BadInputError(f"{other} would overwrite a model file")
     if opts.mode not in ("inplace", "insert"):
         raise BadInputError(f"unknown mode {opts.mode!r}")
     if opts.variant not in ("non-additive", "additive"):
@@ -231,20 +246,25 @@ def stain(
         raise BadInputError("--fpr must be between 0 and 1")
     if opts.chance is not None and not 0 < opts.chance < 1:
         raise BadInputError("--chance must be between 0 and 1")
+    if opts.seed is not None and not 0 <= opts.seed < 2**63:
+        raise BadInputError(f"--seed must be a non-negative integer below 2^63, not {opts.seed}")
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    refuse_nonfinite(loaded, pre, opts.providers)
     notes += pre_notes
     view = GraphView(loaded.model, pre.input_shape())
     head = head_mod.find_scores_head(view)
     if head is None and (dense := find_dense_output(view)) is not None:
         from .dense_stain import stain_dense
 
-        return stain_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0)
+        return stain_dense(loaded, dense, out_path, key_path, record, opts, pre, notes, images, prog, t0,
+                           artefacts=artefacts)
     if head is None:
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
                                     "head (per-anchor class scores beside per-anchor boxes) "
                                     "found; the black-box signature needs one")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws)
     if opts.mode == "inplace":
         _check_quantized_weights(view, host, head, opts.variant)
     route = None
@@ -400,7 +420,7 @@ def stain(
                 break
             loss = max(2.0 * loss, edit["tau_loss"])
         else:
-            raise UnsupportedModelError(
+            raise InternalError(
                 f"internal check failed: the stored detector's threshold {tau - edit['tau_loss']:.4g} is below "
                 f"τ0 = {tau0:.4g}")
         notes.append(f"detector threshold raised from {tau0:.4g} to {tau:.4g} to cover the rounding of the "
@@ -425,7 +445,7 @@ def stain(
         shift = float(np.linalg.norm(edit["expected_trigger"] - orig_trig_scores))
         slack = 0.05 + edit["tolerance"] * np.sqrt(len(orig_trig_scores)) / max(shift, 1e-12)
         if abs(trig_margin - 1.0) > min(slack, 0.5):
-            raise UnsupportedModelError(f"internal check failed: trigger shift score {trig_margin:.3g} (expected 1)")
+            raise InternalError(f"internal check failed: trigger shift score {trig_margin:.3g} (expected 1)")
         signature = SignatureSection(type="shift", cls=cls, original=F8.of(orig_trig_scores), expected=F8.of(got[0]),
                                      expected_margin=1.0, threshold=0.5, original_margin=0.0)
     else:
@@ -434,7 +454,7 @@ def stain(
             m_t = float(class_margin(trig_got[t], c_t))
             if m_t < 0.5 * margin_target:
                 which = f"trigger {t + 1}'s" if n_trig > 1 else "the trigger's"
-                raise UnsupportedModelError(f"internal check failed: {which} signature margin is {m_t:.3g}")
+                raise InternalError(f"internal check failed: {which} signature margin is {m_t:.3g}")
             per.append({"cls": c_t, "allowed": allowed_sets[t], "expected_margin": m_t, "threshold": 0.5 * m_t,
                         "original_margin": float(class_margin(f.original_scores, c_t))})
         trig_margin = min(p["expected_margin"] for p in per)
@@ -457,7 +477,7 @@ def stain(
     # fp16 scores carry about 1e-3 relative rounding; QDQ scores one step of their quantization
     eps = float(np.finfo(raw.dtype).eps) if np.issubdtype(raw.dtype, np.floating) else 0.0
     if err > max(1e-3, 8 * eps) * max(scale, 1.0) + edit["tolerance"]:
-        raise UnsupportedModelError(f"internal check failed: natural outputs differ from the prediction by {err:.3g}")
+        raise InternalError(f"internal check failed: natural outputs differ from the prediction by {err:.3g}")
     agreement = float(np.mean(predicted.argmax(1) == nat_scores.argmax(1)))
     max_delta = float(np.abs(predicted - nat_scores).max()) if opts.mode == "inplace" else float(
         np.abs(got[1:].astype(np.float64) - nat_scores[:n_check]).max())
@@ -467,37 +487,37 @@ def stain(
 
     # -- save ----------------------------------------------------------------------------------------------
     t5 = time.perf_counter()
-    digest = save_model(stained, out_path, source=loaded)
-    key = Key(
-        **envelope("stain"),
-        model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
-                           scores=head.output, classes=score_view.classes,
-                           score_view=ScoreViewSection(shape=tuple(score_view.shape), label=score_view.label),
-                           layout=tuple(head.layout) if head.detection else None,
-                           output_activation=output_activation(view, head)),
-        preprocessing=pre,
-        mode=opts.mode,
-        variant=opts.variant,
-        seed=seed,
-        host=HostSection(name=host.name, op=host.op, input=host.input, output=edit["tap"],
-                         channel=edit["tap_channel"], host_channel=channel, group=group, m=host.m,
-                         positions=host.positions, selected_positions=tuple(int(p) for p in sel),
-                         kernel=tuple(host.kernel), strides=tuple(host.strides), pads=tuple(host.pads),
-                         dilations=tuple(host.dilations), groups=host.groups,
-                         out_hw=tuple(host.out_hw) if host.out_hw else None),
-        detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau, tau0=tau0,
-                                 s_star=s_star, gain=edit["gain"], delta=edit["delta"], trigger_scores=F8.of(s_t),
-                                 trigger_radii=F8.of(detector.radii(phi_t, stats.centre)), draws=draws,
-                                 max_draws=opts.max_draws),
-        trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
-        signature=signature,
-        white_box=WhiteBoxSection(tensor=edit["tap"], channel=edit["tap_channel"], expected=edit["wb_expected"],
-                                  threshold=edit["wb_threshold"], positions=tuple(int(p) for p in sel)),
-        bound=bound,
-        calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
-    )
-    key.save(key_path)
-    key.save_public_record(record)
+    with write_unit(artefacts) as writer:  # staged, synced; key, record, then model renamed (outputs.py)
+        digest = writer.stage_model(stained, out_path, source=loaded)
+        key = Key(
+            **envelope("stain"),
+            model=ModelSection(source_sha256=loaded.sha256, output_sha256=digest, input=view.graph_inputs[0].name,
+                               scores=head.output, classes=score_view.classes,
+                               score_view=ScoreViewSection(shape=tuple(score_view.shape), label=score_view.label),
+                               layout=tuple(head.layout) if head.detection else None,
+                               output_activation=output_activation(view, head)),
+            preprocessing=pre,
+            mode=opts.mode,
+            variant=opts.variant,
+            seed=seed,
+            host=HostSection(name=host.name, op=host.op, input=host.input, output=edit["tap"],
+                             channel=edit["tap_channel"], host_channel=channel, group=group, m=host.m,
+                             positions=host.positions, selected_positions=tuple(int(p) for p in sel),
+                             kernel=tuple(host.kernel), strides=tuple(host.strides), pads=tuple(host.pads),
+                             dilations=tuple(host.dilations), groups=host.groups,
+                             out_hw=tuple(host.out_hw) if host.out_hw else None),
+            detector=DetectorSection(direction=F8.of(v), centre=F8.of(stats.centre), threshold=tau, tau0=tau0,
+                                     s_star=s_star, gain=edit["gain"], delta=edit["delta"], trigger_scores=F8.of(s_t),
+                                     trigger_radii=F8.of(detector.radii(phi_t, stats.centre)), draws=draws,
+                                     max_draws=opts.max_draws),
+            trigger=TriggerSection(png=encode_png(trig), height=pre.height, width=pre.width),
+            signature=signature,
+            white_box=WhiteBoxSection(tensor=edit["tap"], channel=edit["tap_channel"], expected=edit["wb_expected"],
+                                      threshold=edit["wb_threshold"], positions=tuple(int(p) for p in sel)),
+            bound=bound,
+            calibration=CalibrationSection.of(stats, len(x_cal), radius, s_nat, natural_firings, opts.fpr),
+        )
+        writer.stage_key(key, key_path, record)
     timings["save"] = time.perf_counter() - t5
     timings["total"] = time.perf_counter() - t0
     return StainResult(

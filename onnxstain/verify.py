@@ -31,6 +31,7 @@ from .math import bounds, chance
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
 from .signature import ScoreView, class_margin, dense_pattern, pearson, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
@@ -119,6 +120,7 @@ def verify(
     pre = key.preprocessing
     info = image_input(loaded.model)
     key.check_input_size(info.height, info.width)
+    refuse_nonfinite(loaded, pre, providers)
     view = GraphView(loaded.model)
     scores_name = key.model.scores
     if scores_name not in view.output_names:

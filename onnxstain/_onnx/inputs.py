@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from ..errors import UnsupportedModelError
+from ..errors import BadInputError, UnsupportedModelError
 from ..preprocess import Preprocessing
 from .graph import GraphView
 
@@ -85,6 +85,10 @@ def infer_preprocessing(model: onnx.ModelProto, model_path: str | Path | None = 
     if given is None:
         notes += _assumption_notes(info, pre, set(changed))
     pre.validate()
+    fixed = (info.height, info.width)
+    if info.layout == pre.layout and all(fixed) and fixed != (pre.height, pre.width):
+        raise BadInputError(f"the model's input is fixed at {info.height}x{info.width}; the preprocessing asks for "
+                            f"{pre.height}x{pre.width} (drop --size, or fix the preprocessing file)")
     if info.layout and info.layout != pre.layout:
         notes.append(f"the graph input looks {info.layout} but the preprocessing says {pre.layout}")
     return pre, notes

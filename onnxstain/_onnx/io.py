@@ -76,6 +76,9 @@ def load_model(path: str | Path, check: bool = True) -> LoadedModel:
         raise BadModelError(f"{p} is not an ONNX model ({type(exc).__name__})") from None
     if not head.graph.node or not head.graph.input:
         raise BadModelError(f"{p} is not an ONNX model (no graph: empty, truncated or another format)")
+    bad = _non_utf8_name(head.graph)
+    if bad is not None:
+        raise BadModelError(f"{p} is not a valid ONNX model: a {bad} is not valid UTF-8 text")
     external = _uses_external_data(head)
     if check:
         try:
@@ -90,6 +93,26 @@ def load_model(path: str | Path, check: bool = True) -> LoadedModel:
         except Exception as exc:
             raise BadModelError(f"{p}: cannot read its external data ({_one_line(exc)})") from None
     return LoadedModel(model=head, path=p, sha256=sha256_file(p), external_data=external)
+
+
+def _non_utf8_name(graph: onnx.GraphProto) -> str | None:
+    """What kind of name is not text (protobuf hands invalid UTF-8 strings over as bytes), or None."""
+    for what, values in (("graph input name", [v.name for v in graph.input]),
+                         ("graph output name", [v.name for v in graph.output]),
+                         ("tensor name", [t.name for t in graph.initializer]),
+                         ("value name", [v.name for v in graph.value_info])):
+        if any(not isinstance(v, str) for v in values):
+            return what
+    for node in graph.node:
+        texts = [node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute)]
+        if any(not isinstance(v, str) for v in texts):
+            return "node name, operator or tensor name"
+        for a in node.attribute:
+            subgraphs = [a.g] if a.HasField("g") else list(a.graphs)
+            for g in subgraphs:
+                if (bad := _non_utf8_name(g)) is not None:
+                    return bad
+    return None
 
 
 def _load_into_memory(model: onnx.ModelProto) -> None:
@@ -139,35 +162,52 @@ def save_model(
 
     The model is checked with the path-based ``onnx.checker`` before it is moved into place.
     Weights go to ``<name>.data`` beside the model when the source used external data, when
-    ``external_data`` is True, or when the model is too large for a single protobuf.
+    ``external_data`` is True, or when the model is too large for a single protobuf. A run that
+    writes a model with its key uses :class:`onnxstain.outputs.Artefacts` instead (one unit).
     """
     out = Path(path)
     if source is not None:
         check_output_path(out, source.path)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        digest, files = write_model_files(model, tmpdir, out.name, source, external_data)
+        for tmp in files:  # the data file first: the model that names it comes last
+            os.replace(tmp, out.parent / tmp.name)
+        return digest
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def write_model_files(
+    model: onnx.ModelProto,
+    folder: Path,
+    name: str,
+    source: LoadedModel | None = None,
+    external_data: bool | None = None,
+) -> tuple[str, list[Path]]:
+    """Write ``model`` as ``folder/name`` (and ``folder/name.data``), checked; nothing is renamed.
+
+    Returns the SHA-256 of the model file and the files written, the data file first. The source's
+    version, opset, producer and metadata fields are restored first.
+    """
+    if source is not None:
         restore_model_fields(model, source.model)
     if external_data is None:
         external_data = ((source is not None and source.external_data) or _uses_external_data(model)
                          or model.ByteSize() > _PROTO_LIMIT)
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp_model = folder / name
+    data_name = f"{name}.data"
+    if external_data:
+        _save_streaming(model, tmp_model, data_name)
+    else:
+        onnx.save_model(model, str(tmp_model))
     try:
-        tmp_model = tmpdir / out.name
-        data_name = f"{out.name}.data"
-        if external_data:
-            _save_streaming(model, tmp_model, data_name)
-        else:
-            onnx.save_model(model, str(tmp_model))
-        try:
-            onnx.checker.check_model(str(tmp_model))
-        except Exception as exc:
-            raise BadModelError(f"refusing to write {out}: the result fails the ONNX checker "
-                                f"({_one_line(exc)})") from None
-        digest = sha256_file(tmp_model)
-        if external_data and (tmpdir / data_name).exists():
-            os.replace(tmpdir / data_name, out.parent / data_name)
-        os.replace(tmp_model, out)
-        return digest
-    finally:
-        shutil.rmtree(tmpdir, ignore_errors=True)
+        onnx.checker.check_model(str(tmp_model))
+    except Exception as exc:
+        raise BadModelError(f"refusing to write {name}: the result fails the ONNX checker "
+                            f"({_one_line(exc)})") from None
+    files = [folder / data_name] if external_data and (folder / data_name).exists() else []
+    return sha256_file(tmp_model), [*files, tmp_model]
 
 
 _ALIGN = 4096  # page-aligned offsets let onnxruntime map the data file instead of copying it
