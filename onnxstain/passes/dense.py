@@ -108,7 +108,9 @@ def insert_dense_stain(model: onnx.ModelProto, host: HostLayer, dense: DenseOutp
             producer.output[i] = fresh
     pattern_t = b.const(np.asarray(pattern)[None], "onnx::Mul_w")
     if not _fixed_input_size(b.view):
-        pattern_t = b.node("Resize", [pattern_t, "", "", b.node("Shape", [fresh])], mode="nearest")
+        # opsets before 13 take roi and scales as (empty) tensors, not as absent inputs
+        empty = "" if b.opset >= 13 else b.const(np.zeros(0), "onnx::Resize_empty")
+        pattern_t = b.node("Resize", [pattern_t, empty, empty, b.node("Shape", [fresh])], mode="nearest")
     contrib = b.node("Mul", [gamma, pattern_t])
     b.nodes.append(helper.make_node("Add", [fresh, contrib], [dense.logits], name=b.name("Add")))
     # Right after the producer: every branch input exists by then (the host input comes earlier).
