@@ -31,6 +31,7 @@ from ._onnx.dense import DenseOutput
 from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
 from ._onnx.io import LoadedModel
+from .calibration import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
@@ -172,7 +173,6 @@ def lock_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path
                pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float,
                artefacts: Artefacts | None = None):
     from .locker import LockResult
-    from .stainer import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 
     refuse_kind(opts)
     if opts.detectors != 1:

@@ -27,6 +27,14 @@ from ._onnx.dense import DenseOutput
 from ._onnx.graph import GraphView
 from ._onnx.hosts import GELU_ZERO, MIN_DIMENSION, HostLayer, find_hosts
 from ._onnx.io import LoadedModel
+from .calibration import (
+    ACCEPT_FACTOR,
+    RADIUS_MARGIN,
+    SEARCH_FACTOR,
+    calibration_pixels,
+    refuse_underflowing_target,
+    selected_positions,
+)
 from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
@@ -51,7 +59,6 @@ from .progress import Progress
 from .runtime import run_batches, session, with_outputs
 from .scoring import detector_scores
 from .signature import dense_pattern, pearson
-from .stainer import ACCEPT_FACTOR, RADIUS_MARGIN, SEARCH_FACTOR  # the classifier stain's margins, shared
 
 DELTA = 2.0  # detector pre-activation on the trigger: GELU(2) = 1.95, so Clip(0, 1) gives exactly 1
 PATTERN_BLOCK = 16  # side of the pattern's ±1 tiles, in output pixels (at most; see pattern_block)
@@ -98,7 +105,6 @@ def choose_dense_host(hosts: list[HostLayer], layer: str | None) -> HostLayer:
 def selected_dense_positions(host: HostLayer) -> np.ndarray:
     """Where the trigger must fire: the centre token of a ViT, or the central position(s) of a conv map."""
     if host.op == "Conv":
-        from .stainer import selected_positions
 
         return selected_positions(host)
     return selected_tokens(host.positions)
@@ -130,7 +136,7 @@ def detector_weights(v: np.ndarray, c: np.ndarray, tau: float, s_star: float, ge
 def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_path: Path, record: Path, opts,
                 pre: Preprocessing, notes: list[str], images, prog: Progress, t0: float,
                 artefacts: Artefacts | None = None):
-    from .stainer import StainResult, calibration_pixels, refuse_underflowing_target
+    from .stainer import StainResult
 
     refuse_mode(opts)
     timings: dict[str, float] = {}

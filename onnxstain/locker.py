@@ -40,6 +40,7 @@ from ._onnx.graph import GraphView, dominates
 from ._onnx.hosts import HostLayer
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import load_model
+from .calibration import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
@@ -73,7 +74,6 @@ from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
 from .scoring import detector_scores
-from .stainer import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
 
 # The patch alone decides the detectors' input at the lock position, so its 8-bit onnxruntime score
 # is exactly what every patched image gives: a small safety factor is enough (a stain's trigger is a
