@@ -45,8 +45,8 @@ def selected_positions(host: HostLayer) -> np.ndarray:
     oh, ow = host.out_hw
     if host.positions > 64:
         return np.array([(oh // 2) * ow + ow // 2])
-    rows = range(oh // 2 - 1, oh // 2 + 2)
-    cols = range(ow // 2 - 1, ow // 2 + 2)
+    rows = range(max(oh // 2 - 1, 0), min(oh // 2 + 2, oh))  # clipped to the map: a 1×40 map has one row
+    cols = range(max(ow // 2 - 1, 0), min(ow // 2 + 2, ow))
     return np.array([r * ow + c for r in rows for c in cols])
 
 

@@ -142,10 +142,14 @@ class ScoreViewSection(Record):
 
     shape: tuple[int, ...] = spec(Ints(lo=1, min_length=1, max_length=2))
     label: int | None = spec(Int(lo=0, nullable=True))
+    # a sequence head's step (row of the (steps, classes) scores) the signature is read at; added since
+    step: int | None = spec(Int(lo=0, nullable=True), optional=True)
 
     def check(self, path: str) -> None:
         if self.label is not None and (len(self.shape) != 2 or self.label >= self.shape[1]):
             fail(f"{path}.label", f"is {self.label}, not a label of scores shaped {list(self.shape)}")
+        if self.step is not None and (len(self.shape) != 2 or self.label is not None or self.step >= self.shape[0]):
+            fail(f"{path}.step", f"is {self.step}, not a step of sequence scores shaped {list(self.shape)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +170,10 @@ class ModelSection(Record):
     def check(self, path: str) -> None:
         sv = self.score_view
         if sv is not None:
-            want = sv.shape[0] if sv.label is not None else int(np.prod(sv.shape))
+            if sv.step is not None:
+                want = sv.shape[1]
+            else:
+                want = sv.shape[0] if sv.label is not None else int(np.prod(sv.shape))
             if want != self.classes:
                 fail(f"{path}.classes", f"is {self.classes}; the score view {list(sv.shape)} gives {want}")
 

@@ -61,34 +61,32 @@ class ScoreView:
     every other anchor's ``label`` logit by the margin.
     """
 
-    shape: tuple[int, ...]  # per-sample shape of the raw scores: (K,) or (A, C)
+    shape: tuple[int, ...]  # per-sample shape of the raw scores: (K,), (A, C) or a sequence's (T, K)
     label: int | None = None
+    step: int | None = None  # a sequence head's: the step (row of ``(T, K)``) the signature is read at
 
     @property
     def classes(self) -> int:
+        if self.step is not None:
+            return int(self.shape[1])
         return int(self.shape[0]) if self.label is not None else int(np.prod(self.shape))
 
     def flat(self, raw: np.ndarray) -> np.ndarray:
         """``[N, ...]`` raw scores → ``[N, K]`` signature scores (float64)."""
         arr = np.asarray(raw, np.float64)
+        if self.step is not None:
+            return arr.reshape(len(arr), *self.shape)[:, self.step, :]
         if self.label is None:
             return arr.reshape(len(arr), -1)
         return arr.reshape(len(arr), *self.shape)[:, :, self.label]
 
     def expand(self, row: np.ndarray) -> np.ndarray:
-        """A change of the signature scores (length K) as a change of the raw scores (``shape``)."""
+        """A change of the signature scores (length K) as a change of the raw scores (``shape``). A
+        sequence head's is ``(1, K)``: the same change at every step, so it broadcasts over any length."""
+        if self.step is not None:
+            return np.asarray(row, np.float64).reshape(1, -1)
         if self.label is None:
             return np.asarray(row, np.float64).reshape(self.shape)
         full = np.zeros(self.shape)
         full[:, self.label] = row
         return full
-
-    def to_dict(self) -> dict:
-        return {"shape": list(self.shape), "label": self.label}
-
-    @classmethod
-    def from_dict(cls, d: dict | None, classes: int) -> ScoreView:
-        if not d:
-            return cls((int(classes),))
-        label = d.get("label")
-        return cls(tuple(int(s) for s in d["shape"]), None if label is None else int(label))

@@ -147,6 +147,8 @@ def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
     """The scores the signature lives in. A detector's: one label's column of the class logits, the label
     chosen at random among 1..C−1 unless ``--signature-class`` names it (label 0 is skipped: it is the
     background in SSD-style heads)."""
+    if head.steps is not None:  # a sequence head: read at the middle step (the signature shows at every step)
+        return ScoreView((head.steps, head.classes), step=head.steps // 2)
     if not head.detection:
         return ScoreView((head.classes,))
     anchors, labels = head.layout

@@ -361,4 +361,4 @@ def _score_view(key: Key) -> ScoreView:
     sv = key.model.score_view
     if sv is None:
         return ScoreView((key.model.classes,))
-    return ScoreView(tuple(sv.shape), sv.label)
+    return ScoreView(tuple(sv.shape), sv.label, sv.step)

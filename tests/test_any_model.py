@@ -2,7 +2,8 @@
 
 * run-time "same" padding (``Pad`` fed by a ``Shape`` subgraph), with a dynamic batch and fully static;
 * dynamic height and width with a dense output map, analysed at ``--size``;
-* preprocessing notes only for what was really assumed.
+* preprocessing notes only for what was really assumed;
+* a sequence (CTC) head scoring every step of a dynamic-width text line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn
+from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn, sequence_recogniser
 from tinymodels import smooth_images
 
 import onnxstain
@@ -214,3 +215,24 @@ def test_dense_cnn_gate_lock(dense):
     ops = {n.op_type for n in onnx.load(dense / "model.onnx").graph.node}
     gated = {n.op_type for n in onnx.load(out).graph.node} - ops
     assert "Slice" in gated and "Mul" in gated
+
+
+# -- a CTC-style sequence head: [N, T, K] scores, T following the dynamic width ------------------------------
+def test_sequence_head_insert_stain(tmp_path):
+    from onnxstain._onnx.head import find_head
+
+    model = sequence_recogniser(seed=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    head = find_head(GraphView(model, (1, 3, 32, 96)))
+    assert head is not None and head.steps == 24 and head.classes == 40
+    pre = Preprocessing(height=32, width=96, resize=None)
+    pixels = np.concatenate([smooth_images(96, seed=2, size=96)[:, :32], smooth_images(96, seed=3, size=96)[:, 64:]])
+    out, key = tmp_path / "st.onnx", tmp_path / "st.key"
+    res = onnxstain.stain(tmp_path / "model.onnx", out, key, images=pixels, preprocessing=pre,
+                          options=StainOptions(mode="insert", seed=0, fpr=0.05))
+    assert res.max_abs_delta == 0.0
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", key).stained
+    # any width still runs, bit-identical to the original on natural inputs
+    x = np.random.default_rng(0).random((2, 3, 32, 160), dtype=np.float32)
+    assert np.array_equal(_run(out, x), _run(tmp_path / "model.onnx", x))

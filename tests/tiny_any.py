@@ -6,6 +6,9 @@
 * :func:`nhwc_two_class` — a tf2onnx-style two-class classifier: NHWC input, a ``Transpose``, residual
   bottlenecks, ``ReduceMean`` pooling, a ``MatMul + Add`` head and a ``Softmax``.
 * :func:`dense_cnn` — a fully convolutional CNN with a dense output map and dynamic height and width.
+* :func:`sequence_recogniser` — a CTC-style text recogniser (PaddleOCR/CRNN pattern): the feature map is
+  pooled over the height (``ReduceMean``), a ``Transpose`` makes ``[N, T, C]`` steps, and a ``MatMul + Add`` head
+  scores every step, ``[N, T, K]`` with a ``Softmax``; dynamic batch and width (T follows the width).
 """
 
 from __future__ import annotations
@@ -145,3 +148,29 @@ def nhwc_tail_classifier(seed: int = 0, size: int = 32, classes: int = 10, width
             return x.mean((1, 2)) @ self.head + self.bias
 
     return _export(Net(), torch.rand(1, size, size, 3), {"input": {0: "batch"}, "output": {0: "batch"}})
+
+
+def sequence_recogniser(seed: int = 0, size: tuple[int, int] = (32, 96), classes: int = 40,
+                        width: int = 48) -> onnx.ModelProto:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.c2 = nn.Conv2d(16, width, 3, stride=2, padding=1)
+            self.c3 = nn.Conv2d(width, width, 1)
+            self.fc = nn.Linear(width, classes)
+
+        def forward(self, x):
+            x = torch.relu(self.c1(x))
+            x = torch.relu(self.c2(x))
+            x = torch.relu(self.c3(x))
+            x = x.mean(2).transpose(1, 2)  # pooled over the height: [N, T, C] steps along the width
+            return torch.softmax(self.fc(x), dim=-1)
+
+    axes = {"input": {0: "batch", 3: "width"}, "output": {0: "batch", 1: "steps"}}
+    return _export(Net(), torch.rand(1, 3, *size), axes)

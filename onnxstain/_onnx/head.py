@@ -43,6 +43,9 @@ class Head:
     scores_step: float = 0.0
     # detectors (``op == "Detection"``): the class logits' per-sample shape (anchors, labels)
     layout: tuple[int, int] | None = None
+    # sequence heads (a MatMul + Add on ``[N, T, D]`` features, e.g. a CTC text recogniser): T, the steps
+    # the same classifier scores (its per-sample output is ``(steps, classes)``) at the analysed size
+    steps: int | None = None
 
     @property
     def detection(self) -> bool:
@@ -87,9 +90,22 @@ def find_head(view: GraphView) -> Head | None:
                 w = view.shape(mm.input[1])
                 bias = next(t for t in node.input if t != mm.output[0])
                 if w is not None and len(w) == 2 and view.is_constant(bias):
+                    rank, steps = _rows(view, node.output[0], w[1])
+                    if rank > 3:  # a per-pixel classifier: a dense output, not a head
+                        continue
                     return Head(view.node_name(mm), "MatMul", mm.input[1], bias, view.node_name(node),
-                                False, 1.0, 1.0, *_scores(view, node.output[0], out, w[1], w[0]))
+                                False, 1.0, 1.0, *_scores(view, node.output[0], out, w[1], w[0]), steps=steps)
     return None
+
+
+def _rows(view: GraphView, scores: str, classes: int) -> tuple[int, int | None]:
+    """Rank of a MatMul head's scores and, for ``[N, T, K]`` scores, T at the analysed input size."""
+    dims = view.resolved().get(scores)
+    if dims is None or len(dims) <= 2:
+        return 2, None
+    if len(dims) == 3 and isinstance(dims[1], int) and dims[2] == classes:
+        return 3, int(dims[1])
+    return len(dims), None
 
 
 def find_scores_head(view: GraphView) -> Head | None:
