@@ -108,6 +108,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
             "routable": routable, "usable": h.usable, "reason": h.reason, "depth": h.depth,
             "activation_ops": h.act_label, "zero_point": h.zero_point, "inplace_reason": h.inplace_reason,
             "default": h.name in (default.get("inplace"), default.get("insert")),
+            "default_for": [mode for mode in ("inplace", "insert") if default.get(mode) == h.name],
             "out_channels": h.out_channels,
             # margin the trigger must reach, as a fraction of the natural radius, for a 1e-9 bound
             "margin_ratio_1e-9": (bounds.threshold_for_target(1e-9, 1.0, h.m, positions=h.positions, draws=8)

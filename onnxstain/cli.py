@@ -255,7 +255,8 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
                 "status"):
         table.add_column(col)
     for h in info["hosts"]:
-        mark = " [green](default)[/]" if h["default"] else ""
+        modes = ", ".join("in place" if m == "inplace" else m for m in h["default_for"])
+        mark = f" [green](default: {modes})[/]" if modes else ""
         table.add_row(h["name"] + mark, h["op"], str(h["m"]), str(h["positions"]), h["activation"],
                       h["receptive_field"] or "-", "yes" if h["routable"] else "no",
                       f"{h['margin_ratio_1e-9']:.2f}" if h["margin_ratio_1e-9"] is not None else "-",

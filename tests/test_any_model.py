@@ -79,6 +79,8 @@ def test_same_pad_hosts_have_sizes_and_fields(same_pad):
     info = onnxstain.inspect_model(same_pad / "model.onnx")
     assert all(r["usable"] for r in info["hosts"] if r["op"] == "Conv")
     assert info["default"]["inplace"] and info["default"]["insert"]
+    marked = {mode: r["name"] for r in info["hosts"] for mode in r["default_for"]}
+    assert marked == {"inplace": info["default"]["inplace"], "insert": info["default"]["insert"]}
 
 
 @pytest.fixture(scope="module")
