@@ -3,7 +3,10 @@
 A NaN or infinite weight poisons every statistic the tool computes (the natural radius, the
 margins, the bounds): a stain made on it would carry a NaN threshold and never verify. Checked:
 every float initializer and every float ``Constant`` (subgraphs included), then the model's float
-outputs on one mid-grey image through onnxruntime.
+outputs on one mid-grey image through onnxruntime. One exception: a single ±inf (never NaN) used only as
+a fill value or a bound — a ``Pad``'s constant (TF's max-pool padding is −inf), a ``Clip``/``Max``/``Min``
+bound, a ``Where``/``ConstantOfShape`` fill (attention masks) — is how exporters write "no limit"; it
+takes part in no statistic, and the output check below still catches a model it would poison.
 """
 
 from __future__ import annotations
@@ -19,19 +22,33 @@ from .errors import BadModelError
 from .preprocess import Preprocessing
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+# ops that may read a single ±inf as a fill value or a bound
+_FILL_OPS = {"Pad", "Clip", "Max", "Min", "Where", "ConstantOfShape", "Less", "LessOrEqual", "Greater",
+             "GreaterOrEqual", "Equal", "Expand"}
 
 
-def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto | None, list[float]]]:
-    for t in graph.initializer:
-        yield t.name, t, []
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorProto | None, list[float], bool]]:
+    """(name, tensor, loose float values, whether every reader takes it as a fill value or bound)."""
+    readers: dict[str, set[str]] = {}
     for node in graph.node:
+        for t in node.input:
+            readers.setdefault(t, set()).add(node.op_type)
+
+    def fill_only(tensor: str) -> bool:
+        return bool(readers.get(tensor)) and readers[tensor] <= _FILL_OPS
+
+    for t in graph.initializer:
+        yield t.name, t, [], fill_only(t.name)
+    for node in graph.node:
+        label = f"{node.name or node.output[0]} ({node.op_type})"
+        fill = node.op_type == "ConstantOfShape" or (node.op_type == "Constant" and fill_only(node.output[0]))
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
-                yield f"{node.name or node.output[0]} ({node.op_type})", a.t, []
+                yield label, a.t, [], fill
             elif a.type == onnx.AttributeProto.FLOAT and node.op_type == "Constant":
-                yield f"{node.name or node.output[0]} (Constant)", None, [a.f]
+                yield label, None, [a.f], fill
             elif a.type == onnx.AttributeProto.FLOATS and node.op_type == "Constant":
-                yield f"{node.name or node.output[0]} (Constant)", None, list(a.floats)
+                yield label, None, list(a.floats), False
             elif a.type == onnx.AttributeProto.GRAPH:
                 yield from _graph_tensors(a.g)
             elif a.type == onnx.AttributeProto.GRAPHS:
@@ -39,11 +56,18 @@ def _graph_tensors(graph: onnx.GraphProto) -> Iterator[tuple[str, onnx.TensorPro
                     yield from _graph_tensors(g)
 
 
+def _acceptable(arr: np.ndarray, fill: bool) -> bool:
+    """Finite, or a single ±inf read only as a fill value or bound."""
+    if np.isfinite(arr).all():
+        return True
+    return fill and arr.size == 1 and not np.isnan(arr).any()
+
+
 def nonfinite_tensor(model: onnx.ModelProto) -> str | None:
     """The name of the first float weight holding NaN or ±inf (None: all finite)."""
-    for name, t, values in _graph_tensors(model.graph):
+    for name, t, values, fill in _graph_tensors(model.graph):
         if t is None:
-            if not np.isfinite(np.asarray(values, np.float64)).all():
+            if not _acceptable(np.asarray(values, np.float64), fill):
                 return name
             continue
         if t.data_type not in _FLOATS:
@@ -52,7 +76,7 @@ def nonfinite_tensor(model: onnx.ModelProto) -> str | None:
             arr = tensors.tensor_array(t, mapped=True)
         except Exception as exc:
             raise BadModelError(f"cannot read the weight {name!r} ({type(exc).__name__})") from None
-        if not np.isfinite(arr).all():
+        if not _acceptable(np.asarray(arr), fill):
             return name
     return None
 
