@@ -3,6 +3,7 @@
 * run-time "same" padding (``Pad`` fed by a ``Shape`` subgraph), with a dynamic batch and fully static;
 * dynamic height and width with a dense output map, analysed at ``--size``;
 * preprocessing notes only for what was really assumed;
+* two dense outputs (a channel-Softmax map beside a plain one), PReLU hosts;
 * a sequence (CTC) head scoring every step of a dynamic-width text line.
 """
 
@@ -12,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn, sequence_recogniser
+from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn, sequence_recogniser, two_map_cnn
 from tinymodels import smooth_images
 
 import onnxstain
@@ -238,3 +239,24 @@ def test_sequence_head_insert_stain(tmp_path):
     # any width still runs, bit-identical to the original on natural inputs
     x = np.random.default_rng(0).random((2, 3, 32, 160), dtype=np.float32)
     assert np.array_equal(_run(out, x), _run(tmp_path / "model.onnx", x))
+
+
+# -- two dense outputs (MTCNN P-Net): the signature goes to the map that is not normalised over channels ------
+def test_two_map_cnn_insert_stain_reads_the_plain_map(tmp_path, images):
+    from onnxstain._onnx.dense import find_dense_output
+
+    model = two_map_cnn(seed=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    dense = find_dense_output(GraphView(model, (1, 3, 32, 32)))
+    assert dense is not None and dense.output == "box" and dense.shape == (4, 8, 8)
+    pre = Preprocessing(height=32, width=32, resize=None)
+    out, key = tmp_path / "st.onnx", tmp_path / "st.key"
+    res = onnxstain.stain(tmp_path / "model.onnx", out, key, images=images, preprocessing=pre,
+                          options=StainOptions(mode="insert", seed=0, fpr=0.05))
+    assert res.signature_type == "pattern" and res.max_abs_delta == 0.0
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", key).stained
+    x = np.random.default_rng(0).random((2, 3, 40, 56), dtype=np.float32)
+    sess_o, sess_s = session(str(tmp_path / "model.onnx")), session(str(out))
+    for a, b in zip(sess_o.run(None, {"input": x}), sess_s.run(None, {"input": x}), strict=True):
+        assert np.array_equal(a, b)

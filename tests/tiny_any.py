@@ -6,6 +6,8 @@
 * :func:`nhwc_two_class` — a tf2onnx-style two-class classifier: NHWC input, a ``Transpose``, residual
   bottlenecks, ``ReduceMean`` pooling, a ``MatMul + Add`` head and a ``Softmax``.
 * :func:`dense_cnn` — a fully convolutional CNN with a dense output map and dynamic height and width.
+* :func:`two_map_cnn` — an MTCNN P-Net-style fully convolutional net: PReLU, two dense outputs (a
+  channel ``Softmax`` face map and a plain box map), dynamic batch, height and width.
 * :func:`sequence_recogniser` — a CTC-style text recogniser (PaddleOCR/CRNN pattern): the feature map is
   pooled over the height (``ReduceMean``), a ``Transpose`` makes ``[N, T, C]`` steps, and a ``MatMul + Add`` head
   scores every step, ``[N, T, K]`` with a ``Softmax``; dynamic batch and width (T follows the width).
@@ -19,13 +21,14 @@ import math
 import onnx
 
 
-def _export(module, example, dynamic_axes: dict | None, opset: int = 17) -> onnx.ModelProto:
+def _export(module, example, dynamic_axes: dict | None, opset: int = 17,
+            outputs: tuple[str, ...] = ("output",)) -> onnx.ModelProto:
     import torch
 
     buf = io.BytesIO()
     module.eval()
     with torch.no_grad():
-        torch.onnx.export(module, example, buf, input_names=["input"], output_names=["output"],
+        torch.onnx.export(module, example, buf, input_names=["input"], output_names=list(outputs),
                           dynamic_axes=dynamic_axes, opset_version=opset, dynamo=False)
     return onnx.load_from_string(buf.getvalue())
 
@@ -174,3 +177,27 @@ def sequence_recogniser(seed: int = 0, size: tuple[int, int] = (32, 96), classes
 
     axes = {"input": {0: "batch", 3: "width"}, "output": {0: "batch", 1: "steps"}}
     return _export(Net(), torch.rand(1, 3, *size), axes)
+
+
+def two_map_cnn(seed: int = 0, size: tuple[int, int] = (48, 64)) -> onnx.ModelProto:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.PReLU(16),
+                                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.PReLU(32),
+                                          nn.Conv2d(32, 32, 3, padding=1), nn.PReLU(32))
+            self.prob = nn.Conv2d(32, 2, 1)
+            self.box = nn.Conv2d(32, 4, 1)
+
+        def forward(self, x):
+            f = self.features(x)
+            return torch.softmax(self.prob(f), dim=1), self.box(f)
+
+    dyn = {0: "batch", 2: "h4", 3: "w4"}
+    axes = {"input": {0: "batch", 2: "height", 3: "width"}, "prob": dyn, "box": dyn}
+    return _export(Net(), torch.rand(1, 3, *size), axes, outputs=("prob", "box"))

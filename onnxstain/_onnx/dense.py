@@ -21,13 +21,17 @@ class DenseOutput:
 
 
 def find_dense_output(view: GraphView) -> DenseOutput | None:
-    """The model's single rank-4 output, or None."""
-    if len(view.output_names) != 1:
+    """The model's dense output: its rank-4 output, or None. With several (MTCNN's P-Net gives a face
+    map and a box map), the first whose logits are not normalised across channels by a ``Softmax`` —
+    a pattern added before a Softmax would be read back only up to a per-position shift — else the
+    first."""
+    dims = view.resolved().dims
+    maps = [o for o in view.output_names if (s := dims.get(o)) is not None and len(s) == 4]
+    if not maps:
         return None
-    name = view.output_names[0]
-    shape = view.resolved().dims.get(name)
-    if shape is None or len(shape) != 4:
-        return None
+    plain = [o for o in maps if (p := view.producer.get(o)) is None or p.op_type != "Softmax"]
+    name = (plain or maps)[0]
+    shape = dims[name]
     producer = view.producer.get(name)
     squashed = producer is not None and producer.op_type == "Sigmoid"
     logits = producer.input[0] if squashed else name
