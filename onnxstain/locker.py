@@ -190,7 +190,8 @@ def lock(
                           artefacts=artefacts)
     if head is None:
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
-                                    "head (per-anchor class scores beside per-anchor boxes) found")
+                                    "head (per-anchor class scores beside per-anchor boxes), whose scores the lock "
+                                    f"disrupts: {head_mod.missing_head_reason(view)}")
     if head.detection and opts.kind == "inplace":
         raise UnsupportedModelError(
             "this is a detector: the in-place lock restores a classifier's bias through pooled conduits, and a "

@@ -233,8 +233,8 @@ def stain(
                            artefacts=artefacts)
     if head is None:
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
-                                    "head (per-anchor class scores beside per-anchor boxes) "
-                                    "found; the black-box signature needs one")
+                                    "head (per-anchor class scores beside per-anchor boxes), which the black-box "
+                                    f"signature needs: {head_mod.missing_head_reason(view)}")
     hosts = find_hosts(loaded.model, view)
     host = choose_host(hosts, view, head, opts.mode, opts.layer)
     refuse_underflowing_target(opts.fpr, host, opts.max_draws)

@@ -260,3 +260,30 @@ def test_two_map_cnn_insert_stain_reads_the_plain_map(tmp_path, images):
     sess_o, sess_s = session(str(tmp_path / "model.onnx")), session(str(out))
     for a, b in zip(sess_o.run(None, {"input": x}), sess_s.run(None, {"input": x}), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_packed_box_and_score_output_is_refused_naming_its_node(tmp_path, images):
+    import torch
+    from tiny_any import _export
+
+    from onnxstain.errors import UnsupportedModelError
+
+    class Yolo(torch.nn.Module):  # YOLOX-style: boxes, objectness and class scores packed in one [N, A, 6]
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(16, 16, 3, stride=2, padding=1), torch.nn.ReLU())
+            self.box, self.score = torch.nn.Conv2d(16, 4, 1), torch.nn.Conv2d(16, 2, 1)
+
+        def forward(self, x):
+            f = self.body(x)
+            y = torch.cat([self.box(f), torch.sigmoid(self.score(f))], 1)
+            return y.flatten(2).transpose(1, 2)
+
+    torch.manual_seed(0)
+    onnx.save(_export(Yolo(), torch.rand(1, 3, 32, 32), None), tmp_path / "model.onnx")
+    pre = Preprocessing(height=32, width=32, resize=None)
+    with pytest.raises(UnsupportedModelError, match=r"output 'output' \[1, 64, 6\] from /Transpose .*YOLO-style"):
+        onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
+                        preprocessing=pre, options=StainOptions(mode="insert", seed=0))
+    assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.key").exists()

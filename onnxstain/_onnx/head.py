@@ -108,6 +108,25 @@ def _rows(view: GraphView, scores: str, classes: int) -> tuple[int, int | None]:
     return len(dims), None
 
 
+def missing_head_reason(view: GraphView) -> str:
+    """Why no head was found, naming each graph output, the node that makes it and what it looks like."""
+    dims = view.resolved().dims
+    parts = []
+    for out in view.output_names:
+        shape = dims.get(out)
+        node = view.producer.get(out)
+        made = f"from {view.node_name(node)} ({node.op_type})" if node is not None else "an input or a constant"
+        text = f"output {out!r} {list(shape) if shape else '[?]'} {made}"
+        if shape and len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] >= 5:
+            text += (" packs boxes and scores in one tensor (YOLO-style: 4 box values, then objectness/class "
+                     "scores), so no class scores can be read apart; export the class scores as their own "
+                     "output [N, anchors, classes] beside the boxes [N, anchors, 4]")
+        elif node is not None and node.op_type not in ("Gemm", "MatMul", "Add") | _PASS_THROUGH:
+            text += " is not made by a Gemm or MatMul+Add classifier"
+        parts.append(text)
+    return "; ".join(parts) or "the graph has no outputs"
+
+
 def find_scores_head(view: GraphView) -> Head | None:
     """The head a class signature can be read from: a classifier's, else a detector's."""
     return find_head(view) or find_detection_head(view)
