@@ -70,8 +70,10 @@ CHECK_IMAGES = 64
 def refuse_mode(opts) -> None:
     if opts.mode != "insert":
         raise UnsupportedModelError(
-            "this model has a dense output and no classifier head: an in-place stain would have to route the "
-            "detector through attention and the decoder, which has no exact route; use --mode insert")
+            "this model has a dense output and no classifier head: the in-place stain writes its signature into "
+            "a classifier's weights, and a dense output has none to carry it (the detector would have to be "
+            "routed through the decoder, which has no exact route); use --mode insert, which adds a secret "
+            "pattern to the output map on the trigger only")
     if opts.variant != "non-additive":
         raise UnsupportedModelError("dense-output models take the non-additive inserted stain only "
                                     "(--variant non-additive)")
