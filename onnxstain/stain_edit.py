@@ -203,7 +203,13 @@ def _activate(host: HostLayer, a: np.ndarray, out: np.ndarray | None = None) -> 
 
 
 def _pool(route, a: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Pool activations over the positions' axis (``[..., P]`` by default) as the route's pooling layer does."""
+    """Pool activations over the positions' axis (``[..., P]`` by default) as the route's pooling layer does
+    (after the maxima over a tiling MaxPool's windows, when the route has one)."""
+    if route.window is not None:
+        a = np.moveaxis(a, axis, -1)
+        (kh, kw), (oh, ow) = route.window, route.map_hw
+        a = a.reshape(*a.shape[:-1], oh // kh, kh, ow // kw, kw).max(axis=(-3, -1)).reshape(*a.shape[:-1], -1)
+        axis = -1
     return a.max(axis=axis) if route.pool == "max" else a.mean(axis=axis)
 
 

@@ -287,3 +287,43 @@ def test_packed_box_and_score_output_is_refused_naming_its_node(tmp_path, images
         onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
                         preprocessing=pre, options=StainOptions(mode="insert", seed=0))
     assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.key").exists()
+
+
+# -- a tiling MaxPool before the global pooling (PaddleOCR's MobileNetV3 tail), a Shape beside the Reshape ---
+def test_inplace_route_through_a_tiling_maxpool(tmp_path, images):
+    import torch
+    from tiny_any import _export
+
+    from onnxstain._onnx.head import direct_route, find_head
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1 = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.c2 = torch.nn.Conv2d(16, 48, 3, stride=2, padding=1)
+            self.fc = torch.nn.Linear(48, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.c2(torch.relu(self.c1(x))))
+            x = torch.nn.functional.adaptive_avg_pool2d(torch.nn.functional.max_pool2d(x, 2), 1)
+            return torch.softmax(self.fc(x.reshape(x.shape[0], -1)), dim=1)  # Shape → Concat → Reshape
+
+    torch.manual_seed(0)
+    model = _export(Net(), torch.rand(1, 3, 32, 32), {"input": {0: "batch"}, "output": {0: "batch"}})
+    assert "MaxPool" in {n.op_type for n in model.graph.node} and "Shape" in {n.op_type for n in model.graph.node}
+    view = GraphView(model)
+    host = next(h for h in find_hosts(model, view) if h.name == "/c2/Conv")
+    route, why = direct_route(view, host, find_head(view))
+    assert route is not None, why
+    assert route.window == (2, 2) and route.map_hw == (8, 8) and route.pool == "mean"
+    onnx.save(model, tmp_path / "model.onnx")
+    pre = Preprocessing(height=32, width=32, resize=None)
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "st.onnx", tmp_path / "st.key", images=images,
+                          preprocessing=pre, options=StainOptions(mode="inplace", seed=0, fpr=0.05))
+    assert res.host == "/c2/Conv"
+    assert onnxstain.verify(tmp_path / "st.onnx", tmp_path / "st.key").stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "st.key").stained
+    # a MaxPool whose windows overlap does not route
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    next(a for a in pool.attribute if a.name == "strides").ints[:] = [1, 1]
+    assert direct_route(GraphView(model), host, find_head(GraphView(model)))[0] is None

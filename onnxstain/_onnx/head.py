@@ -57,6 +57,10 @@ class DirectRoute:
     pool: str  # "mean" or "max"
     positions: int  # spatial positions averaged (for "mean")
     feature_offset: int  # host channel k is head feature k + offset
+    # a non-overlapping MaxPool before the global pooling (PaddleOCR's MobileNetV3 tail): its window, and
+    # the host map's (height, width) it tiles exactly; the global pool then reads the windows' maxima
+    window: tuple[int, int] | None = None
+    map_hw: tuple[int, int] | None = None
 
 
 def find_head(view: GraphView) -> Head | None:
@@ -222,6 +226,7 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     channel_axis = 1
     positions = host.positions
     pool = None
+    window: tuple[int, int] | None = None
     while pool is None:
         users = view.consumers.get(tensor, [])
         if len(users) != 1:
@@ -236,6 +241,12 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
             if len(perm) != 4 or perm[0] != 0:
                 return None, f"{view.node_name(node)} moves the batch axis"
             channel_axis = perm.index(channel_axis)
+            tensor = view.skip_fake_quant(node.output[0])
+            continue
+        if node.op_type == "MaxPool" and host.op == "Conv" and channel_axis == 1 and window is None:
+            window, why = _tiling_window(view, node, host)
+            if window is None:
+                return None, why
             tensor = view.skip_fake_quant(node.output[0])
             continue
         if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
@@ -260,7 +271,8 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     head_node = view.find_node(head.node)
     while True:
         tensor = view.skip_fake_quant(tensor)  # QDQ models quantize the pooled features
-        users = view.consumers.get(tensor, [])
+        # a Shape reads only the features' shape (paddle2onnx computes the Reshape's target from it)
+        users = [u for u in view.consumers.get(tensor, []) if u.op_type != "Shape"]
         if len(users) != 1:
             return None, "the pooled features are used by more than the classifier"
         nxt = users[0]
@@ -272,7 +284,24 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     if head.in_features != host.out_channels:
         return None, (f"the classifier reads {head.in_features} features, {host.name} gives {host.out_channels} "
                       "channels: not one to one")
-    return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0), ""
+    return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0,
+                       window=window, map_hw=host.out_hw if window else None), ""
+
+
+def _tiling_window(view: GraphView, node: onnx.NodeProto, host: HostLayer) -> tuple[tuple[int, int] | None, str]:
+    """A MaxPool whose windows tile the host's map exactly (stride = kernel, no pads, no dilation)."""
+    name = view.node_name(node)
+    kernel = [int(k) for k in view.attr(node, "kernel_shape", [])]
+    strides = [int(s) for s in view.attr(node, "strides", kernel)]
+    pads = [int(p) for p in view.attr(node, "pads", [0] * 4)]
+    dil = [int(d) for d in view.attr(node, "dilations", [1, 1])]
+    auto = view.attr(node, "auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if len(kernel) != 2 or strides != kernel or any(pads) or dil != [1, 1] or auto not in ("NOTSET", "VALID"):
+        return None, f"{name} (MaxPool) has overlapping or padded windows; only windows that tile the map route"
+    if host.out_hw is None or host.out_hw[0] % kernel[0] or host.out_hw[1] % kernel[1]:
+        return None, f"{name} (MaxPool) windows {kernel} do not tile the {host.name} map {host.out_hw} exactly"
+    return (kernel[0], kernel[1]), ""
 
 
 def graph_output_info(model: onnx.ModelProto, name: str) -> onnx.ValueInfoProto:
