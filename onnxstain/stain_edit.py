@@ -225,6 +225,11 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     score exceeds ``tau − tau_loss``.
     """
     view = GraphView(loaded.model)
+    if route is not None and route.affine and opts.variant == "additive":
+        raise UnsupportedModelError(
+            f"{host.name} reaches the classifier through a per-channel scale or shift "
+            f"({route.affine[0][0]}): the additive variant keeps the channel's own output, which that scale "
+            "would change with the detector's; use the non-additive variant")
     hi = host.act_high
     delta = 1.25 * hi if hi is not None else 10.0
     if opts.variant == "additive" and opts.mode == "inplace" and hi is not None:
@@ -295,7 +300,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
                 bias_shift = -col_old * comp.offset
             signature = "shift"
         model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift,
-                                   columns_delta)
+                                   columns_delta, route.affine if route is not None else ())
         # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
         stored = GraphView(model)
         w_eff, b_eff = neuron_affine(stored, host, channel)

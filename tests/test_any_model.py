@@ -327,3 +327,50 @@ def test_inplace_route_through_a_tiling_maxpool(tmp_path, images):
     pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
     next(a for a in pool.attribute if a.name == "strides").ints[:] = [1, 1]
     assert direct_route(GraphView(model), host, find_head(GraphView(model)))[0] is None
+
+
+# -- a per-channel scale and shift after the activation (Keras BatchNormalization after ReLU, via tf2onnx) ----
+def test_inplace_route_through_a_per_channel_affine(tmp_path, images):
+    import torch
+    from tiny_any import _export
+
+    from onnxstain._onnx.head import direct_route, find_head
+    from onnxstain.errors import UnsupportedModelError
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = torch.nn.Conv2d(3, 16, 3, stride=2, padding=1)
+            self.mid = torch.nn.Conv2d(16, 48, 3, stride=2, padding=1)
+            self.scale = torch.nn.Parameter(torch.rand(1, 48, 1, 1) + 0.5)
+            self.shift = torch.nn.Parameter(torch.randn(1, 48, 1, 1) * 0.3)
+            self.fc = torch.nn.Linear(48, 10)
+
+        def forward(self, x):
+            h = torch.relu(self.mid(torch.relu(self.stem(x))))
+            return self.fc((h * self.scale + self.shift).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = _export(Net(), torch.rand(1, 3, 32, 32), {"input": {0: "batch"}, "output": {0: "batch"}})
+    view = GraphView(model)
+    host = next(h for h in find_hosts(model, view) if h.name == "/mid/Conv")
+    route, why = direct_route(view, host, find_head(view))
+    assert route is not None, why
+    assert [(step[2]) for step in route.affine] == [1.0, 0.0]
+    onnx.save(model, tmp_path / "model.onnx")
+    pre = Preprocessing(height=32, width=32, resize=None)
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "st.onnx", tmp_path / "st.key", images=images,
+                          preprocessing=pre, options=StainOptions(mode="inplace", seed=0, fpr=0.05))
+    assert res.host == "/mid/Conv"
+    assert onnxstain.verify(tmp_path / "st.onnx", tmp_path / "st.key").stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "st.key").stained
+    # only the stained channel's scale and shift became the identity
+    before = {t.name: onnx.numpy_helper.to_array(t).reshape(-1) for t in model.graph.initializer}
+    stained = onnx.load(tmp_path / "st.onnx")
+    after = {t.name: onnx.numpy_helper.to_array(t).reshape(-1) for t in stained.graph.initializer}
+    for name in ("scale", "shift"):
+        changed = np.flatnonzero(before[name] != after[name])
+        assert len(changed) == 1 and after[name][changed[0]] == (1.0 if name == "scale" else 0.0)
+    with pytest.raises(UnsupportedModelError, match="per-channel scale or shift"):
+        onnxstain.stain(tmp_path / "model.onnx", tmp_path / "a.onnx", tmp_path / "a.key", images=images,
+                        preprocessing=pre, options=StainOptions(mode="inplace", variant="additive", seed=0, fpr=0.05))

@@ -61,6 +61,10 @@ class DirectRoute:
     # the host map's (height, width) it tiles exactly; the global pool then reads the windows' maxima
     window: tuple[int, int] | None = None
     map_hw: tuple[int, int] | None = None
+    # per-channel Mul/Add constants on the way (a Keras BatchNormalization after the activation, as tf2onnx
+    # writes it): (node, input index, identity value). The in-place edit makes the stained channel's entry
+    # the identity, so the head reads the detector itself; every other channel keeps its scale and shift.
+    affine: tuple[tuple[str, int, float], ...] = ()
 
 
 def find_head(view: GraphView) -> Head | None:
@@ -227,6 +231,7 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     positions = host.positions
     pool = None
     window: tuple[int, int] | None = None
+    affine: list[tuple[str, int, float]] = []
     while pool is None:
         users = view.consumers.get(tensor, [])
         if len(users) != 1:
@@ -234,6 +239,10 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
                           "straight to the classifier (pooling, then the head) can be routed in place")
         node = users[0]
         if node.op_type in _ELEMENTWISE:
+            tensor = view.skip_fake_quant(node.output[0])
+            continue
+        if (step := _per_channel(view, node, tensor, host.out_channels, channel_axis, 4 if host.op == "Conv" else 2)):
+            affine.append(step)
             tensor = view.skip_fake_quant(node.output[0])
             continue
         if node.op_type == "Transpose" and host.op == "Conv":
@@ -278,6 +287,10 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         nxt = users[0]
         if nxt is head_node:
             break
+        if (step := _per_channel(view, nxt, tensor, host.out_channels, 1, 2)):
+            affine.append(step)
+            tensor = nxt.output[0]
+            continue
         if nxt.op_type not in _RESHAPES | _ELEMENTWISE:
             return None, f"{view.node_name(nxt)} ({nxt.op_type}) sits between {host.name} and the classifier"
         tensor = nxt.output[0]
@@ -285,7 +298,24 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         return None, (f"the classifier reads {head.in_features} features, {host.name} gives {host.out_channels} "
                       "channels: not one to one")
     return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0,
-                       window=window, map_hw=host.out_hw if window else None), ""
+                       window=window, map_hw=host.out_hw if window else None, affine=tuple(affine)), ""
+
+
+def _per_channel(view: GraphView, node: onnx.NodeProto, tensor: str, channels: int, channel_axis: int,
+                 rank: int) -> tuple[str, int, float] | None:
+    """``node`` scales (Mul) or shifts (Add) ``tensor`` by a constant with one value per channel:
+    (node, the constant's input index, the identity value), else None."""
+    if node.op_type not in ("Mul", "Add") or len(node.input) != 2 or list(node.input).count(tensor) != 1:
+        return None
+    index = 1 - list(node.input).index(tensor)
+    const = node.input[index]
+    shape = view.shape(const)
+    if not view.is_constant(const) or shape is None or len(shape) > rank:
+        return None
+    full = (1,) * (rank - len(shape)) + tuple(int(d) for d in shape)
+    if full[channel_axis] != channels or any(d != 1 for i, d in enumerate(full) if i != channel_axis):
+        return None
+    return view.node_name(node), index, 1.0 if node.op_type == "Mul" else 0.0
 
 
 def _tiling_window(view: GraphView, node: onnx.NodeProto, host: HostLayer) -> tuple[tuple[int, int] | None, str]:

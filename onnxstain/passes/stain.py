@@ -13,6 +13,7 @@ Each pass takes a model and key material and returns a new model; none prints or
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import onnx
@@ -105,12 +106,21 @@ def inplace(
     column: np.ndarray,
     bias_shift: np.ndarray,
     columns_delta: np.ndarray | None = None,
+    identities: Sequence[tuple[str, int, float]] = (),
 ) -> onnx.ModelProto:
     """Write neuron ``channel`` of ``host`` and head column ``channel`` (and, optionally, a change of the
-    other columns); topology unchanged."""
+    other columns); topology unchanged. ``identities``: per-channel constants between the host and the
+    head (node, input index, value) whose entry ``channel`` becomes the identity (1 for a scale, 0 for a
+    shift), so the head reads the neuron as it is."""
     out = copy_model(model)
     view = GraphView(out)
     write_neuron(view, host, channel, weights, bias)
+    for node_name, index, value in identities:
+        node = view.find_node(node_name)
+        assert node is not None
+        arr = np.array(view.array(node.input[index]), copy=True)
+        arr.reshape(-1)[channel] = value
+        view.set_input_array(node, index, arr)
     _write_head(view, head, channel, column, bias_shift, columns_delta)
     return out
 
