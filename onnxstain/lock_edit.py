@@ -122,6 +122,7 @@ def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:
 def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray, head: head_mod.Head,
                         job: LockJob) -> float:
     """Anchor-level mAP of the locked detector (no patch) against the original on calibration images."""
+    assert head.layout is not None
     n = min(DETECTION_CHECK_IMAGES, len(x_cal))
     got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
                       batch=job.opts.batch)[head.scores]
@@ -131,11 +132,17 @@ def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: 
 
 
 def head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:
+    """The classifier's bias as it adds to the scores (Gemm's beta applied); zeros without one."""
     if head.bias is None:
         return np.zeros(head.classes)
-    return view.array(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
+    b = view.array(head.bias)
+    assert b is not None, f"the head's bias {head.bias!r} is not a constant"
+    return b.astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
 
 
 def head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
-    w = view.array(head.weight).astype(np.float64)
+    """The classifier's weights ``[features, classes]`` as they multiply the features (Gemm's alpha applied)."""
+    w = view.array(head.weight)
+    assert w is not None, f"the head's weight {head.weight!r} is not a constant"
+    w = w.astype(np.float64)
     return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)

@@ -82,10 +82,17 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     if head is None and dense is None:
         raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
                                     "head (per-anchor class scores beside per-anchor boxes) found")
-    seed = opts.seed if opts.seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+    seed = opts.seed if opts.seed is not None else fresh_seed()
     return LockJob(loaded=loaded, view=view, pre=pre, opts=opts, output=out_path, key_path=key, record=record,
                    images=images, prog=prog, artefacts=artefacts, head=head, dense=dense, seed=seed,
                    rng=np.random.default_rng(seed), t0=t0, notes=list(pre_notes))
+
+
+def fresh_seed() -> int:
+    """A seed from the operating system's entropy, below 2^63."""
+    entropy = np.random.SeedSequence().entropy
+    assert isinstance(entropy, int)
+    return entropy % (2**63)
 
 
 def check_options(opts: LockOptions) -> None:

@@ -31,7 +31,7 @@ def host_section(site: LockSite, dense: bool = False) -> HostSection:
                        out_hw=tuple(h.out_hw) if h.out_hw else None, kernel=tuple(h.kernel), strides=tuple(h.strides),
                        pads=tuple(h.pads), dilations=tuple(h.dilations), groups=h.groups,
                        selected_positions=(site.pos_index,), lock_position=tuple(site.position),
-                       **({"detector_positions": (site.pos_index,)} if dense else {}))
+                       detector_positions=(site.pos_index,) if dense else None)
 
 
 def detector_section(job: LockJob, found: PatchFound, stats: detector.FeatureStats, tau0: float) -> DetectorSection:
@@ -55,7 +55,7 @@ def classifier_key(job: LockJob, site: LockSite, found: PatchFound, edit: LockEd
         **envelope("lock"),
         model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
                            scores=head.output, classes=head.classes,
-                           layout=tuple(head.layout) if head.detection else None),
+                           layout=tuple(head.layout) if head.detection and head.layout is not None else None),
         preprocessing=job.pre,
         mode=job.opts.kind,
         variant=job.opts.kind,
@@ -66,7 +66,9 @@ def classifier_key(job: LockJob, site: LockSite, found: PatchFound, edit: LockEd
         references=ReferencesSection(count=n, seed=job.seed % (2**31), patched_scores=F8.of(want[:n]),
                                      unpatched_scores=F8.of(want[n:])),
         white_box=edit.white_box,
-        occlusion=None if found.occlusion is None else OcclusionSection(**found.occlusion),
+        occlusion=None if found.occlusion is None else OcclusionSection(
+            steps=int(found.occlusion["steps"]), kl_start=found.occlusion["kl_start"],
+            kl_end=found.occlusion["kl_end"]),
         lock=LockSection(**edit.info, calibration_locked_agreement=edit.locked_agreement, chance=edit.chance,
                          calibration_unlocked_agreement=unlocked_agree),
         bound=bound,

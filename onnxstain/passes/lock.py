@@ -61,9 +61,13 @@ def insert_gate(
                            b.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
     fired = b.clip(both, 0.0, 1.0)
     pooled = b.node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
+    shape: tuple[int, ...]
     if target is None:
         gamma, shape = b.node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
-        users = [view.find_node(head.node)]
+        head_node = view.find_node(head.node)
+        if head_node is None:
+            raise ValueError(f"the head node {head.node!r} is not in the graph")
+        users = [head_node]
         target = head_input(view, head)
     else:
         gamma, shape = pooled, (1, -1, 1, 1)  # against a map [N, C, H, W]
