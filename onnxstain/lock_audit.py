@@ -34,10 +34,23 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadInputError
+from .errors import BadInputError, KeyMismatchError
 from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
 from .features import neuron_inputs
 from .keys import Key
+from .lock_audit_result import (
+    EXACT,
+    LOCKED_CORRELATION,
+    LOCKED_MAP,
+    PATCH_COST,
+    SLACK,
+    Condition,
+    LockAuditRecord,
+    NaturalFirings,
+)
+from .lock_geometry import lock_hosts
+from .lock_report_html import render
+from .lock_window import WINDOW, pixel_conv, window_host
 from .math import bounds
 from .math.detection_agreement import per_image_anchor_map
 from .patch import Patch, paste_pixels
@@ -48,107 +61,18 @@ from .sanity import refuse_nonfinite
 from .signature import pearson
 from .verify import key_patch, white_box_signal
 
-REPORT_FORMAT = "onnxstain-lock-audit"
-REPORT_VERSION = 1
-SLACK = 0.02  # "locked" means top-1 agreement with the original at most chance + 2 points
-EXACT = 0.999  # "the lock is exact" means agreement on the same patched images of at least this
-PATCH_COST = 0.95  # target agreement (centre crops) of the unlocked model with the original on clean images
-LOCKED_CORRELATION = 0.5  # dense outputs: "locked" means a mean output-map correlation below this
-LOCKED_MAP = 0.05  # detectors: "locked" means a mean per-image anchor-level mAP of at most this
-
 
 @dataclasses.dataclass
-class Condition:
-    """Measured: top-1 agreement of one model/input pairing with a reference, and how often the lock opened."""
-
-    name: str
-    description: str
-    images: int
-    agreement: float
-    centre_agreement: float | None  # on the centre crops only (view 0), when the set has them
-    unlocked: float | None  # fraction of images where the lock opened at all (gate signal > 0; white-box)
-    mean_gate: float | None  # mean gate signal γ (0 locked, 1 fully open; white-box)
-    max_abs_delta: float | None
-    expect: str  # "locked", "exact" or "close"
-    passed: bool
-
-
-@dataclasses.dataclass
-class NaturalFirings:
-    """Measured: the detectors' AND at every (image, position) sample of the clean images."""
-
-    detectors: int
-    positions: int
-    samples: int
-    firings: int
-    images_firing: int
-    max_weakest_score: float  # max over samples of the weakest detector's score
-    threshold: float
-
-
-@dataclasses.dataclass
-class LockAuditResult:
-    original: str
-    locked: str
-    original_sha256: str
-    locked_sha256: str
-    key_commitment: str
-    lock_kind: str
-    host: str
-    patch_box: tuple[int, int, int, int]
-    classes: int
-    chance: float
-    images: ImageSetInfo
-    centre_crops: int
-    conditions: list[Condition]
-    firings: NaturalFirings | None
-    key_bound: bounds.Bound
-    data_driven_bound: bounds.Bound | None
-    measured_upper: float | None
-    measured_statement: str | None
-    notes: list[str]
-    timings: dict[str, float]
-    metric: str = "top-1"  # "top-1" agreement or "correlation" (mean Pearson of output maps, dense outputs)
-
-    @property
-    def passed(self) -> bool:
-        return all(c.passed for c in self.conditions)
-
-    def condition(self, name: str) -> Condition:
-        return next(c for c in self.conditions if c.name == name)
+class LockAuditResult(LockAuditRecord):
+    """The lock audit's result, with its JSON and HTML writers."""
 
     def to_dict(self) -> dict[str, Any]:
-        def opt(b: bounds.Bound | None) -> dict[str, Any] | None:
-            return None if b is None else {"type": "bound", **b.to_dict()}
-
-        return _json_safe({
-            "format": REPORT_FORMAT,
-            "version": REPORT_VERSION,
-            "original": {"path": self.original, "sha256": self.original_sha256},
-            "locked": {"path": self.locked, "sha256": self.locked_sha256},
-            "key": {"commitment": self.key_commitment, "kind": self.lock_kind, "host": self.host,
-                    "patch_box": list(self.patch_box)},
-            "classes": self.classes,
-            "metric": self.metric,
-            "chance": self.chance,
-            "images": dataclasses.asdict(self.images),
-            "centre_crops": self.centre_crops,
-            "conditions": [{"type": "measurement", **dataclasses.asdict(c)} for c in self.conditions],
-            "natural_firings": None if self.firings is None else {"type": "measurement",
-                                                                  **dataclasses.asdict(self.firings)},
-            "bounds": {"key": opt(self.key_bound), "data_driven": opt(self.data_driven_bound),
-                       "measured_upper": self.measured_upper, "measured_statement": self.measured_statement},
-            "passed": self.passed,
-            "notes": list(self.notes),
-            "timings": dict(self.timings),
-        })
+        return _json_safe(self.report())
 
     def write_json(self, path: str | Path) -> None:
         write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
 
     def write_html(self, path: str | Path) -> None:
-        from .lock_report_html import render
-
         write_bytes_atomic(path, render(self).encode("utf-8"))
 
 
@@ -194,10 +118,6 @@ def variants(patch: Patch, height: int, width: int, seed: int) -> dict[str, tupl
 
 def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
     """The key's detector host, rebuilt from the ORIGINAL model (a Conv, or a window of its pixels)."""
-    from .errors import KeyMismatchError
-    from .lock_geometry import lock_hosts
-    from .lock_window import WINDOW, pixel_conv, window_host
-
     kh = key.host
     hosts = lock_hosts(loaded.model)
     if kh.name == WINDOW:
@@ -261,6 +181,7 @@ def audit_lock(
     timings["load"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
+    info: ImageSetInfo
     pixels, _, _, info, view_of = _images(images, pre, int(views), prog)
     n = len(pixels)
     centre_mask = view_of == 0

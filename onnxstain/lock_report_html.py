@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from .lock_audit_result import EXACT, LOCKED_MAP, PATCH_COST, SLACK, LockAuditRecord
 from .report_html import _CSS, _e, _figure, _png, _tag
 
-if TYPE_CHECKING:
-    from .lock_audit import LockAuditResult
 
-
-def agreement_png(res: LockAuditResult) -> str | None:
-    from .lock_audit import EXACT, LOCKED_MAP, PATCH_COST, SLACK
-
+def agreement_png(res: LockAuditRecord) -> str | None:
     fig = _figure(8.5, 4.2)
     if fig is None:
         return None
@@ -38,7 +32,7 @@ def agreement_png(res: LockAuditResult) -> str | None:
     return _png(fig)
 
 
-def render(res: LockAuditResult) -> str:
+def render(res: LockAuditRecord) -> str:
     img = agreement_png(res)
     top, left, h, w = res.patch_box
     rows = []

@@ -28,6 +28,7 @@ from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadKeyError, KeyMismatchError
 from .keys import Key, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
+from .math.maps import pool_maps
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
@@ -326,8 +327,6 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
 
 def _pooled_maps(values: np.ndarray, key: Key) -> np.ndarray:
     """Output maps average-pooled as the key's references were (dense-output locks), flattened per image."""
-    from .dense_lock import pool_maps
-
     y = np.asarray(values, np.float64)
     dense_shape = list(key.model.dense_shape or ())
     if list(y.shape[1:]) != dense_shape:

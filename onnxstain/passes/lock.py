@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from onnx import helper
 
-from .._onnx.graph import GraphView
 from .._onnx.head import Head, head_input
 from .._onnx.hosts import HostLayer
-from .stain import _Namer, copy_model
+from .dense import _Builder
 
 
 def insert_gate(
@@ -42,65 +40,47 @@ def insert_gate(
     ``target``: the tensor to gate — by default the classifier's input features; a feature map
     ``[N, C, H, W]`` (``disruption`` of length C) has every consumer re-pointed to the gated map.
     """
-    out = copy_model(model)
-    view = GraphView(out)
-    name = _Namer(view)
-    opset = view.opset()
-    nodes: list[onnx.NodeProto] = []
-    dtype = np.float32
-    d = filters.shape[0]
-
-    def const(value, hint: str) -> str:
-        return view.add_initializer(np.asarray(value, dtype=dtype), hint)
-
-    def node(op: str, inputs: list[str], **attrs) -> str:
-        y = name(op) + "_output_0"
-        nodes.append(helper.make_node(op, inputs, [y], name=y.removesuffix("_output_0"), **attrs))
-        return y
-
-    def clip01(x: str) -> str:
-        if opset >= 11:
-            return node("Clip", [x, const(np.array(0.0), "onnx::Clip_min"), const(np.array(1.0), "onnx::Clip_max")])
-        return node("Clip", [x], min=0.0, max=1.0)
-
+    b = _Builder(model)
+    view, d = b.view, filters.shape[0]
     source, strides = host.input, list(host.strides)
     if host.out_hw == (1, 1) and not any(host.pads):
         # One position (a pixel window): read just its window, not a strided pass over the whole map.
         ends = [(host.kernel[0] - 1) * host.dilations[0] + 1, (host.kernel[1] - 1) * host.dilations[1] + 1]
-        if opset >= 10:
-            source = node("Slice", [source, view.add_initializer(np.array([0, 0], np.int64), "onnx::Slice_starts"),
-                                    view.add_initializer(np.array(ends, np.int64), "onnx::Slice_ends"),
-                                    view.add_initializer(np.array([2, 3], np.int64), "onnx::Slice_axes")])
+        if b.opset >= 10:
+            source = b.node("Slice", [source, b.const(np.array([0, 0]), "onnx::Slice_starts", np.int64),
+                                      b.const(np.array(ends), "onnx::Slice_ends", np.int64),
+                                      b.const(np.array([2, 3]), "onnx::Slice_axes", np.int64)])
         else:
-            source = node("Slice", [source], starts=[0, 0], ends=ends, axes=[2, 3])
+            source = b.node("Slice", [source], starts=[0, 0], ends=ends, axes=[2, 3])
         strides = [1, 1]
-    conv = node("Conv", [source, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")],
-                kernel_shape=list(host.kernel), strides=strides, pads=list(host.pads),
-                dilations=list(host.dilations))
-    each = clip01(conv)
-    both = node("Conv", [each, const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
-                         const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
-    fired = clip01(both)
-    pooled = node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
+    conv = b.node("Conv", [source, b.const(filters, "onnx::Conv_w"), b.const(biases, "onnx::Conv_b")],
+                  kernel_shape=list(host.kernel), strides=strides, pads=list(host.pads),
+                  dilations=list(host.dilations))
+    each = b.clip(conv, 0.0, 1.0)
+    both = b.node("Conv", [each, b.const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
+                           b.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
+    fired = b.clip(both, 0.0, 1.0)
+    pooled = b.node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
+    shape: tuple[int, ...]
     if target is None:
-        gamma, shape = node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
-        users = [view.find_node(head.node)]
+        gamma, shape = b.node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
+        head_node = view.find_node(head.node)
+        if head_node is None:
+            raise ValueError(f"the head node {head.node!r} is not in the graph")
+        users = [head_node]
         target = head_input(view, head)
     else:
         gamma, shape = pooled, (1, -1, 1, 1)  # against a map [N, C, H, W]
         users = list(view.consumers.get(target, []))
     one = np.ones([1] * len(shape))
-    locked = node("Sub", [const(one, "onnx::Sub_one"), gamma])
-    scale = node("Mul", [locked, const(disruption.reshape(shape), "onnx::Mul_w")])
-    factor = node("Add", [scale, const(one, "onnx::Add_one")])
+    locked = b.node("Sub", [b.const(one, "onnx::Sub_one"), gamma])
+    scale = b.node("Mul", [locked, b.const(disruption.reshape(shape), "onnx::Mul_w")])
+    factor = b.node("Add", [scale, b.const(one, "onnx::Add_one")])
     # Re-point the readers of the target: target → Mul(factor) → readers.
-    gated = node("Mul", [target, factor])
+    gated = b.node("Mul", [target, factor])
+    first = min(users, key=view.index)
     for user in users:
         for i, t in enumerate(user.input):
             if t == target:
                 user.input[i] = gated
-    idx = min(view.index(u) for u in users)
-    graph_nodes = list(out.graph.node)
-    del out.graph.node[:]
-    out.graph.node.extend(graph_nodes[:idx] + nodes + graph_nodes[idx:])
-    return out, fired
+    return b.splice_before(first), fired

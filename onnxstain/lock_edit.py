@@ -1,0 +1,148 @@
+"""The lock's edit stage: the detector's weights from the accepted patch, the disruption, and the pass that
+writes them (:mod:`onnxstain.passes.lock`, :mod:`onnxstain.passes.conduit`, :mod:`onnxstain.passes.dense`).
+
+* **gate** — pre-activation ``4 (S − τ0)/(s* − τ0)``: 4 on the patch, so ``Clip(·, 0, 1)`` saturates at
+  exactly 1.0 whatever the runtime's rounding or a resampled patch's error; ≤ 0 whenever ``S ≤ τ0``, the
+  event the bound counts. The disruption flips the sign of a random half of the classifier's features
+  (:func:`onnxstain.math.disruption.sign_disruption`), of a detector's deepest shared map, or of a dense
+  model's gated map.
+* **in place** — the host's activation saturates (ReLU6: twice the clip on the patch gives exactly 6); a
+  plain ReLU host passes the patch's value, exact because the patch alone decides it. The conduits carry
+  it to the head, where it cancels a random bias (:func:`onnxstain.math.disruption.bias_disruption`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from ._onnx import head as head_mod
+from ._onnx.diff import structural_diff
+from ._onnx.graph import GraphView
+from ._onnx.hosts import HostLayer
+from .errors import InternalError
+from .keys import WhiteBoxSection
+from .lock_calibration import ClassifierCalibration, DenseCalibration
+from .lock_job import LockJob
+from .lock_site import LockSite, detection_gate
+from .lock_types import LockEdit, PatchFound
+from .math.detection_agreement import anchor_map
+from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
+from .passes.conduit import apply_conduit
+from .passes.dense import insert_feature_gate
+from .passes.lock import insert_gate
+from .runtime import run_batches, session, with_outputs
+
+DETECTION_CHECK_IMAGES = 64  # calibration images the locked detector is run on to measure its agreement
+
+
+def gate_weights(host: HostLayer, dirs: np.ndarray, scores: np.ndarray, tau0: float, centre: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """The gate's detector Conv ``(filters [d, C, kh, kw], biases [d])``: ``4 (S − τ0)/(s* − τ0)`` each."""
+    d = len(dirs)
+    gains = 4.0 / (scores - tau0)
+    rows = gains[:, None] * dirs
+    biases = -gains * (tau0 + dirs @ centre)
+    cg = host.in_channels // host.groups
+    filters = np.zeros((d, host.in_channels, *host.kernel))
+    filters[:, :cg] = rows.reshape(d, cg, *host.kernel)
+    return filters, biases
+
+
+def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: ClassifierCalibration,
+              found: PatchFound) -> LockEdit:
+    """The gate lock of a classifier (its input features gated) or a detector (its deepest shared map)."""
+    head, model, rng = job.head, job.loaded.model, job.rng
+    assert head is not None
+    filters, biases = gate_weights(site.host, found.dirs, found.scores, cal.tau0, cal.stats.centre)
+    if head.detection:
+        # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
+        gated = detection_gate(hosts, job.view, site.host, head.scores)
+        disruption, flipped = half_sign_flips(rng, gated.out_channels)
+        locked, fired = insert_gate(model, site.host, head, filters, biases, disruption,
+                                    target=gated.act_output or gated.output)
+        agree, chance = detection_agreement(locked, cal.x_cal, cal.raw_scores, head, job), 0.0
+        info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
+    else:
+        assert cal.pooled is not None
+        disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled, cal.nat_scores,
+                                                             head_columns(job.view, head))
+        locked, fired = insert_gate(model, site.host, head, filters, biases, disruption)
+        info = {"flipped_features": flipped}
+    white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)
+    return LockEdit(locked, white_box, info, agree, chance, flipped)
+
+
+def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found: PatchFound) -> LockEdit:
+    """The in-place lock: the detector overwrites one host channel, the conduits carry it to the head's bias."""
+    head, host, tau0 = job.head, site.host, cal.tau0
+    assert head is not None and cal.plan is not None
+    signal = float(host.act_high) if host.act_high else 1.0
+    gain = (2.0 if host.act_high else 1.0) * signal / float(found.scores[0] - tau0)
+    weight = (gain * found.dirs[0]).reshape(host.in_channels // host.groups, *host.kernel)
+    bias = -gain * (tau0 + float(found.dirs[0] @ cal.stats.centre))
+    b_lock, agree, chance, spread = bias_disruption(job.rng, cal.nat_scores, cal.orig_scores,
+                                                    head_bias(job.view, head))
+    conduit = apply_conduit(job.loaded.model, cal.plan, weight, bias, b_lock, signal=signal)
+    channel = conduit.channels[0][1]
+    white_box = WhiteBoxSection(tensor=host.act_output or host.output, channel=int(channel), position=site.pos_index,
+                                expected=signal)
+    info = {"gamma": conduit.gamma, "head_feature": conduit.head_feature, "disruption_spread": spread,
+            "overwritten": tuple(tuple(c) for c in conduit.channels)}
+    if structural_diff(job.loaded.model, conduit.model):
+        raise InternalError("internal check failed: the in-place lock changed the graph structure")
+    return LockEdit(conduit.model, white_box, info, agree, chance, 0)
+
+
+def dense_gate_lock(job: LockJob, site: LockSite, cal: DenseCalibration, found: PatchFound, features: str) -> LockEdit:
+    """A dense-output model's gate on ``features``; its fidelity (a correlation) is measured by the checks."""
+    host, tau0, v, s_t = site.host, cal.tau0, found.dirs[0], float(found.scores[0])
+    # Pre-activation 4 (S − τ0)/(s* − τ0): 4 on the patch (Clip(0, 1) saturates at exactly 1), ≤ 0 when S ≤ τ0.
+    gain = 4.0 / (s_t - tau0)
+    filters = (gain * v).reshape(1, host.in_channels // host.groups, *host.kernel)
+    biases = np.array([-gain * (tau0 + float(v @ cal.stats.centre))])
+    channels = map_channels(job.loaded.model, features, cal.x_cal[:1])
+    disruption = np.zeros(channels)
+    disruption[job.rng.permutation(channels)[: channels // 2]] = -2.0
+    locked, fired = insert_feature_gate(job.loaded.model, host, filters, biases, features, disruption, site.position)
+    white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)
+    info = {"flipped_features": channels // 2, "gated_tensor": "decoder input"}
+    return LockEdit(locked, white_box, info, float("nan"), 0.0, channels // 2)
+
+
+def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:
+    """The channel count of map ``features`` (from the graph, else from one run)."""
+    shape = GraphView(model).shape(features)
+    if shape is not None and len(shape) >= 2 and isinstance(shape[1], int):
+        return int(shape[1])
+    got = run_batches(session(with_outputs(model, [features])), x, [features])[features]
+    return int(got.shape[1])
+
+
+def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray, head: head_mod.Head,
+                        job: LockJob) -> float:
+    """Anchor-level mAP of the locked detector (no patch) against the original on calibration images."""
+    assert head.layout is not None
+    n = min(DETECTION_CHECK_IMAGES, len(x_cal))
+    got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
+                      batch=job.opts.batch)[head.scores]
+    shape = (n, *head.layout)
+    value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape))
+    return 0.0 if np.isnan(value) else value
+
+
+def head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:
+    """The classifier's bias as it adds to the scores (Gemm's beta applied); zeros without one."""
+    if head.bias is None:
+        return np.zeros(head.classes)
+    b = view.array(head.bias)
+    assert b is not None, f"the head's bias {head.bias!r} is not a constant"
+    return b.astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
+
+
+def head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
+    """The classifier's weights ``[features, classes]`` as they multiply the features (Gemm's alpha applied)."""
+    w = view.array(head.weight)
+    assert w is not None, f"the head's weight {head.weight!r} is not a constant"
+    w = w.astype(np.float64)
+    return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)
