@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .report_html import _CSS, _e, _figure, _png, _tag
+from .html_parts import CSS as _CSS
+from .html_parts import escape as _e
+from .html_parts import figure as _figure
+from .html_parts import png as _png
+from .html_parts import tag as _tag
 
 if TYPE_CHECKING:
     from .lock_audit import LockAuditResult
