@@ -86,7 +86,8 @@ class ClassifierRescore(_SessionRescore):
         super().__init__(cal, host, pre, [host.input, scores], providers, lean)
         self.scores, self.view = scores, view
 
-    def start(self, selected_scores: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def start(selected_scores: np.ndarray) -> np.ndarray:
         return -np.log(np.exp(-selected_scores).sum(axis=1))
 
     def rescore(self, trigger: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -102,7 +103,8 @@ class DenseRescore(_SessionRescore):
                  providers: list[str] | None = None) -> None:
         super().__init__(cal, host, pre, [host.input], providers)
 
-    def start(self, selected_scores: np.ndarray) -> np.ndarray:
+    @staticmethod
+    def start(selected_scores: np.ndarray) -> np.ndarray:
         return selected_scores.min(axis=1)
 
     def rescore(self, trigger: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
