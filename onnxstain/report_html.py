@@ -13,7 +13,7 @@ from .html_parts import CSS, escape, figure, png, tag
 from .math.bounds import Bound, format_probability
 
 if TYPE_CHECKING:  # the records import this module to render themselves
-    from .evaluation import EvaluateResult
+    from .evaluation import EvaluateResult, Fidelity, TriggerCheck
 
 
 def _prob(log10: float) -> str:
@@ -96,10 +96,19 @@ def _bound_row(name: str, b: Bound | None) -> str:
 
 def render(res: EvaluateResult) -> str:
     """The whole report as an HTML string."""
-    hist = score_histogram_png(res)
-    bplot = bounds_png(res)
+    verdict = "<span class='ok'>STAINED</span>" if res.trigger.stained else "<span class='bad'>NOT STAINED</span>"
+    parts = [*_header(res, _summary(res, verdict)), *_detector_part(res), *_bounds_part(res),
+             *_fidelity_part(res.fidelity), *_trigger_part(res.trigger, verdict)]
+    if res.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in res.notes) + "</ul>")
+    t = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
+    parts.append(f"<p class='small'>Time: {escape(t)}.</p></body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def _summary(res: EvaluateResult, verdict: str) -> list[tuple[str, str]]:
+    """The summary table's rows: what was evaluated, the headline measurements, the verdict."""
     d, cov, fid, trig, info = res.detector, res.coverage, res.fidelity, res.trigger, res.images
-    verdict = "<span class='ok'>STAINED</span>" if trig.stained else "<span class='bad'>NOT STAINED</span>"
     summary = [
         ("original", escape(res.original)), ("modified", escape(res.modified)),
         ("stain", escape(f"{res.mode}, {res.variant}; host {res.host} (m = {res.m})")),
@@ -128,6 +137,11 @@ def render(res: EvaluateResult) -> str:
         ("trigger", f"{verdict} — signature score {trig.signature_score:.4g} vs threshold "
                     f"{trig.signature_threshold:.4g}; original model {trig.original_signature_score:.4g}"),
     ]
+    return summary
+
+
+def _header(res: EvaluateResult, summary: list[tuple[str, str]]) -> list[str]:
+    info = res.images
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -141,7 +155,12 @@ def render(res: EvaluateResult) -> str:
         "</table>",
         f"<p class='small'>{escape(info.correlation)}</p>",
     ]
-    parts.append("<h2>Detector on natural images</h2>")
+    return parts
+
+
+def _detector_part(res: EvaluateResult) -> list[str]:
+    d, hist = res.detector, score_histogram_png(res)
+    parts = ["<h2>Detector on natural images</h2>"]
     if d is None:
         parts.append("<p>The modified model does not contain the detector's input tensor: the white-box measurements "
                      "and the data-driven bounds are not available.</p>")
@@ -150,7 +169,12 @@ def render(res: EvaluateResult) -> str:
         parts.append(f"<p class='small'>Score quantiles over all samples — {escape(q)}.</p>")
         if hist:
             parts.append(f"<img alt='histogram of natural detector scores' src='data:image/png;base64,{hist}'>")
-    parts.append("<h2>Bounds and measured rate</h2>")
+    return parts
+
+
+def _bounds_part(res: EvaluateResult) -> list[str]:
+    cov, trig, bplot = res.coverage, res.trigger, bounds_png(res)
+    parts = ["<h2>Bounds and measured rate</h2>"]
     if bplot:
         parts.append(f"<img alt='bounds versus measured firing rate' src='data:image/png;base64,{bplot}'>")
     parts.append("<table><tr><th>quantity</th><th>value</th><th>kind</th><th>what it says</th></tr>")
@@ -179,6 +203,11 @@ def render(res: EvaluateResult) -> str:
         rq = ", ".join(f"{k} %: {v:.3g}" for k, v in cov.radius_quantiles.items())
         parts.append(f"<p class='small'>Radii ‖φ − c‖ — {escape(rq)}; {cov.images_outside} images "
                      f"({cov.photos_outside} photos) have a position outside R.</p>")
+    return parts
+
+
+def _fidelity_part(fid: Fidelity) -> list[str]:
+    parts: list[str] = []
     if fid.metric == "correlation":
         parts += [
             "<h2>Fidelity (original vs modified, same images)</h2><table>",
@@ -203,14 +232,17 @@ def render(res: EvaluateResult) -> str:
             f"<td class='num'>{100 * fid.fragile_fraction:.3g} %</td></tr>",
             "</table>",
         ]
+    return parts
 
+
+def _trigger_part(trig: TriggerCheck, verdict: str) -> list[str]:
     def fmt(scores: list[float] | None) -> str:
         return "n/a" if scores is None else ", ".join(f"{s:.3g}" for s in scores)
 
     def fires(f: bool | None) -> str:
         return "n/a" if f is None else ("fires at every selected position" if f else "does not fire everywhere")
 
-    parts += [
+    return [
         "<h2>Trigger</h2><table>",
         f"<tr><th>firing threshold τ</th><td class='num'>{trig.threshold:.4g}</td></tr>",
         f"<tr><th>detector scores, modified model</th><td class='num'>{escape(fmt(trig.modified_scores))} — "
@@ -228,8 +260,3 @@ def render(res: EvaluateResult) -> str:
         "host unchanged, so the original model gives the same S on the trigger; what it lacks is a neuron that "
         "reads S, and the route to the output.</p>",
     ]
-    if res.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in res.notes) + "</ul>")
-    t = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
-    parts.append(f"<p class='small'>Time: {escape(t)}.</p></body></html>")
-    return "\n".join(p for p in parts if p)
