@@ -125,8 +125,8 @@ class TriggerSearch:
     detectors: int = 1
     lean: bool = False  # drop the torch prefix after each ascent (large models)
     hint: Callable[[], str] = lambda: "try another --seed, --layer or a larger --fpr"
-    steps: int = 0  # gradient steps taken, over every draw
-    _prefix: Any = None
+    steps: int = dataclasses.field(default=0, init=False)  # gradient steps taken, over every draw
+    _prefix: Any = dataclasses.field(default=None, init=False, repr=False)  # the torch prefix, while held
 
     def find_all(self) -> list[TriggerFind]:
         """One accepted trigger per detector, else ``UnreachableBoundError`` with the search's figures."""
