@@ -16,6 +16,7 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model
+from .dense_stain import choose_dense_host
 from .errors import BadInputError, BadKeyError
 from .evaluate import EvaluateResult, evaluate
 from .keys import Key, load_key
@@ -78,8 +79,6 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
             notes.append(f"{mode}: {exc}")
     dense = find_dense_output(view) if head is None else None
     if dense is not None:
-        from .dense_stain import choose_dense_host
-
         try:
             default["insert"] = choose_dense_host(hosts, None).name
         except Exception as exc:  # report why, do not fail inspect

@@ -35,7 +35,11 @@ from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError, KeyMismatchError
-from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
+from .eval_inputs import evaluation_images as _images
+from .eval_inputs import scores_output as _scores_output
+from .evaluation import CONFIDENCE, ImageSetInfo
+from .evaluation import clopper_statement as _clopper_statement
+from .evaluation import json_safe as _json_safe
 from .features import neuron_inputs
 from .keys import Key
 from .lock_audit_result import (

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from .html_parts import CSS as _CSS
+from .html_parts import escape as _e
+from .html_parts import figure as _figure
+from .html_parts import png as _png
+from .html_parts import tag as _tag
 from .lock_audit_result import EXACT, LOCKED_MAP, PATCH_COST, SLACK, LockAuditRecord
-from .report_html import _CSS, _e, _figure, _png, _tag
 
 
 def agreement_png(res: LockAuditRecord) -> str | None:

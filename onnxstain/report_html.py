@@ -1,45 +1,19 @@
 """The evaluate report as one self-contained HTML page (plots as embedded base64 PNG, no external assets).
 
-matplotlib is imported lazily, with the Agg canvas (no pyplot, no global backend change), and only
-here: ``pip install 'onnxstain[plots]'``.
+The page's parts (CSS, escaping, tags, embedded figures) are :mod:`onnxstain.html_parts`'s.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import itertools
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from .errors import BadInputError
+from .html_parts import CSS, escape, figure, png, tag
 from .math.bounds import Bound, format_probability
 
-if TYPE_CHECKING:
-    from .evaluate import EvaluateResult
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:980px;margin:2em auto;
-padding:0 1em;color:#222;line-height:1.45}
-h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd}
-table{border-collapse:collapse;margin:.6em 0;width:100%}
-th,td{border:1px solid #ddd;padding:.3em .6em;text-align:left;vertical-align:top}
-th{background:#f4f4f4;font-weight:600;width:32%}
-td.num{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;white-space:nowrap}
-.tag{display:inline-block;font-size:.78em;padding:0 .4em;border-radius:3px;margin-right:.3em}
-.bound{background:#e3edf9;color:#1a4d8f}.measured{background:#e6f4e6;color:#1d6b1d}
-.ok{color:#1d6b1d;font-weight:600}.bad{color:#a12020;font-weight:600}
-.small{font-size:.88em;color:#555}img{max-width:100%;border:1px solid #eee}
-"""
-
-
-def _e(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def _tag(kind: str) -> str:
-    return f'<span class="tag {"bound" if kind == "bound" else "measured"}">{kind}</span>'
+if TYPE_CHECKING:  # the records import this module to render themselves
+    from .evaluation import EvaluateResult, Fidelity, TriggerCheck
 
 
 def _prob(log10: float) -> str:
@@ -50,29 +24,12 @@ def _log10(x: float) -> float:
     return math.log10(x) if x > 0 else -math.inf
 
 
-def _png(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _figure(width: float, height: float) -> Any:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise BadInputError("the HTML report needs matplotlib: pip install 'onnxstain[plots]'") from None
-    fig = Figure(figsize=(width, height))
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def score_histogram_png(res: EvaluateResult) -> str | None:
     """Plot 1: natural detector scores (log count axis), the firing threshold τ and the trigger's scores."""
     d = res.detector
     if d is None:
         return None
-    fig = _figure(8.0, 3.6)
+    fig = figure(8.0, 3.6)
     ax = fig.add_subplot()
     edges, counts = d.histogram_edges, d.histogram_counts
     centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
@@ -90,7 +47,7 @@ def score_histogram_png(res: EvaluateResult) -> str | None:
     ax.set_ylim(0.5, 40.0 * max(max(counts), 1))  # headroom for the legend above the bars
     ax.set_title("Detector scores on natural images")
     ax.legend(fontsize=8, loc="upper left")
-    return _png(fig)
+    return png(fig)
 
 
 def bounds_png(res: EvaluateResult) -> str | None:
@@ -108,7 +65,7 @@ def bounds_png(res: EvaluateResult) -> str | None:
     if not finite:
         return None
     floor = math.floor(min(finite)) - 1
-    fig = _figure(8.0, 0.55 * len(rows) + 1.3)
+    fig = figure(8.0, 0.55 * len(rows) + 1.3)
     ax = fig.add_subplot()
     labels = [r[0] for r in rows][::-1]
     vals = [max(r[1], floor) for r in rows][::-1]
@@ -127,73 +84,97 @@ def bounds_png(res: EvaluateResult) -> str | None:
     measured = "" if res.measured is None or res.measured.rate > 0 else "; measured rate 0 (not drawn)"
     ax.set_xlabel(f"probability per image (log scale); blue: bounds, green: measurement{measured}")
     ax.set_title("Bounds vs measured firing rate")
-    return _png(fig)
+    return png(fig)
 
 
 def _bound_row(name: str, b: Bound | None) -> str:
     if b is None:
         return ""
-    return (f"<tr><th>{_tag('bound')}{_e(name)}</th><td class='num'>≤ {_e(_prob(b.log10))}</td>"
-            f"<td>{_e(b.kind)}</td><td class='small'>{_e(b.statement)}</td></tr>")
+    return (f"<tr><th>{tag('bound')}{escape(name)}</th><td class='num'>≤ {escape(_prob(b.log10))}</td>"
+            f"<td>{escape(b.kind)}</td><td class='small'>{escape(b.statement)}</td></tr>")
 
 
 def render(res: EvaluateResult) -> str:
     """The whole report as an HTML string."""
-    hist = score_histogram_png(res)
-    bplot = bounds_png(res)
+    verdict = "<span class='ok'>STAINED</span>" if res.trigger.stained else "<span class='bad'>NOT STAINED</span>"
+    parts = [*_header(res, _summary(res, verdict)), *_detector_part(res), *_bounds_part(res),
+             *_fidelity_part(res.fidelity), *_trigger_part(res.trigger, verdict)]
+    if res.notes:
+        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{escape(n)}</li>" for n in res.notes) + "</ul>")
+    t = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
+    parts.append(f"<p class='small'>Time: {escape(t)}.</p></body></html>")
+    return "\n".join(p for p in parts if p)
+
+
+def _summary(res: EvaluateResult, verdict: str) -> list[tuple[str, str]]:
+    """The summary table's rows: what was evaluated, the headline measurements, the verdict."""
     d, cov, fid, trig, info = res.detector, res.coverage, res.fidelity, res.trigger, res.images
-    verdict = "<span class='ok'>STAINED</span>" if trig.stained else "<span class='bad'>NOT STAINED</span>"
     summary = [
-        ("original", _e(res.original)), ("modified", _e(res.modified)),
-        ("stain", _e(f"{res.mode}, {res.variant}; host {res.host} (m = {res.m})")),
-        ("images", _e(f"{info.images:,} images = {info.photos} distinct photos × {info.views_per_photo} views; "
+        ("original", escape(res.original)), ("modified", escape(res.modified)),
+        ("stain", escape(f"{res.mode}, {res.variant}; host {res.host} (m = {res.m})")),
+        ("images", escape(f"{info.images:,} images = {info.photos} distinct photos × {info.views_per_photo} views; "
                       f"{info.height}×{info.width}; {info.source}")),
     ]
     if d is not None:
         summary += [
-            (f"{_tag('measured')}natural firings",
-             _e(f"{d.firings:,} of {d.samples:,} image×position samples; "
+            (f"{tag('measured')}natural firings",
+             escape(f"{d.firings:,} of {d.samples:,} image×position samples; "
                 f"{d.images_firing:,} of {info.images:,} images")),
-            (f"{_tag('measured')}max natural score",
-             _e(f"{d.max_score:.4g} = {d.max_score_over_threshold:.3g} τ (τ = {d.threshold:.4g}), "
+            (f"{tag('measured')}max natural score",
+             escape(f"{d.max_score:.4g} = {d.max_score_over_threshold:.3g} τ (τ = {d.threshold:.4g}), "
                 f"on {d.max_score_photo}")),
         ]
     if cov is not None:
-        summary += [(f"{_tag('measured')}radius coverage",
-                     _e(f"{100 * cov.samples_inside:.4g} % of samples and {100 * cov.images_inside:.4g} % of "
+        summary += [(f"{tag('measured')}radius coverage",
+                     escape(f"{100 * cov.samples_inside:.4g} % of samples and {100 * cov.images_inside:.4g} % of "
                         f"images inside R = {cov.radius:.4g}; max radius {cov.max_radius:.4g} "
                         f"({cov.max_radius_over_r:.3g} R)"))]
     summary += [
-        (f"{_tag('measured')}output-map correlation", _e(f"mean {fid.agreement:.6f}, min {fid.min_correlation:.6f} "
+        (f"{tag('measured')}output-map correlation", escape(f"mean {fid.agreement:.6f}, min {fid.min_correlation:.6f} "
                                                           f"({fid.differing} images below 0.999)"))
         if fid.metric == "correlation" else
-        (f"{_tag('measured')}top-1 agreement", _e(f"{100 * fid.agreement:.3f} % ({fid.differing} images differ)")),
+        (f"{tag('measured')}top-1 agreement", escape(f"{100 * fid.agreement:.3f} % ({fid.differing} images differ)")),
         ("trigger", f"{verdict} — signature score {trig.signature_score:.4g} vs threshold "
                     f"{trig.signature_threshold:.4g}; original model {trig.original_signature_score:.4g}"),
     ]
+    return summary
+
+
+def _header(res: EvaluateResult, summary: list[tuple[str, str]]) -> list[str]:
+    info = res.images
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
-        f"<title>onnxstain evaluate — {_e(res.modified)}</title><style>{_CSS}</style></head><body>",
+        f"<title>onnxstain evaluate — {escape(res.modified)}</title><style>{CSS}</style></head><body>",
         "<h1>onnxstain evaluate</h1>",
-        f"<p class='small'>Key commitment {_e(res.key_commitment)}. "
-        f"{_tag('bound')} marks upper bounds (with their kind and statement); {_tag('measured')} marks "
+        f"<p class='small'>Key commitment {escape(res.key_commitment)}. "
+        f"{tag('bound')} marks upper bounds (with their kind and statement); {tag('measured')} marks "
         "numbers measured on the images below.</p>",
         "<h2>Summary</h2><table>",
         *(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in summary),
         "</table>",
-        f"<p class='small'>{_e(info.correlation)}</p>",
+        f"<p class='small'>{escape(info.correlation)}</p>",
     ]
-    parts.append("<h2>Detector on natural images</h2>")
+    return parts
+
+
+def _detector_part(res: EvaluateResult) -> list[str]:
+    d, hist = res.detector, score_histogram_png(res)
+    parts = ["<h2>Detector on natural images</h2>"]
     if d is None:
         parts.append("<p>The modified model does not contain the detector's input tensor: the white-box measurements "
                      "and the data-driven bounds are not available.</p>")
     else:
         q = ", ".join(f"{k} %: {v:.3g}" for k, v in d.score_quantiles.items())
-        parts.append(f"<p class='small'>Score quantiles over all samples — {_e(q)}.</p>")
+        parts.append(f"<p class='small'>Score quantiles over all samples — {escape(q)}.</p>")
         if hist:
             parts.append(f"<img alt='histogram of natural detector scores' src='data:image/png;base64,{hist}'>")
-    parts.append("<h2>Bounds and measured rate</h2>")
+    return parts
+
+
+def _bounds_part(res: EvaluateResult) -> list[str]:
+    cov, trig, bplot = res.coverage, res.trigger, bounds_png(res)
+    parts = ["<h2>Bounds and measured rate</h2>"]
     if bplot:
         parts.append(f"<img alt='bounds versus measured firing rate' src='data:image/png;base64,{bplot}'>")
     parts.append("<table><tr><th>quantity</th><th>value</th><th>kind</th><th>what it says</th></tr>")
@@ -202,25 +183,31 @@ def render(res: EvaluateResult) -> str:
     parts.append(_bound_row("mixed bound", res.mixed_bound))
     if res.measured is not None:
         m = res.measured
-        parts.append(f"<tr><th>{_tag('measured')}per-image firing rate</th><td class='num'>{m.firing}/{m.total} = "
-                     f"{m.rate:.3g}</td><td>measurement</td><td class='small'>{_e(m.statement)}</td></tr>")
-        parts.append(f"<tr><th>{_tag('bound')}its 95 % upper bound</th><td class='num'>≤ {_e(_prob(_log10(m.upper)))}"
+        parts.append(f"<tr><th>{tag('measured')}per-image firing rate</th><td class='num'>{m.firing}/{m.total} = "
+                     f"{m.rate:.3g}</td><td>measurement</td><td class='small'>{escape(m.statement)}</td></tr>")
+        parts.append(f"<tr><th>{tag('bound')}its 95 % upper bound</th><td class='num'>≤ "
+                     f"{escape(_prob(_log10(m.upper)))}"
                      "</td><td>Clopper–Pearson</td><td class='small'>one-sided, exact for independent images</td></tr>")
     pl = res.photo_level
     if pl is not None:
         parts.append(_bound_row(f"photo-level data-driven bound ({pl.photos} photos)", pl.data_driven))
         parts.append(_bound_row("photo-level mixed bound", pl.mixed))
-        parts.append(f"<tr><th>{_tag('bound')}photo-level 95 % upper bound on the firing rate</th>"
-                     f"<td class='num'>≤ {_e(_prob(_log10(pl.measured.upper)))}</td><td>Clopper–Pearson</td>"
-                     f"<td class='small'>{_e(pl.measured.statement)}</td></tr>")
+        parts.append(f"<tr><th>{tag('bound')}photo-level 95 % upper bound on the firing rate</th>"
+                     f"<td class='num'>≤ {escape(_prob(_log10(pl.measured.upper)))}</td><td>Clopper–Pearson</td>"
+                     f"<td class='small'>{escape(pl.measured.statement)}</td></tr>")
     parts.append(_bound_row("cross-key bound (verify)", trig.cross_key_bound))
     parts.append("</table>")
     if pl is not None:
-        parts.append(f"<p class='small'>{_e(pl.statement)}</p>")
+        parts.append(f"<p class='small'>{escape(pl.statement)}</p>")
     if cov is not None:
         rq = ", ".join(f"{k} %: {v:.3g}" for k, v in cov.radius_quantiles.items())
-        parts.append(f"<p class='small'>Radii ‖φ − c‖ — {_e(rq)}; {cov.images_outside} images "
+        parts.append(f"<p class='small'>Radii ‖φ − c‖ — {escape(rq)}; {cov.images_outside} images "
                      f"({cov.photos_outside} photos) have a position outside R.</p>")
+    return parts
+
+
+def _fidelity_part(fid: Fidelity) -> list[str]:
+    parts: list[str] = []
     if fid.metric == "correlation":
         parts += [
             "<h2>Fidelity (original vs modified, same images)</h2><table>",
@@ -245,33 +232,31 @@ def render(res: EvaluateResult) -> str:
             f"<td class='num'>{100 * fid.fragile_fraction:.3g} %</td></tr>",
             "</table>",
         ]
+    return parts
 
+
+def _trigger_part(trig: TriggerCheck, verdict: str) -> list[str]:
     def fmt(scores: list[float] | None) -> str:
         return "n/a" if scores is None else ", ".join(f"{s:.3g}" for s in scores)
 
     def fires(f: bool | None) -> str:
         return "n/a" if f is None else ("fires at every selected position" if f else "does not fire everywhere")
 
-    parts += [
+    return [
         "<h2>Trigger</h2><table>",
         f"<tr><th>firing threshold τ</th><td class='num'>{trig.threshold:.4g}</td></tr>",
-        f"<tr><th>detector scores, modified model</th><td class='num'>{_e(fmt(trig.modified_scores))} — "
-        f"{_e(fires(trig.modified_fires))}</td></tr>",
-        f"<tr><th>detector scores, original model</th><td class='num'>{_e(fmt(trig.original_scores))}</td></tr>",
+        f"<tr><th>detector scores, modified model</th><td class='num'>{escape(fmt(trig.modified_scores))} — "
+        f"{escape(fires(trig.modified_fires))}</td></tr>",
+        f"<tr><th>detector scores, original model</th><td class='num'>{escape(fmt(trig.original_scores))}</td></tr>",
         f"<tr><th>verify (modified)</th><td>{verdict}: {trig.signature_type} signature score "
         f"{trig.signature_score:.4g}, threshold {trig.signature_threshold:.4g}</td></tr>",
         f"<tr><th>verify (original)</th><td>{'stained' if trig.original_stained else 'not stained'}: score "
         f"{trig.original_signature_score:.4g}</td></tr>",
-        *(f"<tr><th>{_e(c['name'])} check</th><td class='small'>"
-          f"{'pass' if c['passed'] else ('n/a' if not c['available'] else 'fail')} — {_e(c['detail'])}</td></tr>"
+        *(f"<tr><th>{escape(c['name'])} check</th><td class='small'>"
+          f"{'pass' if c['passed'] else ('n/a' if not c['available'] else 'fail')} — {escape(c['detail'])}</td></tr>"
           for c in trig.checks),
         "</table>",
         "<p class='small'>S is computed from the host layer's input φ. Both stain modes leave the layers before the "
         "host unchanged, so the original model gives the same S on the trigger; what it lacks is a neuron that "
         "reads S, and the route to the output.</p>",
     ]
-    if res.notes:
-        parts.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(n)}</li>" for n in res.notes) + "</ul>")
-    t = ", ".join(f"{k} {v:.1f} s" for k, v in res.timings.items())
-    parts.append(f"<p class='small'>Time: {_e(t)}.</p></body></html>")
-    return "\n".join(p for p in parts if p)

@@ -1,0 +1,181 @@
+"""The first and last stages of every stain: ``prepare`` (check the paths, load the model once, its
+preprocessing, the classifier-or-dense dispatch and the host layer, the seed) and ``write`` (the
+model, the key and its public record as one unit), with the calibration pass and the key sections
+the classifier and the dense stain share.
+
+A :class:`StainJob` carries what the middle stages (calibrate → search → edit → check) read: the
+loaded model, its graph view, the head (classifier or detector) or dense output, the host layer,
+the options, the seeded generator, the notes and the stopwatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ._onnx import head as head_mod
+from ._onnx.dense import DenseOutput, find_dense_output
+from ._onnx.graph import GraphView
+from ._onnx.hosts import HostLayer, find_hosts
+from ._onnx.inputs import infer_preprocessing
+from ._onnx.io import LoadedModel, load_model
+from .calibration import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
+from .errors import UnsupportedModelError
+from .features import neuron_inputs
+from .keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
+from .math import detector
+from .outputs import Artefacts, job_plan, write_unit
+from .preprocess import Preprocessing
+from .progress import Progress, Silent
+from .runtime import run_batches, session, with_outputs
+from .sanity import refuse_nonfinite
+from .stain_hosts import check_quantized_weights, choose_dense_host, choose_host, refuse_dense_mode
+from .stain_result import StainOptions
+from .stopwatch import Stopwatch
+
+
+@dataclasses.dataclass
+class StainJob:
+    """One stain, prepared: everything the later stages read, nothing they compute."""
+
+    loaded: LoadedModel
+    opts: StainOptions
+    pre: Preprocessing
+    view: GraphView
+    hosts: list[HostLayer]
+    host: HostLayer
+    head: head_mod.Head | None  # a classifier or detector head ...
+    dense: DenseOutput | None  # ... or a dense output (exactly one of them)
+    route: Any  # the in-place route from the host to the head (classifier stains in place), else None
+    seed: int
+    rng: np.random.Generator
+    output: Path
+    key_path: Path
+    record: Path
+    artefacts: Artefacts | None
+    progress: Progress
+    notes: list[str]
+    clock: Stopwatch
+
+
+def draw_seed(seed: int | None) -> int:
+    """The job's seed: the one asked for, else 63 bits of fresh entropy (written into the key)."""
+    return seed if seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+
+
+def prepare(model: str | Path, output: str | Path, key_path: str | Path, options: StainOptions | None = None,
+            preprocessing: Preprocessing | None = None, progress: Progress | None = None,
+            record_path: str | Path | None = None, artefacts: Artefacts | None = None) -> StainJob:
+    """Check every path, load and check the model once, resolve its preprocessing, find its head (or
+    dense output) and host layer, refuse what cannot work, and draw the seed."""
+    clock = Stopwatch()
+    opts = options or StainOptions()
+    out_path, key_path = Path(output), Path(key_path)
+    record = Path(record_path) if record_path else public_record_path(key_path)
+    job_plan(model, out_path, key_path, record).check()
+    loaded = load_model(model)
+    opts.check()
+    pre, notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    refuse_nonfinite(loaded, pre, opts.providers)
+    view = GraphView(loaded.model, pre.input_shape())
+    head = head_mod.find_scores_head(view)
+    dense = find_dense_output(view) if head is None else None
+    if head is None and dense is None:
+        raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
+                                    "head (per-anchor class scores beside per-anchor boxes), which the black-box "
+                                    f"signature needs: {head_mod.missing_head_reason(view)}")
+    if dense is not None:
+        refuse_dense_mode(opts)
+    hosts = find_hosts(loaded.model, view)
+    host, route = _host(hosts, view, head, opts)
+    seed = draw_seed(opts.seed)
+    return StainJob(loaded=loaded, opts=opts, pre=pre, view=view, hosts=hosts, host=host, head=head, dense=dense,
+                    route=route, seed=seed, rng=np.random.default_rng(seed), output=out_path, key_path=key_path,
+                    record=record, artefacts=artefacts, progress=progress or Silent(), notes=list(notes),
+                    clock=clock)
+
+
+def _host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head | None,
+          opts: StainOptions) -> tuple[HostLayer, Any]:
+    """The host layer (and, in place, its route to the head), refused before any work if out of reach."""
+    if head is None:
+        host = choose_dense_host(hosts, opts.layer)
+        refuse_underflowing_target(opts.fpr, host, opts.max_draws)
+        return host, None
+    host = choose_host(hosts, view, head, opts.mode, opts.layer)
+    refuse_underflowing_target(opts.fpr, host, opts.max_draws)
+    if opts.mode != "inplace":
+        return host, None
+    check_quantized_weights(view, host, head, opts.variant)
+    return host, head_mod.direct_route(view, host, head)[0]
+
+
+# -- calibration -----------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class CalibrationPass:
+    """One onnxruntime pass over the calibration images with feature taps."""
+
+    pixels: np.ndarray  # uint8 [N, H, W, 3]
+    inputs: np.ndarray  # the model's inputs for them
+    outputs: dict[str, np.ndarray]  # the tapped tensors, the host's input excepted (it is ``phi``)
+    phi: np.ndarray  # the host's neuron inputs [N, P, m]
+    stats: detector.FeatureStats
+    radius: float  # R, the calibrated radius the ball bound assumes
+    tapped: onnx.ModelProto  # the model with the taps as outputs
+    session: Any | None  # an onnxruntime session of ``tapped`` (None once released)
+
+
+def calibration_pass(job: StainJob, images: Any, taps: list[str]) -> CalibrationPass:
+    """Run the calibration images (``images``, else the built-in calibration photos) with ``taps``
+    (the host's input first) and measure the centre and radius of the host's natural features."""
+    pixels = calibration_pixels(images, job.pre, job.progress)
+    x_cal = job.pre.to_input(pixels)
+    tapped = with_outputs(job.loaded.model, taps)
+    sess = session(tapped, job.opts.providers)
+    with job.progress.task("calibration pass", total=len(x_cal)) as task:
+        outputs = run_batches(sess, x_cal, taps, batch=job.opts.batch, progress=task.advance)
+    phi = neuron_inputs(job.host, outputs.pop(job.host.input))
+    stats = detector.FeatureStats.from_features(phi)
+    return CalibrationPass(pixels=pixels, inputs=x_cal, outputs=outputs, phi=phi, stats=stats,
+                           radius=RADIUS_MARGIN * stats.max_radius, tapped=tapped, session=sess)
+
+
+# -- the key and the write -------------------------------------------------------------------------------
+def host_fields(host: HostLayer, selected: np.ndarray) -> dict[str, Any]:
+    """The key's host section fields every stain writes (the tapped output and channels vary)."""
+    return dict(name=host.name, op=host.op, input=host.input, m=host.m, positions=host.positions,
+                selected_positions=tuple(int(p) for p in selected), kernel=tuple(host.kernel),
+                strides=tuple(host.strides), pads=tuple(host.pads), dilations=tuple(host.dilations),
+                groups=host.groups, out_hw=tuple(host.out_hw) if host.out_hw else None)
+
+
+def detector_section(direction: np.ndarray, centre: np.ndarray, phi: np.ndarray, scores: np.ndarray, *,
+                     threshold: float, tau0: float, s_star: float, gain: float, delta: float, draws: int,
+                     max_draws: int, offset: float | None = None) -> DetectorSection:
+    """The key's detector: direction, centre, thresholds, and the trigger's scores and radii (``phi``)."""
+    return DetectorSection(direction=F8.of(direction), centre=F8.of(centre), threshold=threshold, tau0=tau0,
+                           s_star=s_star, gain=gain, delta=delta, offset=offset, trigger_scores=F8.of(scores),
+                           trigger_radii=F8.of(detector.radii(phi, centre)), draws=draws, max_draws=max_draws)
+
+
+def stain_key(job: StainJob, trigger: np.ndarray, **sections: Any) -> Key:
+    """A stain key: the envelope, the job's preprocessing and seed, the trigger PNG, and ``sections``."""
+    return Key(**envelope("stain"), preprocessing=job.pre, seed=job.seed,
+               trigger=TriggerSection(png=encode_png(trigger), height=job.pre.height, width=job.pre.width),
+               **sections)
+
+
+def write(job: StainJob, stained: onnx.ModelProto, key_of: Callable[[str], Key]) -> str:
+    """Stage the model, then the key ``key_of(its SHA-256)`` and the record, and commit them as one unit
+    (:mod:`onnxstain.outputs`; with ``job.artefacts`` the caller commits). Returns the model's SHA-256."""
+    with write_unit(job.artefacts) as writer:  # staged, synced; key, record, then model renamed
+        digest = writer.stage_model(stained, job.output, source=job.loaded)
+        writer.stage_key(key_of(digest), job.key_path, job.record)
+    job.clock.lap("save")
+    job.clock.total()
+    return digest
