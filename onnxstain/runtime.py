@@ -37,8 +37,9 @@ def session(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
+    ort.set_default_logger_severity(4)  # fatal only: onnxruntime's errors reach the user as exceptions
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
