@@ -55,6 +55,7 @@ REPORT_VERSION = 1
 CONFIDENCE = 0.95
 FRAGILE_MARGIN = 0.05  # an image is "fragile" when its original top-1 margin (logits) is below this
 HISTOGRAM_BINS = 100
+F32_MAX = float(np.finfo(np.float32).max)  # scores and radii are kept as float32
 _PHI_BUDGET = 8_000_000  # floats of φ per chunk (32 MB as float32)
 _MAX_CHUNK = 256
 
@@ -459,6 +460,9 @@ def evaluate(
                     raise KeyMismatchError(f"the detector's input gives {phi.shape[1]} positions; the key has "
                                            f"{positions}")
                 sc, rd = detector.scores(phi, v, c), detector.radii(phi, c)
+                if not (np.abs(sc) < F32_MAX).all() or not (rd < F32_MAX).all():  # the key's centre or direction
+                    raise KeyMismatchError("the key's detector gives scores beyond float32 on these images; the "
+                                           "key does not fit this model")
                 s_all[start:stop], r_all[start:stop] = sc, rd
                 firings += int((sc > tau).sum())
                 inside_samples += int((rd <= radius).sum())
@@ -548,7 +552,7 @@ def evaluate(
         hi_marks = [max_score, tau, *(trigger.modified_scores or [])]
         lo, hi = float(s_all.min()), max(hi_marks)
         pad = 0.02 * (hi - lo) if hi > lo else 1.0
-        counts, edges = np.histogram(s_all, bins=HISTOGRAM_BINS, range=(lo - pad, hi + pad))
+        counts, edges = np.histogram(s_all.astype(np.float64), bins=HISTOGRAM_BINS, range=(lo - pad, hi + pad))
         det_stats = DetectorStats(
             threshold=tau, positions=positions, samples=int(s_all.size), firings=firings,
             images_firing=int(img_fires.sum()), photos_firing=int(photo_fires.sum()), max_score=max_score,

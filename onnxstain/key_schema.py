@@ -524,5 +524,18 @@ class KeyBody(Record):
             fail("signature.original", f"has {sig.original.shape[0]} values; the model has {classes} scores")
         if sig.kind == "pattern" and self.model.dense_shape is None:
             fail("model.dense_shape", "is missing (a pattern signature needs the output map's shape)")
+        pre, host = self.preprocessing, self.host
+        for i, t in enumerate(sig.triggers or ()):  # each trigger of a multi-class signature, as the first
+            where = f"signature.triggers[{i}]"
+            if t.cls >= classes:
+                fail(f"{where}.class", f"is {t.cls}; the model has {classes} scores")
+            if t.direction.shape[0] != host.m:
+                fail(f"{where}.direction", f"has {t.direction.shape[0]} values; the host's detector reads "
+                                           f"m = {host.m}")
+            for name in ("trigger_scores", "trigger_radii"):
+                n = getattr(t, name).shape[0]
+                if n != host.positions:
+                    fail(f"{where}.{name}", f"has {n} values; the host has {host.positions} positions")
+            decode_png(t.png, f"{where}.png", (pre.height, pre.width))
 
 

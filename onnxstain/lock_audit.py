@@ -34,7 +34,7 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadInputError
+from .errors import BadInputError, KeyMismatchError
 from .evaluate import CONFIDENCE, ImageSetInfo, _clopper_statement, _images, _json_safe, _scores_output
 from .features import neuron_inputs
 from .keys import Key
@@ -277,6 +277,9 @@ def audit_lock(
         if dense:
             return pearson(pred, ref)
         if layout is not None:
+            if ref[0].size != layout[0] * layout[1]:
+                raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
+                                       f"{list(layout)} needs {layout[0] * layout[1]}")
             return per_image_anchor_map(ref.reshape(-1, *layout), pred.reshape(-1, *layout))
         return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
 

@@ -41,7 +41,7 @@ from ._onnx.hosts import HostLayer
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import load_model
 from .calibration import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
-from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
+from .errors import BadInputError, BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -401,6 +401,8 @@ def lock(
     if plan is not None:
         orig_sess = session(with_outputs(loaded.model, [head.scores]), opts.providers)
         want[n:] = run_batches(orig_sess, x_ref[n:], [head.scores])[head.scores]
+    if not np.isfinite(want).all():
+        raise BadModelError("the model gives NaN or infinite scores on the reference images")
     got = run_batches(locked_sess, x_ref, [head.scores])[head.scores]
     unlock_error = float(np.abs(want[:n] - got[:n]).max())
     if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):

@@ -115,7 +115,7 @@ def build_base(folder: Path) -> dict[str, Any]:
 
 
 # -- mutations of model bytes ------------------------------------------------------------------------------
-_ELEM_TYPES = list(range(0, 26)) + [-1, 99, 2**31 - 1]
+_ELEM_TYPES = [*list(range(0, 26)), -1, 99, 2 ** 31 - 1]
 _HUGE_DIMS = [0, -1, 1, 2, 3, 7, 1000, 2**31 - 1, 2**32, 2**40, 2**62, -(2**62)]
 
 
@@ -156,7 +156,7 @@ def _insert_delete(rng: random.Random, data: bytes) -> tuple[bytes, str]:
     return data[:i] + data[j : j + n] + data[i:], f"insert copy of {n} at {i}"
 
 
-def _proto_edit(rng: random.Random, model: Any, other: Any) -> str:  # noqa: C901 -- one table of edits
+def _proto_edit(rng: random.Random, model: Any, other: Any) -> str:
     import onnx
     from onnx import helper
 
@@ -171,7 +171,7 @@ def _proto_edit(rng: random.Random, model: Any, other: Any) -> str:  # noqa: C90
     if choice == 1 and t is not None:
         if t.dims and rng.random() < 0.7:
             k = rng.randrange(len(t.dims))
-            t.dims[k] = rng.choice(_HUGE_DIMS + [t.dims[k] + 1, max(t.dims[k] - 1, 0)])
+            t.dims[k] = rng.choice([*_HUGE_DIMS, t.dims[k] + 1, max(t.dims[k] - 1, 0)])
             return f"initializer {t.name} dims[{k}]={t.dims[k]}"
         if t.dims and rng.random() < 0.5:
             del t.dims[rng.randrange(len(t.dims))]
@@ -279,7 +279,7 @@ def _proto_edit(rng: random.Random, model: Any, other: Any) -> str:  # noqa: C90
             if rng.random() < 0.3:
                 dims[k].dim_param = rng.choice(["h", "", "batch"])
             else:
-                dims[k].dim_value = rng.choice(_HUGE_DIMS + [4, 16, 64])
+                dims[k].dim_value = rng.choice([*_HUGE_DIMS, 4, 16, 64])
             return f"input dim[{k}] := {dims[k]}".replace("\n", " ")
         return "input without shape"
     if choice == 14 and g.input:
@@ -350,7 +350,7 @@ def mutate_model(rng: random.Random, data: bytes, other: bytes) -> tuple[bytes, 
         try:
             steps = [_proto_edit(rng, model, oth) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
             return model.SerializeToString(), steps
-        except Exception as exc:  # noqa: BLE001 -- an edit protobuf itself refuses: fall back to bytes
+        except Exception as exc:
             steps = [f"proto edit refused by protobuf ({type(exc).__name__})"]
     else:
         steps = []
@@ -365,7 +365,7 @@ def mutate_model(rng: random.Random, data: bytes, other: bytes) -> tuple[bytes, 
         data, what = _splice(rng, data, other)
     else:
         data, what = _insert_delete(rng, data)
-    return data, steps + [what]
+    return data, [*steps, what]
 
 
 # -- mutations of JSON (keys and preprocessing files) ------------------------------------------------------
@@ -373,10 +373,10 @@ def _paths(obj: Any, prefix: tuple = ()) -> list[tuple]:
     out = [prefix]
     if isinstance(obj, dict):
         for k, v in obj.items():
-            out += _paths(v, prefix + (k,))
+            out += _paths(v, (*prefix, k))
     elif isinstance(obj, list):
         for i, v in enumerate(obj):
-            out += _paths(v, prefix + (i,))
+            out += _paths(v, (*prefix, i))
     return out
 
 
@@ -430,7 +430,7 @@ def _png_variants(rng: random.Random, value: str) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _odd_value(rng: random.Random, value: Any) -> Any:  # noqa: C901 -- one table of values
+def _odd_value(rng: random.Random, value: Any) -> Any:
     r = rng.randrange(16)
     if r == 0:
         return None
@@ -605,7 +605,7 @@ def make_case(seed: int, kind: str, index: int, manifest: dict, base: Path, heav
             else:
                 cmds.append((["lock", "{d}/x.onnx", "-o", "{d}/o.onnx", "--key", "{d}/o.key", "--images", imgs,
                               "--fpr", "1e-3", "--seed", "1", "--occlusion-steps", "0", "--quiet"], out, heavy_limit))
-        return Case(cid, files, cmds, [f"{e[which]}"] + steps)
+        return Case(cid, files, cmds, [f"{e[which]}", *steps])
     if kind == "key":
         e = _entry(manifest, rng)
         body = json.loads((base / e["key"]).read_text())
@@ -626,7 +626,7 @@ def make_case(seed: int, kind: str, index: int, manifest: dict, base: Path, heav
             cmds.append((["evaluate", "{b}/" + e["source"], "{b}/" + e["output"], "--key", "{d}/x.key", "--images",
                           f"{{b}}/imgs{e['size']}", "--views", "1", "--quiet", "--json", "{d}/r.json"],
                          ["{d}/r.json"], limit))
-        return Case(cid, files, cmds, [e["key"]] + steps)
+        return Case(cid, files, cmds, [e["key"], *steps])
     if kind == "pre":
         e = rng.choice([x for x in manifest["entries"] if x["name"] in ("lock_gate", "mlp_stain")])
         body = json.loads((base / e["sidecar"]).read_text())
@@ -636,14 +636,14 @@ def make_case(seed: int, kind: str, index: int, manifest: dict, base: Path, heav
         if e["job"] == "lock":
             cmd = ["lock", "{b}/" + e["source"], "-o", "{d}/o.onnx", "--key", "{d}/o.key", "--images", imgs,
                    "--fpr", "1e-3", "--seed", "1", "--occlusion-steps", "0", "--quiet", "--preprocessing", "{d}/p.json"]
-            return Case(cid, {"p.json": mutated}, [(cmd, out, heavy_limit)], [e["sidecar"]] + steps)
+            return Case(cid, {"p.json": mutated}, [(cmd, out, heavy_limit)], [e["sidecar"], *steps])
         # the MLP's stain reads the mutated file as its sidecar; a full stain only every heavy-every-th case
         cmds = [(["verify", "{d}/x.onnx", "--key", "{d}/k.key"], [], limit)]
         if heavy:
             cmds.append((["stain", "{d}/x.onnx", "-o", "{d}/o.onnx", "--key", "{d}/o.key", "--images", imgs, "--fpr",
                           "0.05", "--seed", "1", "--mode", "insert", "--quiet"], out, heavy_limit))
         return Case(cid, {"x.onnx": e["output"], "x.preprocessing.json": mutated, "k.key": e["key"]}, cmds,
-                    [e["sidecar"]] + steps)
+                    [e["sidecar"], *steps])
     raise ValueError(kind)
 
 
@@ -662,7 +662,7 @@ def worker_main() -> None:
     sys.stdout = sys.stderr  # nothing but replies on the pipe
     for line in sys.stdin:
         req = json.loads(line)
-        err_fd = tempfile.TemporaryFile()
+        err_fd = tempfile.TemporaryFile()  # noqa: SIM115 -- fd 2 points at it while the command runs
         saved = os.dup(2)
         os.dup2(err_fd.fileno(), 2)
         t0 = time.time()
@@ -672,7 +672,7 @@ def worker_main() -> None:
             if res.exception is not None and not isinstance(res.exception, SystemExit):
                 tb = "".join(traceback.format_exception(*res.exc_info))
             code, stderr = res.exit_code, res.stderr
-        except BaseException as exc:  # noqa: BLE001 -- the runner itself failed: report, keep going
+        except BaseException as exc:
             code, stderr, tb = -1, "", "".join(traceback.format_exception(exc))
         finally:
             sys.stderr.flush()
