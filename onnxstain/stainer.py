@@ -49,7 +49,7 @@ from .calibration import (
     refuse_underflowing_target,
     selected_positions,
 )
-from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
+from .errors import BadInputError, BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -265,6 +265,8 @@ def stain(
     group = 0
     stats = detector.FeatureStats.from_features(phi_all)
     radius = RADIUS_MARGIN * stats.max_radius
+    if not np.isfinite(radius):
+        raise BadModelError(f"layer {host.name}'s inputs are not finite on the calibration images")
     positions = host.positions
     target_chance = chance.chance_target(opts.fpr, opts.chance)
     n_trig = trigger_count(opts, head, score_view, target_chance)

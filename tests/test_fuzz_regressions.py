@@ -22,7 +22,7 @@ import onnx
 import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
-from tinymodels import smooth_images, tiny_cnn, tiny_lockable, tiny_mlp, write_images
+from tinymodels import smooth_images, tiny_classifier, tiny_cnn, tiny_lockable, tiny_mlp, write_images
 
 import onnxstain
 from onnxstain import Preprocessing, StainOptions
@@ -224,3 +224,27 @@ def test_model_run_error_is_one_line_without_onnxruntime_log(stained, tmp_path, 
     _init(m, "b2").CopyFrom(numpy_helper.from_array(np.zeros(5, np.float32), "b2"))
     p = _save(m, tmp_path, "x.onnx", 8)
     _refused_by(["verify", str(p), "--key", str(stained / "s.key")], tmp_path, capfd, "onnxruntime")
+
+
+def test_model_conv_group_zero(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv2")
+    conv.attribute.extend([onnx.helper.make_attribute("group", 0)])  # was ZeroDivisionError in HostLayer.m
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code == 0, err
+
+
+def test_stain_refuses_host_inputs_that_overflow(tmp_path, capfd):
+    """Eight 0x7f bytes in conv2's weights: finite outputs on a grey image (the Clip), infinite host inputs on
+    the calibration images (the bound's radius was inf: a ValueError from the bound)."""
+    data = bytearray(tiny_classifier().SerializeToString())
+    data[14486:14494] = b"\x7f" * 8
+    p = tmp_path / "x.onnx"
+    p.write_bytes(bytes(data))
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "x.preprocessing.json")
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(6, size=32, seed=5))
+    _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
+                 "--quiet"], tmp_path, capfd, "inputs are not finite on the calibration images")

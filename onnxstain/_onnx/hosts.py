@@ -401,6 +401,8 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
         return None
     cout, cin_g, kh, kw = w
     group = int(view.attr(node, "group", 1))
+    if group < 1:  # an invalid Conv (onnxruntime refuses it): not a host
+        return None
     strides = tuple(view.attr(node, "strides", [1, 1]))
     dil = tuple(view.attr(node, "dilations", [1, 1]))
     pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
