@@ -49,6 +49,7 @@ import random
 import re
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -851,6 +852,9 @@ def fuzz(args: argparse.Namespace) -> int:
     tally = Tally()
     lock = threading.Lock()
     todo = iter(plan)
+    stop = threading.Event()  # SIGTERM / Ctrl-C: finish the cases in flight, write the report, stop
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
     t0 = time.time()
     done = [0]
 
@@ -871,7 +875,7 @@ def fuzz(args: argparse.Namespace) -> int:
             while True:
                 with lock:
                     item = next(todo, None)
-                if item is None or (args.max_seconds and time.time() - t0 > args.max_seconds):
+                if item is None or stop.is_set() or (args.max_seconds and time.time() - t0 > args.max_seconds):
                     return
                 kind, index = item
                 case = make_case(args.seed, kind, index, manifest, base, args.heavy_every, args.limit,
