@@ -29,9 +29,9 @@ from ._onnx.hosts import GELU_ZERO, MIN_DIMENSION, HostLayer, find_hosts
 from ._onnx.io import LoadedModel
 from .calibration import (
     ACCEPT_FACTOR,
-    RADIUS_MARGIN,
     SEARCH_FACTOR,
     calibration_pixels,
+    natural_radius,
     refuse_underflowing_target,
     selected_positions,
 )
@@ -162,7 +162,7 @@ def stain_dense(loaded: LoadedModel, dense: DenseOutput, out_path: Path, key_pat
     del cal
     dense = dataclasses.replace(dense, shape=tuple(int(d) for d in nat_out.shape[1:]))
     stats = detector.FeatureStats.from_features(phi_all)
-    radius = RADIUS_MARGIN * stats.max_radius
+    radius = natural_radius(stats.max_radius, host)
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws)
     sel = selected_dense_positions(host)
     timings["calibration"] = time.perf_counter() - t1

@@ -42,14 +42,14 @@ from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import load_model
 from .calibration import (
     ACCEPT_FACTOR,
-    RADIUS_MARGIN,
     SEARCH_FACTOR,
     calibration_pixels,
     margin_ratio,
+    natural_radius,
     refuse_underflowing_target,
     selected_positions,
 )
-from .errors import BadInputError, BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
+from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -264,9 +264,7 @@ def stain(
     phi_all = neuron_inputs(host, cal[host.input])  # group 0 for now
     group = 0
     stats = detector.FeatureStats.from_features(phi_all)
-    radius = RADIUS_MARGIN * stats.max_radius
-    if not np.isfinite(radius):
-        raise BadModelError(f"layer {host.name}'s inputs are not finite on the calibration images")
+    radius = natural_radius(stats.max_radius, host)
     positions = host.positions
     target_chance = chance.chance_target(opts.fpr, opts.chance)
     n_trig = trigger_count(opts, head, score_view, target_chance)

@@ -710,19 +710,31 @@ class Worker:
         except BrokenPipeError:
             self.stop()
             return dict(exit=None, crashed=True, secs=0.0)
-        ready, _, _ = select.select([self.proc.stdout], [], [], limit + 30.0)  # +30: a fresh worker's imports
-        if not ready:
-            self.stop()
-            return dict(exit=None, hang=True, secs=time.time() - t0)
+        # A hang is a command that used `limit` seconds of CPU, or that has not answered after 10 × limit
+        # (+30 s for a fresh worker's imports): on a machine shared with others, wall time alone is no measure.
+        cpu0 = self._cpu()
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 2.0)
+            if ready:
+                break
+            waited, used = time.time() - t0, self._cpu() - cpu0
+            if used > limit + 10.0 or waited > 10 * limit + 30.0:
+                self.stop()
+                return dict(exit=None, hang=True, secs=waited, cpu=used)
         line = self.proc.stdout.readline()
         if not line:
             code = self.proc.wait()
             self.proc = None
             return dict(exit=None, crashed=True, signal=code, secs=time.time() - t0)
-        res = json.loads(line)
-        if res["secs"] > limit:
-            res["hang"] = True
-        return res
+        return json.loads(line)
+
+    def _cpu(self) -> float:
+        """CPU seconds the worker has used (all its threads), from /proc."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError, AttributeError):
+            return 0.0
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
