@@ -248,3 +248,20 @@ def test_stain_refuses_host_inputs_that_overflow(tmp_path, capfd):
     _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
                  str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
                  "--quiet"], tmp_path, capfd, "inputs are not finite on the calibration images")
+
+
+def test_dense_stain_refuses_a_host_whose_inputs_never_vary(tmp_path, capfd):
+    """Two bytes of the tiny ViT's weights set to 0xe8 (-4.7e24 floats): the host's inputs saturate to the same
+    values on every calibration image, radius 0 (was ZeroDivisionError in the dense stain)."""
+    from tiny_vit import tiny_vit
+
+    data = bytearray(tiny_vit(dim=64).SerializeToString())
+    data[296985:296987] = b"\xe8" * 2
+    p = tmp_path / "x.onnx"
+    p.write_bytes(bytes(data))
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "x.preprocessing.json")
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(6, size=32, seed=5))
+    _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
+                 "--quiet"], tmp_path, capfd, "are the same on every calibration image (radius 0)")
