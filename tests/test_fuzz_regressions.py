@@ -265,3 +265,12 @@ def test_dense_stain_refuses_a_host_whose_inputs_never_vary(tmp_path, capfd):
     _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
                  str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
                  "--quiet"], tmp_path, capfd, "are the same on every calibration image (radius 0)")
+
+
+def test_model_conv_pads_of_the_wrong_length(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv1")
+    next(a for a in conv.attribute if a.name == "pads").ints[:] = [1, 1]  # was IndexError in the host scan
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code in (0, 2), err

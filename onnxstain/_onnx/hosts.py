@@ -401,11 +401,11 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
         return None
     cout, cin_g, kh, kw = w
     group = int(view.attr(node, "group", 1))
-    if group < 1:  # an invalid Conv (onnxruntime refuses it): not a host
-        return None
     strides = tuple(view.attr(node, "strides", [1, 1]))
     dil = tuple(view.attr(node, "dilations", [1, 1]))
     pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
+    if group < 1 or (len(strides), len(dil), len(pads)) != (2, 2, 4):  # an invalid 2-D Conv: not a host
+        return None
     in_shape = shapes.get(node.input[0])
     out_shape = shapes.get(node.output[0])
     in_hw = _hw(in_shape)
