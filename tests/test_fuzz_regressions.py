@@ -274,3 +274,10 @@ def test_model_conv_pads_of_the_wrong_length(tmp_path, capfd):
     p = _save(m, tmp_path, "x.onnx", 16)
     code, err = _cli(["inspect", str(p)], tmp_path, capfd)
     assert code in (0, 2), err
+
+
+def test_key_pattern_signature_needs_a_three_axis_map():
+    body = _fixture("dense_stain")
+    body["model"]["dense_shape"] = body["model"]["dense_shape"][1:]  # was ValueError unpacking in dense_pattern
+    _refused(body, r"model\.dense_shape has 2 values")
+
