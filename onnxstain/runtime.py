@@ -100,4 +100,8 @@ def run_batches(
             parts[o].append(r)
         if progress is not None:
             progress(len(chunk))
-    return {o: np.concatenate(v) if v else np.empty((0,)) for o, v in parts.items()}
+    try:
+        return {o: np.concatenate(v) if v else np.empty((0,)) for o, v in parts.items()}
+    except ValueError:  # rank 0, or another shape per batch: not one row per image
+        shapes = {o: sorted({tuple(r.shape) for r in v}) for o, v in parts.items()}
+        raise BadModelError(f"the model's outputs do not have one row per image (shapes per batch: {shapes})") from None
