@@ -49,7 +49,7 @@ from .calibration import (
     refuse_underflowing_target,
     selected_positions,
 )
-from .errors import BadInputError, InternalError, UnreachableBoundError, UnsupportedModelError
+from .errors import BadInputError, BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .features import neuron_inputs
 from .keys import (
     F8,
@@ -425,6 +425,8 @@ def stain(
         per = []
         for t, (f, c_t) in enumerate(zip(finds, classes, strict=True)):
             m_t = float(class_margin(trig_got[t], c_t))
+            if not np.isfinite(m_t):
+                raise BadModelError(f"the stained model's scores on the trigger are not finite (margin {m_t})")
             if m_t < 0.5 * margin_target:
                 which = f"trigger {t + 1}'s" if n_trig > 1 else "the trigger's"
                 raise InternalError(f"internal check failed: {which} signature margin is {m_t:.3g}")
