@@ -278,7 +278,7 @@ class SignatureTrigger(Record):
     cls: int = spec(Int(lo=0), name="class")
     allowed: int = spec(Int(lo=1))  # size of the set the class was drawn from
     expected_margin: float = spec(Num())
-    threshold: float = spec(Num())
+    threshold: float = spec(Num(positive=True))  # verify divides each trigger's margin by it
     original_margin: float = spec(Num())
     png: str = spec(Str())
     direction: F8 = spec(Array(ndim=1))

@@ -97,6 +97,7 @@ def multi(tmp_path_factory) -> dict[str, Any]:
     ("direction", lambda t: {"shape": [3], "f8": _f8(np.ones(3) / np.sqrt(3))}, r"triggers\[1\]\.direction has 3"),
     ("trigger_radii", lambda t: {"shape": [2], "f8": _f8(np.ones(2))}, r"triggers\[1\]\.trigger_radii has 2"),
     ("trigger_scores", lambda t: {"shape": [5], "f8": _f8(np.ones(5))}, r"triggers\[1\]\.trigger_scores has 5"),
+    ("threshold", lambda t: 0, r"triggers\[1\]\.threshold is 0, not positive"),  # was ZeroDivisionError
 ])
 def test_key_multi_trigger_fields_checked_like_the_first(multi, field, value, phrase):
     body = copy.deepcopy(multi)
