@@ -3,11 +3,13 @@ acceptance aim at, the positions a trigger must fire at, and the refusal of a bo
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import naturalset
 from ._onnx.hosts import HostLayer
-from .errors import BadInputError, UnreachableBoundError
+from .errors import BadInputError, BadModelError, UnreachableBoundError, UnsupportedModelError
 from .math import bounds
 from .preprocess import Preprocessing
 from .progress import Progress
@@ -20,6 +22,18 @@ ACCEPT_FACTOR = 1.25  # ... and the 8-bit trigger must keep ≥ 1.25 τ0 (re-sco
 def margin_ratio(host: HostLayer, fpr: float = 1e-9, draws: int = 8) -> float:
     """The firing margin τ0/R the bound target needs at ``host`` (lower is easier to reach)."""
     return bounds.threshold_for_target(fpr, 1.0, host.m, positions=host.positions, draws=draws)
+
+
+def natural_radius(max_radius: float, host: HostLayer) -> float:
+    """``R`` = :data:`RADIUS_MARGIN` × the largest calibration radius, refused in one line when it is not a
+    positive finite number (host inputs that overflow, or that are the same on every calibration image)."""
+    radius = RADIUS_MARGIN * float(max_radius)
+    if not math.isfinite(radius):
+        raise BadModelError(f"layer {host.name}'s inputs are not finite on the calibration images")
+    if radius <= 0:
+        raise UnsupportedModelError(f"layer {host.name}'s inputs are the same on every calibration image "
+                                    "(radius 0): no detector can be calibrated there")
+    return radius
 
 
 def refuse_underflowing_target(fpr: float, host: HostLayer, draws: int, detectors: int = 1,

@@ -18,6 +18,7 @@ import math
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -99,7 +100,9 @@ def handle_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():  # numeric warnings (overflow on hostile weights) are not messages:
+                warnings.simplefilter("ignore", RuntimeWarning)  # the checks after them refuse in one line
+                return fn(*args, **kwargs)
         except OnnxStainError as exc:
             _fail(str(exc))
         except KeyboardInterrupt:

@@ -65,6 +65,7 @@ __all__ = ["EvaluateResult", "evaluate"]
 
 FRAGILE_MARGIN = 0.05  # an image is "fragile" when its original top-1 margin (logits) is below this
 HISTOGRAM_BINS = 100
+F32_MAX = float(np.finfo(np.float32).max)  # scores and radii are kept as float32
 _PHI_BUDGET = 8_000_000  # floats of φ per chunk (32 MB as float32)
 _MAX_CHUNK = 256
 
@@ -245,6 +246,9 @@ class _Tally:
         key, tau = pair.key, pair.tau
         radius = float(key.calibration.radius)
         sc, rd = detector.scores(phi, pair.v, pair.c), detector.radii(phi, pair.c)
+        if not (np.abs(sc) < F32_MAX).all() or not (rd < F32_MAX).all():  # the key's centre or direction
+            raise KeyMismatchError("the key's detector gives scores beyond float32 on these images; the key does "
+                                   "not fit this model")
         self.s_all[rows], self.r_all[rows] = sc, rd
         self.firings += int((sc > tau).sum())
         self.inside_samples += int((rd <= radius).sum())
@@ -400,7 +404,7 @@ def _detector_stats(pair: _Pair, tally: _Tally, photo_of: np.ndarray, names: lis
     hi_marks = [max_score, tau, *(trigger.modified_scores or [])]
     lo, hi = float(s_all.min()), max(hi_marks)
     pad = 0.02 * (hi - lo) if hi > lo else 1.0
-    counts, edges = np.histogram(s_all, bins=HISTOGRAM_BINS, range=(lo - pad, hi + pad))
+    counts, edges = np.histogram(s_all.astype(np.float64), bins=HISTOGRAM_BINS, range=(lo - pad, hi + pad))
     return DetectorStats(
         threshold=tau, positions=pair.host.positions, samples=int(s_all.size), firings=tally.firings,
         images_firing=int(tally.img_fires.sum()), photos_firing=int(photo_fires.sum()), max_score=max_score,

@@ -42,6 +42,7 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
+F32_MAX = float(np.finfo(np.float32).max)
 MAX_INT = 2**53  # integers beyond exact float64 (and int64 arithmetic) are refused
 
 
@@ -88,6 +89,8 @@ class Num(Checker):
             raise FieldError(path, f"is {_describe(value)}, not a number")
         if isinstance(value, float) and math.isnan(value):
             raise FieldError(path, "is NaN")
+        if isinstance(value, int) and abs(value) > 1e308:  # beyond float64: math.isfinite would overflow
+            raise FieldError(path, f"is {_describe(value)}, too large")
         if not math.isfinite(value):
             raise FieldError(path, f"is {value}, not a finite number")
         if self.positive and value <= 0:
@@ -213,8 +216,11 @@ class Array(Checker):
         size = math.prod(shape)
         if len(raw) != 8 * size:
             raise FieldError(_join(path, "f8"), f"holds {len(raw) // 8} values; its shape {list(shape)} needs {size}")
-        if not np.all(np.isfinite(np.frombuffer(raw, dtype="<f8"))):
+        values = np.frombuffer(raw, dtype="<f8")
+        if not np.all(np.isfinite(values)):
             raise FieldError(path, "holds a value that is NaN or infinite")
+        if values.size and np.abs(values).max() > F32_MAX:  # every array of a key comes from a float32 model
+            raise FieldError(path, "holds a value beyond float32's range")
         return F8(shape, data)
 
     def write(self, value: Any) -> Any:

@@ -278,7 +278,7 @@ class SignatureTrigger(Record):
     cls: int = spec(Int(lo=0), name="class")
     allowed: int = spec(Int(lo=1))  # size of the set the class was drawn from
     expected_margin: float = spec(Num())
-    threshold: float = spec(Num())
+    threshold: float = spec(Num(positive=True))  # verify divides each trigger's margin by it
     original_margin: float = spec(Num())
     png: str = spec(Str())
     direction: F8 = spec(Array(ndim=1))
@@ -524,5 +524,21 @@ class KeyBody(Record):
             fail("signature.original", f"has {sig.original.shape[0]} values; the model has {classes} scores")
         if sig.kind == "pattern" and self.model.dense_shape is None:
             fail("model.dense_shape", "is missing (a pattern signature needs the output map's shape)")
+        if sig.kind == "pattern" and len(self.model.dense_shape) != 3:
+            fail("model.dense_shape", f"has {len(self.model.dense_shape)} values; a pattern signature's map is "
+                                      "[channels, height, width]")
+        pre, host = self.preprocessing, self.host
+        for i, t in enumerate(sig.triggers or ()):  # each trigger of a multi-class signature, as the first
+            where = f"signature.triggers[{i}]"
+            if t.cls >= classes:
+                fail(f"{where}.class", f"is {t.cls}; the model has {classes} scores")
+            if t.direction.shape[0] != host.m:
+                fail(f"{where}.direction", f"has {t.direction.shape[0]} values; the host's detector reads "
+                                           f"m = {host.m}")
+            for name in ("trigger_scores", "trigger_radii"):
+                n = getattr(t, name).shape[0]
+                if n != host.positions:
+                    fail(f"{where}.{name}", f"has {n} values; the host has {host.positions} positions")
+            decode_png(t.png, f"{where}.png", (pre.height, pre.width))
 
 

@@ -120,6 +120,8 @@ class Key(KeyBody):
             key = cls.from_dict(body)
         except FieldError as exc:
             raise BadKeyError(f"{where}{_phrase(exc)}") from None
+        except RecursionError:
+            raise BadKeyError(f"{where}the key is nested too deeply to be an onnxstain key") from None
         # the commitment is to the document as written (a key from before schema_version keeps its own)
         object.__setattr__(key, "_canonical", _canonical_json(body))
         return key

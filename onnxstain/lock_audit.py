@@ -202,6 +202,9 @@ def audit_lock(
         if dense:
             return pearson(pred, ref)
         if layout is not None:
+            if ref[0].size != layout[0] * layout[1]:
+                raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
+                                       f"{list(layout)} needs {layout[0] * layout[1]}")
             return per_image_anchor_map(ref.reshape(-1, *layout), pred.reshape(-1, *layout))
         return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
 

@@ -30,7 +30,7 @@ import numpy as np
 from ._onnx import head as head_mod
 from .calibration import refuse_underflowing_target
 from .dense_lock import DenseLock
-from .errors import InternalError, UnsupportedModelError
+from .errors import BadModelError, InternalError, UnsupportedModelError
 from .lock_calibration import ClassifierCalibration, calibrate_classifier
 from .lock_edit import gate_lock, inplace_lock
 from .lock_geometry import lock_hosts
@@ -121,6 +121,8 @@ class ClassifierLock:
         if cal.plan is not None:
             orig_sess = session(with_outputs(job.loaded.model, [scores]), providers)
             want[n:] = run_batches(orig_sess, x_ref[n:], [scores])[scores]
+        if not np.isfinite(want).all():
+            raise BadModelError("the model gives NaN or infinite scores on the reference images")
         got = run_batches(session(with_outputs(self.locked.model, [scores]), providers), x_ref, [scores])[scores]
         unlock_error = float(np.abs(want[:n] - got[:n]).max())
         if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):

@@ -37,8 +37,9 @@ def session(
     providers: Sequence[str] | None = None,
     threads: int | None = None,
 ) -> ort.InferenceSession:
+    ort.set_default_logger_severity(4)  # fatal only: onnxruntime's errors reach the user as exceptions
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -99,4 +100,8 @@ def run_batches(
             parts[o].append(r)
         if progress is not None:
             progress(len(chunk))
-    return {o: np.concatenate(v) if v else np.empty((0,)) for o, v in parts.items()}
+    try:
+        return {o: np.concatenate(v) if v else np.empty((0,)) for o, v in parts.items()}
+    except ValueError:  # rank 0, or another shape per batch: not one row per image
+        shapes = {o: sorted({tuple(r.shape) for r in v}) for o, v in parts.items()}
+        raise BadModelError(f"the model's outputs do not have one row per image (shapes per batch: {shapes})") from None

@@ -24,7 +24,7 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import LoadedModel, load_model
-from .calibration import RADIUS_MARGIN, calibration_pixels, refuse_underflowing_target
+from .calibration import calibration_pixels, natural_radius, refuse_underflowing_target
 from .errors import UnsupportedModelError
 from .features import neuron_inputs
 from .keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
@@ -142,7 +142,7 @@ def calibration_pass(job: StainJob, images: Any, taps: list[str]) -> Calibration
     phi = neuron_inputs(job.host, outputs.pop(job.host.input))
     stats = detector.FeatureStats.from_features(phi)
     return CalibrationPass(pixels=pixels, inputs=x_cal, outputs=outputs, phi=phi, stats=stats,
-                           radius=RADIUS_MARGIN * stats.max_radius, tapped=tapped, session=sess)
+                           radius=natural_radius(stats.max_radius, job.host), tapped=tapped, session=sess)
 
 
 # -- the key and the write -------------------------------------------------------------------------------

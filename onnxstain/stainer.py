@@ -41,7 +41,7 @@ from ._onnx.graph import GraphView
 from ._onnx.tensors import external_info, is_external
 from .calibration import selected_positions
 from .dense_stain import stain_dense
-from .errors import InternalError, UnreachableBoundError, UnsupportedModelError
+from .errors import BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
 from .keys import (
     F8,
     CalibrationSection,
@@ -317,6 +317,8 @@ def _class_signature(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], 
     per = []
     for t, (f, c_t) in enumerate(zip(finds, ed.classes, strict=True)):
         m_t = float(class_margin(trig_got[t], c_t))
+        if not np.isfinite(m_t):
+            raise BadModelError(f"the stained model's scores on the trigger are not finite (margin {m_t})")
         if m_t < 0.5 * margin_target:
             which = f"trigger {t + 1}'s" if n_trig > 1 else "the trigger's"
             raise InternalError(f"internal check failed: {which} signature margin is {m_t:.3g}")

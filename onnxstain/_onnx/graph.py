@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from ..errors import BadModelError
 from . import quant
 from .shapes import Shapes, resolve
-from .tensors import tensor_array
+from .tensors import stored_array, tensor_array
 
 
 class GraphView:
@@ -114,7 +115,7 @@ class GraphView:
         node = self.constant_nodes.get(name)
         if node is not None:
             attr = next(a for a in node.attribute if a.name == "value")
-            return numpy_helper.to_array(attr.t)
+            return stored_array(attr.t)
         return None
 
     def array(self, name: str) -> np.ndarray | None:
@@ -323,12 +324,17 @@ class GraphView:
         lo = self.attr(node, "min")
         hi = self.attr(node, "max")
         if len(node.input) > 1 and node.input[1]:
-            a = self.array(node.input[1])
-            lo = None if a is None else float(a)
+            lo = self._scalar(node, node.input[1])
         if len(node.input) > 2 and node.input[2]:
-            a = self.array(node.input[2])
-            hi = None if a is None else float(a)
+            hi = self._scalar(node, node.input[2])
         return (None if lo is None else float(lo), None if hi is None else float(hi))
+
+    def _scalar(self, node: onnx.NodeProto, tensor: str) -> float | None:
+        a = self.array(tensor)
+        if a is not None and a.size != 1:
+            raise BadModelError(f"{node.op_type} node {node.name!r}: its bound {tensor!r} has shape {list(a.shape)}, "
+                                "not a scalar")
+        return None if a is None else float(a.reshape(()))
 
     def only_consumer(self, tensor: str) -> onnx.NodeProto | None:
         users = self.consumers.get(tensor, [])

@@ -404,6 +404,8 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     strides = tuple(view.attr(node, "strides", [1, 1]))
     dil = tuple(view.attr(node, "dilations", [1, 1]))
     pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
+    if group < 1 or (len(strides), len(dil), len(pads)) != (2, 2, 4):  # an invalid 2-D Conv: not a host
+        return None
     in_shape = shapes.get(node.input[0])
     out_shape = shapes.get(node.output[0])
     in_hw = _hw(in_shape)
@@ -431,6 +433,8 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
         reason = f"{kind}m={m} < {MIN_DIMENSION}: too few inputs"
     elif out_hw is None:
         reason = "output spatial size unknown (shape inference failed)"
+    elif min(out_hw) < 1:
+        reason = f"output spatial size {out_hw[0]}x{out_hw[1]} is empty"
     return HostLayer(
         name=view.node_name(node), op="Conv", input=node.input[0], output=out,
         weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, **_act_fields(act, inplace_reason),
@@ -460,7 +464,7 @@ def _gemm_host(view, node, depth) -> HostLayer | None:
             reason = "bias is not a per-neuron constant"
     act = _activation(view, node.output[0])
     act_reason, inplace_reason = _activation_reasons(act)
-    reason = reason or act_reason
+    reason = reason or act_reason or (f"m={in_f}: too few inputs for a detector" if in_f < 2 else "")
     return HostLayer(
         name=view.node_name(node), op="Gemm", input=node.input[0], output=node.output[0],
         weight=node.input[1], bias=bias, batchnorm=None, bias_add=None,
@@ -492,6 +496,8 @@ def _matmul_host(view, node, shapes, depth) -> HostLayer | None:
     reason, inplace_reason = _activation_reasons(act)
     if bias is None:
         reason = "MatMul without a constant bias Add"
+    elif not reason and in_f < 2:
+        reason = f"m={in_f}: too few inputs for a detector"
     in_shape = shapes.get(node.input[0])
     tokens = in_shape[1] if in_shape is not None and len(in_shape) == 3 and isinstance(in_shape[1], int) else None
     return HostLayer(

@@ -24,6 +24,13 @@ class ImageInput:
     dtype: str
 
 
+def _type_name(elem_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(elem_type)
+    except ValueError:
+        return f"{elem_type} (unknown)"
+
+
 def image_input(model: onnx.ModelProto) -> ImageInput:
     view = GraphView(model)
     if len(view.graph_inputs) != 1:
@@ -34,7 +41,7 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
     dtype = _DTYPES.get(t.elem_type)
     if dtype is None:
         raise UnsupportedModelError(
-            f"input {inp.name!r} has element type {onnx.TensorProto.DataType.Name(t.elem_type)}; "
+            f"input {inp.name!r} has element type {_type_name(t.elem_type)}; "
             "onnxstain handles float32, float16 and uint8 images")
     dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
     if len(dims) != 4:

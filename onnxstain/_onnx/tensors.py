@@ -45,7 +45,7 @@ def tensor_array(tensor: onnx.TensorProto, mapped: bool = False) -> np.ndarray:
     are used and shared with onnxruntime's own mapping of the file).
     """
     if not is_external(tensor):
-        return numpy_helper.to_array(tensor)
+        return stored_array(tensor)
     path, offset, _ = external_info(tensor)
     dtype = _NATIVE.get(tensor.data_type)
     count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
@@ -57,7 +57,20 @@ def tensor_array(tensor: onnx.TensorProto, mapped: bool = False) -> np.ndarray:
         if arr.size != count:
             raise ValueError(f"{path} ends before the data of tensor {tensor.name!r}")
         return arr.reshape(tuple(tensor.dims))
-    return numpy_helper.to_array(tensor, base_dir=str(ROOT))
+    return stored_array(tensor, base_dir=str(ROOT))
+
+
+def stored_array(tensor: onnx.TensorProto, base_dir: str = "") -> np.ndarray:
+    """``numpy_helper.to_array``, with a one-line :class:`BadModelError` naming the tensor when its element
+    type is unknown or its data does not fit its type and dims."""
+    try:
+        return numpy_helper.to_array(tensor, base_dir=base_dir)
+    except (KeyError, ValueError, TypeError) as exc:
+        from ..errors import BadModelError
+
+        problem = f"element type {tensor.data_type} is unknown" if isinstance(exc, KeyError) else \
+            f"its data does not fit its type and dims {list(tensor.dims)}"
+        raise BadModelError(f"tensor {tensor.name!r}: {problem}") from None
 
 
 def uses_external_data(model: onnx.ModelProto) -> bool:

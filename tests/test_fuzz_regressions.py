@@ -1,0 +1,284 @@
+"""Regression cases of the defects ``tools/fuzz.py`` found: each one a mutated model or key that once gave a
+traceback (exit 3) and now gets one line ``onnxstain: error: …`` and exit 2 (or a clean run).
+
+The keys are the key-format fixtures (tests/fixtures/keys) and a two-trigger key of the tiny MLP, the models
+tiny ones from ``tinymodels``; every CLI case runs in-process and checks exit code, the single stderr line,
+that nothing reached the process's stderr (onnxruntime's logging) and that no file was left behind.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+from tinymodels import smooth_images, tiny_classifier, tiny_cnn, tiny_lockable, tiny_mlp, write_images
+
+import onnxstain
+from onnxstain import Preprocessing, StainOptions
+from onnxstain.cli import main
+from onnxstain.errors import BadKeyError
+from onnxstain.keys import Key
+
+FIXTURES = Path(__file__).parent / "fixtures" / "keys"
+
+
+def _fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / f"{name}.key").read_text())
+
+
+def _refused(body: Any, phrase: str) -> None:
+    with pytest.raises(BadKeyError, match=phrase):
+        Key.loaded(body)
+
+
+def _f8(values: np.ndarray) -> str:
+    return base64.b64encode(np.asarray(values, "<f8").tobytes()).decode()
+
+
+def _png(h: int, w: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+# -- keys: refused on load, one line ---------------------------------------------------------------------------
+def test_key_integer_beyond_float64_in_a_number_field():
+    body = _fixture("stain_insert")
+    body["bound"]["log10"] = -(10**400)  # was OverflowError: int too large to convert to float
+    _refused(body, r"bound\.log10 is .* too large")
+
+
+def test_key_deep_nesting_inside_bound_params():
+    body = _fixture("lock_inplace")
+    nested: list = []
+    for _ in range(5000):  # json.loads accepts it; the bound's decoder recursed past the limit
+        nested = [nested]
+    body["bound"]["params"]["positions"] = nested
+    _refused(body, "nested too deeply")
+
+
+def test_key_array_value_beyond_float32():
+    body = _fixture("stain_insert")
+    centre = np.frombuffer(base64.b64decode(body["detector"]["centre"]["f8"]), "<f8").copy()
+    centre[3] = 1e150  # a flipped exponent bit: evaluate's float32 scores overflowed into its histogram
+    body["detector"]["centre"]["f8"] = _f8(centre)
+    _refused(body, r"detector\.centre holds a value beyond float32")
+
+
+@pytest.fixture(scope="module")
+def multi(tmp_path_factory) -> dict[str, Any]:
+    """A key whose class signature has several triggers (the 10-class MLP at --fpr 0.05)."""
+    d = tmp_path_factory.mktemp("multi")
+    onnx.save(tiny_mlp(), d / "m.onnx")
+    Preprocessing(height=8, width=8, resize=None).save(d / "m.preprocessing.json")
+    onnxstain.stain(d / "m.onnx", d / "s.onnx", d / "s.key", images=smooth_images(48, size=8, seed=3),
+                    options=StainOptions(mode="insert", seed=1, fpr=0.05))
+    body = json.loads((d / "s.key").read_text())
+    assert body["signature"].get("type") == "multi-class" and len(body["signature"]["triggers"]) >= 2
+    return body
+
+
+@pytest.mark.parametrize("field, value, phrase", [
+    ("png", lambda t: _png(4, 8), r"triggers\[1\]\.png is a 4x8 image"),  # was np.stack: shapes differ
+    ("class", lambda t: 10, r"triggers\[1\]\.class is 10; the model has 10 scores"),
+    ("direction", lambda t: {"shape": [3], "f8": _f8(np.ones(3) / np.sqrt(3))}, r"triggers\[1\]\.direction has 3"),
+    ("trigger_radii", lambda t: {"shape": [2], "f8": _f8(np.ones(2))}, r"triggers\[1\]\.trigger_radii has 2"),
+    ("trigger_scores", lambda t: {"shape": [5], "f8": _f8(np.ones(5))}, r"triggers\[1\]\.trigger_scores has 5"),
+    ("threshold", lambda t: 0, r"triggers\[1\]\.threshold is 0, not positive"),  # was ZeroDivisionError
+])
+def test_key_multi_trigger_fields_checked_like_the_first(multi, field, value, phrase):
+    body = copy.deepcopy(multi)
+    trig = body["signature"]["triggers"][1]
+    trig[field] = value(trig)
+    _refused(body, phrase)
+
+
+def test_key_multi_trigger_untouched_loads(multi):
+    assert Key.loaded(copy.deepcopy(multi)).signature.triggers
+
+
+# -- models through the command line ---------------------------------------------------------------------------
+def _cli(argv: list[str], folder: Path, capfd) -> tuple[int, str]:
+    before = sorted(os.listdir(folder))
+    capfd.readouterr()
+    res = CliRunner().invoke(main, argv, catch_exceptions=False)
+    leaked = capfd.readouterr().err
+    assert leaked == "", f"stderr outside the one line: {leaked!r}"
+    assert sorted(os.listdir(folder)) == before, "files left behind"
+    return res.exit_code, res.stderr
+
+
+def _refused_by(argv: list[str], folder: Path, capfd, phrase: str) -> None:
+    code, err = _cli(argv, folder, capfd)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("onnxstain: error: "), err
+    assert phrase in lines[0], lines[0]
+
+
+def _save(model: onnx.ModelProto, folder: Path, name: str, size: int) -> Path:
+    p = folder / name
+    p.write_bytes(model.SerializeToString())  # no checker: the mutations are invalid on purpose
+    Preprocessing(height=size, width=size, resize=None).save(folder / name.replace(".onnx", ".preprocessing.json"))
+    return p
+
+
+def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def test_model_non_scalar_clip_bound(tmp_path, capfd):
+    m = tiny_cnn()
+    _init(m, "six").CopyFrom(numpy_helper.from_array(np.array([6.0, 6.0], np.float32), "six"))
+    p = _save(m, tmp_path, "x.onnx", 16)
+    _refused_by(["inspect", str(p)], tmp_path, capfd, "its bound 'six' has shape [2], not a scalar")
+
+
+def test_model_unknown_initializer_element_type(tmp_path, capfd):
+    m = tiny_cnn()
+    _init(m, "zero").data_type = 99  # was KeyError: 99 in numpy_helper
+    p = _save(m, tmp_path, "x.onnx", 16)
+    _refused_by(["inspect", str(p)], tmp_path, capfd, "tensor 'zero': element type 99 is unknown")
+
+
+def test_model_weight_data_that_does_not_fit_its_dims(tmp_path, capfd):
+    m = tiny_cnn()
+    t = _init(m, "six")
+    t.raw_data += bytes(4)  # 2 floats for a scalar: the checker lets it pass, numpy_helper cannot reshape
+    p = _save(m, tmp_path, "x.onnx", 16)
+    _refused_by(["inspect", str(p)], tmp_path, capfd, "tensor 'six': its data does not fit")
+
+
+def test_model_unknown_input_element_type(tmp_path, capfd):
+    m = tiny_cnn()
+    m.graph.input[0].type.tensor_type.elem_type = 2**31 - 1  # was ValueError from DataType.Name
+    p = _save(m, tmp_path, "x.onnx", 16)
+    _refused_by(["inspect", str(p)], tmp_path, capfd, "element type 2147483647 (unknown)")
+
+
+def test_model_conv_kernel_attribute_beyond_its_weight(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv2")
+    next(a for a in conv.attribute if a.name == "kernel_shape").ints[0] = 2**40  # negative output size
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code == 0, err
+
+
+@pytest.fixture(scope="module")
+def stained(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("stained")
+    onnx.save(tiny_mlp(), d / "m.onnx")
+    Preprocessing(height=8, width=8, resize=None).save(d / "m.preprocessing.json")
+    (d / "imgs").mkdir()
+    write_images(d / "imgs", smooth_images(6, size=8, seed=5))
+    onnxstain.stain(d / "m.onnx", d / "s.onnx", d / "s.key", images=smooth_images(48, size=8, seed=3),
+                    options=StainOptions(mode="insert", seed=1, fpr=0.05, chance=0.2))
+    return d
+
+
+def test_evaluate_scores_near_float32_max(stained, tmp_path, capfd):
+    """A bias of 3.4e38 on the head: evaluate's score histogram had no finite bins."""
+    m = onnx.load(stained / "s.onnx")
+    t = _init(m, "b2")
+    raw = bytearray(t.raw_data)
+    raw[0:4] = struct.pack("<f", 3.4e38)
+    t.raw_data = bytes(raw)
+    p = _save(m, tmp_path, "x.onnx", 8)
+    code, err = _cli(["evaluate", str(stained / "m.onnx"), str(p), "--key", str(stained / "s.key"), "--images",
+                      str(stained / "imgs"), "--views", "1", "--quiet"], tmp_path, capfd)
+    assert code == 0, err
+
+
+def test_lock_refuses_infinite_reference_scores(tmp_path, capfd):
+    """Head weights of 3.4e38: finite on a grey image, infinite on the lock's reference images (the key's own
+    check failed: an internal error)."""
+    m = tiny_lockable()
+    t = _init(m, "wf")
+    arr = numpy_helper.to_array(t).copy()
+    arr[:] = 3.4e38
+    t.CopyFrom(numpy_helper.from_array(arr, "wf"))
+    p = _save(m, tmp_path, "x.onnx", 48)
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(8, size=48, seed=1))
+    _refused_by(["lock", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--fpr", "1e-3", "--seed", "1", "--occlusion-steps", "0", "--quiet"],
+                tmp_path, capfd, "infinite")
+
+
+def test_model_run_error_is_one_line_without_onnxruntime_log(stained, tmp_path, capfd):
+    """A head bias of the wrong length fails inside onnxruntime's run: its error log reached fd 2 beside
+    the one line."""
+    m = onnx.load(stained / "s.onnx")
+    _init(m, "b2").CopyFrom(numpy_helper.from_array(np.zeros(5, np.float32), "b2"))
+    p = _save(m, tmp_path, "x.onnx", 8)
+    _refused_by(["verify", str(p), "--key", str(stained / "s.key")], tmp_path, capfd, "onnxruntime")
+
+
+def test_model_conv_group_zero(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv2")
+    conv.attribute.extend([onnx.helper.make_attribute("group", 0)])  # was ZeroDivisionError in HostLayer.m
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code == 0, err
+
+
+def test_stain_refuses_host_inputs_that_overflow(tmp_path, capfd):
+    """Eight 0x7f bytes in conv2's weights: finite outputs on a grey image (the Clip), infinite host inputs on
+    the calibration images (the bound's radius was inf: a ValueError from the bound)."""
+    data = bytearray(tiny_classifier().SerializeToString())
+    data[14486:14494] = b"\x7f" * 8
+    p = tmp_path / "x.onnx"
+    p.write_bytes(bytes(data))
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "x.preprocessing.json")
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(6, size=32, seed=5))
+    _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
+                 "--quiet"], tmp_path, capfd, "inputs are not finite on the calibration images")
+
+
+def test_dense_stain_refuses_a_host_whose_inputs_never_vary(tmp_path, capfd):
+    """Two bytes of the tiny ViT's weights set to 0xe8 (-4.7e24 floats): the host's inputs saturate to the same
+    values on every calibration image, radius 0 (was ZeroDivisionError in the dense stain)."""
+    from tiny_vit import tiny_vit
+
+    data = bytearray(tiny_vit(dim=64).SerializeToString())
+    data[296985:296987] = b"\xe8" * 2
+    p = tmp_path / "x.onnx"
+    p.write_bytes(bytes(data))
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "x.preprocessing.json")
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(6, size=32, seed=5))
+    _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--fpr", "0.05", "--chance", "0.2", "--seed", "1", "--mode", "insert",
+                 "--quiet"], tmp_path, capfd, "are the same on every calibration image (radius 0)")
+
+
+def test_model_conv_pads_of_the_wrong_length(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv1")
+    next(a for a in conv.attribute if a.name == "pads").ints[:] = [1, 1]  # was IndexError in the host scan
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code in (0, 2), err
+
+
+def test_key_pattern_signature_needs_a_three_axis_map():
+    body = _fixture("dense_stain")
+    body["model"]["dense_shape"] = body["model"]["dense_shape"][1:]  # was ValueError unpacking in dense_pattern
+    _refused(body, r"model\.dense_shape has 2 values")
+
