@@ -9,8 +9,7 @@ The stable API::
     batch = onnxstain.paste_patch(batch, "customer.key")   # unlock an already preprocessed batch
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .api import (
     EvaluateResult,
     Key,

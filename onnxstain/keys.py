@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from . import __version__
 from ._onnx.io import write_bytes_atomic
+from ._version import __version__
 from .errors import BadKeyError, InternalError, KeyMismatchError
 from .fields import F8, FieldError
 from .key_schema import (
