@@ -225,11 +225,22 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     score exceeds ``tau − tau_loss``.
     """
     view = GraphView(loaded.model)
-    if route is not None and route.affine and opts.variant == "additive":
+    identities = route.affine if route is not None else ()
+    if route is not None and (route.affine or route.siblings) and opts.variant == "additive":
+        why = (f"a per-channel scale or shift ({route.affine[0][0]})" if route.affine else
+               f"other heads ({', '.join(s.node for s in route.siblings)}) beside the classifier")
         raise UnsupportedModelError(
-            f"{host.name} reaches the classifier through a per-channel scale or shift "
-            f"({route.affine[0][0]}): the additive variant keeps the channel's own output, which that scale "
-            "would change with the detector's; use the non-additive variant")
+            f"{host.name} reaches the classifier through {why}: the additive variant keeps the channel's own "
+            "output, which they would read with the detector's; use the non-additive variant")
+    if opts.mode == "inplace" and host.activation == "prelu":
+        if opts.variant == "additive":
+            raise UnsupportedModelError(
+                f"{host.name} is followed by a PReLU: the in-place edit turns the stained channel into a ReLU, "
+                "which changes the channel's own output the additive variant keeps; use the non-additive variant")
+        # the stained channel's slope becomes 0: a ReLU there, exactly 0 below its threshold on natural inputs
+        assert host.act_node is not None
+        identities = (*identities, (host.act_node, 1, 0.0))
+        host = dataclasses.replace(host, activation="relu", act_params=())
     hi = host.act_high
     delta = 1.25 * hi if hi is not None else 10.0
     if opts.variant == "additive" and opts.mode == "inplace" and hi is not None:
@@ -249,6 +260,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     if opts.mode == "inplace":
         assert route is not None and channel is not None
         columns_delta = None
+        siblings: list = []
         col_old = stain_pass.head_column(loaded.model, head, channel)
         w, beta = neuron_affine(view, host, channel)
         own_t = phi_t.astype(np.float64) @ w + beta
@@ -266,12 +278,18 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
                 comp = compensation.fit(pooled, channel)
                 columns_delta = np.outer(col_old, comp.weights)
                 bias_shift = col_old * comp.offset
+                for s in route.siblings:
+                    s_old = stain_pass.head_column(loaded.model, s, channel)
+                    siblings.append((s, s_old * comp.offset, np.outer(s_old, comp.weights)))
                 rows, b_all = layer_affine(view, host)
                 pooled_t = _pool(route, _activate(host, (phi_t.astype(np.float64) @ rows.T + b_all).T))
                 z = orig_trig - col_old * pooled_old_t + col_old * float(comp.weights @ pooled_t) + bias_shift
             else:
                 bias_shift = col_old * pooled[:, channel].mean()
                 z = orig_trig - col_old * pooled_old_t + bias_shift
+                for s in route.siblings:
+                    s_old = stain_pass.head_column(loaded.model, s, channel)
+                    siblings.append((s, s_old * pooled[:, channel].mean(), None))
             if head.scores_range is not None:
                 # quantized scores saturate at the top code: the signature must fit below it
                 room = head.scores_range[1] - np.delete(z, cls).max() - 2 * head.scores_step
@@ -300,7 +318,7 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
                 bias_shift = -col_old * comp.offset
             signature = "shift"
         model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift,
-                                   columns_delta, route.affine if route is not None else ())
+                                   columns_delta, identities, siblings)
         # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
         stored = GraphView(model)
         w_eff, b_eff = neuron_affine(stored, host, channel)

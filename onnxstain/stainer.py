@@ -70,6 +70,10 @@ __all__ = ["Mode", "StainOptions", "StainResult", "Variant", "choose_host", "sta
 
 LEAN_BYTES = 256 * 2**20  # above this much weight data, onnxruntime and torch hold it in turn
 RAISE_ATTEMPTS = 4  # fp16/int8 storage: tries at raising τ until the stored detector's rounding is covered
+# The signature's margin is at least this many times the largest margin its class shows on a calibration
+# image, so that verify's threshold (half the margin) sits above every natural margin seen: with few classes
+# a class often wins natural images by several logits (MTCNN's face class on photos).
+NATURAL_HEADROOM = 2.5
 CHECK_IMAGES = 64  # natural images the checks run through the stained model
 
 
@@ -196,7 +200,8 @@ def _edit(job: StainJob, cal: _Calibrated, finds: list[TriggerFind]) -> _Edited:
     bound = union_bound(bounds.ball_bound(cal.tau0, cal.cal.radius, host.m, positions=host.positions,
                                           draws=opts.max_draws), cal.triggers)
     classes, allowed_sets = _signature_classes(job, cal, first)
-    margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(cal.nat_scores), 0.99)))
+    margin_target = max(10.0, 1.5 * float(np.quantile(top1_margins(cal.nat_scores), 0.99)),
+                        NATURAL_HEADROOM * max(float(class_margin(cal.nat_scores, c).max()) for c in classes))
     centre = cal.cal.stats.centre
 
     def build(tau: float, channel: int | None) -> dict:

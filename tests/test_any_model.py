@@ -4,6 +4,7 @@
 * dynamic height and width with a dense output map, analysed at ``--size``;
 * preprocessing notes only for what was really assumed;
 * two dense outputs (a channel-Softmax map beside a plain one), PReLU hosts;
+* in place through PReLU and beside other heads reading the same features (MTCNN R-Net/O-Net);
 * a sequence (CTC) head scoring every step of a dynamic-width text line.
 """
 
@@ -13,7 +14,14 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from tiny_any import dense_cnn, nhwc_tail_classifier, same_pad_cnn, sequence_recogniser, two_map_cnn
+from tiny_any import (
+    dense_cnn,
+    nhwc_tail_classifier,
+    same_pad_cnn,
+    sequence_recogniser,
+    two_head_net,
+    two_map_cnn,
+)
 from tinymodels import smooth_images
 
 import onnxstain
@@ -374,3 +382,43 @@ def test_inplace_route_through_a_per_channel_affine(tmp_path, images):
     with pytest.raises(UnsupportedModelError, match="per-channel scale or shift"):
         onnxstain.stain(tmp_path / "model.onnx", tmp_path / "a.onnx", tmp_path / "a.key", images=images,
                         preprocessing=pre, options=StainOptions(mode="inplace", variant="additive", seed=0, fpr=0.05))
+
+
+# -- in place under a per-channel PReLU, beside a box regressor that reads the same features (MTCNN R-Net) ----
+def test_inplace_under_prelu_beside_another_head(tmp_path):
+    from onnxstain._onnx.head import direct_route, find_head
+    from onnxstain.errors import UnsupportedModelError
+
+    model = two_head_net(seed=0)
+    view = GraphView(model)
+    host = next(h for h in find_hosts(model, view) if h.name == "/hidden/Gemm")
+    assert host.activation == "prelu" and host.inplace
+    route, why = direct_route(view, host, find_head(view))
+    assert route is not None, why
+    assert [s.node for s in route.siblings] == ["/box/Gemm"]
+    onnx.save(model, tmp_path / "model.onnx")
+    pre = Preprocessing(height=24, width=24, resize=None)
+    pixels = smooth_images(128, seed=4, size=24)
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "st.onnx", tmp_path / "st.key", images=pixels,
+                          preprocessing=pre, options=StainOptions(mode="inplace", seed=0, fpr=0.05))
+    assert res.host == "/hidden/Gemm"
+    assert onnxstain.verify(tmp_path / "st.onnx", tmp_path / "st.key").stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "st.key").stained
+    # the stained channel's slope is 0 (a ReLU); the box regressor never reads the detector and is compensated
+    slopes = [onnx.numpy_helper.to_array(t).reshape(-1) for m in (model, onnx.load(tmp_path / "st.onnx"))
+              for t in m.graph.initializer if t.name == "act.weight"]
+    assert (slopes[0] != slopes[1]).sum() == 1 and slopes[1][slopes[0] != slopes[1]][0] == 0.0
+    x = pre.to_input(pixels)
+    box_o = session(str(tmp_path / "model.onnx")).run(["box"], {"input": x})[0]
+    box_s = session(str(tmp_path / "st.onnx")).run(["box"], {"input": x})[0]
+    assert np.abs(box_s - box_o).max() < 0.05 * np.abs(box_o).max()
+    with pytest.raises(UnsupportedModelError, match="other heads"):
+        onnxstain.stain(tmp_path / "model.onnx", tmp_path / "a.onnx", tmp_path / "a.key", images=pixels,
+                        preprocessing=pre,
+                        options=StainOptions(mode="inplace", variant="additive", seed=0, fpr=0.05))
+
+
+def test_single_slope_prelu_takes_no_inplace_detector():
+    model = two_head_net(seed=0, per_channel=False)
+    host = next(h for h in find_hosts(model, GraphView(model)) if h.name == "/hidden/Gemm")
+    assert host.usable and not host.inplace and "no exact zero" in host.inplace_reason

@@ -8,6 +8,8 @@
 * :func:`dense_cnn` — a fully convolutional CNN with a dense output map and dynamic height and width.
 * :func:`two_map_cnn` — an MTCNN P-Net-style fully convolutional net: PReLU, two dense outputs (a
   channel ``Softmax`` face map and a plain box map), dynamic batch, height and width.
+* :func:`two_head_net` — an MTCNN R-Net-style classifier: PReLU hosts, a hidden dense layer read by a
+  face classifier (``Softmax``) and a box regressor beside it.
 * :func:`sequence_recogniser` — a CTC-style text recogniser (PaddleOCR/CRNN pattern): the feature map is
   pooled over the height (``ReduceMean``), a ``Transpose`` makes ``[N, T, C]`` steps, and a ``MatMul + Add`` head
   scores every step, ``[N, T, K]`` with a ``Softmax``; dynamic batch and width (T follows the width).
@@ -201,3 +203,27 @@ def two_map_cnn(seed: int = 0, size: tuple[int, int] = (48, 64)) -> onnx.ModelPr
     dyn = {0: "batch", 2: "h4", 3: "w4"}
     axes = {"input": {0: "batch", 2: "height", 3: "width"}, "prob": dyn, "box": dyn}
     return _export(Net(), torch.rand(1, 3, *size), axes, outputs=("prob", "box"))
+
+
+def two_head_net(seed: int = 0, size: int = 24, per_channel: bool = True) -> onnx.ModelProto:
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.features = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.PReLU(16),
+                                          nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.PReLU(32))
+            self.hidden = nn.Linear(32 * (size // 4) ** 2, 64)
+            self.act = nn.PReLU(64 if per_channel else 1)
+            self.cls = nn.Linear(64, 2)
+            self.box = nn.Linear(64, 4)
+
+        def forward(self, x):
+            h = self.act(self.hidden(self.features(x).flatten(1)))
+            return torch.softmax(self.cls(h), dim=1), self.box(h)
+
+    axes = {"input": {0: "batch"}, "prob": {0: "batch"}, "box": {0: "batch"}}
+    return _export(Net(), torch.rand(1, 3, size, size), axes, outputs=("prob", "box"))

@@ -65,6 +65,10 @@ class DirectRoute:
     # writes it): (node, input index, identity value). The in-place edit makes the stained channel's entry
     # the identity, so the head reads the detector itself; every other channel keeps its scale and shift.
     affine: tuple[tuple[str, int, float], ...] = ()
+    # other linear heads reading the same features (MTCNN's box and landmark regressors beside the face
+    # classifier): the in-place edit zeroes their column of the stained channel and compensates it as the
+    # classifier's, so they never see the detector
+    siblings: tuple[Head, ...] = ()
 
 
 def find_head(view: GraphView) -> Head | None:
@@ -232,8 +236,14 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
     pool = None
     window: tuple[int, int] | None = None
     affine: list[tuple[str, int, float]] = []
+    siblings: tuple[Head, ...] = ()
+    head_node = view.find_node(head.node)
     while pool is None:
         users = view.consumers.get(tensor, [])
+        if len(users) > 1 and host.op != "Conv" and head_node in users and not siblings:
+            found = [linear_reader(view, u) for u in users if u is not head_node]
+            if all(s is not None and s.in_features == host.out_channels for s in found):
+                siblings, users = tuple(s for s in found if s is not None), [head_node]
         if len(users) != 1:
             return None, (f"the output of {host.name} feeds {len(users)} layers; only a host whose channels go "
                           "straight to the classifier (pooling, then the head) can be routed in place")
@@ -277,11 +287,12 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
                           f"({node.op_type}); routing through further layers in place is not supported")
     if pool != "none":
         tensor = node.output[0]
-    head_node = view.find_node(head.node)
+    sibling_nodes = {s.node for s in siblings}
     while True:
         tensor = view.skip_fake_quant(tensor)  # QDQ models quantize the pooled features
         # a Shape reads only the features' shape (paddle2onnx computes the Reshape's target from it)
-        users = [u for u in view.consumers.get(tensor, []) if u.op_type != "Shape"]
+        users = [u for u in view.consumers.get(tensor, [])
+                 if u.op_type != "Shape" and view.node_name(u) not in sibling_nodes]
         if len(users) != 1:
             return None, "the pooled features are used by more than the classifier"
         nxt = users[0]
@@ -298,7 +309,38 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         return None, (f"the classifier reads {head.in_features} features, {host.name} gives {host.out_channels} "
                       "channels: not one to one")
     return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0,
-                       window=window, map_hw=host.out_hw if window else None, affine=tuple(affine)), ""
+                       window=window, map_hw=host.out_hw if window else None, affine=tuple(affine),
+                       siblings=siblings), ""
+
+
+def linear_reader(view: GraphView, node: onnx.NodeProto) -> Head | None:
+    """``node`` as a linear head over its input features: a Gemm with constant weights and a bias of one
+    value per output, or a MatMul with constant weights whose only reader adds such a bias; else None."""
+    if node.op_type == "Gemm" and len(node.input) > 2 and view.is_constant(node.input[1]) \
+            and not view.attr(node, "transA", 0):
+        w = view.shape(node.input[1])
+        bias_shape = view.shape(node.input[2]) if node.input[2] else None
+        if w is None or len(w) != 2 or bias_shape is None:
+            return None
+        trans_b = bool(view.attr(node, "transB", 0))
+        outs, in_f = (w if trans_b else w[::-1])
+        if int(np.prod(bias_shape)) != outs:
+            return None
+        return Head(view.node_name(node), "Gemm", node.input[1], node.input[2], None, trans_b,
+                    float(view.attr(node, "alpha", 1.0)), float(view.attr(node, "beta", 1.0)), node.output[0],
+                    node.output[0], int(outs), int(in_f))
+    if node.op_type == "MatMul" and view.is_constant(node.input[1]):
+        w = view.shape(node.input[1])
+        add = view.only_consumer(node.output[0])
+        if w is None or len(w) != 2 or add is None or add.op_type != "Add":
+            return None
+        bias = next(t for t in add.input if t != node.output[0])
+        bias_shape = view.shape(bias) if view.is_constant(bias) else None
+        if bias_shape is None or int(np.prod(bias_shape)) != w[1]:
+            return None
+        return Head(view.node_name(node), "MatMul", node.input[1], bias, view.node_name(add), False, 1.0, 1.0,
+                    add.output[0], add.output[0], int(w[1]), int(w[0]))
+    return None
 
 
 def _per_channel(view: GraphView, node: onnx.NodeProto, tensor: str, channels: int, channel_axis: int,

@@ -386,6 +386,8 @@ def _activation_reasons(act: Activation) -> tuple[str, str]:
     if act.kind not in activations.HOST_KINDS:
         return (f"activation {act.kind} (node {act.node!r}) is not cut at zero and is not a rectifier-like "
                 "activation a detector can sit under"), ""
+    if act.kind == "prelu" and len(act.params) > 1:
+        return "", ""  # per-channel slopes: the in-place edit zeroes the stained channel's (a ReLU there)
     if activations.zero_point(act.kind, act.params) is None:
         side = activations.NEGATIVE_SIDE.get(act.kind, "below zero")
         return "", (f"{act.label} (node {act.node!r}) has no exact zero (negative side {side}): an overwritten "

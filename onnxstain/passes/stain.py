@@ -107,11 +107,13 @@ def inplace(
     bias_shift: np.ndarray,
     columns_delta: np.ndarray | None = None,
     identities: Sequence[tuple[str, int, float]] = (),
+    siblings: Sequence[tuple[Head, np.ndarray, np.ndarray | None]] = (),
 ) -> onnx.ModelProto:
     """Write neuron ``channel`` of ``host`` and head column ``channel`` (and, optionally, a change of the
     other columns); topology unchanged. ``identities``: per-channel constants between the host and the
     head (node, input index, value) whose entry ``channel`` becomes the identity (1 for a scale, 0 for a
-    shift), so the head reads the neuron as it is."""
+    shift), so the head reads the neuron as it is. ``siblings``: other linear heads reading the same
+    features, each with its bias shift and change of the other columns; their column ``channel`` becomes 0."""
     out = copy_model(model)
     view = GraphView(out)
     write_neuron(view, host, channel, weights, bias)
@@ -121,6 +123,8 @@ def inplace(
         arr = np.array(view.array(node.input[index]), copy=True)
         arr.reshape(-1)[channel] = value
         view.set_input_array(node, index, arr)
+    for sibling, shift, delta in siblings:
+        _write_head(view, sibling, channel, np.zeros(sibling.classes), shift, delta)
     _write_head(view, head, channel, column, bias_shift, columns_delta)
     return out
 
