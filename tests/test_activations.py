@@ -4,7 +4,8 @@ Tiny torch models with each activation are exported with the TorchScript exporte
 20) and, where onnxscript is installed, with dynamo; every exported form (single op or decomposition)
 is recognised, its zero point holds in onnxruntime, the torch prefix matches onnxruntime, and stains
 verify: insert on every activation (bit-identical natural outputs), in place where the activation
-has an exact zero, and a one-line refusal in place where it has none (LeakyReLU, PReLU).
+has an exact zero or per-channel slopes (PReLU: the stained channel's slope becomes 0), and a one-line
+refusal in place where it has neither (LeakyReLU, a PReLU with one shared slope).
 """
 
 from __future__ import annotations
@@ -31,18 +32,21 @@ from onnxstain.runtime import session, with_outputs
 
 torch = pytest.importorskip("torch")
 
-# kind, constructor, whether in place is supported (an exact zero exists)
+# case: constructor, whether it has an exact zero, whether in place is supported (an exact zero, or a
+# per-channel PReLU whose stained channel's slope the edit sets to 0)
 ACTS = {
-    "relu6": (lambda: torch.nn.ReLU6(), True),
-    "leaky_relu": (lambda: torch.nn.LeakyReLU(0.1), False),
-    "prelu": (lambda: torch.nn.PReLU(32, 0.2), False),
-    "hardswish": (lambda: torch.nn.Hardswish(), True),
-    "hardsigmoid": (lambda: torch.nn.Hardsigmoid(), True),
-    "silu": (lambda: torch.nn.SiLU(), True),
-    "gelu": (lambda: torch.nn.GELU(), True),
-    "gelu_tanh": (lambda: torch.nn.GELU(approximate="tanh"), True),
-    "mish": (lambda: torch.nn.Mish(), True),
+    "relu6": (lambda: torch.nn.ReLU6(), True, True),
+    "leaky_relu": (lambda: torch.nn.LeakyReLU(0.1), False, False),
+    "prelu": (lambda: torch.nn.PReLU(32, 0.2), False, True),
+    "prelu_shared": (lambda: torch.nn.PReLU(1, 0.2), False, False),
+    "hardswish": (lambda: torch.nn.Hardswish(), True, True),
+    "hardsigmoid": (lambda: torch.nn.Hardsigmoid(), True, True),
+    "silu": (lambda: torch.nn.SiLU(), True, True),
+    "gelu": (lambda: torch.nn.GELU(), True, True),
+    "gelu_tanh": (lambda: torch.nn.GELU(approximate="tanh"), True, True),
+    "mish": (lambda: torch.nn.Mish(), True, True),
 }
+EXACT = [k for k, (_, exact, _) in ACTS.items() if exact]
 ROUTES = ["ts13", "ts17", "ts20", "dynamo"]
 HAS_ONNXSCRIPT = importlib.util.find_spec("onnxscript") is not None
 PRE = Preprocessing(height=32, width=32, resize=None)
@@ -84,10 +88,10 @@ def _host(model: onnx.ModelProto):
 def test_every_export_is_recognised(tmp_path, kind, route):
     model = export(kind, route, tmp_path / "m.onnx")
     host = _host(model)
-    assert host.op == "Conv" and host.activation == kind, (host.activation, host.act_label)
+    assert host.op == "Conv" and host.activation == kind.removesuffix("_shared"), (host.activation, host.act_label)
     assert host.usable and host.reason == ""
     assert host.zero_point == activations.zero_point(kind, host.act_params)
-    assert (host.zero_point is not None) == ACTS[kind][1] == host.inplace
+    assert (host.zero_point is not None) == ACTS[kind][1] and host.inplace == ACTS[kind][2]
     if not host.inplace:
         assert host.act_label in host.inplace_reason and repr(host.act_node) in host.inplace_reason
     # the activation's output is what pooling reads
@@ -179,7 +183,7 @@ def _activation_only(model: onnx.ModelProto, host) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("route", ["ts13", "ts17", "ts20", "dynamo"])
-@pytest.mark.parametrize("kind", [k for k, (_, inplace) in ACTS.items() if inplace])
+@pytest.mark.parametrize("kind", EXACT)
 def test_zero_point_is_an_exact_zero_in_onnxruntime(tmp_path, kind, route):
     """Every float32 in [z − 1, z] and a log sweep down to −1e30 give exactly 0 (±0) through the exported
     activation; just above the measured threshold the output is not 0 (the zero point is not vacuous)."""
@@ -269,7 +273,7 @@ def test_insert_stain_on_every_activation(tmp_path, images, kind):
     assert res.agreement == 1.0 and res.max_abs_delta == 0.0 and res.natural_firings == 0
 
 
-INPLACE = [(k, "non-additive") for k, (_, inplace) in ACTS.items() if inplace] + [
+INPLACE = [(k, "non-additive") for k, (_, _, inplace) in ACTS.items() if inplace] + [
     ("silu", "additive"), ("gelu", "additive"), ("hardswish", "additive")]
 
 
@@ -294,10 +298,11 @@ def test_inplace_stain_under_an_exact_zero(tmp_path, images, kind, variant):
         taps = [host.output, host.act_output]
         got = session(with_outputs(stained, taps)).run(taps, {"input": x})
         k = res.channel
-        assert np.all(got[0][:, k] <= host.zero_point) and np.all(got[1][:, k] == 0)
+        zero = 0.0 if host.zero_point is None else host.zero_point  # a PReLU's stained channel: a ReLU
+        assert np.all(got[0][:, k] <= zero) and np.all(got[1][:, k] == 0)
 
 
-@pytest.mark.parametrize("kind", [k for k, (_, inplace) in ACTS.items() if not inplace])
+@pytest.mark.parametrize("kind", [k for k, (_, _, inplace) in ACTS.items() if not inplace])
 def test_inplace_without_exact_zero_is_refused_in_one_line(tmp_path, images, kind):
     src = tmp_path / "m.onnx"
     model = export(kind, "ts17", src)
