@@ -35,11 +35,8 @@ from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from .errors import BadInputError, KeyMismatchError
-from .eval_inputs import evaluation_images as _images
-from .eval_inputs import scores_output as _scores_output
-from .evaluation import CONFIDENCE, ImageSetInfo
-from .evaluation import clopper_statement as _clopper_statement
-from .evaluation import json_safe as _json_safe
+from .eval_inputs import evaluation_images, scores_output
+from .evaluation import CONFIDENCE, ImageSetInfo, clopper_statement, json_safe
 from .features import neuron_inputs
 from .keys import Key
 from .lock_audit_result import (
@@ -71,7 +68,7 @@ class LockAuditResult(LockAuditRecord):
     """The lock audit's result, with its JSON and HTML writers."""
 
     def to_dict(self) -> dict[str, Any]:
-        return _json_safe(self.report())
+        return json_safe(self.report())
 
     def write_json(self, path: str | Path) -> None:
         write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
@@ -168,8 +165,8 @@ def audit_lock(
     patch = key_patch(key)
     host = _lock_host_from_key(orig, key, pre)
     oview, lview = GraphView(orig.model), GraphView(lck.model)
-    o_scores = _scores_output(oview, key.model.scores, "original")
-    l_scores = _scores_output(lview, key.model.scores, "locked")
+    o_scores = scores_output(oview, key.model.scores, "original")
+    l_scores = scores_output(lview, key.model.scores, "locked")
     fired = key.white_box.tensor
     has_fired = fired in lview.producer
     l_outputs = [l_scores] + ([fired] if has_fired else [])
@@ -186,7 +183,7 @@ def audit_lock(
 
     t1 = time.perf_counter()
     info: ImageSetInfo
-    pixels, _, _, info, view_of = _images(images, pre, int(views), prog)
+    pixels, _, _, info, view_of = evaluation_images(images, pre, int(views), prog)
     n = len(pixels)
     centre_mask = view_of == 0
     wrong = variants(patch, pre.height, pre.width, seed=key.seed % (2**31))
@@ -302,7 +299,7 @@ def audit_lock(
         patch_box=(top, left, patch.height, patch.width), classes=k, chance=chance, images=info,
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
         key_bound=key.bound, data_driven_bound=data_driven, measured_upper=upper,
-        measured_statement=_clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
+        measured_statement=clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
         metric="correlation" if dense else "anchor mAP" if layout is not None else "top-1")
 
 

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-from .html_parts import CSS as _CSS
-from .html_parts import escape as _e
-from .html_parts import figure as _figure
-from .html_parts import png as _png
-from .html_parts import tag as _tag
+from . import html_parts as html
 from .lock_audit_result import EXACT, LOCKED_MAP, PATCH_COST, SLACK, LockAuditRecord
 
 
 def agreement_png(res: LockAuditRecord) -> str | None:
-    fig = _figure(8.5, 4.2)
+    fig = html.figure(8.5, 4.2)
     if fig is None:
         return None
     ax = fig.add_subplot(1, 1, 1)
@@ -33,7 +29,7 @@ def agreement_png(res: LockAuditRecord) -> str | None:
                    "anchor mAP": "mean per-image anchor-level mAP against the original's detections (×100)"}.get(
                        res.metric, "top-1 agreement with the original (%)"))
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return html.png(fig)
 
 
 def render(res: LockAuditRecord) -> str:
@@ -44,38 +40,39 @@ def render(res: LockAuditRecord) -> str:
         status = '<span class="ok">ok</span>' if c.passed else '<span class="bad">fails</span>'
         centre = "" if c.centre_agreement is None else f"{100 * c.centre_agreement:.2f}%"
         opened = "" if c.unlocked is None else f"{100 * c.unlocked:.1f}% (mean gate {c.mean_gate:.3f})"
-        rows.append(f"<tr><td>{_e(c.name)}<div class='small'>{_e(c.description)}</div></td>"
+        rows.append(f"<tr><td>{html.escape(c.name)}<div class='small'>{html.escape(c.description)}</div></td>"
                     f"<td class='num'>{100 * c.agreement:.2f}%</td><td class='num'>{centre}</td>"
-                    f"<td class='num'>{opened}</td><td>{_e(c.expect)} {status}</td></tr>")
+                    f"<td class='num'>{opened}</td><td>{html.escape(c.expect)} {status}</td></tr>")
     f = res.firings
     fire = "" if f is None else (
-        f"<p>{_tag('measured')} {f.firings} firings over {f.samples} image×position samples of clean images "
+        f"<p>{html.tag('measured')} {f.firings} firings over {f.samples} image×position samples of clean images "
         f"({f.detectors} detector(s) that must all fire; weakest-detector maximum {f.max_weakest_score:.4g} "
         f"against the margin τ = {f.threshold:.4g}).</p>")
     dd = "" if res.data_driven_bound is None else (
-        f"<p>{_tag('bound')} data-driven (95 %): {_e(res.data_driven_bound)} — "
-        f"{_e(res.data_driven_bound.statement)}</p>")
+        f"<p>{html.tag('bound')} data-driven (95 %): {html.escape(res.data_driven_bound)} — "
+        f"{html.escape(res.data_driven_bound.statement)}</p>")
     plot = f'<img alt="agreement per condition" src="data:image/png;base64,{img}">' if img else (
         "<p class='small'>matplotlib is not installed: no plot.</p>")
-    notes = "".join(f"<li>{_e(n)}</li>" for n in res.notes)
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in res.notes)
     info = res.images
     what = {"correlation": "agreement is the mean Pearson correlation of output maps (×100)",
             "anchor mAP": "agreement is the mean per-image anchor-level mAP of the detections against the "
                           "original's (×100; images where the original detects nothing are left out)"}.get(
                 res.metric, f"{res.classes} classes (chance {100 * res.chance:.2f}%)")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>onnxstain lock audit</title>
-<style>{_CSS}</style></head><body>
+<style>{html.CSS}</style></head><body>
 <h1>Lock audit</h1>
-<p class="small">{_e(res.locked)} against {_e(res.original)} — {_e(res.lock_kind)} lock, {h}×{w} patch at row {top},
-column {left}; {what}. Key commitment {_e(res.key_commitment)}.</p>
+<p class="small">{html.escape(res.locked)} against {html.escape(res.original)} — {html.escape(res.lock_kind)} lock,
+{h}×{w} patch at row {top}, column {left}; {what}. Key commitment {html.escape(res.key_commitment)}.</p>
 <p class="small">{info.images} images = {info.photos} photos × {info.views_per_photo} views
-({res.centre_crops} centre crops); {_e(info.source)}. {_e(info.correlation)}</p>
+({res.centre_crops} centre crops); {html.escape(info.source)}. {html.escape(info.correlation)}</p>
 <h2>Agreement with the original</h2>{plot}
 <table><tr><th>condition</th><th>agreement</th><th>centre crops</th><th>lock opened</th><th>expected</th></tr>
 {''.join(rows)}</table>
 <h2>False unlocks</h2>{fire}
-<p>{_tag('bound')} per image, from the key: {_e(res.key_bound)} — {_e(res.key_bound.statement)}</p>{dd}
-<p>{_tag('measured')} {_e(res.measured_statement or '')}</p>
+<p>{html.tag('bound')} per image, from the key: {html.escape(res.key_bound)} —
+{html.escape(res.key_bound.statement)}</p>{dd}
+<p>{html.tag('measured')} {html.escape(res.measured_statement or '')}</p>
 <h2>Notes</h2><ul>{notes or '<li>none</li>'}</ul>
 </body></html>
 """
