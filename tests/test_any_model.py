@@ -422,3 +422,15 @@ def test_single_slope_prelu_takes_no_inplace_detector():
     model = two_head_net(seed=0, per_channel=False)
     host = next(h for h in find_hosts(model, GraphView(model)) if h.name == "/hidden/Gemm")
     assert host.usable and not host.inplace and "no exact zero" in host.inplace_reason
+
+
+def test_missing_head_reason_names_what_makes_each_output():
+    from onnx import TensorProto, helper
+
+    from onnxstain._onnx.head import missing_head_reason
+
+    graph = helper.make_graph([helper.make_node("Flatten", ["x"], ["y"], name="flat")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])])
+    text = missing_head_reason(GraphView(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])))
+    assert text == "output 'y' [1, 48] from flat (Flatten) is not made by a Gemm or MatMul+Add classifier"

@@ -277,6 +277,19 @@ def test_model_conv_pads_of_the_wrong_length(tmp_path, capfd):
     assert code in (0, 2), err
 
 
+def test_model_conv_strides_of_the_wrong_length(tmp_path, capfd):
+    m = tiny_cnn()
+    conv = next(n for n in m.graph.node if n.name == "conv1")
+    strides = next((a for a in conv.attribute if a.name == "strides"), None)
+    if strides is None:
+        conv.attribute.extend([onnx.helper.make_attribute("strides", [2])])
+    else:
+        strides.ints[:] = [2]  # was IndexError in the receptive fields (fuzz --seed 7 model:9691)
+    p = _save(m, tmp_path, "x.onnx", 16)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code in (0, 2), err
+
+
 def test_key_pattern_signature_needs_a_three_axis_map():
     body = _fixture("dense_stain")
     body["model"]["dense_shape"] = body["model"]["dense_shape"][1:]  # was ValueError unpacking in dense_pattern

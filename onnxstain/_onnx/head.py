@@ -133,7 +133,7 @@ def missing_head_reason(view: GraphView) -> str:
             text += (" packs boxes and scores in one tensor (YOLO-style: 4 box values, then objectness/class "
                      "scores), so no class scores can be read apart; export the class scores as their own "
                      "output [N, anchors, classes] beside the boxes [N, anchors, 4]")
-        elif node is not None and node.op_type not in ("Gemm", "MatMul", "Add") | _PASS_THROUGH:
+        elif node is not None and node.op_type not in {"Gemm", "MatMul", "Add"} | _PASS_THROUGH:
             text += " is not made by a Gemm or MatMul+Add classifier"
         parts.append(text)
     return "; ".join(parts) or "the graph has no outputs"

@@ -581,6 +581,8 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             s = tuple(view.attr(node, "strides", [1, 1]))
             d = tuple(view.attr(node, "dilations", [1, 1]))
             pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
+            if (len(k), len(s), len(d), len(pads)) != (2, 2, 2, 4):  # not a valid 2-D window: no field
+                continue
             auto_pad = view.attr(node, "auto_pad", b"NOTSET")
             auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
             if auto_pad in ("SAME_UPPER", "SAME_LOWER") and shapes:
