@@ -36,7 +36,7 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import LoadedModel, load_model
-from .errors import BadInputError, BadKeyError, KeyMismatchError
+from .errors import BadInputError, BadKeyError, BadModelError, KeyMismatchError
 from .eval_inputs import evaluation_images, scores_output
 from .evaluation import (
     CONFIDENCE,
@@ -262,6 +262,9 @@ class _Tally:
         """``a``, ``b``: the original's and the modified model's scores of these images, flat, float64."""
         if a.shape != b.shape:
             raise KeyMismatchError(f"the models give {a.shape[1]} and {b.shape[1]} scores per image")
+        if self.layout is not None and a.shape[1] != self.layout[0] * self.layout[1]:
+            raise KeyMismatchError(f"the models give {a.shape[1]} scores per image; the key's model.layout "
+                                   f"{list(self.layout)} needs {self.layout[0] * self.layout[1]}")
         if self.dense:
             self.corr[rows] = pearson(b, a)
         elif self.layout is not None:
@@ -311,10 +314,18 @@ def _stream(pair: _Pair, pixels: np.ndarray, batch: int, prog: Progress) -> _Tal
                     raise KeyMismatchError(f"the detector's input gives {phi.shape[1]} positions; the key has "
                                            f"{host.positions}")
                 tally.add_detector(pair, slice(start, stop), phi)
-            tally.add_outputs(slice(start, stop), ref.reshape(stop - start, -1).astype(np.float64),
-                              got[pair.m_scores].reshape(stop - start, -1).astype(np.float64))
+            tally.add_outputs(slice(start, stop), _rows(ref, pair.o_scores, stop - start),
+                              _rows(got[pair.m_scores], pair.m_scores, stop - start))
             task.advance(stop - start)
     return tally
+
+
+def _rows(scores: np.ndarray, name: str, images: int) -> np.ndarray:
+    """A model's scores of ``images`` images as ``[images, K]`` float64: the output needs a batch axis."""
+    if scores.ndim == 0 or scores.shape[0] != images:
+        raise BadModelError(f"the model's output {name!r} has shape {list(scores.shape)} for {images} images; "
+                            "it needs one row per image")
+    return scores.reshape(images, -1).astype(np.float64)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

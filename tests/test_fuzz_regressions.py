@@ -202,6 +202,17 @@ def test_evaluate_scores_near_float32_max(stained, tmp_path, capfd):
     assert code == 0, err
 
 
+def test_evaluate_refuses_scores_without_one_row_per_image(stained, tmp_path, capfd):
+    """The head reads a weight instead of the features: 10 rows of scores whatever the batch (was a ValueError
+    in evaluate's reshape; fuzz --seed 8 model:4827)."""
+    m = onnx.load(stained / "m.onnx")
+    head = next(n for n in m.graph.node if n.op_type == "Gemm" and n.input[1] == "w2")
+    head.input[0] = "w2"
+    p = _save(m, tmp_path, "x.onnx", 8)
+    _refused_by(["evaluate", str(stained / "m.onnx"), str(p), "--key", str(stained / "s.key"), "--images",
+                 str(stained / "imgs"), "--views", "1", "--quiet"], tmp_path, capfd, "one row per image")
+
+
 def test_lock_refuses_infinite_reference_scores(tmp_path, capfd):
     """Head weights of 3.4e38: finite on a grey image, infinite on the lock's reference images (the key's own
     check failed: an internal error)."""
