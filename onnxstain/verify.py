@@ -348,6 +348,9 @@ def white_box_signal(values: np.ndarray, white_box: WhiteBoxSection) -> np.ndarr
     """
     arr = np.asarray(values, dtype=np.float64)
     if white_box.channel is not None:
+        if arr.ndim < 2 or white_box.channel >= arr.shape[1]:
+            raise KeyMismatchError(f"the key's white_box.channel {white_box.channel} is not a channel of the model's "
+                                   f"tensor {white_box.tensor!r} (shape {list(arr.shape)})")
         arr = arr[:, white_box.channel]
     return arr.reshape(len(arr), -1).max(axis=1) / float(white_box.expected)
 
