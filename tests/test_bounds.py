@@ -468,6 +468,7 @@ def test_bound_round_trip_and_str() -> None:
     assert isinstance(small.params["x"], float)
     assert format_probability(-460.0) == "10^-460"
     assert format_probability(-459.74) == "10^-459.7"
+    assert format_probability(-1e308) == "10^-1e+308"  # an exponent beyond float range (a fuzzed key)
     with pytest.raises(ValueError):
         Bound(value=0.1, log10=-1.0, kind="guess", params={}, statement="")
     with pytest.raises(ValueError):

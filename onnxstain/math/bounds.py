@@ -238,6 +238,8 @@ def format_probability(log10: float) -> str:
     if log10 >= 0.0:
         return "1"
     if log10 < _PRINT_FLOAT_MIN_LOG10:
+        if math.isinf(log10 * 10.0):  # an exponent beyond float range itself (a key's log10 of -1e308)
+            return f"10^{log10:.4g}"
         return f"10^{math.ceil(log10 * 10.0 - 1e-9) / 10.0:.1f}".removesuffix(".0")
     exp10 = math.floor(log10)
     mant = math.ceil(10.0 ** (log10 - exp10 + 1.0) - 1e-9) / 10.0  # in [1.0, 10.0], rounded up
