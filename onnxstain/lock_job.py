@@ -80,9 +80,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     head = head_mod.find_scores_head(view)
     dense = find_dense_output(view) if head is None else None
     if head is None and dense is None:
-        raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
-                                    "head (per-anchor class scores beside per-anchor boxes), whose scores the lock "
-                                    f"disrupts: {head_mod.missing_head_reason(view)}")
+        raise UnsupportedModelError(head_mod.no_head_message(view, "whose scores the lock disrupts"))
     seed = opts.seed if opts.seed is not None else fresh_seed()
     return LockJob(loaded=loaded, view=view, pre=pre, opts=opts, output=out_path, key_path=key, record=record,
                    images=images, prog=prog, artefacts=artefacts, head=head, dense=dense, seed=seed,

@@ -18,6 +18,7 @@ from .errors import BadInputError, InternalError, UnsupportedModelError
 from .math import compensation, detector
 from .passes import stain as stain_pass
 from .signature import ScoreView
+from .trigger_search import TriggerFind
 
 
 def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
@@ -398,20 +399,6 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
             "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold,
             "margin_target": float(margin_target), "tau_loss": float(tau_loss), "tolerance": float(tolerance),
             "notes": edit_notes}
-
-
-@dataclasses.dataclass
-class TriggerFind:
-    """One trigger of a stain: its detector direction and what the original model shows on it."""
-
-    direction: np.ndarray  # v, [m]
-    pixels: np.ndarray  # uint8 [H, W, 3]
-    phi: np.ndarray  # the trigger's neuron inputs [P, m]
-    scores: np.ndarray  # its detector scores at every position [P]
-    s_star: float  # the weakest selected position's score
-    natural: np.ndarray  # natural detector scores [N, P]
-    original_scores: np.ndarray  # the original model's signature scores on it [K]
-    draws: int  # draws this trigger took
 
 
 def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: list[TriggerFind], c: np.ndarray,

@@ -86,9 +86,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
     head = head_mod.find_scores_head(view)
     dense = find_dense_output(view) if head is None else None
     if head is None and dense is None:
-        raise UnsupportedModelError("no classifier head (a Gemm or MatMul+Add producing the output) or detector "
-                                    "head (per-anchor class scores beside per-anchor boxes), which the black-box "
-                                    f"signature needs: {head_mod.missing_head_reason(view)}")
+        raise UnsupportedModelError(head_mod.no_head_message(view, "which the black-box signature needs"))
     if dense is not None:
         refuse_dense_mode(opts)
     hosts = find_hosts(loaded.model, view)

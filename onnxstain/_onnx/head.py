@@ -139,6 +139,12 @@ def missing_head_reason(view: GraphView) -> str:
     return "; ".join(parts) or "the graph has no outputs"
 
 
+def no_head_message(view: GraphView, why: str) -> str:
+    """The refusal for a model with neither head: what the job needs it for (``why``), then each output."""
+    return ("no classifier head (a Gemm or MatMul+Add producing the output) or detector head (per-anchor class "
+            f"scores beside per-anchor boxes), {why}: {missing_head_reason(view)}")
+
+
 def find_scores_head(view: GraphView) -> Head | None:
     """The head a class signature can be read from: a classifier's, else a detector's."""
     return find_head(view) or find_detection_head(view)
