@@ -36,7 +36,7 @@ from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import LoadedModel, load_model
-from .errors import BadInputError, BadKeyError, BadModelError, KeyMismatchError
+from .errors import BadInputError, BadKeyError, KeyMismatchError
 from .eval_inputs import evaluation_images, scores_output
 from .evaluation import (
     CONFIDENCE,
@@ -55,7 +55,7 @@ from .keys import Key, load_key
 from .math import bounds, detector
 from .math.detection_agreement import per_image_anchor_map
 from .progress import Progress, Silent
-from .runtime import run_batches, session, with_outputs
+from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
 from .signature import pearson, top1_margins
 from .stopwatch import Stopwatch
@@ -314,18 +314,10 @@ def _stream(pair: _Pair, pixels: np.ndarray, batch: int, prog: Progress) -> _Tal
                     raise KeyMismatchError(f"the detector's input gives {phi.shape[1]} positions; the key has "
                                            f"{host.positions}")
                 tally.add_detector(pair, slice(start, stop), phi)
-            tally.add_outputs(slice(start, stop), _rows(ref, pair.o_scores, stop - start),
-                              _rows(got[pair.m_scores], pair.m_scores, stop - start))
+            tally.add_outputs(slice(start, stop), image_rows(ref, pair.o_scores, stop - start).astype(np.float64),
+                              image_rows(got[pair.m_scores], pair.m_scores, stop - start).astype(np.float64))
             task.advance(stop - start)
     return tally
-
-
-def _rows(scores: np.ndarray, name: str, images: int) -> np.ndarray:
-    """A model's scores of ``images`` images as ``[images, K]`` float64: the output needs a batch axis."""
-    if scores.ndim == 0 or scores.shape[0] != images:
-        raise BadModelError(f"the model's output {name!r} has shape {list(scores.shape)} for {images} images; "
-                            "it needs one row per image")
-    return scores.reshape(images, -1).astype(np.float64)
 
 
 def _log_softmax(z: np.ndarray) -> np.ndarray:

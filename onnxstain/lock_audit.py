@@ -34,7 +34,7 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadInputError, KeyMismatchError
+from .errors import BadInputError, BadModelError, KeyMismatchError
 from .eval_inputs import evaluation_images, scores_output
 from .evaluation import CONFIDENCE, ImageSetInfo, clopper_statement, json_safe
 from .features import neuron_inputs
@@ -57,7 +57,7 @@ from .math.detection_agreement import per_image_anchor_map
 from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
-from .runtime import run_batches, session, with_outputs
+from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
 from .signature import pearson
 from .verify import key_patch, white_box_signal
@@ -223,8 +223,8 @@ def audit_lock(
             patched = paste_pixels(clean, patch)
             o_clean = run_batches(o_sess, pre.to_input(clean), [o_scores, host.input], batch=batch)
             o_patch = run_batches(o_sess, pre.to_input(patched), [o_scores], batch=batch)[o_scores]
-            o_patch = o_patch.reshape(stop - start, -1)
-            ref = o_clean[o_scores].reshape(stop - start, -1)
+            o_patch = image_rows(o_patch, o_scores, stop - start)
+            ref = image_rows(o_clean[o_scores], o_scores, stop - start)
             orig_patch[start:stop] = match(o_patch, ref)
             phi = neuron_inputs(host, o_clean[host.input]).astype(np.float64)
             if det_pos is not None:
@@ -234,7 +234,10 @@ def audit_lock(
             inputs = {"no patch": clean, "patch": patched} | {k: fn(clean) for k, (_, fn) in wrong.items()}
             for name, x in inputs.items():
                 got = run_batches(l_sess, pre.to_input(x), l_outputs, batch=batch)
-                scores = got[l_scores].reshape(stop - start, -1)
+                scores = image_rows(got[l_scores], l_scores, stop - start)
+                if scores.shape[1] != ref.shape[1]:
+                    raise BadModelError(f"the locked model gives {scores.shape[1]} scores per image; the original "
+                                        f"gives {ref.shape[1]}")
                 vs_clean[name][start:stop] = match(scores, ref)
                 if has_fired:
                     gate[name][start:stop] = white_box_signal(got[fired], key.white_box)

@@ -105,3 +105,11 @@ def run_batches(
     except ValueError:  # rank 0, or another shape per batch: not one row per image
         shapes = {o: sorted({tuple(r.shape) for r in v}) for o, v in parts.items()}
         raise BadModelError(f"the model's outputs do not have one row per image (shapes per batch: {shapes})") from None
+
+
+def image_rows(scores: np.ndarray, name: str, images: int) -> np.ndarray:
+    """An output of ``images`` images as ``[images, K]``: refuse one without a batch axis (one row per image)."""
+    if scores.ndim == 0 or scores.shape[0] != images:
+        raise BadModelError(f"the model's output {name!r} has shape {list(scores.shape)} for {images} images; "
+                            "it needs one row per image")
+    return scores.reshape(images, -1)

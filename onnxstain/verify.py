@@ -25,13 +25,13 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadKeyError, BadModelError, KeyMismatchError
+from .errors import BadKeyError, KeyMismatchError
 from .keys import Key, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
 from .math.maps import pool_maps
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
-from .runtime import run_batches, session, with_outputs
+from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
 from .signature import ScoreView, class_margin, dense_pattern, pearson, shift_score
 
@@ -148,9 +148,7 @@ def verify(
     res = run_batches(sess, x, outputs, batch=8)
     score_view = _score_view(key)
     raw = res[scores_name]
-    if raw.ndim == 0 or raw.shape[0] != len(x):  # one row of scores per image: the output needs a batch axis
-        raise BadModelError(f"the model's output {scores_name!r} has shape {list(raw.shape)} for {len(x)} images; "
-                            "it needs one row per image")
+    image_rows(raw, scores_name, len(x))
     if raw[0].size != int(np.prod(score_view.shape)):
         raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
                                f"{raw[0].size}")

@@ -25,7 +25,7 @@ from onnx import numpy_helper
 from tinymodels import smooth_images, tiny_classifier, tiny_cnn, tiny_lockable, tiny_mlp, write_images
 
 import onnxstain
-from onnxstain import Preprocessing, StainOptions
+from onnxstain import LockOptions, Preprocessing, StainOptions
 from onnxstain.cli import main
 from onnxstain.errors import BadKeyError
 from onnxstain.keys import Key
@@ -306,3 +306,65 @@ def test_key_pattern_signature_needs_a_three_axis_map():
     body["model"]["dense_shape"] = body["model"]["dense_shape"][1:]  # was ValueError unpacking in dense_pattern
     _refused(body, r"model\.dense_shape has 2 values")
 
+
+
+def _key_variant(src: Path, folder: Path, edit) -> Path:
+    body = json.loads(src.read_text())
+    edit(body)
+    p = folder / "edited.key"
+    p.write_text(json.dumps(body))
+    return p
+
+
+def test_evaluate_refuses_a_layout_that_does_not_fit_the_scores(stained, tmp_path, capfd):
+    """A key whose model.layout names 3 × 7 anchor scores for a 10-score model: was a ValueError in the
+    detection agreement's reshape (fuzz --seed 8 key:8427)."""
+    key = _key_variant(stained / "s.key", tmp_path, lambda b: b["model"].__setitem__("layout", [3, 7]))
+    _refused_by(["evaluate", str(stained / "m.onnx"), str(stained / "s.onnx"), "--key", str(key), "--images",
+                 str(stained / "imgs"), "--views", "1", "--quiet"], tmp_path, capfd, "model.layout")
+
+
+@pytest.fixture(scope="module")
+def locked(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("locked")
+    onnx.save(tiny_lockable(), d / "m.onnx")
+    Preprocessing(height=48, width=48, resize=None).save(d / "m.preprocessing.json")
+    (d / "imgs").mkdir()
+    write_images(d / "imgs", smooth_images(6, size=48, seed=3))
+    onnxstain.lock(d / "m.onnx", d / "l.onnx", d / "l.key", images=smooth_images(64, size=48, seed=1),
+                   options=LockOptions(seed=2, fpr=1e-3, occlusion_steps=0))
+    return d
+
+
+def _audit(locked: Path, model: Path, key: Path) -> list[str]:
+    return ["evaluate", str(locked / "m.onnx"), str(model), "--key", str(key), "--images", str(locked / "imgs"),
+            "--views", "1", "--quiet"]
+
+
+def test_lock_audit_refuses_a_white_box_channel_beyond_the_tensor(locked, tmp_path, capfd):
+    """A lock key whose white_box.channel is past the tapped tensor's channels: was an IndexError
+    (fuzz --seed 8 key:6222)."""
+    key = _key_variant(locked / "l.key", tmp_path, lambda b: b["white_box"].__setitem__("channel", 4096))
+    _refused_by(_audit(locked, locked / "l.onnx", key), tmp_path, capfd, "white_box.channel 4096")
+
+
+def test_lock_audit_refuses_scores_without_one_row_per_image(locked, tmp_path, capfd):
+    """An original whose ReLU reads a weight instead of its conv: 32 rows of scores whatever the batch (was a
+    ValueError in the lock audit's reshape; fuzz --seed 9 model:6546)."""
+    m = onnx.load(locked / "m.onnx")
+    next(n for n in m.graph.node if n.name == "/conv3/Relu").input[0] = "conv4.w"
+    p = _save(m, tmp_path, "x.onnx", 48)
+    argv = _audit(locked, locked / "l.onnx", locked / "l.key")
+    argv[1] = str(p)
+    _refused_by(argv, tmp_path, capfd, "one row per image")
+
+
+def test_lock_audit_refuses_a_locked_model_with_other_scores(locked, tmp_path, capfd):
+    """A locked model with 5 classes audited against a 10-class original: was a ValueError comparing them
+    (fuzz --seed 9 model:2919, where a stride change halved a detector's anchors)."""
+    m = onnx.load(locked / "l.onnx")
+    for name, shape in (("wf", (5, 32)), ("bf", (5,))):
+        _init(m, name).CopyFrom(numpy_helper.from_array(np.zeros(shape, np.float32), name))
+    m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
+    p = _save(m, tmp_path, "x.onnx", 48)
+    _refused_by(_audit(locked, p, locked / "l.key"), tmp_path, capfd, "gives 5 scores per image")
