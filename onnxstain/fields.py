@@ -194,6 +194,7 @@ class F8:
 class Array(Checker):
     ndim: int | None = None
     nullable: bool = False
+    nonneg: bool = False  # distances (radii): never below 0
 
     def read(self, value: Any, path: str) -> F8:
         if not isinstance(value, dict):
@@ -221,6 +222,8 @@ class Array(Checker):
             raise FieldError(path, "holds a value that is NaN or infinite")
         if values.size and np.abs(values).max() > F32_MAX:  # every array of a key comes from a float32 model
             raise FieldError(path, "holds a value beyond float32's range")
+        if self.nonneg and values.size and values.min() < 0:
+            raise FieldError(path, f"holds a negative value ({values.min():.6g}); it holds distances")
         return F8(shape, data)
 
     def write(self, value: Any) -> Any:

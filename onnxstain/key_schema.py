@@ -236,7 +236,7 @@ class DetectorSection(Record):
     gain: float | None = spec(Num(), optional=True)
     delta: float | None = spec(Num(), optional=True)
     offset: float | None = spec(Num(), optional=True)
-    trigger_radii: F8 | None = spec(Array(ndim=1), optional=True)
+    trigger_radii: F8 | None = spec(Array(ndim=1, nonneg=True), optional=True)
 
     def check(self, path: str) -> None:
         if (self.direction is None) == (self.directions is None):
@@ -283,7 +283,7 @@ class SignatureTrigger(Record):
     png: str = spec(Str())
     direction: F8 = spec(Array(ndim=1))
     trigger_scores: F8 = spec(Array(ndim=1))
-    trigger_radii: F8 = spec(Array(ndim=1))
+    trigger_radii: F8 = spec(Array(ndim=1, nonneg=True))
     s_star: float = spec(Num())
     draws: int = spec(Int(lo=1))
     white_box_channel: int = spec(Int(lo=0))

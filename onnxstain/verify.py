@@ -283,7 +283,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
-    scores = res[scores_name].astype(np.float64).reshape(2 * n, -1)
+    scores = image_rows(res[scores_name], scores_name, 2 * n).astype(np.float64)
     want_p, want_u = (a.array().reshape(n, -1) for a in (refs_info.patched_scores, refs_info.unpatched_scores))
     if refs_info.metric == "correlation":
         scores = _pooled_maps(res[scores_name], key)

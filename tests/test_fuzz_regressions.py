@@ -368,3 +368,20 @@ def test_lock_audit_refuses_a_locked_model_with_other_scores(locked, tmp_path, c
     m.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5
     p = _save(m, tmp_path, "x.onnx", 48)
     _refused_by(_audit(locked, p, locked / "l.key"), tmp_path, capfd, "gives 5 scores per image")
+
+
+def test_key_negative_trigger_radius():
+    body = _fixture("stain_insert")
+    radii = np.frombuffer(base64.b64decode(body["detector"]["trigger_radii"]["f8"]), "<f8").copy()
+    radii[0] = -radii[0]  # a flipped sign bit: the cross-key bound raised ValueError (fuzz --seed 10 key:5401)
+    body["detector"]["trigger_radii"]["f8"] = _f8(radii)
+    _refused(body, r"detector\.trigger_radii holds a negative value")
+
+
+def test_lock_verify_refuses_scores_without_one_row_per_image(locked, tmp_path, capfd):
+    """An original whose head flattens a weight instead of the pooled features: was a ValueError in the lock's
+    verify (fuzz --seed 10 model:3763)."""
+    m = onnx.load(locked / "m.onnx")
+    next(n for n in m.graph.node if n.name == "/Flatten").input[0] = "wf"
+    p = _save(m, tmp_path, "x.onnx", 48)
+    _refused_by(["verify", str(p), "--key", str(locked / "l.key")], tmp_path, capfd, "one row per image")
