@@ -20,10 +20,12 @@ import onnx
 
 from ._onnx import head as head_mod
 from ._onnx.dense import DenseOutput, find_dense_output
+from ._onnx.fold import fold_shape_only, fuse_pads
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
 from ._onnx.inputs import infer_preprocessing
 from ._onnx.io import LoadedModel, load_model
+from ._onnx.shapes import example_input
 from .calibration import calibration_pixels, natural_radius, refuse_underflowing_target
 from .errors import UnsupportedModelError
 from .features import neuron_inputs
@@ -61,6 +63,19 @@ class StainJob:
     progress: Progress
     notes: list[str]
     clock: Stopwatch
+    _analysis: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
+
+    def analysis_model(self) -> onnx.ModelProto:
+        """The model with its shape-only subgraphs (run-time "same" pads, token counts) folded for the
+        preprocessing's input size, any batch, and the zero Pads before Convs fused into them: what the
+        calibration pass and the trigger search run, at the speed of an export that had them as Conv pads.
+        Edits go to ``loaded.model``, whose graph and dynamic axes stay as they are."""
+        if self._analysis is None:
+            folded = fold_shape_only(self.loaded.model, example_input(self.loaded.model, self.pre.input_shape()),
+                                     self.opts.providers, any_batch=True)
+            # the host's input stays a tensor of its own: the calibration pass and the search read it
+            self._analysis = fuse_pads(folded, keep={self.host.input})
+        return self._analysis
 
 
 def draw_seed(seed: int | None) -> int:
@@ -133,7 +148,7 @@ def calibration_pass(job: StainJob, images: Any, taps: list[str]) -> Calibration
     (the host's input first) and measure the centre and radius of the host's natural features."""
     pixels = calibration_pixels(images, job.pre, job.progress)
     x_cal = job.pre.to_input(pixels)
-    tapped = with_outputs(job.loaded.model, taps)
+    tapped = with_outputs(job.analysis_model(), taps)
     sess = session(tapped, job.opts.providers)
     with job.progress.task("calibration pass", total=len(x_cal)) as task:
         outputs = run_batches(sess, x_cal, taps, batch=job.opts.batch, progress=task.advance)

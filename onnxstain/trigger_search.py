@@ -192,6 +192,6 @@ class TriggerSearch:
             from .torchprefix import prefix_for_input  # imports torch: only when a search runs
 
             # shape-only parts (a ViT's resized position embedding) are constants at this input size
-            self._prefix = prefix_for_input(self.job.loaded.model, [self.host.input], self.job.pre.input_shape(),
+            self._prefix = prefix_for_input(self.job.analysis_model(), [self.host.input], self.job.pre.input_shape(),
                                             self.job.opts.providers)
         return self._prefix

@@ -434,3 +434,23 @@ def test_missing_head_reason_names_what_makes_each_output():
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])])
     text = missing_head_reason(GraphView(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])))
     assert text == "output 'y' [1, 48] from flat (Flatten) is not made by a Gemm or MatMul+Add classifier"
+
+
+def test_same_pad_calibration_runs_the_folded_model(same_pad, images, tmp_path):
+    """The calibration pass and the trigger search run the model with its shape-only subgraphs folded (the
+    run-time pads as constants: onnxruntime pays the Shape arithmetic on every batch otherwise); the tapped
+    features equal the original model's, and the written model keeps the original graph."""
+    from onnxstain.stain_job import calibration_pass, prepare
+
+    job = prepare(same_pad / "model.onnx", tmp_path / "o.onnx", tmp_path / "o.key", StainOptions(seed=0))
+    folded = job.analysis_model()
+    assert not any(n.op_type == "Shape" for n in folded.graph.node)
+    pads = [n for n in folded.graph.node if n.op_type == "Pad"]  # fused into their Convs but the host's
+    assert [p.output[0] for p in pads] == [job.host.input]
+    assert any(n.op_type == "Shape" for n in job.loaded.model.graph.node)
+    assert job.analysis_model() is folded  # built once
+    cal = calibration_pass(job, images[:8], [job.host.input, job.head.scores])
+    sess = session(str(same_pad / "model.onnx"))
+    x = cal.inputs
+    want = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
+    np.testing.assert_allclose(cal.outputs[job.head.scores].reshape(want.shape), want, rtol=1e-5, atol=1e-5)
