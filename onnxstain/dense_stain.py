@@ -91,7 +91,7 @@ def stain_dense(job: StainJob, images: Any) -> StainResult:
     job.clock.lap("trigger_search")
     edit = _edit(job, cal, find, tau0, dense, nat_out)
     job.clock.lap("edit")
-    checked = _check(job, cal, find, edit, nat_out)
+    checked = _check(job, cal, find, edit)
     job.clock.lap("checks")
     digest = write(job, edit.model, lambda sha: _key(job, cal, find, sel, edit, checked, sha))
     return StainResult(
@@ -166,21 +166,24 @@ class _Checked:
     natural_firings: int
 
 
-def _check(job: StainJob, cal: CalibrationPass, find: TriggerFind, edit: _Edit, nat_out: np.ndarray) -> _Checked:
-    """The detector gives exactly 1 on the trigger and 0 on natural images (whose maps are bit-identical),
-    and the trigger's map shows the pattern where the original's does not."""
+def _check(job: StainJob, cal: CalibrationPass, find: TriggerFind, edit: _Edit) -> _Checked:
+    """The detector gives exactly 1 on the trigger and 0 on natural images (whose maps are bit-identical to
+    the original model's, both run as written: the calibration pass ran the folded analysis copy), and the
+    trigger's map shows the pattern where the original's does not."""
     output, providers = _dense(job).output, job.opts.providers
     n_check = min(CHECK_IMAGES, len(cal.inputs))
     check = session(with_outputs(edit.model, [output, edit.gamma]), providers)
     trig_input = job.pre.to_input(find.pixels)
-    got = run_batches(check, np.concatenate([trig_input, cal.inputs[:n_check]]), [output, edit.gamma])
+    batch = np.concatenate([trig_input, cal.inputs[:n_check]])
+    got = run_batches(check, batch, [output, edit.gamma])
     out, sig = got[output], got[edit.gamma].reshape(-1)
+    original = run_batches(session(job.loaded.model, providers), batch, [output])[output]
+    orig_trig, nat_out = original[:1], original[1:]
     if sig[0] != 1.0:
         raise InternalError(f"internal check failed: the detector gives {sig[0]:.4g} on the trigger (want 1)")
     if np.any(sig[1:] != 0.0) or not np.array_equal(out[1:], nat_out[:n_check]):
         raise InternalError("internal check failed: natural outputs of the stained model are not "
                             "bit-identical to the original's")
-    orig_trig = run_batches(session(job.loaded.model, providers), trig_input, [output])[output]
     trig_corr = float(pearson(out[:1], edit.unit[None])[0])
     orig_corr = float(pearson(orig_trig, edit.unit[None])[0])
     if trig_corr < 0.9 or abs(orig_corr) >= PATTERN_THRESHOLD / 2:

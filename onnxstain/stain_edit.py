@@ -7,6 +7,7 @@ ONNX rewriting itself is in :mod:`onnxstain.passes.stain`.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -214,9 +215,47 @@ def _pool(route, a: np.ndarray, axis: int = -1) -> np.ndarray:
     return a.max(axis=axis) if route.pool == "max" else a.mean(axis=axis)
 
 
+@dataclasses.dataclass
+class _Request:
+    """What one single-trigger edit reads: the options, the layers and the calibration/trigger arrays."""
+
+    opts: Any
+    host: HostLayer
+    head: Any
+    route: Any
+    loaded: LoadedModel
+    view: GraphView  # of the unedited model
+    channel: int | None
+    v: np.ndarray  # the detector's direction and centre, threshold and the trigger's weakest score
+    c: np.ndarray
+    tau: float
+    s_star: float
+    phi_t: np.ndarray  # the trigger's host inputs [P, m], the calibration images' [N, P, m], the selected positions
+    phi_all: np.ndarray
+    sel: np.ndarray
+    pooled: np.ndarray  # the calibration images' pooled features [N, F] and natural scores [N, K]
+    nat_scores: np.ndarray
+    cls: int
+    margin_target: float
+    orig_trig: np.ndarray  # the original model's scores on the trigger
+    radius: float
+    scores_view: ScoreView | None
+    identities: tuple = ()  # per-channel constants whose stained entry becomes the identity (in place)
+    delta: float = 10.0  # the detector's output on the trigger (non-additive); saturates a clipped activation
+
+    @property
+    def s_trig(self) -> np.ndarray:
+        return detector.scores(self.phi_t, self.v, self.c)
+
+    def pooled_features(self, view: GraphView) -> np.ndarray:
+        """Every hosted channel's pooled feature on the trigger, as ``view``'s layer computes it."""
+        rows, b_all = layer_affine(view, self.host)
+        return _pool(self.route, _activate(self.host, (self.phi_t.astype(np.float64) @ rows.T + b_all).T))
+
+
 def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_t, phi_all, sel, pooled,
-                nat_scores, cls, margin_target, orig_trig, radius: float = 0.0,
-                scores_view: ScoreView | None = None) -> dict:
+               nat_scores, cls, margin_target, orig_trig, radius: float = 0.0,
+               scores_view: ScoreView | None = None) -> dict:
     """Weights, route, and the exact prediction of the stained model's natural outputs.
 
     The edit is computed in float64 and stored in each tensor's own format (fp32, fp16, or int8 codes
@@ -225,8 +264,20 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
     for any φ within ``radius`` of the centre: the stored detector can only fire where the exact
     score exceeds ``tau − tau_loss``.
     """
-    view = GraphView(loaded.model)
-    identities = route.affine if route is not None else ()
+    req = _Request(opts, host, head, route, loaded, GraphView(loaded.model), channel, v, c, tau, s_star, phi_t,
+                   phi_all, sel, pooled, nat_scores, cls, margin_target, orig_trig, radius, scores_view)
+    _route_checks(req)
+    req.delta = _detector_delta(req)
+    if opts.variant == "additive" and req.channel is None:
+        req.channel = _additive_host_channel(req)
+    return _inplace_edit(req) if opts.mode == "inplace" else _insert_edit(req)
+
+
+def _route_checks(req: _Request) -> None:
+    """Refuse the additive variant where the route would read the hidden neuron's own output changed; under a
+    PReLU (in place), set the stained channel's slope to 0 and treat the host as a ReLU."""
+    opts, host, route = req.opts, req.host, req.route
+    req.identities = route.affine if route is not None else ()
     if route is not None and (route.affine or route.siblings) and opts.variant == "additive":
         why = (f"a per-channel scale or shift ({route.affine[0][0]})" if route.affine else
                f"other heads ({', '.join(s.node for s in route.siblings)}) beside the classifier")
@@ -240,165 +291,217 @@ def build_edit(opts, host, head, route, loaded, channel, v, c, tau, s_star, phi_
                 "which changes the channel's own output the additive variant keeps; use the non-additive variant")
         # the stained channel's slope becomes 0: a ReLU there, exactly 0 below its threshold on natural inputs
         assert host.act_node is not None
-        identities = (*identities, (host.act_node, 1, 0.0))
-        host = dataclasses.replace(host, activation="relu", act_params=())
-    hi = host.act_high
-    delta = 1.25 * hi if hi is not None else 10.0
-    if opts.variant == "additive" and opts.mode == "inplace" and hi is not None:
+        req.identities = (*req.identities, (host.act_node, 1, 0.0))
+        req.host = dataclasses.replace(host, activation="relu", act_params=())
+
+
+def _detector_delta(req: _Request) -> float:
+    hi = req.host.act_high
+    if req.opts.variant == "additive" and req.opts.mode == "inplace" and hi is not None:
         # The hidden neuron only has to saturate on the trigger (its activation is clipped at hi): any
         # pre-activation above hi gives the same signature, and a smaller gain κ leaks less into the
         # natural scores.
-        delta = ADDITIVE_SATURATION * hi
-    s_trig = detector.scores(phi_t, v, c)
-    signature, expected_trigger = "class", None
-    edit_notes: list[str] = []
-    if opts.variant == "additive" and channel is None:
-        if opts.mode == "inplace" and can_compensate(host, head, view):
-            channel = additive_inplace_channel(host, route, view, head, loaded.model, v, c, tau, delta, phi_t,
-                                               phi_all, sel, pooled, nat_scores)
-        else:
-            channel = additive_channel(host, view, head, phi_t, sel, opts.mode, loaded.model)
-    if opts.mode == "inplace":
-        assert route is not None and channel is not None
-        columns_delta = None
-        siblings: list = []
-        col_old = stain_pass.head_column(loaded.model, head, channel)
-        w, beta = neuron_affine(view, host, channel)
-        own_t = phi_t.astype(np.float64) @ w + beta
-        pooled_old_t = float(_pool(route, _activate(host, own_t)))
-        if opts.variant == "non-additive":
-            # under a GELU, SiLU, HardSwish ... the pre-activation sits at the activation's zero point
-            # (or below) whenever S ≤ τ, so the overwritten channel is exactly 0 on natural inputs
-            offset = host.zero_point or 0.0
-            ed = detector.non_additive(v, c, tau, s_star, delta, offset)
-            g_trig = float(_pool(route, _activate(host, ed.gain * (s_trig - tau) + offset)))
-            if g_trig <= 0:
-                raise InternalError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
-            if can_compensate(host, head, view):
-                # the lost feature is predicted from the others (fitted on the calibration images)
-                comp = compensation.fit(pooled, channel)
-                columns_delta = np.outer(col_old, comp.weights)
-                bias_shift = col_old * comp.offset
-                for s in route.siblings:
-                    s_old = stain_pass.head_column(loaded.model, s, channel)
-                    siblings.append((s, s_old * comp.offset, np.outer(s_old, comp.weights)))
-                rows, b_all = layer_affine(view, host)
-                pooled_t = _pool(route, _activate(host, (phi_t.astype(np.float64) @ rows.T + b_all).T))
-                z = orig_trig - col_old * pooled_old_t + col_old * float(comp.weights @ pooled_t) + bias_shift
-            else:
-                bias_shift = col_old * pooled[:, channel].mean()
-                z = orig_trig - col_old * pooled_old_t + bias_shift
-                for s in route.siblings:
-                    s_old = stain_pass.head_column(loaded.model, s, channel)
-                    siblings.append((s, s_old * pooled[:, channel].mean(), None))
-            if head.scores_range is not None:
-                # quantized scores saturate at the top code: the signature must fit below it
-                room = head.scores_range[1] - np.delete(z, cls).max() - 2 * head.scores_step
-                if room < max(4 * head.scores_step, 0.5):
-                    raise UnsupportedModelError(
-                        f"the quantized scores top out at {head.scores_range[1]:.3g}, which leaves no room for "
-                        f"an in-place class signature (margin {room:.3g}); use --mode insert or --variant additive")
-                margin_target = min(margin_target, 0.8 * room)
-            strength = (margin_target + np.delete(z, cls).max() - z[cls]) / g_trig
-            column = np.zeros_like(col_old)
-            column[cls] = strength
-            # The trigger gives exactly Δ at its weakest selected position; a working neuron of the
-            # unstained model can reach half of that, so the threshold sits close to Δ.
-            wb_expected, wb_threshold = float(delta), 0.9 * float(delta)
-        else:
-            ed = detector.additive(w, beta, v, c, tau, phi_t[sel], delta)
-            # The signature is the shift col_k · (g_trig − g_orig) (column k stays as it is). On natural
-            # images the channel leaks Δ_k = pool(act(own + κS)) − pool(act(own)); where the classifier
-            # may be edited, the leak's regression on the other features is taken back through it.
-            column, bias_shift = col_old, np.zeros_like(col_old)
-            if can_compensate(host, head, view):
-                leak = additive_leaks(host, route, w[None], np.array([beta]), np.array([ed.gain]),
-                                      detector.scores(phi_all, v, c), phi_all)[:, 0]
-                comp = compensation.fit(pooled, channel, target=leak)
-                columns_delta = -np.outer(col_old, comp.weights)
-                bias_shift = -col_old * comp.offset
-            signature = "shift"
-        model = stain_pass.inplace(loaded.model, host, channel, ed.weights, ed.bias, head, column, bias_shift,
-                                   columns_delta, identities, siblings)
-        # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
-        stored = GraphView(model)
-        w_eff, b_eff = neuron_affine(stored, host, channel)
-        own_t_eff = phi_t.astype(np.float64) @ w_eff + b_eff
-        own_nat = phi_all.astype(np.float64) @ w_eff + b_eff
-        pooled_new = _pool(route, _activate(host, own_nat))
-        # (non-additive: natural inputs keep the channel silent, scores below τ, so pooled_new is 0)
-        if opts.variant == "additive":
-            g_trig = float(_pool(route, _activate(host, own_t_eff)))
-            expected_trigger = orig_trig + col_old * (g_trig - pooled_old_t)
-            if columns_delta is not None:
-                # the other features on the trigger, as the original model pools them
-                rows, b_all = layer_affine(view, host)
-                pooled_t = _pool(route, _activate(host, (phi_t.astype(np.float64) @ rows.T + b_all).T))
-                w_old, c_old = stain_pass.head_affine(loaded.model, head)
-                w_new, c_new = stain_pass.head_affine(model, head)
-                stained_t = pooled_t.copy()
-                stained_t[channel] = g_trig
-                expected_trigger = orig_trig + (w_new @ stained_t + c_new) - (w_old @ pooled_t + c_old)
-            wb_expected = float(np.min(own_t_eff[sel]))
-            wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[sel]))) + float(delta))
-        w_old, c_old = stain_pass.head_affine(loaded.model, head)
-        w_new, c_new = stain_pass.head_affine(model, head)
-        feats = pooled.copy()
-        feats[:, channel] = pooled_new
-        predicted = nat_scores + (feats @ w_new.T + c_new) - (pooled @ w_old.T + c_old)
-        tau_loss = _threshold_loss(ed, w_eff, b_eff, c, radius)
-        tolerance = _quantization_tolerance(stored, host, head, w_new[:, channel])
-        moved = np.abs(np.delete(w_new - w_old, channel, axis=1)).max(axis=1)  # other features' weights
-        if columns_delta is None and moved.max() > 0:
-            worst = int(np.argmax(moved))
-            edit_notes.append(
-                f"the quantized classifier row of class {worst} was re-encoded with a coarser scale to hold the "
-                f"signature: its natural scores move by up to {np.abs(predicted - nat_scores)[:, worst].max():.3g} "
-                "(--mode insert or --variant additive leave the classifier as it is)")
-        tap, tap_channel = host.output, channel
+        return ADDITIVE_SATURATION * hi
+    return 1.25 * hi if hi is not None else 10.0
+
+
+def _additive_host_channel(req: _Request) -> int:
+    """The additive variant's working neuron, chosen once the trigger is known."""
+    if req.opts.mode == "inplace" and can_compensate(req.host, req.head, req.view):
+        return additive_inplace_channel(req.host, req.route, req.view, req.head, req.loaded.model, req.v, req.c,
+                                        req.tau, req.delta, req.phi_t, req.phi_all, req.sel, req.pooled,
+                                        req.nat_scores)
+    return additive_channel(req.host, req.view, req.head, req.phi_t, req.sel, req.opts.mode, req.loaded.model)
+
+
+@dataclasses.dataclass
+class _Column:
+    """The in-place edit of the classifier: the neuron's new weights, the stained channel's column, the bias
+    shift, the other columns' change (compensation), the sibling heads' changes and the white-box levels."""
+
+    ed: detector.NeuronEdit
+    column: np.ndarray
+    bias_shift: np.ndarray
+    columns_delta: np.ndarray | None = None
+    siblings: list = dataclasses.field(default_factory=list)
+    wb_expected: float = 0.0
+    wb_threshold: float = 0.0
+
+
+def _inplace_edit(req: _Request) -> dict:
+    assert req.route is not None and req.channel is not None
+    col_old = stain_pass.head_column(req.loaded.model, req.head, req.channel)
+    w, beta = neuron_affine(req.view, req.host, req.channel)
+    own_t = req.phi_t.astype(np.float64) @ w + beta
+    pooled_old_t = float(_pool(req.route, _activate(req.host, own_t)))
+    if req.opts.variant == "non-additive":
+        col = _non_additive_column(req, col_old, pooled_old_t)
     else:
-        if opts.variant == "non-additive":
-            ed = detector.non_additive(v, c, tau, s_star, 1.0)
-            filters = _as_filters(host, ed.weights[None])
-            biases = np.array([ed.bias])
-            combine, combine_bias, act_high = None, 0.0, None
-        else:
-            # The inserted branch holds a copy of working neuron k plus the detector, and a copy of
-            # neuron k alone, both through ReLU; it signals when the first exceeds the second by more
-            # than θ = κτ, which needs S > τ (ReLU is 1-Lipschitz): the same firing event as always.
-            w, beta = neuron_affine(view, host, channel)
-            own_t = phi_t.astype(np.float64) @ w + beta
-            kappa = 1.0
-            ed = detector.NeuronEdit(w + kappa * v, beta - kappa * float(v @ c), kappa, tau, kappa * s_star)
-            diff = np.maximum(own_t + kappa * s_trig, 0.0) - np.maximum(own_t, 0.0)
-            theta = kappa * tau
-            d_min = float(diff[sel].min())
-            if d_min <= 1.05 * theta:
-                raise UnsupportedModelError(
-                    f"neuron {channel} is off on the trigger; the additive detector cannot show through it "
-                    "(choose another --channel or the non-additive variant)")
-            h = 1.0 / (d_min - theta)
-            filters = _as_filters(host, np.stack([ed.weights, w]))
-            biases = np.array([ed.bias, beta])
-            combine, combine_bias, act_high = np.array([h, -h]), -h * theta, None
-        strength = margin_target + np.delete(orig_trig, cls).max() - orig_trig[cls]
-        row = np.zeros(len(orig_trig))
-        row[cls] = strength
-        model, signal = stain_pass.insert(loaded.model, host, head, filters, biases, combine, combine_bias,
-                                          act_high, row if scores_view is None else scores_view.expand(row))
-        # The branch adds exactly zero where the detector does not fire (checked on natural data).
-        predicted = nat_scores.copy()
-        tap, tap_channel = signal, 0
-        wb_expected, wb_threshold = 1.0, 0.5
-        dtype = stain_pass.branch_dtype(GraphView(loaded.model), head)
-        stored_w = ed.weights.astype(dtype).astype(np.float64)
-        tau_loss = _threshold_loss(ed, stored_w, float(np.asarray(ed.bias).astype(dtype)), c, radius)
-        tolerance = 0.0
+        col = _additive_column(req, col_old, w, beta)
+    model = stain_pass.inplace(req.loaded.model, req.host, req.channel, col.ed.weights, col.ed.bias, req.head,
+                               col.column, col.bias_shift, col.columns_delta, req.identities, col.siblings)
+    # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
+    stored = GraphView(model)
+    w_eff, b_eff = neuron_affine(stored, req.host, req.channel)
+    own_t_eff = req.phi_t.astype(np.float64) @ w_eff + b_eff
+    pooled_new = _pool(req.route, _activate(req.host, req.phi_all.astype(np.float64) @ w_eff + b_eff))
+    # (non-additive: natural inputs keep the channel silent, scores below τ, so pooled_new is 0)
+    signature, expected_trigger = "class", None
+    if req.opts.variant == "additive":
+        signature = "shift"
+        g_trig = float(_pool(req.route, _activate(req.host, own_t_eff)))
+        expected_trigger = _expected_shift(req, model, col, col_old, g_trig, pooled_old_t)
+        col.wb_expected = float(np.min(own_t_eff[req.sel]))
+        col.wb_threshold = 0.5 * (max(0.0, float(np.max(own_t[req.sel]))) + float(req.delta))
+    w_old, c_old = stain_pass.head_affine(req.loaded.model, req.head)
+    w_new, c_new = stain_pass.head_affine(model, req.head)
+    feats = req.pooled.copy()
+    feats[:, req.channel] = pooled_new
+    predicted = req.nat_scores + (feats @ w_new.T + c_new) - (req.pooled @ w_old.T + c_old)
+    notes = []
+    moved = np.abs(np.delete(w_new - w_old, req.channel, axis=1)).max(axis=1)  # other features' weights
+    if col.columns_delta is None and moved.max() > 0:
+        worst = int(np.argmax(moved))
+        notes.append(
+            f"the quantized classifier row of class {worst} was re-encoded with a coarser scale to hold the "
+            f"signature: its natural scores move by up to {np.abs(predicted - req.nat_scores)[:, worst].max():.3g} "
+            "(--mode insert or --variant additive leave the classifier as it is)")
+    return _result(req, model, predicted, col.ed, signature=signature, expected_trigger=expected_trigger,
+                   tap=req.host.output, tap_channel=req.channel, wb_expected=col.wb_expected,
+                   wb_threshold=col.wb_threshold, tau_loss=_threshold_loss(col.ed, w_eff, b_eff, req.c, req.radius),
+                   tolerance=_quantization_tolerance(stored, req.host, req.head, w_new[:, req.channel]), notes=notes)
+
+
+def _non_additive_column(req: _Request, col_old: np.ndarray, pooled_old_t: float) -> _Column:
+    """The overwritten channel carries the detector; its column makes class ``cls`` win the trigger by the
+    margin target, and its lost natural feature is compensated (or its mean moved into the bias)."""
+    host, route, head, channel = req.host, req.route, req.head, req.channel
+    assert channel is not None
+    # under a GELU, SiLU, HardSwish ... the pre-activation sits at the activation's zero point
+    # (or below) whenever S ≤ τ, so the overwritten channel is exactly 0 on natural inputs
+    offset = host.zero_point or 0.0
+    ed = detector.non_additive(req.v, req.c, req.tau, req.s_star, req.delta, offset)
+    g_trig = float(_pool(route, _activate(host, ed.gain * (req.s_trig - req.tau) + offset)))
+    if g_trig <= 0:
+        raise InternalError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
+    columns_delta, siblings = None, []
+    if can_compensate(host, head, req.view):
+        # the lost feature is predicted from the others (fitted on the calibration images)
+        comp = compensation.fit(req.pooled, channel)
+        columns_delta = np.outer(col_old, comp.weights)
+        bias_shift = col_old * comp.offset
+        for s in route.siblings:
+            s_old = stain_pass.head_column(req.loaded.model, s, channel)
+            siblings.append((s, s_old * comp.offset, np.outer(s_old, comp.weights)))
+        z = (req.orig_trig - col_old * pooled_old_t + col_old * float(comp.weights @ req.pooled_features(req.view))
+             + bias_shift)
+    else:
+        mean = req.pooled[:, channel].mean()
+        bias_shift = col_old * mean
+        z = req.orig_trig - col_old * pooled_old_t + bias_shift
+        for s in route.siblings:
+            siblings.append((s, stain_pass.head_column(req.loaded.model, s, channel) * mean, None))
+    margin_target = _fit_quantized_scores(req, z)
+    column = np.zeros_like(col_old)
+    column[req.cls] = (margin_target + np.delete(z, req.cls).max() - z[req.cls]) / g_trig
+    # The trigger gives exactly Δ at its weakest selected position; a working neuron of the
+    # unstained model can reach half of that, so the threshold sits close to Δ.
+    return _Column(ed, column, bias_shift, columns_delta, siblings, float(req.delta), 0.9 * float(req.delta))
+
+
+def _fit_quantized_scores(req: _Request, z: np.ndarray) -> float:
+    """The margin target, lowered to fit below the top code of quantized scores (which saturate there)."""
+    head = req.head
+    if head.scores_range is None:
+        return req.margin_target
+    room = head.scores_range[1] - np.delete(z, req.cls).max() - 2 * head.scores_step
+    if room < max(4 * head.scores_step, 0.5):
+        raise UnsupportedModelError(
+            f"the quantized scores top out at {head.scores_range[1]:.3g}, which leaves no room for "
+            f"an in-place class signature (margin {room:.3g}); use --mode insert or --variant additive")
+    req.margin_target = min(req.margin_target, 0.8 * room)
+    return req.margin_target
+
+
+def _additive_column(req: _Request, col_old: np.ndarray, w: np.ndarray, beta: float) -> _Column:
+    """The detector hides in a working neuron; the signature is the shift ``col_k · (g_trig − g_orig)`` (column
+    k stays as it is). On natural images the channel leaks ``Δ_k = pool(act(own + κS)) − pool(act(own))``;
+    where the classifier may be edited, the leak's regression on the other features is taken back through it."""
+    ed = detector.additive(w, beta, req.v, req.c, req.tau, req.phi_t[req.sel], req.delta)
+    col = _Column(ed, col_old, np.zeros_like(col_old))
+    if can_compensate(req.host, req.head, req.view):
+        leak = additive_leaks(req.host, req.route, w[None], np.array([beta]), np.array([ed.gain]),
+                              detector.scores(req.phi_all, req.v, req.c), req.phi_all)[:, 0]
+        comp = compensation.fit(req.pooled, req.channel, target=leak)
+        col.columns_delta = -np.outer(col_old, comp.weights)
+        col.bias_shift = -col_old * comp.offset
+    return col
+
+
+def _expected_shift(req: _Request, model, col: _Column, col_old: np.ndarray, g_trig: float,
+                    pooled_old_t: float) -> np.ndarray:
+    """The additive in-place stain's scores on the trigger, as the stored model gives them."""
+    expected = req.orig_trig + col_old * (g_trig - pooled_old_t)
+    if col.columns_delta is None:
+        return expected
+    # the other features on the trigger, as the original model pools them
+    pooled_t = req.pooled_features(req.view)
+    w_old, c_old = stain_pass.head_affine(req.loaded.model, req.head)
+    w_new, c_new = stain_pass.head_affine(model, req.head)
+    stained_t = pooled_t.copy()
+    stained_t[req.channel] = g_trig
+    return req.orig_trig + (w_new @ stained_t + c_new) - (w_old @ pooled_t + c_old)
+
+
+def _insert_edit(req: _Request) -> dict:
+    """A new branch beside the host: the detector (non-additive), or a working neuron's copy with the detector
+    and without it (additive), routed to class ``cls`` of the scores."""
+    host, c, tau = req.host, req.c, req.tau
+    if req.opts.variant == "non-additive":
+        ed = detector.non_additive(req.v, c, tau, req.s_star, 1.0)
+        filters = _as_filters(host, ed.weights[None])
+        biases = np.array([ed.bias])
+        combine, combine_bias = None, 0.0
+    else:
+        # The inserted branch holds a copy of working neuron k plus the detector, and a copy of
+        # neuron k alone, both through ReLU; it signals when the first exceeds the second by more
+        # than θ = κτ, which needs S > τ (ReLU is 1-Lipschitz): the same firing event as always.
+        w, beta = neuron_affine(req.view, host, req.channel)
+        own_t = req.phi_t.astype(np.float64) @ w + beta
+        kappa = 1.0
+        ed = detector.NeuronEdit(w + kappa * req.v, beta - kappa * float(req.v @ c), kappa, tau, kappa * req.s_star)
+        diff = np.maximum(own_t + kappa * req.s_trig, 0.0) - np.maximum(own_t, 0.0)
+        theta = kappa * tau
+        d_min = float(diff[req.sel].min())
+        if d_min <= 1.05 * theta:
+            raise UnsupportedModelError(
+                f"neuron {req.channel} is off on the trigger; the additive detector cannot show through it "
+                "(choose another --channel or the non-additive variant)")
+        h = 1.0 / (d_min - theta)
+        filters = _as_filters(host, np.stack([ed.weights, w]))
+        biases = np.array([ed.bias, beta])
+        combine, combine_bias = np.array([h, -h]), -h * theta
+    orig = req.orig_trig
+    row = np.zeros(len(orig))
+    row[req.cls] = req.margin_target + np.delete(orig, req.cls).max() - orig[req.cls]
+    model, signal = stain_pass.insert(req.loaded.model, host, req.head, filters, biases, combine, combine_bias,
+                                      None, row if req.scores_view is None else req.scores_view.expand(row))
+    # The branch adds exactly zero where the detector does not fire (checked on natural data).
+    dtype = stain_pass.branch_dtype(req.view, req.head)
+    stored_w = ed.weights.astype(dtype).astype(np.float64)
+    tau_loss = _threshold_loss(ed, stored_w, float(np.asarray(ed.bias).astype(dtype)), c, req.radius)
+    return _result(req, model, req.nat_scores.copy(), ed, signature="class", expected_trigger=None, tap=signal,
+                   tap_channel=0, wb_expected=1.0, wb_threshold=0.5, tau_loss=tau_loss, tolerance=0.0, notes=[])
+
+
+def _result(req: _Request, model, predicted: np.ndarray, ed: detector.NeuronEdit, *, signature: str,
+            expected_trigger: np.ndarray | None, tap: str, tap_channel: int | None, wb_expected: float,
+            wb_threshold: float, tau_loss: float, tolerance: float, notes: list[str]) -> dict:
     return {"model": model, "predicted": predicted, "gain": float(ed.gain), "delta": float(ed.delta),
-            "signature": signature, "expected_trigger": expected_trigger, "channel": channel,
+            "signature": signature, "expected_trigger": expected_trigger, "channel": req.channel,
             "tap": tap, "tap_channel": tap_channel, "wb_expected": wb_expected, "wb_threshold": wb_threshold,
-            "margin_target": float(margin_target), "tau_loss": float(tau_loss), "tolerance": float(tolerance),
-            "notes": edit_notes}
+            "margin_target": float(req.margin_target), "tau_loss": float(tau_loss), "tolerance": float(tolerance),
+            "notes": notes}
 
 
 def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: list[TriggerFind], c: np.ndarray,

@@ -66,15 +66,20 @@ class StainJob:
     _analysis: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
     def analysis_model(self) -> onnx.ModelProto:
-        """The model with its shape-only subgraphs (run-time "same" pads, token counts) folded for the
-        preprocessing's input size, any batch, and the zero Pads before Convs fused into them: what the
-        calibration pass and the trigger search run, at the speed of an export that had them as Conv pads.
+        """What the calibration pass and the trigger search run: where the graph has zero Pads before its Convs
+        (run-time "same" padding, once its shape-only subgraph is folded for the preprocessing's input size),
+        a copy with them fused into the Convs, which onnxruntime runs at the speed of an export that wrote
+        them as Conv pads; else the model itself (its calibration then bit-identical to earlier releases).
         Edits go to ``loaded.model``, whose graph and dynamic axes stay as they are."""
         if self._analysis is None:
-            folded = fold_shape_only(self.loaded.model, example_input(self.loaded.model, self.pre.input_shape()),
-                                     self.opts.providers, any_batch=True)
-            # the host's input stays a tensor of its own: the calibration pass and the search read it
-            self._analysis = fuse_pads(folded, keep={self.host.input})
+            model = self.loaded.model
+            if any(n.op_type == "Pad" for n in model.graph.node):
+                folded = fold_shape_only(model, example_input(model, self.pre.input_shape()), self.opts.providers,
+                                         any_batch=True)
+                # the host's input stays a tensor of its own: the calibration pass and the search read it
+                fused = fuse_pads(folded, keep={self.host.input})
+                model = fused if fused is not folded else model
+            self._analysis = model
         return self._analysis
 
 
