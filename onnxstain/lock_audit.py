@@ -134,23 +134,31 @@ def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
 
 
 # -- the audit -------------------------------------------------------------------------------------------
-def audit_lock(
-    original: str | Path,
-    locked: str | Path,
-    key: Key,
-    images: str | Path | np.ndarray | None = None,
-    views: int = 16,
-    providers: list[str] | None = None,
-    progress: Progress | None = None,
-    batch: int = 32,
-) -> LockAuditResult:
-    """Measure the lock of ``key`` in ``locked`` against ``original`` on natural images (see the module doc)."""
-    prog = progress or Silent()
-    timings: dict[str, float] = {}
-    notes: list[str] = []
-    t0 = time.perf_counter()
+@dataclasses.dataclass
+class _Setup:
+    """Both models loaded and checked against the key, their sessions, the patch and the detector."""
+
+    orig: Any  # LoadedModel
+    lck: Any
+    pre: Preprocessing
+    patch: Patch
+    host: Any  # the detector's HostLayer in the original model
+    o_sess: Any
+    l_sess: Any
+    o_scores: str
+    l_scores: str
+    l_outputs: list[str]
+    has_fired: bool
+    dirs: np.ndarray
+    centre: np.ndarray
+    tau0: float
+    notes: list[str]
+
+
+def _setup(original: str | Path, locked: str | Path, key: Key, providers: list[str] | None) -> _Setup:
     if key.kind != "lock":
         raise BadInputError(f"the key is a {key.kind!r} key; the lock audit needs a lock key")
+    notes: list[str] = []
     orig, lck = load_model(original), load_model(locked)
     for loaded, which in ((orig, "original"), (lck, "locked")):
         size = image_input(loaded.model)
@@ -164,146 +172,208 @@ def audit_lock(
         refuse_nonfinite(loaded, pre, providers, f"the {which} model")
     patch = key_patch(key)
     host = _lock_host_from_key(orig, key, pre)
-    oview, lview = GraphView(orig.model), GraphView(lck.model)
-    o_scores = scores_output(oview, key.model.scores, "original")
+    o_scores = scores_output(GraphView(orig.model), key.model.scores, "original")
+    lview = GraphView(lck.model)
     l_scores = scores_output(lview, key.model.scores, "locked")
     fired = key.white_box.tensor
     has_fired = fired in lview.producer
-    l_outputs = [l_scores] + ([fired] if has_fired else [])
     o_sess = session(with_outputs(orig.model, [host.input]), providers)
     l_sess = session(with_outputs(lck.model, [fired]) if has_fired else lck.model, providers)
     det = key.detector
     if det.directions is None:
         raise BadInputError("the key's detector.directions is missing (a lock key needs it)")
-    dirs = det.directions.array()
-    centre = det.centre.array()
-    tau0 = float(det.tau0)
-    d = int(dirs.shape[0])
-    timings["load"] = time.perf_counter() - t0
+    return _Setup(orig=orig, lck=lck, pre=pre, patch=patch, host=host, o_sess=o_sess, l_sess=l_sess,
+                  o_scores=o_scores, l_scores=l_scores, l_outputs=[l_scores] + ([fired] if has_fired else []),
+                  has_fired=has_fired, dirs=det.directions.array(), centre=det.centre.array(),
+                  tau0=float(det.tau0), notes=notes)
 
-    t1 = time.perf_counter()
-    info: ImageSetInfo
-    pixels, _, _, info, view_of = evaluation_images(images, pre, int(views), prog)
-    n = len(pixels)
-    centre_mask = view_of == 0
-    wrong = variants(patch, pre.height, pre.width, seed=key.seed % (2**31))
-    timings["images"] = time.perf_counter() - t1
 
-    t2 = time.perf_counter()
-    # Per image, how well a prediction matches a reference: top-1 equality (classifiers) or the Pearson
-    # correlation of output maps (dense-output locks, whose keys say "correlation").
-    dense = key.references is not None and key.references.metric == "correlation"
-    layout = key.detection_layout()  # detectors: per-image anchor-level mAP (NaN where nothing is detected)
+class _Matcher:
+    """Per image, how well a prediction matches a reference: top-1 equality (classifiers), the Pearson
+    correlation of output maps (dense-output locks, whose keys say "correlation"), or the per-image
+    anchor-level mAP (detectors; NaN where nothing is detected)."""
 
-    def match(pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        if dense:
+    def __init__(self, key: Key) -> None:
+        self.dense = key.references is not None and key.references.metric == "correlation"
+        self.layout = key.detection_layout()
+
+    def __call__(self, pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
+        if self.dense:
             return pearson(pred, ref)
-        if layout is not None:
-            if ref[0].size != layout[0] * layout[1]:
+        if self.layout is not None:
+            a, b = self.layout
+            if ref[0].size != a * b:
                 raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
-                                       f"{list(layout)} needs {layout[0] * layout[1]}")
-            return per_image_anchor_map(ref.reshape(-1, *layout), pred.reshape(-1, *layout))
+                                       f"{list(self.layout)} needs {a * b}")
+            return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b))
         return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
 
-    vs_clean: dict[str, np.ndarray] = {k: np.empty(n, np.float64) for k in ("no patch", "patch", *wrong)}
-    same_patched = np.empty(n, np.float64)  # locked vs original, both on the patched image
-    orig_patch = np.empty(n, np.float64)  # original on the patched image vs on the clean one
-    gate: dict[str, np.ndarray] = {k: np.zeros(n, np.float64) for k in vs_clean}
-    max_delta = 0.0
-    # A detector that reads one position's window only (dense-output gate locks) is counted there alone.
+    @property
+    def metric(self) -> str:
+        return "correlation" if self.dense else "anchor mAP" if self.layout is not None else "top-1"
+
+
+@dataclasses.dataclass
+class _Tally:
+    """Per image and condition: agreement with the original, the gate's signal, the detectors' weakest
+    natural score and radius at every position."""
+
+    vs_clean: dict[str, np.ndarray]  # the locked model on each condition vs the original on the clean image
+    gate: dict[str, np.ndarray]
+    same_patched: np.ndarray  # locked vs original, both on the patched image
+    orig_patch: np.ndarray  # original on the patched image vs on the clean one
+    s_weak: np.ndarray  # [N, positions]
+    radii: np.ndarray
+    max_delta: float = 0.0
+
+    @classmethod
+    def empty(cls, n: int, positions: int, conditions: list[str]) -> _Tally:
+        return cls(vs_clean={k: np.empty(n) for k in conditions}, gate={k: np.zeros(n) for k in conditions},
+                   same_patched=np.empty(n), orig_patch=np.empty(n), s_weak=np.empty((n, positions)),
+                   radii=np.empty((n, positions)))
+
+
+def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, Any]], match: _Matcher,
+         positions: int, prog: Progress, batch: int) -> _Tally:
+    """Both models on every condition, in chunks of 64 images."""
+    n, pre = len(pixels), st.pre
+    tally = _Tally.empty(n, positions, ["no patch", "patch", *wrong])
     det_pos = key.host.detector_positions
-    positions = len(det_pos) if det_pos is not None else host.positions
-    s_weak = np.empty((n, positions), np.float64)
-    radii = np.empty((n, positions), np.float64)
     chunk = 64
     with prog.task(f"lock audit on {n} images × {2 + len(wrong)} conditions", total=n) as task:
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
-            clean = pixels[start:stop]
-            patched = paste_pixels(clean, patch)
-            o_clean = run_batches(o_sess, pre.to_input(clean), [o_scores, host.input], batch=batch)
-            o_patch = run_batches(o_sess, pre.to_input(patched), [o_scores], batch=batch)[o_scores]
-            o_patch = image_rows(o_patch, o_scores, stop - start)
-            ref = image_rows(o_clean[o_scores], o_scores, stop - start)
-            orig_patch[start:stop] = match(o_patch, ref)
-            phi = neuron_inputs(host, o_clean[host.input]).astype(np.float64)
-            if det_pos is not None:
+            rows = slice(start, stop)
+            clean = pixels[rows]
+            patched = paste_pixels(clean, st.patch)
+            o_clean = run_batches(st.o_sess, pre.to_input(clean), [st.o_scores, st.host.input], batch=batch)
+            o_patch = run_batches(st.o_sess, pre.to_input(patched), [st.o_scores], batch=batch)[st.o_scores]
+            o_patch = image_rows(o_patch, st.o_scores, stop - start)
+            ref = image_rows(o_clean[st.o_scores], st.o_scores, stop - start)
+            tally.orig_patch[rows] = match(o_patch, ref)
+            phi = neuron_inputs(st.host, o_clean[st.host.input]).astype(np.float64)
+            if det_pos is not None:  # a detector reading one position's window only (dense-output gate locks)
                 phi = phi[:, np.asarray(det_pos, dtype=int)]
-            s_weak[start:stop] = (np.einsum("npm,dm->ndp", phi, dirs) - (dirs @ centre)[None, :, None]).min(axis=1)
-            radii[start:stop] = np.linalg.norm(phi - centre, axis=-1)
+            proj = np.einsum("npm,dm->ndp", phi, st.dirs) - (st.dirs @ st.centre)[None, :, None]
+            tally.s_weak[rows] = proj.min(axis=1)
+            tally.radii[rows] = np.linalg.norm(phi - st.centre, axis=-1)
             inputs = {"no patch": clean, "patch": patched} | {k: fn(clean) for k, (_, fn) in wrong.items()}
             for name, x in inputs.items():
-                got = run_batches(l_sess, pre.to_input(x), l_outputs, batch=batch)
-                scores = image_rows(got[l_scores], l_scores, stop - start)
+                got = run_batches(st.l_sess, pre.to_input(x), st.l_outputs, batch=batch)
+                scores = image_rows(got[st.l_scores], st.l_scores, stop - start)
                 if scores.shape[1] != ref.shape[1]:
                     raise BadModelError(f"the locked model gives {scores.shape[1]} scores per image; the original "
                                         f"gives {ref.shape[1]}")
-                vs_clean[name][start:stop] = match(scores, ref)
-                if has_fired:
-                    gate[name][start:stop] = white_box_signal(got[fired], key.white_box)
+                tally.vs_clean[name][rows] = match(scores, ref)
+                if st.has_fired:
+                    tally.gate[name][rows] = white_box_signal(got[st.l_outputs[1]], key.white_box)
                 if name == "patch":
-                    same_patched[start:stop] = match(scores, o_patch)
-                    max_delta = max(max_delta, float(np.abs(scores.astype(np.float64) - o_patch).max()))
+                    tally.same_patched[rows] = match(scores, o_patch)
+                    delta = float(np.abs(scores.astype(np.float64) - o_patch).max())
+                    tally.max_delta = max(tally.max_delta, delta)
             task.advance(stop - start)
-    timings["pass"] = time.perf_counter() - t2
+    return tally
 
-    k = key.model.classes
-    chance = 0.0 if dense or layout is not None else 1.0 / k
-    has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
+
+def _conditions(tally: _Tally, wrong: dict[str, tuple[str, Any]], match: _Matcher, chance: float,
+                centre_mask: np.ndarray | None, has_fired: bool) -> list[Condition]:
+    """Every condition's agreement (over all images and the centre crops) and whether it passes."""
 
     def cond(name: str, desc: str, per_image: np.ndarray, expect: str, delta: float | None = None) -> Condition:
         agree = _mean(per_image)
-        c_agree = _mean(per_image[centre_mask]) if has_centre else None
+        c_agree = _mean(per_image[centre_mask]) if centre_mask is not None else None
         if expect == "locked":
-            ok = agree < LOCKED_CORRELATION if dense else agree <= (LOCKED_MAP if layout else chance + SLACK)
+            ok = (agree < LOCKED_CORRELATION if match.dense else
+                  agree <= (LOCKED_MAP if match.layout else chance + SLACK))
         elif expect == "exact":
             ok = agree >= EXACT
         else:
             ok = (c_agree if c_agree is not None else agree) >= PATCH_COST
-        return Condition(name=name, description=desc, images=n, agreement=agree, centre_agreement=c_agree,
-                         unlocked=float((gate[name] > 0).mean()) if has_fired else None,
-                         mean_gate=float(gate[name].mean()) if has_fired else None,
+        g = tally.gate.get(name)
+        return Condition(name=name, description=desc, images=len(per_image), agreement=agree,
+                         centre_agreement=c_agree,
+                         unlocked=float((g > 0).mean()) if has_fired and g is not None else None,
+                         mean_gate=float(g.mean()) if has_fired and g is not None else None,
                          max_abs_delta=delta, expect=expect, passed=ok)
 
     conditions = [
-        cond("no patch", "locked model, clean image, vs the original on the clean image", vs_clean["no patch"],
+        cond("no patch", "locked model, clean image, vs the original on the clean image", tally.vs_clean["no patch"],
              "locked"),
-        cond("patch", "locked model, patched image, vs the original on the same patched image", same_patched,
-             "exact", max_delta),
-        dataclasses.replace(cond("patch", "", vs_clean["patch"], "close"), name="patch vs clean",
+        cond("patch", "locked model, patched image, vs the original on the same patched image", tally.same_patched,
+             "exact", tally.max_delta),
+        dataclasses.replace(cond("patch", "", tally.vs_clean["patch"], "close"), name="patch vs clean",
                             description="locked model, patched image, vs the original on the clean image "
                                         "(the patch's own cost)"),
-        dataclasses.replace(cond("patch", "", orig_patch, "close"), name="original with patch",
+        dataclasses.replace(cond("patch", "", tally.orig_patch, "close"), name="original with patch",
                             description="original model, patched image, vs the original on the clean image",
                             unlocked=None, mean_gate=None),
     ]
     for name, (desc, _) in wrong.items():
-        conditions.append(cond(name, f"locked model, {desc}, vs the original on the clean image", vs_clean[name],
-                               "locked"))
+        conditions.append(cond(name, f"locked model, {desc}, vs the original on the clean image",
+                               tally.vs_clean[name], "locked"))
+    return conditions
+
+
+def audit_lock(
+    original: str | Path,
+    locked: str | Path,
+    key: Key,
+    images: str | Path | np.ndarray | None = None,
+    views: int = 16,
+    providers: list[str] | None = None,
+    progress: Progress | None = None,
+    batch: int = 32,
+) -> LockAuditResult:
+    """Measure the lock of ``key`` in ``locked`` against ``original`` on natural images (see the module doc)."""
+    prog = progress or Silent()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    st = _setup(original, locked, key, providers)
+    notes, det = st.notes, key.detector
+    d = int(st.dirs.shape[0])
+    timings["load"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    info: ImageSetInfo
+    pixels, _, _, info, view_of = evaluation_images(images, st.pre, int(views), prog)
+    n = len(pixels)
+    centre_mask = view_of == 0
+    has_centre = bool(centre_mask.any()) and not bool(centre_mask.all())
+    wrong = variants(st.patch, st.pre.height, st.pre.width, seed=key.seed % (2**31))
+    timings["images"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    match = _Matcher(key)
+    det_pos = key.host.detector_positions
+    positions = len(det_pos) if det_pos is not None else st.host.positions
+    tally = _run(st, key, pixels, wrong, match, positions, prog, batch)
+    timings["pass"] = time.perf_counter() - t2
+
+    k = key.model.classes
+    chance = 0.0 if match.dense or match.layout is not None else 1.0 / k
+    conditions = _conditions(tally, wrong, match, chance, centre_mask if has_centre else None, st.has_fired)
     jpeg = next(c for c in conditions if c.name == "JPEG q90")
     if jpeg.unlocked:
         notes.append(f"the JPEG-re-encoded patch opens the lock, at least partly, on {100 * jpeg.unlocked:.1f}% "
                      f"of images (mean gate {jpeg.mean_gate:.2f} of 1): JPEG keeps enough of the patch for its "
                      "detectors to pass their margin; give images to the locked model losslessly")
-    fires = s_weak > tau0
+    fires = tally.s_weak > st.tau0
     firings = NaturalFirings(detectors=d, positions=positions, samples=int(fires.size), firings=int(fires.sum()),
-                             images_firing=int(fires.any(axis=1).sum()), max_weakest_score=float(s_weak.max()),
-                             threshold=tau0)
-    cap_sums = bounds.per_image_cap_sums(radii, tau0, host.m, detectors=d,
-                                         draws=det.max_draws)
-    data_driven = bounds.data_driven_bound(cap_sums, CONFIDENCE)
+                             images_firing=int(fires.any(axis=1).sum()), max_weakest_score=float(tally.s_weak.max()),
+                             threshold=st.tau0)
+    cap_sums = bounds.per_image_cap_sums(tally.radii, st.tau0, st.host.m, detectors=d, draws=det.max_draws)
     k_fire = firings.images_firing
     upper = bounds.radius_exceedance_bound(k_fire, n, CONFIDENCE)
-    top, left = patch.top, patch.left
     timings["total"] = time.perf_counter() - t0
+    orig, lck, patch = st.orig, st.lck, st.patch
     return LockAuditResult(
         original=str(orig.path), locked=str(lck.path), original_sha256=orig.sha256, locked_sha256=lck.sha256,
-        key_commitment=key.commitment, lock_kind=key.mode, host=host.name,
-        patch_box=(top, left, patch.height, patch.width), classes=k, chance=chance, images=info,
+        key_commitment=key.commitment, lock_kind=key.mode, host=st.host.name,
+        patch_box=(patch.top, patch.left, patch.height, patch.width), classes=k, chance=chance, images=info,
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
-        key_bound=key.bound, data_driven_bound=data_driven, measured_upper=upper,
+        key_bound=key.bound, data_driven_bound=bounds.data_driven_bound(cap_sums, CONFIDENCE), measured_upper=upper,
         measured_statement=clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
-        metric="correlation" if dense else "anchor mAP" if layout is not None else "top-1")
+        metric=match.metric)
 
 
 def _mean(values: np.ndarray) -> float:
