@@ -64,7 +64,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
 
     loaded = load_model(model)
     info = image_input(loaded.model)
-    overrides = {"height": size[0], "width": size[1]} if size else {}
+    overrides: dict[str, Any] = {"height": size[0], "width": size[1]} if size else {}
     pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, **overrides)
     view = GraphView(loaded.model, pre.input_shape())
     head = head_mod.find_scores_head(view)
@@ -87,7 +87,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                      "with a pattern signature; locks are gate locks (--kind gate)")
     elif head is None:
         notes.append("no classifier head found: stains need a Gemm/MatMul+Add producing the scores")
-    elif head.detection:
+    elif head.layout is not None:  # a detector
         notes.append(f"detector: class logits {head.output!r} ({head.layout[0]} anchors × {head.layout[1]} labels) "
                      "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are gate locks (--kind gate)")
@@ -99,7 +99,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                      "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")
     rows = []
     for h in hosts:
-        routable = bool(head) and head_mod.direct_route(view, h, head)[0] is not None
+        routable = head is not None and head_mod.direct_route(view, h, head)[0] is not None
         rf = h.receptive_field
         rows.append({
             "name": h.name, "op": h.op, "m": h.m, "positions": h.positions, "activation": h.activation,

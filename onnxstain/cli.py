@@ -20,12 +20,15 @@ import sys
 import traceback
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .errors import OnnxStainError
+from .errors import InternalError, OnnxStainError
 from .outputs import Artefacts, OutputPlan
+
+if TYPE_CHECKING:
+    from .keys import Key
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 _LIBRARIES = ("onnx", "onnxruntime", "google")  # their exceptions on bad input are the user's to fix
@@ -236,6 +239,13 @@ def _json_bytes(obj: Any) -> bytes:
     return json.dumps(obj, indent=2).encode() + b"\n"
 
 
+def _written_key(out: Artefacts) -> Key:
+    """The key a stain or lock job staged in ``out``."""
+    if out.key is None:
+        raise InternalError("internal check failed: the job staged no key")
+    return out.key
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write the host list as JSON.")
@@ -320,7 +330,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
         res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
                        progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if trigger_png:
-            out.stage_bytes(trigger_png, png_bytes(out.key.trigger.png), mode=0o600)
+            out.stage_bytes(trigger_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
         if json_out:
             out.stage_bytes(json_out, _json_bytes(stain_summary(res)))
         out.commit()
@@ -403,7 +413,7 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
         res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
                       progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if patch_png:
-            out.stage_bytes(patch_png, png_bytes(out.key.trigger.png), mode=0o600)
+            out.stage_bytes(patch_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
         out.commit()
     top, left, h, w = res.patch_box
     con.print(f"[bold green]locked[/] {res.output}  ({res.kind})")

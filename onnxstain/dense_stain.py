@@ -27,7 +27,7 @@ import onnx
 from ._onnx.dense import DenseOutput
 from ._onnx.hosts import GELU_ZERO, HostLayer
 from .calibration import selected_positions
-from .errors import InternalError
+from .errors import BadModelError, InternalError
 from .keys import CalibrationSection, HostSection, Key, ModelSection, SignatureSection, WhiteBoxSection
 from .math import bounds, detector
 from .passes.dense import insert_dense_stain
@@ -110,13 +110,24 @@ def _dense(job: StainJob) -> DenseOutput:
     return job.dense
 
 
+def _map_shape(dense: DenseOutput) -> tuple[int, int, int]:
+    """The dense output's ``(C, H, W)``, known once the calibration pass has run the model."""
+    if dense.shape is None:
+        raise InternalError(f"internal check failed: the shape of the dense output {dense.output} is unknown")
+    return dense.shape
+
+
 def _calibrate(job: StainJob, images: Any, dense: DenseOutput) -> tuple[CalibrationPass, DenseOutput, np.ndarray]:
     """The calibration pass with the map output tapped; a token host learns its token count from it."""
     cal = calibration_pass(job, images, [job.host.input, dense.output])
     if job.host.op != "Conv":
         job.host = dataclasses.replace(job.host, tokens=int(cal.phi.shape[1]))
     nat_out = cal.outputs.pop(dense.output)
-    return cal, dataclasses.replace(dense, shape=tuple(int(d) for d in nat_out.shape[1:])), nat_out
+    if nat_out.ndim != 4:
+        raise BadModelError(f"the output {dense.output} has shape {list(nat_out.shape)} when run; "
+                            "the graph gives it four dimensions")
+    _, c, h, w = (int(d) for d in nat_out.shape)
+    return cal, dataclasses.replace(dense, shape=(c, h, w)), nat_out
 
 
 @dataclasses.dataclass
@@ -148,8 +159,8 @@ def _edit(job: StainJob, cal: CalibrationPass, find: TriggerFind, tau0: float, d
     if host.gelu and shift > 0.4:
         raise InternalError(f"internal check failed: float32 storage moves the detector by {shift:.3g}")
     pattern_seed = int(job.rng.integers(2**31))
-    block = pattern_block(dense.shape)
-    unit = dense_pattern(pattern_seed, dense.shape, block)
+    block = pattern_block(_map_shape(dense))
+    unit = dense_pattern(pattern_seed, _map_shape(dense), block)
     amplitude = float(max(12.0, 2.0 * _logit_scale(nat_out, dense)))
     stained, gamma = insert_dense_stain(job.loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
     bound = bounds.ball_bound(tau0, cal.radius, host.m, positions=host.positions, draws=job.opts.max_draws)
@@ -198,10 +209,11 @@ def _check(job: StainJob, cal: CalibrationPass, find: TriggerFind, edit: _Edit) 
 def _key(job: StainJob, cal: CalibrationPass, find: TriggerFind, sel: np.ndarray, edit: _Edit, checked: _Checked,
          digest: str) -> Key:
     host, dense = job.host, _dense(job)
+    shape = _map_shape(dense)
     return stain_key(
         job, find.pixels,
         model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
-                           scores=dense.output, classes=int(np.prod(dense.shape)), dense_shape=tuple(dense.shape)),
+                           scores=dense.output, classes=int(np.prod(shape)), dense_shape=tuple(shape)),
         mode="insert",
         variant="non-additive",
         host=HostSection(**host_fields(host, sel), output=edit.gamma, channel=0, host_channel=None, group=0,

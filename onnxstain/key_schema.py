@@ -522,10 +522,11 @@ class KeyBody(Record):
             fail("signature.class", f"is {sig.cls}; the model has {classes} scores")
         if sig.kind == "shift" and sig.original is not None and sig.original.shape[0] != classes:
             fail("signature.original", f"has {sig.original.shape[0]} values; the model has {classes} scores")
-        if sig.kind == "pattern" and self.model.dense_shape is None:
+        dense_shape = self.model.dense_shape
+        if sig.kind == "pattern" and dense_shape is None:
             fail("model.dense_shape", "is missing (a pattern signature needs the output map's shape)")
-        if sig.kind == "pattern" and len(self.model.dense_shape) != 3:
-            fail("model.dense_shape", f"has {len(self.model.dense_shape)} values; a pattern signature's map is "
+        if sig.kind == "pattern" and dense_shape is not None and len(dense_shape) != 3:
+            fail("model.dense_shape", f"has {len(dense_shape)} values; a pattern signature's map is "
                                       "[channels, height, width]")
         pre, host = self.preprocessing, self.host
         for i, t in enumerate(sig.triggers or ()):  # each trigger of a multi-class signature, as the first

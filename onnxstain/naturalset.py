@@ -255,9 +255,9 @@ def _augment(image: PILImage.Image, size: tuple[int, int], rng: np.random.Genera
 
     out_h, out_w = size
     left, top, w, h = _random_resized_crop(rng, *image.size)
-    img = image.resize((out_w, out_h), Image.BILINEAR, box=(left, top, left + w, top + h))
+    img = image.resize((out_w, out_h), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
     if rng.random() < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     factors = rng.uniform(0.7, 1.3, size=3)
     enhancers = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
     for k in rng.permutation(3):

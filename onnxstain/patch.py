@@ -87,7 +87,7 @@ def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
     from PIL import Image
 
     eye = Image.fromarray(np.eye(n_in, dtype=np.float32), mode="F")  # column i = impulse at row i
-    return np.asarray(eye.resize((n_in, n_out), Image.BILINEAR), dtype=np.float64)
+    return np.asarray(eye.resize((n_in, n_out), Image.Resampling.BILINEAR), dtype=np.float64)
 
 
 def paste_photo(image: Any, patch: Patch, pre: Preprocessing, iterations: int = 300) -> tuple[Any, int]:
@@ -113,7 +113,7 @@ def paste_photo(image: Any, patch: Patch, pre: Preprocessing, iterations: int = 
     cols = np.flatnonzero(np.abs(b).sum(axis=0) > 1e-9)
     ar, bc = a[:, rows], b[:, cols]
     pa, pb = np.linalg.pinv(ar), np.linalg.pinv(bc)
-    step = 1.0 / max(1e-12, np.linalg.norm(ar, 2) ** 2 * np.linalg.norm(bc, 2) ** 2)  # 1 / Lipschitz
+    step = 1.0 / max(1e-12, float(np.linalg.norm(ar, 2) ** 2 * np.linalg.norm(bc, 2) ** 2))  # 1 / Lipschitz
     out = img.copy()
     for c in range(3):
         rest = out[:, :, c].copy()
@@ -137,7 +137,7 @@ def smooth_backgrounds(n: int, height: int, width: int, seed: int = 0) -> np.nda
     out = np.empty((n, height, width, 3), np.uint8)
     for i in range(n):
         coarse = rng.uniform(0, 255, (4, 4, 3)).astype(np.uint8)
-        img = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+        img = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
         noise = rng.normal(0, 6, (height, width, 3))
         out[i] = np.clip(np.asarray(img, np.float64) + noise, 0, 255).astype(np.uint8)
     return out

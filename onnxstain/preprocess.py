@@ -104,12 +104,12 @@ class Preprocessing:
         img = image.convert("RGB")
         h, w = self.height, self.width
         if self.resize is None:
-            img = img.resize((w, h), Image.BILINEAR)
+            img = img.resize((w, h), Image.Resampling.BILINEAR)
         else:
             short = min(img.size)
             factor = self.resize / short
             new = (max(w, round(img.size[0] * factor)), max(h, round(img.size[1] * factor)))
-            img = img.resize(new, Image.BILINEAR)
+            img = img.resize(new, Image.Resampling.BILINEAR)
             left = (new[0] - w) // 2
             top = (new[1] - h) // 2
             img = img.crop((left, top, left + w, top + h))

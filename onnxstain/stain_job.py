@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -85,7 +85,8 @@ class StainJob:
 
 def draw_seed(seed: int | None) -> int:
     """The job's seed: the one asked for, else 63 bits of fresh entropy (written into the key)."""
-    return seed if seed is not None else int(np.random.SeedSequence().entropy % (2**63))
+    # a SeedSequence made without entropy draws an int (numpy types ``entropy`` for every constructor argument)
+    return seed if seed is not None else int(cast(int, np.random.SeedSequence().entropy) % (2**63))
 
 
 def prepare(model: str | Path, output: str | Path, key_path: str | Path, options: StainOptions | None = None,

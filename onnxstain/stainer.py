@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -120,6 +120,13 @@ def _head(job: StainJob) -> head_mod.Head:
     return job.head
 
 
+def _original_scores(find: TriggerFind) -> np.ndarray:
+    """The original model's scores on a classifier stain's trigger (only dense stains have none)."""
+    if find.original_scores is None:
+        raise InternalError("internal check failed: a classifier trigger has no original scores")
+    return find.original_scores
+
+
 # -- calibration -------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class _Calibrated:
@@ -151,7 +158,9 @@ def _calibrate(job: StainJob, images: Any, score_view: ScoreView) -> _Calibrated
                                        draws=opts.max_draws)
     nat_scores = score_view.flat(cal.outputs[head.scores])
     pooled = None if head.detection else cal.outputs[head_input[0]].reshape(len(cal.inputs), -1).astype(np.float64)
-    channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)
+    # stain_edit.choose_channel reads ``pooled`` only for classifiers (its annotation omits None; that file is
+    # being rewritten): the detection head's None never reaches a use
+    channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)  # type: ignore[arg-type]
     return _Calibrated(cal=cal, view=score_view, target_chance=target_chance, triggers=n_trig, tau0=tau0,
                        nat_scores=nat_scores, pooled=pooled, sel=selected_positions(host), channel=channel, lean=lean)
 
@@ -223,7 +232,7 @@ def _signature_classes(job: StainJob, cal: _Calibrated, first: TriggerFind) -> t
     if cal.triggers > 1:
         classes = stain_edit.signature_classes(job.rng, cal.view.classes, cal.triggers)
         return classes, [cal.view.classes] * cal.triggers
-    cls, allowed = stain_edit.signature_choice(opts, job.rng, cal.nat_scores, first.original_scores, cal.view)
+    cls, allowed = stain_edit.signature_choice(opts, job.rng, cal.nat_scores, _original_scores(first), cal.view)
     shift = opts.mode == "inplace" and opts.variant == "additive"  # the shift signature has no class draw
     target = cal.target_chance
     if opts.signature_class is None and 1.0 / allowed > target and not head.detection and not shift:
@@ -303,7 +312,7 @@ def _check(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edite
 
 def _shift_signature(first: TriggerFind, got: np.ndarray, ed: _Edited) -> tuple[SignatureSection, float]:
     """Additive in place: the trigger moves the scores as predicted (shift score ≈ 1)."""
-    edit, original = ed.edit, first.original_scores
+    edit, original = ed.edit, _original_scores(first)
     margin = float(shift_score(got, original, edit["expected_trigger"]))
     # quantized scores (QDQ) round the shift: allow their error along the expected direction
     shift = float(np.linalg.norm(edit["expected_trigger"] - original))
@@ -314,12 +323,22 @@ def _shift_signature(first: TriggerFind, got: np.ndarray, ed: _Edited) -> tuple[
                             expected_margin=1.0, threshold=0.5, original_margin=0.0), margin
 
 
+class _TriggerMargins(TypedDict):
+    """One trigger's class, chance set and margins (the fields its :class:`SignatureTrigger` shares)."""
+
+    cls: int
+    allowed: int
+    expected_margin: float
+    threshold: float
+    original_margin: float
+
+
 def _class_signature(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], trig_got: np.ndarray,
                      ed: _Edited) -> tuple[SignatureSection, float]:
     """Each trigger makes its class win by at least half the margin aimed at; several triggers each
     carry their own PNG, direction and class (a multi-class signature)."""
     n_trig, margin_target = cal.triggers, ed.edit["margin_target"]
-    per = []
+    per: list[_TriggerMargins] = []
     for t, (f, c_t) in enumerate(zip(finds, ed.classes, strict=True)):
         m_t = float(class_margin(trig_got[t], c_t))
         if not np.isfinite(m_t):
@@ -328,7 +347,7 @@ def _class_signature(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], 
             which = f"trigger {t + 1}'s" if n_trig > 1 else "the trigger's"
             raise InternalError(f"internal check failed: {which} signature margin is {m_t:.3g}")
         per.append({"cls": c_t, "allowed": ed.allowed_sets[t], "expected_margin": m_t, "threshold": 0.5 * m_t,
-                    "original_margin": float(class_margin(f.original_scores, c_t))})
+                    "original_margin": float(class_margin(_original_scores(f), c_t))})
     triggers = None
     if n_trig > 1:
         triggers = tuple(
@@ -336,12 +355,13 @@ def _class_signature(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], 
                              trigger_scores=F8.of(f.scores), s_star=f.s_star, draws=f.draws,
                              trigger_radii=F8.of(detector.radii(f.phi, cal.cal.stats.centre)), white_box_channel=t)
             for t, (p, f) in enumerate(zip(per, finds, strict=True)))
-    chance_fields = {} if job.opts.signature_class is not None else {
+    chance_fields: dict[str, Any] = {} if job.opts.signature_class is not None else {
         "allowed": ed.allowed_sets[0], "chance_log10": chance.log10_chance(ed.allowed_sets),
         "chance_target": cal.target_chance}
     signature = SignatureSection(type="multi-class" if n_trig > 1 else "class", triggers=triggers,
-                                 **{k: per[0][k] for k in ("cls", "expected_margin", "threshold",
-                                                           "original_margin")}, **chance_fields)
+                                 cls=per[0]["cls"], expected_margin=per[0]["expected_margin"],
+                                 threshold=per[0]["threshold"], original_margin=per[0]["original_margin"],
+                                 **chance_fields)
     return signature, min(p["expected_margin"] for p in per)
 
 
@@ -355,7 +375,7 @@ def _key(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edited,
         model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest,
                            input=job.view.graph_inputs[0].name, scores=head.output, classes=sv.classes,
                            score_view=ScoreViewSection(shape=tuple(sv.shape), label=sv.label, step=sv.step),
-                           layout=tuple(head.layout) if head.detection else None,
+                           layout=tuple(head.layout) if head.layout is not None else None,
                            output_activation=output_activation(job.view, head)),
         mode=opts.mode,
         variant=opts.variant,

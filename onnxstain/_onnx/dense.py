@@ -34,7 +34,7 @@ def find_dense_output(view: GraphView) -> DenseOutput | None:
     shape = dims[name]
     producer = view.producer.get(name)
     squashed = producer is not None and producer.op_type == "Sigmoid"
-    logits = producer.input[0] if squashed else name
-    known = all(isinstance(d, int) for d in shape[1:])
-    return DenseOutput(output=name, logits=logits, squashed=squashed,
-                       shape=(int(shape[1]), int(shape[2]), int(shape[3])) if known else None)
+    logits = producer.input[0] if producer is not None and squashed else name
+    c, h, w = shape[1], shape[2], shape[3]
+    known = (int(c), int(h), int(w)) if isinstance(c, int) and isinstance(h, int) and isinstance(w, int) else None
+    return DenseOutput(output=name, logits=logits, squashed=squashed, shape=known)

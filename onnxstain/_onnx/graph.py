@@ -15,6 +15,7 @@ and described by :meth:`fake_quant`.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any
 
 import numpy as np
 import onnx
@@ -93,6 +94,13 @@ class GraphView:
                 return node
         return None
 
+    def node(self, name: str) -> onnx.NodeProto:
+        """The node :meth:`find_node` finds, for a caller that knows it exists (ValueError otherwise)."""
+        node = self.find_node(name)
+        if node is None:
+            raise ValueError(f"node {name} is not in the model")
+        return node
+
     def opset(self, domain: str = "") -> int:
         for imp in self.model.opset_import:
             if imp.domain in (domain, "ai.onnx" if domain == "" else domain):
@@ -123,6 +131,20 @@ class GraphView:
         if name in self.dequantized:
             return self.quantized(name).dequantize()
         return self._stored(name)
+
+    def constant(self, name: str) -> np.ndarray:
+        """The value :meth:`array` returns, for a caller that knows ``name`` is a constant (ValueError otherwise)."""
+        arr = self.array(name)
+        if arr is None:
+            raise ValueError(f"{name} is not a constant tensor")
+        return arr
+
+    def same_constant(self, a: str, b: str) -> bool:
+        """Whether tensors ``a`` and ``b`` hold equal constants (True too when neither is a constant)."""
+        x, y = self.array(a), self.array(b)
+        if x is None or y is None:
+            return x is None and y is None
+        return bool(np.array_equal(x, y))
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant tensor, without reading its data (external data stays on disk)."""
@@ -163,7 +185,7 @@ class GraphView:
         if len(node.input) < 2 or self._stored(node.input[1]) is None:
             return None
         if list(dq.input[1:]) != list(node.input[1:]) and not all(
-            np.array_equal(self.array(a), self.array(b)) for a, b in zip(dq.input[1:], node.input[1:], strict=False)
+            self.same_constant(a, b) for a, b in zip(dq.input[1:], node.input[1:], strict=False)
         ):
             return None
         scale = self._stored(node.input[1])
@@ -313,7 +335,7 @@ class GraphView:
 
     # -- attributes --------------------------------------------------------------------------------
     @staticmethod
-    def attr(node: onnx.NodeProto, name: str, default=None):
+    def attr(node: onnx.NodeProto, name: str, default: Any = None) -> Any:
         for a in node.attribute:
             if a.name == name:
                 return onnx.helper.get_attribute_value(a)

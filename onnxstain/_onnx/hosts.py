@@ -239,6 +239,9 @@ def _activation(view: GraphView, tensor: str) -> Activation:
 def _single_activation(view: GraphView, node: onnx.NodeProto) -> Activation | None:
     name = view.node_name(node)
     fq = view.fake_quant(node)
+    lo: float | None
+    hi: float | None
+    out: str | None
     if fq is not None:
         lo, hi, out = fq
         if lo != 0.0:
@@ -322,12 +325,12 @@ def _decomposed_activation(view: GraphView, tensor: str) -> Activation | None:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in attrs.items()}
         with np.errstate(all="ignore"):
-            out = np.asarray(activations.ELEMENTWISE[node.op_type](args, attrs), np.float64)
-        if out.shape != activations.PROBES.shape:
+            probed = np.asarray(activations.ELEMENTWISE[node.op_type](args, attrs), np.float64)
+        if probed.shape != activations.PROBES.shape:
             break
         region.append(node)
         in_region.add(id(node))
-        values[node.output[0]] = out
+        values[node.output[0]] = probed
     if best is None:
         if closed is None or np.allclose(values[closed[0]], activations.PROBES):
             return None  # nothing closes, or an Identity
@@ -440,8 +443,8 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     return HostLayer(
         name=view.node_name(node), op="Conv", input=node.input[0], output=out,
         weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, **_act_fields(act, inplace_reason),
-        in_channels=cin_g * group, out_channels=cout, kernel=(kh, kw), strides=strides,  # type: ignore[arg-type]
-        pads=(pads[0], pads[1], pads[2], pads[3]), dilations=dil, groups=group,  # type: ignore[arg-type]
+        in_channels=cin_g * group, out_channels=cout, kernel=(kh, kw), strides=strides,
+        pads=(pads[0], pads[1], pads[2], pads[3]), dilations=dil, groups=group,
         trans_b=False, alpha=1.0, beta=1.0, in_hw=in_hw, out_hw=out_hw,
         receptive_field=fields.get(out), depth=depth.get(id(node), 0), usable=not reason, reason=reason,
         in_rank=len(in_shape) if in_shape is not None else None,
@@ -592,16 +595,16 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             size = tuple(src.size[i] + (k[i] - 1) * d[i] * src.jump[i] for i in range(2))
             jump = tuple(src.jump[i] * s[i] for i in range(2))
             start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))
-            field = ReceptiveField(size, jump, start)  # type: ignore[arg-type]
+            field = ReceptiveField(size, jump, start)
         elif node.op_type == "Pad":
-            pads = view.attr(node, "pads")
-            if pads is None and len(node.input) > 1 and node.input[1]:
+            pad_list: list[int] | None = view.attr(node, "pads")
+            if pad_list is None and len(node.input) > 1 and node.input[1]:
                 arr = view.value(node.input[1])
-                pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
-            if pads is None or len(pads) != 8:
+                pad_list = None if arr is None else [int(p) for p in arr.reshape(-1)]
+            if pad_list is None or len(pad_list) != 8:
                 continue
-            start = tuple(src.start[i] - pads[2 + i] * src.jump[i] for i in range(2))
-            field = ReceptiveField(src.size, src.jump, start)  # type: ignore[arg-type]
+            start = tuple(src.start[i] - pad_list[2 + i] * src.jump[i] for i in range(2))
+            field = ReceptiveField(src.size, src.jump, start)
         else:
             field = src
         for out in node.output:
@@ -616,7 +619,7 @@ def layer_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarr
     BatchNorm and Gemm alpha/beta are included. Names are read from the graph as it is now.
     """
     _, weight_name, bias_node, bias_index = _current_tensors(view, host)
-    w = view.array(weight_name).astype(np.float64)
+    w = view.constant(weight_name).astype(np.float64)
     if host.op == "Conv":
         rows = w.reshape(w.shape[0], -1)
     elif host.op == "Gemm":
@@ -629,7 +632,7 @@ def layer_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarr
         if host.op == "Gemm":
             b = b * host.beta
     if host.batchnorm is not None:
-        scale, shift = _bn_affine(view, host)
+        scale, shift = _bn_affine(view, host.batchnorm)
         rows = rows * scale[:, None]
         b = b * scale + shift
     return rows, b
@@ -641,15 +644,15 @@ def neuron_affine(view: GraphView, host: HostLayer, channel: int) -> tuple[np.nd
     return rows[channel].copy(), float(b[channel])
 
 
-def _bn_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray]:
-    node = view.find_node(host.batchnorm)  # type: ignore[arg-type]
+def _bn_affine(view: GraphView, batchnorm: str) -> tuple[np.ndarray, np.ndarray]:
+    node = view.node(batchnorm)
     gamma, beta, mean, var = (np.asarray(view.array(t), np.float64) for t in node.input[1:5])
     eps = float(view.attr(node, "epsilon", 1e-5))
     scale = gamma / np.sqrt(var + eps)
     return scale, beta - mean * scale
 
 
-def _current_tensors(view: GraphView, host: HostLayer):
+def _current_tensors(view: GraphView, host: HostLayer) -> tuple[onnx.NodeProto, str, onnx.NodeProto | None, int]:
     """(node, weight tensor, node holding the bias, its input index) as the graph is *now*.
 
     Names are read from the nodes, not from ``host``: a copy-on-write may have renamed them.
@@ -676,7 +679,7 @@ def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray
     node, weight_name, bias_node, bias_index = _current_tensors(view, host)
     if host.batchnorm is None and bias_node is None:
         raise ValueError(f"{host.name} has no bias to edit")
-    w = view.array(weight_name).copy()
+    w = view.constant(weight_name).copy()
     r = np.asarray(row, np.float64)
     if host.op == "Conv":
         w[channel] = r.reshape(w.shape[1:])
@@ -689,18 +692,18 @@ def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray
         w[:, channel] = r
     view.set_input_array(node, 1, w)
     if host.batchnorm is not None:
-        bn = view.find_node(host.batchnorm)
+        bn = view.node(host.batchnorm)
         eps = float(view.attr(bn, "epsilon", 1e-5))
         for idx, value in ((1, 1.0), (2, bias), (3, 0.0), (4, 1.0 - eps)):
-            arr = view.array(bn.input[idx]).copy()
+            arr = view.constant(bn.input[idx]).copy()
             arr[channel] = value
             view.set_input_array(bn, idx, arr)
         bias, scale = 0.0, 1.0
-        if bias_node is None:
-            return
     else:
         scale = host.beta if host.op == "Gemm" else 1.0
-    b = view.array(bias_node.input[bias_index]).copy()
+    if bias_node is None:  # only with a BatchNorm (refused above otherwise), which now holds the bias
+        return
+    b = view.constant(bias_node.input[bias_index]).copy()
     b.reshape(-1)[channel] = bias / scale
     view.set_input_array(bias_node, bias_index, b)
 

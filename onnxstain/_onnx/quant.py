@@ -70,9 +70,9 @@ def requantize(old: Quantized, new: np.ndarray, name: str) -> Quantized:
         return Quantized(q, scale, zp, old.axis)
     fixed = old.q.dtype == np.int32 or not old.per_axis
     if fixed:
-        s = old._broadcast(scale).astype(np.float64)
-        z = old._broadcast(zp).astype(np.float64)
-        codes = np.rint(target / s) + z
+        scales = old._broadcast(scale).astype(np.float64)
+        zeros = old._broadcast(zp).astype(np.float64)
+        codes = np.rint(target / scales) + zeros
         over = changed & ((codes < qmin) | (codes > qmax))
         if over.any():
             raise UnsupportedModelError(

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 ROOT = Path(os.path.abspath(os.sep))
 
-_NATIVE = {
+_NATIVE: dict[int, type[np.generic]] = {
     onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.DOUBLE: np.float64,
     onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT16: np.int16,
     onnx.TensorProto.UINT16: np.uint16, onnx.TensorProto.INT32: np.int32, onnx.TensorProto.UINT32: np.uint32,

@@ -96,13 +96,7 @@ def ascend(
         smin = float(s.detach().min())
         radii = r.detach()[0].numpy().astype(np.float64)
         history.append((smin, float(radii.max())))
-        if best is None:
-            better = True
-        elif smin >= score_target:
-            better = best[0] < score_target or radii.max() < best[2].max()
-        else:
-            better = best[0] < score_target and smin > best[0]
-        if better:
+        if best is None or _improves(best[0], best[2], smin, radii, score_target):
             best = (smin, x.detach().clone(), radii)
         if progress is not None:
             progress(step, smin)
@@ -120,6 +114,14 @@ def ascend(
     pixels = best[1][0].clamp(0, 255).numpy().astype(np.float64)
     return AscentResult(pixels=pixels, min_score=best[0], max_radius=float(best[2].max()), steps=step,
                         reached=reached, history=history)
+
+
+def _improves(best_score: float, best_radii: np.ndarray, smin: float, radii: np.ndarray, score_target: float) -> bool:
+    """Whether a step beats the best so far: past the target, a smaller radius (or the first to pass it);
+    short of it, a higher score."""
+    if smin >= score_target:
+        return bool(best_score < score_target or radii.max() < best_radii.max())
+    return best_score < score_target and smin > best_score
 
 
 def quantise(pixels: np.ndarray) -> np.ndarray:

@@ -258,6 +258,13 @@ class _Walker:
             if self.view.weight_users(t) > 1:
                 _refuse(f"{self.name(node)} ({node.op_type}): its {what} {t} is shared with other nodes")
 
+    def constant(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
+        """The value of ``node.input[index]``; refused (as by :meth:`check_private`) when not a constant."""
+        arr = self.view.array(node.input[index])
+        if arr is None:
+            _refuse(f"{self.name(node)} ({node.op_type}): its {what} {node.input[index]} is not a constant")
+        return arr
+
     def conv_geometry(self, node: onnx.NodeProto):
         w = self.view.array(node.input[1])
         if w is None or w.ndim != 4:
@@ -298,6 +305,30 @@ class _Walker:
 
     # -- the walk ----------------------------------------------------------------------------------
     def walk(self) -> None:
+        """Follow the lane from the host's activated output to the classifier, recording lanes and edits."""
+        tensor = self._start_lane()
+        positions = {self.position}
+        flat = False
+        cur = 0
+        while True:
+            at_head, convs, passive = self._lane_users(tensor)
+            if at_head:
+                self._reach_head_input(cur, tensor, convs, passive, flat)
+                break
+            if len(passive) > 1:
+                _refuse(f"the lane tensor {tensor} feeds {self.name(passive[0])} ({passive[0].op_type}) and "
+                        f"{self.name(passive[1])} ({passive[1].op_type}); neither can be blocked")
+            if passive:
+                tensor, positions, flat = self._through_passive(cur, passive[0], convs, tensor, positions, flat)
+            else:
+                cur, tensor, positions = self._through_conv(cur, convs, tensor, positions, flat)
+            self.lanes[cur].tensors.append(tensor)
+            self.lane_tensors.add(tensor)
+        self.final_positions = self.pooled_positions or len(positions)
+        self.final_lane = cur
+
+    def _check_host(self) -> tuple[onnx.NodeProto, str]:
+        """Refuse a host (or classifier) the conduit cannot use; the host node and its activated output."""
         host = self.host
         if host.op != "Conv":
             _refuse(f"host {host.name} is a {host.op}; an in-place conduit needs a Conv host with positions")
@@ -314,88 +345,97 @@ class _Walker:
             _refuse(f"host {host.name} is not in the model")
         self.check_private(hnode, (1, 2), "weight")
         if host.batchnorm is not None:
-            self.check_private(self.view.find_node(host.batchnorm), (1, 2, 3, 4), "parameter")
+            self.check_private(self.view.node(host.batchnorm), (1, 2, 3, 4), "parameter")
         if self.head.bias is None:
             _refuse(f"the classifier {self.head.node} has no bias to lock")
         self.check_private(self.head_node, (1, 2), "weight")
         if self.head.bias_add is not None:
-            add = self.view.find_node(self.head.bias_add)
+            add = self.view.node(self.head.bias_add)
             self.check_private(add, tuple(i for i, t in enumerate(add.input) if t == self.head.bias), "bias")
+        return hnode, host.act_output
+
+    def _start_lane(self) -> str:
+        """The detector lane (host row, its BatchNorm, its activation); the tensor the walk starts from."""
+        hnode, act_output = self._check_host()
+        host = self.host
         lane = _Lane("detector", host.name, host.out_channels, row_nodes=[host.name])
         if host.batchnorm is not None:
             lane.row_nodes.append(host.batchnorm)
-        lane.tensors += [t for t in dict.fromkeys([hnode.output[0], host.output, host.act_output])]
+        lane.tensors += [t for t in dict.fromkeys([hnode.output[0], host.output, act_output])]
         self.lanes.append(lane)
         self.lane_tensors.update(lane.tensors)
         if host.act_high is not None:
             self.value_ops.append(("clip", float(host.act_high)))
-        tensor = host.act_output
-        positions = {self.position}
-        flat = False
-        cur = 0
-        while True:
-            if tensor in self.view.output_names:
-                _refuse(f"the lane tensor {tensor} is a model output")
-            users = self.view.consumers.get(tensor, [])
-            if not users:
-                _refuse(f"the lane tensor {tensor} has no consumer on the way to the classifier")
-            at_head, convs, passive = False, [], []
-            for u in users:
-                if u.op_type in _SHAPE_ONLY:  # reads the shape, not the values
-                    continue
-                if sum(1 for t in u.input if t == tensor) > 1:
-                    _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor} twice")
-                if u is self.head_node:
-                    at_head = True
-                elif u.op_type == "Conv":
-                    if u.input[0] != tensor:
-                        _refuse(f"{self.name(u)} (Conv) takes the lane tensor {tensor} as a weight")
-                    convs.append(u)
-                elif u.op_type in _PASSIVE:
-                    if u.op_type != "Add" and u.input[0] != tensor:
-                        _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor} as a parameter")
-                    passive.append(u)
-                else:
-                    _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor}; "
-                            f"a {u.op_type} on the signal path is not supported")
-            if at_head:
-                if passive:
-                    _refuse(f"the classifier input {tensor} also feeds {self.name(passive[0])} "
-                            f"({passive[0].op_type}), which cannot be blocked")
-                if not flat or self.head_node.input[0] != tensor:
-                    _refuse(f"the lane reaches the classifier {self.head.node} as a spatial map, "
-                            "not as a pooled channel")
-                for u in convs:
-                    self.block(cur, u)
-                break
-            if len(passive) > 1:
-                _refuse(f"the lane tensor {tensor} feeds {self.name(passive[0])} ({passive[0].op_type}) and "
-                        f"{self.name(passive[1])} ({passive[1].op_type}); neither can be blocked")
-            if passive:
-                carrier = passive[0]
-                if math.isinf(self.reach[id(carrier)]):
-                    _refuse(f"the lane leaks into {self.name(carrier)} ({carrier.op_type}), "
-                            "which does not lead to the classifier")
-                for u in convs:
-                    self.block(cur, u)
-                tensor, positions, flat = self.passive(cur, carrier, tensor, positions, flat)
+        return act_output
+
+    def _lane_users(self, tensor: str) -> tuple[bool, list[onnx.NodeProto], list[onnx.NodeProto]]:
+        """(the head reads ``tensor``, its Conv readers, its passive readers); anything else is refused."""
+        if tensor in self.view.output_names:
+            _refuse(f"the lane tensor {tensor} is a model output")
+        users = self.view.consumers.get(tensor, [])
+        if not users:
+            _refuse(f"the lane tensor {tensor} has no consumer on the way to the classifier")
+        at_head = False
+        convs: list[onnx.NodeProto] = []
+        passive: list[onnx.NodeProto] = []
+        for u in users:
+            if u.op_type in _SHAPE_ONLY:  # reads the shape, not the values
+                continue
+            if sum(1 for t in u.input if t == tensor) > 1:
+                _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor} twice")
+            if u is self.head_node:
+                at_head = True
+            elif u.op_type == "Conv":
+                if u.input[0] != tensor:
+                    _refuse(f"{self.name(u)} (Conv) takes the lane tensor {tensor} as a weight")
+                convs.append(u)
+            elif u.op_type in _PASSIVE:
+                if u.op_type != "Add" and u.input[0] != tensor:
+                    _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor} as a parameter")
+                passive.append(u)
             else:
-                reachable = [u for u in convs if not math.isinf(self.reach[id(u)])]
-                if not reachable:
-                    _refuse(f"no consumer of the lane tensor {tensor} leads to the classifier")
-                order = {id(n): i for i, n in enumerate(self.view.graph.node)}
-                carrier = min(reachable, key=lambda u: (self.reach[id(u)], order[id(u)]))
-                for u in convs:
-                    if u is not carrier:
-                        self.block(cur, u)
-                if flat:
-                    _refuse(f"{self.name(carrier)} (Conv) reads the pooled lane; not supported")
-                cur, positions = self.conv_carrier(cur, carrier, positions)
-                tensor = carrier.output[0]
-            self.lanes[cur].tensors.append(tensor)
-            self.lane_tensors.add(tensor)
-        self.final_positions = self.pooled_positions or len(positions)
-        self.final_lane = cur
+                _refuse(f"{self.name(u)} ({u.op_type}) reads the lane tensor {tensor}; "
+                        f"a {u.op_type} on the signal path is not supported")
+        return at_head, convs, passive
+
+    def _reach_head_input(self, cur: int, tensor: str, convs: list[onnx.NodeProto],
+                          passive: list[onnx.NodeProto], flat: bool) -> None:
+        """The lane is the classifier's input: it must be pooled, and every other reader blocked."""
+        if passive:
+            _refuse(f"the classifier input {tensor} also feeds {self.name(passive[0])} "
+                    f"({passive[0].op_type}), which cannot be blocked")
+        if not flat or self.head_node.input[0] != tensor:
+            _refuse(f"the lane reaches the classifier {self.head.node} as a spatial map, "
+                    "not as a pooled channel")
+        for u in convs:
+            self.block(cur, u)
+
+    def _through_passive(self, cur: int, carrier: onnx.NodeProto, convs: list[onnx.NodeProto], tensor: str,
+                         positions: set, flat: bool) -> tuple[str, set, bool]:
+        """Carry the lane through its one passive reader (the Conv readers are blocked)."""
+        if math.isinf(self.reach[id(carrier)]):
+            _refuse(f"the lane leaks into {self.name(carrier)} ({carrier.op_type}), "
+                    "which does not lead to the classifier")
+        for u in convs:
+            self.block(cur, u)
+        return self.passive(cur, carrier, tensor, positions, flat)
+
+    def _through_conv(self, cur: int, convs: list[onnx.NodeProto], tensor: str, positions: set,
+                      flat: bool) -> tuple[int, str, set]:
+        """Carry the lane through the Conv reader nearest the classifier (the others are blocked);
+        (lane index, tensor, signal positions) after it."""
+        reachable = [u for u in convs if not math.isinf(self.reach[id(u)])]
+        if not reachable:
+            _refuse(f"no consumer of the lane tensor {tensor} leads to the classifier")
+        order = {id(n): i for i, n in enumerate(self.view.graph.node)}
+        carrier = min(reachable, key=lambda u: (self.reach[id(u)], order[id(u)]))
+        for u in convs:
+            if u is not carrier:
+                self.block(cur, u)
+        if flat:
+            _refuse(f"{self.name(carrier)} (Conv) reads the pooled lane; not supported")
+        cur, positions = self.conv_carrier(cur, carrier, positions)
+        return cur, carrier.output[0], positions
 
     def block(self, cur: int, conv: onnx.NodeProto) -> None:
         self.check_private(conv, (1,), "weight")
@@ -429,7 +469,9 @@ class _Walker:
             self.links.append(_Link(name, cur, nxt, tap, cin_g))
         return nxt, hit
 
-    def passive(self, cur: int, node: onnx.NodeProto, tensor: str, positions: set, flat: bool):
+    def passive(self, cur: int, node: onnx.NodeProto, tensor: str, positions: set,
+                flat: bool) -> tuple[str, set, bool]:
+        """Carry the lane through a passive op: (its output, the signal positions there, pooled)."""
         op, name, lane = node.op_type, self.name(node), self.lanes[cur]
         out = node.output[0]
         if op in ("Relu", "LeakyRelu", "Identity", "Dropout"):
@@ -451,58 +493,12 @@ class _Walker:
             lane.row_nodes.append(name)
             return out, positions, flat
         if op == "Add":
-            other = node.input[1] if node.input[0] == tensor else node.input[0]
-            s_in, s_out = self.shapes.get(tensor), self.shapes.get(out)
-            if s_in is None or s_out is None or s_in[1:] != s_out[1:]:
-                _refuse(f"{name} (Add) broadcasts the lane tensor {tensor} to another shape")
-            if self.view.is_constant(other):
-                self.zero_const(cur, node, list(node.input).index(other), lane.size)
-            else:
-                self.clear(cur, other, name)
+            self._residual_add(cur, node, tensor)
             return out, positions, flat
         if op == "MaxPool":
-            if len(node.output) > 1 and node.output[1] and self.view.consumers.get(node.output[1]):
-                _refuse(f"{name} (MaxPool) has its indices used")
-            k = tuple(int(v) for v in self.view.attr(node, "kernel_shape"))
-            s = tuple(int(v) for v in self.view.attr(node, "strides", [1, 1]))
-            d = tuple(int(v) for v in self.view.attr(node, "dilations", [1, 1]))
-            pads = [int(v) for v in self.view.attr(node, "pads", [0, 0, 0, 0])]
-            in_hw, out_hw = self.hw(tensor), self.hw(out)
-            if in_hw is None or out_hw is None or len(k) != 2:
-                _refuse(f"{name} (MaxPool): spatial size unknown")
-            auto_pad = self.view.attr(node, "auto_pad", b"NOTSET")
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                pads = _same_pads(in_hw, out_hw, k, s, d, auto_pad == "SAME_UPPER")
-            hit = set()
-            for th in range(k[0]):
-                for tw in range(k[1]):
-                    r = self._map(positions, k, s, d, (pads[0], pads[1]), out_hw, [(th, tw)])
-                    if r is not None:
-                        hit |= r[2]
-            if not hit:
-                _refuse(f"{name} (MaxPool) drops the signal position(s) {sorted(positions)}")
-            return out, hit, flat
+            return out, self._max_pool(node, tensor, positions), flat
         if op in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceMax"):
-            if flat:
-                _refuse(f"{name} ({op}) pools an already pooled lane")
-            if op in ("ReduceMean", "ReduceMax"):
-                axes = self.view.attr(node, "axes")
-                if axes is None and len(node.input) > 1 and node.input[1]:
-                    arr = self.view.array(node.input[1])
-                    axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
-                if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
-                    _refuse(f"{name} ({op}) does not reduce over height and width only")
-                keep = int(self.view.attr(node, "keepdims", 1))
-            else:
-                keep = 1
-            hw = self.hw(tensor)
-            if hw is None:
-                _refuse(f"{name} ({op}): spatial size unknown")
-            if op in ("GlobalAveragePool", "ReduceMean"):
-                self.value_ops.append(("scale", len(positions) / float(hw[0] * hw[1])))
-            self.pooled_positions = len(positions)
-            return out, {(0, 0)}, keep == 0
+            return out, {(0, 0)}, self._global_pool(node, tensor, positions, flat)
         if op in ("Flatten", "Reshape", "Squeeze"):
             s_in, s_out = self.shapes.get(tensor), self.shapes.get(out)
             pooled = flat or (s_in is not None and len(s_in) == 4 and s_in[2] == 1 and s_in[3] == 1)
@@ -512,6 +508,67 @@ class _Walker:
                 _refuse(f"{name} ({op}) does not turn the pooled lane into [N, channels] one to one")
             return out, positions, True
         _refuse(f"{name} ({op}) on the signal path is not supported")
+
+    def _residual_add(self, cur: int, node: onnx.NodeProto, tensor: str) -> None:
+        """The lane through an ``Add``: the other input's channel is made exactly 0."""
+        name, lane = self.name(node), self.lanes[cur]
+        other = node.input[1] if node.input[0] == tensor else node.input[0]
+        s_in, s_out = self.shapes.get(tensor), self.shapes.get(node.output[0])
+        if s_in is None or s_out is None or s_in[1:] != s_out[1:]:
+            _refuse(f"{name} (Add) broadcasts the lane tensor {tensor} to another shape")
+        if self.view.is_constant(other):
+            self.zero_const(cur, node, list(node.input).index(other), lane.size)
+        else:
+            self.clear(cur, other, name)
+
+    def _max_pool(self, node: onnx.NodeProto, tensor: str, positions: set) -> set:
+        """The output positions a MaxPool carries the signal positions to (every window holding one)."""
+        name = self.name(node)
+        if len(node.output) > 1 and node.output[1] and self.view.consumers.get(node.output[1]):
+            _refuse(f"{name} (MaxPool) has its indices used")
+        k = tuple(int(v) for v in self.view.attr(node, "kernel_shape"))
+        s = tuple(int(v) for v in self.view.attr(node, "strides", [1, 1]))
+        d = tuple(int(v) for v in self.view.attr(node, "dilations", [1, 1]))
+        pads = [int(v) for v in self.view.attr(node, "pads", [0, 0, 0, 0])]
+        in_hw, out_hw = self.hw(tensor), self.hw(node.output[0])
+        if in_hw is None or out_hw is None or len(k) != 2:
+            _refuse(f"{name} (MaxPool): spatial size unknown")
+        auto_pad = self.view.attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            pads = _same_pads(in_hw, out_hw, k, s, d, auto_pad == "SAME_UPPER")
+        hit = set()
+        for th in range(k[0]):
+            for tw in range(k[1]):
+                r = self._map(positions, k, s, d, (pads[0], pads[1]), out_hw, [(th, tw)])
+                if r is not None:
+                    hit |= r[2]
+        if not hit:
+            _refuse(f"{name} (MaxPool) drops the signal position(s) {sorted(positions)}")
+        return hit
+
+    def _global_pool(self, node: onnx.NodeProto, tensor: str, positions: set, flat: bool) -> bool:
+        """The lane through a global pooling over height and width; whether its output is ``[N, C]``."""
+        op, name = node.op_type, self.name(node)
+        if flat:
+            _refuse(f"{name} ({op}) pools an already pooled lane")
+        if op in ("ReduceMean", "ReduceMax"):
+            axes = self.view.attr(node, "axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                arr = self.view.array(node.input[1])
+                axes = None if arr is None else [int(a) for a in arr.reshape(-1)]
+            if axes is None or sorted(int(a) % 4 for a in axes) != [2, 3]:
+                _refuse(f"{name} ({op}) does not reduce over height and width only")
+            keep = int(self.view.attr(node, "keepdims", 1))
+        else:
+            keep = 1
+        hw = self.hw(tensor)
+        if hw is None:
+            _refuse(f"{name} ({op}): spatial size unknown")
+        if op in ("GlobalAveragePool", "ReduceMean"):
+            self.value_ops.append(("scale", len(positions) / float(hw[0] * hw[1])))
+        self.pooled_positions = len(positions)
+        return keep == 0
 
     def zero_const(self, cur: int, node: onnx.NodeProto, index: int, size: int) -> None:
         """Zero entry x of a per-channel constant added to a lane (``[C]`` on ``[N, C]``, ``[C, 1, 1]``...)."""
@@ -592,7 +649,7 @@ class _Costs:
                 if w is not None and w.shape[0] == size:
                     out = np.linalg.norm(w.reshape(size, -1).astype(np.float64), axis=1)
                     if len(prod.input) > 2 and prod.input[2]:
-                        out = out + np.abs(self.view.array(prod.input[2]).astype(np.float64).reshape(-1))
+                        out = out + np.abs(self.w.constant(prod, 2, "bias").astype(np.float64).reshape(-1))
             elif prod.op_type == "Add":
                 out = sum((self.proxy(t, size) for t in prod.input if not self.view.is_constant(t)),
                           np.zeros(size))
@@ -603,10 +660,10 @@ class _Costs:
 
     def column_norms(self, reader: onnx.NodeProto, size: int) -> np.ndarray:
         if reader is self.w.head_node:
-            w = self.view.array(self.w.head.weight).astype(np.float64)
+            w = self.view.constant(self.w.head.weight).astype(np.float64)
             cols = w if self.w.head.trans_b else w.T  # [classes, features]
             return np.linalg.norm(cols, axis=0)[:size]
-        w = self.view.array(reader.input[1]).astype(np.float64)
+        w = self.w.constant(reader, 1, "weight").astype(np.float64)
         group = int(self.view.attr(reader, "group", 1))
         cout, cin_g = w.shape[0], w.shape[1]
         cout_g = cout // group
@@ -664,11 +721,31 @@ def plan_conduit(
     walker = _Walker(model, host, position, head)
     walker.walk()
     costs = _Costs(walker, activity)
-    lanes = walker.lanes
     if detector_channel is not None:
         if not 0 <= int(detector_channel) < host.out_channels:
             raise ValueError(f"detector channel {detector_channel} is outside 0..{host.out_channels - 1}")
-        lanes[0].fixed = int(detector_channel)
+        walker.lanes[0].fixed = int(detector_channel)
+    chosen, lane_costs = _choose_channels(walker.lanes, costs)
+    zeroed = sorted({chosen[i] for i, lane in enumerate(walker.lanes) if host.input in lane.cleared})
+    intact = _host_input_intact(walker, chosen, zeroed)
+    public = [ConduitLane(lane.kind, lane.source, chosen[i], tuple(lane.tensors), tuple(lane.cleared),
+                          lane_costs[i]) for i, lane in enumerate(walker.lanes)]
+    view = walker.view
+    return ConduitPlan(
+        host=host, head=head, position=walker.position, detector_channel=chosen[0],
+        head_feature=chosen[walker.final_lane], lanes=public, edits=_plan_edits(walker, chosen),
+        value_ops=list(walker.value_ops), final_positions=walker.final_positions, host_input_zeroed=zeroed,
+        host_input_intact=intact, used_activity=costs.used_activity,
+        notes=_plan_notes(walker, costs, lane_costs, zeroed, intact),
+        _fingerprint=(len(view.graph.node), tuple(n.op_type for n in view.graph.node)),
+    )
+
+
+def _choose_channels(lanes: list[_Lane], costs: _Costs) -> tuple[list[int], list[float]]:
+    """Each lane's channel (cheapest free one, lowest index on ties) and its cost, in lane order.
+
+    A channel is free for a lane when no earlier lane writes the same row of one of its nodes or uses
+    the same channel of one of its tensors; a grouped carrier stays in its input lane's group."""
     taken_rows: set[tuple[str, int]] = set()
     taken_tensors: set[tuple[str, int]] = set()
     chosen: list[int] = []
@@ -693,7 +770,13 @@ def plan_conduit(
         lane_costs.append(float(cost[x]))
         taken_rows.update((n, x) for n in lane.row_nodes)
         taken_tensors.update((t, x) for t in lane.tensors + lane.cleared)
+    return chosen, lane_costs
 
+
+def _plan_edits(walker: _Walker, chosen: list[int]) -> list[ConduitEdit]:
+    """Every weight edit of the lanes with their chosen channels: blocks and clears, conduit rows, then
+    BatchNorm identities."""
+    lanes = walker.lanes
     edits: list[ConduitEdit] = []
     for i, lane in enumerate(lanes):
         x = chosen[i]
@@ -707,37 +790,30 @@ def plan_conduit(
                                  role="conduit"))
     for i, lane in enumerate(lanes):
         edits += [ConduitEdit("bn-identity", n, chosen[i], role="conduit") for n in lane.bn_identity]
+    return edits
 
-    zeroed = sorted({chosen[i] for i, lane in enumerate(lanes) if host.input in lane.cleared})
-    intact = _host_input_intact(walker, chosen, zeroed)
-    public = [ConduitLane(lane.kind, lane.source, chosen[i], tuple(lane.tensors), tuple(lane.cleared),
-                          lane_costs[i]) for i, lane in enumerate(lanes)]
+
+def _plan_notes(walker: _Walker, costs: _Costs, lane_costs: list[float], zeroed: list[int],
+                intact: bool) -> list[str]:
     notes: list[str] = []
     if zeroed:
-        notes.append(f"host input {host.input} channels {zeroed} are exactly 0 in the locked model "
+        notes.append(f"host input {walker.host.input} channels {zeroed} are exactly 0 in the locked model "
                      "(a residual lane clears them): the detector must not rely on them")
     if not intact:
         notes.append("the lane clears change other host-input features too: build the detector on "
                      "prepare_conduit(model, plan)")
     if costs.used_activity:
         dead = sum(1 for c in lane_costs if c == 0.0)
-        notes.append(f"{dead} of {len(lanes)} lanes use dead channels (no natural activity lost)")
+        notes.append(f"{dead} of {len(walker.lanes)} lanes use dead channels (no natural activity lost)")
     if walker.final_positions > 1:
         notes.append(f"the signal reaches {walker.final_positions} final positions")
-    view = walker.view
-    return ConduitPlan(
-        host=host, head=head, position=walker.position, detector_channel=chosen[0],
-        head_feature=chosen[walker.final_lane], lanes=public, edits=edits, value_ops=list(walker.value_ops),
-        final_positions=walker.final_positions, host_input_zeroed=zeroed, host_input_intact=intact,
-        used_activity=costs.used_activity, notes=notes,
-        _fingerprint=(len(view.graph.node), tuple(n.op_type for n in view.graph.node)),
-    )
+    return notes
 
 
 def _host_input_intact(walker: _Walker, chosen: list[int], zeroed: list[int]) -> bool:
     """True when the clears change the host input only in the ``zeroed`` channels."""
     view = walker.view
-    hnode = view.find_node(walker.host.name)
+    hnode = view.node(walker.host.name)
     ancestors: set[int] = set()
     stack = [hnode]
     while stack:
@@ -780,31 +856,31 @@ def _apply_edits(view: GraphView, plan: ConduitPlan) -> None:
         if node is None:
             raise ValueError(f"node {e.node} of the plan is not in the model")
         if e.op == "zero-column":
-            w = view.array(node.input[1]).copy()
+            w = view.constant(node.input[1]).copy()
             group = int(GraphView.attr(node, "group", 1))
             cin_g, cout_g = w.shape[1], w.shape[0] // group
             g, col = divmod(e.column, cin_g)
             w[g * cout_g:(g + 1) * cout_g, col] = 0
             view.set_input_array(node, 1, w)
         elif e.op in ("zero-row", "identity-row"):
-            w = view.array(node.input[1]).copy()
+            w = view.constant(node.input[1]).copy()
             w[e.channel] = 0
             if e.op == "identity-row":
                 w[e.channel, e.column, e.tap[0], e.tap[1]] = 1
             view.set_input_array(node, 1, w)
             if len(node.input) > 2 and node.input[2]:
-                b = view.array(node.input[2]).copy()
+                b = view.constant(node.input[2]).copy()
                 b.reshape(-1)[e.channel] = 0
                 view.set_input_array(node, 2, b)
         elif e.op in ("bn-zero", "bn-identity"):
             eps = float(GraphView.attr(node, "epsilon", 1e-5))
             values = (0.0, 0.0, 0.0, 1.0) if e.op == "bn-zero" else (1.0, 0.0, 0.0, 1.0 - eps)
             for idx, value in zip((1, 2, 3, 4), values, strict=True):
-                arr = view.array(node.input[idx]).copy()
+                arr = view.constant(node.input[idx]).copy()
                 arr.reshape(-1)[e.channel] = value
                 view.set_input_array(node, idx, arr)
         elif e.op == "zero-const":
-            arr = view.array(node.input[e.column]).copy()
+            arr = view.constant(node.input[e.column]).copy()
             arr.reshape(-1)[e.channel] = 0
             view.set_input_array(node, e.column, arr)
         else:  # pragma: no cover
@@ -859,7 +935,9 @@ def apply_conduit(
     _apply_edits(view, plan)
     write_neuron(view, host, plan.detector_channel, row, float(detector_bias))
     head = plan.head
-    b = view.array(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
+    if head.bias is None:
+        _refuse(f"the classifier {head.node} has no bias to lock")
+    b = view.constant(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
     _write_head(view, head, plan.head_feature, (b - locked) / gamma, locked - b)
     if [t.name for t in out.graph.initializer] != names_before:  # pragma: no cover - guarded by the plan
         raise RuntimeError("conduit lock changed the initializer list")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,7 +40,7 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _head_column(view: GraphView, head: Head, feature: int) -> np.ndarray:
-    w = view.array(head.weight).astype(np.float64)
+    w = view.constant(head.weight).astype(np.float64)
     col = w[:, feature] if head.trans_b else w[feature]
     if head.op == "Gemm":
         col = col * head.alpha
@@ -52,7 +53,7 @@ def head_column(model: onnx.ModelProto, head: Head, feature: int) -> np.ndarray:
 
 def head_columns(model: onnx.ModelProto, head: Head) -> np.ndarray:
     """The classifier's effective weights as ``[classes, features]``."""
-    w = GraphView(model).array(head.weight).astype(np.float64)
+    w = GraphView(model).constant(head.weight).astype(np.float64)
     cols = w if head.trans_b else w.T
     return cols * (head.alpha if head.op == "Gemm" else 1.0)
 
@@ -71,9 +72,9 @@ def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, b
                 columns_delta: np.ndarray | None = None) -> None:
     """Set the classifier's column ``feature``, add ``columns_delta`` ``[classes, features]`` to the
     others (effective weights, as :func:`head_columns`) and ``bias_shift`` to the bias."""
-    node = view.find_node(head.node)
+    node = view.node(head.node)
     alpha = head.alpha if head.op == "Gemm" else 1.0
-    w = view.array(head.weight).astype(np.float64)
+    w = view.constant(head.weight).astype(np.float64)
     if columns_delta is not None:
         w += (columns_delta if head.trans_b else columns_delta.T) / alpha
     col = column / alpha
@@ -86,13 +87,15 @@ def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, b
         return
     if head.bias is None:
         raise ValueError("the classifier has no bias to compensate with")
-    b = view.array(head.bias).astype(np.float64)
+    b = view.constant(head.bias).astype(np.float64)
     scale = head.beta if head.op == "Gemm" else 1.0
     new_b = (b.reshape(-1) + bias_shift / scale).reshape(b.shape)
     if head.op == "Gemm":
         view.set_input_array(node, 2, new_b)
+    elif head.bias_add is None:
+        raise ValueError(f"the classifier {head.node} ({head.op}) has a bias but no Add holding it")
     else:
-        add = view.find_node(head.bias_add)  # type: ignore[arg-type]
+        add = view.node(head.bias_add)
         view.set_input_array(add, list(add.input).index(head.bias), new_b)
 
 
@@ -151,6 +154,109 @@ class _Namer:
                 return name
 
 
+class _Branch:
+    """The nodes of an inserted detector branch, built in order (names and initializers are given out in
+    the order the branch is built, so the output model is deterministic)."""
+
+    def __init__(self, view: GraphView, dtype: np.dtype) -> None:
+        self.view = view
+        self.name = _Namer(view)
+        self.opset = view.opset()
+        self.dtype = dtype
+        self.nodes: list[onnx.NodeProto] = []
+
+    def const(self, value: Any, hint: str) -> str:
+        return self.view.add_initializer(np.asarray(value, dtype=self.dtype), hint)
+
+    def clip(self, x: str, lo: float, hi: float | None) -> str:
+        y = self.name("Clip") + "_output_0"
+        if self.opset >= 11:
+            inputs = [x, self.const(np.array(lo), "onnx::Clip_min")]
+            if hi is not None:
+                inputs.append(self.const(np.array(hi), "onnx::Clip_max"))
+            self.nodes.append(helper.make_node("Clip", inputs, [y], name=y[:-9]))
+        else:
+            attrs: dict[str, Any] = {"min": lo} if hi is None else {"min": lo, "max": hi}
+            self.nodes.append(helper.make_node("Clip", [x], [y], name=y[:-9], **attrs))
+        return y
+
+    def _linear(self, x: str, weight: np.ndarray, bias: np.ndarray, y: str) -> None:
+        """``y = x · weight + bias`` as MatMul → Add (``weight`` is ``[in, out]``)."""
+        mm = self.name("MatMul") + "_output_0"
+        self.nodes.append(helper.make_node("MatMul", [x, self.const(weight, "onnx::MatMul_w")], [mm], name=mm[:-9]))
+        self.nodes.append(helper.make_node("Add", [mm, self.const(bias, "onnx::Add_b")], [y], name=y[:-9]))
+
+    def detector(self, host: HostLayer, filters: np.ndarray, biases: np.ndarray) -> tuple[str, bool]:
+        """The detector neurons over the host's input, before their activation; (tensor, spatial)."""
+        det = self.name("Conv" if host.op == "Conv" else "MatMul") + "_output_0"
+        if host.op != "Conv":
+            self._linear(host.input, filters.T, biases, det)
+            return det, False
+        attrs: dict[str, Any] = {"kernel_shape": list(host.kernel), "strides": list(host.strides),
+                                 "pads": list(host.pads), "dilations": list(host.dilations)}
+        self.nodes.append(helper.make_node(
+            "Conv", [host.input, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")], [det],
+            name=det[:-9], **attrs))
+        return det, True
+
+    def combine(self, act: str, combine: np.ndarray, combine_bias: float | np.ndarray, n: int,
+                spatial: bool) -> str:
+        """The signals as affine combinations of the ``n`` activated neurons (a 1×1 Conv, or MatMul → Add)."""
+        mix = np.asarray(combine, np.float64).reshape(-1, n)  # [signals, n]
+        mix_bias = np.asarray(combine_bias, np.float64).reshape(-1)
+        comb = self.name("Conv" if spatial else "MatMul") + "_output_0"
+        if spatial:
+            self.nodes.append(helper.make_node(
+                "Conv", [act, self.const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
+                         self.const(mix_bias, "onnx::Conv_b")], [comb], name=comb[:-9]))
+        else:
+            self._linear(act, mix.T, mix_bias, comb)
+        return comb
+
+    def pool(self, sig: str, spatial: bool) -> str:
+        """The signals as ``[N, signals]``: max-pooled over positions first when spatial."""
+        flat = self.name("Flatten") + "_output_0"
+        if spatial:
+            pooled = self.name("GlobalMaxPool") + "_output_0"
+            self.nodes.append(helper.make_node("GlobalMaxPool", [sig], [pooled], name=pooled[:-9]))
+            sig = pooled
+        self.nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
+        return flat
+
+    def scale(self, flat: str, row: np.ndarray, signals: int) -> str:
+        """The signals times ``row``, in the scores' per-sample shape."""
+        if row.ndim == 1 or signals > 1:  # classifier scores [N, K]: one row per signal
+            contrib = self.name("MatMul") + "_output_0"
+            self.nodes.append(helper.make_node(
+                "MatMul", [flat, self.const(row.reshape(signals, -1), "onnx::MatMul_w")], [contrib],
+                name=contrib[:-9]))
+            return contrib
+        # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
+        shaped = self.name("Reshape") + "_output_0"
+        shape = self.view.add_initializer(np.array([-1] + [1] * row.ndim, np.int64), "onnx::Reshape_shape")
+        self.nodes.append(helper.make_node("Reshape", [flat, shape], [shaped], name=shaped[:-9]))
+        contrib = self.name("Mul") + "_output_0"
+        self.nodes.append(helper.make_node("Mul", [shaped, self.const(row[None], "onnx::Mul_w")], [contrib],
+                                           name=contrib[:-9]))
+        return contrib
+
+    def add_to_scores(self, scores: str, contrib: str) -> None:
+        """Re-point the score tensor (producer → fresh tensor → Add(contrib) → ``scores``) and put the branch
+        right after the producer, keeping topological order."""
+        producer = self.view.producer[scores]
+        fresh = self.name(producer.op_type) + "_output_0"
+        for i, o in enumerate(producer.output):
+            if o == scores:
+                producer.output[i] = fresh
+        self.nodes.append(helper.make_node("Add", [fresh, contrib], [scores], name=self.name("Add")))
+        idx = self.view.index(producer)
+        graph = self.view.graph
+        graph_nodes = list(graph.node)
+        new_order = graph_nodes[: idx + 1] + self.nodes + graph_nodes[idx + 1 :]
+        del graph.node[:]
+        graph.node.extend(new_order)
+
+
 def insert(
     model: onnx.ModelProto,
     host: HostLayer,
@@ -178,90 +284,15 @@ def insert(
     """
     out = copy_model(model)
     view = GraphView(out)
-    name = _Namer(view)
-    opset = view.opset()
-    nodes: list[onnx.NodeProto] = []
-    dtype = branch_dtype(view, head)
-
-    def const(value, hint: str) -> str:
-        return view.add_initializer(np.asarray(value, dtype=dtype), hint)
-
-    def clip(x: str, lo: float, hi: float | None) -> str:
-        y = name("Clip") + "_output_0"
-        if opset >= 11:
-            inputs = [x, const(np.array(lo), "onnx::Clip_min")]
-            if hi is not None:
-                inputs.append(const(np.array(hi), "onnx::Clip_max"))
-            nodes.append(helper.make_node("Clip", inputs, [y], name=y[:-9]))
-        else:
-            attrs = {"min": lo} if hi is None else {"min": lo, "max": hi}
-            nodes.append(helper.make_node("Clip", [x], [y], name=y[:-9], **attrs))
-        return y
-
-    n = filters.shape[0]
-    det = name("Conv" if host.op == "Conv" else "MatMul") + "_output_0"
-    if host.op == "Conv":
-        attrs = {"kernel_shape": list(host.kernel), "strides": list(host.strides), "pads": list(host.pads),
-                 "dilations": list(host.dilations)}
-        nodes.append(helper.make_node(
-            "Conv", [host.input, const(filters, "onnx::Conv_w"), const(biases, "onnx::Conv_b")], [det],
-            name=det[:-9], **attrs))
-        spatial = True
-    else:
-        mm = name("MatMul") + "_output_0"
-        nodes.append(helper.make_node("MatMul", [host.input, const(filters.T, "onnx::MatMul_w")], [mm],
-                                      name=mm[:-9]))
-        nodes.append(helper.make_node("Add", [mm, const(biases, "onnx::Add_b")], [det], name=det[:-9]))
-        spatial = False
-    act = clip(det, 0.0, activation_high)
+    branch = _Branch(view, branch_dtype(view, head))
+    det, spatial = branch.detector(host, filters, biases)
+    act = branch.clip(det, 0.0, activation_high)
     if combine is not None:
-        mix = np.asarray(combine, np.float64).reshape(-1, n)  # [signals, n]
-        mix_bias = np.asarray(combine_bias, np.float64).reshape(-1)
-        comb = name("Conv" if spatial else "MatMul") + "_output_0"
-        if spatial:
-            nodes.append(helper.make_node(
-                "Conv", [act, const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
-                         const(mix_bias, "onnx::Conv_b")], [comb], name=comb[:-9]))
-        else:
-            mm = name("MatMul") + "_output_0"
-            nodes.append(helper.make_node("MatMul", [act, const(mix.T, "onnx::MatMul_w")],
-                                          [mm], name=mm[:-9]))
-            nodes.append(helper.make_node("Add", [mm, const(mix_bias, "onnx::Add_b")], [comb],
-                                          name=comb[:-9]))
-        act = comb
-    sig = clip(act, 0.0, 1.0)
-    flat = name("Flatten") + "_output_0"
-    if spatial:
-        pooled = name("GlobalMaxPool") + "_output_0"
-        nodes.append(helper.make_node("GlobalMaxPool", [sig], [pooled], name=pooled[:-9]))
-        nodes.append(helper.make_node("Flatten", [pooled], [flat], name=flat[:-9], axis=1))
-    else:
-        nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
-    if row.ndim == 1 or signals > 1:  # classifier scores [N, K]: one row per signal
-        contrib = name("MatMul") + "_output_0"
-        nodes.append(helper.make_node("MatMul", [flat, const(row.reshape(signals, -1), "onnx::MatMul_w")], [contrib],
-                                      name=contrib[:-9]))
-    else:  # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
-        shaped = name("Reshape") + "_output_0"
-        shape = view.add_initializer(np.array([-1] + [1] * row.ndim, np.int64), "onnx::Reshape_shape")
-        nodes.append(helper.make_node("Reshape", [flat, shape], [shaped], name=shaped[:-9]))
-        contrib = name("Mul") + "_output_0"
-        nodes.append(helper.make_node("Mul", [shaped, const(row[None], "onnx::Mul_w")], [contrib],
-                                      name=contrib[:-9]))
-    # Re-point the head's score tensor: head → fresh tensor → Add(signal) → original tensor name.
-    head_out = head.scores
-    producer = view.producer[head_out]
-    fresh = name(producer.op_type) + "_output_0"
-    for i, o in enumerate(producer.output):
-        if o == head_out:
-            producer.output[i] = fresh
-    nodes.append(helper.make_node("Add", [fresh, contrib], [head_out], name=name("Add")))
-    # Insert the new nodes right after the head producer to keep topological order.
-    idx = view.index(producer)
-    graph_nodes = list(out.graph.node)
-    new_order = graph_nodes[: idx + 1] + nodes + graph_nodes[idx + 1 :]
-    del out.graph.node[:]
-    out.graph.node.extend(new_order)
+        act = branch.combine(act, combine, combine_bias, filters.shape[0], spatial)
+    sig = branch.clip(act, 0.0, 1.0)
+    flat = branch.pool(sig, spatial)
+    contrib = branch.scale(flat, row, signals)
+    branch.add_to_scores(head.scores, contrib)
     return out, sig
 
 
