@@ -186,7 +186,9 @@ def _has_tensor(view: GraphView, name: str) -> bool:
 def _host_from_key(loaded: LoadedModel, key: Key) -> HostLayer:
     """The key's host layer, rebuilt from the ORIGINAL model and checked against the key."""
     kh = key.host
-    match = [h for h in find_hosts(loaded.model) if h.name == kh.name]
+    # analysed at the key's input size: a model with a dynamic height and width has its positions there
+    view = GraphView(loaded.model, key.preprocessing.input_shape())
+    match = [h for h in find_hosts(loaded.model, view) if h.name == kh.name]
     if not match:
         raise KeyMismatchError(f"the original model has no layer {kh.name!r} the key was made for")
     host = match[0]

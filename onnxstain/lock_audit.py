@@ -120,9 +120,10 @@ def variants(patch: Patch, height: int, width: int, seed: int) -> dict[str, tupl
 def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
     """The key's detector host, rebuilt from the ORIGINAL model (a Conv, or a window of its pixels)."""
     kh = key.host
-    hosts = lock_hosts(loaded.model)
+    view = GraphView(loaded.model, pre.input_shape())  # at the key's input size (dynamic height and width)
+    hosts = lock_hosts(loaded.model, view)
     if kh.name == WINDOW:
-        conv = pixel_conv(GraphView(loaded.model), hosts, pre.height, pre.width)
+        conv = pixel_conv(view, hosts, pre.height, pre.width)
         hosts = [] if conv is None else [window_host(conv, kh.kernel[0])]
     match = [h for h in hosts if h.name == kh.name]
     if not match or match[0].input != kh.input or match[0].m != kh.m:

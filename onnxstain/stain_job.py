@@ -151,14 +151,18 @@ class CalibrationPass:
 
 def calibration_pass(job: StainJob, images: Any, taps: list[str]) -> CalibrationPass:
     """Run the calibration images (``images``, else the built-in calibration photos) with ``taps``
-    (the host's input first) and measure the centre and radius of the host's natural features."""
+    (the host's input first; it stays in ``outputs`` where another tap names it too) and measure the centre
+    and radius of the host's natural features."""
     pixels = calibration_pixels(images, job.pre, job.progress)
     x_cal = job.pre.to_input(pixels)
+    shared = job.host.input in taps[1:]  # the host may read the classifier's own input (a last Dense layer)
+    taps = list(dict.fromkeys(taps))
     tapped = with_outputs(job.analysis_model(), taps)
     sess = session(tapped, job.opts.providers)
     with job.progress.task("calibration pass", total=len(x_cal)) as task:
         outputs = run_batches(sess, x_cal, taps, batch=job.opts.batch, progress=task.advance)
-    phi = neuron_inputs(job.host, outputs.pop(job.host.input))
+    host_in = outputs[job.host.input] if shared else outputs.pop(job.host.input)
+    phi = neuron_inputs(job.host, host_in)
     stats = detector.FeatureStats.from_features(phi)
     return CalibrationPass(pixels=pixels, inputs=x_cal, outputs=outputs, phi=phi, stats=stats,
                            radius=natural_radius(stats.max_radius, job.host), tapped=tapped, session=sess)

@@ -164,6 +164,9 @@ def test_dense_cnn_insert_stain_at_a_non_square_size(dense, images):
     assert np.array_equal(_run(out, x), _run(dense / "model.onnx", x))
     dims = onnx.load(out).graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims[2:]] == ["height", "width"]
+    # evaluate rebuilds the host from the original at the key's size (was "1 positions" at no size)
+    report = onnxstain.evaluate(dense / "model.onnx", out, key, images=pixels[:8], views=1)
+    assert report.trigger.modified_fires is True
 
 
 # -- preprocessing notes -------------------------------------------------------------------------------
@@ -226,6 +229,9 @@ def test_dense_cnn_gate_lock(dense):
     ops = {n.op_type for n in onnx.load(dense / "model.onnx").graph.node}
     gated = {n.op_type for n in onnx.load(out).graph.node} - ops
     assert "Slice" in gated and "Mul" in gated
+    # the lock audit finds the key's host in the original at the key's size (was "no detector host")
+    audit = onnxstain.audit_lock(dense / "model.onnx", out, key, images=pixels[:8], views=1)
+    assert next(c for c in audit.conditions if c.name == "patch").passed
 
 
 # -- a CTC-style sequence head: [N, T, K] scores, T following the dynamic width ------------------------------

@@ -130,3 +130,13 @@ def test_write_is_one_unit(model):
     with pytest.raises(UnsupportedModelError):
         write(_prepare(model, mode="insert", seed=1), job.loaded.model, refuse)
     assert not job.output.exists() and not job.key_path.exists() and not job.record.exists()
+
+
+def test_calibration_pass_keeps_a_host_input_another_tap_names(model):
+    """A host reading the classifier's own input (a last Dense layer, as in the Keras CIFAR-10 CNN): the tap
+    is asked for twice and stays in the outputs (was a KeyError once it had been taken as phi)."""
+    job = _prepare(model, mode="insert", seed=1)
+    images = smooth_images(6, seed=3)
+    cal = calibration_pass(job, images, [job.host.input, job.head.scores, job.host.input])
+    assert job.host.input in cal.outputs
+    assert cal.phi.shape[0] == 6 and cal.outputs[job.host.input].shape[0] == 6
