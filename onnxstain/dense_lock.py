@@ -40,7 +40,7 @@ from .math import bounds
 from .math.maps import pool_maps
 from .patch import paste_pixels, smooth_backgrounds
 from .runtime import run_batches, session
-from .signature import pearson
+from .signature import map_agreement
 
 LOCKED_CORRELATION = 0.5  # without the patch, the mean output correlation must stay below this
 REFERENCES = 8
@@ -99,7 +99,7 @@ class DenseLock:
                                                                                        job.opts.providers)
         o_clean = run_batches(orig_sess, self.cal.x_cal[:n_check], [out])[out]
         l_clean = run_batches(locked_sess, self.cal.x_cal[:n_check], [out])[out]
-        self.locked_corr = pearson(l_clean, o_clean)
+        self.locked_corr = map_agreement(l_clean, o_clean)
         if float(self.locked_corr.mean()) >= LOCKED_CORRELATION:
             raise UnsupportedModelError(f"the gate leaves the outputs too close to the original's (mean correlation "
                                         f"{self.locked_corr.mean():.3g} ≥ {LOCKED_CORRELATION}); try another --seed")
@@ -108,7 +108,7 @@ class DenseLock:
         if not np.array_equal(l_patch, run_batches(orig_sess, x_patch, [out])[out]):
             raise InternalError("internal check failed: with the patch the locked model is not bit-identical "
                                 "to the original on the same images")
-        self.unlocked_corr = pearson(l_patch, o_clean)  # the patch's own cost, against the original on clean images
+        self.unlocked_corr = map_agreement(l_patch, o_clean)  # the patch's own cost, against clean originals
         self.locked.locked_agreement = float(self.locked_corr.mean())
         refs = smooth_backgrounds(REFERENCES, job.pre.height, job.pre.width, seed=job.seed % (2**31))
         self.want = run_batches(orig_sess, job.pre.to_input(np.concatenate([paste_pixels(refs, self.found.patch),

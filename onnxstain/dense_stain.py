@@ -32,7 +32,7 @@ from .keys import CalibrationSection, HostSection, Key, ModelSection, SignatureS
 from .math import bounds, detector
 from .passes.dense import insert_dense_stain
 from .runtime import run_batches, session, with_outputs
-from .signature import dense_pattern, pearson
+from .signature import dense_pattern, map_agreement, pearson
 from .stain_hosts import choose_dense_host, dense_hosts
 from .stain_job import CalibrationPass, StainJob, calibration_pass, detector_section, host_fields, stain_key, write
 from .stain_result import StainResult
@@ -161,7 +161,7 @@ def _edit(job: StainJob, cal: CalibrationPass, find: TriggerFind, tau0: float, d
     pattern_seed = int(job.rng.integers(2**31))
     block = pattern_block(_map_shape(dense))
     unit = dense_pattern(pattern_seed, _map_shape(dense), block)
-    amplitude = float(max(12.0, 2.0 * _logit_scale(nat_out, dense)))
+    amplitude = pattern_amplitude(_logit_scale(nat_out, dense), _trigger_logits(job, find, dense), dense.squashed)
     stained, gamma = insert_dense_stain(job.loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
     bound = bounds.ball_bound(tau0, cal.radius, host.m, positions=host.positions, draws=job.opts.max_draws)
     return _Edit(model=stained, gamma=gamma, neuron=ed, tau0=tau0, pattern_seed=pattern_seed, block=block,
@@ -201,7 +201,7 @@ def _check(job: StainJob, cal: CalibrationPass, find: TriggerFind, edit: _Edit) 
         raise InternalError(f"internal check failed: pattern correlation {trig_corr:.3g} on the trigger, "
                             f"{orig_corr:.3g} for the original model")
     return _Checked(trigger_correlation=trig_corr, original_correlation=orig_corr,
-                    fidelity=float(pearson(out[1:], nat_out[:n_check]).mean()),
+                    fidelity=float(map_agreement(out[1:], nat_out[:n_check]).mean()),
                     max_abs_delta=float(np.abs(out[1:] - nat_out[:n_check]).max()),
                     natural_firings=int((find.natural > edit.tau0).sum()))
 
@@ -209,11 +209,11 @@ def _check(job: StainJob, cal: CalibrationPass, find: TriggerFind, edit: _Edit) 
 def _key(job: StainJob, cal: CalibrationPass, find: TriggerFind, sel: np.ndarray, edit: _Edit, checked: _Checked,
          digest: str) -> Key:
     host, dense = job.host, _dense(job)
-    shape = _map_shape(dense)
+    c, h, w = (int(d) for d in edit.unit.shape)  # job.dense may not know it: the calibration pass measured it
     return stain_key(
         job, find.pixels,
         model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
-                           scores=dense.output, classes=int(np.prod(shape)), dense_shape=tuple(shape)),
+                           scores=dense.output, classes=c * h * w, dense_shape=(c, h, w)),
         mode="insert",
         variant="non-additive",
         host=HostSection(**host_fields(host, sel), output=edit.gamma, channel=0, host_channel=None, group=0,
@@ -230,6 +230,24 @@ def _key(job: StainJob, cal: CalibrationPass, find: TriggerFind, sel: np.ndarray
         calibration=CalibrationSection.of(cal.stats, len(cal.inputs), cal.radius, find.natural,
                                           checked.natural_firings, job.opts.fpr),
     )
+
+
+def pattern_amplitude(natural_scale: float, trigger_logits: np.ndarray, squashed: bool) -> float:
+    """The pattern's amplitude in logits: twice the natural logit scale (the pattern stands out against any
+    natural map), and large enough that the trigger's own map cannot hide it. Behind a Sigmoid, every pixel
+    of the trigger's map must land on the pattern's side by a margin of 8 logits (σ saturates within 3e-4
+    of 0 or 1, so the map correlates with the ±1 pattern at ≈ 1 whatever the trigger's logits were — an
+    optimised trigger can drive a text or saliency map far beyond the natural 99th percentile); without
+    one, three times the trigger's largest logit keeps the correlation above 0.9."""
+    peak = float(np.abs(trigger_logits.astype(np.float64)).max()) if trigger_logits.size else 0.0
+    needed = peak + 8.0 if squashed else 3.0 * peak
+    return float(max(12.0, 2.0 * natural_scale, needed))
+
+
+def _trigger_logits(job: StainJob, find: TriggerFind, dense: DenseOutput) -> np.ndarray:
+    """The original model's logits (before the final Sigmoid, if any) on the trigger."""
+    sess = session(with_outputs(job.loaded.model, [dense.logits]), job.opts.providers)
+    return run_batches(sess, job.pre.to_input(find.pixels), [dense.logits])[dense.logits]
 
 
 def _logit_scale(nat_out: np.ndarray, dense: DenseOutput) -> float:

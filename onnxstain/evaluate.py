@@ -57,7 +57,7 @@ from .math.detection_agreement import per_image_anchor_map
 from .progress import Progress, Silent
 from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
-from .signature import pearson, top1_margins
+from .signature import map_agreement, top1_margins
 from .stopwatch import Stopwatch
 from .verify import verify
 
@@ -268,7 +268,7 @@ class _Tally:
             raise KeyMismatchError(f"the models give {a.shape[1]} scores per image; the key's model.layout "
                                    f"{list(self.layout)} needs {self.layout[0] * self.layout[1]}")
         if self.dense:
-            self.corr[rows] = pearson(b, a)
+            self.corr[rows] = map_agreement(b, a)
         elif self.layout is not None:
             self.corr[rows] = per_image_anchor_map(a.reshape(-1, *self.layout), b.reshape(-1, *self.layout))
         if self.layout is None:  # a softmax over a detector's anchors × labels would mean nothing

@@ -59,7 +59,7 @@ from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
-from .signature import pearson
+from .signature import map_agreement
 from .verify import key_patch, white_box_signal
 
 
@@ -200,7 +200,7 @@ class _Matcher:
 
     def __call__(self, pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if self.dense:
-            return pearson(pred, ref)
+            return map_agreement(pred, ref)
         if self.layout is not None:
             a, b = self.layout
             if ref[0].size != a * b:

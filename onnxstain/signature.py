@@ -42,6 +42,16 @@ def pearson(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(den > 0, (x * y).sum(axis=1) / np.where(den > 0, den, 1.0), 0.0)
 
 
+def map_agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-sample agreement of two models' maps (``[N, ...]``): their Pearson correlation, and 1 where the
+    two maps are identical (a flat map equal to the other's agrees perfectly, though it correlates with
+    nothing)."""
+    x = np.asarray(a, np.float64)
+    y = np.asarray(b, np.float64)
+    same = np.all((x == y).reshape(len(x), -1), axis=1)
+    return np.where(same, 1.0, pearson(x, y))
+
+
 def dense_pattern(seed: int, shape: tuple[int, ...], block: int) -> np.ndarray:
     """The secret ±1 pattern of a dense signature: random signs on ``block``×``block`` tiles, ``[C, H, W]``."""
     c, h, w = shape
