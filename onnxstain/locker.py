@@ -45,6 +45,7 @@ from .patch import paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
+from .signature import lock_agreement
 
 __all__ = ["ClassifierLock", "LockOptions", "LockResult", "lock"]
 
@@ -110,27 +111,29 @@ class ClassifierLock:
                                        draws=job.opts.max_draws, detectors=job.opts.detectors, kind=cal.bound_kind)
 
     def check(self) -> None:
-        """With the patch the locked model gives the base model's scores; without, it differs from the original."""
-        job, cal, scores = self.job, self.cal, self.head.scores
+        """With the patch the locked model gives the base model's scores; without, it differs from the original.
+
+        The key's references are the graph output a verifier reads (the probabilities when a Softmax
+        follows the scores): the locked model's with the patch, the original's without."""
+        job, cal, scores, out = self.job, self.cal, self.head.scores, self.head.output
         providers = job.opts.providers
         refs = smooth_backgrounds(REFERENCES, job.pre.height, job.pre.width, seed=job.seed % (2**31))
         x_ref = job.pre.to_input(np.concatenate([paste_pixels(refs, self.found.patch), refs]))
         n = len(refs)
-        base_sess = cal.sess if cal.plan is not None else session(with_outputs(job.loaded.model, [scores]), providers)
-        want = run_batches(base_sess, x_ref, [scores])[scores]
-        if cal.plan is not None:
-            orig_sess = session(with_outputs(job.loaded.model, [scores]), providers)
-            want[n:] = run_batches(orig_sess, x_ref[n:], [scores])[scores]
-        if not np.isfinite(want).all():
+        taps = list(dict.fromkeys([scores, out]))  # one name when the scores are the graph output
+        original = run_batches(session(with_outputs(job.loaded.model, taps), providers), x_ref, taps)
+        want = run_batches(cal.sess, x_ref[:n], [scores])[scores] if cal.plan is not None else original[scores][:n]
+        if not np.isfinite(original[out]).all() or not np.isfinite(want).all():
             raise BadModelError("the model gives NaN or infinite scores on the reference images")
-        got = run_batches(session(with_outputs(self.locked.model, [scores]), providers), x_ref, [scores])[scores]
-        unlock_error = float(np.abs(want[:n] - got[:n]).max())
+        got = run_batches(session(with_outputs(self.locked.model, taps), providers), x_ref, taps)
+        unlock_error = float(np.abs(want - got[scores][:n]).max())
         if unlock_error > 1e-4 * max(1.0, float(np.abs(want).max())):
             raise InternalError(
                 f"internal check failed: the patched references do not unlock (max |Δ| {unlock_error:.3g})")
-        if np.mean(got[n:].argmax(1) == want[n:].argmax(1)) > 0.5:
-            job.notes.append("the locked model still agrees with the original on most unpatched reference images")
-        self.want = want
+        self.want = np.concatenate([got[out][:n], original[out][n:]])
+        _, still = lock_agreement(got[out][:n], self.want[:n], got[out][n:], self.want[n:])
+        if still.mean() > 0.5:
+            job.notes.append("the locked model still gives the original's outputs on most unpatched reference images")
         self.natural_firings = int((self.found.natural > cal.tau0).all(axis=1).sum())
 
     def write(self) -> None:

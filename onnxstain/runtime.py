@@ -83,7 +83,9 @@ def run_batches(
     batch: int = 32,
     progress=None,
 ) -> dict[str, np.ndarray]:
-    """Run ``inputs`` through ``sess`` in batches; concatenate each requested output."""
+    """Run ``inputs`` through ``sess`` in batches; concatenate each requested output (a name given twice
+    is run once)."""
+    outputs = list(dict.fromkeys(outputs))
     name = input_name(sess)
     parts: dict[str, list[np.ndarray]] = {o: [] for o in outputs}
     fixed = sess.get_inputs()[0].shape[0]

@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+STILL_FACTOR = 4.0  # lock check: an unpatched output within this × the patched drift counts as unchanged
+
 
 def class_margin(scores: np.ndarray, cls: int) -> np.ndarray:
     s = np.asarray(scores, np.float64)
@@ -27,6 +29,27 @@ def top1_margins(scores: np.ndarray) -> np.ndarray:
 def shift_score(scores: np.ndarray, original: np.ndarray, expected: np.ndarray) -> np.ndarray:
     d = np.asarray(expected, np.float64) - np.asarray(original, np.float64)
     return (np.asarray(scores, np.float64) - original) @ d / float(d @ d)
+
+
+def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.ndarray,
+                   want_unpatched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per reference image of a lock check (scores ``[N, K]``): whether the patch restores the original's
+    top-1, and whether without the patch the output is *still* the original's.
+
+    "Still" asks for the same top-1 **and** an output no further from the original's (largest |Δ|) than
+    :data:`STILL_FACTOR` times the patched references' largest distance (at least 1e-6 of the outputs'
+    scale). Top-1 alone cannot tell a scrambled model from the original when there are few classes (a
+    two-class model agrees by chance half the time, more on plain backgrounds); a locked model's outputs
+    move far more without the patch than with it, while a model that is not locked — quantised or not —
+    moves alike on both, the patch being a few corner pixels of the same images.
+    """
+    p, wp = np.asarray(patched, np.float64), np.asarray(want_patched, np.float64)
+    u, wu = np.asarray(unpatched, np.float64), np.asarray(want_unpatched, np.float64)
+    restored = p.argmax(1) == wp.argmax(1)
+    scale = max(float(np.abs(wp).max(initial=0.0)), float(np.abs(wu).max(initial=0.0)), 1e-30)
+    tolerance = max(STILL_FACTOR * float(np.abs(p - wp).max(initial=0.0)), 1e-6 * scale)
+    still = (u.argmax(1) == wu.argmax(1)) & (np.abs(u - wu).max(axis=1) <= tolerance)
+    return restored, still
 
 
 # -- dense outputs (saliency maps, segmentation logits) ------------------------------------------------

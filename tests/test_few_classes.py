@@ -17,7 +17,7 @@ from tiny_any import nhwc_two_class
 from tinymodels import smooth_images, tiny_classifier, write_images
 
 import onnxstain
-from onnxstain import Preprocessing, StainOptions
+from onnxstain import Preprocessing, StainOptions, signature
 from onnxstain.cli import main
 from onnxstain.errors import UnsupportedModelError
 from onnxstain.keys import load_key
@@ -173,3 +173,37 @@ def test_sigmoid_multilabel_head(tmp_path, images):
     good = onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key")
     assert good.stained and 10.0 ** good.chance_log10 <= FPR
     assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "s.key").stained
+
+
+def test_lock_agreement_needs_the_outputs_not_just_top1():
+    """Two classes: a scrambled output that keeps the original's top-1 is not 'still the original'."""
+    want = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
+    scrambled = np.array([[0.6, 0.4], [0.55, 0.45], [0.45, 0.55]])  # same top-1, outputs moved by ≥ 0.15
+    restored, still = signature.lock_agreement(want, want, scrambled, want)
+    assert restored.all() and not still.any()
+    restored, still = signature.lock_agreement(want, want, want, want)  # not locked: nothing moves
+    assert restored.all() and still.all()
+    drift = want + 0.01  # a quantised copy that is not locked: both sides drift alike
+    restored, still = signature.lock_agreement(drift, want, drift + 0.005, want)
+    assert restored.all() and still.all()
+
+
+def test_two_class_gate_lock_verifies(tmp_path, images):
+    """A Softmax two-class model: the key's references are the probabilities verify reads, and a locked
+    model that keeps the top-1 of plain backgrounds by chance is still told from the original."""
+    onnx.save(nhwc_two_class(classes=2), tmp_path / "model.onnx")
+    (tmp_path / "images").mkdir()
+    write_images(tmp_path / "images", images)
+    key = tmp_path / "locked.key"
+    res = CliRunner().invoke(main, ["lock", str(tmp_path / "model.onnx"), "-o", str(tmp_path / "locked.onnx"),
+                                    "--key", str(key), "--kind", "gate", "--seed", "1", "--layout", "NHWC",
+                                    "--size", "32x32", "--images", str(tmp_path / "images"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    refs = load_key(key).references
+    assert refs is not None
+    assert np.allclose(refs.patched_scores.array().sum(axis=1), 1.0)  # the Softmax output, not its logits
+    assert np.allclose(refs.unpatched_scores.array().sum(axis=1), 1.0)
+    locked = CliRunner().invoke(main, ["verify", str(tmp_path / "locked.onnx"), "--key", str(key)])
+    assert locked.exit_code == 0, locked.output
+    original = CliRunner().invoke(main, ["verify", str(tmp_path / "model.onnx"), "--key", str(key)])
+    assert original.exit_code == 1, original.output

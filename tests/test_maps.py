@@ -36,3 +36,11 @@ def test_ceil_factor_and_default_side():
     got = pool_maps(y)
     assert got.shape == (1, 2, (REFERENCE_SIDE + 1) // 2, 4)
     assert np.all(got == 1.0)
+
+
+def test_a_thin_side_keeps_one_cell():
+    # a channels-last map [N, H, W, 2] read as [N, C, H, W]: W = 2 with factor ceil(120 / 56) = 3 kept no column
+    y = np.ones((2, 120, 80, 2))
+    got = pool_maps(y)
+    assert got.shape == (2, 120, 40, 1)
+    assert np.all(got == 1.0)
