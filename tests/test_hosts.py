@@ -741,3 +741,47 @@ def test_non_constant_weight_is_not_a_host():
              helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")]
     model = _model(nodes, [], (4, 4))
     assert find_hosts(model) == []
+
+
+def test_branches_that_meet_take_the_union_of_their_fields():
+    """Two 3×3 branches with opposite asymmetric pads (as TF 'same' Pad nodes give) see windows shifted
+    against each other: the Add's positions depend on both (NanoDet's ShuffleNet halves; the largest-only
+    rule kept one window and the lock's patch missed the other's pixels)."""
+    rng = np.random.default_rng(5)
+    inits = [_t("wa", rng.uniform(0.1, 1, (2, 2, 3, 3))), _t("wb", rng.uniform(0.1, 1, (2, 2, 3, 3))),
+             _t("wc", rng.uniform(0.1, 1, (2, 2, 3, 3)))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="a", kernel_shape=[3, 3], pads=[2, 2, 0, 0]),
+        helper.make_node("Conv", ["x", "wb"], ["b"], name="b", kernel_shape=[3, 3], pads=[0, 0, 2, 2]),
+        helper.make_node("Add", ["a", "b"], ["res"], name="res"),
+        helper.make_node("Conv", ["res", "wc"], ["y"], name="y", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, inits, ("n", 2, 12, 12))
+    fields = receptive_fields(GraphView(model), tensor_shapes(model))
+    influence = _influence(model, ["res", "y"], (1, 2, 12, 12))
+    assert fields["res"].size == (5, 5)
+    for name in ("res", "y"):
+        mask = influence[name]
+        for r, c in _probe_positions(*mask.shape[2:]):
+            assert fields[name].box(r, c, 12, 12) == _bbox(mask[:, :, r, c]), f"{name} at ({r}, {c})"
+
+
+def test_an_upsampled_branch_leaves_no_field():
+    """An FPN's lateral Add of an upsampled deeper level: the sum depends on pixels far outside the lateral
+    window (NanoDet's gate lock chose a Conv after such an Add and its corner patch did not decide it)."""
+    rng = np.random.default_rng(6)
+    inits = [_t("wa", rng.uniform(0.1, 1, (2, 2, 3, 3))), _t("wd", rng.uniform(0.1, 1, (2, 2, 3, 3))),
+             _t("wy", rng.uniform(0.1, 1, (2, 2, 3, 3))), _t("scales", np.array([1.0, 1.0, 2.0, 2.0]))]
+    nodes = [
+        helper.make_node("Conv", ["x", "wa"], ["a"], name="a", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["a", "wd"], ["d"], name="d", kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["d", "", "scales"], ["up"], name="up", mode="nearest"),
+        helper.make_node("Add", ["a", "up"], ["fpn"], name="fpn"),
+        helper.make_node("Shape", ["fpn"], ["fpn_shape"], name="fpn_shape"),
+        helper.make_node("Conv", ["fpn", "wy"], ["y"], name="y", kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+    ]
+    model = _model(nodes, inits, ("n", 2, 12, 12))
+    fields = receptive_fields(GraphView(model), tensor_shapes(model))
+    assert fields["a"].size == (3, 3) and fields["d"].size == (5, 5)
+    assert "up" not in fields and "fpn" not in fields and "y" not in fields
+    assert {h.name: h for h in find_hosts(model)}["y"].receptive_field is None

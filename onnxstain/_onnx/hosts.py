@@ -550,6 +550,7 @@ def _host_depths(view: GraphView) -> dict[int, int]:
 
 # -- receptive fields ------------------------------------------------------------------------------
 _SPATIAL_OPS = {"Conv", "MaxPool", "AveragePool", "LpPool"}
+_SHAPE_ONLY_OPS = {"Shape", "Size"}
 _GLOBAL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Gemm", "MatMul", "Reshape",
                "ReduceMean", "ReduceMax", "ReduceSum", "Resize", "Upsample", "ConvTranspose"}
 
@@ -557,26 +558,40 @@ _GLOBAL_OPS = {"GlobalAveragePool", "GlobalMaxPool", "Flatten", "Gemm", "MatMul"
 def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
     """Receptive field of every 4-D tensor on spatial paths from the image input.
 
-    Element-wise ops (activations, BatchNorm, Add, Mul, Concat, Transpose of an NHWC input...) keep
-    the largest field among their inputs; Conv and pooling layers grow it. Ops that mix all
-    positions (global pooling, Flatten, MatMul, resizing) end the spatial path.
+    A tensor reached from the image through an op that mixes positions (global pooling, Flatten,
+    MatMul, resizing) has no field, and neither has anything computed from it: an FPN's Add of an
+    upsampled deeper level depends on pixels far outside its lateral branch's window. Shapes are not
+    values (``Shape`` ends the dependence).
+
+    Element-wise ops (activations, BatchNorm, Add, Mul, Concat, Transpose of an NHWC input...) take the
+    union of their inputs' fields (branches that meet — a residual's skip, a ShuffleNet's two halves —
+    see different windows, and a position depends on every pixel either sees); Conv and pooling layers
+    grow it.
     """
     if shapes is None:
         shapes = view.resolved().dims
     fields: dict[str, ReceptiveField] = {}
+    spread: set[str] = set()  # tensors whose values depend on the image with no field (every pixel may count)
     for inp in view.graph_inputs:
         fields[inp.name] = ReceptiveField((1, 1), (1, 1), (0.0, 0.0))
     for node in view.graph.node:
+        if node.op_type in _SHAPE_ONLY_OPS:
+            continue  # a shape, not the image's values: constant for the analysed size
         incoming = [fields[t] for t in node.input if t in fields]
+        if any(t in spread for t in node.input) or (incoming and node.op_type in _GLOBAL_OPS):
+            spread.update(node.output)  # e.g. an FPN's Add of an upsampled deeper level: no local field
+            continue
         if not incoming:
             continue
-        if node.op_type in _GLOBAL_OPS:
+        src = _union(incoming)
+        if src is None:  # inputs at different strides meet: no one field describes the result
+            spread.update(node.output)
             continue
-        src = max(incoming, key=lambda f: f.size[0] * f.size[1])
         if node.op_type in _SPATIAL_OPS:
             if node.op_type == "Conv":
                 w = view.shape(node.input[1])
                 if w is None or len(w) != 4:
+                    spread.update(node.output)
                     continue
                 k = (w[2], w[3])
             else:
@@ -585,6 +600,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             d = tuple(view.attr(node, "dilations", [1, 1]))
             pads = list(view.attr(node, "pads", [0, 0, 0, 0]))
             if (len(k), len(s), len(d), len(pads)) != (2, 2, 2, 4):  # not a valid 2-D window: no field
+                spread.update(node.output)
                 continue
             auto_pad = view.attr(node, "auto_pad", b"NOTSET")
             auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -602,6 +618,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
                 arr = view.value(node.input[1])
                 pad_list = None if arr is None else [int(p) for p in arr.reshape(-1)]
             if pad_list is None or len(pad_list) != 8:
+                spread.update(node.output)
                 continue
             start = tuple(src.start[i] - pad_list[2 + i] * src.jump[i] for i in range(2))
             field = ReceptiveField(src.size, src.jump, start)
@@ -610,6 +627,22 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
         for out in node.output:
             fields[out] = field
     return fields
+
+
+def _union(fields: list[ReceptiveField]) -> ReceptiveField | None:
+    """The smallest field holding every one of ``fields`` at each position (they must share the jump)."""
+    first = fields[0]
+    if any(f.jump != first.jump for f in fields[1:]):
+        return None
+    if all(f == first for f in fields[1:]):
+        return first
+    size, start = [], []
+    for i in range(2):
+        lo = min(f.start[i] - (f.size[i] - 1) / 2 for f in fields)
+        hi = max(f.start[i] + (f.size[i] - 1) / 2 for f in fields)
+        size.append(round(hi - lo) + 1)
+        start.append((lo + hi) / 2)
+    return ReceptiveField((size[0], size[1]), first.jump, (start[0], start[1]))
 
 
 # -- reading and writing one neuron ----------------------------------------------------------------
