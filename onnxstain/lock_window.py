@@ -58,12 +58,35 @@ def pixel_path(view: GraphView, tensor: str) -> bool:
 
 
 def pixel_conv(view: GraphView, hosts: list[HostLayer], height: int, width: int) -> HostLayer | None:
-    """The Conv that reads the image (3 channels at the model's input size) through per-element ops."""
+    """The Conv that reads the image (3 channels at the model's input size) through per-element ops, as a
+    host reading the image itself: a zero ``Pad`` right before it (TensorFlow "same" padding as tf2onnx
+    writes it) is skipped, the window reading the image's own corner pixels."""
     for h in hosts:
-        if (h.op == "Conv" and h.in_hw == (height, width) and h.in_channels == 3 and h.groups == 1
-                and pixel_path(view, h.input)):
-            return h
+        if h.op != "Conv" or h.in_channels != 3 or h.groups != 1 or h.in_hw is None:
+            continue
+        source, grown = _unpadded(view, h.input)
+        if (h.in_hw[0] - grown[0], h.in_hw[1] - grown[1]) == (height, width) and pixel_path(view, source):
+            return h if source == h.input else dataclasses.replace(h, input=source, in_hw=(height, width))
     return None
+
+
+def _unpadded(view: GraphView, tensor: str) -> tuple[str, tuple[int, int]]:
+    """``tensor``'s source before a constant-zero spatial ``Pad`` of an NCHW map, and how much the Pad
+    grew its height and width; ``tensor`` itself and (0, 0) otherwise."""
+    node = view.producer.get(tensor)
+    if node is None or node.op_type != "Pad":
+        return tensor, (0, 0)
+    mode = view.attr(node, "mode", b"constant")
+    pads = view.attr(node, "pads")
+    if pads is None and len(node.input) > 1 and node.input[1]:
+        arr = view.value(node.input[1])
+        pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
+    value = view.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    if (mode not in (b"constant", "constant") or pads is None or len(pads) != 8 or any(p < 0 for p in pads)
+            or any(pads[i] for i in (0, 1, 4, 5)) or (value is not None and np.any(np.asarray(value) != 0))
+            or view.attr(node, "value", 0.0) != 0.0):
+        return tensor, (0, 0)
+    return node.input[0], (pads[2] + pads[6], pads[3] + pads[7])
 
 
 def window_host(conv: HostLayer, side: int) -> HostLayer:

@@ -125,6 +125,7 @@ def test_same_pad_gate_lock(same_pad, images):
     out, key = same_pad / "locked.onnx", same_pad / "locked.key"
     res = onnxstain.lock(same_pad / "model.onnx", out, key, images=images,
                          options=LockOptions(kind="gate", seed=0, fpr=0.05))
+    assert res.host == "pixels"  # the pixel window reads the image through the "same" Pad (NanoDet, tf2onnx)
     assert onnxstain.verify(out, key).stained
     assert not onnxstain.verify(same_pad / "model.onnx", key).stained
     assert res.unlocked_agreement >= 0.99
