@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, ReceptiveField
+from ._onnx.hosts import HostLayer, ReceptiveField, pad_amounts
 from .patch import Patch
 
 WINDOW = "pixels"  # the host name of the pixel-window detector (``--layer pixels``)
@@ -77,10 +77,7 @@ def _unpadded(view: GraphView, tensor: str) -> tuple[str, tuple[int, int]]:
     if node is None or node.op_type != "Pad":
         return tensor, (0, 0)
     mode = view.attr(node, "mode", b"constant")
-    pads = view.attr(node, "pads")
-    if pads is None and len(node.input) > 1 and node.input[1]:
-        arr = view.value(node.input[1])
-        pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
+    pads = pad_amounts(view, node)
     value = view.value(node.input[2]) if len(node.input) > 2 and node.input[2] else None
     if (mode not in (b"constant", "constant") or pads is None or len(pads) != 8 or any(p < 0 for p in pads)
             or any(pads[i] for i in (0, 1, 4, 5)) or (value is not None and np.any(np.asarray(value) != 0))

@@ -613,10 +613,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))
             field = ReceptiveField(size, jump, start)
         elif node.op_type == "Pad":
-            pad_list: list[int] | None = view.attr(node, "pads")
-            if pad_list is None and len(node.input) > 1 and node.input[1]:
-                arr = view.value(node.input[1])
-                pad_list = None if arr is None else [int(p) for p in arr.reshape(-1)]
+            pad_list = pad_amounts(view, node)
             if pad_list is None or len(pad_list) != 8:
                 spread.update(node.output)
                 continue
@@ -627,6 +624,15 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
         for out in node.output:
             fields[out] = field
     return fields
+
+
+def pad_amounts(view: GraphView, node: onnx.NodeProto) -> list[int] | None:
+    """A ``Pad`` node's pads (attribute before opset 11, else its constant or shape-derived input)."""
+    pads: list[int] | None = view.attr(node, "pads")
+    if pads is None and len(node.input) > 1 and node.input[1]:
+        arr = view.value(node.input[1])
+        pads = None if arr is None else [int(p) for p in arr.reshape(-1)]
+    return pads
 
 
 def _union(fields: list[ReceptiveField]) -> ReceptiveField | None:
