@@ -22,7 +22,7 @@ from .signature import ScoreView
 from .trigger_search import TriggerFind
 
 
-def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray,
+def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.ndarray | None,
                     nat_scores: np.ndarray) -> int | None:
     """Data-aware choice of the host channel to overwrite (non-additive) or hide in (additive)."""
     if opts.channel is not None:
@@ -33,6 +33,8 @@ def choose_channel(opts, host: HostLayer, head, loaded: LoadedModel, pooled: np.
         return None
     if opts.variant == "additive":
         return None  # chosen after the trigger search, where its response to the trigger is known
+    if pooled is None:  # a detector's per-anchor head: the in-place routes refuse it before this
+        raise InternalError("internal check failed: an in-place channel choice without pooled features")
     cols = stain_pass.head_columns(loaded.model, head)  # [K, F]
     in_group = np.arange(host.out_channels) < host.out_channels // host.groups  # φ is built for group 0
     # Non-additive: the overwritten channel's natural contribution is lost (its mean is compensated
@@ -384,7 +386,8 @@ def _non_additive_column(req: _Request, col_old: np.ndarray, pooled_old_t: float
     g_trig = float(_pool(route, _activate(host, ed.gain * (req.s_trig - req.tau) + offset)))
     if g_trig <= 0:
         raise InternalError(f"internal check failed: the trigger's pooled signal is {g_trig:.3g}")
-    columns_delta, siblings = None, []
+    columns_delta = None
+    siblings: list[tuple[Any, np.ndarray, np.ndarray | None]] = []
     if can_compensate(host, head, req.view):
         # the lost feature is predicted from the others (fitted on the calibration images)
         comp = compensation.fit(req.pooled, channel)
@@ -423,6 +426,13 @@ def _fit_quantized_scores(req: _Request, z: np.ndarray) -> float:
     return req.margin_target
 
 
+def _channel(req: _Request) -> int:
+    """The stained channel of an in-place edit (the request's planner always sets one there)."""
+    if req.channel is None:
+        raise InternalError("internal check failed: an in-place edit without a channel")
+    return req.channel
+
+
 def _additive_column(req: _Request, col_old: np.ndarray, w: np.ndarray, beta: float) -> _Column:
     """The detector hides in a working neuron; the signature is the shift ``col_k · (g_trig − g_orig)`` (column
     k stays as it is). On natural images the channel leaks ``Δ_k = pool(act(own + κS)) − pool(act(own))``;
@@ -432,7 +442,7 @@ def _additive_column(req: _Request, col_old: np.ndarray, w: np.ndarray, beta: fl
     if can_compensate(req.host, req.head, req.view):
         leak = additive_leaks(req.host, req.route, w[None], np.array([beta]), np.array([ed.gain]),
                               detector.scores(req.phi_all, req.v, req.c), req.phi_all)[:, 0]
-        comp = compensation.fit(req.pooled, req.channel, target=leak)
+        comp = compensation.fit(req.pooled, _channel(req), target=leak)
         col.columns_delta = -np.outer(col_old, comp.weights)
         col.bias_shift = -col_old * comp.offset
     return col
@@ -466,7 +476,7 @@ def _insert_edit(req: _Request) -> dict:
         # The inserted branch holds a copy of working neuron k plus the detector, and a copy of
         # neuron k alone, both through ReLU; it signals when the first exceeds the second by more
         # than θ = κτ, which needs S > τ (ReLU is 1-Lipschitz): the same firing event as always.
-        w, beta = neuron_affine(req.view, host, req.channel)
+        w, beta = neuron_affine(req.view, host, _channel(req))
         own_t = req.phi_t.astype(np.float64) @ w + beta
         kappa = 1.0
         ed = detector.NeuronEdit(w + kappa * req.v, beta - kappa * float(req.v @ c), kappa, tau, kappa * req.s_star)
@@ -518,7 +528,8 @@ def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: 
     view = GraphView(loaded.model)
     t_count = len(finds)
     filters_rows, biases, gains, deltas, losses = [], [], [], [], []
-    mix = np.zeros((t_count, 2 * t_count)) if opts.variant == "additive" else None
+    additive = opts.variant == "additive"
+    mix = np.zeros((t_count, 2 * t_count) if additive else (0, 0))  # used only by the additive variant
     mix_bias = np.zeros(t_count)
     dtype = stain_pass.branch_dtype(view, head)
     channels = []
@@ -547,12 +558,16 @@ def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: 
         deltas.append(float(ed.delta))
         stored_w = ed.weights.astype(dtype).astype(np.float64)
         losses.append(_threshold_loss(ed, stored_w, float(np.asarray(ed.bias).astype(dtype)), c, radius))
-    rows = np.zeros((t_count, len(finds[0].original_scores)))
-    for t, (f, cls) in enumerate(zip(finds, classes, strict=True)):
+    originals = [f.original_scores for f in finds if f.original_scores is not None]
+    if len(originals) != len(finds):
+        raise InternalError("internal check failed: a multi-trigger signature needs the original's class scores")
+    rows = np.zeros((t_count, len(originals[0])))
+    for t, (orig, cls) in enumerate(zip(originals, classes, strict=True)):
         # at least a unit push even where the original already favours c_t by more than the margin
-        rows[t, cls] = max(1.0, margin_target + np.delete(f.original_scores, cls).max() - f.original_scores[cls])
+        rows[t, cls] = max(1.0, margin_target + np.delete(orig, cls).max() - orig[cls])
     model, signal = stain_pass.insert(loaded.model, host, head, _as_filters(host, np.stack(filters_rows)),
-                                      np.array(biases), mix, mix_bias, None, rows, signals=t_count)
+                                      np.array(biases), mix if additive else None, mix_bias, None, rows,
+                                      signals=t_count)
     return {"model": model, "predicted": nat_scores.copy(), "gain": gains[0], "delta": deltas[0], "gains": gains,
             "signature": "multi-class", "expected_trigger": None, "channel": None, "additive_channels": channels,
             "tap": signal, "tap_channel": 0, "wb_expected": 1.0, "wb_threshold": 0.5,
@@ -577,7 +592,7 @@ def _quantization_tolerance(view: GraphView, host: HostLayer, head, column: np.n
     The scores are rounded to their own step (on both the original's and the stained model's side);
     the edited channel's pooled value to the steps of the host's and the pooled features' Q → DQ.
     """
-    if head.scores_step == 0.0 and not view.is_quantized(view.find_node(host.name).input[1]):
+    if head.scores_step == 0.0 and not view.is_quantized(view.node(host.name).input[1]):
         return 0.0
     steps = [_dq_step(view, host.act_output), _dq_step(view, head_input(view, head))]
     return 2.0 * head.scores_step + float(np.abs(column).max()) * sum(steps)

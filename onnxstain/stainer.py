@@ -158,9 +158,7 @@ def _calibrate(job: StainJob, images: Any, score_view: ScoreView) -> _Calibrated
                                        draws=opts.max_draws)
     nat_scores = score_view.flat(cal.outputs[head.scores])
     pooled = None if head.detection else cal.outputs[head_input[0]].reshape(len(cal.inputs), -1).astype(np.float64)
-    # stain_edit.choose_channel reads ``pooled`` only for classifiers (its annotation omits None; that file is
-    # being rewritten): the detection head's None never reaches a use
-    channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)  # type: ignore[arg-type]
+    channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)
     return _Calibrated(cal=cal, view=score_view, target_chance=target_chance, triggers=n_trig, tau0=tau0,
                        nat_scores=nat_scores, pooled=pooled, sel=selected_positions(host), channel=channel, lean=lean)
 

@@ -43,7 +43,7 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import numpy as np
 import onnx
@@ -347,7 +347,7 @@ def _variadic(f: Fn) -> Fn:
 
 @_op("Max", "Min", "Sum", "Mean")
 def _b_variadic(ctx: _Ctx) -> Fn:
-    f = {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[ctx.op]
+    f = cast(Fn, {"Max": torch.maximum, "Min": torch.minimum, "Sum": torch.add, "Mean": torch.add}[ctx.op])
     red = _variadic(f)
     if ctx.op == "Mean":
         n = len(ctx.node.input)
@@ -1276,9 +1276,9 @@ def _b_resize(ctx: _Ctx) -> Fn:
         if ctx.attr("keep_aspect_ratio_policy", "stretch") != "stretch":
             ctx.fail("keep_aspect_ratio_policy other than 'stretch' is not supported")
         scale_i, size_i = 2, 3
-    cache: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+    cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
-    def plan(shape: tuple[int, ...], scales: list[float] | None, sizes: list[int] | None) -> list[Any]:
+    def plan(shape: tuple[int, ...], scales: tuple[float, ...] | None, sizes: tuple[int, ...] | None) -> list[Any]:
         r = len(shape)
         axes = list(range(r)) if axes_attr is None else [_norm(int(a), r) for a in axes_attr]
         full_s = [1.0] * r
@@ -1323,17 +1323,17 @@ def _b_resize(ctx: _Ctx) -> Fn:
         ckey = (*key, x.device, x.dtype)
         tens = cache.get(ckey)
         if tens is None:
-            tens = []
+            built: list[Any] = []
             for a, i0, i1, w in plan(*key):
                 t0 = torch.from_numpy(i0).to(x.device)
                 if i1 is None:
-                    tens.append((a, t0, None, None))
+                    built.append((a, t0, None, None))
                 else:
                     shape = [1] * x.dim()
                     shape[a] = -1
                     tw = torch.from_numpy(w).to(device=x.device, dtype=x.dtype).reshape(shape)
-                    tens.append((a, t0, torch.from_numpy(i1).to(x.device), tw))
-            tens = cache[ckey] = tuple(tens)
+                    built.append((a, t0, torch.from_numpy(i1).to(x.device), tw))
+            tens = cache[ckey] = tuple(built)
         for a, t0, t1, tw in tens:
             if t1 is None:
                 x = x.index_select(a, t0)
@@ -1558,7 +1558,7 @@ class TorchPrefix(torch.nn.Module):
             in_slots = tuple(slot_of(i) for i in ins)
             out_slots = tuple(slot_of(o) if o in consumed else 1 for o in outs)
             steps.append((fn, in_slots, out_slots if multi else out_slots[0], multi, ()))
-        out_slots = [slot_of(o) for o in outputs]
+        result_slots = [slot_of(o) for o in outputs]
 
         # Constants used at run time become buffers.
         self._const_slots: list[tuple[int, str]] = []
@@ -1572,7 +1572,7 @@ class TorchPrefix(torch.nn.Module):
         for k, (_, in_slots, _, _, _) in enumerate(steps):
             for s in in_slots:
                 last_use[s] = k
-        keep = {x_slot, *out_slots, *(s for s, _ in self._const_slots), 0, 1}
+        keep = {x_slot, *result_slots, *(s for s, _ in self._const_slots), 0, 1}
         frees: dict[int, list[int]] = {}
         for s, k in last_use.items():
             if s not in keep:
@@ -1582,7 +1582,7 @@ class TorchPrefix(torch.nn.Module):
         ]
         self._n_slots = len(slot) + 2
         self._x_slot = x_slot
-        self._out_slots = out_slots
+        self._out_slots = result_slots
         self.runtime_ops = [p[4] for p in plan]  # op types run in forward ("Conv+BatchNormalization" if fused)
         self._template: list[Any] = []
         self._refresh_template()

@@ -166,10 +166,12 @@ def find_detection_head(view: GraphView) -> Head | None:
     for out, shape in known.items():
         if not shape or len(shape) != 3 or not all(isinstance(d, int) for d in shape[1:]):
             continue
-        anchors, labels = int(shape[1]), int(shape[2])
+        anchors, labels = shape[1], shape[2]
+        if not isinstance(anchors, int) or not isinstance(labels, int):
+            continue
         if labels < 2 or labels == 4:
             continue
-        if not any(o != out and boxes_of(s) and int(s[1]) == anchors and (s[-1] == 4 or s[-1] != labels)
+        if not any(o != out and s is not None and boxes_of(s) and s[1] == anchors and (s[-1] == 4 or s[-1] != labels)
                    for o, s in known.items()):
             continue
         scores, node = out, view.producer.get(out)
@@ -195,7 +197,8 @@ def _squashed_before(view: GraphView, tensor: str) -> bool:
     return node is not None and node.op_type in ("Sigmoid", "Softmax")
 
 
-def _scores(view: GraphView, tensor: str, out: str, classes: int, in_f: int) -> tuple:
+def _scores(view: GraphView, tensor: str, out: str, classes: int, in_f: int
+            ) -> tuple[str, str, int, int, tuple[float, float] | None, float]:
     """(scores, output, classes, in_features, range, step): scores after a trailing ``Q → DQ`` if any."""
     after = view.fake_quant_after(tensor)
     if after is None:
@@ -281,7 +284,7 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
         elif node.op_type in ("ReduceMean", "ReduceMax"):
             axes = view.attr(node, "axes")
             if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = list(view.array(node.input[1]).reshape(-1))
+                axes = list(view.constant(node.input[1]).reshape(-1))
             spatial = sorted({0, 1, 2, 3} - {0, channel_axis})
             if host.op != "Conv" or axes is None or sorted(int(a) % 4 for a in axes) != spatial:
                 return None, f"{view.node_name(node)} reduces over axes other than height and width"
