@@ -16,13 +16,11 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .graph import GraphView
-
 
 def value_dependent(model: onnx.ModelProto) -> set[str]:
     """Tensors whose *values* depend on a graph input's values (``Shape``/``Size`` outputs do not)."""
-    view = GraphView(model)
-    dep = {i.name for i in view.graph_inputs}
+    inits = {t.name for t in model.graph.initializer}
+    dep = {i.name for i in model.graph.input if i.name not in inits}
     for node in model.graph.node:
         if node.op_type in ("Shape", "Size"):
             continue

@@ -28,6 +28,9 @@ import dataclasses
 import numpy as np
 import onnx
 
+from ..errors import OnnxStainError
+from .fold import fold_values, shape_only_values
+
 Dims = list[int | str | None]
 
 
@@ -106,9 +109,6 @@ def resolve(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None,
     missing = _unknown(fixed, dims)
     if not missing:
         return Shapes(dims, {}, shape, "inference")
-
-    from ..errors import OnnxStainError
-    from .fold import fold_values, shape_only_values
 
     example = example_input(fixed, shape)
     try:
