@@ -1251,6 +1251,37 @@ _COORD_MODES = {
 _NEAREST_MODES = {"round_prefer_floor", "round_prefer_ceil", "floor", "ceil"}
 
 
+def _resize_plan(shape: tuple[int, ...], scales: tuple[float, ...] | None, sizes: tuple[int, ...] | None,
+                 axes_attr: Any, mode: str, coord: str, nearest: str) -> list[Any]:
+    """Per resized axis: (axis, source index, second source index and weight for linear, or None)."""
+    r = len(shape)
+    axes = list(range(r)) if axes_attr is None else [_norm(int(a), r) for a in axes_attr]
+    full_s = [1.0] * r
+    full_o = list(shape)
+    if sizes:
+        for a, o in zip(axes, sizes, strict=True):
+            full_o[a] = int(o)
+            full_s[a] = float(np.float32(o) / np.float32(shape[a])) if shape[a] else 1.0
+    elif scales:
+        for a, sc in zip(axes, scales, strict=True):
+            full_s[a] = float(sc)
+            full_o[a] = int(np.floor(np.float32(shape[a]) * np.float32(sc)))
+    steps = []
+    for a in range(r):
+        n, o, sc = shape[a], full_o[a], full_s[a]
+        if o == n and sc == 1.0:
+            continue
+        xo = _source_coords(n, o, sc, coord)
+        if mode == "nearest":
+            steps.append((a, _nearest_index(xo, nearest, sc, n), None, None))
+        else:
+            xo = np.clip(xo, 0, n - 1)
+            i0 = np.floor(xo).astype(np.int64)
+            i1 = np.minimum(i0 + 1, n - 1)
+            steps.append((a, i0, i1, (xo - i0).astype(np.float64)))
+    return steps
+
+
 @_op("Resize", "Upsample")
 def _b_resize(ctx: _Ctx) -> Fn:
     mode = str(ctx.attr("mode", "nearest")).lower()
@@ -1278,34 +1309,6 @@ def _b_resize(ctx: _Ctx) -> Fn:
         scale_i, size_i = 2, 3
     cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
 
-    def plan(shape: tuple[int, ...], scales: tuple[float, ...] | None, sizes: tuple[int, ...] | None) -> list[Any]:
-        r = len(shape)
-        axes = list(range(r)) if axes_attr is None else [_norm(int(a), r) for a in axes_attr]
-        full_s = [1.0] * r
-        full_o = list(shape)
-        if sizes:
-            for a, o in zip(axes, sizes, strict=True):
-                full_o[a] = int(o)
-                full_s[a] = float(np.float32(o) / np.float32(shape[a])) if shape[a] else 1.0
-        elif scales:
-            for a, sc in zip(axes, scales, strict=True):
-                full_s[a] = float(sc)
-                full_o[a] = int(np.floor(np.float32(shape[a]) * np.float32(sc)))
-        steps = []
-        for a in range(r):
-            n, o, sc = shape[a], full_o[a], full_s[a]
-            if o == n and sc == 1.0:
-                continue
-            xo = _source_coords(n, o, sc, coord)
-            if mode == "nearest":
-                steps.append((a, _nearest_index(xo, nearest, sc, n), None, None))
-            else:
-                xo = np.clip(xo, 0, n - 1)
-                i0 = np.floor(xo).astype(np.int64)
-                i1 = np.minimum(i0 + 1, n - 1)
-                steps.append((a, i0, i1, (xo - i0).astype(np.float64)))
-        return steps
-
     def resize(x: torch.Tensor, *rest: Any) -> torch.Tensor:
         scales: list[float] | None = None
         sizes: list[int] | None = None
@@ -1324,7 +1327,7 @@ def _b_resize(ctx: _Ctx) -> Fn:
         tens = cache.get(ckey)
         if tens is None:
             built: list[Any] = []
-            for a, i0, i1, w in plan(*key):
+            for a, i0, i1, w in _resize_plan(*key, axes_attr, mode, coord, nearest):
                 t0 = torch.from_numpy(i0).to(x.device)
                 if i1 is None:
                     built.append((a, t0, None, None))
@@ -1409,6 +1412,19 @@ SUPPORTED_OPS: frozenset[str] = frozenset(_BUILDERS)
 # --------------------------------------------------------------------------------------------------
 
 
+def _fold_node(fn: Fn, cvals: list[torch.Tensor | None], node: onnx.NodeProto, multi: bool,
+               label: str) -> dict[str, torch.Tensor]:
+    """The outputs of a node whose inputs are all constant, evaluated once at construction."""
+    try:
+        with torch.no_grad():
+            res = fn(*cvals)
+    except Exception as e:  # a model bug or an op configuration we do not handle
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UnsupportedModelError(f"{label}: cannot evaluate on constants ({msg})") from None
+    outs = list(res) if multi else [res]
+    return {o: v for o, v in zip(node.output, outs, strict=False) if o}
+
+
 class TorchPrefix(torch.nn.Module):
     """The part of an ONNX graph that computes ``outputs`` from ``input_name``, as a torch module.
 
@@ -1462,7 +1478,24 @@ class TorchPrefix(torch.nn.Module):
         uses.update(outputs)
         consumed = set(uses)
 
-        # Evaluate the slice: fold what is constant, pre-bind the rest.
+        plan, consts = self._evaluate(nodes, order, inits, graph_inputs, opset, uses)
+        self._schedule(plan, consts, consumed)
+        self.runtime_ops = [p[4] for p in plan]  # op types run in forward ("Conv+BatchNormalization" if fused)
+        self._template: list[Any] = []
+        self._refresh_template()
+
+    def _evaluate(
+        self,
+        nodes: list[onnx.NodeProto],
+        order: list[int],
+        inits: dict[str, onnx.TensorProto],
+        graph_inputs: list[str],
+        opset: int,
+        uses: Counter[str],
+    ) -> tuple[list[tuple[Fn, list[str], list[str], bool, str]], dict[str, torch.Tensor]]:
+        """Evaluate the slice: fold what is constant into tensors, pre-bind the rest as the run-time plan."""
+        input_name, outputs, dtype = self.input_name, self.output_names, self._dtype
+        consumed = set(uses)
         consts: dict[str, torch.Tensor] = {}
         elem_types: dict[str, int] = {n: t.data_type for n, t in inits.items()}
         dynamic: set[str] = {input_name}
@@ -1503,15 +1536,8 @@ class TorchPrefix(torch.nn.Module):
                 cvals.append(None if i in dynamic else const_of(i))
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
                 elem_types[node.output[0]] = node.attribute[0].t.data_type
-            ctx = _Ctx(
-                node,
-                opset,
-                dtype,
-                cvals,
-                present,
-                [elem_types.get(i) for i in node.input],
-                [o in consumed for o in node.output],
-            )
+            ctx = _Ctx(node, opset, dtype, cvals, present, [elem_types.get(i) for i in node.input],
+                       [o in consumed for o in node.output])
             fn = builder(ctx)
             multi = len(node.output) > 1 and not ctx.first_output_only
             is_dyn = any(i in dynamic for i in node.input if i)
@@ -1527,21 +1553,22 @@ class TorchPrefix(torch.nn.Module):
                     conv_at[node.output[0]] = len(plan)
                 plan.append((fn, list(node.input), list(node.output), multi, node.op_type))
                 continue
-            try:
-                with torch.no_grad():
-                    res = fn(*cvals)
-            except Exception as e:  # a model bug or an op configuration we do not handle
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise UnsupportedModelError(f"{label}: cannot evaluate on constants ({msg})") from None
-            outs = list(res) if multi else [res]
-            for o, v in zip(node.output, outs, strict=False):
-                if o:
-                    consts[o] = v
+            consts.update(_fold_node(fn, cvals, node, multi, label))
 
         for name in outputs:
             if name not in dynamic and const_of(name) is None:
                 raise BadInputError(f"tensor {name!r} cannot be computed from {input_name!r}")
+        return plan, consts
 
+    def _schedule(
+        self,
+        plan: list[tuple[Fn, list[str], list[str], bool, str]],
+        consts: dict[str, torch.Tensor],
+        consumed: set[str],
+    ) -> None:
+        """Give every tensor of the plan a slot, the constants it reads buffers, and free each intermediate
+        after its last use."""
+        input_name, outputs = self.input_name, self.output_names
         # Slots: 0 holds None (missing optional inputs), 1 is a sink for unused outputs.
         slot: dict[str, int] = {}
 
@@ -1583,9 +1610,6 @@ class TorchPrefix(torch.nn.Module):
         self._n_slots = len(slot) + 2
         self._x_slot = x_slot
         self._out_slots = result_slots
-        self.runtime_ops = [p[4] for p in plan]  # op types run in forward ("Conv+BatchNormalization" if fused)
-        self._template: list[Any] = []
-        self._refresh_template()
 
     @staticmethod
     def _fuse_bn(

@@ -130,127 +130,137 @@ def verify(
         scores_name = view.output_names[0]
     if key.kind == "lock":
         return _verify_lock(loaded, view, key, pre, scores_name, providers)
-    trigger = key.trigger_pixels()
     sig = key.signature
     assert sig is not None  # a stain key has one (checked on load)
-    multi = sig.kind == "multi-class"
     trig_list = sig.triggers or ()
-    triggers = np.stack([decode_png(t.png) for t in trig_list]) if multi else trigger[None]
-    n_trig = len(triggers)
+    trigger = key.trigger_pixels()
+    triggers = np.stack([decode_png(t.png) for t in trig_list]) if sig.kind == "multi-class" else trigger[None]
     controls, control_names = _controls(trigger, natural_controls, pre)
     batch = np.concatenate([triggers, controls])
     x = pre.to_input(batch)
-    notes: list[str] = []
     wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
     sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
     res = run_batches(sess, x, outputs, batch=8)
-    score_view = _score_view(key)
     raw = res[scores_name]
     image_rows(raw, scores_name, len(x))
+    black = _black_box(key, raw, len(triggers), control_names)
+    notes: list[str] = []
+    if has_tap:
+        white = _white_box(key, res[wb_tensor].astype(np.float64), len(triggers))
+    else:
+        white = Check("white-box", False, False, None, None,
+                      f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); black-box result only")
+        notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
+    checks = [black, white]
+    chance_log10 = sig.chance_log10
+    chance_text = None
+    if chance_log10 is not None:
+        allowed = ([tr.allowed for tr in trig_list] if sig.kind == "multi-class"
+                   else [sig.allowed or _score_view(key).classes])
+        chance_text = chance.describe_chance(allowed)
+    assert black.score is not None and black.threshold is not None
+    return VerifyResult(
+        stained=all(c.passed for c in checks if c.available), score=black.score, threshold=black.threshold,
+        fpr_bound=_cross_key_bound(key, len(triggers)), natural_bound=key.bound, checks=checks,
+        model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
+        chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
+    )
+
+
+def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str]) -> Check:
+    """The signature read from the output scores: rows ``[:n_trig]`` are the triggers, the rest controls."""
+    sig = key.signature
+    assert sig is not None
+    score_view = _score_view(key)
     if raw[0].size != int(np.prod(score_view.shape)):
         raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
                                f"{raw[0].size}")
     scores = score_view.flat(to_logits(raw, key.model.output_activation))
-    bb_threshold = float(sig.threshold)
-    if multi:
+    threshold = float(sig.threshold)
+    if sig.kind == "multi-class":
         # every trigger must show its own class by its threshold; controls are not part of the decision (the
         # chance bound covers any model independent of the key, and a few-class model is often confident)
+        trig_list = sig.triggers or ()
         per = [(float(class_margin(scores[t], tr.cls)), float(tr.threshold)) for t, tr in enumerate(trig_list)]
         hits = sum(m >= thr for m, thr in per)
         worst = min(range(n_trig), key=lambda t: per[t][0] / per[t][1])
-        bb_trigger, bb_threshold = per[worst][0] / per[worst][1], 1.0
-        bb_pass = hits == n_trig
-        detail = (f"{hits} of {n_trig} triggers show their own class by their threshold (weakest: trigger "
-                  f"{worst + 1}, class {trig_list[worst].cls}, margin {per[worst][0]:.3g} vs "
-                  f"{per[worst][1]:.3g}; score = margin / threshold)")
-        scores = scores[n_trig - 1:]  # below, scores[0] is a trigger and scores[1:] the controls
-    elif sig.kind == "pattern":
+        value = per[worst][0] / per[worst][1]
+        return Check("black-box", True, hits == n_trig, value, 1.0,
+                     f"{hits} of {n_trig} triggers show their own class by their threshold (weakest: trigger "
+                     f"{worst + 1}, class {trig_list[worst].cls}, margin {per[worst][0]:.3g} vs "
+                     f"{per[worst][1]:.3g}; score = margin / threshold)")
+    if sig.kind == "pattern":
         assert sig.pattern_seed is not None and sig.block is not None and key.model.dense_shape is not None
         if raw[0].size != int(np.prod(key.model.dense_shape)):
             raise KeyMismatchError(f"the key expects output maps of shape {list(key.model.dense_shape)}; this "
                                    f"model gives {list(raw.shape[1:])}")
         pattern = dense_pattern(sig.pattern_seed, tuple(key.model.dense_shape), sig.block)
         corr = pearson(scores, pattern.reshape(1, -1))
-        bb_trigger = float(corr[0])
+        value = float(corr[0])
         worst = int(np.argmax(corr[1:])) + 1
-        bb_pass = bb_trigger >= bb_threshold and float(corr[1:].max()) < bb_threshold
-        detail = (f"the trigger's output map correlates {bb_trigger:.3g} with the key's pattern (expected "
-                  f"{sig.expected_margin:.3g}); best control {corr[worst]:.3g} ({control_names[worst - 1]})")
-    elif sig.kind == "shift":
+        return Check("black-box", True, value >= threshold and float(corr[1:].max()) < threshold, value, threshold,
+                     f"the trigger's output map correlates {value:.3g} with the key's pattern (expected "
+                     f"{sig.expected_margin:.3g}); best control {corr[worst]:.3g} ({control_names[worst - 1]})")
+    if sig.kind == "shift":
         assert sig.original is not None and sig.expected is not None
         original, expected = sig.original.array(), sig.expected.array()
         if original.size != scores.shape[1]:
             raise KeyMismatchError(f"the key's shift signature has {original.size} scores; this model gives "
                                    f"{scores.shape[1]}")
-        bb_trigger = float(shift_score(scores[0], original, expected))
-        bb_pass = bb_trigger >= bb_threshold
-        detail = (f"the trigger's scores moved {bb_trigger:.3g} of the way from the original model's output "
-                  "towards the stained model's (1 = stained, 0 = original)")
-    else:
-        cls = sig.cls
-        margins = class_margin(scores, cls)
-        bb_trigger = float(margins[0])
-        worst = int(np.argmax(margins[1:])) + 1
-        bb_pass = bb_trigger >= bb_threshold and float(margins[1:].max()) < bb_threshold
-        what = f"class {cls}" if score_view.label is None else f"label {score_view.label} at anchor {cls}"
-        detail = (f"{what} wins the trigger by {bb_trigger:.3g} (expected {sig.expected_margin:.3g}); "
-                  f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
-    checks = [Check("black-box", True, bb_pass, bb_trigger, bb_threshold, detail)]
-    if has_tap:
-        act = res[wb_tensor].astype(np.float64)
-        wb = key.white_box
-        assert wb.channel is not None and wb.positions is not None and wb.threshold is not None
-        sel = np.asarray(wb.positions, dtype=int)
-        wb_threshold = float(wb.threshold)
-        chans = [tr.white_box_channel for tr in trig_list] if multi else [wb.channel]
-        channels = act.shape[1] if act.ndim > 1 else 0
-        key.check_channel(channels, wb_tensor)
-        if max(chans) >= channels:
-            raise KeyMismatchError(f"the key's triggers read white-box channel {max(chans)}; tensor {wb_tensor!r} "
-                                   f"of this model has {channels} channel(s)")
-        wb_trigger = float("inf")
-        for t, c_t in enumerate(chans):  # trigger t fires its own detector at every selected position
-            per_pos = act[:, c_t].reshape(len(batch), -1)
-            on = per_pos[t, sel] if per_pos.shape[1] > sel.max() else per_pos[t]
-            wb_trigger = min(wb_trigger, float(on.min()))
-        wb_controls = float(act[n_trig:][:, chans].max())
-        # In-place additive stains hide in a working neuron, which is legitimately active on controls.
-        hidden = key.mode == "inplace" and key.variant == "additive"
-        wb_pass = wb_trigger >= wb_threshold and (wb_controls < wb_threshold or hidden)
-        checks.append(Check(
-            "white-box", True, wb_pass, wb_trigger, wb_threshold,
-            f"detector reads {wb_trigger:.4g} on the trigger (expected {wb.expected:.4g}); "
-            f"max on controls {wb_controls:.3g}"))
-    else:
-        checks.append(Check("white-box", False, False, None, None,
-                            f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); "
-                            "black-box result only"))
-        notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
-    stained = all(c.passed for c in checks if c.available)
-    det = key.detector
-    if multi:
-        radii = np.concatenate([tr.trigger_radii.array().ravel() for tr in trig_list])
+        value = float(shift_score(scores[0], original, expected))
+        return Check("black-box", True, value >= threshold, value, threshold,
+                     f"the trigger's scores moved {value:.3g} of the way from the original model's output "
+                     "towards the stained model's (1 = stained, 0 = original)")
+    margins = class_margin(scores, sig.cls)
+    value = float(margins[0])
+    worst = int(np.argmax(margins[1:])) + 1
+    what = f"class {sig.cls}" if score_view.label is None else f"label {score_view.label} at anchor {sig.cls}"
+    return Check("black-box", True, value >= threshold and float(margins[1:].max()) < threshold, value, threshold,
+                 f"{what} wins the trigger by {value:.3g} (expected {sig.expected_margin:.3g}); "
+                 f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
+
+
+def _white_box(key: Key, act: np.ndarray, n_trig: int) -> Check:
+    """The detector's own activation: trigger t fires its channel at every selected position, no control does."""
+    sig, wb = key.signature, key.white_box
+    assert sig is not None and wb.channel is not None and wb.positions is not None and wb.threshold is not None
+    sel = np.asarray(wb.positions, dtype=int)
+    threshold = float(wb.threshold)
+    chans = [tr.white_box_channel for tr in sig.triggers or ()] if sig.kind == "multi-class" else [wb.channel]
+    channels = act.shape[1] if act.ndim > 1 else 0
+    key.check_channel(channels, wb.tensor)
+    if max(chans) >= channels:
+        raise KeyMismatchError(f"the key's triggers read white-box channel {max(chans)}; tensor {wb.tensor!r} "
+                               f"of this model has {channels} channel(s)")
+    on_trigger = float("inf")
+    for t, c_t in enumerate(chans):
+        per_pos = act[:, c_t].reshape(len(act), -1)
+        on = per_pos[t, sel] if per_pos.shape[1] > sel.max() else per_pos[t]
+        on_trigger = min(on_trigger, float(on.min()))
+    on_controls = float(act[n_trig:][:, chans].max())
+    # In-place additive stains hide in a working neuron, which is legitimately active on controls.
+    hidden = key.mode == "inplace" and key.variant == "additive"
+    passed = on_trigger >= threshold and (on_controls < threshold or hidden)
+    return Check("white-box", True, passed, on_trigger, threshold,
+                 f"detector reads {on_trigger:.4g} on the trigger (expected {wb.expected:.4g}); "
+                 f"max on controls {on_controls:.3g}")
+
+
+def _cross_key_bound(key: Key, n_trig: int) -> bounds.Bound:
+    """Another key of the same construction may have used up to max_draws directions per detector, and carry
+    as many detectors as this one: any of them firing on any of our triggers (see bounds.md §5, §8)."""
+    sig, det = key.signature, key.detector
+    assert sig is not None
+    if sig.kind == "multi-class":
+        radii = np.concatenate([tr.trigger_radii.array().ravel() for tr in sig.triggers or ()])
     else:
         if det.trigger_radii is None:
             raise BadKeyError("the key's detector.trigger_radii is missing (a stain key needs it)")
         radii = det.trigger_radii.array()
-    # Another key of the same construction may have used up to max_draws directions per detector, and carry
-    # as many detectors as this one: any of them firing on any of our triggers (see bounds.md §5, §8).
-    cross = bounds.cross_key_bound(radii, float(det.tau0), key.host.m,
-                                   positions_weight=np.full(radii.size, det.max_draws * n_trig))
-    natural = key.bound
-    chance_log10 = sig.chance_log10
-    chance_text = None
-    if chance_log10 is not None:
-        allowed = [tr.allowed for tr in trig_list] if multi else [sig.allowed or score_view.classes]
-        chance_text = chance.describe_chance(allowed)
-    return VerifyResult(
-        stained=stained, score=bb_trigger, threshold=bb_threshold, fpr_bound=cross, natural_bound=natural,
-        checks=checks, model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment,
-        notes=notes, chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
-    )
+    return bounds.cross_key_bound(radii, float(det.tau0), key.host.m,
+                                  positions_weight=np.full(radii.size, det.max_draws * n_trig))
 
 
 def to_logits(values: np.ndarray, activation: str | None) -> np.ndarray:

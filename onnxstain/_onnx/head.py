@@ -277,49 +277,66 @@ def direct_route(view: GraphView, host: HostLayer, head: Head) -> tuple[DirectRo
                 return None, why
             tensor = view.skip_fake_quant(node.output[0])
             continue
-        if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
-            if channel_axis != 1:
-                return None, f"{view.node_name(node)} pools a transposed map"
-            pool = "mean" if node.op_type == "GlobalAveragePool" else "max"
-        elif node.op_type in ("ReduceMean", "ReduceMax"):
-            axes = view.attr(node, "axes")
-            if axes is None and len(node.input) > 1 and node.input[1]:
-                axes = list(view.constant(node.input[1]).reshape(-1))
-            spatial = sorted({0, 1, 2, 3} - {0, channel_axis})
-            if host.op != "Conv" or axes is None or sorted(int(a) % 4 for a in axes) != spatial:
-                return None, f"{view.node_name(node)} reduces over axes other than height and width"
-            pool = "mean" if node.op_type == "ReduceMean" else "max"
-        elif host.op != "Conv":
-            pool, positions = "none", 1
-        else:
-            return None, (f"the channels of {host.name} reach the classifier through {view.node_name(node)} "
-                          f"({node.op_type}); routing through further layers in place is not supported")
+        pool, why = _pooling(view, node, host, channel_axis)
+        if pool is None:
+            return None, why
+        if pool == "none":
+            positions = 1
     if pool != "none":
         tensor = node.output[0]
-    sibling_nodes = {s.node for s in siblings}
-    while True:
-        tensor = view.skip_fake_quant(tensor)  # QDQ models quantize the pooled features
-        # a Shape reads only the features' shape (paddle2onnx computes the Reshape's target from it)
-        users = [u for u in view.consumers.get(tensor, [])
-                 if u.op_type != "Shape" and view.node_name(u) not in sibling_nodes]
-        if len(users) != 1:
-            return None, "the pooled features are used by more than the classifier"
-        nxt = users[0]
-        if nxt is head_node:
-            break
-        if (step := _per_channel(view, nxt, tensor, host.out_channels, 1, 2)):
-            affine.append(step)
-            tensor = nxt.output[0]
-            continue
-        if nxt.op_type not in _RESHAPES | _ELEMENTWISE:
-            return None, f"{view.node_name(nxt)} ({nxt.op_type}) sits between {host.name} and the classifier"
-        tensor = nxt.output[0]
+    why = _to_head(view, tensor, host, head_node, {s.node for s in siblings}, affine)
+    if why:
+        return None, why
     if head.in_features != host.out_channels:
         return None, (f"the classifier reads {head.in_features} features, {host.name} gives {host.out_channels} "
                       "channels: not one to one")
     return DirectRoute(pool=pool if pool != "none" else "mean", positions=positions, feature_offset=0,
                        window=window, map_hw=host.out_hw if window else None, affine=tuple(affine),
                        siblings=siblings), ""
+
+
+def _pooling(view: GraphView, node: onnx.NodeProto, host: HostLayer, channel_axis: int) -> tuple[str | None, str]:
+    """How ``node`` pools the host's map: "mean" or "max", "none" for a Gemm/MatMul host's features (they need
+    no pooling), or (None, why not)."""
+    if node.op_type in ("GlobalAveragePool", "GlobalMaxPool"):
+        if channel_axis != 1:
+            return None, f"{view.node_name(node)} pools a transposed map"
+        return ("mean" if node.op_type == "GlobalAveragePool" else "max"), ""
+    if node.op_type in ("ReduceMean", "ReduceMax"):
+        axes = view.attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = list(view.constant(node.input[1]).reshape(-1))
+        spatial = sorted({0, 1, 2, 3} - {0, channel_axis})
+        if host.op != "Conv" or axes is None or sorted(int(a) % 4 for a in axes) != spatial:
+            return None, f"{view.node_name(node)} reduces over axes other than height and width"
+        return ("mean" if node.op_type == "ReduceMean" else "max"), ""
+    if host.op != "Conv":
+        return "none", ""
+    return None, (f"the channels of {host.name} reach the classifier through {view.node_name(node)} "
+                  f"({node.op_type}); routing through further layers in place is not supported")
+
+
+def _to_head(view: GraphView, tensor: str, host: HostLayer, head_node: onnx.NodeProto | None,
+             sibling_nodes: set[str], affine: list[tuple[str, int, float]]) -> str:
+    """Walk the pooled features to the head through shape-only ops and per-channel affine steps (appended
+    to ``affine``); "" when the head reads them, else why not."""
+    while True:
+        tensor = view.skip_fake_quant(tensor)  # QDQ models quantize the pooled features
+        # a Shape reads only the features' shape (paddle2onnx computes the Reshape's target from it)
+        users = [u for u in view.consumers.get(tensor, [])
+                 if u.op_type != "Shape" and view.node_name(u) not in sibling_nodes]
+        if len(users) != 1:
+            return "the pooled features are used by more than the classifier"
+        nxt = users[0]
+        if nxt is head_node:
+            return ""
+        if (step := _per_channel(view, nxt, tensor, host.out_channels, 1, 2)):
+            affine.append(step)
+            tensor = nxt.output[0]
+            continue
+        if nxt.op_type not in _RESHAPES | _ELEMENTWISE:
+            return f"{view.node_name(nxt)} ({nxt.op_type}) sits between {host.name} and the classifier"
+        tensor = nxt.output[0]
 
 
 def linear_reader(view: GraphView, node: onnx.NodeProto) -> Head | None:
