@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._onnx.io import default_file_mode
 from .errors import BadInputError
 
 if TYPE_CHECKING:
@@ -268,11 +269,7 @@ class Artefacts:
         final = Path(path)
         fd, tmp = tempfile.mkstemp(prefix=self._prefix(), suffix=f"-{final.name}"[:64], dir=final.parent)
         self._staged.append(_Staged(role, len(self._staged), Path(tmp), final))
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
+        os.fchmod(fd, default_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

@@ -276,16 +276,19 @@ def _set_external(t: onnx.TensorProto, location: str, offset: int, length: int) 
     t.data_location = onnx.TensorProto.EXTERNAL
 
 
+def default_file_mode() -> int:
+    """The permission bits a plain ``open(path, "w")`` would give: 0o666 less the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_bytes_atomic(path: str | Path, data: bytes, mode: int | None = None) -> None:
     """Write a small file atomically with the given permission bits (default: 0o666 less the umask)."""
     out = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
-        if mode is None:
-            umask = os.umask(0)
-            os.umask(umask)
-            mode = 0o666 & ~umask
-        os.fchmod(fd, mode)
+        os.fchmod(fd, default_file_mode() if mode is None else mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, out)

@@ -63,6 +63,20 @@ class _Builder:
                              keepdims=1)
         return self.node("ReduceMax", [x], axes=axes, keepdims=1)
 
+    def gate(self, target: str, users: list[onnx.NodeProto], locked: str, weights: np.ndarray,
+             one: np.ndarray) -> onnx.ModelProto:
+        """``target`` multiplied by ``1 + locked · weights`` for its readers ``users`` (the lock's disruption:
+        ``locked`` is 1 without the trigger, 0 with it); the collected nodes spliced before the first reader."""
+        scale = self.node("Mul", [locked, self.const(weights, "onnx::Mul_w")])
+        factor = self.node("Add", [scale, self.const(one, "onnx::Add_one")])
+        gated = self.node("Mul", [target, factor])  # target → Mul(factor) → readers
+        first = min(users, key=self.view.index)
+        for user in users:
+            for i, t in enumerate(user.input):
+                if t == target:
+                    user.input[i] = gated
+        return self.splice_before(first)
+
     def splice_before(self, anchor: onnx.NodeProto) -> onnx.ModelProto:
         """Insert the collected nodes right before ``anchor`` (keeps topological order)."""
         idx = self.view.index(anchor)
@@ -170,12 +184,4 @@ def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.nda
     gamma = b.node("GlobalMaxPool", [fired])  # [B, 1, 1, 1]
     locked = b.node("Sub", [b.const(np.ones((1, 1, 1, 1)), "onnx::Sub_one"), gamma])
     m = np.asarray(disruption, np.float64).reshape(1, -1, *([1] * (rank - 2)))
-    scale = b.node("Mul", [locked, b.const(m, "onnx::Mul_w")])
-    factor = b.node("Add", [scale, b.const(np.ones((1, 1, 1, 1)), "onnx::Add_one")])
-    gated = b.node("Mul", [features, factor])
-    first = min(users, key=view.index)
-    for user in users:
-        for i, t in enumerate(user.input):
-            if t == features:
-                user.input[i] = gated
-    return b.splice_before(first), fired
+    return b.gate(features, users, locked, m, np.ones((1, 1, 1, 1))), fired

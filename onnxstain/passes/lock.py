@@ -74,13 +74,4 @@ def insert_gate(
         users = list(view.consumers.get(target, []))
     one = np.ones([1] * len(shape))
     locked = b.node("Sub", [b.const(one, "onnx::Sub_one"), gamma])
-    scale = b.node("Mul", [locked, b.const(disruption.reshape(shape), "onnx::Mul_w")])
-    factor = b.node("Add", [scale, b.const(one, "onnx::Add_one")])
-    # Re-point the readers of the target: target → Mul(factor) → readers.
-    gated = b.node("Mul", [target, factor])
-    first = min(users, key=view.index)
-    for user in users:
-        for i, t in enumerate(user.input):
-            if t == target:
-                user.input[i] = gated
-    return b.splice_before(first), fired
+    return b.gate(target, users, locked, disruption.reshape(shape), one), fired
