@@ -39,6 +39,15 @@ REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 1
 
 
+WEAK_BOUND_LOG10 = -2.0  # a cross-key bound above 1 % proves little ...
+
+
+def weak_bound(cross: bounds.Bound, natural: bounds.Bound) -> bool:
+    """... unless the key was made for a loose target itself (``--fpr 0.05``): weak above both 1 % and ten
+    times the key's natural-input bound."""
+    return cross.log10 > max(WEAK_BOUND_LOG10, natural.log10 + 1.0)
+
+
 @dataclasses.dataclass
 class Check:
     name: str
@@ -154,6 +163,12 @@ def verify(
                       f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); black-box result only")
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     checks = [black, white]
+    cross = _cross_key_bound(key, len(triggers))
+    if weak_bound(cross, key.bound):
+        notes.append(f"the cross-key bound {cross} is weak: the key's triggers lie far from the calibration "
+                     "centre, so it does not rule out that another key's detector fires on them; the verdict "
+                     "rests on the black-box signature" + (" and its chance bound" if sig.chance_log10 is not None
+                                                           else ""))
     chance_log10 = sig.chance_log10
     chance_text = None
     if chance_log10 is not None:
@@ -163,7 +178,7 @@ def verify(
     assert black.score is not None and black.threshold is not None
     return VerifyResult(
         stained=all(c.passed for c in checks if c.available), score=black.score, threshold=black.threshold,
-        fpr_bound=_cross_key_bound(key, len(triggers)), natural_bound=key.bound, checks=checks,
+        fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import stat
 
@@ -281,3 +282,33 @@ def test_linear_hosts(tmp_path, layer, combo):
         assert res.agreement == 1.0 and res.max_abs_delta == 0.0
     else:
         assert structural_diff(onnx.load(tmp_path / "m.onnx"), onnx.load(tmp_path / "s.onnx")) == []
+
+
+def test_weak_cross_key_bound_is_a_note(stained, tmp_path):
+    """A key whose triggers lie far outside the calibration ball has a vacuous cross-key bound: verify still
+    decides on the signature, and says the bound proves little (a key with a strong bound says nothing)."""
+    reports = {combo: onnxstain.verify(stained[combo][1], stained[combo][2]) for combo in COMBOS}
+    for rep in reports.values():  # made with --fpr 0.05: weak above 10 × 0.05, i.e. above 0.5
+        assert (rep.fpr_bound.value > 0.5) == any("cross-key bound" in n for n in rep.notes)
+    combo = min(reports, key=lambda c: reports[c].fpr_bound.log10)
+    _, out, key = stained[combo]
+    assert reports[combo].fpr_bound.value < 0.5
+    body = json.loads(key.read_text())
+
+    def far(node):  # every trigger radius of the key (the detector's, or each trigger's of a multi-class one)
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if name == "trigger_radii" and isinstance(value, dict):
+                    value["f8"] = base64.b64encode(np.full(value["shape"], 1e6).astype("<f8").tobytes()).decode()
+                else:
+                    far(value)
+        elif isinstance(node, list):
+            for value in node:
+                far(value)
+
+    far(body)
+    weak_key = tmp_path / "far.key"
+    weak_key.write_text(json.dumps(body))
+    weak = onnxstain.verify(out, weak_key)
+    assert weak.stained and weak.fpr_bound.value > 0.5
+    assert any(n.startswith("the cross-key bound ≤ ") and "is weak" in n for n in weak.notes)
