@@ -408,7 +408,8 @@ def _detector_stats(pair: _Pair, tally: _Tally, photo_of: np.ndarray, names: lis
     max_score = float(tally.img_max_s[arg])
     hi_marks = [max_score, tau, *(trigger.modified_scores or [])]
     lo, hi = float(s_all.min()), max(hi_marks)
-    pad = 0.02 * (hi - lo) if hi > lo else 1.0
+    # a margin of 2 % of the span, and at least one that float64 can still add to scores near 1e38
+    pad = max(0.02 * (hi - lo), 1e-6 * max(abs(lo), abs(hi)), 0.0 if hi > lo else 1.0)
     counts, edges = np.histogram(s_all.astype(np.float64), bins=HISTOGRAM_BINS, range=(lo - pad, hi + pad))
     return DetectorStats(
         threshold=tau, positions=pair.host.positions, samples=int(s_all.size), firings=tally.firings,

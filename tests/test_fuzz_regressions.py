@@ -14,6 +14,7 @@ import io
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,26 @@ def test_evaluate_scores_near_float32_max(stained, tmp_path, capfd):
     p = _save(m, tmp_path, "x.onnx", 8)
     code, err = _cli(["evaluate", str(stained / "m.onnx"), str(p), "--key", str(stained / "s.key"), "--images",
                       str(stained / "imgs"), "--views", "1", "--quiet"], tmp_path, capfd)
+    assert code == 0, err
+
+
+def test_evaluate_detector_scores_near_1e38(tmp_path, capfd):
+    """One host bias of an in-place stain set to 1e38: every detector score is the same huge number, and the
+    histogram's padding of 1 vanished in float64 (range max not above min; fuzz --seed 11 model:2256)."""
+    sys.path.insert(0, str(Path(__file__).parent / "fixtures" / "keys"))
+    from recipes import run_job
+
+    src, out, key = run_job("stain_inplace", tmp_path)
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(6, size=32, seed=5))
+    m = onnx.load(out)
+    t = _init(m, "b2")
+    bias = numpy_helper.to_array(t).copy()
+    bias[18] = 1e38  # one of the four elements that reproduced the crash
+    t.CopyFrom(numpy_helper.from_array(bias, "b2"))
+    p = _save(m, tmp_path, "x.onnx", 32)
+    code, err = _cli(["evaluate", str(src), str(p), "--key", str(key), "--images", str(tmp_path / "imgs"),
+                      "--views", "1", "--quiet"], tmp_path, capfd)
     assert code == 0, err
 
 

@@ -452,7 +452,8 @@ def _odd_value(rng: random.Random, value: Any) -> Any:
     if isinstance(value, bool):
         return not value
     if isinstance(value, int):
-        return rng.choice([value + 1, value - 1, -value, value * 1000, value * 2**40, 0, float(value)])
+        as_float = float(value) if abs(value) < 2**1023 else math.inf  # an earlier mutation may have grown it
+        return rng.choice([value + 1, value - 1, -value, value * 1000, value * 2**40, 0, as_float])
     if isinstance(value, float):
         return rng.choice([value * -1, value * 1e6, value + 1, 0.0, value / 1e6, int(value) if math.isfinite(value)
                            else 0, str(value)])
