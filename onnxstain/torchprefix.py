@@ -51,6 +51,7 @@ import torch
 import torch.nn.functional as F
 from onnx import AttributeProto, TensorProto, numpy_helper
 
+from onnxstain._onnx.padding import same_pads
 from onnxstain._onnx.tensors import tensor_array
 from onnxstain.errors import BadInputError, UnsupportedModelError
 
@@ -146,19 +147,6 @@ def _torch_pads(begin: Sequence[int], end: Sequence[int]) -> list[int]:
     for b, e in zip(reversed(begin), reversed(end), strict=True):
         out += [int(b), int(e)]
     return out
-
-
-def _same_pads(
-    spatial: Sequence[int], k: Sequence[int], s: Sequence[int], d: Sequence[int], upper: bool
-) -> tuple[list[int], list[int]]:
-    begin, end = [], []
-    for n, kk, ss, dd in zip(spatial, k, s, d, strict=True):
-        out = -(-n // ss)
-        total = max(0, (out - 1) * ss + (kk - 1) * dd + 1 - n)
-        b = total // 2 if upper else total - total // 2
-        begin.append(b)
-        end.append(total - b)
-    return begin, end
 
 
 # --------------------------------------------------------------------------------------------------
@@ -917,7 +905,7 @@ def _b_conv(ctx: _Ctx) -> Fn:
         p = cache.get(key)
         if p is None:
             k = list(kshape) if kshape is not None else list(w.shape[2:])
-            bg, en = _same_pads(key, k, s, d, upper)
+            bg, en = same_pads(key, k, s, d, upper)
             p = cache[key] = (True, bg) if bg == en else (False, _torch_pads(bg, en))
         if p[0]:
             return conv(x, w, b, s, p[1], d, g)
@@ -1008,7 +996,7 @@ def _b_maxpool(ctx: _Ctx) -> Fn:
     upper = auto_pad == "SAME_UPPER"
 
     def maxpool_same(x: torch.Tensor) -> torch.Tensor:
-        bg, en = _same_pads(x.shape[2:], k, s, d, upper)
+        bg, en = same_pads(x.shape[2:], k, s, d, upper)
         return pool(F.pad(x, _torch_pads(bg, en), value=-math.inf), k, s, 0, d, False)
 
     return maxpool_same
@@ -1032,7 +1020,7 @@ def _b_avgpool(ctx: _Ctx) -> Fn:
     cache: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def avgpool_explicit(x: torch.Tensor) -> torch.Tensor:
-        tp = fixed if fixed is not None else _torch_pads(*_same_pads(x.shape[2:], k, s, d, upper))
+        tp = fixed if fixed is not None else _torch_pads(*same_pads(x.shape[2:], k, s, d, upper))
         c = ceil if fixed is not None else False
         y = pool(F.pad(x, tp), k, s, 0, c, True)
         if include:

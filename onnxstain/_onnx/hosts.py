@@ -34,6 +34,7 @@ import onnx
 
 from ..math import activations
 from .graph import GraphView
+from .padding import same_onnx_pads
 
 MIN_DIMENSION = 16
 GELU_ZERO = activations.ZERO_POINTS["gelu"]  # GELU(x) == 0.0 exactly in float32 for x ≤ GELU_ZERO
@@ -418,7 +419,7 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
     auto_pad = view.attr(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     if auto_pad in ("SAME_UPPER", "SAME_LOWER") and in_hw and out_hw:
-        pads = _same_pads(in_hw, out_hw, (kh, kw), strides, dil, auto_pad == "SAME_UPPER")
+        pads = same_onnx_pads(in_hw, (kh, kw), strides, dil, auto_pad == "SAME_UPPER")
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     out = node.output[0]
     bn = None
@@ -525,16 +526,6 @@ def _hw(shape) -> tuple[int, int] | None:
     return None
 
 
-def _same_pads(in_hw, out_hw, k, s, d, upper) -> list[int]:
-    begins, ends = [], []
-    for i in range(2):
-        total = max((out_hw[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1 - in_hw[i], 0)
-        small, big = total // 2, total - total // 2
-        begins.append(small if upper else big)
-        ends.append(big if upper else small)
-    return [begins[0], begins[1], ends[0], ends[1]]
-
-
 def _host_depths(view: GraphView) -> dict[int, int]:
     """Longest-path count of Conv/Gemm/MatMul layers before each node (topological order)."""
     depth_of_tensor: dict[str, int] = {}
@@ -607,7 +598,7 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             if auto_pad in ("SAME_UPPER", "SAME_LOWER") and shapes:
                 ih, oh = _hw(shapes.get(node.input[0])), _hw(shapes.get(node.output[0]))
                 if ih and oh:
-                    pads = _same_pads(ih, oh, k, s, d, auto_pad == "SAME_UPPER")
+                    pads = same_onnx_pads(ih, k, s, d, auto_pad == "SAME_UPPER")
             size = tuple(src.size[i] + (k[i] - 1) * d[i] * src.jump[i] for i in range(2))
             jump = tuple(src.jump[i] * s[i] for i in range(2))
             start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))

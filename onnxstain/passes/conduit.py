@@ -70,7 +70,8 @@ import onnx
 
 from .._onnx.graph import GraphView
 from .._onnx.head import Head
-from .._onnx.hosts import HostLayer, _same_pads, write_neuron
+from .._onnx.hosts import HostLayer, write_neuron
+from .._onnx.padding import same_onnx_pads
 from ..errors import UnsupportedModelError
 from .stain import _write_head, copy_model
 
@@ -279,7 +280,7 @@ class _Walker:
         if in_hw is None or out_hw is None:
             _refuse(f"{self.name(node)} (Conv): spatial size unknown (shape inference failed)")
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = _same_pads(in_hw, out_hw, k, s, d, auto_pad == "SAME_UPPER")
+            pads = same_onnx_pads(in_hw, k, s, d, auto_pad == "SAME_UPPER")
         elif auto_pad == "VALID":
             pads = [0, 0, 0, 0]
         return w, k, s, d, (pads[0], pads[1]), out_hw
@@ -536,7 +537,7 @@ class _Walker:
         auto_pad = self.view.attr(node, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-            pads = _same_pads(in_hw, out_hw, k, s, d, auto_pad == "SAME_UPPER")
+            pads = same_onnx_pads(in_hw, k, s, d, auto_pad == "SAME_UPPER")
         hit = set()
         for th in range(k[0]):
             for tw in range(k[1]):
