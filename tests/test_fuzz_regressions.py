@@ -268,6 +268,22 @@ def test_model_conv_group_zero(tmp_path, capfd):
     assert code == 0, err
 
 
+def test_stain_skips_a_host_whose_clip_tops_at_zero(tmp_path, capfd):
+    """ReLU6's upper bound replaced by its lower one (Clip(x, 0, 0)): the layer's output is always 0, so it
+    hosts no detector (the in-place edit asked for a detector output Δ = 1.25 × 0: ValueError in
+    detector.non_additive; fuzz --seed 12 model:624)."""
+    m = tiny_classifier()
+    _init(m, "six").CopyFrom(numpy_helper.from_array(np.array(0.0, np.float32), "six"))
+    p = _save(m, tmp_path, "x.onnx", 32)
+    code, err = _cli(["inspect", str(p)], tmp_path, capfd)
+    assert code == 0 and "internal error" not in err, err
+    (tmp_path / "imgs").mkdir()
+    write_images(tmp_path / "imgs", smooth_images(8, size=32, seed=5))
+    _refused_by(["stain", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+                 str(tmp_path / "imgs"), "--mode", "inplace", "--seed", "0", "--quiet"], tmp_path, capfd,
+                "in place")
+
+
 def test_stain_refuses_host_inputs_that_overflow(tmp_path, capfd):
     """Eight 0x7f bytes in conv2's weights: finite outputs on a grey image (the Clip), infinite host inputs on
     the calibration images (the bound's radius was inf: a ValueError from the bound)."""

@@ -390,6 +390,9 @@ def _activation_reasons(act: Activation) -> tuple[str, str]:
     if act.kind not in activations.HOST_KINDS:
         return (f"activation {act.kind} (node {act.node!r}) is not cut at zero and is not a rectifier-like "
                 "activation a detector can sit under"), ""
+    if act.high is not None and not act.high > 0:
+        return (f"the activation after the layer ({act.label}, node {act.node!r}) is clipped at {act.high:g}: its "
+                "output cannot rise above zero, so no detector can signal through it"), ""
     if act.kind == "prelu" and len(act.params) > 1:
         return "", ""  # per-channel slopes: the in-place edit zeroes the stained channel's (a ReLU there)
     if activations.zero_point(act.kind, act.params) is None:
