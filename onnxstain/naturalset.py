@@ -436,7 +436,8 @@ def natural_images(
     hw = _check_size(size)
     if split != "all":
         return _split_set(split, hw, views, seed, cache, progress)
-    parts = [_split_set(s, hw, views, seed, cache, progress) for s in ("calibration", "heldout")]
+    halves: tuple[Literal["calibration"], Literal["heldout"]] = ("calibration", "heldout")
+    parts = [_split_set(s, hw, views, seed, cache, progress) for s in halves]
     return NaturalSet(
         pixels=np.concatenate([p.pixels for p in parts]),
         photo_ids=parts[0].photo_ids + parts[1].photo_ids,
