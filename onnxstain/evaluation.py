@@ -14,7 +14,6 @@ import numpy as np
 
 from ._onnx.io import write_bytes_atomic
 from .math import bounds
-from .report_html import render
 
 REPORT_FORMAT = "onnxstain-evaluate-report"
 REPORT_VERSION = 1
@@ -200,8 +199,6 @@ class EvaluateResult:
     def write_json(self, path: str | Path) -> None:
         write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
 
-    def write_html(self, path: str | Path) -> None:
-        write_bytes_atomic(path, render(self).encode("utf-8"))
 
 
 def json_safe(obj: Any) -> Any:

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import TYPE_CHECKING
+from pathlib import Path
 
+from ._onnx.io import write_bytes_atomic
+from .evaluation import EvaluateResult, Fidelity, TriggerCheck
 from .html_parts import CSS, escape, figure, png, tag
 from .math.bounds import Bound, format_probability
-
-if TYPE_CHECKING:  # the records import this module to render themselves
-    from .evaluation import EvaluateResult, Fidelity, TriggerCheck
 
 
 def _prob(log10: float) -> str:
@@ -260,3 +259,8 @@ def _trigger_part(trig: TriggerCheck, verdict: str) -> list[str]:
         "host unchanged, so the original model gives the same S on the trigger; what it lacks is a neuron that "
         "reads S, and the route to the output.</p>",
     ]
+
+
+def write_html(res: EvaluateResult, path: str | Path) -> None:
+    """The report of ``res`` as one HTML file, written atomically."""
+    write_bytes_atomic(path, render(res).encode("utf-8"))

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from tinymodels import smooth_images, tiny_classifier, write_images
 
 import onnxstain
-from onnxstain import Preprocessing, StainOptions
+from onnxstain import Preprocessing, StainOptions, report_html
 from onnxstain.cli import main
 from onnxstain.keys import load_key
 from onnxstain.runtime import run_batches, session, with_outputs
@@ -133,7 +133,7 @@ def test_inplace_stain(tiny):
 def test_html_report(insert_result, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "report.html"
-    insert_result.write_html(path)
+    report_html.write_html(insert_result, path)
     text = path.read_text()
     assert path.is_file() and text.startswith("<!DOCTYPE html>")
     assert text.count("<img") == 2

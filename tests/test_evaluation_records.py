@@ -11,7 +11,7 @@ import onnx
 import pytest
 from tinymodels import smooth_images, tiny_classifier
 
-from onnxstain import Preprocessing
+from onnxstain import Preprocessing, report_html
 from onnxstain._onnx.graph import GraphView
 from onnxstain.errors import BadInputError, KeyMismatchError
 from onnxstain.eval_inputs import evaluation_images, scores_output
@@ -80,7 +80,7 @@ def test_report_labels_bounds_and_measurements(tmp_path):
 
 def test_report_html_is_one_page(tmp_path):
     pytest.importorskip("matplotlib")
-    _result().write_html(tmp_path / "r.html")
+    report_html.write_html(_result(), tmp_path / "r.html")
     page = (tmp_path / "r.html").read_text()
     assert page.startswith("<!DOCTYPE html>") or page.lstrip().lower().startswith("<!doctype html>")
     assert CSS.strip().splitlines()[0] in page and "STAINED" in page

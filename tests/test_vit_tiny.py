@@ -12,7 +12,7 @@ from onnx import TensorProto, helper
 from tinymodels import smooth_images
 
 import onnxstain
-from onnxstain import LockOptions, Preprocessing, StainOptions
+from onnxstain import LockOptions, Preprocessing, StainOptions, report_html
 from onnxstain._onnx.graph import GraphView
 from onnxstain._onnx.hosts import GELU_ZERO, find_hosts, gelu_output
 from onnxstain.cli import main
@@ -237,5 +237,5 @@ def test_evaluate_uses_map_correlation(stained, workdir, held_out, tmp_path):
     assert res.fidelity.agreement == pytest.approx(1.0) and res.fidelity.max_abs_delta == 0.0
     assert res.detector is not None and res.detector.firings == 0 and res.detector.positions == 65
     assert res.trigger.stained and not res.trigger.original_stained
-    res.write_html(tmp_path / "e.html")
+    report_html.write_html(res, tmp_path / "e.html")
     res.write_json(tmp_path / "e.json")
