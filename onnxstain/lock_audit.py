@@ -53,6 +53,7 @@ from .lock_geometry import lock_hosts
 from .lock_report_html import render
 from .lock_window import WINDOW, pixel_conv, window_host
 from .math import bounds
+from .math.agreement import top1_agreement
 from .math.detection_agreement import per_image_anchor_map
 from .patch import Patch, paste_pixels
 from .preprocess import Preprocessing
@@ -197,6 +198,7 @@ class _Matcher:
     def __init__(self, key: Key) -> None:
         self.dense = key.references is not None and key.references.metric == "correlation"
         self.layout = key.detection_layout()
+        self.classes = key.model.classes
 
     def __call__(self, pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if self.dense:
@@ -207,7 +209,7 @@ class _Matcher:
                 raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
                                        f"{list(self.layout)} needs {a * b}")
             return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b))
-        return (pred.argmax(1) == ref.argmax(1)).astype(np.float64)
+        return top1_agreement(pred, ref, self.classes)
 
     @property
     def metric(self) -> str:

@@ -23,6 +23,7 @@ from .lock_job import LockJob
 from .lock_site import LockSite, reads_pixels
 from .lock_window import WindowProbe, probe_window
 from .math import bounds, detector
+from .math.agreement import top1_agreement
 from .passes.conduit import ConduitPlan, conduit_taps, plan_conduit, prepare_conduit
 from .preprocess import Preprocessing
 from .runtime import run_batches, session, with_outputs
@@ -93,7 +94,7 @@ def calibrate_classifier(job: LockJob, site: LockSite, features: str | None) -> 
     if orig_scores is None:
         orig_scores = nat_scores
     # What the unlocked model loses against the original (in place: the conduit channels), on clean images.
-    unlocked_agree = float(np.mean(nat_scores.argmax(1) == orig_scores.argmax(1)))
+    unlocked_agree = float(np.mean(top1_agreement(nat_scores, orig_scores, head.classes)))
     return ClassifierCalibration(pixels=pixels, x_cal=x_cal, base=base, plan=plan, sess=sess, host_phi=host_phi,
                                  phi_all=phi_all, probe=probe, stats=stats, bound_kind=bound_kind, radius=radius,
                                  tau0=tau0, raw_scores=cal[head.scores], nat_scores=nat_scores, pooled=pooled,

@@ -65,8 +65,9 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
     else:
         assert cal.pooled is not None
-        disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled, cal.nat_scores,
-                                                             head_columns(job.view, head))
+        cols = head_columns(job.view, head)  # [classes, features]; a sequence head's rows are its steps
+        disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]),
+                                                             cal.nat_scores.reshape(-1, cols.shape[0]), cols)
         locked, fired = insert_gate(model, site.host, head, filters, biases, disruption)
         info = {"flipped_features": flipped}
     white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)

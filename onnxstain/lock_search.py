@@ -181,8 +181,12 @@ class ClassifierPatches:
                 task.update(f"occlusion-aware patch: step {step}, KL {kl:.3g}, weakest detector {smin:.2f}")
                 task.advance(1)
 
-            res = refine_occlusion(fn, model_logits(full, job.pre), best.frame.astype(np.float64), cal.pixels[pick],
-                                   cal.nat_scores[pick], self.mask, SEARCH_FACTOR * cal.tau0,
+            # KL per step of a sequence head (its rows are (steps, classes)), over the classes otherwise
+            logits, row = model_logits(full, job.pre), cal.nat_scores.shape[1]
+            k = job.head.classes if row % job.head.classes == 0 else row
+            res = refine_occlusion(fn, lambda px: logits(px).reshape(len(px), -1, k), best.frame.astype(np.float64),
+                                   cal.pixels[pick], cal.nat_scores[pick].reshape(len(pick), -1, k), self.mask,
+                                   SEARCH_FACTOR * cal.tau0,
                                    steps=job.opts.occlusion_steps, seed=int(job.rng.integers(2**31)), progress=report)
         refined = quantise(res.pixels)
         top, left, ph, pw = site.box

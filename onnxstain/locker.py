@@ -131,7 +131,8 @@ class ClassifierLock:
             raise InternalError(
                 f"internal check failed: the patched references do not unlock (max |Δ| {unlock_error:.3g})")
         self.want = np.concatenate([got[out][:n], original[out][n:]])
-        _, still = lock_agreement(got[out][:n], self.want[:n], got[out][n:], self.want[n:])
+        per_step = self.head.classes if self.head.steps else None
+        _, still = lock_agreement(got[out][:n], self.want[:n], got[out][n:], self.want[n:], per_step)
         if still.mean() > 0.5:
             job.notes.append("the locked model still gives the original's outputs on most unpatched reference images")
         self.natural_firings = int((self.found.natural > cal.tau0).all(axis=1).sum())

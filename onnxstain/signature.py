@@ -13,6 +13,8 @@ import dataclasses
 
 import numpy as np
 
+from .math.agreement import same_top1
+
 STILL_FACTOR = 4.0  # lock check: an unpatched output within this × the patched drift counts as unchanged
 
 
@@ -32,9 +34,10 @@ def shift_score(scores: np.ndarray, original: np.ndarray, expected: np.ndarray) 
 
 
 def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.ndarray,
-                   want_unpatched: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per reference image of a lock check (scores ``[N, K]``): whether the patch restores the original's
-    top-1, and whether without the patch the output is *still* the original's.
+                   want_unpatched: np.ndarray, classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per reference image of a lock check (scores ``[N, K]``, or ``[N, T·K]`` for a sequence head of
+    ``classes`` = K scores per step): whether the patch restores the original's top-1 (at every step), and
+    whether without the patch the output is *still* the original's.
 
     "Still" asks for the same top-1 **and** an output no further from the original's (largest |Δ|) than
     :data:`STILL_FACTOR` times the patched references' largest distance (at least 1e-6 of the outputs'
@@ -43,12 +46,12 @@ def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.
     move far more without the patch than with it, while a model that is not locked — quantised or not —
     moves alike on both, the patch being a few corner pixels of the same images.
     """
-    p, wp = np.asarray(patched, np.float64), np.asarray(want_patched, np.float64)
-    u, wu = np.asarray(unpatched, np.float64), np.asarray(want_unpatched, np.float64)
-    restored = p.argmax(1) == wp.argmax(1)
+    p, wp, u, wu = (np.asarray(a, np.float64).reshape(len(a), -1)
+                    for a in (patched, want_patched, unpatched, want_unpatched))
+    restored = same_top1(p, wp, classes)
     scale = max(float(np.abs(wp).max(initial=0.0)), float(np.abs(wu).max(initial=0.0)), 1e-30)
     tolerance = max(STILL_FACTOR * float(np.abs(p - wp).max(initial=0.0)), 1e-6 * scale)
-    still = (u.argmax(1) == wu.argmax(1)) & (np.abs(u - wu).max(axis=1) <= tolerance)
+    still = same_top1(u, wu, classes) & (np.abs(u - wu).max(axis=1) <= tolerance)
     return restored, still
 
 

@@ -323,7 +323,8 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         what = (f"output maps correlating ≥ 0.99 with the original's (min {corr_p.min():.4f}; max |Δ| {err:.3g}); "
                 f"without it {100 * still:.0f}% do (mean correlation {corr_u.mean():.3f})")
     else:
-        restored, unchanged = lock_agreement(scores[:n], want_p, scores[n:], want_u)
+        per_step = key.model.classes if key.model.layout is None else None  # a sequence head: every step
+        restored, unchanged = lock_agreement(scores[:n], want_p, scores[n:], want_u, per_step)
         unlocked, still = float(restored.mean()), float(unchanged.mean())
         what = (f"the expected top-1 (max |Δscore| {err:.3g}); without it {100 * still:.0f}% still give the "
                 f"original's output (max |Δscore| {float(np.abs(scores[n:] - want_u).max()):.3g})")

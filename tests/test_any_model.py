@@ -256,6 +256,38 @@ def test_sequence_head_insert_stain(tmp_path):
     assert np.array_equal(_run(out, x), _run(tmp_path / "model.onnx", x))
 
 
+def test_sequence_head_gate_lock(tmp_path):
+    """A per-step classifier ([N, T, K] scores, T following the width) gets a gate lock: the gate broadcasts
+    over the steps and every agreement is read step by step (was a matmul error on the flattened features)."""
+    from onnxstain.math.agreement import top1
+
+    model = sequence_recogniser(seed=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    pre = Preprocessing(height=32, width=96, resize=None)
+    pixels = np.concatenate([smooth_images(96, seed=2, size=96)[:, :32], smooth_images(96, seed=3, size=96)[:, 64:]])
+    out, key = tmp_path / "lk.onnx", tmp_path / "lk.key"
+    res = onnxstain.lock(tmp_path / "model.onnx", out, key, images=pixels, preprocessing=pre,
+                         options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=20))
+    assert res.locked_agreement <= res.chance + 0.05  # per step: chance is 1/40
+    assert onnxstain.verify(out, key).stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", key).stained
+    # any width runs; with the patch the locked model reads every step as the original does
+    from onnxstain.keys import load_key
+    from onnxstain.patch import paste_pixels
+    from onnxstain.verify import key_patch
+
+    wide = smooth_images(4, seed=5, size=160)[:, :32]
+    wide_pre = Preprocessing(height=32, width=160, resize=None)
+    patched = wide_pre.to_input(paste_pixels(wide, key_patch(load_key(key))))
+    locked, orig = _run(out, patched), _run(tmp_path / "model.onnx", patched)
+    assert locked.shape == orig.shape == (4, 40, 40)  # 40 steps at width 160, 40 classes
+    assert np.array_equal(top1(locked, 40), top1(orig, 40))
+    clean_orig = _run(tmp_path / "model.onnx", wide_pre.to_input(wide))
+    assert (top1(_run(out, wide_pre.to_input(wide)), 40) != top1(clean_orig, 40)).mean() > 0.5
+    audit = onnxstain.audit_lock(tmp_path / "model.onnx", out, key, images=pixels[:8], views=1)
+    assert next(c for c in audit.conditions if c.name == "no patch").passed
+
+
 # -- two dense outputs (MTCNN P-Net): the signature goes to the map that is not normalised over channels ------
 def test_two_map_cnn_insert_stain_reads_the_plain_map(tmp_path, images):
     from onnxstain._onnx.dense import find_dense_output

@@ -63,7 +63,11 @@ def insert_gate(
     pooled = b.node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
     shape: tuple[int, ...]
     if target is None:
-        gamma, shape = b.node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
+        if head.steps is None:
+            gamma, shape = b.node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
+        else:  # a sequence head: [N, 1, 1] against features [N, T, F] (0 copies the batch size)
+            gamma = b.node("Reshape", [pooled, b.const(np.array([0, 1, 1]), "onnx::Reshape_shape", np.int64)])
+            shape = (1, 1, -1)
         head_node = view.find_node(head.node)
         if head_node is None:
             raise ValueError(f"the head node {head.node!r} is not in the graph")
