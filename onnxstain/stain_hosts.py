@@ -138,4 +138,8 @@ def choose_dense_host(hosts: list[HostLayer], layer: str | None) -> HostLayer:
             "the model has no usable host layer (a Conv, or a MatMul+Add token layer, followed by a ReLU-type "
             f"activation or GELU, with at least {MIN_DIMENSION} inputs per neuron)"
             + (f"; the candidates fail because: {'; '.join(reasons[:3])}" if reasons else ""))
-    return max(usable, key=lambda h: (h.depth, h.m))
+    # The layer that needs the smallest margin τ0/R for the bound, the deeper one on ties (a ViT's token
+    # layers all tie). The deepest layer of a CNN decoder is often narrow (CRAFT's last 3×3 Conv: m = 16,
+    # τ0/R ≈ 1 over 49,152 positions): its trigger search ran past 10 minutes, each step backpropagating
+    # through the whole network, while the backbone's wide layers need τ0/R ≈ 0.1.
+    return min(usable, key=lambda h: (round(margin_ratio(h), 2), -h.depth))

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 from tiny_any import (
     dense_cnn,
+    narrow_tail_decoder,
     nhwc_tail_classifier,
     same_pad_cnn,
     sequence_recogniser,
@@ -216,6 +217,23 @@ def test_refusals_name_the_layers_and_reasons():
         choose_host(find_hosts(model, view), view, head, "insert", None)
     msg = str(err.value)
     assert "output spatial size unknown" in msg and "/0/Conv" in msg and "Sigmoid" in msg
+
+
+def test_dense_host_is_the_layer_needing_the_smallest_margin():
+    """A dense model's insert stain reads the layer whose bound needs the smallest τ0/R, not the deepest:
+    CRAFT's deepest (m = 16 over 49,152 positions) needed τ0/R ≈ 1 and its search ran past 10 minutes."""
+    from onnxstain.calibration import margin_ratio
+    from onnxstain.stain_hosts import choose_dense_host, dense_hosts
+
+    model = narrow_tail_decoder()
+    hosts = find_hosts(model, GraphView(model, (1, 3, 48, 64)))
+    usable = dense_hosts(hosts)
+    deepest = max(usable, key=lambda h: h.depth)
+    assert deepest.m == 16
+    chosen = choose_dense_host(hosts, None)
+    assert chosen.m == 576 and margin_ratio(chosen) < margin_ratio(deepest) / 2
+    assert min(round(margin_ratio(h), 2) for h in usable) == round(margin_ratio(chosen), 2)
+    assert choose_dense_host(hosts, deepest.name) is deepest  # --layer still names any usable layer
 
 
 def test_dense_cnn_gate_lock(dense):

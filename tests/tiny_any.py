@@ -132,6 +132,24 @@ def dense_cnn(seed: int = 0, size: tuple[int, int] = (48, 64)) -> onnx.ModelProt
     return _export(net, torch.rand(1, 3, *size), axes)
 
 
+def narrow_tail_decoder(seed: int = 0, size: tuple[int, int] = (48, 64)) -> onnx.ModelProto:
+    """A CRAFT-like fully convolutional map: a wide backbone, then a narrow 1×1 layer (m = 8 inputs per
+    neuron too few to host; 16 just enough) right before the output map."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 1), nn.ReLU(),
+        nn.Conv2d(16, 2, 1),
+    )
+    axes = {"input": {0: "batch", 2: "height", 3: "width"}, "output": {0: "batch", 2: "h4", 3: "w4"}}
+    return _export(net, torch.rand(1, 3, *size), axes)
+
+
 def nhwc_tail_classifier(seed: int = 0, size: int = 32, classes: int = 10, width: int = 48) -> onnx.ModelProto:
     """A tf2onnx-style NHWC tail: ``… → Relu → Transpose(0,2,3,1) → ReduceMean(axes 1,2) → MatMul+Add``."""
     import torch
