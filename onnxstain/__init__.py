@@ -42,7 +42,7 @@ from .errors import (
     UnreachableBoundError,
     UnsupportedModelError,
 )
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, PreprocessingRequest
 
 __all__ = [
     "BadInputError",
@@ -58,6 +58,7 @@ __all__ = [
     "Patch",
     "PatchedPhoto",
     "Preprocessing",
+    "PreprocessingRequest",
     "StainOptions",
     "StainResult",
     "UnreachableBoundError",

@@ -29,6 +29,7 @@ from .outputs import Artefacts, OutputPlan
 
 if TYPE_CHECKING:
     from .keys import Key
+    from .preprocess import PreprocessingRequest
 
 EXIT_OK, EXIT_NEGATIVE, EXIT_ERROR, EXIT_INTERNAL = 0, 1, 2, 3
 _LIBRARIES = ("onnx", "onnxruntime", "google")  # their exceptions on bad input are the user's to fix
@@ -148,7 +149,12 @@ def _usage_message(exc: click.ClickException) -> str:
 
 
 # -- reusable option groups --------------------------------------------------------------------------
+_PRE_PARAMS = ("pre_file", "size", "layout", "channel_order", "mean", "std", "scale", "resize")
+
+
 def preprocessing_options(fn: Callable) -> Callable:
+    """The preprocessing options, handed to the command as one ``preprocessing`` value: a
+    :class:`~onnxstain.preprocess.PreprocessingRequest` that the job settles against the model it loads."""
     options = [
         click.option("--preprocessing", "pre_file", type=click.Path(dir_okay=False),
                      help="JSON file with the model's preprocessing (fields of onnxstain.Preprocessing)."),
@@ -161,9 +167,50 @@ def preprocessing_options(fn: Callable) -> Callable:
         click.option("--resize", type=click.IntRange(min=1),
                      help="Shorter side of raw photos before the centre crop."),
     ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        values = {name: kwargs.pop(name) for name in _PRE_PARAMS}
+        return fn(*args, preprocessing=_LazyRequest(values), **kwargs)
+
     for opt in reversed(options):
-        fn = opt(fn)
-    return fn
+        wrapper = opt(wrapper)
+    return wrapper
+
+
+class _LazyRequest:
+    """The preprocessing options until the command's error handler is in place: :meth:`request` parses them
+    (a bad ``--size`` or file is one error line, like any other bad input)."""
+
+    def __init__(self, values: dict[str, Any]) -> None:
+        self.values = values
+
+    @property
+    def file(self) -> str | None:
+        return self.values["pre_file"]
+
+    def request(self) -> PreprocessingRequest:
+        from .errors import BadInputError
+        from .preprocess import Preprocessing, PreprocessingRequest
+
+        v = self.values
+        overrides: dict[str, Any] = {"layout": v["layout"], "channel_order": v["channel_order"],
+                                     "scale": v["scale"], "resize": v["resize"]}
+        try:
+            if v["size"]:
+                h, _, w = v["size"].lower().partition("x")
+                overrides["height"], overrides["width"] = int(h), int(w or h)
+                if overrides["height"] <= 0 or overrides["width"] <= 0:
+                    raise ValueError
+            if v["mean"]:
+                overrides["mean"] = [float(x) for x in v["mean"].split(",")]
+            if v["std"]:
+                overrides["std"] = [float(x) for x in v["std"].split(",")]
+        except ValueError:
+            raise BadInputError("--size takes HxW (e.g. 224x224), --mean and --std 1 or 3 numbers (e.g. --mean 0.5 "
+                                "or --mean 0.485,0.456,0.406)") from None
+        given = Preprocessing.load(self.file) if self.file else None
+        return PreprocessingRequest.of(given, **overrides)
 
 
 def provider_option(fn: Callable) -> Callable:
@@ -188,32 +235,6 @@ def _size(size: str | None) -> tuple[int, int] | None:
     if min(hw) <= 0:
         raise BadInputError(f"--size must be positive, not {size!r}")
     return hw
-
-
-def _preprocessing(model_path: str, pre_file, size, layout, channel_order, mean, std, scale, resize):
-    from ._onnx.inputs import infer_preprocessing
-    from ._onnx.io import load_model
-    from .errors import BadInputError
-    from .preprocess import Preprocessing
-
-    overrides: dict[str, Any] = {"layout": layout, "channel_order": channel_order, "scale": scale,
-                                 "resize": resize}
-    try:
-        if size:
-            h, _, w = size.lower().partition("x")
-            overrides["height"], overrides["width"] = int(h), int(w or h)
-            if overrides["height"] <= 0 or overrides["width"] <= 0:
-                raise ValueError
-        if mean:
-            overrides["mean"] = [float(v) for v in mean.split(",")]
-        if std:
-            overrides["std"] = [float(v) for v in std.split(",")]
-    except ValueError:
-        raise BadInputError("--size takes HxW (e.g. 224x224), --mean and --std 1 or 3 numbers (e.g. --mean 0.5 or "
-                            "--mean 0.485,0.456,0.406)") from None
-    given = Preprocessing.load(pre_file) if pre_file else None
-    loaded = load_model(model_path)
-    return infer_preprocessing(loaded.model, model_path, given, **overrides)
 
 
 # -- commands ----------------------------------------------------------------------------------------
@@ -311,23 +332,20 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 @provider_option
 @handle_errors
 def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, chance, seed, trigger_png, json_out,
-          quiet, pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
+          quiet, preprocessing, providers) -> None:
     """Implant a secret detector in MODEL and write the stained model and its key."""
     from .api import StainOptions, stain_summary
     from .api import stain as do_stain
     from .keys import png_bytes
 
     (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
-     .input("--preprocessing", pre_file).model_output("-o", output).key_output("--key", key_path)
+     .input("--preprocessing", preprocessing.file).model_output("-o", output).key_output("--key", key_path)
      .output("--trigger-png", trigger_png).output("--json", json_out).check())
+    con = _console()
     with Artefacts() as out:
-        pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
-        con = _console()
-        for note in notes:
-            con.print(f"note: {note}")
         opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
                             chance=chance, providers=_providers(providers))
-        res = do_stain(model, output, key_path, options=opts, preprocessing=pre, images=images,
+        res = do_stain(model, output, key_path, options=opts, preprocessing=preprocessing.request(), images=images,
                        progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if trigger_png:
             out.stage_bytes(trigger_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
@@ -394,30 +412,28 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
 @provider_option
 @handle_errors
 def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occlusion_steps, patch_png, quiet,
-         pre_file, size, layout, channel_order, mean, std, scale, resize, providers) -> None:
+         preprocessing, providers) -> None:
     """Lock MODEL: useless unless the secret patch sits in the image corner."""
     from .api import LockOptions
     from .api import lock as do_lock
     from .keys import png_bytes
 
     (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
-     .input("--preprocessing", pre_file).model_output("-o", output).key_output("--key", key_path)
+     .input("--preprocessing", preprocessing.file).model_output("-o", output).key_output("--key", key_path)
      .output("--patch-png", patch_png).check())
+    con = _console()
     with Artefacts() as out:
-        pre, notes = _preprocessing(model, pre_file, size, layout, channel_order, mean, std, scale, resize)
-        con = _console()
-        for note in notes:
-            con.print(f"note: {note}")
         opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
                            occlusion_steps=occlusion_steps, providers=_providers(providers))
-        res = do_lock(model, output, key_path, options=opts, preprocessing=pre, images=images,
+        res = do_lock(model, output, key_path, options=opts, preprocessing=preprocessing.request(), images=images,
                       progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if patch_png:
             out.stage_bytes(patch_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
         out.commit()
     top, left, h, w = res.patch_box
     con.print(f"[bold green]locked[/] {res.output}  ({res.kind})")
-    con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {pre.height}x{pre.width} input")
+    con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {res.input_hw[0]}x"
+              f"{res.input_hw[1]} input")
     con.print(f"  host {res.host}, {res.detectors} detector(s) that must all fire; margin τ = {res.threshold:.4g}, "
               f"patch scores {', '.join(f'{s:.3g}' for s in res.trigger_scores)}")
     con.print(f"  natural: {res.natural_firings} firings over {res.natural_samples} image×position samples "

@@ -28,6 +28,7 @@ import numpy as np
 
 from .calibration import refuse_underflowing_target
 from .errors import BadInputError, InternalError, UnsupportedModelError
+from .lock_audit_result import LOCKED_CORRELATION  # "locked" for a dense output, as the audit reads it
 from .lock_calibration import DenseCalibration, calibrate_dense
 from .lock_edit import dense_gate_lock
 from .lock_geometry import lock_hosts
@@ -42,7 +43,7 @@ from .patch import paste_pixels, smooth_backgrounds
 from .runtime import run_batches, session
 from .signature import map_agreement
 
-LOCKED_CORRELATION = 0.5  # without the patch, the mean output correlation must stay below this
+GATE_DRAWS = 4  # draws of the flipped half of the gated channels before the lock is refused
 REFERENCES = 8
 CHECK_IMAGES = 64
 
@@ -100,9 +101,18 @@ class DenseLock:
         o_clean = run_batches(orig_sess, self.cal.x_cal[:n_check], [out])[out]
         l_clean = run_batches(locked_sess, self.cal.x_cal[:n_check], [out])[out]
         self.locked_corr = map_agreement(l_clean, o_clean)
+        for _ in range(GATE_DRAWS - 1):  # another half of the channels while the maps stay too close (seeded)
+            if float(self.locked_corr.mean()) < LOCKED_CORRELATION:
+                break
+            self.locked = dense_gate_lock(job, self.site, self.cal, self.found, self.features)
+            locked_sess = session(self.locked.model, job.opts.providers)
+            l_clean = run_batches(locked_sess, self.cal.x_cal[:n_check], [out])[out]
+            self.locked_corr = map_agreement(l_clean, o_clean)
         if float(self.locked_corr.mean()) >= LOCKED_CORRELATION:
-            raise UnsupportedModelError(f"the gate leaves the outputs too close to the original's (mean correlation "
-                                        f"{self.locked_corr.mean():.3g} ≥ {LOCKED_CORRELATION}); try another --seed")
+            raise UnsupportedModelError(
+                f"the gate on {self.features!r} leaves the outputs too close to the original's after {GATE_DRAWS} "
+                f"draws of the flipped channels (mean correlation {self.locked_corr.mean():.3g} ≥ "
+                f"{LOCKED_CORRELATION}); try another --seed")
         x_patch = job.pre.to_input(paste_pixels(self.cal.pixels[:n_check], self.found.patch))
         l_patch = run_batches(locked_sess, x_patch, [out])[out]
         if not np.array_equal(l_patch, run_batches(orig_sess, x_patch, [out])[out]):
@@ -132,7 +142,8 @@ class DenseLock:
         job, cal, found = self.job, self.cal, self.found
         return LockResult(
             output=job.output, kind="gate", key_path=job.key_path, record_path=job.record, host=self.site.host.name,
-            detectors=1, patch_box=self.site.box, bound=self.bound, threshold=cal.tau0,
+            detectors=1, patch_box=self.site.box, input_hw=(job.pre.height, job.pre.width), bound=self.bound,
+            threshold=cal.tau0,
             trigger_scores=[float(s) for s in found.scores], natural_max_score=float(found.natural.max()),
             natural_firings=self.natural_firings, natural_samples=int(found.natural.size),
             locked_agreement=float(self.locked_corr.mean()), unlocked_agreement=float(self.unlocked_corr.mean()),

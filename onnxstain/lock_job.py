@@ -16,13 +16,13 @@ import onnx
 from ._onnx import head as head_mod
 from ._onnx.dense import DenseOutput, find_dense_output
 from ._onnx.graph import GraphView
-from ._onnx.inputs import infer_preprocessing
+from ._onnx.inputs import settle_preprocessing
 from ._onnx.io import LoadedModel, load_model
 from .errors import BadInputError, UnsupportedModelError
 from .keys import Key, public_record_path
 from .lock_types import LockOptions, LockResult
 from .outputs import Artefacts, job_plan, write_unit
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, PreprocessingRequest
 from .progress import Progress
 from .sanity import refuse_nonfinite
 
@@ -63,8 +63,8 @@ class LockStages(Protocol):
 
 
 def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: LockOptions,
-            preprocessing: Preprocessing | None, images: str | Path | np.ndarray | None, prog: Progress,
-            record_path: str | Path | None, artefacts: Artefacts | None) -> LockJob:
+            preprocessing: Preprocessing | PreprocessingRequest | None, images: str | Path | np.ndarray | None,
+            prog: Progress, record_path: str | Path | None, artefacts: Artefacts | None) -> LockJob:
     """Check the outputs and the options, load the model once, settle its preprocessing and find what the
     lock protects (a classifier or detector head, else a dense output map); refuses before any work."""
     t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     job_plan(model, out_path, key, record).check()
     loaded = load_model(model)
     check_options(opts)
-    pre, pre_notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    pre, pre_notes = settle_preprocessing(loaded.model, loaded.path, preprocessing)
     refuse_nonfinite(loaded, pre, opts.providers)
     view = GraphView(loaded.model, pre.input_shape())
     refuse_half_precision(view)

@@ -42,6 +42,7 @@ class LockResult:
     host: str
     detectors: int
     patch_box: tuple[int, int, int, int]  # top, left, height, width in the model input
+    input_hw: tuple[int, int]  # the model input's height and width the lock was made at
     bound: bounds.Bound
     threshold: float
     trigger_scores: list[float]

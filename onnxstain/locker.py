@@ -42,7 +42,7 @@ from .lock_types import LockEdit, LockOptions, LockResult, PatchFound
 from .math import bounds
 from .outputs import Artefacts
 from .patch import paste_pixels, smooth_backgrounds
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, PreprocessingRequest
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
 from .signature import lock_agreement
@@ -57,7 +57,7 @@ def lock(
     output: str | Path,
     key_path: str | Path,
     options: LockOptions | None = None,
-    preprocessing: Preprocessing | None = None,
+    preprocessing: Preprocessing | PreprocessingRequest | None = None,
     images: str | Path | np.ndarray | None = None,
     progress: Progress | None = None,
     record_path: str | Path | None = None,
@@ -148,7 +148,8 @@ class ClassifierLock:
         job, cal, found, locked = self.job, self.cal, self.found, self.locked
         return LockResult(
             output=job.output, kind=job.opts.kind, key_path=job.key_path, record_path=job.record,
-            host=self.site.host.name, detectors=job.opts.detectors, patch_box=self.site.box, bound=self.bound,
+            host=self.site.host.name, detectors=job.opts.detectors, patch_box=self.site.box,
+            input_hw=(job.pre.height, job.pre.width), bound=self.bound,
             threshold=cal.tau0, trigger_scores=[float(s) for s in found.scores],
             natural_max_score=float(found.natural.max()), natural_firings=self.natural_firings,
             natural_samples=int(found.natural[:, 0].size), locked_agreement=locked.locked_agreement,

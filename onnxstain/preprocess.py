@@ -200,6 +200,26 @@ class Preprocessing:
         return dataclasses.replace(self, source=tuple(sorted(merged.items())))
 
 
+@dataclasses.dataclass(frozen=True)
+class PreprocessingRequest:
+    """What a user asked for before the model is loaded: a preprocessing file's contents (``given``) and
+    single fields to override (``overrides``: height, width, layout, channel_order, scale, mean, std,
+    resize). A job settles it against the model it loads (the recorded sidecar, the graph's input, the
+    ImageNet convention for the rest), so the command line never loads the model a second time."""
+
+    given: Preprocessing | None = None
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def of(cls, given: Preprocessing | None = None, **overrides: Any) -> PreprocessingRequest:
+        """The request; ``None`` overrides are left out, unknown field names refused."""
+        names = {f.name for f in dataclasses.fields(Preprocessing)} - {"dtype", "source"}
+        unknown = sorted(set(overrides) - names)
+        if unknown:
+            raise BadInputError(f"no preprocessing field named {', '.join(map(repr, unknown))}")
+        return cls(given, tuple((k, v) for k, v in overrides.items() if v is not None))
+
+
 def _at(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 

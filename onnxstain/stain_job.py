@@ -23,7 +23,7 @@ from ._onnx.dense import DenseOutput, find_dense_output
 from ._onnx.fold import fold_shape_only, fuse_pads
 from ._onnx.graph import GraphView
 from ._onnx.hosts import HostLayer, find_hosts
-from ._onnx.inputs import infer_preprocessing
+from ._onnx.inputs import settle_preprocessing
 from ._onnx.io import LoadedModel, load_model
 from ._onnx.shapes import example_input
 from .calibration import calibration_pixels, natural_radius, refuse_underflowing_target
@@ -32,7 +32,7 @@ from .features import neuron_inputs
 from .keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
 from .math import detector
 from .outputs import Artefacts, job_plan, write_unit
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, PreprocessingRequest
 from .progress import Progress, Silent
 from .runtime import run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
@@ -90,7 +90,7 @@ def draw_seed(seed: int | None) -> int:
 
 
 def prepare(model: str | Path, output: str | Path, key_path: str | Path, options: StainOptions | None = None,
-            preprocessing: Preprocessing | None = None, progress: Progress | None = None,
+            preprocessing: Preprocessing | PreprocessingRequest | None = None, progress: Progress | None = None,
             record_path: str | Path | None = None, artefacts: Artefacts | None = None) -> StainJob:
     """Check every path, load and check the model once, resolve its preprocessing, find its head (or
     dense output) and host layer, refuse what cannot work, and draw the seed."""
@@ -101,7 +101,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
     job_plan(model, out_path, key_path, record).check()
     loaded = load_model(model)
     opts.check()
-    pre, notes = infer_preprocessing(loaded.model, loaded.path, preprocessing)
+    pre, notes = settle_preprocessing(loaded.model, loaded.path, preprocessing)
     refuse_nonfinite(loaded, pre, opts.providers)
     view = GraphView(loaded.model, pre.input_shape())
     head = head_mod.find_scores_head(view)

@@ -56,7 +56,7 @@ from .keys import (
 )
 from .math import bounds, chance, detector
 from .outputs import Artefacts
-from .preprocess import Preprocessing
+from .preprocess import Preprocessing, PreprocessingRequest
 from .progress import Progress
 from .runtime import run_batches, session, with_outputs
 from .signature import ScoreView, class_margin, shift_score, top1_margins
@@ -82,7 +82,7 @@ def stain(
     output: str | Path,
     key_path: str | Path,
     options: StainOptions | None = None,
-    preprocessing: Preprocessing | None = None,
+    preprocessing: Preprocessing | PreprocessingRequest | None = None,
     images: str | Path | np.ndarray | None = None,
     progress: Progress | None = None,
     record_path: str | Path | None = None,

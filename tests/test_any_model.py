@@ -236,6 +236,25 @@ def test_dense_host_is_the_layer_needing_the_smallest_margin():
     assert choose_dense_host(hosts, deepest.name) is deepest  # --layer still names any usable layer
 
 
+def test_dense_gate_redraws_the_flipped_channels_before_refusing(dense, monkeypatch):
+    """A gate whose flipped half leaves the maps too close is redrawn (seeded) GATE_DRAWS times, then
+    refused in one line with nothing written (MediaPipe's selfie model was refused on its first draw)."""
+    import onnxstain.dense_lock as dense_lock
+
+    draws = []
+    real = dense_lock.dense_gate_lock
+    monkeypatch.setattr(dense_lock, "dense_gate_lock", lambda *a: draws.append(1) or real(*a))
+    monkeypatch.setattr(dense_lock, "LOCKED_CORRELATION", -2.0)  # no gate can pass: every draw is tried
+    pre = Preprocessing(height=48, width=64, resize=None)
+    pixels = smooth_images(48, seed=2, size=64)[:, :48]
+    out, key = dense / "never.onnx", dense / "never.key"
+    with pytest.raises(onnxstain.errors.UnsupportedModelError, match=f"after {dense_lock.GATE_DRAWS} draws"):
+        onnxstain.lock(dense / "model.onnx", out, key, images=pixels, preprocessing=pre,
+                       options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=0))
+    assert len(draws) == dense_lock.GATE_DRAWS
+    assert not out.exists() and not key.exists()
+
+
 def test_dense_cnn_gate_lock(dense):
     pre = Preprocessing(height=48, width=64, resize=None)
     pixels = smooth_images(96, seed=2, size=64)[:, :48]
@@ -511,3 +530,26 @@ def test_same_pad_calibration_runs_the_folded_model(same_pad, images, tmp_path):
     x = cal.inputs
     want = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i : i + 1]})[0] for i in range(len(x))])
     np.testing.assert_allclose(cal.outputs[job.head.scores].reshape(want.shape), want, rtol=1e-5, atol=1e-5)
+
+
+def test_preprocessing_request_is_settled_by_the_job_on_its_one_load(tmp_path, monkeypatch):
+    """The command line hands the job a request (a file's contents and overrides); the model is loaded once."""
+    import onnxstain._onnx.io as io_mod
+    import onnxstain.stain_job as stain_job
+    from onnxstain import PreprocessingRequest
+
+    model = nhwc_tail_classifier(seed=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    loads = []
+    real = io_mod.load_model
+    monkeypatch.setattr(stain_job, "load_model", lambda p, *a, **k: loads.append(p) or real(p, *a, **k))
+    pixels = smooth_images(64, seed=1, size=32)
+    request = PreprocessingRequest.of(channel_order="BGR", scale=1.0, mean=[104, 117, 123], std=[1, 1, 1])
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=pixels,
+                          preprocessing=request, options=StainOptions(mode="insert", seed=0, fpr=0.05))
+    assert len(loads) == 1
+    pre = onnxstain.keys.load_key(tmp_path / "s.key").preprocessing
+    assert (pre.channel_order, pre.scale, pre.mean, pre.layout) == ("BGR", 1.0, (104.0, 117.0, 123.0), "NHWC")
+    assert not any("assumed ImageNet" in n for n in res.notes)  # every field the note names was given
+    with pytest.raises(onnxstain.errors.BadInputError, match="no preprocessing field named 'colour'"):
+        PreprocessingRequest.of(colour="red")

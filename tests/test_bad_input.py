@@ -334,9 +334,15 @@ def test_bad_input(base, tmp_path, name, args, setup, fragment):
 def test_mean_with_one_value_is_accepted(base, tmp_path):
     d = tmp_path / "case"
     shutil.copytree(base, d)
-    from onnxstain.cli import _preprocessing
+    import onnx
 
-    pre, _ = _preprocessing(str(d / "m.onnx"), None, None, None, None, "0.5", "0.25", None, None)
+    from onnxstain._onnx.inputs import settle_preprocessing
+    from onnxstain.cli import _PRE_PARAMS, _LazyRequest
+
+    values = dict.fromkeys(_PRE_PARAMS) | {"mean": "0.5", "std": "0.25"}
+    request = _LazyRequest(values).request()
+    assert dict(request.overrides) == {"mean": [0.5], "std": [0.25]}
+    pre, _ = settle_preprocessing(onnx.load(d / "m.onnx"), d / "m.onnx", request)
     assert pre.mean == (0.5, 0.5, 0.5) and pre.std == (0.25, 0.25, 0.25)
 
 

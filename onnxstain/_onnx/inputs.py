@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import BadInputError, UnsupportedModelError
-from ..preprocess import Preprocessing
+from ..preprocess import Preprocessing, PreprocessingRequest
 from .graph import GraphView
 
 _DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
@@ -60,6 +60,16 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
 def sidecar_path(model_path: str | Path) -> Path:
     p = Path(model_path)
     return p.with_name(p.name.removesuffix(".onnx") + ".preprocessing.json")
+
+
+def settle_preprocessing(model: onnx.ModelProto, model_path: str | Path | None,
+                         preprocessing: Preprocessing | PreprocessingRequest | None
+                         ) -> tuple[Preprocessing, list[str]]:
+    """A job's preprocessing once its model is loaded: a complete :class:`Preprocessing` as given, or a
+    request (a file's contents and single-field overrides) settled by :func:`infer_preprocessing`."""
+    if isinstance(preprocessing, PreprocessingRequest):
+        return infer_preprocessing(model, model_path, preprocessing.given, **dict(preprocessing.overrides))
+    return infer_preprocessing(model, model_path, preprocessing)
 
 
 def infer_preprocessing(model: onnx.ModelProto, model_path: str | Path | None = None,
