@@ -162,10 +162,11 @@ def _edit(job: StainJob, cal: CalibrationPass, find: TriggerFind, tau0: float, d
     block = pattern_block(_map_shape(dense))
     unit = dense_pattern(pattern_seed, _map_shape(dense), block)
     amplitude = pattern_amplitude(_logit_scale(nat_out, dense), _trigger_logits(job, find, dense), dense.squashed)
-    stained, gamma = insert_dense_stain(job.loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
+    stained = insert_dense_stain(job.loaded.model, host, dense, ed.weights, ed.bias, amplitude * unit)
+    assert stained.signal is not None
     bound = bounds.ball_bound(tau0, cal.radius, host.m, positions=host.positions, draws=job.opts.max_draws)
-    return _Edit(model=stained, gamma=gamma, neuron=ed, tau0=tau0, pattern_seed=pattern_seed, block=block,
-                 amplitude=amplitude, unit=unit, bound=bound)
+    return _Edit(model=stained.model, gamma=stained.signal, neuron=ed, tau0=tau0, pattern_seed=pattern_seed,
+                 block=block, amplitude=amplitude, unit=unit, bound=bound)
 
 
 @dataclasses.dataclass

@@ -74,7 +74,7 @@ def calibrate_classifier(job: LockJob, site: LockSite, features: str | None) -> 
     if opts.kind == "inplace":
         plan_conduit(job.loaded.model, host, site.position, head)  # refuses unsupported graphs before any pass
         plan, orig_scores = plan_inplace(job, site, x_cal)
-        base = prepare_conduit(job.loaded.model, plan)
+        base = prepare_conduit(job.loaded.model, plan).model
         job.notes += plan.notes
     graph_inputs = {i.name for i in job.view.graph_inputs}
     taps = [t for t in (host.input, head.scores, features) if t and t not in graph_inputs]

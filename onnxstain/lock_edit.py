@@ -59,19 +59,20 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
         gated = detection_gate(hosts, job.view, site.host, head.scores)
         disruption, flipped = half_sign_flips(rng, gated.out_channels)
-        locked, fired = insert_gate(model, site.host, head, filters, biases, disruption,
-                                    target=gated.act_output or gated.output)
-        agree, chance = detection_agreement(locked, cal.x_cal, cal.raw_scores, head, job), 0.0
+        gate = insert_gate(model, site.host, head, filters, biases, disruption,
+                           target=gated.act_output or gated.output)
+        agree, chance = detection_agreement(gate.model, cal.x_cal, cal.raw_scores, head, job), 0.0
         info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
     else:
         assert cal.pooled is not None
         cols = head_columns(job.view, head)  # [classes, features]; a sequence head's rows are its steps
         disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]),
                                                              cal.nat_scores.reshape(-1, cols.shape[0]), cols)
-        locked, fired = insert_gate(model, site.host, head, filters, biases, disruption)
+        gate = insert_gate(model, site.host, head, filters, biases, disruption)
         info = {"flipped_features": flipped}
-    white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)
-    return LockEdit(locked, white_box, info, agree, chance, flipped)
+    assert gate.signal is not None
+    white_box = WhiteBoxSection(tensor=gate.signal, channel=None, position=None, expected=1.0)
+    return LockEdit(gate.model, white_box, info, agree, chance, flipped)
 
 
 def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found: PatchFound) -> LockEdit:
@@ -90,7 +91,7 @@ def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found
                                 expected=signal)
     info = {"gamma": conduit.gamma, "head_feature": conduit.head_feature, "disruption_spread": spread,
             "overwritten": tuple(tuple(c) for c in conduit.channels)}
-    if structural_diff(job.loaded.model, conduit.model):
+    if conduit.edit.added or structural_diff(job.loaded.model, conduit.model):
         raise InternalError("internal check failed: the in-place lock changed the graph structure")
     return LockEdit(conduit.model, white_box, info, agree, chance, 0)
 
@@ -105,10 +106,11 @@ def dense_gate_lock(job: LockJob, site: LockSite, cal: DenseCalibration, found: 
     channels = map_channels(job.loaded.model, features, cal.x_cal[:1])
     disruption = np.zeros(channels)
     disruption[job.rng.permutation(channels)[: channels // 2]] = -2.0
-    locked, fired = insert_feature_gate(job.loaded.model, host, filters, biases, features, disruption, site.position)
-    white_box = WhiteBoxSection(tensor=fired, channel=None, position=None, expected=1.0)
+    gate = insert_feature_gate(job.loaded.model, host, filters, biases, features, disruption, site.position)
+    assert gate.signal is not None
+    white_box = WhiteBoxSection(tensor=gate.signal, channel=None, position=None, expected=1.0)
     info = {"flipped_features": channels // 2, "gated_tensor": "decoder input"}
-    return LockEdit(locked, white_box, info, float("nan"), 0.0, channels // 2)
+    return LockEdit(gate.model, white_box, info, float("nan"), 0.0, channels // 2)
 
 
 def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:

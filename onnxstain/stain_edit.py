@@ -340,8 +340,11 @@ def _inplace_edit(req: _Request) -> dict:
         col = _non_additive_column(req, col_old, pooled_old_t)
     else:
         col = _additive_column(req, col_old, w, beta)
-    model = stain_pass.inplace(req.loaded.model, req.host, req.channel, col.ed.weights, col.ed.bias, req.head,
-                               col.column, col.bias_shift, col.columns_delta, req.identities, col.siblings)
+    edit = stain_pass.inplace(req.loaded.model, req.host, req.channel, col.ed.weights, col.ed.bias, req.head,
+                              col.column, col.bias_shift, col.columns_delta, req.identities, col.siblings)
+    if edit.added:
+        raise InternalError(f"internal check failed: the in-place stain added nodes {list(edit.added)[:3]}")
+    model = edit.model
     # Everything below reads the weights back as stored (fp16 rounding, int8 codes included).
     stored = GraphView(model)
     w_eff, b_eff = neuron_affine(stored, req.host, req.channel)
@@ -494,8 +497,10 @@ def _insert_edit(req: _Request) -> dict:
     orig = req.orig_trig
     row = np.zeros(len(orig))
     row[req.cls] = req.margin_target + np.delete(orig, req.cls).max() - orig[req.cls]
-    model, signal = stain_pass.insert(req.loaded.model, host, req.head, filters, biases, combine, combine_bias,
-                                      None, row if req.scores_view is None else req.scores_view.expand(row))
+    edit = stain_pass.insert(req.loaded.model, host, req.head, filters, biases, combine, combine_bias,
+                             None, row if req.scores_view is None else req.scores_view.expand(row))
+    model, signal = edit.model, edit.signal
+    assert signal is not None
     # The branch adds exactly zero where the detector does not fire (checked on natural data).
     dtype = stain_pass.branch_dtype(req.view, req.head)
     stored_w = ed.weights.astype(dtype).astype(np.float64)
@@ -565,9 +570,10 @@ def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: 
     for t, (orig, cls) in enumerate(zip(originals, classes, strict=True)):
         # at least a unit push even where the original already favours c_t by more than the margin
         rows[t, cls] = max(1.0, margin_target + np.delete(orig, cls).max() - orig[cls])
-    model, signal = stain_pass.insert(loaded.model, host, head, _as_filters(host, np.stack(filters_rows)),
-                                      np.array(biases), mix if additive else None, mix_bias, None, rows,
-                                      signals=t_count)
+    edit = stain_pass.insert(loaded.model, host, head, _as_filters(host, np.stack(filters_rows)),
+                             np.array(biases), mix if additive else None, mix_bias, None, rows, signals=t_count)
+    model, signal = edit.model, edit.signal
+    assert signal is not None
     return {"model": model, "predicted": nat_scores.copy(), "gain": gains[0], "delta": deltas[0], "gains": gains,
             "signature": "multi-class", "expected_trigger": None, "channel": None, "additive_channels": channels,
             "tap": signal, "tap_channel": 0, "wb_expected": 1.0, "wb_threshold": 0.5,

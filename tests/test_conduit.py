@@ -114,7 +114,7 @@ def check_lock(model: onnx.ModelProto, host: HostLayer, plan: ConduitPlan, posit
     before = model.SerializeToString()
     natural = smooth_images(n, 32, seed=3)
     on = patched(smooth_images(n, 32, seed=4), host, position)
-    prepared = prepare_conduit(model, plan)
+    prepared = prepare_conduit(model, plan).model
     w, b = make_detector(prepared, host, position, on, natural)
     b_orig = effective_bias(model)
     rng = np.random.default_rng(11)
@@ -282,7 +282,7 @@ def test_mobilenet_v2() -> None:
     host, _, plan = setup(model, host_name, (0, 0))
     assert plan.gamma(6.0) == pytest.approx(6.0 / 49)
     assert plan.host_input_intact
-    prepared = prepare_conduit(model, plan)
+    prepared = prepare_conduit(model, plan).model
     size = 224
     rng = np.random.default_rng(0)
     low = rng.normal(0, 1, (3, 3, 7, 7))

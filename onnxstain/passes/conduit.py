@@ -73,7 +73,9 @@ from .._onnx.head import Head
 from .._onnx.hosts import HostLayer, write_neuron
 from .._onnx.padding import same_onnx_pads
 from ..errors import UnsupportedModelError
-from .stain import _write_head, copy_model
+from .builder import copy_model
+from .result import PassResult, result
+from .stain import write_head
 
 _GATE = "use the gate lock (--kind gate), which inserts its nodes"
 _ELEMENTWISE = {"Relu", "LeakyRelu", "Clip", "Identity", "Dropout", "BatchNormalization"}
@@ -170,12 +172,18 @@ class ConduitPlan:
 
 @dataclasses.dataclass
 class ConduitLock:
-    model: onnx.ModelProto  # the edited copy
+    """The in-place lock pass's result and what the key and the notes need of it."""
+
+    edit: PassResult  # the edited copy (weights only: no added node)
     gamma: float  # head feature value on the patch (0 on natural inputs)
     head_feature: int  # c
     channels: list[tuple[str, int, str]]  # (node name, output channel, role)
     notes: list[str]
     columns: list[tuple[str, int]] = dataclasses.field(default_factory=list)  # (conv, zeroed input column)
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        return self.edit.model
 
 
 # -- planning --------------------------------------------------------------------------------------
@@ -888,7 +896,7 @@ def _apply_edits(view: GraphView, plan: ConduitPlan) -> None:
             raise ValueError(e.op)
 
 
-def prepare_conduit(model: onnx.ModelProto, plan: ConduitPlan) -> onnx.ModelProto:
+def prepare_conduit(model: onnx.ModelProto, plan: ConduitPlan) -> PassResult:
     """The model with every conduit edit, the detector channel silenced (always 0) and the original head.
 
     Its host input is what the detector reads in the locked model, and its scores are what the locked
@@ -899,7 +907,7 @@ def prepare_conduit(model: onnx.ModelProto, plan: ConduitPlan) -> onnx.ModelProt
     _check_model(view, plan)
     _apply_edits(view, plan)
     write_neuron(view, plan.host, plan.detector_channel, np.zeros(plan.host.m), -1.0)
-    return out
+    return result(model, out)
 
 
 def apply_conduit(
@@ -939,7 +947,7 @@ def apply_conduit(
     if head.bias is None:
         _refuse(f"the classifier {head.node} has no bias to lock")
     b = view.constant(head.bias).astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
-    _write_head(view, head, plan.head_feature, (b - locked) / gamma, locked - b)
+    write_head(view, head, plan.head_feature, (b - locked) / gamma, locked - b)
     if [t.name for t in out.graph.initializer] != names_before:  # pragma: no cover - guarded by the plan
         raise RuntimeError("conduit lock changed the initializer list")
     notes = list(plan.notes)
@@ -953,5 +961,5 @@ def apply_conduit(
     channels = [(host.name, plan.detector_channel, "detector")] + [
         (e.node, e.channel, e.role) for e in plan.edits if e.op != "zero-column"]
     columns = [(e.node, e.column) for e in plan.edits if e.op == "zero-column"]
-    return ConduitLock(model=out, gamma=gamma, head_feature=plan.head_feature, channels=channels,
+    return ConduitLock(edit=result(model, out), gamma=gamma, head_feature=plan.head_feature, channels=channels,
                        notes=notes, columns=columns)

@@ -23,7 +23,8 @@ import onnx
 
 from .._onnx.head import Head, head_input
 from .._onnx.hosts import HostLayer
-from .dense import _Builder
+from .builder import NodeBuilder
+from .result import PassResult, result
 
 
 def insert_gate(
@@ -34,24 +35,19 @@ def insert_gate(
     biases: np.ndarray,
     disruption: np.ndarray,
     target: str | None = None,
-) -> tuple[onnx.ModelProto, str]:
-    """Insert the detector branch and the gate; return the model and the name of the γ tensor.
+) -> PassResult:
+    """Insert the detector branch and the gate; the result's ``signal`` is the detectors' AND per position.
 
     ``target``: the tensor to gate — by default the classifier's input features; a feature map
     ``[N, C, H, W]`` (``disruption`` of length C) has every consumer re-pointed to the gated map.
     """
-    b = _Builder(model)
+    b = NodeBuilder(model)
     view, d = b.view, filters.shape[0]
     source, strides = host.input, list(host.strides)
     if host.out_hw == (1, 1) and not any(host.pads):
         # One position (a pixel window): read just its window, not a strided pass over the whole map.
         ends = [(host.kernel[0] - 1) * host.dilations[0] + 1, (host.kernel[1] - 1) * host.dilations[1] + 1]
-        if b.opset >= 10:
-            source = b.node("Slice", [source, b.const(np.array([0, 0]), "onnx::Slice_starts", np.int64),
-                                      b.const(np.array(ends), "onnx::Slice_ends", np.int64),
-                                      b.const(np.array([2, 3]), "onnx::Slice_axes", np.int64)])
-        else:
-            source = b.node("Slice", [source], starts=[0, 0], ends=ends, axes=[2, 3])
+        source = b.slice_hw(source, [0, 0], ends)
         strides = [1, 1]
     conv = b.node("Conv", [source, b.const(filters, "onnx::Conv_w"), b.const(biases, "onnx::Conv_b")],
                   kernel_shape=list(host.kernel), strides=strides, pads=list(host.pads),
@@ -78,4 +74,5 @@ def insert_gate(
         users = list(view.consumers.get(target, []))
     one = np.ones([1] * len(shape))
     locked = b.node("Sub", [b.const(one, "onnx::Sub_one"), gamma])
-    return b.gate(target, users, locked, disruption.reshape(shape), one), fired
+    b.gate(target, users, locked, disruption.reshape(shape), one)
+    return result(model, b.model, fired)

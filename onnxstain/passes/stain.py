@@ -1,6 +1,7 @@
 """Stain passes: write a detector neuron and its route to the output into a model.
 
-Each pass takes a model and key material and returns a new model; none prints or writes files.
+Each pass takes a model and key material and returns a :class:`~.result.PassResult`; none prints or
+writes files.
 
 * :func:`inplace` — only initializer values change. The detector overwrites (non-additive) or is
   added to (additive) host channel ``k``; the classifier column of feature ``k`` carries the
@@ -14,15 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
 
 from .._onnx.graph import GraphView
 from .._onnx.head import Head
 from .._onnx.hosts import HostLayer, neuron_affine, write_neuron
+from .builder import NodeBuilder, copy_model
+from .result import PassResult, result
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,12 +32,6 @@ class Signature:
 
     column: np.ndarray
     bias_shift: np.ndarray  # added to the head bias (mean compensation), length K
-
-
-def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    return out
 
 
 def _head_column(view: GraphView, head: Head, feature: int) -> np.ndarray:
@@ -68,7 +63,7 @@ def head_affine(model: onnx.ModelProto, head: Head) -> tuple[np.ndarray, np.ndar
     return cols, b * (head.beta if head.op == "Gemm" else 1.0)
 
 
-def _write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray,
+def write_head(view: GraphView, head: Head, feature: int, column: np.ndarray, bias_shift: np.ndarray,
                 columns_delta: np.ndarray | None = None) -> None:
     """Set the classifier's column ``feature``, add ``columns_delta`` ``[classes, features]`` to the
     others (effective weights, as :func:`head_columns`) and ``bias_shift`` to the bias."""
@@ -111,7 +106,7 @@ def inplace(
     columns_delta: np.ndarray | None = None,
     identities: Sequence[tuple[str, int, float]] = (),
     siblings: Sequence[tuple[Head, np.ndarray, np.ndarray | None]] = (),
-) -> onnx.ModelProto:
+) -> PassResult:
     """Write neuron ``channel`` of ``host`` and head column ``channel`` (and, optionally, a change of the
     other columns); topology unchanged. ``identities``: per-channel constants between the host and the
     head (node, input index, value) whose entry ``channel`` becomes the identity (1 for a scale, 0 for a
@@ -127,9 +122,9 @@ def inplace(
         arr.reshape(-1)[channel] = value
         view.set_input_array(node, index, arr)
     for sibling, shift, delta in siblings:
-        _write_head(view, sibling, channel, np.zeros(sibling.classes), shift, delta)
-    _write_head(view, head, channel, column, bias_shift, columns_delta)
-    return out
+        write_head(view, sibling, channel, np.zeros(sibling.classes), shift, delta)
+    write_head(view, head, channel, column, bias_shift, columns_delta)
+    return result(model, out)
 
 
 def original_neuron(model: onnx.ModelProto, host: HostLayer, channel: int) -> tuple[np.ndarray, float]:
@@ -137,66 +132,18 @@ def original_neuron(model: onnx.ModelProto, host: HostLayer, channel: int) -> tu
 
 
 # -- insert mode -----------------------------------------------------------------------------------
-class _Namer:
-    """Neutral names in the exporter's own style, so inserted nodes reveal nothing of the stain."""
-
-    def __init__(self, view: GraphView) -> None:
-        self.taken = set(view.producer) | set(view.initializers) | {n.name for n in view.graph.node}
-        self.taken |= {i.name for i in view.graph.input}
-        self.counter = len(view.graph.node) + 1000
-
-    def __call__(self, op: str) -> str:
-        while True:
-            self.counter += 1
-            name = f"/{op}_{self.counter}"
-            if name not in self.taken:
-                self.taken.add(name)
-                return name
-
-
-class _Branch:
-    """The nodes of an inserted detector branch, built in order (names and initializers are given out in
-    the order the branch is built, so the output model is deterministic)."""
-
-    def __init__(self, view: GraphView, dtype: np.dtype) -> None:
-        self.view = view
-        self.name = _Namer(view)
-        self.opset = view.opset()
-        self.dtype = dtype
-        self.nodes: list[onnx.NodeProto] = []
-
-    def const(self, value: Any, hint: str) -> str:
-        return self.view.add_initializer(np.asarray(value, dtype=self.dtype), hint)
-
-    def clip(self, x: str, lo: float, hi: float | None) -> str:
-        y = self.name("Clip") + "_output_0"
-        if self.opset >= 11:
-            inputs = [x, self.const(np.array(lo), "onnx::Clip_min")]
-            if hi is not None:
-                inputs.append(self.const(np.array(hi), "onnx::Clip_max"))
-            self.nodes.append(helper.make_node("Clip", inputs, [y], name=y[:-9]))
-        else:
-            attrs: dict[str, Any] = {"min": lo} if hi is None else {"min": lo, "max": hi}
-            self.nodes.append(helper.make_node("Clip", [x], [y], name=y[:-9], **attrs))
-        return y
-
-    def _linear(self, x: str, weight: np.ndarray, bias: np.ndarray, y: str) -> None:
-        """``y = x · weight + bias`` as MatMul → Add (``weight`` is ``[in, out]``)."""
-        mm = self.name("MatMul") + "_output_0"
-        self.nodes.append(helper.make_node("MatMul", [x, self.const(weight, "onnx::MatMul_w")], [mm], name=mm[:-9]))
-        self.nodes.append(helper.make_node("Add", [mm, self.const(bias, "onnx::Add_b")], [y], name=y[:-9]))
+class _Branch(NodeBuilder):
+    """The nodes of an inserted detector branch, built in order."""
 
     def detector(self, host: HostLayer, filters: np.ndarray, biases: np.ndarray) -> tuple[str, bool]:
         """The detector neurons over the host's input, before their activation; (tensor, spatial)."""
-        det = self.name("Conv" if host.op == "Conv" else "MatMul") + "_output_0"
+        det = self.tensor_name("Conv" if host.op == "Conv" else "MatMul")
         if host.op != "Conv":
-            self._linear(host.input, filters.T, biases, det)
+            self.linear(host.input, filters.T, biases, det)
             return det, False
-        attrs: dict[str, Any] = {"kernel_shape": list(host.kernel), "strides": list(host.strides),
-                                 "pads": list(host.pads), "dilations": list(host.dilations)}
-        self.nodes.append(helper.make_node(
-            "Conv", [host.input, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")], [det],
-            name=det[:-9], **attrs))
+        self.node("Conv", [host.input, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")], det,
+                  kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
+                  dilations=list(host.dilations))
         return det, True
 
     def combine(self, act: str, combine: np.ndarray, combine_bias: float | np.ndarray, n: int,
@@ -204,57 +151,31 @@ class _Branch:
         """The signals as affine combinations of the ``n`` activated neurons (a 1×1 Conv, or MatMul → Add)."""
         mix = np.asarray(combine, np.float64).reshape(-1, n)  # [signals, n]
         mix_bias = np.asarray(combine_bias, np.float64).reshape(-1)
-        comb = self.name("Conv" if spatial else "MatMul") + "_output_0"
+        comb = self.tensor_name("Conv" if spatial else "MatMul")
         if spatial:
-            self.nodes.append(helper.make_node(
-                "Conv", [act, self.const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
-                         self.const(mix_bias, "onnx::Conv_b")], [comb], name=comb[:-9]))
+            self.node("Conv", [act, self.const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
+                               self.const(mix_bias, "onnx::Conv_b")], comb)
         else:
-            self._linear(act, mix.T, mix_bias, comb)
+            self.linear(act, mix.T, mix_bias, comb)
         return comb
 
     def pool(self, sig: str, spatial: bool) -> str:
         """The signals as ``[N, signals]``: max-pooled over positions first when spatial."""
-        flat = self.name("Flatten") + "_output_0"
+        flat = self.tensor_name("Flatten")
         if spatial:
-            pooled = self.name("GlobalMaxPool") + "_output_0"
-            self.nodes.append(helper.make_node("GlobalMaxPool", [sig], [pooled], name=pooled[:-9]))
-            sig = pooled
-        self.nodes.append(helper.make_node("Flatten", [sig], [flat], name=flat[:-9], axis=1))
-        return flat
+            sig = self.node("GlobalMaxPool", [sig])
+        return self.node("Flatten", [sig], flat, axis=1)
 
     def scale(self, flat: str, row: np.ndarray, signals: int) -> str:
         """The signals times ``row``, in the scores' per-sample shape."""
         if row.ndim == 1 or signals > 1:  # classifier scores [N, K]: one row per signal
-            contrib = self.name("MatMul") + "_output_0"
-            self.nodes.append(helper.make_node(
-                "MatMul", [flat, self.const(row.reshape(signals, -1), "onnx::MatMul_w")], [contrib],
-                name=contrib[:-9]))
-            return contrib
+            return self.node("MatMul", [flat, self.const(row.reshape(signals, -1), "onnx::MatMul_w")])
         # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
-        shaped = self.name("Reshape") + "_output_0"
-        shape = self.view.add_initializer(np.array([-1] + [1] * row.ndim, np.int64), "onnx::Reshape_shape")
-        self.nodes.append(helper.make_node("Reshape", [flat, shape], [shaped], name=shaped[:-9]))
-        contrib = self.name("Mul") + "_output_0"
-        self.nodes.append(helper.make_node("Mul", [shaped, self.const(row[None], "onnx::Mul_w")], [contrib],
-                                           name=contrib[:-9]))
-        return contrib
-
-    def add_to_scores(self, scores: str, contrib: str) -> None:
-        """Re-point the score tensor (producer → fresh tensor → Add(contrib) → ``scores``) and put the branch
-        right after the producer, keeping topological order."""
-        producer = self.view.producer[scores]
-        fresh = self.name(producer.op_type) + "_output_0"
-        for i, o in enumerate(producer.output):
-            if o == scores:
-                producer.output[i] = fresh
-        self.nodes.append(helper.make_node("Add", [fresh, contrib], [scores], name=self.name("Add")))
-        idx = self.view.index(producer)
-        graph = self.view.graph
-        graph_nodes = list(graph.node)
-        new_order = graph_nodes[: idx + 1] + self.nodes + graph_nodes[idx + 1 :]
-        del graph.node[:]
-        graph.node.extend(new_order)
+        shaped = self.tensor_name("Reshape")
+        shape = self.const(np.array([-1] + [1] * row.ndim), "onnx::Reshape_shape", np.int64)
+        self.node("Reshape", [flat, shape], shaped)
+        contrib = self.tensor_name("Mul")
+        return self.node("Mul", [shaped, self.const(row[None], "onnx::Mul_w")], contrib)
 
 
 def insert(
@@ -268,7 +189,7 @@ def insert(
     activation_high: float | None,
     row: np.ndarray,
     signals: int = 1,
-) -> tuple[onnx.ModelProto, str]:
+) -> PassResult:
     """Add a detector branch reading the host's input and adding ``row`` times its signal to the scores.
 
     ``row`` has the scores' per-sample shape: ``[K]`` for a classifier, ``[A, C]`` for a detector.
@@ -279,12 +200,9 @@ def insert(
     make the signals from them before the final ``Clip(0, 1)``; without it each neuron is a signal.
     The signals are max-pooled over positions and scaled by ``row``: ``[signals, K]`` for a classifier
     with several signals (each signal its own row: the multi-trigger signature).
-    Returns the model and the name of the signal tensor (1 where a detector fires, else 0; one channel
-    per signal).
+    The result's ``signal`` is the signal tensor (1 where a detector fires, else 0; one channel per signal).
     """
-    out = copy_model(model)
-    view = GraphView(out)
-    branch = _Branch(view, branch_dtype(view, head))
+    branch = _Branch(model, branch_dtype(GraphView(model), head))
     det, spatial = branch.detector(host, filters, biases)
     act = branch.clip(det, 0.0, activation_high)
     if combine is not None:
@@ -292,8 +210,9 @@ def insert(
     sig = branch.clip(act, 0.0, 1.0)
     flat = branch.pool(sig, spatial)
     contrib = branch.scale(flat, row, signals)
-    branch.add_to_scores(head.scores, contrib)
-    return out, sig
+    producer, fresh = branch.repoint(head.scores)
+    branch.add_into(head.scores, fresh, producer, contrib)
+    return result(model, branch.model, sig)
 
 
 def branch_dtype(view: GraphView, head: Head) -> np.dtype:
