@@ -8,6 +8,7 @@ deterministic; nothing in a name says what the branch is for.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -103,6 +104,20 @@ class NodeBuilder:
         """``y = x · weight + bias`` as MatMul → Add (``weight`` is ``[in, out]``)."""
         mm = self.node("MatMul", [x, self.const(weight, "onnx::MatMul_w")], self.tensor_name("MatMul"))
         return self.node("Add", [mm, self.const(bias, "onnx::Add_b")], y)
+
+    def patch_detectors(self, source: str, filters: np.ndarray, biases: np.ndarray, kernel: Sequence[int],
+                        strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]) -> str:
+        """The locks' corner detectors over ``source``: ``Conv(d filters) → Clip(0, 1)``, each ≥ 1 where its
+        detector fires, then their AND per position, ``Conv 1×1 (weights 1, bias 1 − d) → Clip(0, 1)``:
+        1 where all ``d`` fire, else 0."""
+        d = filters.shape[0]
+        conv = self.node("Conv", [source, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")],
+                         kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
+                         dilations=list(dilations))
+        each = self.clip(conv, 0.0, 1.0)
+        both = self.node("Conv", [each, self.const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
+                                  self.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
+        return self.clip(both, 0.0, 1.0)
 
     # -- wiring --------------------------------------------------------------------------------------
     def gate(self, target: str, users: list[onnx.NodeProto], locked: str, weights: np.ndarray,

@@ -84,7 +84,6 @@ def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.nda
     otherwise see the same patch at every token-aligned place).
     """
     b = NodeBuilder(model)
-    d = filters.shape[0]
     view = b.view
     users = [n for n in view.graph.node if features in n.input]
     if not users:
@@ -98,13 +97,7 @@ def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.nda
         ends = [starts[i] + (host.kernel[i] - 1) * host.dilations[i] + 1 for i in range(2)]
         source = b.slice_hw(source, starts, ends)
         pads = [0, 0, 0, 0]
-    conv = b.node("Conv", [source, b.const(filters, "onnx::Conv_w"), b.const(biases, "onnx::Conv_b")],
-                  kernel_shape=list(host.kernel), strides=list(host.strides), pads=pads,
-                  dilations=list(host.dilations))
-    each = b.clip(conv, 0.0, 1.0)
-    both = b.node("Conv", [each, b.const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
-                           b.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
-    fired = b.clip(both, 0.0, 1.0)
+    fired = b.patch_detectors(source, filters, biases, host.kernel, host.strides, pads, host.dilations)
     gamma = b.node("GlobalMaxPool", [fired])  # [B, 1, 1, 1]
     locked = b.node("Sub", [b.const(np.ones((1, 1, 1, 1)), "onnx::Sub_one"), gamma])
     m = np.asarray(disruption, np.float64).reshape(1, -1, *([1] * (rank - 2)))

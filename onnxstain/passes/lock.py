@@ -42,20 +42,14 @@ def insert_gate(
     ``[N, C, H, W]`` (``disruption`` of length C) has every consumer re-pointed to the gated map.
     """
     b = NodeBuilder(model)
-    view, d = b.view, filters.shape[0]
+    view = b.view
     source, strides = host.input, list(host.strides)
     if host.out_hw == (1, 1) and not any(host.pads):
         # One position (a pixel window): read just its window, not a strided pass over the whole map.
         ends = [(host.kernel[0] - 1) * host.dilations[0] + 1, (host.kernel[1] - 1) * host.dilations[1] + 1]
         source = b.slice_hw(source, [0, 0], ends)
         strides = [1, 1]
-    conv = b.node("Conv", [source, b.const(filters, "onnx::Conv_w"), b.const(biases, "onnx::Conv_b")],
-                  kernel_shape=list(host.kernel), strides=strides, pads=list(host.pads),
-                  dilations=list(host.dilations))
-    each = b.clip(conv, 0.0, 1.0)
-    both = b.node("Conv", [each, b.const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
-                           b.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
-    fired = b.clip(both, 0.0, 1.0)
+    fired = b.patch_detectors(source, filters, biases, host.kernel, strides, host.pads, host.dilations)
     pooled = b.node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
     shape: tuple[int, ...]
     if target is None:
