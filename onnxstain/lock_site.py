@@ -72,7 +72,15 @@ def classifier_host(hosts: list[HostLayer], view: GraphView, opts: LockOptions, 
         raise BadInputError("--layer pixels is the gate lock's detector; the in-place lock needs one of the model's "
                             "Conv layers (see `onnxstain inspect`)")
     if opts.kind == "inplace":  # the conduits carry a rectified signal: the detector needs a ReLU-type host
-        hosts = [h for h in hosts if h.relu_like or h.name == opts.layer]
+        rectified = [h for h in hosts if h.relu_like or h.name == opts.layer]
+        others = [h for h in hosts if h.usable and h not in rectified]
+        if not rectified and others:
+            kinds = sorted({h.activation for h in others})
+            raise UnsupportedModelError(
+                f"the in-place lock carries its signal through the model's own channels, so its detector needs a "
+                f"Conv followed by ReLU, ReLU6 or Clip; this model's usable Conv layers are followed by "
+                f"{', '.join(kinds)} (e.g. {others[0].name}); use the gate lock (--kind gate)")
+        hosts = rectified
     return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
 
 

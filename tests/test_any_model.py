@@ -553,3 +553,17 @@ def test_preprocessing_request_is_settled_by_the_job_on_its_one_load(tmp_path, m
     assert not any("assumed ImageNet" in n for n in res.notes)  # every field the note names was given
     with pytest.raises(onnxstain.errors.BadInputError, match="no preprocessing field named 'colour'"):
         PreprocessingRequest.of(colour="red")
+
+
+def test_inplace_lock_on_prelu_convs_names_the_activation(tmp_path):
+    """MTCNN R-Net's Conv layers are PReLU hosts: the in-place lock cannot carry its signal through them and
+    says so (it said "the graph has no Conv, Gemm or MatMul layer with constant weights")."""
+    model = two_head_net(seed=0)
+    onnx.save(model, tmp_path / "model.onnx")
+    r = CliRunner().invoke(main, ["lock", str(tmp_path / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+                                  str(tmp_path / "l.key"), "--kind", "inplace", "--size", "24x24", "--quiet"])
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and "followed by prelu" in line[0] and "--kind gate" in line[0], line
+    assert "constant weights" not in line[0]
+    assert not (tmp_path / "l.onnx").exists()
