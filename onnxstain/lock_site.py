@@ -8,7 +8,7 @@ import dataclasses
 import numpy as np
 
 from ._onnx.graph import GraphView, dominates
-from ._onnx.hosts import HostLayer
+from ._onnx.hosts import HostLayer, why_unusable
 from .errors import BadInputError, UnsupportedModelError
 from .lock_geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_position, patch_box
 from .lock_types import LockOptions
@@ -80,6 +80,8 @@ def classifier_host(hosts: list[HostLayer], view: GraphView, opts: LockOptions, 
                 f"the in-place lock carries its signal through the model's own channels, so its detector needs a "
                 f"Conv followed by ReLU, ReLU6 or Clip; this model's usable Conv layers are followed by "
                 f"{', '.join(kinds)} (e.g. {others[0].name}); use the gate lock (--kind gate)")
+        if not rectified:
+            raise UnsupportedModelError("no Conv layer can host the in-place lock's detector: " + why_unusable(hosts))
         hosts = rectified
     return choose_lock_host(hosts, opts.layer, pre.height, pre.width)
 

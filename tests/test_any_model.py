@@ -567,3 +567,22 @@ def test_inplace_lock_on_prelu_convs_names_the_activation(tmp_path):
     assert len(line) == 1 and "followed by prelu" in line[0] and "--kind gate" in line[0], line
     assert "constant weights" not in line[0]
     assert not (tmp_path / "l.onnx").exists()
+
+
+def test_inplace_lock_without_any_rectified_conv_gives_the_layers_reasons(tmp_path):
+    """Keras order Conv → MaxPool → ReLU (TF.js anti-spoofing model): no Conv can host; the refusal gives
+    each layer's reason, not "the graph has no Conv, Gemm or MatMul layer with constant weights"."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(16, 16, 3), nn.MaxPool2d(2),
+                        nn.ReLU(), nn.Flatten(), nn.Linear(16 * 6 * 6, 3))
+    torch.onnx.export(net, torch.rand(1, 3, 32, 32), tmp_path / "model.onnx", input_names=["input"],
+                      output_names=["output"], dynamo=False)
+    r = CliRunner().invoke(main, ["lock", str(tmp_path / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+                                  str(tmp_path / "l.key"), "--kind", "inplace", "--quiet"])
+    assert r.exit_code == 2, r.output
+    line = r.stderr.strip().splitlines()
+    assert len(line) == 1 and "no activation after the layer" in line[0] and "MaxPool" in line[0], line
+    assert "constant weights" not in line[0]
