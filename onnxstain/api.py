@@ -10,23 +10,23 @@ from typing import Any
 
 import numpy as np
 
+from ._lock.pipeline import LockOptions, LockResult, lock
 from ._onnx import head as head_mod
 from ._onnx.dense import find_dense_output
 from ._onnx.graph import GraphView
 from ._onnx.hosts import find_hosts
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model
-from .dense_stain import choose_dense_host
+from ._report.evaluate import EvaluateResult, evaluate
+from ._report.lock_audit import LockAuditResult
+from ._stain.dense import choose_dense_host
+from ._stain.pipeline import StainOptions, StainResult, choose_host, stain
 from .errors import BadInputError, BadKeyError
-from .evaluate import EvaluateResult, evaluate
 from .keys import Key, load_key
-from .lock_audit import LockAuditResult
-from .locker import LockOptions, LockResult, lock
 from .math import bounds
 from .outputs import Artefacts, OutputPlan
 from .patch import Patch, paste_input, paste_photo, paste_pixels
 from .preprocess import Preprocessing
-from .stainer import StainOptions, StainResult, choose_host, stain
 from .verify import VerifyResult, key_patch, verify
 
 __all__ = [
@@ -91,7 +91,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
         notes.append(f"detector: class logits {head.output!r} ({head.layout[0]} anchors × {head.layout[1]} labels) "
                      "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are gate locks (--kind gate)")
-    from .lock_window import pixel_conv
+    from ._lock.window import pixel_conv
 
     conv = pixel_conv(view, hosts, pre.height, pre.width)
     if conv is not None:
@@ -196,8 +196,8 @@ def apply_patch(photos: Sequence[str | Path], key: Key | str | Path, out_dir: st
 def audit_lock(original: str | Path, locked: str | Path, key: Key | str | Path,
                images: str | Path | np.ndarray | None = None, views: int = 16,
                providers: list[str] | None = None, progress: Any = None, batch: int = 32) -> LockAuditResult:
-    """Lock audit of ``locked`` against ``original`` on natural images (see :mod:`onnxstain.lock_audit`)."""
-    from .lock_audit import audit_lock as run
+    """Lock audit of ``locked`` against ``original`` on natural images (see :mod:`onnxstain._report.lock_audit`)."""
+    from ._report.lock_audit import audit_lock as run
 
     key = key if isinstance(key, Key) else load_key(key)
     return run(original, locked, key, images=images, views=views, providers=providers, progress=progress,

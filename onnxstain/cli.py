@@ -545,7 +545,7 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
         return
     res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
                       progress=RichProgress(not quiet and sys.stderr.isatty()))
-    _write_reports(res, json_out, html_out, "report_html")
+    _write_reports(res, json_out, html_out, "_report.html")
     con = _console()
     info = res.images
     con.print(f"[bold]evaluate[/] {res.modified}  (against {res.original})")
@@ -618,7 +618,7 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
 
     res = audit_lock(original, locked, key_path, images=images, views=views, providers=_providers(providers),
                      progress=RichProgress(not quiet and sys.stderr.isatty()))
-    _write_reports(res, json_out, html_out, "lock_report_html")
+    _write_reports(res, json_out, html_out, "_report.lock_html")
     con = _console()
     info = res.images
     top, left, h, w = res.patch_box

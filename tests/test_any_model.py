@@ -207,8 +207,8 @@ def test_inplace_route_through_an_nhwc_tail(tmp_path, images):
 
 def test_refusals_name_the_layers_and_reasons():
     from onnxstain._onnx.head import find_head
+    from onnxstain._stain.pipeline import choose_host
     from onnxstain.errors import UnsupportedModelError
-    from onnxstain.stainer import choose_host
 
     head = find_head(GraphView(nhwc_tail_classifier()))
     model = dense_cnn(seed=0)  # analysed without a size, its conv output sizes are unknown
@@ -222,8 +222,8 @@ def test_refusals_name_the_layers_and_reasons():
 def test_dense_host_is_the_layer_needing_the_smallest_margin():
     """A dense model's insert stain reads the layer whose bound needs the smallest τ0/R, not the deepest:
     CRAFT's deepest (m = 16 over 49,152 positions) needed τ0/R ≈ 1 and its search ran past 10 minutes."""
+    from onnxstain._stain.hosts import choose_dense_host, dense_hosts
     from onnxstain.calibration import margin_ratio
-    from onnxstain.stain_hosts import choose_dense_host, dense_hosts
 
     model = narrow_tail_decoder()
     hosts = find_hosts(model, GraphView(model, (1, 3, 48, 64)))
@@ -239,7 +239,7 @@ def test_dense_host_is_the_layer_needing_the_smallest_margin():
 def test_dense_gate_redraws_the_flipped_channels_before_refusing(dense, monkeypatch):
     """A gate whose flipped half leaves the maps too close is redrawn (seeded) GATE_DRAWS times, then
     refused in one line with nothing written (MediaPipe's selfie model was refused on its first draw)."""
-    import onnxstain.dense_lock as dense_lock
+    import onnxstain._lock.dense as dense_lock
 
     draws = []
     real = dense_lock.dense_gate_lock
@@ -516,7 +516,7 @@ def test_same_pad_calibration_runs_the_folded_model(same_pad, images, tmp_path):
     """The calibration pass and the trigger search run the model with its shape-only subgraphs folded (the
     run-time pads as constants: onnxruntime pays the Shape arithmetic on every batch otherwise); the tapped
     features equal the original model's, and the written model keeps the original graph."""
-    from onnxstain.stain_job import calibration_pass, prepare
+    from onnxstain._stain.job import calibration_pass, prepare
 
     job = prepare(same_pad / "model.onnx", tmp_path / "o.onnx", tmp_path / "o.key", StainOptions(seed=0))
     folded = job.analysis_model()
@@ -535,7 +535,7 @@ def test_same_pad_calibration_runs_the_folded_model(same_pad, images, tmp_path):
 def test_preprocessing_request_is_settled_by_the_job_on_its_one_load(tmp_path, monkeypatch):
     """The command line hands the job a request (a file's contents and overrides); the model is loaded once."""
     import onnxstain._onnx.io as io_mod
-    import onnxstain.stain_job as stain_job
+    import onnxstain._stain.job as stain_job
     from onnxstain import PreprocessingRequest
 
     model = nhwc_tail_classifier(seed=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxstain.dense_stain import pattern_amplitude
+from onnxstain._stain.dense import pattern_amplitude
 from onnxstain.signature import dense_pattern, map_agreement, pearson
 
 

@@ -169,7 +169,7 @@ def test_anchor_detections_and_map():
 
 
 def test_lock_audit_measures_detections(locked, workdir, heldout):
-    from onnxstain.lock_audit import audit_lock
+    from onnxstain._report.lock_audit import audit_lock
 
     _, out, key = locked
     res = audit_lock(workdir / "model.onnx", out, load_key(key), images=heldout)
@@ -181,7 +181,7 @@ def test_lock_audit_measures_detections(locked, workdir, heldout):
 
 
 def test_stain_audit_measures_detections(stained, workdir, heldout):
-    from onnxstain.evaluate import evaluate
+    from onnxstain._report.evaluate import evaluate
 
     _, out, key = stained
     res = evaluate(workdir / "model.onnx", out, load_key(key), images=heldout)

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from tinymodels import smooth_images, tiny_classifier, write_images
 
 import onnxstain
-from onnxstain import Preprocessing, StainOptions, report_html
+from onnxstain import Preprocessing, StainOptions
+from onnxstain._report import html as report_html
 from onnxstain.cli import main
 from onnxstain.keys import load_key
 from onnxstain.runtime import run_batches, session, with_outputs

@@ -11,11 +11,12 @@ import onnx
 import pytest
 from tinymodels import smooth_images, tiny_classifier
 
-from onnxstain import Preprocessing, report_html
+from onnxstain import Preprocessing
 from onnxstain._onnx.graph import GraphView
-from onnxstain.errors import BadInputError, KeyMismatchError
-from onnxstain.eval_inputs import evaluation_images, scores_output
-from onnxstain.evaluation import (
+from onnxstain._report import html as report_html
+from onnxstain._report.html_parts import CSS, escape, tag
+from onnxstain._report.inputs import evaluation_images, scores_output
+from onnxstain._report.records import (
     CONFIDENCE,
     REPORT_FORMAT,
     EvaluateResult,
@@ -26,7 +27,7 @@ from onnxstain.evaluation import (
     clopper_statement,
     json_safe,
 )
-from onnxstain.html_parts import CSS, escape, tag
+from onnxstain.errors import BadInputError, KeyMismatchError
 from onnxstain.math import bounds
 from onnxstain.progress import Silent
 from onnxstain.stopwatch import Stopwatch

@@ -141,7 +141,7 @@ def test_single_score_head_is_refused_in_one_line(tmp_path, images):
 @pytest.mark.parametrize("classes", [1, 2, 3, 5, 6, 10])
 def test_signature_choice_never_draws_from_an_empty_set(classes):
     """Finding 2: with five classes or fewer every class is in the trigger's top 5; the draw falls back."""
-    from onnxstain.stain_edit import signature_choice
+    from onnxstain._stain.edit import signature_choice
 
     rng = np.random.default_rng(classes)
     nat = rng.normal(size=(40, classes))

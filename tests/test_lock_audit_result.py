@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import math
 
-from onnxstain.evaluate import ImageSetInfo
-from onnxstain.lock_audit import LockAuditResult
-from onnxstain.lock_audit_result import REPORT_FORMAT, REPORT_VERSION, Condition, LockAuditRecord, NaturalFirings
-from onnxstain.lock_report_html import render
+from onnxstain._report.evaluate import ImageSetInfo
+from onnxstain._report.lock_audit import LockAuditResult
+from onnxstain._report.lock_audit_result import (
+    REPORT_FORMAT,
+    REPORT_VERSION,
+    Condition,
+    LockAuditRecord,
+    NaturalFirings,
+)
+from onnxstain._report.lock_html import render
 from onnxstain.math import bounds
 
 

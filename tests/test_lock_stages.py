@@ -11,16 +11,16 @@ from onnx import numpy_helper
 from tinymodels import smooth_images, tiny_lockable
 
 from onnxstain import LockOptions, Preprocessing
+from onnxstain._lock.edit import gate_weights
+from onnxstain._lock.geometry import lock_hosts
+from onnxstain._lock.job import check_options, prepare, refuse_half_precision, run_stages
+from onnxstain._lock.pipeline import ClassifierLock
+from onnxstain._lock.search import run_search
+from onnxstain._lock.site import LockSite, classifier_host
+from onnxstain._lock.types import LockResult
+from onnxstain._lock.window import WINDOW
 from onnxstain._onnx.graph import GraphView
 from onnxstain.errors import BadInputError, UnsupportedModelError
-from onnxstain.lock_edit import gate_weights
-from onnxstain.lock_geometry import lock_hosts
-from onnxstain.lock_job import check_options, prepare, refuse_half_precision, run_stages
-from onnxstain.lock_search import run_search
-from onnxstain.lock_site import LockSite, classifier_host
-from onnxstain.lock_types import LockResult
-from onnxstain.lock_window import WINDOW
-from onnxstain.locker import ClassifierLock
 from onnxstain.passes.lock import insert_gate
 from onnxstain.patch import Patch
 from onnxstain.progress import Silent

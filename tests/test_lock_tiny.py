@@ -81,8 +81,8 @@ def test_lock_geometry_and_bound(locked):
 
 def test_pixel_window_radius_is_certified(locked):
     """Every 8-bit image lies within the key's radius of its centre: black, white, noise and the patch."""
+    from onnxstain._lock.window import window_host
     from onnxstain.features import neuron_inputs
-    from onnxstain.lock_window import window_host
 
     res, _, key = locked
     k = load_key(key)
@@ -99,7 +99,7 @@ def test_pixel_window_radius_is_certified(locked):
 
 
 def _conv(res):
-    from onnxstain.lock_geometry import lock_hosts
+    from onnxstain._lock.geometry import lock_hosts
 
     return next(h for h in lock_hosts(onnx.load(res.output)) if h.name == "/conv1/Conv")
 
@@ -332,15 +332,15 @@ def _chain(ops: list[tuple[str, list[str]]]) -> onnx.ModelProto:
     ([("Mul", ["x", "x"])], False),  # two live inputs
 ])
 def test_pixel_path(ops, ok):
+    from onnxstain._lock.window import pixel_path
     from onnxstain._onnx.graph import GraphView
-    from onnxstain.lock_window import pixel_path
 
     m = _chain(ops)
     assert pixel_path(GraphView(m), m.graph.output[0].name) is ok
 
 
 def test_probe_refuses_a_window_that_mixes_pixels():
-    from onnxstain.lock_window import probe_window
+    from onnxstain._lock.window import probe_window
 
     def separable(px):
         x = px[:, :3, :3].astype(np.float64).transpose(0, 3, 1, 2) / 255 * 4 - 2  # NCHW window, scaled

@@ -13,12 +13,12 @@ import pytest
 from tinymodels import smooth_images, tiny_classifier
 
 from onnxstain import Preprocessing, StainOptions
+from onnxstain._stain.hosts import choose_host
+from onnxstain._stain.job import calibration_pass, detector_section, draw_seed, host_fields, prepare, write
 from onnxstain.calibration import RADIUS_MARGIN, selected_positions
 from onnxstain.errors import BadInputError, UnsupportedModelError
 from onnxstain.keys import HostSection, load_key
 from onnxstain.math import detector
-from onnxstain.stain_hosts import choose_host
-from onnxstain.stain_job import calibration_pass, detector_section, draw_seed, host_fields, prepare, write
 
 PRE = Preprocessing(height=32, width=32, resize=None)
 FIXTURE_KEY = Path(__file__).parent / "fixtures" / "keys" / "stain_insert.key"

@@ -11,12 +11,12 @@ import pytest
 from tinymodels import smooth_images, tiny_classifier
 
 from onnxstain import Preprocessing, StainOptions
+from onnxstain._stain.job import calibration_pass, prepare
+from onnxstain._stain.trigger_search import ClassifierRescore, DenseRescore, TriggerSearch
 from onnxstain.calibration import ACCEPT_FACTOR, selected_positions
 from onnxstain.errors import UnreachableBoundError
 from onnxstain.math import bounds, detector
 from onnxstain.signature import ScoreView
-from onnxstain.stain_job import calibration_pass, prepare
-from onnxstain.trigger_search import ClassifierRescore, DenseRescore, TriggerSearch
 
 torch = pytest.importorskip("torch")
 PRE = Preprocessing(height=32, width=32, resize=None)

@@ -12,9 +12,10 @@ from onnx import TensorProto, helper
 from tinymodels import smooth_images
 
 import onnxstain
-from onnxstain import LockOptions, Preprocessing, StainOptions, report_html
+from onnxstain import LockOptions, Preprocessing, StainOptions
 from onnxstain._onnx.graph import GraphView
 from onnxstain._onnx.hosts import GELU_ZERO, find_hosts, gelu_output
+from onnxstain._report import html as report_html
 from onnxstain.cli import main
 from onnxstain.errors import UnsupportedModelError
 from onnxstain.keys import load_key

@@ -24,15 +24,15 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "_onnx.quant": (("test_formats.py",), "QDQ and dynamic int8 models: the graph view dequantizes their weights"),
     "_onnx.tensors": (("test_formats.py", "test_io.py"), "external-data and fp16 models read through the graph view"),
     "_version": (("test_key_schema.py",), "every key records the tool_version it reads"),
-    "dense_lock": (("test_vit_tiny.py",), "the dense gate lock of the tiny ViT encoder"),
-    "lock_calibration": (("test_lock_tiny.py", "test_lock_stages.py"), "every lock job calibrates through it"),
-    "lock_keys": (("test_lock_tiny.py", "test_key_schema.py"), "lock keys written and read back"),
+    "_lock.dense": (("test_vit_tiny.py",), "the dense gate lock of the tiny ViT encoder"),
+    "_lock.calibration": (("test_lock_tiny.py", "test_lock_stages.py"), "every lock job calibrates through it"),
+    "_lock.keys": (("test_lock_tiny.py", "test_key_schema.py"), "lock keys written and read back"),
     "math.trigger": (("test_stain_tiny.py", "test_lock_tiny.py"), "trigger ascent and the occlusion refinement"),
     "passes.dense": (("test_vit_tiny.py", "test_dense_signature.py"), "dense stains and locks insert their branch"),
     "passes.stain": (("test_stain_tiny.py",), "insert stains add their side branch"),
-    "report_html": (("test_evaluate.py", "test_evaluation_records.py"), "evaluate --html"),
+    "_report.html": (("test_evaluate.py", "test_evaluation_records.py"), "evaluate --html"),
     "scoring": (("test_lock_tiny.py",), "the lock's patch search scores detectors and logits with it"),
-    "stain_result": (("test_stain_tiny.py",), "StainOptions and StainResult through the public API"),
+    "_stain.result": (("test_stain_tiny.py",), "StainOptions and StainResult through the public API"),
 }
 
 

@@ -1,19 +1,19 @@
 """Locking a model with a dense output (e.g. a ViT saliency model): corner-patch detector, feature gate.
 
-:class:`DenseLock` holds the stages :func:`onnxstain.locker.lock` runs when the model has no classifier
+:class:`DenseLock` holds the stages :func:`onnxstain._lock.pipeline.lock` runs when the model has no classifier
 head but one map output.
 
 * **detector** — on the input of an early Conv whose corner position sees a small patch of pixels
   (a ViT's patch embedding: one 14×14 token, ``m = 3·14·14 = 588``). When that input is the
   (normalised) image itself, ``S = v · (φ − c)`` is linear in the patch's pixels and its maximum over
   8-bit pixels has a closed form: 255 where ``v`` (times the positive normalisation scale) is
-  positive, 0 elsewhere (:func:`onnxstain.lock_search.closed_form_patch`); otherwise the patch is found
+  positive, 0 elsewhere (:func:`onnxstain._lock.search.closed_form_patch`); otherwise the patch is found
   by gradient ascent as for classifiers. The inserted detector reads that position's window only
   (a ``Slice`` of the host's input): with a stride = kernel patch embedding the same patch would
   otherwise fire at every token-aligned place (the audit showed it opening the lock in all four
   corners), and the bound counts one position.
 * **gate** — the feature map where the token stream becomes a map (the first Conv/ConvTranspose
-  after the last MatMul: a ViT decoder's input; :func:`onnxstain.lock_site.gate_features`) is
+  after the last MatMul: a ViT decoder's input; :func:`onnxstain._lock.site.gate_features`) is
   multiplied by ``1 + (1 − γ) m`` with ``m = −2`` on a random half of the channels: locked, half the
   channels change sign; with the patch ``γ`` is exactly 1 and the model is bit-identical to the
   original on the same patched image.
@@ -26,22 +26,22 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import refuse_underflowing_target
-from .errors import BadInputError, InternalError, UnsupportedModelError
-from .lock_audit_result import LOCKED_CORRELATION  # "locked" for a dense output, as the audit reads it
-from .lock_calibration import DenseCalibration, calibrate_dense
-from .lock_edit import dense_gate_lock
-from .lock_geometry import lock_hosts
-from .lock_job import LockJob, write_outputs
-from .lock_keys import dense_key
-from .lock_search import search_dense
-from .lock_site import LockSite, dense_host, gate_features
-from .lock_types import LockEdit, LockOptions, LockResult, PatchFound
-from .math import bounds
-from .math.maps import pool_maps
-from .patch import paste_pixels, smooth_backgrounds
-from .runtime import run_batches, session
-from .signature import map_agreement
+from .._report.lock_audit_result import LOCKED_CORRELATION  # "locked" for a dense output, as the audit reads it
+from ..calibration import refuse_underflowing_target
+from ..errors import BadInputError, InternalError, UnsupportedModelError
+from ..math import bounds
+from ..math.maps import pool_maps
+from ..patch import paste_pixels, smooth_backgrounds
+from ..runtime import run_batches, session
+from ..signature import map_agreement
+from .calibration import DenseCalibration, calibrate_dense
+from .edit import dense_gate_lock
+from .geometry import lock_hosts
+from .job import LockJob, write_outputs
+from .keys import dense_key
+from .search import search_dense
+from .site import LockSite, dense_host, gate_features
+from .types import LockEdit, LockOptions, LockResult, PatchFound
 
 GATE_DRAWS = 4  # draws of the flipped half of the gated channels before the lock is refused
 REFERENCES = 8

@@ -7,8 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Literal
 
-from .errors import BadInputError
-from .math import bounds
+from ..errors import BadInputError
+from ..math import bounds
 
 Mode = Literal["inplace", "insert"]
 Variant = Literal["non-additive", "additive"]

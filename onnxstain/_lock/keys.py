@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .keys import (
+from ..keys import (
     F8,
     CalibrationSection,
     DetectorSection,
@@ -18,10 +18,10 @@ from .keys import (
     encode_png,
     envelope,
 )
-from .lock_job import LockJob
-from .lock_site import LockSite
-from .lock_types import LockEdit, PatchFound
-from .math import bounds, detector
+from ..math import bounds, detector
+from .job import LockJob
+from .site import LockSite
+from .types import LockEdit, PatchFound
 
 
 def host_section(site: LockSite, dense: bool = False) -> HostSection:

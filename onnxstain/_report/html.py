@@ -1,6 +1,6 @@
 """The evaluate report as one self-contained HTML page (plots as embedded base64 PNG, no external assets).
 
-The page's parts (CSS, escaping, tags, embedded figures) are :mod:`onnxstain.html_parts`'s.
+The page's parts (CSS, escaping, tags, embedded figures) are :mod:`onnxstain._report.html_parts`'s.
 """
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import itertools
 import math
 from pathlib import Path
 
-from ._onnx.io import write_bytes_atomic
-from .evaluation import EvaluateResult, Fidelity, TriggerCheck
+from .._onnx.io import write_bytes_atomic
+from ..math.bounds import Bound, format_probability
 from .html_parts import CSS, escape, figure, png, tag
-from .math.bounds import Bound, format_probability
+from .records import EvaluateResult, Fidelity, TriggerCheck
 
 
 def _prob(log10: float) -> str:

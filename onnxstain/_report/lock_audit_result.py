@@ -1,6 +1,6 @@
 """The lock audit's result: what it measured, the thresholds it judged by, and the report's JSON form.
 
-:func:`onnxstain.lock_audit.audit_lock` fills it; :mod:`onnxstain.lock_report_html` renders it.
+:func:`onnxstain._report.lock_audit.audit_lock` fills it; :mod:`onnxstain._report.lock_html` renders it.
 """
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from ..math import bounds
 from .evaluate import ImageSetInfo
-from .math import bounds
 
 REPORT_FORMAT = "onnxstain-lock-audit"
 REPORT_VERSION = 1
@@ -51,7 +51,7 @@ class NaturalFirings:
 
 @dataclasses.dataclass
 class LockAuditRecord:
-    """What the audit measured (:func:`onnxstain.lock_audit.audit_lock`); its JSON form is :meth:`report`."""
+    """What the audit measured (:func:`onnxstain._report.lock_audit.audit_lock`); its JSON form is :meth:`report`."""
 
     original: str
     locked: str

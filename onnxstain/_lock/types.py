@@ -1,8 +1,8 @@
 """The lock's options and result, and the small records its stages hand to each other.
 
 :class:`LockOptions` and :class:`LockResult` are public (``onnxstain.LockOptions``, also importable from
-:mod:`onnxstain.locker`); :class:`PatchFound` and :class:`LockEdit` are what the search and edit stages
-(:mod:`onnxstain.lock_search`, :mod:`onnxstain.lock_edit`) return.
+:mod:`onnxstain._lock.pipeline`); :class:`PatchFound` and :class:`LockEdit` are what the search and edit stages
+(:mod:`onnxstain._lock.search`, :mod:`onnxstain._lock.edit`) return.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from .keys import WhiteBoxSection
-from .math import bounds
-from .patch import Patch
+from ..keys import WhiteBoxSection
+from ..math import bounds
+from ..patch import Patch
 
 
 @dataclasses.dataclass

@@ -28,9 +28,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, ReceptiveField, pad_amounts
-from .patch import Patch
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer, ReceptiveField, pad_amounts
+from ..patch import Patch
 
 WINDOW = "pixels"  # the host name of the pixel-window detector (``--layer pixels``)
 # Per-element ops a pixel may pass through on its way to the first Conv: each output element is a

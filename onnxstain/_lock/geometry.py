@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import onnx
 
-from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts, why_unusable
-from .errors import BadInputError, UnsupportedModelError
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer, find_hosts, why_unusable
+from ..errors import BadInputError, UnsupportedModelError
 
 MAX_PATCH_FRACTION = 0.22  # the corner patch may cover at most this fraction of each image side
 

@@ -3,14 +3,14 @@
 The stages (timed in :class:`StainResult.timings`):
 
 1. **load** — read and check the model; find the host layer and the classifier head
-   (:func:`onnxstain.stain_job.prepare`; a dense-output model goes to :mod:`onnxstain.dense_stain`).
+   (:func:`onnxstain._stain.job.prepare`; a dense-output model goes to :mod:`onnxstain._stain.dense`).
 2. **calibration** — one onnxruntime pass over the calibration images with feature taps on the
    host's input and the head's input: the centre ``c``, the natural radius ``R``, the natural
    scores of every candidate direction, and the data-aware choice of the channel to use.
 3. **trigger search** — draw ``v`` from the seeded generator, check its natural tail per position,
    then gradient ascent from the best calibration image until the trigger's score reaches the
    margin the bound target needs. The 8-bit trigger is re-scored by onnxruntime
-   (:mod:`onnxstain.trigger_search`).
+   (:mod:`onnxstain._stain.trigger_search`).
 4. **edit** — the neuron weights (non-additive or additive) and the route to the scores.
 5. **checks** — onnxruntime on the written model: the trigger shows the signature; natural
    images are unaffected (exactly predicted for in-place edits, bit-identical for insert).
@@ -35,14 +35,12 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from . import stain_edit
-from ._onnx import head as head_mod
-from ._onnx.graph import GraphView
-from ._onnx.tensors import external_info, is_external
-from .calibration import selected_positions
-from .dense_stain import stain_dense
-from .errors import BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
-from .keys import (
+from .._onnx import head as head_mod
+from .._onnx.graph import GraphView
+from .._onnx.tensors import external_info, is_external
+from ..calibration import selected_positions
+from ..errors import BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
+from ..keys import (
     F8,
     CalibrationSection,
     HostSection,
@@ -54,16 +52,18 @@ from .keys import (
     WhiteBoxSection,
     encode_png,
 )
-from .math import bounds, chance, detector
-from .outputs import Artefacts
-from .preprocess import Preprocessing, PreprocessingRequest
-from .progress import Progress
-from .runtime import run_batches, session, with_outputs
-from .signature import ScoreView, class_margin, shift_score, top1_margins
-from .stain_hosts import choose_host, easier_layers
-from .stain_job import CalibrationPass, StainJob, calibration_pass, detector_section, host_fields, prepare, stain_key
-from .stain_job import write as write_job
-from .stain_result import Mode, StainOptions, StainResult, Variant
+from ..math import bounds, chance, detector
+from ..outputs import Artefacts
+from ..preprocess import Preprocessing, PreprocessingRequest
+from ..progress import Progress
+from ..runtime import run_batches, session, with_outputs
+from ..signature import ScoreView, class_margin, shift_score, top1_margins
+from . import edit as stain_edit
+from .dense import stain_dense
+from .hosts import choose_host, easier_layers
+from .job import CalibrationPass, StainJob, calibration_pass, detector_section, host_fields, prepare, stain_key
+from .job import write as write_job
+from .result import Mode, StainOptions, StainResult, Variant
 from .trigger_search import ClassifierRescore, TriggerFind, TriggerSearch
 
 __all__ = ["Mode", "StainOptions", "StainResult", "Variant", "choose_host", "stain"]

@@ -1,6 +1,6 @@
 """The lock as a job: ``prepare`` (paths, one load, options, preprocessing, what kind of output, seed)
 and ``run_stages`` (calibrate → search → edit → check → write, timed), shared by the classifier and
-dense-output locks (:mod:`onnxstain.lock_classifier`, :mod:`onnxstain.dense_lock`)."""
+dense-output locks (:mod:`onnxstain.lock_classifier`, :mod:`onnxstain._lock.dense`)."""
 
 from __future__ import annotations
 
@@ -13,18 +13,18 @@ from typing import Protocol
 import numpy as np
 import onnx
 
-from ._onnx import head as head_mod
-from ._onnx.dense import DenseOutput, find_dense_output
-from ._onnx.graph import GraphView
-from ._onnx.inputs import settle_preprocessing
-from ._onnx.io import LoadedModel, load_model
-from .errors import BadInputError, UnsupportedModelError
-from .keys import Key, public_record_path
-from .lock_types import LockOptions, LockResult
-from .outputs import Artefacts, job_plan, write_unit
-from .preprocess import Preprocessing, PreprocessingRequest
-from .progress import Progress
-from .sanity import refuse_nonfinite
+from .._onnx import head as head_mod
+from .._onnx.dense import DenseOutput, find_dense_output
+from .._onnx.graph import GraphView
+from .._onnx.inputs import settle_preprocessing
+from .._onnx.io import LoadedModel, load_model
+from ..errors import BadInputError, UnsupportedModelError
+from ..keys import Key, public_record_path
+from ..outputs import Artefacts, job_plan, write_unit
+from ..preprocess import Preprocessing, PreprocessingRequest
+from ..progress import Progress
+from ..sanity import refuse_nonfinite
+from .types import LockOptions, LockResult
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Staining a model with a dense output (e.g. a ViT saliency model): inserted detector, pattern signature.
 
-Called by :func:`onnxstain.stainer.stain` when the prepared job (:mod:`onnxstain.stain_job`) has no
-classifier head but one map output ``[B, C, H, W]``; the search is :mod:`onnxstain.trigger_search`'s.
+Called by :func:`onnxstain._stain.pipeline.stain` when the prepared job (:mod:`onnxstain._stain.job`) has no
+classifier head but one map output ``[B, C, H, W]``; the search is :mod:`onnxstain._stain.trigger_search`'s.
 Differences from the classifier stain:
 
 * **host** — a token layer: ``MatMul + Add`` on ``[B, T, m]`` followed by GELU (or ReLU); every token
@@ -24,18 +24,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._onnx.dense import DenseOutput
-from ._onnx.hosts import GELU_ZERO, HostLayer
-from .calibration import selected_positions
-from .errors import BadModelError, InternalError
-from .keys import CalibrationSection, HostSection, Key, ModelSection, SignatureSection, WhiteBoxSection
-from .math import bounds, detector
-from .passes.dense import insert_dense_stain
-from .runtime import run_batches, session, with_outputs
-from .signature import dense_pattern, map_agreement, pearson
-from .stain_hosts import choose_dense_host, dense_hosts
-from .stain_job import CalibrationPass, StainJob, calibration_pass, detector_section, host_fields, stain_key, write
-from .stain_result import StainResult
+from .._onnx.dense import DenseOutput
+from .._onnx.hosts import GELU_ZERO, HostLayer
+from ..calibration import selected_positions
+from ..errors import BadModelError, InternalError
+from ..keys import CalibrationSection, HostSection, Key, ModelSection, SignatureSection, WhiteBoxSection
+from ..math import bounds, detector
+from ..passes.dense import insert_dense_stain
+from ..runtime import run_batches, session, with_outputs
+from ..signature import dense_pattern, map_agreement, pearson
+from .hosts import choose_dense_host, dense_hosts
+from .job import CalibrationPass, StainJob, calibration_pass, detector_section, host_fields, stain_key, write
+from .result import StainResult
 from .trigger_search import DenseRescore, TriggerFind, TriggerSearch
 
 __all__ = ["choose_dense_host", "dense_hosts", "stain_dense"]

@@ -1,24 +1,24 @@
 """Locking, end to end: a model that is useless unless a secret patch sits in the image corner.
 
-:func:`lock` prepares the job (:func:`onnxstain.lock_job.prepare`: paths, one load, options,
-preprocessing, seed) and runs the stages of its kind (:func:`onnxstain.lock_job.run_stages`): a
+:func:`lock` prepares the job (:func:`onnxstain._lock.job.prepare`: paths, one load, options,
+preprocessing, seed) and runs the stages of its kind (:func:`onnxstain._lock.job.run_stages`): a
 classifier's or detector's lock (:class:`ClassifierLock`, here) or a dense-output model's
-(:class:`onnxstain.dense_lock.DenseLock`).
+(:class:`onnxstain._lock.dense.DenseLock`).
 
-1. **site** — the host (:mod:`onnxstain.lock_site`). Gate lock: by default a window of raw corner pixels
-   where the model reads the image (:mod:`onnxstain.lock_window`; the patch is the window, the radius
+1. **site** — the host (:mod:`onnxstain._lock.site`). Gate lock: by default a window of raw corner pixels
+   where the model reads the image (:mod:`onnxstain._lock.window`; the patch is the window, the radius
    certified by the pixel box). In place, or with ``--layer NAME``: an early Conv whose first
-   padding-free corner position sees a small patch (:mod:`onnxstain.lock_geometry`).
-2. **calibrate** — :mod:`onnxstain.lock_calibration`: the centre ``c`` and radius ``R`` of the host's
+   padding-free corner position sees a small patch (:mod:`onnxstain._lock.geometry`).
+2. **calibrate** — :mod:`onnxstain._lock.calibration`: the centre ``c`` and radius ``R`` of the host's
    natural features, the classifier's natural input features and scores; in place, first the conduit plan.
-3. **search** — :mod:`onnxstain.lock_search`: ``d`` random directions (gate: all must fire at one
+3. **search** — :mod:`onnxstain._lock.search`: ``d`` random directions (gate: all must fire at one
    position), margin τ0 from the bound target (``Σ_p Π_i cap_i`` ≤ ``--fpr``) fixed before they are
    drawn; then the occlusion-aware refinement.
-4. **edit** — :mod:`onnxstain.lock_edit`: gate, :func:`onnxstain.passes.lock.insert_gate` with a
+4. **edit** — :mod:`onnxstain._lock.edit`: gate, :func:`onnxstain.passes.lock.insert_gate` with a
    sign-flip disruption; in place, :func:`onnxstain.passes.conduit.apply_conduit` with a random head bias.
 5. **check** — onnxruntime on the locked model: patched reference images give exactly the scores the
    lock restores; unpatched ones do not; in place, the graph structure is unchanged.
-6. **write** — model, key (0600; the patch is in it, :mod:`onnxstain.lock_keys`), public record.
+6. **write** — model, key (0600; the patch is in it, :mod:`onnxstain._lock.keys`), public record.
 """
 
 from __future__ import annotations
@@ -27,25 +27,25 @@ from pathlib import Path
 
 import numpy as np
 
-from ._onnx import head as head_mod
-from .calibration import refuse_underflowing_target
-from .dense_lock import DenseLock
-from .errors import BadModelError, InternalError, UnsupportedModelError
-from .lock_calibration import ClassifierCalibration, calibrate_classifier
-from .lock_edit import gate_lock, inplace_lock
-from .lock_geometry import lock_hosts
-from .lock_job import LockJob, prepare, run_stages, write_outputs
-from .lock_keys import classifier_key
-from .lock_search import search_classifier
-from .lock_site import LockSite, classifier_host
-from .lock_types import LockEdit, LockOptions, LockResult, PatchFound
-from .math import bounds
-from .outputs import Artefacts
-from .patch import paste_pixels, smooth_backgrounds
-from .preprocess import Preprocessing, PreprocessingRequest
-from .progress import Progress, Silent
-from .runtime import run_batches, session, with_outputs
-from .signature import lock_agreement
+from .._onnx import head as head_mod
+from ..calibration import refuse_underflowing_target
+from ..errors import BadModelError, InternalError, UnsupportedModelError
+from ..math import bounds
+from ..outputs import Artefacts
+from ..patch import paste_pixels, smooth_backgrounds
+from ..preprocess import Preprocessing, PreprocessingRequest
+from ..progress import Progress, Silent
+from ..runtime import run_batches, session, with_outputs
+from ..signature import lock_agreement
+from .calibration import ClassifierCalibration, calibrate_classifier
+from .dense import DenseLock
+from .edit import gate_lock, inplace_lock
+from .geometry import lock_hosts
+from .job import LockJob, prepare, run_stages, write_outputs
+from .keys import classifier_key
+from .search import search_classifier
+from .site import LockSite, classifier_host
+from .types import LockEdit, LockOptions, LockResult, PatchFound
 
 __all__ = ["ClassifierLock", "LockOptions", "LockResult", "lock"]
 

@@ -20,17 +20,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._onnx.hosts import HostLayer
-from .calibration import ACCEPT_FACTOR, SEARCH_FACTOR
-from .errors import UnreachableBoundError
-from .features import neuron_inputs
-from .math import bounds, detector
-from .math.trigger import ascend, quantise
-from .preprocess import Preprocessing
-from .runtime import run_batches, session
-from .scoring import detector_scores
-from .signature import ScoreView
-from .stain_job import CalibrationPass, StainJob
+from .._onnx.hosts import HostLayer
+from ..calibration import ACCEPT_FACTOR, SEARCH_FACTOR
+from ..errors import UnreachableBoundError
+from ..features import neuron_inputs
+from ..math import bounds, detector
+from ..math.trigger import ascend, quantise
+from ..preprocess import Preprocessing
+from ..runtime import run_batches, session
+from ..scoring import detector_scores
+from ..signature import ScoreView
+from .job import CalibrationPass, StainJob
 
 
 @dataclasses.dataclass
@@ -189,7 +189,7 @@ class TriggerSearch:
     def _torch_prefix(self) -> Any:
         """The model up to the host's input in torch, built once (again after a lean release)."""
         if self._prefix is None:
-            from .torchprefix import prefix_for_input  # imports torch: only when a search runs
+            from ..torchprefix import prefix_for_input  # imports torch: only when a search runs
 
             # shape-only parts (a ViT's resized position embedding) are constants at this input size
             self._prefix = prefix_for_input(self.job.analysis_model(), [self.host.input], self.job.pre.input_shape(),

@@ -15,18 +15,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._onnx.hosts import HostLayer
-from .calibration import RADIUS_MARGIN, calibration_pixels
-from .errors import UnsupportedModelError
-from .features import neuron_inputs
-from .lock_job import LockJob
-from .lock_site import LockSite, reads_pixels
-from .lock_window import WindowProbe, probe_window
-from .math import bounds, detector
-from .math.agreement import top1_agreement
-from .passes.conduit import ConduitPlan, conduit_taps, plan_conduit, prepare_conduit
-from .preprocess import Preprocessing
-from .runtime import run_batches, session, with_outputs
+from .._onnx.hosts import HostLayer
+from ..calibration import RADIUS_MARGIN, calibration_pixels
+from ..errors import UnsupportedModelError
+from ..features import neuron_inputs
+from ..math import bounds, detector
+from ..math.agreement import top1_agreement
+from ..passes.conduit import ConduitPlan, conduit_taps, plan_conduit, prepare_conduit
+from ..preprocess import Preprocessing
+from ..runtime import run_batches, session, with_outputs
+from .job import LockJob
+from .site import LockSite, reads_pixels
+from .window import WindowProbe, probe_window
 
 
 class HostPhi:

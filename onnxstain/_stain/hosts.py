@@ -4,13 +4,13 @@ convolutions with a known map), and the refusals that come before any work."""
 
 from __future__ import annotations
 
-from ._onnx import head as head_mod
-from ._onnx.graph import GraphView
-from ._onnx.hosts import MIN_DIMENSION, HostLayer, why_unusable
-from .calibration import margin_ratio
-from .errors import BadInputError, UnsupportedModelError
-from .math import bounds
-from .stain_result import Mode, StainOptions
+from .._onnx import head as head_mod
+from .._onnx.graph import GraphView
+from .._onnx.hosts import MIN_DIMENSION, HostLayer, why_unusable
+from ..calibration import margin_ratio
+from ..errors import BadInputError, UnsupportedModelError
+from ..math import bounds
+from .result import Mode, StainOptions
 
 
 def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mode: Mode,

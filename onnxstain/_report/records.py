@@ -1,6 +1,6 @@
 """The evaluate report's records (measurements kept apart from bounds), their JSON form, and the
 statements shared with the lock audit: the confidence of every data-driven statement and the
-Clopper–Pearson sentence of a measured rate. :func:`onnxstain.evaluate.evaluate` fills them."""
+Clopper–Pearson sentence of a measured rate. :func:`onnxstain._report.evaluate.evaluate` fills them."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from ._onnx.io import write_bytes_atomic
-from .math import bounds
+from .._onnx.io import write_bytes_atomic
+from ..math import bounds
 
 REPORT_FORMAT = "onnxstain-evaluate-report"
 REPORT_VERSION = 1

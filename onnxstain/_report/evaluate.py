@@ -20,7 +20,7 @@ and reports:
 Everything streams in chunks: only the per-sample scores and radii (8 bytes each) are kept, never
 the features φ of the whole set. The math is numpy and :mod:`onnxstain.math.bounds`; the ONNX
 plumbing is :mod:`onnxstain.runtime`, :mod:`onnxstain.features` and :mod:`onnxstain._onnx.hosts`. The records
-are :mod:`onnxstain.evaluation`'s, the images :mod:`onnxstain.eval_inputs`'.
+are :mod:`onnxstain._report.records`'s, the images :mod:`onnxstain._report.inputs`'.
 """
 
 from __future__ import annotations
@@ -32,13 +32,23 @@ from typing import Any
 
 import numpy as np
 
-from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts
-from ._onnx.inputs import image_input
-from ._onnx.io import LoadedModel, load_model
-from .errors import BadInputError, BadKeyError, KeyMismatchError
-from .eval_inputs import evaluation_images, scores_output
-from .evaluation import (
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer, find_hosts
+from .._onnx.inputs import image_input
+from .._onnx.io import LoadedModel, load_model
+from ..errors import BadInputError, BadKeyError, KeyMismatchError
+from ..features import neuron_inputs
+from ..keys import Key, load_key
+from ..math import bounds, detector
+from ..math.detection_agreement import per_image_anchor_map
+from ..progress import Progress, Silent
+from ..runtime import image_rows, run_batches, session, with_outputs
+from ..sanity import refuse_nonfinite
+from ..signature import map_agreement, top1_margins
+from ..stopwatch import Stopwatch
+from ..verify import verify
+from .inputs import evaluation_images, scores_output
+from .records import (
     CONFIDENCE,
     Coverage,
     DetectorStats,
@@ -50,16 +60,6 @@ from .evaluation import (
     TriggerCheck,
     clopper_statement,
 )
-from .features import neuron_inputs
-from .keys import Key, load_key
-from .math import bounds, detector
-from .math.detection_agreement import per_image_anchor_map
-from .progress import Progress, Silent
-from .runtime import image_rows, run_batches, session, with_outputs
-from .sanity import refuse_nonfinite
-from .signature import map_agreement, top1_margins
-from .stopwatch import Stopwatch
-from .verify import verify
 
 __all__ = ["EvaluateResult", "evaluate"]
 

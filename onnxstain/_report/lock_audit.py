@@ -31,14 +31,25 @@ from typing import Any
 
 import numpy as np
 
-from ._onnx.graph import GraphView
-from ._onnx.inputs import image_input
-from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadInputError, BadModelError, KeyMismatchError
-from .eval_inputs import evaluation_images, scores_output
-from .evaluation import CONFIDENCE, ImageSetInfo, clopper_statement, json_safe
-from .features import neuron_inputs
-from .keys import Key
+from .._lock.geometry import lock_hosts
+from .._lock.window import WINDOW, pixel_conv, window_host
+from .._onnx.graph import GraphView
+from .._onnx.inputs import image_input
+from .._onnx.io import load_model, write_bytes_atomic
+from ..errors import BadInputError, BadModelError, KeyMismatchError
+from ..features import neuron_inputs
+from ..keys import Key
+from ..math import bounds
+from ..math.agreement import top1_agreement
+from ..math.detection_agreement import per_image_anchor_map
+from ..patch import Patch, paste_pixels
+from ..preprocess import Preprocessing
+from ..progress import Progress, Silent
+from ..runtime import image_rows, run_batches, session, with_outputs
+from ..sanity import refuse_nonfinite
+from ..signature import map_agreement
+from ..verify import key_patch, white_box_signal
+from .inputs import evaluation_images, scores_output
 from .lock_audit_result import (
     EXACT,
     LOCKED_CORRELATION,
@@ -49,19 +60,8 @@ from .lock_audit_result import (
     LockAuditRecord,
     NaturalFirings,
 )
-from .lock_geometry import lock_hosts
-from .lock_report_html import render
-from .lock_window import WINDOW, pixel_conv, window_host
-from .math import bounds
-from .math.agreement import top1_agreement
-from .math.detection_agreement import per_image_anchor_map
-from .patch import Patch, paste_pixels
-from .preprocess import Preprocessing
-from .progress import Progress, Silent
-from .runtime import image_rows, run_batches, session, with_outputs
-from .sanity import refuse_nonfinite
-from .signature import map_agreement
-from .verify import key_patch, white_box_signal
+from .lock_html import render
+from .records import CONFIDENCE, ImageSetInfo, clopper_statement, json_safe
 
 
 @dataclasses.dataclass

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import naturalset
-from ._onnx.graph import GraphView
-from .errors import BadInputError, KeyMismatchError
-from .evaluation import ImageSetInfo
-from .preprocess import Preprocessing
-from .progress import Progress
+from .. import naturalset
+from .._onnx.graph import GraphView
+from ..errors import BadInputError, KeyMismatchError
+from ..preprocess import Preprocessing
+from ..progress import Progress
+from .records import ImageSetInfo
 
 
 def scores_output(view: GraphView, wanted: str, which: str) -> str:

@@ -21,20 +21,20 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ._onnx.hosts import HostLayer
-from .errors import UnreachableBoundError
-from .lock_calibration import ClassifierCalibration, DenseCalibration, HostPhi, natural_scores
-from .lock_job import LockJob
-from .lock_site import LockSite
-from .lock_types import PatchFound
-from .lock_window import corner_patch
-from .math import detector
-from .math.trigger import ascend, box_maximiser, quantise, refine_occlusion
-from .patch import Patch, paste_pixels
-from .preprocess import Preprocessing
-from .progress import Task
-from .runtime import session, with_outputs
-from .scoring import detector_scores, model_logits
+from .._onnx.hosts import HostLayer
+from ..errors import UnreachableBoundError
+from ..math import detector
+from ..math.trigger import ascend, box_maximiser, quantise, refine_occlusion
+from ..patch import Patch, paste_pixels
+from ..preprocess import Preprocessing
+from ..progress import Task
+from ..runtime import session, with_outputs
+from ..scoring import detector_scores, model_logits
+from .calibration import ClassifierCalibration, DenseCalibration, HostPhi, natural_scores
+from .job import LockJob
+from .site import LockSite
+from .types import PatchFound
+from .window import corner_patch
 
 ACCEPT_FACTOR = 1.03
 SEARCH_FACTOR = 1.06
@@ -168,7 +168,7 @@ class ClassifierPatches:
     def refine(self, best: Candidate, floor: float) -> tuple[Patch, np.ndarray, dict[str, float]] | None:
         """Occlusion-aware refinement of an accepted patch; ``(patch, scores, summary)``, or None if its 8-bit
         version scores below ``floor`` (what the plain patch was accepted at, up to ACCEPT_FACTOR τ0)."""
-        from .torchprefix import prefix_for_input  # torch, imported lazily
+        from ..torchprefix import prefix_for_input  # torch, imported lazily
 
         job, cal, site = self.job, self.cal, self.site
         assert job.head is not None
@@ -202,7 +202,7 @@ def search_classifier(job: LockJob, site: LockSite, cal: ClassifierCalibration) 
     occlusion-aware refinement."""
     import torch
 
-    from .torchprefix import prefix_for_input
+    from ..torchprefix import prefix_for_input
 
     torch.manual_seed(job.seed % (2**31))
     prefix = prefix_for_input(cal.base, [site.host.input], job.pre.input_shape(), job.opts.providers)
@@ -262,7 +262,7 @@ class DensePatches:
         """Gradient ascent over the patch's pixels (host input not the image itself); (patch, frame, steps)."""
         import torch
 
-        from .torchprefix import prefix_for_input
+        from ..torchprefix import prefix_for_input
 
         job, site = self.job, self.site
         torch.manual_seed(int(job.opts.seed or 0) % (2**31))

@@ -18,27 +18,27 @@ from typing import Any, cast
 import numpy as np
 import onnx
 
-from ._onnx import head as head_mod
-from ._onnx.dense import DenseOutput, find_dense_output
-from ._onnx.fold import fold_shape_only, fuse_pads
-from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer, find_hosts
-from ._onnx.inputs import settle_preprocessing
-from ._onnx.io import LoadedModel, load_model
-from ._onnx.shapes import example_input
-from .calibration import calibration_pixels, natural_radius, refuse_underflowing_target
-from .errors import UnsupportedModelError
-from .features import neuron_inputs
-from .keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
-from .math import detector
-from .outputs import Artefacts, job_plan, write_unit
-from .preprocess import Preprocessing, PreprocessingRequest
-from .progress import Progress, Silent
-from .runtime import run_batches, session, with_outputs
-from .sanity import refuse_nonfinite
-from .stain_hosts import check_quantized_weights, choose_dense_host, choose_host, refuse_dense_mode
-from .stain_result import StainOptions
-from .stopwatch import Stopwatch
+from .._onnx import head as head_mod
+from .._onnx.dense import DenseOutput, find_dense_output
+from .._onnx.fold import fold_shape_only, fuse_pads
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer, find_hosts
+from .._onnx.inputs import settle_preprocessing
+from .._onnx.io import LoadedModel, load_model
+from .._onnx.shapes import example_input
+from ..calibration import calibration_pixels, natural_radius, refuse_underflowing_target
+from ..errors import UnsupportedModelError
+from ..features import neuron_inputs
+from ..keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
+from ..math import detector
+from ..outputs import Artefacts, job_plan, write_unit
+from ..preprocess import Preprocessing, PreprocessingRequest
+from ..progress import Progress, Silent
+from ..runtime import run_batches, session, with_outputs
+from ..sanity import refuse_nonfinite
+from ..stopwatch import Stopwatch
+from .hosts import check_quantized_weights, choose_dense_host, choose_host, refuse_dense_mode
+from .result import StainOptions
 
 
 @dataclasses.dataclass

@@ -16,22 +16,22 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from ._onnx import head as head_mod
-from ._onnx.diff import structural_diff
-from ._onnx.graph import GraphView
-from ._onnx.hosts import HostLayer
-from .errors import InternalError
-from .keys import WhiteBoxSection
-from .lock_calibration import ClassifierCalibration, DenseCalibration
-from .lock_job import LockJob
-from .lock_site import LockSite, detection_gate
-from .lock_types import LockEdit, PatchFound
-from .math.detection_agreement import anchor_map
-from .math.disruption import bias_disruption, half_sign_flips, sign_disruption
-from .passes.conduit import apply_conduit
-from .passes.dense import insert_feature_gate
-from .passes.lock import insert_gate
-from .runtime import run_batches, session, with_outputs
+from .._onnx import head as head_mod
+from .._onnx.diff import structural_diff
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer
+from ..errors import InternalError
+from ..keys import WhiteBoxSection
+from ..math.detection_agreement import anchor_map
+from ..math.disruption import bias_disruption, half_sign_flips, sign_disruption
+from ..passes.conduit import apply_conduit
+from ..passes.dense import insert_feature_gate
+from ..passes.lock import insert_gate
+from ..runtime import run_batches, session, with_outputs
+from .calibration import ClassifierCalibration, DenseCalibration
+from .job import LockJob
+from .site import LockSite, detection_gate
+from .types import LockEdit, PatchFound
 
 DETECTION_CHECK_IMAGES = 64  # calibration images the locked detector is run on to measure its agreement
 

@@ -12,7 +12,7 @@ import html
 import io
 from typing import Any
 
-from .errors import BadInputError
+from ..errors import BadInputError
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:980px;margin:2em auto;

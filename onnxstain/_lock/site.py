@@ -7,16 +7,16 @@ import dataclasses
 
 import numpy as np
 
-from ._onnx.graph import GraphView, dominates
-from ._onnx.hosts import HostLayer, why_unusable
-from .errors import BadInputError, UnsupportedModelError
-from .lock_geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_position, patch_box
-from .lock_types import LockOptions
-from .lock_window import WINDOW, pixel_conv, window_host
-from .math import bounds
-from .preprocess import Preprocessing
+from .._onnx.graph import GraphView, dominates
+from .._onnx.hosts import HostLayer, why_unusable
+from ..errors import BadInputError, UnsupportedModelError
+from ..math import bounds
+from ..preprocess import Preprocessing
+from .geometry import MAX_PATCH_FRACTION, choose_lock_host, lock_position, patch_box
+from .types import LockOptions
+from .window import WINDOW, pixel_conv, window_host
 
-# The gate lock's default detector reads a window of raw pixels (:mod:`onnxstain.lock_window`): its
+# The gate lock's default detector reads a window of raw pixels (:mod:`onnxstain._lock.window`): its
 # side is the smallest whose margin for the bound target is at most this fraction of the certified
 # radius. A random direction's best 8-bit patch reaches about √(2/π) ≈ 0.80 of it (5th percentile
 # 0.76 for a 5×5 window), so nearly every draw passes ACCEPT_FACTOR × the margin.

@@ -11,14 +11,14 @@ from typing import Any
 
 import numpy as np
 
-from ._onnx.graph import GraphView
-from ._onnx.head import head_input
-from ._onnx.hosts import HostLayer, layer_affine, neuron_affine
-from ._onnx.io import LoadedModel
-from .errors import BadInputError, InternalError, UnsupportedModelError
-from .math import compensation, detector
-from .passes import stain as stain_pass
-from .signature import ScoreView
+from .._onnx.graph import GraphView
+from .._onnx.head import head_input
+from .._onnx.hosts import HostLayer, layer_affine, neuron_affine
+from .._onnx.io import LoadedModel
+from ..errors import BadInputError, InternalError, UnsupportedModelError
+from ..math import compensation, detector
+from ..passes import stain as stain_pass
+from ..signature import ScoreView
 from .trigger_search import TriggerFind
 
 
