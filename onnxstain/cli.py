@@ -196,19 +196,17 @@ class _LazyRequest:
         v = self.values
         overrides: dict[str, Any] = {"layout": v["layout"], "channel_order": v["channel_order"],
                                      "scale": v["scale"], "resize": v["resize"]}
+        hw = _size(v["size"])
+        if hw is not None:
+            overrides["height"], overrides["width"] = hw
         try:
-            if v["size"]:
-                h, _, w = v["size"].lower().partition("x")
-                overrides["height"], overrides["width"] = int(h), int(w or h)
-                if overrides["height"] <= 0 or overrides["width"] <= 0:
-                    raise ValueError
             if v["mean"]:
                 overrides["mean"] = [float(x) for x in v["mean"].split(",")]
             if v["std"]:
                 overrides["std"] = [float(x) for x in v["std"].split(",")]
         except ValueError:
-            raise BadInputError("--size takes HxW (e.g. 224x224), --mean and --std 1 or 3 numbers (e.g. --mean 0.5 "
-                                "or --mean 0.485,0.456,0.406)") from None
+            raise BadInputError("--mean and --std take 1 or 3 numbers (e.g. --mean 0.5 or --mean 0.485,0.456,0.406)"
+                                ) from None
         given = Preprocessing.load(self.file) if self.file else None
         return PreprocessingRequest.of(given, **overrides)
 
