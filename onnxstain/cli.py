@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import os
 import sys
 import traceback
@@ -41,6 +40,13 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 200)
+
+
+def _print(renderables: list[Any]) -> None:
+    """Print a result's summary (see each result's renderer) to stdout."""
+    con = _console()
+    for item in renderables:
+        con.print(item)
 
 
 class RichProgress:
@@ -272,33 +278,12 @@ def _written_key(out: Artefacts) -> Key:
 @handle_errors
 def inspect(model: str, json_out: str | None, size: str | None) -> None:
     """List the layers that can host a detector, and the one the tool would pick."""
+    from ._stain.render import inspect_renderables
     from .api import inspect_model
 
     OutputPlan().model_input("MODEL", model).output("--json", json_out).check()
     info = inspect_model(model, _size(size))
-    con = _console()
-    con.print(f"[bold]{info['model']}[/]  input {info['input']}  "
-              f"{info['nodes']} nodes  head: {info['head'] or 'none found'}")
-    from rich.table import Table
-
-    table = Table(show_lines=False)
-    table.add_column("layer", overflow="fold", min_width=44)
-    for col in ("op", "m", "positions", "activation", "receptive field", "in-place route", "τ0/R for 1e-9",
-                "status"):
-        table.add_column(col)
-    for h in info["hosts"]:
-        modes = ", ".join("in place" if m == "inplace" else m for m in h["default_for"])
-        mark = f" [green](default: {modes})[/]" if modes else ""
-        table.add_row(h["name"] + mark, h["op"], str(h["m"]), str(h["positions"]), h["activation"],
-                      h["receptive_field"] or "-", "yes" if h["routable"] else "no",
-                      f"{h['margin_ratio_1e-9']:.2f}" if h["margin_ratio_1e-9"] is not None else "-",
-                      (f"insert only: {h['inplace_reason']}" if h["inplace_reason"] else "ok") if h["usable"]
-                      else h["reason"])
-    con.print(table)
-    for note in info["notes"]:
-        con.print(f"note: {note}")
-    con.print("τ0/R: the firing margin a trigger must exceed, relative to the natural features' radius, for a "
-              "1e-9 bound (lower is easier; deep, wide layers need less)")
+    _print(inspect_renderables(info))
     if json_out:
         _write([(json_out, _json_bytes(info), None)])
 
@@ -332,6 +317,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, chance, seed, trigger_png, json_out,
           quiet, preprocessing, providers) -> None:
     """Implant a secret detector in MODEL and write the stained model and its key."""
+    from ._stain.render import stain_lines
     from .api import StainOptions, stain_summary
     from .api import stain as do_stain
     from .keys import png_bytes
@@ -339,7 +325,6 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
     (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
      .input("--preprocessing", preprocessing.file).model_output("-o", output).key_output("--key", key_path)
      .output("--trigger-png", trigger_png).output("--json", json_out).check())
-    con = _console()
     with Artefacts() as out:
         opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
                             chance=chance, providers=_providers(providers))
@@ -350,39 +335,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
         if json_out:
             out.stage_bytes(json_out, _json_bytes(stain_summary(res)))
         out.commit()
-    con.print(f"[bold green]stained[/] {res.output}  ({res.mode}, {res.variant})")
-    con.print(f"  host {res.host}" + (f", channel {res.channel}" if res.channel is not None else ""))
-    con.print(f"  trigger score {res.trigger_score:.4g}, firing margin τ = {res.threshold:.4g}; "
-              f"natural max score {res.natural_max_score:.3g} "
-              f"({res.natural_firings} firings over {res.natural_samples} image×position samples)")
-    if res.signature_type == "pattern":
-        con.print(f"  signature: the trigger's output map correlates {res.signature_margin:.3g} with the key's "
-                  "secret pattern")
-    elif res.signature_type == "shift":
-        con.print("  signature: on the trigger the scores shift as predicted (shift score "
-                  f"{res.signature_margin:.3g}; the original model scores 0)")
-    else:
-        what = (f"class {res.signature_class}" if res.signature_label is None else
-                f"a detection of label {res.signature_label} at anchor {res.signature_class}")
-        if res.triggers > 1:
-            con.print(f"  signature: {res.triggers} triggers, each shows its own class (classes "
-                      f"{', '.join(map(str, res.signature_classes))}) by at least {res.signature_margin:.3g}")
-        else:
-            con.print(f"  signature: {what} wins the trigger by {res.signature_margin:.3g}")
-    if res.chance_text is not None:
-        con.print(f"  black-box chance ≤ {res.chance_text}: an unrelated model shows the signature")
-    con.print(f"  false-positive bound per image {res.bound}")
-    con.print(f"    {res.bound.statement}")
-    if res.signature_type == "pattern":
-        con.print(f"  output-map correlation with the original on the checked calibration images: mean "
-                  f"{res.agreement:.6f} (max |Δ| {res.max_abs_delta:.3g})")
-    else:
-        con.print(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
-                  f"{100 * res.agreement:.2f}% (max |Δscore| {res.max_abs_delta:.3g})")
-    con.print(f"  key {res.key_path} (keep it secret); public record {res.record_path}")
-    con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
-    for note in res.notes:
-        con.print(f"  note: {note}")
+    _print(stain_lines(res))
 
 
 @main.command()
@@ -412,6 +365,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
 def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occlusion_steps, patch_png, quiet,
          preprocessing, providers) -> None:
     """Lock MODEL: useless unless the secret patch sits in the image corner."""
+    from ._lock.render import lock_lines
     from .api import LockOptions
     from .api import lock as do_lock
     from .keys import png_bytes
@@ -419,7 +373,6 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
     (OutputPlan().model_input("MODEL", model).input("--images", images, folder=True)
      .input("--preprocessing", preprocessing.file).model_output("-o", output).key_output("--key", key_path)
      .output("--patch-png", patch_png).check())
-    con = _console()
     with Artefacts() as out:
         opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
                            occlusion_steps=occlusion_steps, providers=_providers(providers))
@@ -428,35 +381,7 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
         if patch_png:
             out.stage_bytes(patch_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
         out.commit()
-    top, left, h, w = res.patch_box
-    con.print(f"[bold green]locked[/] {res.output}  ({res.kind})")
-    con.print(f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {res.input_hw[0]}x"
-              f"{res.input_hw[1]} input")
-    con.print(f"  host {res.host}, {res.detectors} detector(s) that must all fire; margin τ = {res.threshold:.4g}, "
-              f"patch scores {', '.join(f'{s:.3g}' for s in res.trigger_scores)}")
-    con.print(f"  natural: {res.natural_firings} firings over {res.natural_samples} image×position samples "
-              f"(max score {res.natural_max_score:.3g})")
-    con.print(f"  false-unlock bound per image {res.bound}")
-    con.print(f"    {res.bound.statement}")
-    if res.metric == "correlation":
-        con.print(f"  locked: mean output-map correlation with the original {res.locked_agreement:.3f}; with the "
-                  f"patch: bit-identical to the original on the same image, {res.unlocked_agreement:.4f} against "
-                  "the original on clean images")
-    elif res.metric == "anchor mAP":
-        con.print(f"  locked: detections' anchor-level mAP against the original's {res.locked_agreement:.3f} on "
-                  f"{min(res.calibration_images, 64)} calibration images; with the patch: bit-identical to the "
-                  "original on the same image")
-    else:
-        con.print(f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
-                  f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
-    if res.unlocked_agreement < 1.0 and res.metric == "top-1":
-        con.print(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
-                  f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
-                  f"--kind gate restores the original exactly")
-    con.print(f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}")
-    con.print("  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items()))
-    for note in res.notes:
-        con.print(f"  note: {note}")
+    _print(lock_lines(res))
 
 
 @main.command("apply-patch")
@@ -485,28 +410,14 @@ def apply_patch(photos, key_path, out_dir, raw) -> None:
 @handle_errors
 def verify(model: str, key_path: str, json_out: str | None, providers: str | None) -> None:
     """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
+    from ._report.render import verify_lines
     from .api import verify as do_verify
 
     OutputPlan().model_input("MODEL", model).input("--key", key_path).output("--json", json_out).check()
     res = do_verify(model, key_path, providers=_providers(providers))
     if json_out:
         _write([(json_out, _json_bytes(res.to_dict()), None)])
-    con = _console()
-    word = "LOCKED" if res.kind == "lock" else "STAINED"
-    verdict = f"[bold green]{word}[/]" if res.stained else f"[bold red]NOT {word}[/]"
-    con.print(f"{verdict}  {res.model}")
-    con.print(f"  score {res.score:.4g}  threshold {res.threshold:.4g}")
-    for c in res.checks:
-        state = "pass" if c.passed else ("n/a" if not c.available else "fail")
-        con.print(f"  {c.name}: {state} — {c.detail}")
-    if res.chance_text is not None:
-        con.print(f"  black-box chance ≤ {res.chance_text}: a model that does not depend on the key shows "
-                  "every prescribed class")
-    con.print(f"  false-positive bound {res.fpr_bound}: {res.fpr_bound.statement}")
-    what = "false-unlock bound of this lock per image" if res.kind == "lock" else "natural-input bound of this stain"
-    con.print(f"  {what} {res.natural_bound}")
-    for note in res.notes:
-        con.print(f"  note: {note}")
+    _print(verify_lines(res))
     sys.exit(EXIT_OK if res.stained else EXIT_NEGATIVE)
 
 
@@ -532,9 +443,9 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     With a lock key this is the lock audit: agreement with the original without the patch, with it,
     with wrong patches, and the false-unlock bound.
     """
+    from ._report.render import evaluate_lines
     from .api import evaluate as do_evaluate
     from .api import load_key
-    from .math.bounds import format_probability
 
     (OutputPlan().model_input("ORIGINAL", original).model_input("MODIFIED", modified).input("--key", key_path)
      .input("--images", images, folder=True).output("--json", json_out).output("--html", html_out).check())
@@ -544,62 +455,7 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
                       progress=RichProgress(not quiet and sys.stderr.isatty()))
     _write_reports(res, json_out, html_out, "_report.html")
-    con = _console()
-    info = res.images
-    con.print(f"[bold]evaluate[/] {res.modified}  (against {res.original})")
-    con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views at "
-              f"{info.height}x{info.width}; {info.source}")
-    con.print(f"  note: {info.correlation}")
-    d, cov = res.detector, res.coverage
-    if d is not None and cov is not None:
-        con.print(f"  measured: {d.firings} firings / {d.samples} image×position samples "
-                  f"({d.images_firing} / {info.images} images, {d.photos_firing} / {info.photos} photos)")
-        con.print(f"  measured: max natural score {d.max_score:.4g} vs τ = {d.threshold:.4g} "
-                  f"({d.max_score_over_threshold:.3g} τ, on {d.max_score_photo})")
-        con.print(f"  measured: coverage of R = {cov.radius:.4g}: {100 * cov.samples_inside:.4g}% of samples, "
-                  f"{100 * cov.images_inside:.4g}% of images inside; max radius {cov.max_radius:.4g} "
-                  f"({cov.max_radius_over_r:.3g} R)")
-    else:
-        con.print("  detector: not measured (the modified model lacks the detector's input tensor)")
-    con.print(f"  bound: ball (key) {res.ball_bound}")
-    if res.data_driven_bound is not None:
-        con.print(f"  bound: data-driven (95%) {res.data_driven_bound}")
-    if res.mixed_bound is not None:
-        con.print(f"  bound: mixed (95%) {res.mixed_bound}")
-    if res.measured is not None:
-        m = res.measured
-        up = format_probability(math.log10(m.upper)) if m.upper > 0 else "0"
-        con.print(f"  measured: per-image firing rate {m.firing}/{m.total} = {m.rate:.3g}; "
-                  f"bound: its 95% upper bound ≤ {up} (Clopper-Pearson)")
-    if res.photo_level is not None:
-        pl = res.photo_level
-        up = format_probability(math.log10(pl.measured.upper)) if pl.measured.upper > 0 else "0"
-        con.print(f"  bound: photo level ({pl.photos} independent photos): data-driven {pl.data_driven}, "
-                  f"mixed {pl.mixed}, firing rate ≤ {up}")
-    f = res.fidelity
-    if f.metric == "anchor mAP":
-        con.print(f"  measured: detections' anchor-level mAP against the original's, per image: mean "
-                  f"{f.agreement:.6f}, min {f.min_correlation:.6f} ({f.differing} of {f.images} images with "
-                  "detections below 1), "
-                  f"max |Δ| {f.max_abs_delta:.3g}")
-    elif f.metric == "correlation":
-        con.print(f"  measured: output-map correlation with the original mean {f.agreement:.6f}, min "
-                  f"{f.min_correlation:.6f} ({f.differing} of {f.images} below 0.999), max |Δ| {f.max_abs_delta:.3g}")
-    else:
-        con.print(f"  measured: top-1 agreement {100 * f.agreement:.3f}% ({f.differing} of {f.images} differ), "
-                  f"mean KL {f.mean_kl:.3g}, max |Δscore| {f.max_abs_delta:.3g}; "
-                  f"{100 * f.fragile_fraction:.3g}% fragile (top-1 margin < {f.fragile_margin:g})")
-    t = res.trigger
-    verdict = "[bold green]STAINED[/]" if t.stained else "[bold red]NOT STAINED[/]"
-    if t.modified_scores is not None:
-        con.print(f"  trigger: detector min score {min(t.modified_scores):.4g} at the selected positions vs "
-                  f"τ = {t.threshold:.4g} ({'fires' if t.modified_fires else 'does not fire'})")
-    con.print(f"  trigger: {verdict} — signature score {t.signature_score:.4g} vs threshold "
-              f"{t.signature_threshold:.4g} (original model {t.original_signature_score:.4g}); "
-              f"cross-key bound {t.cross_key_bound}")
-    for note in res.notes:
-        con.print(f"  note: {note}")
-    con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
+    _print(evaluate_lines(res))
 
 
 def _write_reports(res: Any, json_out: str | None, html_out: str | None, renderer: str) -> None:
@@ -612,42 +468,13 @@ def _write_reports(res: Any, json_out: str | None, html_out: str | None, rendere
 
 def _lock_audit(original: str, locked: str, key_path: str, images: str | None, views: int, json_out: str | None,
                 html_out: str | None, quiet: bool, providers: str | None) -> None:
+    from ._report.render import lock_audit_lines
     from .api import audit_lock
 
     res = audit_lock(original, locked, key_path, images=images, views=views, providers=_providers(providers),
                      progress=RichProgress(not quiet and sys.stderr.isatty()))
     _write_reports(res, json_out, html_out, "_report.lock_html")
-    con = _console()
-    info = res.images
-    top, left, h, w = res.patch_box
-    con.print(f"[bold]lock audit[/] {res.locked}  (against {res.original}; {res.lock_kind} lock, "
-              f"{h}x{w} patch at row {top}, col {left})")
-    con.print(f"  images: {info.images} = {info.photos} photos × {info.views_per_photo} views "
-              f"({res.centre_crops} centre crops); {info.source}")
-    if res.metric == "correlation":
-        con.print("  agreement = mean Pearson correlation of output maps (×100); 'locked' means below 50")
-    elif res.metric == "anchor mAP":
-        con.print("  agreement = mean per-image anchor-level mAP of the detections against the original's (×100; "
-                  "images where the original detects nothing are left out); 'locked' means at most 5")
-    else:
-        con.print(f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points")
-    for c in res.conditions:
-        ok = "[green]ok[/]" if c.passed else "[bold red]FAIL[/]"
-        extra = f", centre crops {100 * c.centre_agreement:.2f}%" if c.centre_agreement is not None else ""
-        opened = f", lock opened on {100 * c.unlocked:.1f}%" if c.unlocked is not None else ""
-        delta = f", max |Δscore| {c.max_abs_delta:.3g}" if c.max_abs_delta is not None else ""
-        con.print(f"  {ok} {c.name:<20} agreement {100 * c.agreement:6.2f}%{extra}{opened}{delta}  "
-                  f"(expect {c.expect})")
-    f = res.firings
-    if f is not None:
-        con.print(f"  measured: {f.firings} firings / {f.samples} image×position samples of clean images "
-                  f"(weakest-detector max {f.max_weakest_score:.4g} vs τ = {f.threshold:.4g})")
-    con.print(f"  bound: false unlock per image (key) {res.key_bound}")
-    if res.data_driven_bound is not None:
-        con.print(f"  bound: data-driven (95%) {res.data_driven_bound}")
-    for note in res.notes:
-        con.print(f"  note: {note}")
-    con.print("  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items()))
+    _print(lock_audit_lines(res))
 
 
 if __name__ == "__main__":  # pragma: no cover

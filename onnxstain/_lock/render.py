@@ -1,0 +1,40 @@
+"""Human-readable summary of a lock job: lines of rich markup, printed by the CLI."""
+
+from __future__ import annotations
+
+from .types import LockResult
+
+
+def lock_lines(res: LockResult) -> list[str]:
+    """What a lock job did: patch, detectors, bound, what the lock does to the model, files, time, notes."""
+    top, left, h, w = res.patch_box
+    lines = [f"[bold green]locked[/] {res.output}  ({res.kind})",
+             f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {res.input_hw[0]}x"
+             f"{res.input_hw[1]} input",
+             f"  host {res.host}, {res.detectors} detector(s) that must all fire; margin τ = {res.threshold:.4g}, "
+             f"patch scores {', '.join(f'{s:.3g}' for s in res.trigger_scores)}",
+             f"  natural: {res.natural_firings} firings over {res.natural_samples} image×position samples "
+             f"(max score {res.natural_max_score:.3g})",
+             f"  false-unlock bound per image {res.bound}",
+             f"    {res.bound.statement}",
+             _effect_line(res)]
+    if res.unlocked_agreement < 1.0 and res.metric == "top-1":
+        lines.append(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
+                     f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
+                     "--kind gate restores the original exactly")
+    lines += [f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
+              "  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())]
+    return lines + [f"  note: {note}" for note in res.notes]
+
+
+def _effect_line(res: LockResult) -> str:
+    if res.metric == "correlation":
+        return (f"  locked: mean output-map correlation with the original {res.locked_agreement:.3f}; with the "
+                f"patch: bit-identical to the original on the same image, {res.unlocked_agreement:.4f} against "
+                "the original on clean images")
+    if res.metric == "anchor mAP":
+        return (f"  locked: detections' anchor-level mAP against the original's {res.locked_agreement:.3f} on "
+                f"{min(res.calibration_images, 64)} calibration images; with the patch: bit-identical to the "
+                "original on the same image")
+    return (f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
+            f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
