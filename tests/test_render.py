@@ -42,7 +42,7 @@ def work(tmp_path_factory):
 
 
 def test_stain_summary_names_the_host_the_bound_and_the_files(work):
-    d, _, res, _ = work
+    _, _, res, _ = work
     lines = stain_lines(res)
     text = _text(lines)
     assert text.startswith(f"stained {res.output}  (insert, non-additive)")
