@@ -23,3 +23,8 @@ class Stopwatch:
     def total(self) -> dict[str, float]:
         self.timings["total"] = time.perf_counter() - self.start
         return self.timings
+
+
+def timing_line(timings: dict[str, float], decimals: int = 2) -> str:
+    """``  time stage 1.23s, …, total 4.56s``: a job's timings as its summary prints them."""
+    return "  time " + ", ".join(f"{k} {v:.{decimals}f}s" for k, v in timings.items())

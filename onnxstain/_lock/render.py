@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..stopwatch import timing_line
 from .types import LockResult
 
 
@@ -23,7 +24,7 @@ def lock_lines(res: LockResult) -> list[str]:
                      f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                      "--kind gate restores the original exactly")
     lines += [f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
-              "  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())]
+              timing_line(res.timings)]
     return lines + [f"  note: {note}" for note in res.notes]
 
 

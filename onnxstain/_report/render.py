@@ -6,6 +6,7 @@ import math
 from typing import TYPE_CHECKING
 
 from ..math.bounds import format_probability
+from ..stopwatch import timing_line
 from .lock_audit import LockAuditResult
 from .records import EvaluateResult
 
@@ -66,7 +67,7 @@ def evaluate_lines(res: EvaluateResult) -> list[str]:
                      f"mixed {pl.mixed}, firing rate ≤ {_upper(pl.measured.upper)}")
     lines += [_fidelity_line(res), *_trigger_lines(res)]
     lines += [f"  note: {note}" for note in res.notes]
-    return [*lines, "  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())]
+    return [*lines, timing_line(res.timings, 1)]
 
 
 def _fidelity_line(res: EvaluateResult) -> str:
@@ -120,7 +121,7 @@ def lock_audit_lines(res: LockAuditResult) -> list[str]:
     if res.data_driven_bound is not None:
         lines.append(f"  bound: data-driven (95%) {res.data_driven_bound}")
     lines += [f"  note: {note}" for note in res.notes]
-    return [*lines, "  time " + ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items())]
+    return [*lines, timing_line(res.timings, 1)]
 
 
 def _agreement_legend(res: LockAuditResult) -> str:

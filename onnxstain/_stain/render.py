@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..stopwatch import timing_line
 from .result import StainResult
 
 
@@ -25,7 +26,7 @@ def stain_lines(res: StainResult) -> list[str]:
         lines.append(f"  top-1 agreement with the original on {res.calibration_images} calibration images: "
                      f"{100 * res.agreement:.2f}% (max |Δscore| {res.max_abs_delta:.3g})")
     lines += [f"  key {res.key_path} (keep it secret); public record {res.record_path}",
-              "  time " + ", ".join(f"{k} {v:.2f}s" for k, v in res.timings.items())]
+              timing_line(res.timings)]
     return lines + [f"  note: {note}" for note in res.notes]
 
 
