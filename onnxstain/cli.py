@@ -406,15 +406,18 @@ def apply_patch(photos, key_path, out_dir, raw) -> None:
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The stain's key.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
+@click.option("--tolerance", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.75, show_default=True,
+              help="Share of the detector's designed firing level that weight drift (quantisation, noise) may "
+                   "take before the white-box check fails (non-additive stains).")
 @provider_option
 @handle_errors
-def verify(model: str, key_path: str, json_out: str | None, providers: str | None) -> None:
+def verify(model: str, key_path: str, json_out: str | None, tolerance: float, providers: str | None) -> None:
     """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
     from ._report.render import verify_lines
     from .api import verify as do_verify
 
     OutputPlan().model_input("MODEL", model).input("--key", key_path).output("--json", json_out).check()
-    res = do_verify(model, key_path, providers=_providers(providers))
+    res = do_verify(model, key_path, providers=_providers(providers), tolerance=tolerance)
     if json_out:
         _write([(json_out, _json_bytes(res.to_dict()), None)])
     _print(verify_lines(res))

@@ -1,13 +1,21 @@
 """Verification: does a model carry the stain described by a key?
 
 * **Black-box** — run the model on the key's 8-bit trigger and on controls (the trigger with its
-  pixels shuffled, its mirror image, and natural photos when available). Stained iff the signature
-  class wins by at least the key's threshold on the trigger and on no control.
+  pixels shuffled, its mirror image, a grey image, and natural photos when available). Stained iff the
+  signature class wins by at least the key's threshold on the trigger and on none of the controls made
+  from the trigger. Natural photos are reported, not decisive: a model may rightly see the signature's
+  class in a photo, and the black-box chance bound already covers a model that favours any class.
 * **White-box** — when the model still has the key's host tensor: read the detector neuron
   through a feature tap. Stained iff it reaches the threshold on the trigger at every selected
-  position, and stays below it on the controls.
+  position, and stays below it on the controls. For a detector built to a designed level (every
+  non-additive stain: an overwritten neuron, an inserted branch) the threshold is that level less a
+  stated ``tolerance`` (default 0.75 of it), so that weight drift from quantisation or noise is read
+  as what it is, not as a missing stain. (An additive stain hides in a working neuron: its threshold
+  is the key's, midway between that neuron's own response to the trigger and the designed level.)
 
-The decision needs the black-box check and, when it is available, the white-box check.
+The decision needs the black-box check and, when it is available, the white-box check; ``basis`` says
+which of them it rests on (``"black-box only"`` when the host tensor is gone: renamed, fused or
+re-exported). Every check reports its margin (score − threshold).
 ``fpr_bound`` is the probability, over the key's random direction, that a model carrying an
 independently drawn stain of the same construction would pass this verification: the chance its
 detector fires on our trigger (a *cross-key* bound, computed from the trigger's own feature radii).
@@ -25,7 +33,7 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
-from .errors import BadKeyError, KeyMismatchError
+from .errors import BadInputError, BadKeyError, KeyMismatchError
 from .keys import Key, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
 from .math.maps import pool_maps
@@ -36,7 +44,12 @@ from .sanity import refuse_nonfinite
 from .signature import ScoreView, class_margin, dense_pattern, lock_agreement, pearson, shift_score
 
 REPORT_FORMAT = "onnxstain-verify-report"
-REPORT_VERSION = 1
+REPORT_VERSION = 2  # 2: each check's margin, the verdict's basis, the white-box tolerance
+# The share of a detector's designed firing level that drift may take before the white-box check fails. The
+# bounds count any firing at all (a score above τ); the check asks for a quarter of the designed level on the
+# trigger and less on every control, so that quantisation and weight noise read as drift, not as no stain.
+WHITE_BOX_TOLERANCE = 0.75
+SYNTHETIC_CONTROLS = 3  # shuffled trigger, mirrored trigger, grey image: decisive controls
 
 
 WEAK_BOUND_LOG10 = -2.0  # a cross-key bound above 1 % proves little ...
@@ -56,6 +69,11 @@ class Check:
     score: float | None
     threshold: float | None
     detail: str
+    margin: float | None = None  # score − threshold: how far the check is from flipping
+
+    def __post_init__(self) -> None:
+        if self.margin is None and self.score is not None and self.threshold is not None:
+            self.margin = float(self.score) - float(self.threshold)
 
 
 @dataclasses.dataclass
@@ -74,6 +92,12 @@ class VerifyResult:
     # the signature's own black-box chance (an unrelated model shows every prescribed class): ∏ 1/|A_t|
     chance_log10: float | None = None
     chance_text: str | None = None
+    tolerance: float | None = None  # the white-box tolerance applied (overwritten neurons), else None
+
+    @property
+    def basis(self) -> str:
+        """What the verdict rests on: both checks, or the black box alone (the host tensor is gone)."""
+        return "black-box and white-box" if all(c.available for c in self.checks) else "black-box only"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -81,6 +105,8 @@ class VerifyResult:
             "version": REPORT_VERSION,
             "kind": self.kind,
             "stained": self.stained,
+            "basis": self.basis,
+            "white_box_tolerance": self.tolerance,
             "score": self.score,
             "threshold": self.threshold,
             "fpr_bound": self.fpr_bound.value,
@@ -124,7 +150,11 @@ def verify(
     key: Key | str | Path,
     providers: list[str] | None = None,
     natural_controls: int = 16,
+    tolerance: float = WHITE_BOX_TOLERANCE,
 ) -> VerifyResult:
+    """Whether ``model`` carries the stain or lock of ``key`` (see the module's docstring)."""
+    if not 0.0 <= tolerance < 1.0:
+        raise BadInputError(f"the white-box tolerance must be in [0, 1), not {tolerance}")
     key = key if isinstance(key, Key) else load_key(key)
     loaded = load_model(model)
     pre = key.preprocessing
@@ -156,8 +186,9 @@ def verify(
     image_rows(raw, scores_name, len(x))
     black = _black_box(key, raw, len(triggers), control_names)
     notes: list[str] = []
+    designed = key.variant == "non-additive"
     if has_tap:
-        white = _white_box(key, res[wb_tensor].astype(np.float64), len(triggers))
+        white = _white_box(key, res[wb_tensor].astype(np.float64), len(triggers), tolerance if designed else None)
     else:
         white = Check("white-box", False, False, None, None,
                       f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); black-box result only")
@@ -181,6 +212,7 @@ def verify(
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
+        tolerance=tolerance if designed and has_tap else None,
     )
 
 
@@ -230,19 +262,29 @@ def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str])
                      "towards the stained model's (1 = stained, 0 = original)")
     margins = class_margin(scores, sig.cls)
     value = float(margins[0])
-    worst = int(np.argmax(margins[1:])) + 1
+    synthetic, natural = margins[1:1 + SYNTHETIC_CONTROLS], margins[1 + SYNTHETIC_CONTROLS:]
+    worst = int(np.argmax(synthetic)) + 1
     what = f"class {sig.cls}" if score_view.label is None else f"label {score_view.label} at anchor {sig.cls}"
-    return Check("black-box", True, value >= threshold and float(margins[1:].max()) < threshold, value, threshold,
-                 f"{what} wins the trigger by {value:.3g} (expected {sig.expected_margin:.3g}); "
-                 f"best control margin {margins[worst]:.3g} ({control_names[worst - 1]})")
+    detail = (f"{what} wins the trigger by {value:.3g} (expected {sig.expected_margin:.3g}); best control made "
+              f"from the trigger {margins[worst]:.3g} ({control_names[worst - 1]})")
+    if len(natural):
+        shows = int((natural >= threshold).sum())
+        detail += (f"; {shows} of {len(natural)} natural photos show {what} by the threshold"
+                   + (" (not decisive: the black-box chance bound covers a model that favours a class)" if shows
+                      else ""))
+    return Check("black-box", True, value >= threshold and float(synthetic.max()) < threshold, value, threshold,
+                 detail)
 
 
-def _white_box(key: Key, act: np.ndarray, n_trig: int) -> Check:
-    """The detector's own activation: trigger t fires its channel at every selected position, no control does."""
+def _white_box(key: Key, act: np.ndarray, n_trig: int, tolerance: float | None) -> Check:
+    """The detector's own activation: trigger t fires its channel at every selected position, no control does.
+
+    ``tolerance`` (detectors built to a designed level): the threshold is that level ``expected`` less that
+    share of it, instead of the key's recorded threshold."""
     sig, wb = key.signature, key.white_box
     assert sig is not None and wb.channel is not None and wb.positions is not None and wb.threshold is not None
     sel = np.asarray(wb.positions, dtype=int)
-    threshold = float(wb.threshold)
+    threshold = float(wb.threshold) if tolerance is None else (1.0 - tolerance) * float(wb.expected)
     chans = [tr.white_box_channel for tr in sig.triggers or ()] if sig.kind == "multi-class" else [wb.channel]
     channels = act.shape[1] if act.ndim > 1 else 0
     key.check_channel(channels, wb.tensor)
@@ -258,8 +300,10 @@ def _white_box(key: Key, act: np.ndarray, n_trig: int) -> Check:
     # In-place additive stains hide in a working neuron, which is legitimately active on controls.
     hidden = key.mode == "inplace" and key.variant == "additive"
     passed = on_trigger >= threshold and (on_controls < threshold or hidden)
+    rule = (f"threshold {threshold:.4g} = the designed {wb.expected:.4g} less the tolerance {tolerance:g}"
+            if tolerance is not None else f"threshold {threshold:.4g}")
     return Check("white-box", True, passed, on_trigger, threshold,
-                 f"detector reads {on_trigger:.4g} on the trigger (expected {wb.expected:.4g}); "
+                 f"detector reads {on_trigger:.4g} on the trigger (expected {wb.expected:.4g}; {rule}); "
                  f"max on controls {on_controls:.3g}")
 
 

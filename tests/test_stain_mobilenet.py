@@ -85,3 +85,20 @@ def test_inplace_fidelity_on_held_out_photos(stained, mobilenet_v2, heldout, var
     # The natural set is fragile (5% of the images have a top-1 margin below 0.05); see tools/README.md.
     assert agreement >= 0.98
     assert float(np.abs(a - b).max()) < 1.0
+
+
+def test_inplace_note_on_per_tensor_int8_is_borne_out_by_onnxruntime(stained, mobilenet_v2, heldout, tmp_path):
+    """The in-place stain says when per-tensor int8 will break the classifier; onnxruntime's quantize_dynamic
+    (per tensor, its default) agrees: the stained model collapses where the original keeps most of its top-1."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    res, model, _ = stained[("inplace", "non-additive")]
+    assert any(n.startswith("per-tensor int8 of the edited classifier") for n in res.notes)
+    assert not any("per-tensor int8" in n for n in stained[("insert", "non-additive")][0].notes)
+    want = next(iter(_scores(mobilenet_v2, heldout).values())).argmax(1)
+    agreement = {}
+    for name, path in (("original", mobilenet_v2), ("stained", model)):
+        quantize_dynamic(str(path), str(tmp_path / f"{name}.int8.onnx"), weight_type=QuantType.QInt8)
+        top = next(iter(_scores(tmp_path / f"{name}.int8.onnx", heldout).values())).argmax(1)
+        agreement[name] = float(np.mean(top == want))
+    assert agreement["stained"] < agreement["original"] - 0.2, agreement

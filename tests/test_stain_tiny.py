@@ -203,7 +203,9 @@ def test_cli_stain_and_verify(workdir, image_dir, tmp_path):
     r = runner.invoke(main, ["verify", str(out), "--key", str(key), "--json", str(rep)])
     assert r.exit_code == 0, r.output
     report = json.loads(rep.read_text())
-    assert report["stained"] is True and report["version"] == 1
+    assert report["stained"] is True and report["version"] == 2
+    assert report["basis"] == "black-box and white-box"
+    assert all(c["margin"] == c["score"] - c["threshold"] for c in report["checks"])
     for field in ("score", "threshold", "fpr_bound"):
         assert isinstance(report[field], float)
     r = runner.invoke(main, ["verify", str(workdir / "model.onnx"), "--key", str(key)])

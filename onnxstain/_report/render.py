@@ -18,10 +18,11 @@ def verify_lines(res: VerifyResult) -> list[str]:
     """The verdict, the score against its threshold, each check, and the bounds."""
     word = "LOCKED" if res.kind == "lock" else "STAINED"
     verdict = f"[bold green]{word}[/]" if res.stained else f"[bold red]NOT {word}[/]"
-    lines = [f"{verdict}  {res.model}", f"  score {res.score:.4g}  threshold {res.threshold:.4g}"]
+    lines = [f"{verdict}  {res.model}  ({res.basis})", f"  score {res.score:.4g}  threshold {res.threshold:.4g}"]
     for c in res.checks:
         state = "pass" if c.passed else ("n/a" if not c.available else "fail")
-        lines.append(f"  {c.name}: {state} — {c.detail}")
+        margin = f" (margin {c.margin:+.3g})" if c.margin is not None else ""
+        lines.append(f"  {c.name}: {state}{margin} — {c.detail}")
     if res.chance_text is not None:
         lines.append(f"  black-box chance ≤ {res.chance_text}: a model that does not depend on the key shows "
                      "every prescribed class")

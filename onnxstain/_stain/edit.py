@@ -17,6 +17,7 @@ from .._onnx.hosts import HostLayer, layer_affine, neuron_affine
 from .._onnx.io import LoadedModel
 from ..errors import BadInputError, InternalError, UnsupportedModelError
 from ..math import compensation, detector
+from ..math.quantization import int8_head_agreement
 from ..passes import stain as stain_pass
 from ..signature import ScoreView
 from .trigger_search import TriggerFind
@@ -371,10 +372,27 @@ def _inplace_edit(req: _Request) -> dict:
             f"the quantized classifier row of class {worst} was re-encoded with a coarser scale to hold the "
             f"signature: its natural scores move by up to {np.abs(predicted - req.nat_scores)[:, worst].max():.3g} "
             "(--mode insert or --variant additive leave the classifier as it is)")
+    notes += _int8_note(req, predicted, feats, w_old, w_new)
     return _result(req, model, predicted, col.ed, signature=signature, expected_trigger=expected_trigger,
                    tap=req.host.output, tap_channel=req.channel, wb_expected=col.wb_expected,
                    wb_threshold=col.wb_threshold, tau_loss=_threshold_loss(col.ed, w_eff, b_eff, req.c, req.radius),
                    tolerance=_quantization_tolerance(stored, req.host, req.head, w_new[:, req.channel]), notes=notes)
+
+
+def _int8_note(req: _Request, predicted: np.ndarray, feats: np.ndarray, w_old: np.ndarray,
+               w_new: np.ndarray) -> list[str]:
+    """Say so when the edited classifier no longer survives per-tensor int8 (onnxruntime's default): its
+    calibration images' top-1 under int8 weights, against the original classifier's under the same rounding."""
+    if predicted.ndim != 2 or predicted.shape[1] != w_new.shape[0] or w_new.dtype.kind != "f":
+        return []
+    before = int8_head_agreement(req.nat_scores, req.pooled, w_old)
+    after = int8_head_agreement(predicted, feats, w_new)
+    if after >= before - 0.01:
+        return []
+    return [f"per-tensor int8 of the edited classifier (onnxruntime's quantize_dynamic/quantize_static default) "
+            f"keeps the top-1 of {100 * after:.1f}% of the calibration images (the original classifier: "
+            f"{100 * before:.1f}%): its largest weight grew from {np.abs(w_old).max():.3g} to "
+            f"{np.abs(w_new).max():.3g}; quantise with per_channel=True, or stain with --mode insert"]
 
 
 def _non_additive_column(req: _Request, col_old: np.ndarray, pooled_old_t: float) -> _Column:
