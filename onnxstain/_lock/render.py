@@ -24,6 +24,9 @@ def lock_lines(res: LockResult) -> list[str]:
                      f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                      "--kind gate restores the original exactly")
     lines += [f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
+              "  int8: to quantise the locked model statically (QDQ), calibrate on images of which some carry the "
+              "patch (onnxstain.paste_patch); calibrated on clean images only, the quantiser clips the open gate "
+              "and the patch no longer unlocks it",
               timing_line(res.timings)]
     return lines + [f"  note: {note}" for note in res.notes]
 

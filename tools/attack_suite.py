@@ -1,0 +1,633 @@
+"""Attack suite: what a pipeline or a thief holding only the marked ONNX file does to each mark, measured.
+
+For each model (``--models``, names from ``models/corpus.py``) and each mark (``--marks``: ``stain-inplace``
+and ``stain-insert`` with the default settings, ``lock-gate`` — the default lock — and ``lock-inplace``),
+the mark is made once with ``--seed``; then every attack of ``--attacks`` is applied to the marked model
+(and, for the toolchain and weight attacks, to the original, so that the attacked model is compared with the
+attacked original). One interface for every attack (:class:`Attack`): a name, a family and a function
+that writes the attacked model and returns what it cost.
+
+Families:
+
+- **toolchain** — what a deployment pipeline does next: onnxruntime basic and extended optimisation,
+  onnxsim, onnxslim, fp16 (onnxconverter-common), int8 dynamic and int8 static QDQ per tensor and per
+  channel (onnxruntime.quantization; the static ones calibrated on 64 natural images — 32 calibration
+  photos × 2 views — that the evaluation does not use);
+- **weights** — 1 % Gaussian weight noise (relative to each tensor's std), magnitude pruning of 10 % and
+  30 % of every Conv/Gemm/MatMul weight;
+- **removal** — a thief's edits aimed at a mark, from the graph alone: zero the classifier column with
+  the largest norm (the in-place stain's signature column stands out), reset the classifier bias to
+  its median (the in-place lock's disruption), bypass each of the last Mul/Add nodes in turn (an
+  inserted branch or gate: the best candidate is reported, with how many were tried), and, for a lock
+  whose detector reads a pixel window through a ``Slice`` of the input, the patch read off the
+  detector's weights (sign → 0/255);
+- **detection** — how the marked model gives itself away: for each edited weight tensor the rank of its
+  most extreme edited channel (and classifier column) on per-channel robust z-scores of norm, max |w|,
+  max/median, bias and bias/row-norm; structural tells (nodes added, op types that occur once, input
+  consumers added).
+
+Each result row: does the mark survive (``verify`` exit 0 for a stain; for a lock, the patch still
+opens it and its absence still locks), top-1 agreement with the original (and, for a toolchain
+transform, the transformed original's), and the attacker's cost. Writes ``attack_suite.json`` and
+``attack_suite.md`` to ``--out``.
+
+    python tools/attack_suite.py --out out/attacks                                   # 3 models, default marks
+    python tools/attack_suite.py --models mobilenet_v2 --marks stain-inplace --attacks int8-dynamic,noise-1%
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import onnxstain  # noqa: E402
+from onnxstain.errors import OnnxStainError  # noqa: E402
+from onnxstain.keys import Key, load_key  # noqa: E402
+from onnxstain.naturalset import natural_images  # noqa: E402
+from onnxstain.patch import Patch, paste_pixels  # noqa: E402
+from onnxstain.runtime import run_batches, session  # noqa: E402
+from onnxstain.verify import key_patch  # noqa: E402
+
+DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "cifar10_cnn")
+MARKS = ("stain-inplace", "stain-insert", "lock-gate", "lock-inplace")
+DEFAULT_MARKS = ("stain-inplace", "stain-insert", "lock-gate")
+WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op → index of its weight input
+
+
+# -- context ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Context:
+    """What every attack may use: the image sets at the model's input size (the attacker's own photos)."""
+
+    key: Key
+    calibration: np.ndarray  # uint8 [N,H,W,3]: static quantisation's calibration photos
+    probe: np.ndarray  # uint8 [N,H,W,3]: the attacker's photos to check an edit keeps the model working
+    seed: int
+
+    def inputs(self, pixels: np.ndarray) -> np.ndarray:
+        return self.key.preprocessing.to_input(pixels)
+
+
+def _scores(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    sess = session(model if isinstance(model, onnx.ModelProto) else str(model))
+    name = sess.get_outputs()[0].name
+    out = run_batches(sess, x, [name], batch=16)[name]
+    return np.asarray(out, np.float64).reshape(len(x), -1)
+
+
+def top1(model: Path | onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return _scores(model, x).argmax(axis=1)
+
+
+# -- attacks ------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Attack:
+    name: str
+    family: str  # toolchain | weights | removal
+    apply: Callable[[Path, Path, Context], str]  # (marked model, output path, context) → cost note
+    on_original: bool = False  # transform the original too and compare like with like
+
+
+def _ort_optimised(level: str) -> Callable[[Path, Path, Context], str]:
+    def apply(src: Path, dst: Path, ctx: Context) -> str:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel, f"ORT_ENABLE_{level.upper()}")
+        opts.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(src), opts, providers=["CPUExecutionProvider"])
+        return "one session"
+    return apply
+
+
+def _onnxsim(src: Path, dst: Path, ctx: Context) -> str:
+    import onnxsim
+
+    model, ok = onnxsim.simplify(onnx.load(src))
+    if not ok:
+        raise RuntimeError("onnxsim could not validate its result")
+    onnx.save(model, dst)
+    return "one call"
+
+
+def _onnxslim(src: Path, dst: Path, ctx: Context) -> str:
+    import onnxslim
+
+    onnx.save(onnxslim.slim(onnx.load(src)), dst)
+    return "one call"
+
+
+def _fp16(src: Path, dst: Path, ctx: Context) -> str:
+    from onnxconverter_common import float16
+
+    onnx.save(float16.convert_float_to_float16(onnx.load(src), keep_io_types=True), dst)
+    return "one call"
+
+
+def _int8_dynamic(src: Path, dst: Path, ctx: Context) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+    return "one call"
+
+
+def _int8_static(per_channel: bool, patched: bool = False) -> Callable[[Path, Path, Context], str]:
+    """Static QDQ int8. ``patched``: every other calibration image carries the lock's patch, as the README
+    tells a lock's owner to calibrate (the quantiser must see the gate open to keep its range)."""
+    def apply(src: Path, dst: Path, ctx: Context) -> str:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+        name = onnx.load(src, load_external_data=False).graph.input[0].name
+        pixels = ctx.calibration
+        if patched:
+            if ctx.key.kind != "lock":
+                raise NotApplicable("patched calibration is for locks")
+            pixels = pixels.copy()
+            pixels[::2] = paste_pixels(pixels[::2], key_patch(ctx.key))
+        x = ctx.inputs(pixels)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self.rows = iter(x[i:i + 1] for i in range(len(x)))
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                row = next(self.rows, None)
+                return None if row is None else {name: row}
+
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+        return f"{len(x)} calibration images" + (", every other one patched" if patched else "")
+    return apply
+
+
+def _weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The float weight initializers of Conv, Gemm and MatMul nodes."""
+    inits = {t.name: t for t in model.graph.initializer}
+    names = {n.input[WEIGHT_OPS[n.op_type]] for n in model.graph.node
+             if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[WEIGHT_OPS[n.op_type]] in inits}
+    return [inits[n] for n in sorted(names) if inits[n].data_type == onnx.TensorProto.FLOAT]
+
+
+def _edit_weights(edit: Callable[[np.ndarray, np.random.Generator], np.ndarray]) -> Callable[..., str]:
+    def apply(src: Path, dst: Path, ctx: Context) -> str:
+        model = onnx.load(src)
+        rng = np.random.default_rng(ctx.seed)
+        tensors = _weights(model)
+        for t in tensors:
+            t.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(t), rng).astype(np.float32), t.name))
+        onnx.save(model, dst)
+        return f"{len(tensors)} weight tensors"
+    return apply
+
+
+def _noise(level: float) -> Callable[..., str]:
+    return _edit_weights(lambda w, rng: w + rng.normal(0.0, level * float(w.std()), w.shape))
+
+
+def _prune(fraction: float) -> Callable[..., str]:
+    def edit(w: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        cut = np.quantile(np.abs(w), fraction)
+        return np.where(np.abs(w) <= cut, 0.0, w)
+    return _edit_weights(edit)
+
+
+def _classifier(model: onnx.ModelProto) -> tuple[onnx.NodeProto, dict[str, onnx.TensorProto]] | None:
+    """The last Gemm/MatMul with an initializer weight: the classifier a thief reads first."""
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in reversed(model.graph.node):
+        if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
+            return node, inits
+    return None
+
+
+def _prune_top_column(src: Path, dst: Path, ctx: Context) -> str:
+    model = onnx.load(src)
+    found = _classifier(model)
+    if found is None:
+        raise NotApplicable("no Gemm/MatMul classifier with stored weights")
+    node, inits = found
+    w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+    feat_axis = 1 if trans_b else 0  # the axis over input features
+    norms = np.linalg.norm(w, axis=1 - feat_axis)
+    j = int(norms.argmax())
+    w = w.copy()
+    (w[:, j] if feat_axis == 1 else w[j, :])[...] = 0.0
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), node.input[1]))
+    onnx.save(model, dst)
+    return f"column {j} of {len(norms)} (norm {norms[j]:.3g}, median {np.median(norms):.3g})"
+
+
+def _bias_median(src: Path, dst: Path, ctx: Context) -> str:
+    model = onnx.load(src)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in reversed(model.graph.node):
+        bias = (node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else
+                next((i for i in node.input if i in inits), None) if node.op_type == "Add" else None)
+        if bias in inits and numpy_helper.to_array(inits[bias]).size > 1:
+            b = numpy_helper.to_array(inits[bias])
+            inits[bias].CopyFrom(numpy_helper.from_array(np.full_like(b, np.median(b)), bias))
+            onnx.save(model, dst)
+            return f"{b.size} biases of {node.name or node.op_type} (std was {b.std():.3g})"
+    raise NotApplicable("no classifier bias found")
+
+
+class NotApplicable(Exception):
+    """The attack has nothing to act on in this model."""
+
+
+def _bypass_candidates(model: onnx.ModelProto, last: int = 24) -> list[tuple[int, int]]:
+    """(node index, input index) pairs: replace the output of one of the last Mul/Add nodes by an input."""
+    inits = {t.name for t in model.graph.initializer}
+    out = []
+    for i in range(max(0, len(model.graph.node) - last), len(model.graph.node)):
+        node = model.graph.node[i]
+        if node.op_type in ("Mul", "Add") and len(node.input) == 2:
+            out += [(i, k) for k in range(2) if node.input[k] not in inits]
+    return out
+
+
+def _bypassed(model: onnx.ModelProto, index: int, keep: int) -> onnx.ModelProto:
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    node = edited.graph.node[index]
+    old, new = node.output[0], node.input[keep]
+    del edited.graph.node[index]
+    for n in edited.graph.node:
+        for j, name in enumerate(n.input):
+            if name == old:
+                n.input[j] = new
+    for o in edited.graph.output:
+        if o.name == old:  # keep the output's name: route it through an Identity
+            edited.graph.node.append(onnx.helper.make_node("Identity", [new], [old]))
+    return edited
+
+
+def bypass_search(marked: Path, ctx: Context, judge: Callable[[onnx.ModelProto], float]) -> tuple[float, str]:
+    """Try every bypass candidate; the best by ``judge`` (higher is better) and what it cost."""
+    model = onnx.load(marked)
+    best, best_what, tried = -1.0, "none", 0
+    for index, keep in _bypass_candidates(model):
+        try:
+            edited = _bypassed(model, index, keep)
+            value = judge(edited)
+        except Exception:  # a candidate that breaks the graph: the attacker moves on
+            continue
+        tried += 1
+        if value > best:
+            node = model.graph.node[index]
+            best, best_what = value, f"{node.op_type} {node.name or index} (input {keep})"
+    return best, f"{tried} candidates tried; best: {best_what}"
+
+
+def patch_from_weights(marked: Path, ctx: Context) -> Patch | None:
+    """A pixel-window detector's patch read off its weights: the window from the ``Slice`` of the input,
+    the pattern from the sign of the first weight tensor of that size downstream."""
+    model = onnx.load(marked)
+    image = model.graph.input[0].name
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for n in model.graph.node:
+        if n.op_type == "Constant":
+            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    pre = ctx.key.preprocessing
+    for node in model.graph.node:
+        if node.op_type != "Slice" or node.input[0] != image or len(node.input) < 4:
+            continue
+        starts, ends = (consts.get(node.input[k]) for k in (1, 2))
+        axes = consts.get(node.input[3]) if len(node.input) > 3 else None
+        if starts is None or ends is None or axes is None:
+            continue
+        spatial = (2, 3) if pre.layout == "NCHW" else (1, 2)
+        box = {int(a) % 4: (int(s), int(e)) for a, s, e in zip(axes, starts, ends, strict=False)}
+        (top, bottom), (left, right) = (box.get(spatial[0], (0, pre.height)), box.get(spatial[1], (0, pre.width)))
+        h, w = min(bottom, pre.height) - top, min(right, pre.width) - left
+        for weight in consts.values():
+            if weight.size == 3 * h * w and weight.ndim >= 2:
+                signs = weight.reshape(-1, 3, h, w)[0] if pre.layout == "NCHW" else weight.reshape(-1, h, w, 3)[0]
+                hwc = np.moveaxis(signs, 0, -1) if pre.layout == "NCHW" else signs
+                return Patch(np.where(hwc > 0, 255, 0).astype(np.uint8), top, left)
+    return None
+
+
+TOOLCHAIN = [
+    Attack("ort-basic", "toolchain", _ort_optimised("basic"), True),
+    Attack("ort-extended", "toolchain", _ort_optimised("extended"), True),
+    Attack("onnxsim", "toolchain", _onnxsim, True),
+    Attack("onnxslim", "toolchain", _onnxslim, True),
+    Attack("fp16", "toolchain", _fp16, True),
+    Attack("int8-dynamic", "toolchain", _int8_dynamic, True),
+    Attack("int8-qdq-tensor", "toolchain", _int8_static(False), True),
+    Attack("int8-qdq-channel", "toolchain", _int8_static(True), True),
+    Attack("int8-qdq-tensor-patched", "toolchain", _int8_static(False, patched=True), True),
+    Attack("int8-qdq-channel-patched", "toolchain", _int8_static(True, patched=True), True),
+]
+WEIGHTS = [
+    Attack("noise-1%", "weights", _noise(0.01), True),
+    Attack("prune-10%", "weights", _prune(0.10), True),
+    Attack("prune-30%", "weights", _prune(0.30), True),
+]
+REMOVAL = [
+    Attack("prune-top-column", "removal", _prune_top_column),
+    Attack("bias-median", "removal", _bias_median),
+]
+ATTACKS = {a.name: a for a in TOOLCHAIN + WEIGHTS + REMOVAL}
+SEARCHES = ("bypass", "patch-from-weights")  # removal attacks that search over candidates
+DETECTION = ("detection",)
+
+
+# -- marks --------------------------------------------------------------------------------------------
+def make_mark(kind: str, original: Path, work: Path, seed: int) -> tuple[Path, Path, float]:
+    out, key = work / f"{kind}.onnx", work / f"{kind}.key"
+    t0 = time.perf_counter()
+    if kind.startswith("stain"):
+        onnxstain.stain(original, out, key, options=onnxstain.StainOptions(mode=kind.split("-")[1], seed=seed))
+    else:
+        onnxstain.lock(original, out, key, options=onnxstain.LockOptions(kind=kind.split("-")[1], seed=seed))
+    return out, key, time.perf_counter() - t0
+
+
+# -- evaluation ---------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Row:
+    model: str
+    mark: str
+    attack: str
+    family: str
+    survives: bool | None
+    agreement: float | None  # attacked marked model vs the original (stain) / the patch's view (lock)
+    reference: float | None  # the attacked original vs the original, for a toolchain transform
+    locked: float | None = None  # lock: the attacked model without the patch vs the original
+    detail: str = ""
+    cost: str = ""
+    seconds: float = 0.0
+
+
+class Evaluator:
+    def __init__(self, name: str, original: Path, views: int, seed: int, work: Path) -> None:
+        self.name, self.original, self.work, self.seed = name, original, work, seed
+        self.views = views
+        self._attacked_original: dict[str, Path] = {}
+
+    def setup(self, key: Key) -> None:
+        pre = key.preprocessing
+        size = (pre.height, pre.width)
+        self.eval_px = natural_images("heldout", size=size, views=self.views).pixels
+        calib = natural_images("calibration", size=size, views=2).pixels  # 42 photos × 2 views
+        self.ctx = Context(key, calib[:64], calib[64:], self.seed)
+        self.x = self.ctx.inputs(self.eval_px)
+        self.want = top1(self.original, self.x)
+
+    def attacked_original(self, attack: Attack, mark: str) -> Path:
+        """The original under the same attack (calibrated on the same patched images for a ``-patched`` one)."""
+        name = f"{attack.name}.{mark}" if attack.name.endswith("-patched") else attack.name
+        if name not in self._attacked_original:
+            path = self.work / f"original.{name}.onnx"
+            attack.apply(self.original, path, self.ctx)
+            self._attacked_original[name] = path
+        return self._attacked_original[name]
+
+    def run(self, mark: str, marked: Path, key: Key, attack: Attack) -> Row:
+        t0 = time.perf_counter()
+        self.ctx.key = key
+        path = self.work / f"{mark}.{attack.name}.onnx"
+        try:
+            cost = attack.apply(marked, path, self.ctx)
+        except NotApplicable as exc:
+            return Row(self.name, mark, attack.name, attack.family, None, None, None, detail=f"n/a: {exc}")
+        except Exception as exc:  # the transform itself fails: record it
+            return Row(self.name, mark, attack.name, attack.family, None, None, None,
+                       detail=f"transform failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
+        ref_path = self.attacked_original(attack, mark) if attack.on_original else None
+        row = (self._stain_row(mark, path, key, attack, ref_path) if mark.startswith("stain")
+               else self._lock_row(mark, path, key, attack, ref_path))
+        row.cost, row.seconds = cost, time.perf_counter() - t0
+        return row
+
+    def _stain_row(self, mark: str, path: Path, key: Key, attack: Attack, ref: Path | None) -> Row:
+        agree = float(np.mean(top1(path, self.x) == self.want))
+        reference = float(np.mean(top1(ref, self.x) == self.want)) if ref else None
+        try:
+            v = onnxstain.verify(path, key)
+        except OnnxStainError as exc:
+            return Row(self.name, mark, attack.name, attack.family, False, agree, reference,
+                       detail=f"verify refused: {exc}")
+        checks = "; ".join(f"{c.name} {'pass' if c.passed else 'n/a' if not c.available else 'fail'}"
+                           + (f" {c.score:.3g}/{c.threshold:.3g}" if c.available and c.score is not None
+                              and c.threshold is not None else "") for c in v.checks)
+        return Row(self.name, mark, attack.name, attack.family, v.stained, agree, reference,
+                   detail=f"{checks}; bound {v.fpr_bound}")
+
+    def _lock_row(self, mark: str, path: Path, key: Key, attack: Attack, ref: Path | None) -> Row:
+        patched = self.ctx.inputs(paste_pixels(self.eval_px, key_patch(key)))
+        want_patched = top1(ref or self.original, patched)
+        with_patch = float(np.mean(top1(path, patched) == want_patched))
+        locked = float(np.mean(top1(path, self.x) == self.want))
+        reference = float(np.mean(top1(ref, self.x) == self.want)) if ref else None
+        survives = with_patch >= 0.95 and locked <= self._chance(key) + 0.02
+        return Row(self.name, mark, attack.name, attack.family, survives, with_patch, reference, locked=locked,
+                   detail=f"with the patch {100 * with_patch:.1f}% of the "
+                          f"{'transformed ' if ref else ''}original on the same patched images; "
+                          f"without {100 * locked:.1f}%")
+
+    def _chance(self, key: Key) -> float:
+        return 1.0 / max(2, int(key.model.classes))
+
+    # removal searches: the thief's best with the model in hand; the oracle picks by agreement with the original
+    def bypass(self, mark: str, marked: Path, key: Key) -> Row:
+        t0 = time.perf_counter()
+        best, cost = bypass_search(marked, self.ctx, lambda m: float(np.mean(top1(m, self.x) == self.want)))
+        if mark.startswith("stain"):
+            survives: bool | None = None
+            # the thief keeps an edit that changes nothing on his photos; does the stain survive the best one?
+            model = onnx.load(marked)
+            survivors = []
+            probe = self.ctx.inputs(self.ctx.probe)
+            base = top1(model, probe)
+            for index, keep in _bypass_candidates(model):
+                try:
+                    edited = _bypassed(model, index, keep)
+                    if float(np.mean(top1(edited, probe) == base)) < 0.99:
+                        continue
+                    path = self.work / f"{mark}.bypass.onnx"
+                    onnx.save(edited, path)
+                    survivors.append(onnxstain.verify(path, key).stained)
+                except Exception:
+                    continue
+            survives = all(survivors) if survivors else True
+            detail = (f"{len(survivors)} bypasses keep ≥ 99% of the marked model's top-1 on the thief's photos; "
+                      f"the stain survives {sum(survivors)} of them")
+        else:
+            survives = best < 0.5
+            detail = f"best bypass agrees {100 * best:.1f}% with the original (oracle choice)"
+        return Row(self.name, mark, "bypass", "removal", survives, best, None, detail=detail, cost=cost,
+                   seconds=time.perf_counter() - t0)
+
+    def patch_from_weights(self, mark: str, marked: Path, key: Key) -> Row:
+        t0 = time.perf_counter()
+        patch = patch_from_weights(marked, self.ctx)
+        if patch is None:
+            return Row(self.name, mark, "patch-from-weights", "removal", True, None, None,
+                       detail="n/a: no pixel window read through a Slice of the input with a weight of its size")
+        opened = float(np.mean(top1(marked, self.ctx.inputs(paste_pixels(self.eval_px, patch))) ==
+                               top1(self.original, self.ctx.inputs(paste_pixels(self.eval_px, patch)))))
+        exact = bool(np.array_equal(patch.pixels, key_patch(key).pixels))
+        return Row(self.name, mark, "patch-from-weights", "removal", opened < 0.5, opened, None,
+                   detail=f"the patch read off the weights {'equals' if exact else 'differs from'} the key's; "
+                          f"opens the lock on {100 * opened:.1f}% of images",
+                   cost="sign of one weight tensor", seconds=time.perf_counter() - t0)
+
+
+# -- detection ----------------------------------------------------------------------------------------
+def _robust_z(values: np.ndarray) -> np.ndarray:
+    med = np.median(values)
+    mad = np.median(np.abs(values - med)) * 1.4826
+    return (values - med) / (mad if mad > 0 else (np.std(values) or 1.0))
+
+
+def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
+    """Rank of the edited channels on per-channel weight statistics, and the structural tells."""
+    a, b = onnx.load(original), onnx.load(marked)
+    ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    worst: tuple[float, str] = (1.0, "no edited tensor")
+    findings = []
+    for t in b.graph.initializer:
+        if t.name not in ia:
+            continue
+        w0, w1 = ia[t.name], numpy_helper.to_array(t)
+        if w0.shape != w1.shape or w1.dtype.kind != "f" or np.array_equal(w0, w1) or w1.ndim == 0:
+            continue
+        for axis, what in ((0, "row/channel"), (1, "column")) if w1.ndim >= 2 else ((0, "entry"),):
+            flat = np.moveaxis(w1, axis, 0).reshape(w1.shape[axis], -1).astype(np.float64)
+            # the edited slices: those changed by at least a tenth of the largest change (a compensation spreads
+            # small changes over every slice; the mark is where the change is)
+            change = np.linalg.norm(np.moveaxis(w1 - w0, axis, 0).reshape(w1.shape[axis], -1).astype(np.float64),
+                                    axis=1)
+            edited = np.flatnonzero(change >= 0.1 * change.max())
+            if len(edited) == 0 or len(edited) == len(flat):
+                continue
+            stats = {"norm": np.linalg.norm(flat, axis=1), "max|w|": np.abs(flat).max(axis=1),
+                     "max/median": np.abs(flat).max(axis=1) / (np.median(np.abs(flat), axis=1) + 1e-12)}
+            if w1.ndim == 1:
+                stats = {"value": flat[:, 0], "-value": -flat[:, 0]}
+            for stat, values in stats.items():
+                z = _robust_z(values)
+                order = np.argsort(-z)
+                rank = int(np.min(np.flatnonzero(np.isin(order, edited)))) + 1
+                frac = rank / len(values)
+                if frac < worst[0]:
+                    worst = (frac, f"{t.name} {what} {stat}: rank {rank} of {len(values)} "
+                                   f"(z = {z[order[rank - 1]]:.1f})")
+                if rank <= int(np.ceil(0.01 * len(values))):  # the top 1 % (the most extreme one under 100)
+                    findings.append(f"{stat} of {what}s of {t.name}: rank {rank}/{len(values)}")
+    names_a = {n.name for n in a.graph.node}
+    added = [n for n in b.graph.node if n.name not in names_a]
+    ops_a = {n.op_type for n in a.graph.node}
+    lone = sorted({n.op_type for n in added if n.op_type not in ops_a})
+    image = b.graph.input[0].name
+    consumers = [sum(image in n.input for n in g.graph.node) for g in (a, b)]
+    tells = (f"{len(added)} nodes added" + (f", op types new to the model: {', '.join(lone)}" if lone else "")
+             + (f", image input consumers {consumers[0]} → {consumers[1]}" if consumers[0] != consumers[1] else ""))
+    found = bool(findings) or bool(added)
+    return Row(name, mark, "detection", "detection", not found, None, None,
+               detail=(f"most extreme edit: {worst[1]}; " if worst[1] != "no edited tensor" else "no weight edited; ")
+               + (f"{len(findings)} statistic(s) put an edit in the top 1 %; " if findings else "")
+               + tells, cost="weight statistics, no data")
+
+
+# -- driver -------------------------------------------------------------------------------------------
+def run_model(name: str, marks: list[str], attacks: list[str], views: int, seed: int, work: Path,
+              log: Callable[[str], None]) -> list[Row]:
+    from models import corpus
+
+    entry = corpus.BY_NAME[name]
+    if not entry.built():
+        raise SystemExit(f"{name}: not built (./dev setup; ./dev corpus for the TensorFlow ones)")
+    original = entry.path()
+    ev = Evaluator(name, original, views, seed, work)
+    rows: list[Row] = []
+    for mark in marks:
+        try:
+            marked, key_path, secs = make_mark(mark, original, work, seed)
+        except OnnxStainError as exc:
+            rows.append(Row(name, mark, "(make)", "-", None, None, None, detail=f"refused: {exc}"))
+            log(f"{name} {mark}: refused: {exc}")
+            continue
+        key = load_key(key_path)
+        if not hasattr(ev, "ctx"):
+            ev.setup(key)
+        log(f"{name} {mark}: made in {secs:.0f} s")
+        for attack in attacks:
+            if attack == "detection":
+                row = detection(name, mark, original, marked)
+            elif attack == "bypass":
+                row = ev.bypass(mark, marked, key)
+            elif attack == "patch-from-weights":
+                if not mark.startswith("lock"):
+                    continue
+                row = ev.patch_from_weights(mark, marked, key)
+            else:
+                row = ev.run(mark, marked, key, ATTACKS[attack])
+            rows.append(row)
+            log(f"  {attack}: survives {row.survives}  agreement {_pct(row.agreement)} "
+                f"(reference {_pct(row.reference)})  {row.detail}")
+    return rows
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| model | mark | attack | survives | agreement % | transformed original % | without patch % | "
+             "detail | cost |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        s = {True: "yes", False: "**no**", None: "-"}[r.survives]
+        lines.append(f"| {r.model} | {r.mark} | {r.attack} | {s} | {_pct(r.agreement)} | {_pct(r.reference)} | "
+                     f"{_pct(r.locked)} | {r.detail} | {r.cost} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
+    ap.add_argument("--marks", default=",".join(DEFAULT_MARKS), help=f"from {', '.join(MARKS)}")
+    ap.add_argument("--attacks", default=",".join([*ATTACKS, *SEARCHES, *DETECTION]))
+    ap.add_argument("--views", type=int, default=2, help="views per held-out photo for the agreement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("out/attacks"))
+    args = ap.parse_args(argv)
+    logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on every call
+    attacks = args.attacks.split(",")
+    unknown = [a for a in attacks if a not in ATTACKS and a not in SEARCHES and a not in DETECTION]
+    if unknown or any(m not in MARKS for m in args.marks.split(",")):
+        ap.error(f"unknown attack or mark: {unknown or args.marks}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows: list[Row] = []
+    t0 = time.perf_counter()
+    for name in args.models.split(","):
+        with tempfile.TemporaryDirectory(prefix=f"attacks-{name}-") as tmp:
+            rows += run_model(name, args.marks.split(","), attacks, args.views, args.seed, Path(tmp),
+                              lambda s: print(s, flush=True))
+        (args.out / "attack_suite.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+        (args.out / "attack_suite.md").write_text(markdown(rows))
+    print(f"done in {time.perf_counter() - t0:.0f} s: {args.out / 'attack_suite.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
