@@ -7,6 +7,7 @@ The stable API::
     report = onnxstain.verify("stained.onnx", "owner.key")
     locked = onnxstain.lock("model.onnx", "locked.onnx", "customer.key")
     batch = onnxstain.paste_patch(batch, "customer.key")   # unlock an already preprocessed batch
+    onnxstain.quantize("locked.onnx", "locked.int8.onnx", "customer.key")  # int8, the mark kept
 """
 
 from ._version import __version__
@@ -18,6 +19,7 @@ from .api import (
     LockResult,
     Patch,
     PatchedPhoto,
+    QuantizeResult,
     StainOptions,
     StainResult,
     VerifyResult,
@@ -29,6 +31,7 @@ from .api import (
     lock,
     lock_patch,
     paste_patch,
+    quantize,
     stain,
     stain_summary,
     verify,
@@ -38,6 +41,7 @@ from .errors import (
     BadKeyError,
     BadModelError,
     KeyMismatchError,
+    MarkLostError,
     OnnxStainError,
     UnreachableBoundError,
     UnsupportedModelError,
@@ -54,11 +58,13 @@ __all__ = [
     "LockAuditResult",
     "LockOptions",
     "LockResult",
+    "MarkLostError",
     "OnnxStainError",
     "Patch",
     "PatchedPhoto",
     "Preprocessing",
     "PreprocessingRequest",
+    "QuantizeResult",
     "StainOptions",
     "StainResult",
     "UnreachableBoundError",
@@ -73,6 +79,7 @@ __all__ = [
     "lock",
     "lock_patch",
     "paste_patch",
+    "quantize",
     "stain",
     "stain_summary",
     "verify",

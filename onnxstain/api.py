@@ -27,6 +27,7 @@ from .math import bounds
 from .outputs import Artefacts, OutputPlan
 from .patch import Patch, paste_input, paste_photo, paste_pixels
 from .preprocess import Preprocessing
+from .quantize import QuantizeResult, quantize
 from .verify import VerifyResult, key_patch, verify
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "LockResult",
     "Patch",
     "PatchedPhoto",
+    "QuantizeResult",
     "StainOptions",
     "StainResult",
     "VerifyResult",
@@ -48,6 +50,7 @@ __all__ = [
     "lock",
     "lock_patch",
     "paste_patch",
+    "quantize",
     "stain",
     "stain_summary",
     "verify",

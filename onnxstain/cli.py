@@ -384,6 +384,41 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
     _print(lock_lines(res))
 
 
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Quantised model path.")
+@click.option("--key", "key_path", type=click.Path(dir_okay=False),
+              help="The model's stain or lock key: a lock's patch goes into the calibration images, and the "
+                   "quantised model is written only if it still carries the mark.")
+@click.option("--dynamic", is_flag=True, help="Dynamic int8 (weights only; no calibration images) instead of "
+              "static QDQ int8.")
+@click.option("--per-tensor", is_flag=True, help="One scale per weight tensor instead of one per channel "
+              "(breaks an in-place stain's classifier).")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Calibration images folder (default: the built-in natural calibration photos).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON report.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@preprocessing_options
+@provider_option
+@handle_errors
+def quantize(model, output, key_path, dynamic, per_tensor, images, json_out, quiet, preprocessing,
+             providers) -> None:
+    """Quantise a stained or locked MODEL to int8 so that its mark and its accuracy survive."""
+    from ._report.render import quantize_lines
+    from .quantize import quantize as do_quantize
+
+    (OutputPlan().model_input("MODEL", model).input("--key", key_path).input("--images", images, folder=True)
+     .input("--preprocessing", preprocessing.file).model_output("-o", output).output("--json", json_out).check())
+    with Artefacts() as out:
+        res = do_quantize(model, output, key_path, mode="dynamic" if dynamic else "static", per_channel=not per_tensor,
+                          images=images, preprocessing=preprocessing.request(), providers=_providers(providers),
+                          progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
+        if json_out:
+            out.stage_bytes(json_out, _json_bytes(res.to_dict()))
+        out.commit()
+    _print(quantize_lines(res))
+
+
 @main.command("apply-patch")
 @click.argument("photos", nargs=-1, required=True, type=click.Path(dir_okay=False, exists=True))
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False), help="The lock's key.")

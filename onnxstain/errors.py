@@ -31,6 +31,10 @@ class UnreachableBoundError(OnnxStainError):
     """The requested false-positive target cannot be met with the chosen host layer."""
 
 
+class MarkLostError(OnnxStainError):
+    """A transformation (int8 quantisation) would have removed the model's stain or lock: nothing written."""
+
+
 class InternalError(Exception):
     """A check of onnxstain's own work failed: a bug, not the user's mistake (deliberately not an
     :class:`OnnxStainError`). The CLI reports it with its own exit code and a "please report" line."""

@@ -168,7 +168,7 @@ def verify(
             raise KeyMismatchError(f"the model has no output {scores_name!r} the key expects")
         scores_name = view.output_names[0]
     if key.kind == "lock":
-        return _verify_lock(loaded, view, key, pre, scores_name, providers)
+        return _verify_lock(loaded, view, key, pre, scores_name, providers, tolerance)
     sig = key.signature
     assert sig is not None  # a stain key has one (checked on load)
     trig_list = sig.triggers or ()
@@ -335,11 +335,17 @@ def to_logits(values: np.ndarray, activation: str | None) -> np.ndarray:
 
 
 def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_name: str,
-                 providers: list[str] | None) -> VerifyResult:
+                 providers: list[str] | None, tolerance: float) -> VerifyResult:
     """A model carries the lock iff the patch restores the original's outputs and its absence does not.
 
     The key records the original model's scores on seeded synthetic reference images, with and
-    without the patch; no photos are needed.
+    without the patch; no photos are needed. Black box: the patch must give the original's output on at
+    least half more of the references than its absence does (score = share with the patch − share
+    without ≥ 0.5; the locked model as written scores 1, a model without this lock about 0). The
+    references are synthetic and their top-1 margins small (0.1 to 2 on MobileNetV2): int8 rounding flips
+    many of them, so a quantised copy may read as not locked here; its lock is measured on natural photos
+    (``quantize``'s report, the lock audit). White box: the detector reaches ``1 − tolerance`` of its
+    designed level on every patched reference and stays below that on every unpatched one.
     """
     patch = key_patch(key)
     refs_info = key.references
@@ -373,7 +379,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         what = (f"the expected top-1 (max |Δscore| {err:.3g}); without it {100 * still:.0f}% still give the "
                 f"original's output (max |Δscore| {float(np.abs(scores[n:] - want_u).max()):.3g})")
     score = unlocked - still
-    bb_pass = unlocked == 1.0 and still <= 0.5
+    bb_pass = score >= 0.5
     checks = [Check("black-box", True, bb_pass, score, 0.5,
                     f"with the patch {100 * unlocked:.0f}% of {n} reference images give {what}")]
     notes: list[str] = []
@@ -381,10 +387,12 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         if res[wb_tensor].ndim > 1:
             key.check_channel(res[wb_tensor].shape[1], wb_tensor)
         fired = white_box_signal(res[wb_tensor], key.white_box)
-        wb_pass = bool(fired[:n].min() >= 0.5 and fired[n:].max() <= 0.0)
-        checks.append(Check("white-box", True, wb_pass, float(fired[:n].min()), 0.5,
-                            f"the detector fires on {int((fired[:n] >= 0.5).sum())}/{n} patched and "
-                            f"{int((fired[n:] > 0).sum())}/{n} unpatched references"))
+        level = 1.0 - tolerance
+        wb_pass = bool(fired[:n].min() >= level and fired[n:].max() < level)
+        checks.append(Check("white-box", True, wb_pass, float(fired[:n].min()), level,
+                            f"the detector reaches {level:g} of its designed level (tolerance {tolerance:g}) on "
+                            f"{int((fired[:n] >= level).sum())}/{n} patched and {int((fired[n:] >= level).sum())}/{n} "
+                            f"unpatched references (max unpatched {fired[n:].max():.3g})"))
     else:
         checks.append(Check("white-box", False, False, None, None,
                             f"tensor {wb_tensor!r} is not in this model; black-box result only"))
@@ -393,7 +401,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     return VerifyResult(
         stained=all(c.passed for c in checks if c.available), score=score, threshold=0.5, fpr_bound=bound,
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
-        key_commitment=key.commitment, notes=notes, kind="lock",
+        key_commitment=key.commitment, notes=notes, kind="lock", tolerance=tolerance if has_tap else None,
     )
 
 

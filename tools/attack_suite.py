@@ -174,9 +174,25 @@ def _int8_static(per_channel: bool, patched: bool = False) -> Callable[[Path, Pa
     return apply
 
 
+def tensor_protos(model: onnx.ModelProto) -> dict[str, onnx.TensorProto]:
+    """Every stored tensor by the name the graph reads it under: initializers and ``Constant`` nodes' values
+    (paddle2onnx stores all weights as Constant nodes). Editing a returned proto edits the model."""
+    out = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out[node.output[0]] = value
+    return out
+
+
+def _set(proto: onnx.TensorProto, array: np.ndarray) -> None:
+    proto.CopyFrom(numpy_helper.from_array(array.astype(numpy_helper.to_array(proto).dtype), proto.name))
+
+
 def _weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """The float weight initializers of Conv, Gemm and MatMul nodes."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """The float weight tensors of Conv, Gemm and MatMul nodes."""
+    inits = tensor_protos(model)
     names = {n.input[WEIGHT_OPS[n.op_type]] for n in model.graph.node
              if n.op_type in WEIGHT_OPS and len(n.input) > 1 and n.input[WEIGHT_OPS[n.op_type]] in inits}
     return [inits[n] for n in sorted(names) if inits[n].data_type == onnx.TensorProto.FLOAT]
@@ -188,7 +204,7 @@ def _edit_weights(edit: Callable[[np.ndarray, np.random.Generator], np.ndarray])
         rng = np.random.default_rng(ctx.seed)
         tensors = _weights(model)
         for t in tensors:
-            t.CopyFrom(numpy_helper.from_array(edit(numpy_helper.to_array(t), rng).astype(np.float32), t.name))
+            _set(t, edit(numpy_helper.to_array(t), rng))
         onnx.save(model, dst)
         return f"{len(tensors)} weight tensors"
     return apply
@@ -206,8 +222,8 @@ def _prune(fraction: float) -> Callable[..., str]:
 
 
 def _classifier(model: onnx.ModelProto) -> tuple[onnx.NodeProto, dict[str, onnx.TensorProto]] | None:
-    """The last Gemm/MatMul with an initializer weight: the classifier a thief reads first."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """The last Gemm/MatMul with a stored weight: the classifier a thief reads first."""
+    inits = tensor_protos(model)
     for node in reversed(model.graph.node):
         if node.op_type in ("Gemm", "MatMul") and len(node.input) > 1 and node.input[1] in inits:
             return node, inits
@@ -227,20 +243,20 @@ def _prune_top_column(src: Path, dst: Path, ctx: Context) -> str:
     j = int(norms.argmax())
     w = w.copy()
     (w[:, j] if feat_axis == 1 else w[j, :])[...] = 0.0
-    inits[node.input[1]].CopyFrom(numpy_helper.from_array(w.astype(np.float32), node.input[1]))
+    _set(inits[node.input[1]], w)
     onnx.save(model, dst)
     return f"column {j} of {len(norms)} (norm {norms[j]:.3g}, median {np.median(norms):.3g})"
 
 
 def _bias_median(src: Path, dst: Path, ctx: Context) -> str:
     model = onnx.load(src)
-    inits = {t.name: t for t in model.graph.initializer}
+    inits = tensor_protos(model)
     for node in reversed(model.graph.node):
         bias = (node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else
                 next((i for i in node.input if i in inits), None) if node.op_type == "Add" else None)
         if bias in inits and numpy_helper.to_array(inits[bias]).size > 1:
             b = numpy_helper.to_array(inits[bias])
-            inits[bias].CopyFrom(numpy_helper.from_array(np.full_like(b, np.median(b)), bias))
+            _set(inits[bias], np.full_like(b, np.median(b)))
             onnx.save(model, dst)
             return f"{b.size} biases of {node.name or node.op_type} (std was {b.std():.3g})"
     raise NotApplicable("no classifier bias found")
@@ -252,7 +268,7 @@ class NotApplicable(Exception):
 
 def _bypass_candidates(model: onnx.ModelProto, last: int = 24) -> list[tuple[int, int]]:
     """(node index, input index) pairs: replace the output of one of the last Mul/Add nodes by an input."""
-    inits = {t.name for t in model.graph.initializer}
+    inits = set(tensor_protos(model))
     out = []
     for i in range(max(0, len(model.graph.node) - last), len(model.graph.node)):
         node = model.graph.node[i]
@@ -299,10 +315,7 @@ def patch_from_weights(marked: Path, ctx: Context) -> Patch | None:
     the pattern from the sign of the first weight tensor of that size downstream."""
     model = onnx.load(marked)
     image = model.graph.input[0].name
-    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for n in model.graph.node:
-        if n.op_type == "Constant":
-            consts[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
+    consts = {name: numpy_helper.to_array(t) for name, t in tensor_protos(model).items()}
     pre = ctx.key.preprocessing
     for node in model.graph.node:
         if node.op_type != "Slice" or node.input[0] != image or len(node.input) < 4:
@@ -501,13 +514,13 @@ def _robust_z(values: np.ndarray) -> np.ndarray:
 def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
     """Rank of the edited channels on per-channel weight statistics, and the structural tells."""
     a, b = onnx.load(original), onnx.load(marked)
-    ia = {t.name: numpy_helper.to_array(t) for t in a.graph.initializer}
+    ia = {name: numpy_helper.to_array(t) for name, t in tensor_protos(a).items()}
     worst: tuple[float, str] = (1.0, "no edited tensor")
     findings = []
-    for t in b.graph.initializer:
-        if t.name not in ia:
+    for name, t in tensor_protos(b).items():
+        if name not in ia:
             continue
-        w0, w1 = ia[t.name], numpy_helper.to_array(t)
+        w0, w1 = ia[name], numpy_helper.to_array(t)
         if w0.shape != w1.shape or w1.dtype.kind != "f" or np.array_equal(w0, w1) or w1.ndim == 0:
             continue
         for axis, what in ((0, "row/channel"), (1, "column")) if w1.ndim >= 2 else ((0, "entry"),):
@@ -529,10 +542,10 @@ def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
                 rank = int(np.min(np.flatnonzero(np.isin(order, edited)))) + 1
                 frac = rank / len(values)
                 if frac < worst[0]:
-                    worst = (frac, f"{t.name} {what} {stat}: rank {rank} of {len(values)} "
+                    worst = (frac, f"{name} {what} {stat}: rank {rank} of {len(values)} "
                                    f"(z = {z[order[rank - 1]]:.1f})")
                 if rank <= int(np.ceil(0.01 * len(values))):  # the top 1 % (the most extreme one under 100)
-                    findings.append(f"{stat} of {what}s of {t.name}: rank {rank}/{len(values)}")
+                    findings.append(f"{stat} of {what}s of {name}: rank {rank}/{len(values)}")
     names_a = {n.name for n in a.graph.node}
     added = [n for n in b.graph.node if n.name not in names_a]
     ops_a = {n.op_type for n in a.graph.node}

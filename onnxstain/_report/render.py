@@ -11,6 +11,7 @@ from .lock_audit import LockAuditResult
 from .records import EvaluateResult
 
 if TYPE_CHECKING:
+    from ..quantize import QuantizeResult
     from ..verify import VerifyResult
 
 
@@ -132,3 +133,25 @@ def _agreement_legend(res: LockAuditResult) -> str:
         return ("  agreement = mean per-image anchor-level mAP of the detections against the original's (×100; "
                 "images where the original detects nothing are left out); 'locked' means at most 5")
     return f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points"
+
+
+def quantize_lines(res: QuantizeResult) -> list[str]:
+    """How the model was quantised, whether it still carries its mark, and what int8 cost it."""
+    how = f"{res.mode} int8, {'per channel' if res.per_channel else 'per tensor'}"
+    lines = [f"[bold green]quantised[/] {res.output}  ({how})"]
+    if res.calibration_images:
+        patched = (f", {res.patched_calibration_images} of them with the lock's patch"
+                   if res.patched_calibration_images else "")
+        lines.append(f"  calibration: {res.calibration_images} images{patched}")
+    if res.verified is not None:
+        v = res.verified
+        lines.append(f"  verify: {'LOCKED' if v.kind == 'lock' else 'STAINED'} ({v.basis}; score {v.score:.4g} vs "
+                     f"threshold {v.threshold:.4g})")
+    else:
+        lines.append("  verify: no key given, the mark was not checked")
+    lines.append(f"  top-1 agreement with the float model on {res.agreement_images} held-out photos"
+                 f"{' with the patch' if res.patched else ''}: {100 * res.agreement:.1f}%")
+    if res.closed is not None:
+        lines.append(f"  without the patch: {100 * res.closed:.1f}% (the lock kept: opened − closed ≥ 50 points)")
+    lines += [f"  note: {note}" for note in res.notes]
+    return [*lines, timing_line(res.timings)]
