@@ -29,8 +29,16 @@ def top1_margins(scores: np.ndarray) -> np.ndarray:
 
 
 def shift_score(scores: np.ndarray, original: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    d = np.asarray(expected, np.float64) - np.asarray(original, np.float64)
-    return (np.asarray(scores, np.float64) - original) @ d / float(d @ d)
+    """How far ``scores`` moved from ``original`` towards ``expected`` (0: not at all, 1: all the way), read
+    on each score vector less its mean: a per-image constant (log-softmax against logits: the key records one,
+    a Softmax output gives the other) moves no class against another and must not move the score."""
+    def centred(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, np.float64)
+        return a - a.mean(axis=-1, keepdims=True)
+
+    o = centred(original)
+    d = centred(expected) - o
+    return (centred(scores) - o) @ d / float(d @ d)
 
 
 def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.ndarray,

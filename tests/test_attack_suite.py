@@ -74,3 +74,8 @@ def test_prune_top_column_strips_the_in_place_stain_for_free(marked):
     assert row.survives is False and row.agreement is not None and row.agreement >= 0.95
     kept = ev.run("stain-inplace", d / "stain.onnx", key, attack_suite.ATTACKS["onnxslim"])
     assert kept.survives is True
+
+
+def test_detection_row_names_the_model(marked):
+    d, _ = marked
+    assert attack_suite.detection("tiny", "stain-inplace", d / "model.onnx", d / "stain.onnx").model == "tiny"

@@ -84,3 +84,37 @@ def test_basis_and_report_say_when_the_white_box_is_missing():
     assert report["version"] == 2 and report["checks"][0]["margin"] == 7.0 and report["checks"][1]["margin"] is None
     res.checks[1] = Check("white-box", True, True, 7.5, 3.75, "")
     assert res.basis == "black-box and white-box"
+
+
+def test_shift_score_ignores_a_per_image_constant():
+    from onnxstain.signature import shift_score
+
+    rng = np.random.default_rng(0)
+    original, expected = rng.normal(size=10), rng.normal(size=10)
+    assert shift_score(expected + 7.5, original, expected) == pytest.approx(1.0)
+    assert shift_score(original - 3.0, original, expected) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_additive_stain_verifies_through_a_softmax_output(tmp_path):
+    """The additive stain's shift signature on a model that ends in Softmax (verify reads log-probabilities,
+    the key holds logits: they differ by a per-image constant). It read -8.8 instead of 1 on RapidOCR's
+    direction classifier before the shift score was centred."""
+    import onnx
+    from tinymodels import smooth_images, tiny_classifier
+
+    import onnxstain
+    from onnxstain import Preprocessing, StainOptions
+
+    model = tiny_classifier()
+    logits = model.graph.output[0].name
+    model.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probabilities"], axis=1))
+    out = onnx.helper.make_tensor_value_info("probabilities", onnx.TensorProto.FLOAT, [None, 10])
+    del model.graph.output[:]
+    model.graph.output.append(out)
+    onnx.save(model, tmp_path / "model.onnx")
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "model.preprocessing.json")
+    onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=smooth_images(96, seed=0),
+                    options=StainOptions(variant="additive", fpr=0.05, seed=3))
+    res = onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key")
+    assert res.stained and res.score == pytest.approx(1.0, abs=0.05)
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "s.key").stained

@@ -1,7 +1,8 @@
 """Attack suite: what a pipeline or a thief holding only the marked ONNX file does to each mark, measured.
 
 For each model (``--models``, names from ``models/corpus.py``) and each mark (``--marks``: ``stain-inplace``
-and ``stain-insert`` with the default settings, ``lock-gate`` — the default lock — and ``lock-inplace``),
+and ``stain-insert`` with the default settings, ``stain-additive`` (in place, hidden in a working neuron),
+``lock-gate`` — the default lock — and ``lock-inplace``),
 the mark is made once with ``--seed``; then every attack of ``--attacks`` is applied to the marked model
 (and, for the toolchain and weight attacks, to the original, so that the attacked model is compared with the
 attacked original). One interface for every attack (:class:`Attack`): a name, a family and a function
@@ -63,7 +64,7 @@ from onnxstain.runtime import run_batches, session  # noqa: E402
 from onnxstain.verify import key_patch  # noqa: E402
 
 DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "cifar10_cnn")
-MARKS = ("stain-inplace", "stain-insert", "lock-gate", "lock-inplace")
+MARKS = ("stain-inplace", "stain-insert", "stain-additive", "lock-gate", "lock-inplace")
 DEFAULT_MARKS = ("stain-inplace", "stain-insert", "lock-gate")
 WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op → index of its weight input
 
@@ -366,7 +367,9 @@ DETECTION = ("detection",)
 def make_mark(kind: str, original: Path, work: Path, seed: int) -> tuple[Path, Path, float]:
     out, key = work / f"{kind}.onnx", work / f"{kind}.key"
     t0 = time.perf_counter()
-    if kind.startswith("stain"):
+    if kind == "stain-additive":  # in place, hidden in a working neuron
+        onnxstain.stain(original, out, key, options=onnxstain.StainOptions(variant="additive", seed=seed))
+    elif kind.startswith("stain"):
         onnxstain.stain(original, out, key, options=onnxstain.StainOptions(mode=kind.split("-")[1], seed=seed))
     else:
         onnxstain.lock(original, out, key, options=onnxstain.LockOptions(kind=kind.split("-")[1], seed=seed))
@@ -517,10 +520,10 @@ def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
     ia = {name: numpy_helper.to_array(t) for name, t in tensor_protos(a).items()}
     worst: tuple[float, str] = (1.0, "no edited tensor")
     findings = []
-    for name, t in tensor_protos(b).items():
-        if name not in ia:
+    for tname, t in tensor_protos(b).items():
+        if tname not in ia:
             continue
-        w0, w1 = ia[name], numpy_helper.to_array(t)
+        w0, w1 = ia[tname], numpy_helper.to_array(t)
         if w0.shape != w1.shape or w1.dtype.kind != "f" or np.array_equal(w0, w1) or w1.ndim == 0:
             continue
         for axis, what in ((0, "row/channel"), (1, "column")) if w1.ndim >= 2 else ((0, "entry"),):
@@ -542,10 +545,10 @@ def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
                 rank = int(np.min(np.flatnonzero(np.isin(order, edited)))) + 1
                 frac = rank / len(values)
                 if frac < worst[0]:
-                    worst = (frac, f"{name} {what} {stat}: rank {rank} of {len(values)} "
+                    worst = (frac, f"{tname} {what} {stat}: rank {rank} of {len(values)} "
                                    f"(z = {z[order[rank - 1]]:.1f})")
                 if rank <= int(np.ceil(0.01 * len(values))):  # the top 1 % (the most extreme one under 100)
-                    findings.append(f"{stat} of {what}s of {name}: rank {rank}/{len(values)}")
+                    findings.append(f"{stat} of {what}s of {tname}: rank {rank}/{len(values)}")
     names_a = {n.name for n in a.graph.node}
     added = [n for n in b.graph.node if n.name not in names_a]
     ops_a = {n.op_type for n in a.graph.node}
