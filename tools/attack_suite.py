@@ -11,9 +11,10 @@ that writes the attacked model and returns what it cost.
 Families:
 
 - **toolchain** — what a deployment pipeline does next: onnxruntime basic and extended optimisation,
-  onnxsim, onnxslim, fp16 (onnxconverter-common), int8 dynamic and int8 static QDQ per tensor and per
-  channel (onnxruntime.quantization; the static ones calibrated on 64 natural images — 32 calibration
-  photos × 2 views — that the evaluation does not use);
+  onnxsim, onnxslim, fp16 (onnxconverter-common), int8 dynamic (per tensor, the default, and per channel)
+  and int8 static QDQ per tensor and per channel (onnxruntime.quantization; the static ones calibrated on
+  64 natural images — 32 calibration photos × 2 views — that the evaluation does not use; the ``-patched``
+  ones with a lock's patch on every other image, as ``onnxstain quantize`` does);
 - **weights** — 1 % Gaussian weight noise (relative to each tensor's std), magnitude pruning of 10 % and
   30 % of every Conv/Gemm/MatMul weight;
 - **removal** — a thief's edits aimed at a mark, from the graph alone: zero the classifier column with
@@ -139,11 +140,13 @@ def _fp16(src: Path, dst: Path, ctx: Context) -> str:
     return "one call"
 
 
-def _int8_dynamic(src: Path, dst: Path, ctx: Context) -> str:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _int8_dynamic(per_channel: bool) -> Callable[[Path, Path, Context], str]:
+    def apply(src: Path, dst: Path, ctx: Context) -> str:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    return "one call"
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
+        return "one call"
+    return apply
 
 
 def _int8_static(per_channel: bool, patched: bool = False) -> Callable[[Path, Path, Context], str]:
@@ -343,7 +346,8 @@ TOOLCHAIN = [
     Attack("onnxsim", "toolchain", _onnxsim, True),
     Attack("onnxslim", "toolchain", _onnxslim, True),
     Attack("fp16", "toolchain", _fp16, True),
-    Attack("int8-dynamic", "toolchain", _int8_dynamic, True),
+    Attack("int8-dynamic", "toolchain", _int8_dynamic(False), True),
+    Attack("int8-dynamic-channel", "toolchain", _int8_dynamic(True), True),
     Attack("int8-qdq-tensor", "toolchain", _int8_static(False), True),
     Attack("int8-qdq-channel", "toolchain", _int8_static(True), True),
     Attack("int8-qdq-tensor-patched", "toolchain", _int8_static(False, patched=True), True),
