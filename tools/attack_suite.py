@@ -16,7 +16,8 @@ Families:
   64 natural images — 32 calibration photos × 2 views — that the evaluation does not use; the ``-patched``
   ones with a lock's patch on every other image, as ``onnxstain quantize`` does);
 - **weights** — 1 % Gaussian weight noise (relative to each tensor's std), magnitude pruning of 10 % and
-  30 % of every Conv/Gemm/MatMul weight;
+  30 % of every Conv/Gemm/MatMul weight, and fine-tuning of the classifier (300 Adam steps at lr 1e-3 and
+  1e-2 on 64 photos labelled with the original's top-1: a thief with a small labelled set);
 - **removal** — a thief's edits aimed at a mark, from the graph alone: zero the classifier column with
   the largest norm (the in-place stain's signature column stands out), reset the classifier bias to
   its median (the in-place lock's disruption), bypass each of the last Mul/Add nodes in turn (an
@@ -61,7 +62,7 @@ from onnxstain.errors import OnnxStainError  # noqa: E402
 from onnxstain.keys import Key, load_key  # noqa: E402
 from onnxstain.naturalset import natural_images  # noqa: E402
 from onnxstain.patch import Patch, paste_pixels  # noqa: E402
-from onnxstain.runtime import run_batches, session  # noqa: E402
+from onnxstain.runtime import run_batches, session, with_outputs  # noqa: E402
 from onnxstain.verify import key_patch  # noqa: E402
 
 DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "cifar10_cnn")
@@ -79,6 +80,7 @@ class Context:
     calibration: np.ndarray  # uint8 [N,H,W,3]: static quantisation's calibration photos
     probe: np.ndarray  # uint8 [N,H,W,3]: the attacker's photos to check an edit keeps the model working
     seed: int
+    labels: np.ndarray | None = None  # the calibration photos' labels for fine-tuning: the original's top-1
 
     def inputs(self, pixels: np.ndarray) -> np.ndarray:
         return self.key.preprocessing.to_input(pixels)
@@ -266,6 +268,53 @@ def _bias_median(src: Path, dst: Path, ctx: Context) -> str:
     raise NotApplicable("no classifier bias found")
 
 
+def _finetune_head(lr: float, steps: int = 300) -> Callable[[Path, Path, Context], str]:
+    """Fine-tune the classifier (the last Gemm/MatMul with a stored 2-D weight, and its bias) on the thief's
+    labelled photos: the calibration images labelled with the original's top-1 (a stand-in for a labelled
+    set), full batch, Adam, cross-entropy; the rest of the model frozen."""
+    def apply(src: Path, dst: Path, ctx: Context) -> str:
+        import torch
+
+        model = onnx.load(src)
+        consts = tensor_protos(model)
+        classes = int(ctx.key.model.classes)
+
+        def outputs(n: onnx.NodeProto) -> int:  # the weight's output dimension
+            dims = consts[n.input[1]].dims
+            return dims[0] if n.op_type == "Gemm" and any(a.name == "transB" and a.i for a in n.attribute) else dims[1]
+
+        heads = [n for n in model.graph.node if n.op_type in ("Gemm", "MatMul") and len(n.input) > 1
+                 and n.input[1] in consts and len(consts[n.input[1]].dims) == 2 and outputs(n) == classes]
+        if not heads or ctx.labels is None:
+            raise NotApplicable(f"no Gemm/MatMul with a stored 2-D weight giving the {classes} classes")
+        # the largest, the first on ties: the model's own classifier comes before an inserted branch's MatMul
+        node = max(heads, key=lambda n: (int(np.prod(consts[n.input[1]].dims)), -heads.index(n)))
+        trans_b = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+        bias_name = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else next(
+            (n.input[1 - list(n.input).index(node.output[0])] for n in model.graph.node
+             if n.op_type == "Add" and node.output[0] in n.input and
+             n.input[1 - list(n.input).index(node.output[0])] in consts), None)
+        sess = session(with_outputs(model, [node.input[0]]))
+        feats = run_batches(sess, ctx.inputs(ctx.calibration), [node.input[0]], batch=16)[node.input[0]]
+        x = torch.tensor(np.asarray(feats, np.float32).reshape(len(feats), -1))
+        w0 = numpy_helper.to_array(consts[node.input[1]]).astype(np.float32)
+        w = torch.tensor(w0.T if trans_b else w0, requires_grad=True)  # [C, K]
+        b0 = numpy_helper.to_array(consts[bias_name]).astype(np.float32).ravel() if bias_name else None
+        b = torch.tensor(b0 if b0 is not None else np.zeros(w.shape[1], np.float32), requires_grad=True)
+        y = torch.tensor(ctx.labels, dtype=torch.long)
+        opt = torch.optim.Adam([w, b], lr=lr)
+        for _ in range(steps):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(x @ w + b, y).backward()
+            opt.step()
+        _set(consts[node.input[1]], w.detach().numpy().T if trans_b else w.detach().numpy())
+        if bias_name:
+            _set(consts[bias_name], b.detach().numpy().reshape(numpy_helper.to_array(consts[bias_name]).shape))
+        onnx.save(model, dst)
+        return f"{steps} Adam steps at lr {lr:g} on {len(x)} labelled images, head only"
+    return apply
+
+
 class NotApplicable(Exception):
     """The attack has nothing to act on in this model."""
 
@@ -357,6 +406,8 @@ WEIGHTS = [
     Attack("noise-1%", "weights", _noise(0.01), True),
     Attack("prune-10%", "weights", _prune(0.10), True),
     Attack("prune-30%", "weights", _prune(0.30), True),
+    Attack("finetune-head-1e-3", "weights", _finetune_head(1e-3)),
+    Attack("finetune-head-1e-2", "weights", _finetune_head(1e-2)),
 ]
 REMOVAL = [
     Attack("prune-top-column", "removal", _prune_top_column),
@@ -408,6 +459,7 @@ class Evaluator:
         self.eval_px = natural_images("heldout", size=size, views=self.views).pixels
         calib = natural_images("calibration", size=size, views=2).pixels  # 42 photos × 2 views
         self.ctx = Context(key, calib[:64], calib[64:], self.seed)
+        self.ctx.labels = top1(self.original, self.ctx.inputs(self.ctx.calibration))
         self.x = self.ctx.inputs(self.eval_px)
         self.want = top1(self.original, self.x)
 
