@@ -8,7 +8,9 @@ onnxruntime's quantisers need two things they cannot know about a marked model:
   calibration set here carries the key's patch on every other image.
 * an **in-place stain** writes a large classifier weight; one scale per tensor (the quantisers' default)
   then rounds every other weight of the classifier to a few codes (MobileNetV2: 7.7 % top-1 agreement
-  against 74 % for the original). Weights are quantised per channel here.
+  against 74 % for the original). Weights are quantised per channel here, and a model older than opset 13
+  is upgraded first (per-channel ``DequantizeLinear`` needs it; the quantiser writes an invalid model
+  otherwise).
 
 The mark is checked before the model is written; a model that lost it is refused, never written. A
 stain: ``verify`` with the key. A lock: on the held-out natural photos, the quantised model with the
@@ -47,6 +49,7 @@ from .verify import VerifyResult, key_patch, verify
 
 MODES = ("static", "dynamic")
 CALIBRATION_VIEWS = 2  # the built-in calibration photos, two views each
+PER_CHANNEL_OPSET = 13  # per-channel DequantizeLinear (its axis attribute) needs it
 
 
 @dataclasses.dataclass
@@ -109,8 +112,10 @@ def quantize(
     clock.lap("load")
     with tempfile.TemporaryDirectory(prefix=".onnxstain-quantize-") as tmp:
         quantised = Path(tmp) / "model.int8.onnx"
+        notes: list[str] = []
+        source = _per_channel_source(loaded.model, loaded.path, Path(tmp), notes) if per_channel else loaded.path
         with prog.task(f"int8 {mode} quantisation", total=None):
-            _run_quantiser(loaded.path, quantised, mode, per_channel, pre.to_input(calib) if len(calib) else None)
+            _run_quantiser(source, quantised, mode, per_channel, pre.to_input(calib) if len(calib) else None)
         clock.lap("quantise")
         result = onnx.load(quantised)
         _keep_fields(result, loaded.model)
@@ -118,7 +123,6 @@ def quantize(
                                       providers)
         clock.lap("agreement")
         checked = None
-        notes: list[str] = []
         if key is not None:
             onnx.save(result, quantised)
             checked = verify(quantised, key, providers=providers)
@@ -156,6 +160,27 @@ def _check_mark(key: Key, checked: VerifyResult, mode: str, agree: float, closed
             f"the {mode} int8 model does not verify as carrying the key's stain ("
             + "; ".join(f"{c.name}: {c.detail}" for c in checked.checks if c.available and not c.passed)
             + f"); it agrees {100 * agree:.1f}% with the float model on {n} held-out photos; nothing written")
+
+
+def _per_channel_source(model: onnx.ModelProto, path: Path, tmp: Path, notes: list[str]) -> Path:
+    """The model the quantiser reads: ``path`` itself, or at opset 13 when its default opset is older.
+    Per-channel QDQ writes ``DequantizeLinear`` with an ``axis``, which opset 13 introduced; onnxruntime's
+    quantiser does not upgrade an older model and writes one that does not load (RapidOCR's opset-11
+    classifier with an inserted stain)."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset >= PER_CHANNEL_OPSET:
+        return path
+    from onnx import version_converter
+
+    try:
+        upgraded = version_converter.convert_version(model, PER_CHANNEL_OPSET)
+    except Exception as exc:  # the converter lacks an adapter for one of the model's ops
+        raise BadInputError(f"per-channel int8 needs opset {PER_CHANNEL_OPSET} and the model's opset {opset} "
+                            f"does not convert ({str(exc).splitlines()[0][:160]}); use --per-tensor") from None
+    out = tmp / "model.opset13.onnx"
+    onnx.save(upgraded, out, save_as_external_data=upgraded.ByteSize() > 1_800_000_000)
+    notes.append(f"opset {opset} upgraded to {PER_CHANNEL_OPSET} for per-channel int8 (its DequantizeLinear axis)")
+    return out
 
 
 def _run_quantiser(src: Path, dst: Path, mode: str, per_channel: bool, x: np.ndarray | None) -> None:

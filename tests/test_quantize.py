@@ -79,3 +79,21 @@ def test_cli_quantize(work, tmp_path):
     assert r.exit_code == 0 and "no key given" in r.output
     r = CliRunner().invoke(main, ["quantize", str(work / "model.onnx"), "-o", str(work / "model.onnx")])
     assert r.exit_code == 2 and r.output.startswith("onnxstain: error:")
+
+
+def test_an_opset_11_model_is_upgraded_for_per_channel_int8(tmp_path):
+    # onnxruntime's per-channel QDQ writes DequantizeLinear with an axis (opset 13) into an opset-11 model as
+    # it is: the result does not load. quantize upgrades the opset first and says so.
+    model = tiny_lockable()
+    model.opset_import[0].version, model.ir_version = 11, 6
+    onnx.checker.check_model(model)
+    onnx.save(model, tmp_path / "m.onnx")
+    PRE.save(tmp_path / "m.preprocessing.json")
+    res = onnxstain.quantize(tmp_path / "m.onnx", tmp_path / "q.onnx")
+    assert any("opset 11 upgraded to 13" in note for note in res.notes)
+    q = onnx.load(tmp_path / "q.onnx")
+    assert q.opset_import[0].version >= 13
+    assert onnx.load(tmp_path / "m.onnx").opset_import[0].version == 11  # the input is never modified
+    assert res.agreement >= 0.8
+    static = onnxstain.quantize(tmp_path / "m.onnx", tmp_path / "t.onnx", per_channel=False)
+    assert not static.notes  # per tensor needs no axis: the model is quantised as it is

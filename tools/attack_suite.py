@@ -483,9 +483,13 @@ class Evaluator:
         except Exception as exc:  # the transform itself fails: record it
             return Row(self.name, mark, attack.name, attack.family, None, None, None,
                        detail=f"transform failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
-        ref_path = self.attacked_original(attack, mark) if attack.on_original else None
-        row = (self._stain_row(mark, path, key, attack, ref_path) if mark.startswith("stain")
-               else self._lock_row(mark, path, key, attack, ref_path))
+        try:
+            ref_path = self.attacked_original(attack, mark) if attack.on_original else None
+            row = (self._stain_row(mark, path, key, attack, ref_path) if mark.startswith("stain")
+                   else self._lock_row(mark, path, key, attack, ref_path))
+        except OnnxStainError as exc:  # the transform wrote a model onnxruntime cannot load: record it
+            return Row(self.name, mark, attack.name, attack.family, None, None, None,
+                       detail=f"transform broke the model: {str(exc).splitlines()[0][:200]}")
         row.cost, row.seconds = cost, time.perf_counter() - t0
         return row
 
