@@ -6,6 +6,9 @@ onnxruntime's quantisers need two things they cannot know about a marked model:
   activation ranges from closed-gate images only and clips the open gate: the patch no longer unlocks
   the quantised model (measured on MobileNetV2: 11.5 % of the quantised original with the patch). The
   calibration set here carries the key's patch on every other image.
+* a **stain**'s detector fires on its trigger far above anything natural images give: calibrated on
+  natural images alone, the static quantiser clips the firing and the stain is gone (RapidOCR's direction
+  classifier: in place and inserted both fail verify). The stain's triggers join the calibration images.
 * an **in-place stain** writes a large classifier weight; one scale per tensor (the quantisers' default)
   then rounds every other weight of the classifier to a few codes (MobileNetV2: 7.7 % top-1 agreement
   against 74 % for the original). Weights are quantised per channel here, and a model older than opset 13
@@ -45,7 +48,7 @@ from .preprocess import Preprocessing, PreprocessingRequest
 from .progress import Progress, Silent
 from .runtime import run_batches, session
 from .stopwatch import Stopwatch
-from .verify import VerifyResult, key_patch, verify
+from .verify import VerifyResult, key_patch, key_triggers, verify
 
 MODES = ("static", "dynamic")
 CALIBRATION_VIEWS = 2  # the built-in calibration photos, two views each
@@ -59,6 +62,7 @@ class QuantizeResult:
     per_channel: bool
     calibration_images: int  # 0 for dynamic
     patched_calibration_images: int  # a lock's: the calibration images that carry its patch
+    trigger_calibration_images: int  # a stain's: its triggers, added to the calibration images
     verified: VerifyResult | None  # the quantised model against the key (None without a key)
     agreement: float  # top-1 agreement of the quantised model with the float model, on held-out photos
     agreement_images: int
@@ -72,6 +76,7 @@ class QuantizeResult:
         return {"format": "onnxstain-quantize-report", "version": 1, "output": str(self.output),
                 "mode": self.mode, "per_channel": self.per_channel, "calibration_images": self.calibration_images,
                 "patched_calibration_images": self.patched_calibration_images,
+                "trigger_calibration_images": self.trigger_calibration_images,
                 "verified": None if self.verified is None else self.verified.to_dict(),
                 "agreement": self.agreement, "agreement_images": self.agreement_images, "patched": self.patched,
                 "closed": self.closed,
@@ -103,12 +108,16 @@ def quantize(
     pre = key.preprocessing if key is not None else settle_preprocessing(loaded.model, loaded.path, preprocessing)[0]
     patch = key_patch(key) if key is not None and key.kind == "lock" else None
     calib = np.zeros((0, pre.height, pre.width, 3), np.uint8)
+    triggers = 0
     if mode == "static":
         calib = (calibration_pixels(images, pre, prog) if images is not None else
                  natural_images("calibration", size=(pre.height, pre.width), views=CALIBRATION_VIEWS).pixels)
         if patch is not None:
             calib = calib.copy()
             calib[::2] = paste_pixels(calib[::2], patch)
+        elif key is not None:  # a stain's triggers set the ranges that its detector's firing passes through
+            trigger_pixels = key_triggers(key)
+            calib, triggers = np.concatenate([calib, trigger_pixels]), len(trigger_pixels)
     clock.lap("load")
     with tempfile.TemporaryDirectory(prefix=".onnxstain-quantize-") as tmp:
         quantised = Path(tmp) / "model.int8.onnx"
@@ -133,9 +142,10 @@ def quantize(
         clock.lap("save")
     if mode == "dynamic" and key is not None and key.kind == "lock":
         notes.append("dynamic int8 quantises weights only: the gate keeps its float activations")
+    patched_images = (len(calib) + 1) // 2 if patch is not None else 0
     return QuantizeResult(output=Path(output), mode=mode, per_channel=per_channel,
-                          calibration_images=len(calib), patched_calibration_images=(len(calib) + 1) // 2
-                          if patch is not None else 0, verified=checked, agreement=agree, agreement_images=n,
+                          calibration_images=len(calib), patched_calibration_images=patched_images,
+                          trigger_calibration_images=triggers, verified=checked, agreement=agree, agreement_images=n,
                           patched=patch is not None, closed=closed, model_sha256=digest, timings=clock.total(),
                           notes=notes)
 

@@ -171,9 +171,8 @@ def verify(
         return _verify_lock(loaded, view, key, pre, scores_name, providers, tolerance)
     sig = key.signature
     assert sig is not None  # a stain key has one (checked on load)
-    trig_list = sig.triggers or ()
     trigger = key.trigger_pixels()
-    triggers = np.stack([decode_png(t.png) for t in trig_list]) if sig.kind == "multi-class" else trigger[None]
+    triggers = key_triggers(key)
     controls, control_names = _controls(trigger, natural_controls, pre)
     batch = np.concatenate([triggers, controls])
     x = pre.to_input(batch)
@@ -203,7 +202,7 @@ def verify(
     chance_log10 = sig.chance_log10
     chance_text = None
     if chance_log10 is not None:
-        allowed = ([tr.allowed for tr in trig_list] if sig.kind == "multi-class"
+        allowed = ([tr.allowed for tr in sig.triggers or ()] if sig.kind == "multi-class"
                    else [sig.allowed or _score_view(key).classes])
         chance_text = chance.describe_chance(allowed)
     assert black.score is not None and black.threshold is not None
@@ -437,6 +436,15 @@ def key_patch(key: Key) -> Patch:
     t = key.trigger
     assert t.top is not None and t.left is not None  # a lock key's patch has a position (checked on load)
     return Patch(t.pixels(), t.top, t.left)
+
+
+def key_triggers(key: Key) -> np.ndarray:
+    """A stain key's trigger images, uint8 ``[N, H, W, 3]``: one, or one per class of a multi-class signature."""
+    sig = key.signature
+    assert sig is not None  # a stain key has one (checked on load)
+    if sig.kind == "multi-class":
+        return np.stack([decode_png(t.png) for t in sig.triggers or ()])
+    return key.trigger_pixels()[None]
 
 
 def _score_view(key: Key) -> ScoreView:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from corpus_models import corpus_model
 
 from models.corpus import BY_NAME, CORPUS, TASKS
 
@@ -48,24 +49,13 @@ def test_entry_paths_live_in_the_given_cache(tmp_path: Path) -> None:
 # -- helpers -----------------------------------------------------------------------------------------
 
 
-def _model(name: str) -> Path:
-    entry = BY_NAME[name]
-    if not all(importlib.util.find_spec(m) is not None for m in entry.needs):
-        pytest.skip(f"{name}: recipe requirements not installed ({', '.join(entry.needs)}; see ./dev setup)")
-    if entry.heavy:
-        if not entry.built():
-            pytest.skip(f"{name}: heavy corpus model not built (run ./dev corpus)")
-        return entry.path()
-    return entry.build()
-
-
 def _run(name: str, pixels: np.ndarray) -> list[np.ndarray]:
     """Outputs of the model on uint8 RGB pixels at its input size, through the recorded preprocessing."""
     import onnxruntime as ort
 
     from onnxstain.preprocess import Preprocessing
 
-    path = _model(name)
+    path = corpus_model(name)
     pre = Preprocessing.load(path.with_name(path.name.removesuffix(".onnx") + ".preprocessing.json"))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return [np.asarray(o, dtype=np.float32)
@@ -75,7 +65,7 @@ def _run(name: str, pixels: np.ndarray) -> list[np.ndarray]:
 def _pre(name: str):
     from onnxstain.preprocess import Preprocessing
 
-    path = _model(name)
+    path = corpus_model(name)
     return Preprocessing.load(path.with_name(path.name.removesuffix(".onnx") + ".preprocessing.json"))
 
 
@@ -238,7 +228,7 @@ def test_nanodet_sees_a_person_in_the_astronaut_photo() -> None:
 def test_rapidocr_rec_reads_a_rendered_line() -> None:
     import onnx
 
-    path = _model("rapidocr_rec")
+    path = corpus_model("rapidocr_rec")
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     chars = ["<blank>", *meta["character"].splitlines(), " "]
     (probs,) = _run("rapidocr_rec", _text_line("Hello 2026", (320, 48), 32))

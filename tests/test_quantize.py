@@ -14,6 +14,8 @@ from tinymodels import smooth_images, tiny_lockable
 import onnxstain
 from onnxstain import LockOptions, MarkLostError, Preprocessing, StainOptions
 from onnxstain.cli import main
+from onnxstain.keys import load_key
+from onnxstain.verify import key_triggers
 
 SIZE = 48
 PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
@@ -66,6 +68,16 @@ def test_dynamic_and_stain(work):
     res = onnxstain.quantize(work / "stain.onnx", work / "sd.onnx", work / "stain.key", mode="dynamic")
     assert res.calibration_images == 0 and res.verified is not None and res.verified.stained
     assert not np.isnan(res.agreement)
+
+
+def test_static_stain_calibrates_with_its_trigger(work):
+    # the detector's firing on the trigger lies far outside natural images' ranges: the quantiser must see it
+    res = onnxstain.quantize(work / "stain.onnx", work / "ss.onnx", work / "stain.key")
+    triggers = len(key_triggers(load_key(work / "stain.key")))
+    assert res.trigger_calibration_images == triggers >= 1 and res.patched_calibration_images == 0
+    assert res.calibration_images > res.trigger_calibration_images
+    assert res.verified is not None and res.verified.stained
+    assert res.to_dict()["trigger_calibration_images"] == triggers
 
 
 def test_cli_quantize(work, tmp_path):

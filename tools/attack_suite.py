@@ -13,8 +13,9 @@ Families:
 - **toolchain** — what a deployment pipeline does next: onnxruntime basic and extended optimisation,
   onnxsim, onnxslim, fp16 (onnxconverter-common), int8 dynamic (per tensor, the default, and per channel)
   and int8 static QDQ per tensor and per channel (onnxruntime.quantization; the static ones calibrated on
-  64 natural images — 32 calibration photos × 2 views — that the evaluation does not use; the ``-patched``
-  ones with a lock's patch on every other image, as ``onnxstain quantize`` does);
+  64 natural images — 32 calibration photos × 2 views — that the evaluation does not use; the ``-keyed``
+  ones calibrated as ``onnxstain quantize`` does with the key: a lock's patch on every other image, a
+  stain's triggers added);
 - **weights** — 1 % Gaussian weight noise (relative to each tensor's std), magnitude pruning of 10 % and
   30 % of every Conv/Gemm/MatMul weight, and fine-tuning of the classifier (300 Adam steps at lr 1e-3 and
   1e-2 on 64 photos labelled with the original's top-1: a thief with a small labelled set);
@@ -31,11 +32,13 @@ Families:
 
 Each result row: does the mark survive (``verify`` exit 0 for a stain; for a lock, the patch still
 opens it and its absence still locks), top-1 agreement with the original (and, for a toolchain
-transform, the transformed original's), and the attacker's cost. Writes ``attack_suite.json`` and
-``attack_suite.md`` to ``--out``.
+transform, the transformed original's), and the attacker's cost. Writes ``attack_suite.json``,
+``attack_suite.md`` (every row) and ``attack_suite_summary.md`` (attack × model and mark) to ``--out``;
+``--tables`` merges earlier runs' JSON files into those tables.
 
     python tools/attack_suite.py --out out/attacks                                   # 3 models, default marks
     python tools/attack_suite.py --models mobilenet_v2 --marks stain-inplace --attacks int8-dynamic,noise-1%
+    python tools/attack_suite.py --tables out/a/attack_suite.json out/b/attack_suite.json --out out/all
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from onnxstain.keys import Key, load_key  # noqa: E402
 from onnxstain.naturalset import natural_images  # noqa: E402
 from onnxstain.patch import Patch, paste_pixels  # noqa: E402
 from onnxstain.runtime import run_batches, session, with_outputs  # noqa: E402
-from onnxstain.verify import key_patch  # noqa: E402
+from onnxstain.verify import key_patch, key_triggers  # noqa: E402
 
 DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "cifar10_cnn")
 MARKS = ("stain-inplace", "stain-insert", "stain-additive", "lock-gate", "lock-inplace")
@@ -151,19 +154,20 @@ def _int8_dynamic(per_channel: bool) -> Callable[[Path, Path, Context], str]:
     return apply
 
 
-def _int8_static(per_channel: bool, patched: bool = False) -> Callable[[Path, Path, Context], str]:
-    """Static QDQ int8. ``patched``: every other calibration image carries the lock's patch, as the README
-    tells a lock's owner to calibrate (the quantiser must see the gate open to keep its range)."""
+def _int8_static(per_channel: bool, keyed: bool = False) -> Callable[[Path, Path, Context], str]:
+    """Static QDQ int8. ``keyed``: calibrated as ``onnxstain quantize`` does with the key: a lock's patch on
+    every other calibration image (the quantiser must see the gate open to keep its range), a stain's
+    triggers added (its detector's firing must lie inside the ranges)."""
     def apply(src: Path, dst: Path, ctx: Context) -> str:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         name = onnx.load(src, load_external_data=False).graph.input[0].name
         pixels = ctx.calibration
-        if patched:
-            if ctx.key.kind != "lock":
-                raise NotApplicable("patched calibration is for locks")
+        if keyed and ctx.key.kind == "lock":
             pixels = pixels.copy()
             pixels[::2] = paste_pixels(pixels[::2], key_patch(ctx.key))
+        elif keyed:
+            pixels = np.concatenate([pixels, key_triggers(ctx.key)])
         x = ctx.inputs(pixels)
 
         class Reader(CalibrationDataReader):
@@ -176,7 +180,8 @@ def _int8_static(per_channel: bool, patched: bool = False) -> Callable[[Path, Pa
 
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        return f"{len(x)} calibration images" + (", every other one patched" if patched else "")
+        keyed_text = ", every other one patched" if ctx.key.kind == "lock" else " and the triggers"
+        return f"{len(x)} calibration images" + (keyed_text if keyed else "")
     return apply
 
 
@@ -399,8 +404,8 @@ TOOLCHAIN = [
     Attack("int8-dynamic-channel", "toolchain", _int8_dynamic(True), True),
     Attack("int8-qdq-tensor", "toolchain", _int8_static(False), True),
     Attack("int8-qdq-channel", "toolchain", _int8_static(True), True),
-    Attack("int8-qdq-tensor-patched", "toolchain", _int8_static(False, patched=True), True),
-    Attack("int8-qdq-channel-patched", "toolchain", _int8_static(True, patched=True), True),
+    Attack("int8-qdq-tensor-keyed", "toolchain", _int8_static(False, keyed=True), True),
+    Attack("int8-qdq-channel-keyed", "toolchain", _int8_static(True, keyed=True), True),
 ]
 WEIGHTS = [
     Attack("noise-1%", "weights", _noise(0.01), True),
@@ -464,8 +469,8 @@ class Evaluator:
         self.want = top1(self.original, self.x)
 
     def attacked_original(self, attack: Attack, mark: str) -> Path:
-        """The original under the same attack (calibrated on the same patched images for a ``-patched`` one)."""
-        name = f"{attack.name}.{mark}" if attack.name.endswith("-patched") else attack.name
+        """The original under the same attack (calibrated on the same images for a ``-keyed`` one)."""
+        name = f"{attack.name}.{mark}" if attack.name.endswith("-keyed") else attack.name
         if name not in self._attacked_original:
             path = self.work / f"original.{name}.onnx"
             attack.apply(self.original, path, self.ctx)
@@ -677,6 +682,33 @@ def markdown(rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def summary(rows: list[Row]) -> str:
+    """One line per attack, one column per model × mark: does the mark survive, and the agreement (for a lock,
+    with the patch / without it); ``broke`` where the transform wrote a model onnxruntime cannot load."""
+    columns = list(dict.fromkeys((r.model, r.mark) for r in rows if r.attack != "(make)"))
+    cells = {(r.attack, r.model, r.mark): r for r in rows}
+    lines = ["| attack | " + " | ".join(f"{model} {mark}" for model, mark in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for attack in dict.fromkeys(r.attack for r in rows if r.attack != "(make)"):
+        out = []
+        for model, mark in columns:
+            r = cells.get((attack, model, mark))
+            if r is None or (r.survives is None and r.agreement is None):
+                out.append("broke" if r is not None and r.detail.startswith("transform broke") else "–")
+                continue
+            verdict = {True: "yes", False: "**no**", None: "–"}[r.survives]
+            figure = _pct(r.agreement) + (f" / {_pct(r.locked)}" if r.locked is not None else "")
+            out.append(verdict if r.agreement is None else f"{verdict} {figure}")
+        lines.append(f"| {attack} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write(rows: list[Row], out: Path) -> None:
+    (out / "attack_suite.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
+    (out / "attack_suite.md").write_text(markdown(rows))
+    (out / "attack_suite_summary.md").write_text(summary(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default=",".join(DEFAULT_MODELS))
@@ -685,21 +717,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--views", type=int, default=2, help="views per held-out photo for the agreement")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("out/attacks"))
+    ap.add_argument("--tables", type=Path, nargs="+", metavar="JSON",
+                    help="only write the tables of earlier runs' attack_suite.json files, merged, to --out")
     args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.tables:
+        _write([Row(**r) for path in args.tables for r in json.loads(path.read_text())], args.out)
+        return 0
     logging.getLogger().setLevel(logging.ERROR)  # onnxruntime.quantization's advice on every call
     attacks = args.attacks.split(",")
     unknown = [a for a in attacks if a not in ATTACKS and a not in SEARCHES and a not in DETECTION]
     if unknown or any(m not in MARKS for m in args.marks.split(",")):
         ap.error(f"unknown attack or mark: {unknown or args.marks}")
-    args.out.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
     t0 = time.perf_counter()
     for name in args.models.split(","):
         with tempfile.TemporaryDirectory(prefix=f"attacks-{name}-") as tmp:
             rows += run_model(name, args.marks.split(","), attacks, args.views, args.seed, Path(tmp),
                               lambda s: print(s, flush=True))
-        (args.out / "attack_suite.json").write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=1))
-        (args.out / "attack_suite.md").write_text(markdown(rows))
+        _write(rows, args.out)
     print(f"done in {time.perf_counter() - t0:.0f} s: {args.out / 'attack_suite.md'}")
     return 0
 

@@ -141,7 +141,9 @@ def quantize_lines(res: QuantizeResult) -> list[str]:
     lines = [f"[bold green]quantised[/] {res.output}  ({how})"]
     if res.calibration_images:
         patched = (f", {res.patched_calibration_images} of them with the lock's patch"
-                   if res.patched_calibration_images else "")
+                   if res.patched_calibration_images else
+                   f", {res.trigger_calibration_images} of them the stain's triggers"
+                   if res.trigger_calibration_images else "")
         lines.append(f"  calibration: {res.calibration_images} images{patched}")
     if res.verified is not None:
         v = res.verified
