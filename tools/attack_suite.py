@@ -68,7 +68,7 @@ from onnxstain.patch import Patch, paste_pixels  # noqa: E402
 from onnxstain.runtime import run_batches, session, with_outputs  # noqa: E402
 from onnxstain.verify import key_patch, key_triggers  # noqa: E402
 
-DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "cifar10_cnn")
+DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "efficientnet_lite0_dynamo")
 MARKS = ("stain-inplace", "stain-insert", "stain-additive", "lock-gate", "lock-inplace")
 DEFAULT_MARKS = ("stain-inplace", "stain-insert", "lock-gate")
 WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op → index of its weight input

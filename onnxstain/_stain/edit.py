@@ -392,7 +392,8 @@ def _int8_note(req: _Request, predicted: np.ndarray, feats: np.ndarray, w_old: n
     return [f"per-tensor int8 of the edited classifier (onnxruntime's quantize_dynamic/quantize_static default) "
             f"keeps the top-1 of {100 * after:.1f}% of the calibration images (the original classifier: "
             f"{100 * before:.1f}%): its largest weight grew from {np.abs(w_old).max():.3g} to "
-            f"{np.abs(w_new).max():.3g}; quantise with per_channel=True, or stain with --mode insert"]
+            f"{np.abs(w_new).max():.3g}; quantise with `onnxstain quantize` (per channel, the triggers "
+            f"calibrated), or stain with --mode insert"]
 
 
 def _non_additive_column(req: _Request, col_old: np.ndarray, pooled_old_t: float) -> _Column:
