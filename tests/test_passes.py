@@ -78,3 +78,51 @@ def test_diff_sees_a_rewritten_weight_and_no_added_node():
     edited.graph.initializer[0].CopyFrom(numpy_helper.from_array(np.full((2, 2, 1, 1), 2.0, np.float32), "w"))
     assert diff(model, edited) == ((), ("w",))
     assert diff(model, model) == ((), ())
+
+
+def _chain(names: list[str], outputs: list[str], constant_nodes: bool, const_names: str = "") -> onnx.ModelProto:
+    """A Relu chain named like an exporter: node names, output names, weights as Constant nodes or not."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    nodes, inits, prev = [], [], "x"
+    if constant_nodes:
+        nodes.append(helper.make_node("Constant", [], ["bias_0.w_0"], name=const_names,
+                                      value=numpy_helper.from_array(np.zeros((1, 2, 1, 1), np.float32))))
+    else:
+        inits.append(numpy_helper.from_array(np.zeros((1, 2, 1, 1), np.float32), "bias_0.w_0"))
+    for name, out in zip(names, outputs, strict=True):
+        nodes.append(helper.make_node("Relu", [prev], [out], name=name))
+        prev = out
+    nodes.append(helper.make_node("Add", [prev, "bias_0.w_0"], ["y"], name=names[0].replace("Relu", "Add")))
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, 4, 4])
+    graph = helper.make_graph(nodes, "g", [x], [y], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+@pytest.mark.parametrize("exporter, names, outputs, constant_nodes, want_node, want_tensor", [
+    ("paddle2onnx", [f"Relu@{i}" for i in range(10)], [f"relu_{i}.tmp_0" for i in range(10)], True,
+     r"^(Relu|Conv|Constant)@\d+$", r"^[a-z]+_\d+$"),
+    ("dynamo", [f"node_Relu_{i}" for i in range(10)], [f"relu_{i}" for i in range(10)], False,
+     r"^node_(Relu|Conv|Constant)_\d+$", r"^[a-z]+_\d+$"),
+    ("torch, old", [f"Relu_{i}" for i in range(10)], [str(100 + i) for i in range(10)], False,
+     r"^(Relu|Conv|Constant)_\d+$", r"^\d+$"),
+])
+def test_new_nodes_are_named_and_stored_like_the_exporters(exporter, names, outputs, constant_nodes, want_node,
+                                                            want_tensor):
+    import re
+
+    model = _chain(names, outputs, constant_nodes)
+    b = NodeBuilder(model)
+    w = b.const(np.ones((1, 2, 1, 1)), "onnx::Conv_w")
+    out = b.node("Conv", ["y", w], kernel_shape=[1, 1])
+    b.node("Relu", [out])
+    b.splice(len(b.model.graph.node))
+    onnx.checker.check_model(b.model, full_check=True)
+    new = b.nodes
+    assert all(re.match(want_tensor, t) for n in new for t in n.output), [n.output for n in new]
+    named = [n for n in new if n.op_type != "Constant"]
+    assert all(re.match(want_node, n.name) for n in named), [n.name for n in named]
+    # constants as the model keeps its own: Constant nodes (unnamed, as paddle2onnx leaves them) or initializers
+    assert (len(b.model.graph.initializer) == len(model.graph.initializer)) == constant_nodes
+    assert [n.name for n in new if n.op_type == "Constant"] == ([""] if constant_nodes else [])
+    taken = {n.name for n in model.graph.node if n.name} | {o for n in model.graph.node for o in n.output}
+    assert not taken & ({n.name for n in named} | {t for n in new for t in n.output})

@@ -321,7 +321,10 @@ class GraphView:
             attr.t.CopyFrom(numpy_helper.from_array(value, attr.t.name))
 
     def add_initializer(self, value: np.ndarray, hint: str) -> str:
-        name = self._fresh_name(hint)
+        return self.put_initializer(value, self._fresh_name(hint))
+
+    def put_initializer(self, value: np.ndarray, name: str) -> str:
+        """A new initializer named ``name`` (which the caller made fresh)."""
         self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
         self.initializers[name] = self.graph.initializer[-1]
         return name

@@ -1,6 +1,7 @@
-"""The one node builder of the passes: new nodes over a copy of a model, with neutral exporter-style names,
-constants as initializers of the branch's float type, opset-aware forms of the few ops whose signature
-changed (Clip, Slice, ReduceMax), and splicing that keeps the graph in topological order.
+"""The one node builder of the passes: new nodes over a copy of a model, named and stored in the exporter's
+own style (:class:`Style`: node and tensor names, constants as initializers or ``Constant`` nodes) in the
+branch's float type, opset-aware forms of the few ops whose signature changed (Clip, Slice, ReduceMax), and
+splicing that keeps the graph in topological order.
 
 Names and initializers are given out in the order the branch is built, so a pass's output model is
 deterministic; nothing in a name says what the branch is for.
@@ -8,12 +9,15 @@ deterministic; nothing in a name says what the branch is for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+import re
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from .._onnx.graph import GraphView
 
@@ -24,21 +28,83 @@ def copy_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
-class Namer:
-    """Neutral node names in the exporter's own style, so inserted nodes reveal nothing of the stain."""
+MIN_NODES = 8  # fewer nodes say nothing of an exporter's style: torch's is kept
+_LOWER = re.compile(r"^[a-z][a-z0-9]*(?:[_.][a-z0-9]+)*[_.]\d+$")  # dynamo's getitem_9, paddle2onnx's linear_1.tmp_0
+_NUMBERED = re.compile(r"^(?P<pre>.*?)(?P<op>[A-Z][A-Za-z0-9]*?)(?P<sep>[_@.]?)(?P<n>\d+)$")
 
-    def __init__(self, view: GraphView) -> None:
+
+@dataclasses.dataclass
+class Style:
+    """How the exporter names nodes, tensors and constants, read off the model so that inserted nodes look
+    like their neighbours: node names ``{pre}{op}{sep}{n}`` (torch ``/Add_12``, ``Slice_29``; dynamo
+    ``node_Conv_785``; paddle2onnx ``MatMul@0``), tensor names (``<node>_output_0``, bare numbers, or
+    ``{op}_{n}`` in lower case), and constants as initializers or as ``Constant`` nodes (paddle2onnx)."""
+
+    pre: str = "/"
+    sep: str = "_"
+    tensors: str = "output_0"  # "output_0" | "numeric" | "lower"
+    constant_nodes: bool = False
+    constant_node_names: bool = True  # paddle2onnx leaves its Constant nodes unnamed
+
+    @property
+    def torch(self) -> bool:
+        return self.tensors == "output_0"
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> Style:
+        nodes = [n for n in graph.node if n.op_type != "Constant"]
+        forms: Counter[tuple[str, str]] = Counter()
+        for n in nodes:
+            m = _NUMBERED.match(n.name)
+            if m and m["op"] == n.op_type:
+                forms[(m["pre"], m["sep"])] += 1
+        style = cls()
+        if forms:
+            (pre, sep), count = forms.most_common(1)[0]
+            if len(nodes) >= MIN_NODES and count >= len(nodes) // 10:
+                style.pre, style.sep = pre, sep
+        outputs = [o for n in nodes for o in n.output if o]
+        if len(outputs) >= MIN_NODES and sum(o.endswith("_output_0") for o in outputs) < len(outputs) / 2:
+            if sum(o.isdigit() for o in outputs) >= len(outputs) / 2:
+                style.tensors = "numeric"
+            elif sum(bool(_LOWER.match(o)) for o in outputs) >= len(outputs) / 2:
+                style.tensors = "lower"
+        constants = [n for n in graph.node if n.op_type == "Constant"]
+        style.constant_nodes = not graph.initializer and bool(constants)
+        style.constant_node_names = any(n.name for n in constants)
+        return style
+
+
+class Namer:
+    """Neutral node and tensor names in the exporter's own style (:class:`Style`), so inserted nodes reveal
+    nothing of the stain."""
+
+    def __init__(self, view: GraphView, style: Style | None = None) -> None:
+        self.style = style or Style.of(view.graph)
         self.taken = set(view.producer) | set(view.initializers) | {n.name for n in view.graph.node}
         self.taken |= {i.name for i in view.graph.input}
-        self.counter = len(view.graph.node) + 1000
+        numbers = [int(m["n"]) for name in self.taken if (m := _NUMBERED.match(name))]
+        numbers += [int(name) for name in self.taken if name.isdigit()]
+        # torch's default style counts on from past the graph's size; a learnt one from its highest number
+        learnt = self.style != Style()
+        self.counter = max([0 if learnt else len(view.graph.node) + 1000, *(n + 1 for n in numbers)])
 
-    def __call__(self, op: str) -> str:
+    def _fresh(self, make: Callable[[int], str]) -> str:
         while True:
             self.counter += 1
-            name = f"/{op}_{self.counter}"
+            name = make(self.counter)
             if name not in self.taken:
                 self.taken.add(name)
                 return name
+
+    def __call__(self, op: str) -> str:
+        return self._fresh(lambda n: f"{self.style.pre}{op}{self.style.sep}{n}")
+
+    def tensor(self, op: str) -> str:
+        """A fresh tensor name; in torch's style the node's name plus ``_output_0`` (see ``NodeBuilder``)."""
+        if self.style.tensors == "numeric":
+            return self._fresh(str)
+        return self._fresh(lambda n: f"{op.lower()}_{n}")
 
 
 class NodeBuilder:
@@ -55,16 +121,30 @@ class NodeBuilder:
 
     # -- constants and nodes -----------------------------------------------------------------------
     def const(self, value: Any, hint: str, dtype: Any = None) -> str:
-        return self.view.add_initializer(np.asarray(value, dtype=self.dtype if dtype is None else dtype), hint)
+        """A constant, stored as the model stores its own (an initializer, or a ``Constant`` node) and named
+        in its style (``hint``, e.g. ``onnx::Conv_w``, in torch's)."""
+        array = np.asarray(value, dtype=self.dtype if dtype is None else dtype)
+        style = self.name.style
+        if style.torch and not style.constant_nodes:
+            return self.view.add_initializer(array, hint)
+        y = self.name.tensor(hint.removeprefix("onnx::").split("_")[0])
+        if not style.constant_nodes:
+            return self.view.put_initializer(array, y)
+        self.nodes.append(helper.make_node("Constant", [], [y], name=self.name("Constant") if
+                                           style.constant_node_names else "",
+                                           value=numpy_helper.from_array(array, y)))
+        return y
 
     def tensor_name(self, op: str) -> str:
-        """A fresh output name for a node of type ``op`` (the node is named without ``_output_0``)."""
-        return self.name(op) + "_output_0"
+        """A fresh output name for a node of type ``op`` (in torch's style, the node is named without
+        ``_output_0``)."""
+        return self.name(op) + "_output_0" if self.name.style.torch else self.name.tensor(op)
 
     def node(self, op: str, inputs: list[str], output: str | None = None, **attrs: Any) -> str:
         """Append ``op`` over ``inputs``; its output is ``output`` or a fresh name. Returns the output."""
         y = output or self.tensor_name(op)
-        name = y.removesuffix("_output_0") if output is None or y.endswith("_output_0") else self.name(op)
+        torch_pair = self.name.style.torch and (output is None or y.endswith("_output_0"))
+        name = y.removesuffix("_output_0") if torch_pair else self.name(op)
         self.nodes.append(helper.make_node(op, inputs, [y], name=name, **attrs))
         return y
 
