@@ -59,19 +59,19 @@ class Style:
             if m and m["op"] == n.op_type:
                 forms[(m["pre"], m["sep"])] += 1
         style = cls()
-        if forms:
-            (pre, sep), count = forms.most_common(1)[0]
-            if len(nodes) >= MIN_NODES and count >= len(nodes) // 10:
-                style.pre, style.sep = pre, sep
         outputs = [o for n in nodes for o in n.output if o]
         if len(outputs) >= MIN_NODES and sum(o.endswith("_output_0") for o in outputs) < len(outputs) / 2:
             if sum(o.isdigit() for o in outputs) >= len(outputs) / 2:
                 style.tensors = "numeric"
             elif sum(bool(_LOWER.match(o)) for o in outputs) >= len(outputs) / 2:
                 style.tensors = "lower"
+        if forms and not style.torch:  # torch's names stay as they were: /Op_N, its tensors <node>_output_0
+            (pre, sep), count = forms.most_common(1)[0]
+            if len(nodes) >= MIN_NODES and count >= len(nodes) // 10:
+                style.pre, style.sep = pre, sep
         constants = [n for n in graph.node if n.op_type == "Constant"]
         style.constant_nodes = not graph.initializer and bool(constants)
-        style.constant_node_names = any(n.name for n in constants)
+        style.constant_node_names = not constants or any(n.name for n in constants)
         return style
 
 
