@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
@@ -220,9 +221,14 @@ def machine_info() -> dict[str, Any]:
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model, "platform": platform.platform(), "python": platform.python_version(),
         "onnxruntime": ort.__version__, "onnxruntime_providers": ort.get_available_providers(),
-        "torch": version("torch"), "onnx": onnx.__version__, "numpy": np.__version__,
+        "torch": version("torch"), "onnx": onnx.__version__, "numpy": np.__version__, "scipy": version("scipy"),
         "onnxstain": onnxstain.__version__,
     }
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (a study records the model it ran on: `./dev setup` rebuilds it)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 class OthersCpu:

@@ -22,6 +22,7 @@ Writes ``lock_seeds.json`` and ``lock_seeds.md`` to ``--out``.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -31,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+from onnx import numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -68,8 +71,18 @@ def one(model: Path, kind: str, seed: int, work: Path, views: int) -> dict[str, 
         "natural_firings": audit.firings.firings if audit.firings else None,
         "natural_samples": audit.firings.samples if audit.firings else None,
         "notes": res.notes + audit.notes,
+        "weights_sha256": weights_digest(out),
         "path": str(out),
     }
+
+
+def weights_digest(path: Path) -> str:
+    """SHA-256 of the model's initializer values in graph order: equal digests mean the same lock, whatever
+    the metadata, so a changed figure can be told apart from a changed edit (code) and a changed audit."""
+    h = hashlib.sha256()
+    for t in onnx.load(path).graph.initializer:
+        h.update(numpy_helper.to_array(t).tobytes())
+    return h.hexdigest()
 
 
 def pct(x: float | None) -> str:
@@ -80,11 +93,11 @@ def render(rep: dict[str, Any]) -> str:
     lines = [f"# Lock study ({rep['model']}, {rep['views']} views per held-out photo)", ""]
     lines += ["| kind | seed | bound | no patch | patch = orig on same image | patch vs clean (all / centre) | "
               "orig + patch vs clean (all / centre) | worst wrong patch | wrong patch opened (max) | "
-              "JPEG q90 agreement / opened | verify locked / original | lock s | ÷ load+save |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "JPEG q90 agreement / opened | verify locked / original | lock s | ÷ load+save | weights |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rep["runs"]:
         if "refused" in r:
-            lines.append(f"| {r['kind']} | {r['seed']} | refused: {r['refused']} |" + " |" * 10)
+            lines.append(f"| {r['kind']} | {r['seed']} | refused: {r['refused']} |" + " |" * 11)
             continue
         c = r["conditions"]
         wrong = [c[w]["agreement"] for w in WRONG if w in c and w != "JPEG q90"]
@@ -96,9 +109,10 @@ def render(rep: dict[str, Any]) -> str:
             f"{pct(c['patch vs clean']['centre'])} | {pct(c['original with patch']['agreement'])} / "
             f"{pct(c['original with patch']['centre'])} | {pct(max(wrong))} | {pct(max(opened))} | "
             f"{pct(j['agreement'])} / {pct(j['unlocked'])} | {r['verify_locked']} / {r['verify_original']} | "
-            f"{r['wall_s']:.1f} | {r['ratio_load_save']:.0f} |")
+            f"{r['wall_s']:.1f} | {r['ratio_load_save']:.0f} | {r.get('weights_sha256', '–')[:12]} |")
     lines += ["", "Agreements in %, top-1 against the original model; chance is 1/K = 0.10 %. 'opened': images "
-              "where the gate signal is > 0.", ""]
+              "where the gate signal is > 0. 'weights': the start of the SHA-256 of the locked model's initializers "
+              "(equal: the same edit).", f"Model {rep.get('model_sha256', '?')[:12]}; {_packages(rep)}.", ""]
     for kind, lat in rep.get("latency", {}).items():
         for b, d in lat.items():
             r = d["ratio"]
@@ -120,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     model = args.model or bench_stain.default_model()
     args.out.mkdir(parents=True, exist_ok=True)
-    rep: dict[str, Any] = {"model": str(model), "views": args.views, "runs": [], "latency": {},
-                           "machine": bench_stain.machine_info()}
+    rep: dict[str, Any] = {"model": str(model), "model_sha256": bench_stain.file_digest(model),
+                           "views": args.views, "runs": [], "latency": {}, "machine": bench_stain.machine_info()}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for kind in args.kinds.split(","):
@@ -143,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     write(rep, args.out)
     print(render(rep))
     return 0
+
+
+def _packages(rep: dict[str, Any]) -> str:
+    m = rep.get("machine", {})
+    return ", ".join(f"{k} {m[k]}" for k in ("onnxruntime", "torch", "numpy", "scipy", "onnx") if m.get(k))
 
 
 def write(rep: dict[str, Any], out: Path) -> None:
