@@ -295,8 +295,11 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
               help="Secret key file to write (owner-only permissions).")
 @click.option("--mode", type=click.Choice(["inplace", "insert"]), default="inplace", show_default=True,
               help="inplace: change weights only; insert: add the detector as new nodes (lossless).")
-@click.option("--variant", type=click.Choice(["non-additive", "additive"]), default="non-additive",
-              show_default=True, help="Overwrite a neuron, or hide the detector in a working one.")
+@click.option("--variant", type=click.Choice(["auto", "non-additive", "additive"]), default="auto",
+              show_default=True,
+              help="additive: hide the detector in a working neuron no weight statistic singles out; non-additive: "
+                   "overwrite a neuron (its classifier column stands out); auto: additive in place where the "
+                   "route allows it, else non-additive.")
 @click.option("--layer", help="Host layer name (see `onnxstain inspect`); default: the tool picks.")
 @click.option("--channel", type=int, help="Host channel to use (default: chosen with the calibration data).")
 @click.option("--images", type=click.Path(file_okay=False),

@@ -48,6 +48,23 @@ def test_detection_finds_the_in_place_edit_and_the_gate_nodes(marked):
     assert lock.survives is False and "image input consumers 1 → 2" in lock.detail
 
 
+def test_detection_ranks_the_keys_own_slices(marked):
+    """The key names where an in-place stain lives (host row and bias, the classifier column it feeds): the
+    non-additive stain is found there (its bias, its column); the additive one, which leaves its column
+    alone and spreads a compensation over the others, is hidden (its slices outside the top 1 %), and no
+    slice is ranked merely because a compensation touched every slice of its tensor."""
+    d, _ = marked
+    overwrite = attack_suite.detection("tiny", "stain-inplace", d / "model.onnx", d / "stain.onnx",
+                                       load_key(d / "stain.key"))
+    assert overwrite.survives is False and "top 1 %" in overwrite.detail
+    onnxstain.stain(d / "model.onnx", d / "additive.onnx", d / "additive.key",
+                    images=smooth_images(96, size=SIZE, seed=1),
+                    options=StainOptions(mode="inplace", variant="additive", fpr=0.05, seed=3))
+    hidden = attack_suite.detection("tiny", "stain-additive", d / "model.onnx", d / "additive.onnx",
+                                    load_key(d / "additive.key"))
+    assert hidden.survives is True and "top 1 %" not in hidden.detail, hidden.detail
+
+
 def test_patch_from_weights_reads_the_plain_gate_patch_exactly(marked):
     d, ev = marked
     key = load_key(d / "lock.key")

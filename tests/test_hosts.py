@@ -21,6 +21,7 @@ from onnxstain._onnx.hosts import (
     find_hosts,
     neuron_affine,
     receptive_fields,
+    stored_layer,
     write_neuron,
 )
 from onnxstain.features import neuron_inputs
@@ -297,7 +298,7 @@ def test_tiny_cnn_all_hosts_match_onnxruntime(bn):
 
 
 # -- 2. write_neuron ------------------------------------------------------------------------------------
-def _check_write(model, host_name, k, *, seed=0, rtol=1e-4, atol=1e-4, scale=0.5):
+def _check_write(model, host_name, k, *, seed=0, rtol=1e-4, atol=1e-4, scale=0.5, keep_batchnorm=False):
     """Write a random neuron k; check ORT's new pre-activation and that the other neurons are untouched."""
     host = _host(model, host_name)
     x = _input_for(model, seed=seed + 7)
@@ -307,7 +308,7 @@ def _check_write(model, host_name, k, *, seed=0, rtol=1e-4, atol=1e-4, scale=0.5
     bias = float(rng.normal(0, 1))
     edited = _copy(model)
     view = GraphView(edited)
-    write_neuron(view, host, k, row, bias)
+    write_neuron(view, host, k, row, bias, keep_batchnorm=keep_batchnorm)
     onnx.checker.check_model(edited)
     after = _run(edited, x, [host.input, host.output])
     np.testing.assert_array_equal(after[host.input], before[host.input])
@@ -366,6 +367,56 @@ def test_write_neuron_batchnorm_channel_becomes_identity():
     orig = GraphView(model)
     for t in bn.input[1:5]:
         np.testing.assert_array_equal(np.delete(view.array(t), 2), np.delete(orig.array(t), 2))
+
+
+@pytest.mark.parametrize("case", ["conv_batchnorm", "conv_batchnorm_no_bias"])
+def test_write_neuron_keep_batchnorm_matches_onnxruntime(case):
+    build, name, k = WRITE_CASES[case]
+    _, view, host, row, bias = _check_write(build(), name, k, keep_batchnorm=True)
+    back_row, back_bias = neuron_affine(view, host, k)
+    np.testing.assert_allclose(back_row, row, rtol=1e-5, atol=1e-6)
+    assert back_bias == pytest.approx(bias, rel=1e-5, abs=1e-6)
+
+
+def test_write_neuron_keep_batchnorm_keeps_its_statistics():
+    """A hidden edit under an unfolded BatchNorm keeps the channel's BN scale, mean and variance (an identity
+    BN channel would stand out among its neighbours); the Conv row is stored over the BN scale, the bias goes
+    into the BN shift, and the Conv's own bias is left alone."""
+    model = conv_model(bn=True, pads=[1, 1, 1, 1])
+    _, view, _, row, bias = _check_write(model, "conv", 2, keep_batchnorm=True)
+    bn = view.find_node("bn")
+    orig = GraphView(model)
+    for i, t in enumerate(bn.input[1:5]):
+        if i != 1:  # gamma, mean, var: all channels as they were
+            np.testing.assert_array_equal(view.array(t), orig.array(t))
+    np.testing.assert_array_equal(np.delete(view.array(bn.input[2]), 2), np.delete(orig.array(bn.input[2]), 2))
+    np.testing.assert_array_equal(view.array("b"), orig.array("b"))
+    gamma, mean, var = (orig.array(bn.input[i])[2] for i in (1, 3, 4))
+    scale = gamma / np.sqrt(var + view.attr(bn, "epsilon"))
+    np.testing.assert_allclose(view.array("w")[2].reshape(-1), row / scale, rtol=1e-5)
+    assert view.array(bn.input[2])[2] == pytest.approx(bias - scale * (orig.array("b")[2] - mean), rel=1e-5)
+    rows, b, row_scale, _ = stored_layer(view, _host(model, "conv"))  # what the hiding rule ranks
+    np.testing.assert_allclose(rows[2], row / scale, rtol=1e-5)
+    assert b[2] == pytest.approx(view.array(bn.input[2])[2]) and row_scale[2] == pytest.approx(scale)
+
+
+def test_write_neuron_keep_batchnorm_without_scale_becomes_identity():
+    """A BN channel whose scale is 0 cannot carry a row: it is set to the identity and the Conv takes the map."""
+    model = conv_model(bn=True, pads=[1, 1, 1, 1])
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    gamma = next(t for t in model.graph.initializer if t.name == bn.input[1])
+    g = numpy_helper.to_array(gamma).copy()
+    g[2] = 0.0
+    gamma.CopyFrom(numpy_helper.from_array(g, gamma.name))
+    host = _host(model, "conv")
+    view = GraphView(_copy(model))
+    write_neuron(view, host, 2, np.ones(host.m), 0.5, keep_batchnorm=True)
+    bn = view.find_node("bn")
+    assert view.array(bn.input[1])[2] == 1.0 and view.array(bn.input[3])[2] == 0.0
+    assert view.array(bn.input[2])[2] == pytest.approx(0.5)
+    back_row, back_bias = neuron_affine(view, host, 2)
+    np.testing.assert_allclose(back_row, np.ones(host.m), rtol=1e-5)
+    assert back_bias == pytest.approx(0.5, rel=1e-5)
 
 
 def _shared_weight_model(const_weight=False) -> onnx.ModelProto:

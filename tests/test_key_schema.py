@@ -30,7 +30,15 @@ from onnxstain.preprocess import Preprocessing
 
 FIXTURES = Path(__file__).parent / "fixtures" / "keys"
 sys.path.insert(0, str(FIXTURES))
-from recipes import RECIPES, WRITER_CHANGES, build_model, made_for, run_job  # noqa: E402
+from recipes import (  # noqa: E402
+    EARLIER_CHOICES,
+    RECIPES,
+    WRITER_CHANGES,
+    build_model,
+    earlier_writer,
+    made_for,
+    run_job,
+)
 
 NAMES = sorted(RECIPES)
 # The mutation tests use one key of each shape of the schema (the others share their sections).
@@ -108,7 +116,13 @@ def test_fixture_key_verifies_the_model_it_was_made_for(name, tmp_path):
     model, _ = build_model(name)
     if hashlib.sha256(model.SerializeToString()).hexdigest() != fixture["model"]["source_sha256"]:
         pytest.skip("the source model rebuilt here differs from the fixture's (see the test above)")
-    src, out, new_key = run_job(name, tmp_path)
+    if name in EARLIER_CHOICES:  # today's writer chooses otherwise on purpose: its own key verifies its model
+        (tmp_path / "today").mkdir()
+        _, today, today_key = run_job(name, tmp_path / "today")
+        assert onnxstain.verify(today, today_key).stained
+        assert json.loads(today_key.read_text())["host"] != fixture["host"]
+    with earlier_writer(name):
+        src, out, new_key = run_job(name, tmp_path)
     new = json.loads(new_key.read_text())
     key = _write(tmp_path, fixture, "fixture.key")
     if name in WRITER_CHANGES:  # today's writer makes another model on purpose: rebuild the fixture's

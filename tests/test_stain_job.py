@@ -43,7 +43,11 @@ def test_prepare_finds_head_host_and_route(model):
     assert job.route is not None  # in place: the route from the host to the head
     assert _prepare(model, mode="insert", seed=7).route is None
     assert job.seed == 7 and job.record == model.parent / "out.key.public.json"
-    assert job.pre.height == 32 and job.notes == []
+    assert job.pre.height == 32
+    # the default variant resolved up front: a 10-class head keeps the non-additive stain, and says why
+    assert job.opts.variant == "non-additive" and job.auto_variant
+    assert len(job.notes) == 1 and "10 classes are too few" in job.notes[0]
+    assert _prepare(model, mode="inplace", seed=7, variant="non-additive").notes == []
 
 
 def test_prepare_seeds_the_generator(model):

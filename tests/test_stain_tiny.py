@@ -17,6 +17,7 @@ from onnxstain import Preprocessing, StainOptions
 from onnxstain._onnx.diff import changed_initializers, structural_diff
 from onnxstain.cli import main
 from onnxstain.keys import load_key, public_record_path
+from onnxstain.math import outliers
 from onnxstain.runtime import session
 
 PRE = Preprocessing(height=32, width=32, resize=None)
@@ -113,6 +114,19 @@ def test_additive_inplace_compensates_the_leak(stained, workdir):
     err_comp, err_plain = np.mean((comp - orig) ** 2), np.mean((plain - orig) ** 2)
     assert err_plain > 0 and err_comp < 0.5 * err_plain
     assert np.mean(comp.argmax(1) == orig.argmax(1)) >= np.mean(plain.argmax(1) == orig.argmax(1))
+
+
+def test_additive_inplace_hides_in_a_channel_no_statistic_exposes(stained, workdir):
+    """The hidden channel's classifier column, and its host row and bias after the edit, rank outside the top
+    2 % of their layers on every outlier statistic a thief would rank (norm, max |w|, max/median; bias value
+    both ways): pruning the classifier's most extreme column or row does not hit the stain."""
+    _, out, key_path = stained[("inplace", "additive")]
+    k = int(load_key(key_path).host.host_channel)
+    b = {t.name: onnx.numpy_helper.to_array(t).astype(np.float64) for t in onnx.load(out).graph.initializer}
+    limit = outliers.exposed_count(48, 0.02)
+    for name, slices in (("wf", b["wf"].T), ("w3", b["w3"].reshape(len(b["w3"]), -1)), ("b3", b["b3"])):
+        for statistic, rank in outliers.ranks(slices).items():
+            assert rank[k] > limit, (name, statistic, rank[k])
 
 
 @pytest.mark.parametrize("variant", ["non-additive", "additive"])

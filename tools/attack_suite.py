@@ -1,8 +1,9 @@
 """Attack suite: what a pipeline or a thief holding only the marked ONNX file does to each mark, measured.
 
 For each model (``--models``, names from ``models/corpus.py``) and each mark (``--marks``: ``stain-inplace``
-and ``stain-insert`` with the default settings, ``stain-additive`` (in place, hidden in a working neuron),
-``lock-gate`` — the default lock — and ``lock-inplace``),
+and ``stain-insert`` with the default settings (in place the default is the additive variant where the
+route allows it), ``stain-additive`` and ``stain-overwrite`` (in place, hidden in a working neuron /
+overwriting one), ``lock-gate`` — the default lock — and ``lock-inplace``),
 the mark is made once with ``--seed``; then every attack of ``--attacks`` is applied to the marked model
 (and, for the toolchain and weight attacks, to the original, so that the attacked model is compared with the
 attacked original). One interface for every attack (:class:`Attack`): a name, a family and a function
@@ -25,10 +26,13 @@ Families:
   inserted branch or gate: the best candidate is reported, with how many were tried), and, for a lock
   whose detector reads a pixel window through a ``Slice`` of the input, the patch read off the
   detector's weights (sign → 0/255);
-- **detection** — how the marked model gives itself away: for each edited weight tensor the rank of its
-  most extreme edited channel (and classifier column) on per-channel robust z-scores of norm, max |w|,
-  max/median, bias and bias/row-norm; structural tells (nodes added, op types that occur once, input
-  consumers added).
+- **detection** — how the marked model gives itself away: the rank of the mark's slices among their
+  tensor's slices on robust z-scores (:mod:`onnxstain.math.outliers`: norm, max |w|, max/median of rows
+  and columns, bias value both ways). The mark's slices: where an edit concentrates (slices changed by
+  ≥ a tenth of the largest change, when they are at most 5 % of the tensor's; a compensation spread over
+  every slice locates nothing) and, for an in-place mark, the host channel's row and bias and the classifier
+  column it feeds, as the key names them. Found: any of them in the top 1 %. Structural tells: nodes
+  added, op types new to the model, input consumers added.
 
 Each result row: does the mark survive (``verify`` exit 0 for a stain; for a lock, the patch still
 opens it and its absence still locks), top-1 agreement with the original (and, for a toolchain
@@ -63,13 +67,14 @@ sys.path.insert(0, str(ROOT))
 import onnxstain  # noqa: E402
 from onnxstain.errors import OnnxStainError  # noqa: E402
 from onnxstain.keys import Key, load_key  # noqa: E402
+from onnxstain.math import outliers  # noqa: E402
 from onnxstain.naturalset import natural_images  # noqa: E402
 from onnxstain.patch import Patch, paste_pixels  # noqa: E402
 from onnxstain.runtime import run_batches, session, with_outputs  # noqa: E402
 from onnxstain.verify import key_patch, key_triggers  # noqa: E402
 
 DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "efficientnet_lite0_dynamo")
-MARKS = ("stain-inplace", "stain-insert", "stain-additive", "lock-gate", "lock-inplace")
+MARKS = ("stain-inplace", "stain-insert", "stain-additive", "stain-overwrite", "lock-gate", "lock-inplace")
 DEFAULT_MARKS = ("stain-inplace", "stain-insert", "lock-gate")
 WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op → index of its weight input
 
@@ -427,9 +432,10 @@ DETECTION = ("detection",)
 def make_mark(kind: str, original: Path, work: Path, seed: int) -> tuple[Path, Path, float]:
     out, key = work / f"{kind}.onnx", work / f"{kind}.key"
     t0 = time.perf_counter()
-    if kind == "stain-additive":  # in place, hidden in a working neuron
-        onnxstain.stain(original, out, key, options=onnxstain.StainOptions(variant="additive", seed=seed))
-    elif kind.startswith("stain"):
+    if kind in ("stain-additive", "stain-overwrite"):  # in place: hidden in a working neuron / overwriting one
+        variant = "additive" if kind == "stain-additive" else "non-additive"
+        onnxstain.stain(original, out, key, options=onnxstain.StainOptions(variant=variant, seed=seed))
+    elif kind.startswith("stain"):  # the default variant ("auto": additive in place where the route allows)
         onnxstain.stain(original, out, key, options=onnxstain.StainOptions(mode=kind.split("-")[1], seed=seed))
     else:
         onnxstain.lock(original, out, key, options=onnxstain.LockOptions(kind=kind.split("-")[1], seed=seed))
@@ -573,47 +579,72 @@ class Evaluator:
 
 
 # -- detection ----------------------------------------------------------------------------------------
-def _robust_z(values: np.ndarray) -> np.ndarray:
-    med = np.median(values)
-    mad = np.median(np.abs(values - med)) * 1.4826
-    return (values - med) / (mad if mad > 0 else (np.std(values) or 1.0))
+SPREAD = 0.05  # an edit touching more of a tensor's slices than this is a spread (a compensation), not a place
 
 
-def detection(name: str, mark: str, original: Path, marked: Path) -> Row:
-    """Rank of the edited channels on per-channel weight statistics, and the structural tells."""
+def _slices(w: np.ndarray, axis: int) -> np.ndarray:
+    return np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64)
+
+
+def _key_slices(model: onnx.ModelProto, key: Key | None) -> list[tuple[str, int, int, str]]:
+    """Where the key says the mark lives: the host channel's weight row and bias entry, and the classifier
+    column that channel feeds (the additive stain leaves that column alone but its signature lives there).
+    ``(tensor, axis, index, what)``; empty but for in-place marks with a host channel."""
+    channel = None if key is None or key.mode != "inplace" else (
+        key.host.host_channel if key.host.host_channel is not None else key.host.channel)
+    if key is None or channel is None:
+        return []
+    out = []
+    inits = tensor_protos(model)
+    node = next((n for n in model.graph.node if n.name == key.host.name), None)
+    if node is not None and len(node.input) > 1 and node.input[1] in inits:
+        trans_b = any(a.name == "transB" and a.i for a in node.attribute)
+        axis = 0 if node.op_type == "Conv" or (node.op_type == "Gemm" and trans_b) else 1
+        out.append((node.input[1], axis, channel, "host row"))
+        if len(node.input) > 2 and node.input[2] in inits:
+            out.append((node.input[2], 0, channel, "host bias"))
+    found = _classifier(model)
+    if found is not None:
+        head, _ = found
+        trans_b = any(a.name == "transB" and a.i for a in head.attribute)
+        out.append((head.input[1], 1 if trans_b else 0, channel, "classifier column"))
+    return out
+
+
+def detection(name: str, mark: str, original: Path, marked: Path, key: Key | None = None) -> Row:
+    """Rank of the mark's slices on per-slice weight statistics (:mod:`onnxstain.math.outliers`), and the
+    structural tells. The mark's slices: where an edit concentrates (changed by ≥ a tenth of the largest
+    change, in at most ``SPREAD`` of the tensor's slices) and where the key says it lives."""
     a, b = onnx.load(original), onnx.load(marked)
     ia = {name: numpy_helper.to_array(t) for name, t in tensor_protos(a).items()}
+    ib = {name: numpy_helper.to_array(t) for name, t in tensor_protos(b).items()}
+    places: dict[tuple[str, int], set[int]] = {}
+    for tname, w1 in ib.items():
+        w0 = ia.get(tname)
+        if w0 is None or w0.shape != w1.shape or w1.dtype.kind != "f" or np.array_equal(w0, w1) or w1.ndim == 0:
+            continue
+        for axis in (0, 1) if w1.ndim >= 2 else (0,):
+            change = np.linalg.norm(_slices(w1, axis) - _slices(w0, axis), axis=1)
+            edited = np.flatnonzero(change >= 0.1 * change.max())
+            if 0 < len(edited) <= SPREAD * len(change):
+                places.setdefault((tname, axis), set()).update(edited.tolist())
+    for tname, axis, index, _ in _key_slices(b, key):
+        if tname in ib and ib[tname].ndim > axis and index < ib[tname].shape[axis]:
+            places.setdefault((tname, axis), set()).add(index)
     worst: tuple[float, str] = (1.0, "no edited tensor")
     findings = []
-    for tname, t in tensor_protos(b).items():
-        if tname not in ia:
-            continue
-        w0, w1 = ia[tname], numpy_helper.to_array(t)
-        if w0.shape != w1.shape or w1.dtype.kind != "f" or np.array_equal(w0, w1) or w1.ndim == 0:
-            continue
-        for axis, what in ((0, "row/channel"), (1, "column")) if w1.ndim >= 2 else ((0, "entry"),):
-            flat = np.moveaxis(w1, axis, 0).reshape(w1.shape[axis], -1).astype(np.float64)
-            # the edited slices: those changed by at least a tenth of the largest change (a compensation spreads
-            # small changes over every slice; the mark is where the change is)
-            change = np.linalg.norm(np.moveaxis(w1 - w0, axis, 0).reshape(w1.shape[axis], -1).astype(np.float64),
-                                    axis=1)
-            edited = np.flatnonzero(change >= 0.1 * change.max())
-            if len(edited) == 0 or len(edited) == len(flat):
-                continue
-            stats = {"norm": np.linalg.norm(flat, axis=1), "max|w|": np.abs(flat).max(axis=1),
-                     "max/median": np.abs(flat).max(axis=1) / (np.median(np.abs(flat), axis=1) + 1e-12)}
-            if w1.ndim == 1:
-                stats = {"value": flat[:, 0], "-value": -flat[:, 0]}
-            for stat, values in stats.items():
-                z = _robust_z(values)
-                order = np.argsort(-z)
-                rank = int(np.min(np.flatnonzero(np.isin(order, edited)))) + 1
-                frac = rank / len(values)
-                if frac < worst[0]:
-                    worst = (frac, f"{tname} {what} {stat}: rank {rank} of {len(values)} "
-                                   f"(z = {z[order[rank - 1]]:.1f})")
-                if rank <= int(np.ceil(0.01 * len(values))):  # the top 1 % (the most extreme one under 100)
-                    findings.append(f"{stat} of {what}s of {tname}: rank {rank}/{len(values)}")
+    for (tname, axis), where in sorted(places.items()):
+        w1 = ib[tname]
+        flat = _slices(w1, axis)
+        what = "entry" if w1.ndim == 1 else ("row/channel" if axis == 0 else "column")
+        for stat, rank in outliers.ranks(flat).items():
+            best = min(where, key=lambda i: rank[i])
+            frac = rank[best] / len(flat)
+            if frac < worst[0]:
+                z = outliers.robust_z(outliers.slice_statistics(flat)[stat])[best]
+                worst = (frac, f"{tname} {what} {best} {stat}: rank {rank[best]} of {len(flat)} (z = {z:.1f})")
+            if rank[best] <= outliers.exposed_count(len(flat)):
+                findings.append(f"{stat} of {what}s of {tname}: rank {rank[best]}/{len(flat)}")
     names_a = {n.name for n in a.graph.node}
     added = [n for n in b.graph.node if n.name not in names_a]
     ops_a = {n.op_type for n in a.graph.node}
@@ -653,7 +684,7 @@ def run_model(name: str, marks: list[str], attacks: list[str], views: int, seed:
         log(f"{name} {mark}: made in {secs:.0f} s")
         for attack in attacks:
             if attack == "detection":
-                row = detection(name, mark, original, marked)
+                row = detection(name, mark, original, marked, key)
             elif attack == "bypass":
                 row = ev.bypass(mark, marked, key)
             elif attack == "patch-from-weights":

@@ -13,10 +13,10 @@ import numpy as np
 
 from .._onnx.graph import GraphView
 from .._onnx.head import head_input
-from .._onnx.hosts import HostLayer, layer_affine, neuron_affine
+from .._onnx.hosts import HostLayer, layer_affine, neuron_affine, stored_layer
 from .._onnx.io import LoadedModel
 from ..errors import BadInputError, InternalError, UnsupportedModelError
-from ..math import compensation, detector
+from ..math import compensation, detector, outliers
 from ..math.quantization import int8_head_agreement
 from ..passes import stain as stain_pass
 from ..signature import ScoreView
@@ -95,7 +95,8 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
         own = phi_t[sel].astype(np.float64) @ rows.T + b
         return int(np.argmax(own.min(axis=0)))  # the most clearly active on the trigger
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    return int(np.argmax(_shift_strengths(host, rows, b, cols, phi_t, sel)))
+    gain = _shift_strengths(host, rows, b, cols, phi_t, sel)
+    return int(np.argmax(np.where(_unexposed_columns(view, host, model, head), gain, -np.inf)))
 
 
 def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
@@ -116,8 +117,9 @@ def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kapp
 
 def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, model, v: np.ndarray,
                              c: np.ndarray, tau: float, delta: float, phi_t: np.ndarray, phi_all: np.ndarray,
-                             sel: np.ndarray, pooled: np.ndarray, nat_scores: np.ndarray) -> int:
-    """In place, additive, compensated classifier: the working neuron to hide the detector in.
+                             sel: np.ndarray, pooled: np.ndarray, nat_scores: np.ndarray) -> tuple[int, bool]:
+    """In place, additive, compensated classifier: the working neuron to hide the detector in, and whether
+    it hides (its column, row and bias outside the top ``HIDING_FRACTION`` of their layers once edited).
 
     Candidates are the neurons whose shift signature (``‖col_k‖ (hi − act_k(trigger))``, as
     :func:`additive_channel`) is within ``ADDITIVE_GAIN_FLOOR`` of the strongest; the one with the
@@ -127,9 +129,13 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     """
     rows, b = _group0_affine(view, host)
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = _shift_strengths(host, rows, b, cols, phi_t, sel)
+    gain = np.where(_unexposed_columns(view, host, model, head), _shift_strengths(host, rows, b, cols, phi_t, sel),
+                    -np.inf)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
     kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
+    hidden = _hidden_after_edit(view, host, cands, kappa, v, c)
+    if hidden.any():  # else every candidate stands out once edited: the strongest signatures, as before
+        cands, kappa = cands[hidden], kappa[hidden]
     s_nat = detector.scores(phi_all, v, c)
     leaks = np.empty((len(phi_all), len(cands)))
     for i in range(0, len(cands), LEAK_CHUNK):
@@ -140,12 +146,41 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     # top-1 − runner-up gap. Over every candidate (not only the strongest signatures) this picks
     # channels whose natural activity hides the leak: fewer held-out flips for a somewhat weaker shift.
     cv = compensation.cross_validate(pooled, nat_scores, cols, cands, changes=leaks)
-    return int(cands[min(range(len(cands)), key=lambda i: (int(cv.flips[i]), float(cv.decision_rms[i])))])
+    best = int(cands[min(range(len(cands)), key=lambda i: (int(cv.flips[i]), float(cv.decision_rms[i])))])
+    return best, bool(hidden.any())
 
 
 ADDITIVE_GAIN_FLOOR = 0.5  # additive in place: candidates keep ≥ half the strongest shift signature
+HIDING_FRACTION = 2 * outliers.EXPOSED_FRACTION  # the hidden channel stays out of its layers' top 2 %
 LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N·P, chunk] float32)
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
+
+
+def _unexposed_columns(view: GraphView, host: HostLayer, model, head) -> np.ndarray:
+    """Per channel of group 0: whether its classifier column, its host row and its host bias (as the tensors
+    store them) are all outside the top ``HIDING_FRACTION`` of their layers on every
+    :mod:`~onnxstain.math.outliers` statistic. A thief who prunes the classifier's largest column, or the
+    host's most extreme row, must not hit the stain."""
+    rows, b, _, _ = stored_layer(view, host)
+    cols = stain_pass.head_columns(model, head)  # [K, F]
+    n = host.out_channels // host.groups
+    ok = ~outliers.exposed(cols.T, HIDING_FRACTION)[:n]
+    ok &= ~outliers.exposed(rows, HIDING_FRACTION)[:n]
+    ok &= ~outliers.exposed(b, HIDING_FRACTION)[:n]
+    return ok if ok.any() else np.ones(n, bool)
+
+
+def _hidden_after_edit(view: GraphView, host: HostLayer, cands: np.ndarray, kappa: np.ndarray, v: np.ndarray,
+                       c: np.ndarray) -> np.ndarray:
+    """Per candidate: whether its host row ``w + κ v`` and bias ``β − κ v·c``, as stored, stay outside the top
+    ``HIDING_FRACTION`` of the layer (the detector's part must not make the row stand out)."""
+    rows, b, row_scale, bias_scale = stored_layer(view, host)
+    row_stats, bias_stats = outliers.slice_statistics(rows), outliers.slice_statistics(b)
+    shift = float(v @ c)
+    return np.array([not outliers.exposed_after(row_stats, int(k), rows[k] + g * v / row_scale[k], HIDING_FRACTION)
+                     and not outliers.exposed_after(bias_stats, int(k), np.array(b[k] - g * shift / bias_scale[k]),
+                                                    HIDING_FRACTION)
+                     for k, g in zip(cands, kappa, strict=True)], bool)
 
 
 def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
@@ -245,6 +280,7 @@ class _Request:
     scores_view: ScoreView | None
     identities: tuple = ()  # per-channel constants whose stained entry becomes the identity (in place)
     delta: float = 10.0  # the detector's output on the trigger (non-additive); saturates a clipped activation
+    notes: list[str] = dataclasses.field(default_factory=list)  # for the user, from the edit's decisions
 
     @property
     def s_trig(self) -> np.ndarray:
@@ -311,9 +347,16 @@ def _detector_delta(req: _Request) -> float:
 def _additive_host_channel(req: _Request) -> int:
     """The additive variant's working neuron, chosen once the trigger is known."""
     if req.opts.mode == "inplace" and can_compensate(req.host, req.head, req.view):
-        return additive_inplace_channel(req.host, req.route, req.view, req.head, req.loaded.model, req.v, req.c,
-                                        req.tau, req.delta, req.phi_t, req.phi_all, req.sel, req.pooled,
-                                        req.nat_scores)
+        channel, hidden = additive_inplace_channel(req.host, req.route, req.view, req.head, req.loaded.model, req.v,
+                                                   req.c, req.tau, req.delta, req.phi_t, req.phi_all, req.sel,
+                                                   req.pooled, req.nat_scores)
+        if not hidden:
+            req.notes.append(
+                f"the detector does not hide in {req.host.name}: once edited, every candidate channel's row or "
+                f"bias is in the top {HIDING_FRACTION:.0%} of the layer on a weight statistic (the gain it needs "
+                "stands out among rows this alike), so ranking the layer's rows points at the stain; it verifies "
+                "and survives the toolchain all the same")
+        return channel
     return additive_channel(req.host, req.view, req.head, req.phi_t, req.sel, req.opts.mode, req.loaded.model)
 
 
@@ -342,7 +385,8 @@ def _inplace_edit(req: _Request) -> dict:
     else:
         col = _additive_column(req, col_old, w, beta)
     edit = stain_pass.inplace(req.loaded.model, req.host, req.channel, col.ed.weights, col.ed.bias, req.head,
-                              col.column, col.bias_shift, col.columns_delta, req.identities, col.siblings)
+                              col.column, col.bias_shift, col.columns_delta, req.identities, col.siblings,
+                              hidden=req.opts.variant == "additive")
     if edit.added:
         raise InternalError(f"internal check failed: the in-place stain added nodes {list(edit.added)[:3]}")
     model = edit.model
@@ -364,7 +408,7 @@ def _inplace_edit(req: _Request) -> dict:
     feats = req.pooled.copy()
     feats[:, req.channel] = pooled_new
     predicted = req.nat_scores + (feats @ w_new.T + c_new) - (req.pooled @ w_old.T + c_old)
-    notes = []
+    notes = list(req.notes)
     moved = np.abs(np.delete(w_new - w_old, req.channel, axis=1)).max(axis=1)  # other features' weights
     if col.columns_delta is None and moved.max() > 0:
         worst = int(np.argmax(moved))

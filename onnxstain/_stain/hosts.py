@@ -111,7 +111,7 @@ def refuse_dense_mode(opts: StainOptions) -> None:
             "a classifier's weights, and a dense output has none to carry it (the detector would have to be "
             "routed through the decoder, which has no exact route); use --mode insert, which adds a secret "
             "pattern to the output map on the trigger only")
-    if opts.variant != "non-additive":
+    if opts.variant == "additive":
         raise UnsupportedModelError("dense-output models take the non-additive inserted stain only "
                                     "(--variant non-additive)")
 

@@ -30,7 +30,7 @@ from ..calibration import calibration_pixels, natural_radius, refuse_underflowin
 from ..errors import UnsupportedModelError
 from ..features import neuron_inputs
 from ..keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
-from ..math import detector
+from ..math import chance, detector
 from ..outputs import Artefacts, job_plan, write_unit
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
@@ -63,6 +63,7 @@ class StainJob:
     progress: Progress
     notes: list[str]
     clock: Stopwatch
+    auto_variant: bool = False  # the variant was "auto": the edit may fall back to the non-additive one
     _analysis: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
     def analysis_model(self) -> onnx.ModelProto:
@@ -112,11 +113,15 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
         refuse_dense_mode(opts)
     hosts = find_hosts(loaded.model, view)
     host, route = _host(hosts, view, head, opts)
+    auto = opts.variant == "auto"
+    opts, why = resolve_variant(opts, host, head, route, view)
+    if why:
+        notes = [*notes, auto_note(why)]
     seed = draw_seed(opts.seed)
     return StainJob(loaded=loaded, opts=opts, pre=pre, view=view, hosts=hosts, host=host, head=head, dense=dense,
                     route=route, seed=seed, rng=np.random.default_rng(seed), output=out_path, key_path=key_path,
                     record=record, artefacts=artefacts, progress=progress or Silent(), notes=list(notes),
-                    clock=clock)
+                    clock=clock, auto_variant=auto)
 
 
 def _host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head | None,
@@ -130,8 +135,48 @@ def _host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head | None,
     refuse_underflowing_target(opts.fpr, host, opts.max_draws)
     if opts.mode != "inplace":
         return host, None
-    check_quantized_weights(view, host, head, opts.variant)
+    check_quantized_weights(view, host, head, "additive" if opts.variant == "auto" else opts.variant)
     return host, head_mod.direct_route(view, host, head)[0]
+
+
+def resolve_variant(opts: StainOptions, host: HostLayer, head: head_mod.Head | None, route: Any,
+                    view: GraphView) -> tuple[StainOptions, str | None]:
+    """The variant ``auto`` stands for, and why it is not the additive one where it could have been.
+
+    In place on a classifier, ``auto`` is the additive variant: the detector hides in a working neuron whose
+    classifier column, row and bias no weight statistic singles out, the classifier keeps its scale (int8
+    quantises it as the original), and the trigger's signature is the shift of the scores that column
+    drives. Where that cannot work (a per-channel scale or sibling heads on the route read the hidden
+    channel's own output, a PReLU, a per-tensor int8 classifier) or the head has too few classes for a
+    shift to be specific (fewer than one class signature needs for the black-box chance target), the
+    non-additive variant overwrites a channel. Inserted and dense stains keep the non-additive branch."""
+    if opts.variant != "auto":
+        return opts, None
+    why = None
+    if opts.mode != "inplace" or head is None or head.detection or route is None:
+        pass
+    elif route.affine or route.siblings:
+        why = (f"a per-channel scale or shift ({route.affine[0][0]})" if route.affine else
+               f"other heads ({', '.join(s.node for s in route.siblings)}) beside the classifier") + \
+            " on the route read the hidden channel's own output"
+    elif not chance.single_suffices(head.classes, chance.chance_target(opts.fpr, opts.chance)):
+        # the shift signature reads the K − 1 differences between the trigger's scores; with few classes it has
+        # few to read, and a drift in them passes or fails it (RapidOCR's two classes: 1 % weight noise read
+        # −3.7 against 0.5): where one class signature would not meet the chance target, keep the class one
+        why = f"{head.classes} classes are too few for the additive stain's shift signature"
+    elif host.activation == "prelu":
+        why = "the host's PReLU becomes a ReLU on the stained channel"
+    elif view.is_quantized(head.weight) and not view.quantized(head.weight).per_axis:
+        why = "the int8 classifier is quantised per tensor"
+    else:
+        return dataclasses.replace(opts, variant="additive"), None
+    return dataclasses.replace(opts, variant="non-additive"), why
+
+
+def auto_note(why: str) -> str:
+    return (f"the stain overwrites a channel (non-additive variant): {why}, so the additive variant, which hides "
+            "the detector in a working channel, cannot be used here; the overwritten channel's classifier "
+            "column stands out among the layer's columns")
 
 
 # -- calibration -----------------------------------------------------------------------------------------

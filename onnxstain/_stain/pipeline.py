@@ -213,13 +213,25 @@ def _edit(job: StainJob, cal: _Calibrated, finds: list[TriggerFind]) -> _Edited:
 
     def build(tau: float, channel: int | None) -> dict:
         if cal.triggers > 1:
-            return stain_edit.build_multi_insert(opts, host, head, job.loaded, finds, centre, tau, cal.sel, classes,
-                                                 margin_target, cal.nat_scores, cal.cal.radius)
-        return stain_edit.build_edit(opts, host, head, job.route, job.loaded, channel, first.direction, centre, tau,
-                                     s_star, first.phi, cal.cal.phi, cal.sel, cal.pooled, cal.nat_scores, classes[0],
-                                     margin_target, first.original_scores, cal.cal.radius, cal.view)
+            return stain_edit.build_multi_insert(job.opts, host, head, job.loaded, finds, centre, tau, cal.sel,
+                                                 classes, margin_target, cal.nat_scores, cal.cal.radius)
+        return stain_edit.build_edit(job.opts, host, head, job.route, job.loaded, channel, first.direction, centre,
+                                     tau, s_star, first.phi, cal.cal.phi, cal.sel, cal.pooled, cal.nat_scores,
+                                     classes[0], margin_target, first.original_scores, cal.cal.radius, cal.view)
 
-    edit, tau = _stored_threshold(build, build(cal.tau0, cal.channel), cal.tau0, s_star, job.notes)
+    try:
+        edit = build(cal.tau0, cal.channel)
+    except UnsupportedModelError as exc:
+        if not (job.auto_variant and opts.variant == "additive"):
+            raise
+        # the default ("auto") asked for the additive variant where it turned out impossible: the same trigger
+        # overwrites a channel instead
+        job.opts = dataclasses.replace(opts, variant="non-additive")
+        job.notes.append(f"the stain overwrites a channel (non-additive variant): the additive variant, which "
+                         f"hides the detector in a working channel, failed here ({exc})")
+        edit = build(cal.tau0, stain_edit.choose_channel(job.opts, host, head, job.loaded, cal.pooled,
+                                                         cal.nat_scores))
+    edit, tau = _stored_threshold(build, edit, cal.tau0, s_star, job.notes)
     job.notes.extend(edit["notes"])
     return _Edited(edit=edit, tau=tau, s_star=s_star, bound=bound, classes=classes, allowed_sets=allowed_sets)
 

@@ -11,13 +11,13 @@ from ..errors import BadInputError
 from ..math import bounds
 
 Mode = Literal["inplace", "insert"]
-Variant = Literal["non-additive", "additive"]
+Variant = Literal["auto", "non-additive", "additive"]
 
 
 @dataclasses.dataclass
 class StainOptions:
     mode: Mode = "inplace"
-    variant: Variant = "non-additive"
+    variant: Variant = "auto"  # in place: additive where the route allows it (see job.resolve_variant)
     layer: str | None = None
     channel: int | None = None
     signature_class: int | None = None
@@ -33,7 +33,7 @@ class StainOptions:
         """Refuse options out of their range, one line each (``BadInputError``)."""
         if self.mode not in ("inplace", "insert"):
             raise BadInputError(f"unknown mode {self.mode!r}")
-        if self.variant not in ("non-additive", "additive"):
+        if self.variant not in ("auto", "non-additive", "additive"):
             raise BadInputError(f"unknown variant {self.variant!r}")
         if not 0 < self.fpr < 1:
             raise BadInputError("--fpr must be between 0 and 1")

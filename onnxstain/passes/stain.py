@@ -106,15 +106,18 @@ def inplace(
     columns_delta: np.ndarray | None = None,
     identities: Sequence[tuple[str, int, float]] = (),
     siblings: Sequence[tuple[Head, np.ndarray, np.ndarray | None]] = (),
+    hidden: bool = False,
 ) -> PassResult:
     """Write neuron ``channel`` of ``host`` and head column ``channel`` (and, optionally, a change of the
     other columns); topology unchanged. ``identities``: per-channel constants between the host and the
     head (node, input index, value) whose entry ``channel`` becomes the identity (1 for a scale, 0 for a
     shift), so the head reads the neuron as it is. ``siblings``: other linear heads reading the same
-    features, each with its bias shift and change of the other columns; their column ``channel`` becomes 0."""
+    features, each with its bias shift and change of the other columns; their column ``channel`` becomes 0.
+    ``hidden``: the neuron must not stand out (an unfolded BatchNorm keeps its statistics; see
+    :func:`~onnxstain._onnx.hosts.write_neuron`)."""
     out = copy_model(model)
     view = GraphView(out)
-    write_neuron(view, host, channel, weights, bias)
+    write_neuron(view, host, channel, weights, bias, keep_batchnorm=hidden)
     for node_name, index, value in identities:
         node = view.find_node(node_name)
         assert node is not None
