@@ -69,3 +69,25 @@ def test_default_stain_variant_end_to_end(tmp_path, classes, variant, signature)
     assert onnxstain.load_key(tmp_path / "s.key").variant == variant
     assert any("too few for the additive" in n for n in res.notes) == (variant == "non-additive")
     assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
+
+
+def test_auto_falls_back_to_the_non_additive_stain_when_the_additive_edit_fails(tmp_path, monkeypatch):
+    """A route the up-front checks let through but the additive edit refuses: the default stain overwrites a
+    channel with the same trigger instead, and says why."""
+    from onnxstain._stain import edit
+    from onnxstain.errors import UnsupportedModelError
+
+    def refuse(req):
+        raise UnsupportedModelError("no working channel takes the detector")
+
+    monkeypatch.setattr(edit, "_additive_host_channel", refuse)
+    onnx.save(tiny_classifier(classes=1000), tmp_path / "m.onnx")
+    PRE.save(tmp_path / "m.preprocessing.json")
+    res = onnxstain.stain(tmp_path / "m.onnx", tmp_path / "s.onnx", tmp_path / "s.key",
+                          images=smooth_images(96, seed=0), options=StainOptions(seed=2, fpr=0.05))
+    assert (res.variant, res.signature_type) == ("non-additive", "class")
+    assert any("failed here (no working channel takes the detector)" in n for n in res.notes)
+    assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
+    with pytest.raises(UnsupportedModelError):  # asked for by name, the additive variant is not replaced
+        onnxstain.stain(tmp_path / "m.onnx", tmp_path / "t.onnx", tmp_path / "t.key", images=smooth_images(96, seed=0),
+                        options=StainOptions(seed=2, fpr=0.05, variant="additive"))

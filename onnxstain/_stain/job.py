@@ -117,6 +117,8 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
     opts, why = resolve_variant(opts, host, head, route, view)
     if why:
         notes = [*notes, auto_note(why)]
+    if auto and route is not None and head is not None:
+        check_quantized_weights(view, host, head, opts.variant)  # the resolved variant's edits
     seed = draw_seed(opts.seed)
     return StainJob(loaded=loaded, opts=opts, pre=pre, view=view, hosts=hosts, host=host, head=head, dense=dense,
                     route=route, seed=seed, rng=np.random.default_rng(seed), output=out_path, key_path=key_path,
@@ -135,7 +137,8 @@ def _host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head | None,
     refuse_underflowing_target(opts.fpr, host, opts.max_draws)
     if opts.mode != "inplace":
         return host, None
-    check_quantized_weights(view, host, head, "additive" if opts.variant == "auto" else opts.variant)
+    if opts.variant != "auto":  # else checked once resolved (prepare)
+        check_quantized_weights(view, host, head, opts.variant)
     return host, head_mod.direct_route(view, host, head)[0]
 
 
