@@ -298,8 +298,9 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 @click.option("--variant", type=click.Choice(["auto", "non-additive", "additive"]), default="auto",
               show_default=True,
               help="additive: hide the detector in a working neuron no weight statistic singles out; non-additive: "
-                   "overwrite a neuron (its classifier column stands out); auto: additive in place where the "
-                   "route allows it, else non-additive.")
+                   "overwrite a neuron (its classifier column stands out); auto: additive in place on a "
+                   "classifier with enough classes (1000 at the default targets) whose route allows it, else "
+                   "non-additive, saying why.")
 @click.option("--layer", help="Host layer name (see `onnxstain inspect`); default: the tool picks.")
 @click.option("--channel", type=int, help="Host channel to use (default: chosen with the calibration data).")
 @click.option("--images", type=click.Path(file_okay=False),
