@@ -88,7 +88,9 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
 
     Insert mode: the neuron most clearly active on the trigger (through ReLU the detector's part
     then shows in full). In-place mode: the neuron whose classifier column moves the scores most when it
-    saturates on the trigger (the shift signature), among neurons that are off on the trigger.
+    saturates on the trigger (the shift signature), among neurons that are off on the trigger, whose column,
+    row and bias no weight statistic exposes before the edit (the compensated in-place choice,
+    :func:`additive_inplace_channel`, also ranks the row and bias after it).
     """
     rows, b = _group0_affine(view, host)
     if mode == "insert":
@@ -96,7 +98,7 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
         return int(np.argmax(own.min(axis=0)))  # the most clearly active on the trigger
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
     gain = _shift_strengths(host, rows, b, cols, phi_t, sel)
-    return int(np.argmax(np.where(_unexposed_columns(view, host, model, head), gain, -np.inf)))
+    return int(np.argmax(np.where(_unexposed_channels(view, host, model, head), gain, -np.inf)))
 
 
 def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
@@ -129,7 +131,7 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     """
     rows, b = _group0_affine(view, host)
     cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = np.where(_unexposed_columns(view, host, model, head), _shift_strengths(host, rows, b, cols, phi_t, sel),
+    gain = np.where(_unexposed_channels(view, host, model, head), _shift_strengths(host, rows, b, cols, phi_t, sel),
                     -np.inf)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
     kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
@@ -156,7 +158,7 @@ LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N·P, chunk] fl
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 
-def _unexposed_columns(view: GraphView, host: HostLayer, model, head) -> np.ndarray:
+def _unexposed_channels(view: GraphView, host: HostLayer, model, head) -> np.ndarray:
     """Per channel of group 0: whether its classifier column, its host row and its host bias (as the tensors
     store them) are all outside the top ``HIDING_FRACTION`` of their layers on every
     :mod:`~onnxstain.math.outliers` statistic. A thief who prunes the classifier's largest column, or the
