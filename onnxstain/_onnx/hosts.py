@@ -673,10 +673,9 @@ def layer_affine(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarr
 
 def stored_layer(view: GraphView, host: HostLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The layer as its tensors hold it, channel by channel, as :func:`write_neuron` writes it with
-    ``keep_batchnorm``: rows ``[C, m]``
-    and biases ``[C]`` (under an unfolded BatchNorm the Conv rows and the BN shift), with the factors back to
-    :func:`layer_affine`'s effective map: effective row = stored row × ``row_scale``, and a change of the
-    effective bias is the stored bias's change × ``bias_scale``."""
+    ``keep_batchnorm``: rows ``[C, m]`` and biases ``[C]`` (under an unfolded BatchNorm the Conv rows and the
+    BN shift), with the factors back to :func:`layer_affine`'s effective map: effective row = stored row ×
+    ``row_scale``, and a change of the effective bias is the stored bias's change × ``bias_scale``."""
     rows, b = layer_affine(view, host)
     row_scale, bias_scale, stored_b = np.ones(len(b)), np.ones(len(b)), b
     if host.batchnorm is not None:

@@ -96,9 +96,10 @@ def additive_channel(host: HostLayer, view: GraphView, head, phi_t: np.ndarray, 
     if mode == "insert":
         own = phi_t[sel].astype(np.float64) @ rows.T + b
         return int(np.argmax(own.min(axis=0)))  # the most clearly active on the trigger
-    cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = _shift_strengths(host, rows, b, cols, phi_t, sel)
-    return int(np.argmax(np.where(_unexposed_channels(view, host, model, head), gain, -np.inf)))
+    all_cols = stain_pass.head_columns(model, head)
+    gain = _shift_strengths(host, rows, b, all_cols[:, : len(b)], phi_t, sel)
+    unexposed = _unexposed_channels(stored_layer(view, host), all_cols, len(b))
+    return int(np.argmax(np.where(unexposed, gain, -np.inf)))
 
 
 def additive_leaks(host: HostLayer, route, rows: np.ndarray, b: np.ndarray, kappa: np.ndarray,
@@ -130,12 +131,14 @@ def additive_inplace_channel(host: HostLayer, route, view: GraphView, head, mode
     cross-validated likewise).
     """
     rows, b = _group0_affine(view, host)
-    cols = stain_pass.head_columns(model, head)[:, : len(b)]
-    gain = np.where(_unexposed_channels(view, host, model, head), _shift_strengths(host, rows, b, cols, phi_t, sel),
+    all_cols = stain_pass.head_columns(model, head)
+    cols = all_cols[:, : len(b)]
+    stored = stored_layer(view, host)
+    gain = np.where(_unexposed_channels(stored, all_cols, len(b)), _shift_strengths(host, rows, b, cols, phi_t, sel),
                     -np.inf)
     cands = np.flatnonzero(gain >= ADDITIVE_GAIN_FLOOR * gain.max())
     kappa = detector.additive_gains(rows[cands], b[cands], v, c, tau, phi_t[sel], delta)
-    hidden = _hidden_after_edit(view, host, cands, kappa, v, c)
+    hidden = _hidden_after_edit(stored, cands, kappa, v, c)
     if hidden.any():  # else every candidate stands out once edited: the strongest signatures, as before
         cands, kappa = cands[hidden], kappa[hidden]
     s_nat = detector.scores(phi_all, v, c)
@@ -158,25 +161,23 @@ LEAK_CHUNK = 64  # candidates whose leaks are computed at once ([N·P, chunk] fl
 ADDITIVE_SATURATION = 1.02  # additive in place: the trigger drives the hidden neuron to 1.02 × its clip
 
 
-def _unexposed_channels(view: GraphView, host: HostLayer, model, head) -> np.ndarray:
-    """Per channel of group 0: whether its classifier column, its host row and its host bias (as the tensors
-    store them) are all outside the top ``HIDING_FRACTION`` of their layers on every
-    :mod:`~onnxstain.math.outliers` statistic. A thief who prunes the classifier's largest column, or the
-    host's most extreme row, must not hit the stain."""
-    rows, b, _, _ = stored_layer(view, host)
-    cols = stain_pass.head_columns(model, head)  # [K, F]
-    n = host.out_channels // host.groups
+def _unexposed_channels(stored: tuple[np.ndarray, ...], cols: np.ndarray, n: int) -> np.ndarray:
+    """Per channel of group 0 (``n``): whether its classifier column (``cols`` ``[K, F]``), its host row and its
+    host bias (``stored``, :func:`~onnxstain._onnx.hosts.stored_layer`) are all outside the top
+    ``HIDING_FRACTION`` of their layers on every :mod:`~onnxstain.math.outliers` statistic. A thief who prunes
+    the classifier's largest column, or the host's most extreme row, must not hit the stain."""
+    rows, b = stored[0], stored[1]
     ok = ~outliers.exposed(cols.T, HIDING_FRACTION)[:n]
     ok &= ~outliers.exposed(rows, HIDING_FRACTION)[:n]
     ok &= ~outliers.exposed(b, HIDING_FRACTION)[:n]
     return ok if ok.any() else np.ones(n, bool)
 
 
-def _hidden_after_edit(view: GraphView, host: HostLayer, cands: np.ndarray, kappa: np.ndarray, v: np.ndarray,
+def _hidden_after_edit(stored: tuple[np.ndarray, ...], cands: np.ndarray, kappa: np.ndarray, v: np.ndarray,
                        c: np.ndarray) -> np.ndarray:
     """Per candidate: whether its host row ``w + κ v`` and bias ``β − κ v·c``, as stored, stay outside the top
     ``HIDING_FRACTION`` of the layer (the detector's part must not make the row stand out)."""
-    rows, b, row_scale, bias_scale = stored_layer(view, host)
+    rows, b, row_scale, bias_scale = stored
     row_stats, bias_stats = outliers.slice_statistics(rows), outliers.slice_statistics(b)
     shift = float(v @ c)
     return np.array([not outliers.exposed_after(row_stats, int(k), rows[k] + g * v / row_scale[k], HIDING_FRACTION)

@@ -117,7 +117,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
     opts, why = resolve_variant(opts, host, head, route, view)
     if why:
         notes = [*notes, auto_note(why)]
-    if auto and route is not None and head is not None:
+    if auto and opts.mode == "inplace" and head is not None:
         check_quantized_weights(view, host, head, opts.variant)  # the resolved variant's edits
     seed = draw_seed(opts.seed)
     return StainJob(loaded=loaded, opts=opts, pre=pre, view=view, hosts=hosts, host=host, head=head, dense=dense,
@@ -155,10 +155,9 @@ def resolve_variant(opts: StainOptions, host: HostLayer, head: head_mod.Head | N
     non-additive variant overwrites a channel. Inserted and dense stains keep the non-additive branch."""
     if opts.variant != "auto":
         return opts, None
-    why = None
     if opts.mode != "inplace" or head is None or head.detection or route is None:
-        pass
-    elif route.affine or route.siblings:
+        return dataclasses.replace(opts, variant="non-additive"), None
+    if route.affine or route.siblings:
         why = (f"a per-channel scale or shift ({route.affine[0][0]})" if route.affine else
                f"other heads ({', '.join(s.node for s in route.siblings)}) beside the classifier") + \
             " on the route read the hidden channel's own output"
