@@ -25,6 +25,7 @@ import click
 
 from .errors import InternalError, OnnxStainError
 from .outputs import Artefacts, OutputPlan
+from .seeds import SEED_LIMIT
 
 if TYPE_CHECKING:
     from .keys import Key
@@ -310,7 +311,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 @click.option("--chance", type=float,
               help="Target black-box chance that an unrelated model shows the signature (default: the --fpr, "
                    "but not below 2e-3; few-class models take several triggers in --mode insert).")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1),
+@click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1),
               help="Seed of the key's random choices (default: fresh randomness).")
 @click.option("--trigger-png", type=click.Path(dir_okay=False), help="Also write the secret trigger as PNG.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary.")
@@ -357,7 +358,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
 @click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Seed of the key's random choices.")
+@click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), help="Seed of the key's random choices.")
 @click.option("--occlusion-steps", type=int, default=200, show_default=True,
               help="Steps of the occlusion-aware patch refinement (0: keep the plain patch; faster, costs "
                    "more accuracy with the patch).")

@@ -15,7 +15,7 @@ from PIL import Image
 from tinymodels import smooth_images, tiny_lockable, write_images
 
 import onnxstain
-from onnxstain import LockOptions, Preprocessing
+from onnxstain import LockOptions, Preprocessing, seeds
 from onnxstain.cli import main
 from onnxstain.errors import BadInputError, BadKeyError, UnreachableBoundError, UnsupportedModelError
 from onnxstain.keys import load_key
@@ -47,6 +47,13 @@ def _lock(workdir, images, seed, name=None, **kw):
     opts = LockOptions(seed=seed, fpr=FPR, occlusion_steps=kw.pop("occlusion_steps", 20), **kw)
     res = onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=opts)
     return res, out, key
+
+
+def test_a_lock_without_a_seed_draws_one_its_key_can_hold(workdir, images, monkeypatch):
+    monkeypatch.setattr(seeds.secrets, "randbelow", lambda n: n - 1)  # the largest seed the draw can give
+    out, key = workdir / "unseeded.onnx", workdir / "unseeded.key"
+    onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=LockOptions(fpr=FPR, occlusion_steps=20))
+    assert load_key(key).seed == seeds.SEED_LIMIT - 1
 
 
 @pytest.fixture(scope="module")

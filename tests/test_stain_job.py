@@ -14,7 +14,8 @@ from tinymodels import smooth_images, tiny_classifier
 
 from onnxstain import Preprocessing, StainOptions
 from onnxstain._stain.hosts import choose_host
-from onnxstain._stain.job import calibration_pass, detector_section, draw_seed, host_fields, prepare, write
+from onnxstain._stain.job import calibration_pass, detector_section, host_fields, prepare, write
+from onnxstain.seeds import SEED_LIMIT, draw_seed
 from onnxstain.calibration import RADIUS_MARGIN, selected_positions
 from onnxstain.errors import BadInputError, UnsupportedModelError
 from onnxstain.keys import HostSection, load_key
@@ -54,7 +55,7 @@ def test_prepare_seeds_the_generator(model):
     a, b = _prepare(model, mode="insert", seed=11), _prepare(model, mode="insert", seed=11)
     assert np.array_equal(a.rng.random(4), b.rng.random(4))
     drawn = _prepare(model, mode="insert")
-    assert 0 <= drawn.seed < 2**63
+    assert 0 <= drawn.seed < SEED_LIMIT  # a key stores it as a JSON number: the schema refuses more than 2^53
     assert draw_seed(5) == 5 and draw_seed(None) != draw_seed(None)
 
 

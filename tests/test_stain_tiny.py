@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from tinymodels import no_host_model, smooth_images, tiny_classifier, tiny_mlp, write_images
 
 import onnxstain
-from onnxstain import Preprocessing, StainOptions
+from onnxstain import Preprocessing, StainOptions, seeds
 from onnxstain._onnx.diff import changed_initializers, structural_diff
 from onnxstain.cli import main
 from onnxstain.keys import load_key, public_record_path
@@ -189,6 +189,17 @@ def test_same_seed_same_key_material(workdir, images):
     assert np.array_equal(a.detector.direction.array(), b.detector.direction.array())
     assert a["trigger"]["png"] == b["trigger"]["png"]
     assert a.commitment != b.commitment  # fresh nonce every time
+
+
+def test_a_stain_without_a_seed_draws_one_its_key_can_hold(workdir, images, monkeypatch):
+    # the largest seed the draw can give (it was 63 bits, which the key schema refuses: every unseeded stain
+    # ended in an internal error after its whole search)
+    monkeypatch.setattr(seeds.secrets, "randbelow", lambda n: n - 1)
+    out, key = workdir / "unseeded.onnx", workdir / "unseeded.key"
+    res = onnxstain.stain(workdir / "model.onnx", out, key, images=images,
+                          options=StainOptions(mode="insert", variant="non-additive", fpr=0.05))
+    assert load_key(key).seed == seeds.SEED_LIMIT - 1 and res.output == out
+    assert onnxstain.verify(out, key).stained
 
 
 def test_unreachable_target_is_refused(workdir, images):

@@ -24,6 +24,7 @@ from ..outputs import Artefacts, job_plan, write_unit
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
 from ..sanity import refuse_nonfinite
+from ..seeds import check_seed, fresh_seed
 from .types import LockOptions, LockResult
 
 
@@ -87,13 +88,6 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
                    rng=np.random.default_rng(seed), t0=t0, notes=list(pre_notes))
 
 
-def fresh_seed() -> int:
-    """A seed from the operating system's entropy, below 2^63."""
-    entropy = np.random.SeedSequence().entropy
-    assert isinstance(entropy, int)
-    return entropy % (2**63)
-
-
 def check_options(opts: LockOptions) -> None:
     if opts.kind not in ("gate", "inplace"):
         raise BadInputError(f"--kind must be gate or inplace, not {opts.kind!r}")
@@ -102,8 +96,7 @@ def check_options(opts: LockOptions) -> None:
                             "the gate lock (--kind gate) for several")
     if not 0 < opts.fpr < 1:
         raise BadInputError("--fpr must be between 0 and 1")
-    if opts.seed is not None and not 0 <= opts.seed < 2**63:
-        raise BadInputError(f"--seed must be a non-negative integer below 2^63, not {opts.seed}")
+    check_seed(opts.seed)
     if not 1 <= opts.detectors <= 8:
         raise BadInputError("--detectors must be between 1 and 8")
     if opts.occlusion_steps < 0 or opts.max_steps < 1 or opts.max_draws < 1:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import onnx
@@ -36,6 +36,7 @@ from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from ..runtime import run_batches, session, with_outputs
 from ..sanity import refuse_nonfinite
+from ..seeds import draw_seed
 from ..stopwatch import Stopwatch
 from .hosts import check_quantized_weights, choose_dense_host, choose_host, refuse_dense_mode
 from .result import StainOptions
@@ -66,6 +67,16 @@ class StainJob:
     auto_variant: bool = False  # the variant was "auto": the edit may fall back to the non-additive one
     _analysis: onnx.ModelProto | None = dataclasses.field(default=None, repr=False)
 
+    def for_key(self, output: Path, key_path: Path, record: Path, seed: int | None,
+                artefacts: Artefacts | None = None, clock: Stopwatch | None = None) -> StainJob:
+        """This model's job for one key: its outputs, its seed (``None``: fresh entropy) and generator, its own
+        notes and stopwatch. The loaded model, graph view, host and the analysis model are shared: no stage
+        edits them (the edit passes work on a copy)."""
+        seed = draw_seed(seed)
+        return dataclasses.replace(self, seed=seed, rng=np.random.default_rng(seed), output=output,
+                                   key_path=key_path, record=record, artefacts=artefacts, notes=list(self.notes),
+                                   clock=clock or Stopwatch())
+
     def analysis_model(self) -> onnx.ModelProto:
         """What the calibration pass and the trigger search run: where the graph has zero Pads before its Convs
         (run-time "same" padding, once its shape-only subgraph is folded for the preprocessing's input size),
@@ -84,22 +95,25 @@ class StainJob:
         return self._analysis
 
 
-def draw_seed(seed: int | None) -> int:
-    """The job's seed: the one asked for, else 63 bits of fresh entropy (written into the key)."""
-    # a SeedSequence made without entropy draws an int (numpy types ``entropy`` for every constructor argument)
-    return seed if seed is not None else int(cast(int, np.random.SeedSequence().entropy) % (2**63))
-
-
 def prepare(model: str | Path, output: str | Path, key_path: str | Path, options: StainOptions | None = None,
             preprocessing: Preprocessing | PreprocessingRequest | None = None, progress: Progress | None = None,
             record_path: str | Path | None = None, artefacts: Artefacts | None = None) -> StainJob:
     """Check every path, load and check the model once, resolve its preprocessing, find its head (or
     dense output) and host layer, refuse what cannot work, and draw the seed."""
-    clock = Stopwatch()
-    opts = options or StainOptions()
     out_path, key_path = Path(output), Path(key_path)
     record = Path(record_path) if record_path else public_record_path(key_path)
     job_plan(model, out_path, key_path, record).check()
+    job = load_job(model, options, preprocessing, progress)
+    return job.for_key(out_path, key_path, record, job.opts.seed, artefacts, job.clock)
+
+
+def load_job(model: str | Path, options: StainOptions | None = None,
+             preprocessing: Preprocessing | PreprocessingRequest | None = None,
+             progress: Progress | None = None) -> StainJob:
+    """The model's part of :func:`prepare`, for any number of keys (:meth:`StainJob.for_key` gives each its
+    outputs and seed): load and check the model, settle its preprocessing, head, host and variant."""
+    clock = Stopwatch()
+    opts = options or StainOptions()
     loaded = load_model(model)
     opts.check()
     pre, notes = settle_preprocessing(loaded.model, loaded.path, preprocessing)
@@ -119,11 +133,11 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
         notes = [*notes, auto_note(why)]
     if auto and opts.mode == "inplace" and head is not None:
         check_quantized_weights(view, host, head, opts.variant)  # the resolved variant's edits
-    seed = draw_seed(opts.seed)
+    unset = Path()  # a model's job has no outputs until for_key gives it a key's
     return StainJob(loaded=loaded, opts=opts, pre=pre, view=view, hosts=hosts, host=host, head=head, dense=dense,
-                    route=route, seed=seed, rng=np.random.default_rng(seed), output=out_path, key_path=key_path,
-                    record=record, artefacts=artefacts, progress=progress or Silent(), notes=list(notes),
-                    clock=clock, auto_variant=auto)
+                    route=route, seed=0, rng=np.random.default_rng(0), output=unset, key_path=unset, record=unset,
+                    artefacts=None, progress=progress or Silent(), notes=list(notes), clock=clock,
+                    auto_variant=auto)
 
 
 def _host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head | None,

@@ -95,16 +95,49 @@ def stain(
     job = prepare(model, output, key_path, options, preprocessing, progress, record_path, artefacts)
     if job.dense is not None:
         return stain_dense(job, images)
+    return stain_prepared(job, images)
+
+
+@dataclasses.dataclass
+class SharedWork:
+    """What every key of one model shares (:class:`onnxstain._stain.many.Stainer`): the calibration pass and
+    the torch prefix of the trigger search. A single stain makes its own and releases them as it goes."""
+
+    cal: CalibrationPass
+    lean: bool  # a large model: never in onnxruntime and in the torch prefix at once
+    prefix: Any = None  # the torch prefix, once a search built it
+
+
+def shared_work(job: StainJob, images: Any) -> SharedWork:
+    """The calibration pass of a classifier (or detector) stain: the host's input, the scores and the
+    classifier's input tapped over the calibration images."""
+    head = _head(job)
+    head_input = [] if head.detection else [head_mod.head_input(job.view, head)]
+    cal = calibration_pass(job, images, [job.host.input, head.scores, *head_input])
+    lean = weight_bytes(job.loaded.model) > LEAN_BYTES
+    if lean:
+        cal.session = None
+    return SharedWork(cal=cal, lean=lean)
+
+
+def stain_prepared(job: StainJob, images: Any = None, shared: SharedWork | None = None) -> StainResult:
+    """The stages after ``prepare`` for a classifier or detector: calibrate (or take ``shared``'s pass), search,
+    edit, check, write. With ``shared`` the calibration session and the torch prefix are kept for the next key."""
     score_view = stain_edit.score_view(job.opts, job.rng, job.head)
     job.clock.lap("load")
-    cal = _calibrate(job, images, score_view)
+    keep = shared is not None
+    shared = shared if shared is not None else shared_work(job, images)
+    cal = _calibrate(job, shared, score_view)
     job.clock.lap("calibration")
     search = TriggerSearch(job, cal.cal, job.host, cal.tau0, cal.sel,
                            ClassifierRescore(cal.cal, job.host, job.pre, _head(job).scores, score_view,
                                              job.opts.providers, cal.lean),
-                           detectors=cal.triggers, lean=cal.lean, hint=lambda: easier_layers(job.hosts, job.opts))
+                           detectors=cal.triggers, lean=cal.lean, hint=lambda: easier_layers(job.hosts, job.opts),
+                           prefix=shared.prefix, keep_prefix=keep and not cal.lean)
     finds = search.find_all()
-    cal.cal.session = None  # free the calibration session before the edit
+    shared.prefix = search.prefix
+    if not keep:
+        cal.cal.session = None  # free the calibration session before the edit
     job.clock.lap("trigger_search")
     edited = _edit(job, cal, finds)
     job.clock.lap("edit")
@@ -144,23 +177,22 @@ class _Calibrated:
     lean: bool  # a large model: never in onnxruntime and in the torch prefix at once
 
 
-def _calibrate(job: StainJob, images: Any, score_view: ScoreView) -> _Calibrated:
-    head, host, opts = _head(job), job.host, job.opts
-    head_input = [] if head.detection else [head_mod.head_input(job.view, head)]
-    cal = calibration_pass(job, images, [host.input, head.scores, *head_input])
-    lean = weight_bytes(job.loaded.model) > LEAN_BYTES
-    if lean:
-        cal.session = None
+def _calibrate(job: StainJob, shared: SharedWork, score_view: ScoreView) -> _Calibrated:
+    """The key's view of the shared calibration pass: its signature's scores, the bound's threshold τ0 and the
+    channel chosen from data."""
+    head, host, opts, cal = _head(job), job.host, job.opts, shared.cal
     target_chance = chance.chance_target(opts.fpr, opts.chance)
     n_trig = trigger_count(opts, head, score_view, target_chance)
     # T detectors are ORed on natural inputs: each gets target / T (T = 1: the target itself)
     tau0 = bounds.threshold_for_target(opts.fpr / n_trig, cal.radius, host.m, positions=host.positions,
                                        draws=opts.max_draws)
     nat_scores = score_view.flat(cal.outputs[head.scores])
-    pooled = None if head.detection else cal.outputs[head_input[0]].reshape(len(cal.inputs), -1).astype(np.float64)
+    pooled = None if head.detection else cal.outputs[head_mod.head_input(job.view, head)].reshape(
+        len(cal.inputs), -1).astype(np.float64)
     channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)
     return _Calibrated(cal=cal, view=score_view, target_chance=target_chance, triggers=n_trig, tau0=tau0,
-                       nat_scores=nat_scores, pooled=pooled, sel=selected_positions(host), channel=channel, lean=lean)
+                       nat_scores=nat_scores, pooled=pooled, sel=selected_positions(host), channel=channel,
+                       lean=shared.lean)
 
 
 def trigger_count(opts: StainOptions, head: head_mod.Head, view: ScoreView, target: float) -> int:

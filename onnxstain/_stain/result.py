@@ -9,6 +9,7 @@ from typing import Literal
 
 from ..errors import BadInputError
 from ..math import bounds
+from ..seeds import check_seed
 
 Mode = Literal["inplace", "insert"]
 Variant = Literal["auto", "non-additive", "additive"]
@@ -39,8 +40,7 @@ class StainOptions:
             raise BadInputError("--fpr must be between 0 and 1")
         if self.chance is not None and not 0 < self.chance < 1:
             raise BadInputError("--chance must be between 0 and 1")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise BadInputError(f"--seed must be a non-negative integer below 2^63, not {self.seed}")
+        check_seed(self.seed)
 
 
 @dataclasses.dataclass

@@ -125,8 +125,11 @@ class TriggerSearch:
     detectors: int = 1
     lean: bool = False  # drop the torch prefix after each ascent (large models)
     hint: Callable[[], str] = lambda: "try another --seed, --layer or a larger --fpr"
+    # the torch prefix, while held; a caller that stains many keys of one model passes the previous search's
+    # and ``keep_prefix`` (it is the same model up to the same host)
+    prefix: Any = dataclasses.field(default=None, repr=False)
+    keep_prefix: bool = False
     steps: int = dataclasses.field(default=0, init=False)  # gradient steps taken, over every draw
-    _prefix: Any = dataclasses.field(default=None, init=False, repr=False)  # the torch prefix, while held
 
     def find_all(self) -> list[TriggerFind]:
         """One accepted trigger per detector, else ``UnreachableBoundError`` with the search's figures."""
@@ -145,7 +148,8 @@ class TriggerSearch:
                         f"{self.host.name} (τ0/R = {self.tau0 / self.cal.radius:.2f}) within {opts.max_draws} "
                         f"draws; {self.hint()}")
                 finds.append(found)
-        self._prefix = None
+        if not self.keep_prefix:
+            self.prefix = None
         return finds
 
     def _cross_ok(self, _smin: float, radii: np.ndarray) -> bool:
@@ -175,7 +179,7 @@ class TriggerSearch:
             self.steps += res.steps
             trig = quantise(res.pixels)
             if self.lean:
-                self._prefix = fn = None
+                self.prefix = fn = None
             phi_t, original = self.rescorer.rescore(trig)
             s_t = detector.scores(phi_t, v, stats.centre)
             s_star = float(s_t[self.selected].min())
@@ -188,10 +192,10 @@ class TriggerSearch:
 
     def _torch_prefix(self) -> Any:
         """The model up to the host's input in torch, built once (again after a lean release)."""
-        if self._prefix is None:
+        if self.prefix is None:
             from ..torchprefix import prefix_for_input  # imports torch: only when a search runs
 
             # shape-only parts (a ViT's resized position embedding) are constants at this input size
-            self._prefix = prefix_for_input(self.job.analysis_model(), [self.host.input], self.job.pre.input_shape(),
+            self.prefix = prefix_for_input(self.job.analysis_model(), [self.host.input], self.job.pre.input_shape(),
                                             self.job.opts.providers)
-        return self._prefix
+        return self.prefix
