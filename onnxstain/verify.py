@@ -275,6 +275,36 @@ def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str])
                  detail)
 
 
+def screen_triggers(key: Key, raw: np.ndarray) -> tuple[float, bool]:
+    """The signature read on the key's triggers alone (rows of ``raw``, as :func:`key_triggers` orders them):
+    ``(score / threshold, passed)``. A screen, not a verdict: :func:`verify` adds the controls and the white box
+    (``onnxstain identify`` screens every key of a registry this way, then verifies the keys that pass)."""
+    sig = key.signature
+    assert sig is not None
+    view = _score_view(key)
+    if raw[0].size != int(np.prod(view.shape)):
+        raise KeyMismatchError(f"the key expects {int(np.prod(view.shape))} output scores; this model gives "
+                               f"{raw[0].size}")
+    scores = view.flat(to_logits(raw, key.model.output_activation))
+    if sig.kind == "multi-class":
+        ratio = min(float(class_margin(scores[t], tr.cls)) / float(tr.threshold)
+                    for t, tr in enumerate(sig.triggers or ()))
+        return ratio, ratio >= 1.0
+    if sig.kind == "shift":
+        assert sig.original is not None and sig.expected is not None
+        value = float(shift_score(scores[0], sig.original.array(), sig.expected.array()))
+    elif sig.kind == "class":
+        value = float(class_margin(scores[0], sig.cls))
+    else:
+        raise KeyMismatchError(f"a {sig.kind} signature is read from output maps, not screened among classifier keys")
+    return value / float(sig.threshold), value >= float(sig.threshold)
+
+
+def cross_key_bound(key: Key) -> bounds.Bound:
+    """The chance that a model carrying an independently drawn stain passes this key (see :func:`verify`)."""
+    return _cross_key_bound(key, len(key_triggers(key)))
+
+
 def _white_box(key: Key, act: np.ndarray, n_trig: int, tolerance: float | None) -> Check:
     """The detector's own activation: trigger t fires its channel at every selected position, no control does.
 

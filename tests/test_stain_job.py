@@ -15,11 +15,11 @@ from tinymodels import smooth_images, tiny_classifier
 from onnxstain import Preprocessing, StainOptions
 from onnxstain._stain.hosts import choose_host
 from onnxstain._stain.job import calibration_pass, detector_section, host_fields, prepare, write
-from onnxstain.seeds import SEED_LIMIT, draw_seed
 from onnxstain.calibration import RADIUS_MARGIN, selected_positions
 from onnxstain.errors import BadInputError, UnsupportedModelError
 from onnxstain.keys import HostSection, load_key
 from onnxstain.math import detector
+from onnxstain.seeds import SEED_LIMIT, draw_seed
 
 PRE = Preprocessing(height=32, width=32, resize=None)
 FIXTURE_KEY = Path(__file__).parent / "fixtures" / "keys" / "stain_insert.key"

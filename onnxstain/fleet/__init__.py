@@ -1,0 +1,1 @@
+"""Fleet issuance: one stained or locked copy per customer, recorded in a registry of issued copies."""

@@ -1,0 +1,118 @@
+"""``onnxstain issue`` and ``onnxstain identify``: the command-line layer over :mod:`onnxstain.fleet`.
+
+Registered on the main group by :mod:`onnxstain.cli`. Parsing and printing only.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from ..cli_support import EXIT_NEGATIVE, EXIT_OK, RichProgress, _print, _providers, handle_errors, provider_option
+from ..outputs import OutputPlan
+from .registry_cli import registry_passphrase
+
+
+@click.command()
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--customers", required=True, type=click.Path(dir_okay=False),
+              help="CSV of customer names: the 'customer' column, else the first column.")
+@click.option("-o", "--output", "dist", required=True, type=click.Path(file_okay=False),
+              help="Folder for the copies (created if missing): <customer>.onnx each. Keys never go there.")
+@click.option("--registry", "registry_path", required=True, type=click.Path(dir_okay=False),
+              help="The registry database (created if missing, owner-only). It holds every copy's secret key; "
+                   "encrypted at rest when ONNXSTAIN_REGISTRY_PASSPHRASE is set.")
+@click.option("--images", type=click.Path(file_okay=False),
+              help="Calibration images folder (default: the built-in natural photo set).")
+@click.option("--fpr", type=float, default=1e-9, show_default=True, help="Target false-positive bound per image.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary of the run.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@provider_option
+@handle_errors
+def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, fpr: float,
+          json_out: str | None, quiet: bool, providers: str | None) -> None:
+    """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each).
+
+    Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
+    from ..api import StainOptions
+    from .issue import issue as do_issue
+    from .issue import read_customers
+    from .registry import Registry
+
+    (OutputPlan().model_input("MODEL", model).input("--customers", customers).input("--images", images, folder=True)
+     .output("--json", json_out).check())
+    names = read_customers(customers)
+    Path(dist).mkdir(parents=True, exist_ok=True)
+    with Registry.open(registry_path, create=True, passphrase=registry_passphrase()) as reg:
+        res = do_issue(model, names, dist, reg, options=StainOptions(fpr=fpr, providers=_providers(providers)),
+                       images=images, progress=RichProgress(not quiet and sys.stderr.isatty()))
+    per = res.per_copy()
+    lines = [f"issued {len(res.issued)} copies into {dist} (registry {registry_path}); skipped {len(res.skipped)} "
+             "already issued"]
+    if res.issued:
+        lines.append(f"  time: load and calibration {res.setup_seconds:.1f}s once; per copy median "
+                     f"{per['median']:.1f}s (min {per['min']:.1f}s, max {per['max']:.1f}s)")
+    lines += [f"  note: {n}" for n in res.notes]
+    _print(lines)
+    if json_out:
+        from .._onnx.io import write_bytes_atomic
+
+        report = {"format": "onnxstain-issue-report", "version": 1, "source": str(res.source),
+                  "source_sha256": res.source_sha256, "setup_seconds": res.setup_seconds, "per_copy_seconds": per,
+                  "issued": [{"customer": c.customer, "copy_id": c.copy_id, "path": str(c.path),
+                              "model_sha256": c.model_sha256, "seconds": c.seconds} for c in res.issued],
+                  "skipped": res.skipped, "notes": res.notes}
+        write_bytes_atomic(json_out, json.dumps(report, indent=2).encode() + b"\n")
+
+
+@click.command()
+@click.argument("suspect", type=click.Path(dir_okay=False))
+@click.option("--registry", "registry_path", required=True, type=click.Path(dir_okay=False),
+              help="The registry the copies were issued into.")
+@click.option("--original", type=click.Path(dir_okay=False),
+              help="The model the copies were issued from (default: where it was at issue time, if unchanged). "
+                   "The white box reads hidden stains as the change from it.")
+@click.option("--black-box", is_flag=True, help="Query the model with every key's trigger instead of reading "
+                                                "its weights.")
+@click.option("--target", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True), default=1e-6,
+              show_default=True, help="Name a customer only if the chance that an innocent key of the registry "
+                                      "matches as well is at most this.")
+@click.option("--query-budget", type=click.IntRange(1), help="Black box: refuse to send more images than this.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@provider_option
+@handle_errors
+def identify(suspect: str, registry_path: str, original: str | None, black_box: bool, target: float,
+             query_budget: int | None, json_out: str | None, quiet: bool, providers: str | None) -> None:
+    """Which customer's copy SUSPECT is. Exit 0: named (with the bound); 1: no customer's stain found."""
+    from ..math.bounds import format_probability
+    from .identify import identify as do_identify
+    from .registry import Registry
+
+    (OutputPlan().model_input("SUSPECT", suspect).input("--registry", registry_path)
+     .input("--original", original).output("--json", json_out).check())
+    with Registry.open(registry_path, passphrase=registry_passphrase()) as reg:
+        res = do_identify(suspect, reg, original=original, black_box=black_box, target=target,
+                          providers=_providers(providers), query_budget=query_budget,
+                          progress=RichProgress(not quiet and sys.stderr.isatty()))
+    if res.named:
+        lines = [f"IDENTIFIED ({res.basis}, {res.keys} keys): " + ", ".join(
+            f"{m.customer} (copy {m.copy_id}, score {m.score:.3g})" for m in res.named)]
+        if res.bound_log10 is not None:
+            lines.append(f"  chance that an innocent key of the registry matches as well: ≤ "
+                         f"{format_probability(res.bound_log10)}")
+    else:
+        best = res.best
+        lines = [f"NOT IDENTIFIED ({res.basis}, {res.keys} keys)"
+                 + (f": best {best.customer} scores {best.score:.3g}, short of the target" if best else "")]
+    if res.runner_up is not None and res.named:
+        lines.append(f"  runner-up: {res.runner_up.customer} (score {res.runner_up.score:.3g})")
+    lines.append(f"  time {res.seconds:.2f}s" + (f", {res.queries} queries" if res.queries else ""))
+    lines += [f"  note: {n}" for n in res.notes]
+    _print(lines)
+    if json_out:
+        res.write_json(json_out)
+    sys.exit(EXIT_OK if res.named else EXIT_NEGATIVE)

@@ -1,0 +1,297 @@
+"""Whose copy is this? Score a suspect model against every key of a registry.
+
+* **White box** (the weights in hand, the default): one pass over the suspect's host layers. For each key, the
+  cosine between its detector direction and the suspect's row at the key's channel (an overwritten neuron),
+  or that row less the original model's (a neuron the detector hides in: the additive stain, the default on
+  1000-class models — it needs the original, which the vendor has). Each cosine has an exact p-value for a
+  model that does not carry the key (:mod:`onnxstain.math.identify`); a key is named when ``keys × p`` — the
+  chance that any innocent key of the registry scores as well — is at most the target (1e-6). Host layers
+  are found by name, else (renamed by an optimiser or a re-export) by their weights' closeness to the
+  original's.
+* **Black box** (``black_box=True``, or no white box possible): every key's trigger through the suspect in
+  batches (one query per trigger), each key's signature read on its own trigger; the keys that pass are then
+  verified in full (:func:`onnxstain.verify`: controls, and its cross-key bound). The registry-wide bound is
+  the sum of the keys' cross-key bounds: the chance that the copy of another customer shows some key's
+  signature because its own detector fires on that key's trigger.
+
+Several keys may be named at once: copies averaged or mixed by colluders carry each colluder's stain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer, find_hosts, layer_affine
+from .._onnx.io import LoadedModel, load_model, sha256_file, write_bytes_atomic
+from ..errors import BadInputError
+from ..keys import Key
+from ..math import identify as ident
+from ..math.bounds import format_probability
+from ..progress import Progress, Silent
+from .index import IndexEntry
+from .registry import Registry
+
+REPORT_FORMAT = "onnxstain-identify-report"
+REPORT_VERSION = 1
+# a renamed host layer is the suspect layer of the original's shape whose weights are closest to the original's,
+# if no further from them than this share of their norm (a fine-tune or int8 moves them by a few percent)
+HOST_MATCH = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Match:
+    """One key's evidence. ``passed``: the key's own test (white box: its cosine's p-value times the registry's
+    keys meets the target; black box: the trigger shows the signature and verify confirms it). ``named``: passed,
+    and the registry-wide bound ``log10_bound`` meets the target."""
+
+    copy_id: int
+    customer: str
+    score: float  # white box: the cosine; black box: the signature's score over its threshold (≥ 1: shown)
+    passed: bool
+    log10_bound: float  # log10 of the chance that an innocent key of the registry does as well
+    named: bool
+
+
+@dataclasses.dataclass
+class IdentifyResult:
+    model: str
+    model_sha256: str
+    basis: str  # "white-box" | "black-box"
+    keys: int  # keys scored (the union bound's multiplier)
+    target_log10: float
+    named: list[Match]  # every key whose registry-wide bound meets the target
+    best: Match | None
+    runner_up: Match | None
+    bound_log10: float | None  # registry-wide chance that an innocent key matches as well as the best
+    queries: int  # black box: images sent to the model
+    notes: list[str]
+    seconds: float
+
+    @property
+    def identified(self) -> bool:
+        return bool(self.named)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": REPORT_FORMAT, "version": REPORT_VERSION, "model": self.model,
+                "model_sha256": self.model_sha256, "identified": self.identified, "basis": self.basis,
+                "keys": self.keys, "target": 10.0 ** self.target_log10,
+                "named": [dataclasses.asdict(m) for m in self.named],
+                "best": dataclasses.asdict(self.best) if self.best else None,
+                "runner_up": dataclasses.asdict(self.runner_up) if self.runner_up else None,
+                "bound_log10": self.bound_log10, "queries": self.queries, "notes": self.notes,
+                "seconds": self.seconds}
+
+    def write_json(self, path: str | Path) -> None:
+        write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
+
+
+def identify(suspect: str | Path, registry: Registry, *, original: str | Path | None = None,
+             black_box: bool = False, target: float = ident.DEFAULT_TARGET, providers: list[str] | None = None,
+             query_budget: int | None = None, progress: Progress | None = None) -> IdentifyResult:
+    """Which registry copy ``suspect`` is (see the module docstring)."""
+    if not 0.0 < target < 1.0:
+        raise BadInputError(f"the target bound must be in (0, 1), not {target}")
+    start = time.perf_counter()
+    loaded = load_model(suspect)
+    rows = [(cid, cust, IndexEntry.from_bytes(blob)) for cid, cust, blob in registry.index_rows() if blob]
+    if not rows:
+        raise BadInputError(f"{registry.path} holds no issued stain copies to identify")
+    notes: list[str] = []
+    if not black_box:
+        white = _white_box(loaded, registry, rows, original, notes)
+        if white is not None:
+            return _result(loaded, "white-box", white, target, 0, notes, start)
+        notes.append("white box unavailable (see above): the verdict rests on the black box")
+    scored, queries = _black_box(loaded, registry, rows, providers, query_budget, progress or Silent(), notes)
+    return _result(loaded, "black-box", scored, target, queries, notes, start)
+
+
+# -- white box --------------------------------------------------------------------------------------------
+def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
+               original: str | Path | None, notes: list[str]) -> list[_Evidence] | None:
+    """The cosine and p-value of every key the weights can be read for; None if none can."""
+    suspect = _Layers(loaded.model)
+    originals: dict[str, _Layers | None] = {}
+    vectors, directions, dims, who = [], [], [], []
+    for cid, customer, entry in rows:
+        if entry.mode != "inplace" or entry.channel is None:
+            continue  # an inserted detector is a new node, not a row of a known layer
+        if entry.source_sha256 not in originals:
+            originals[entry.source_sha256] = _original_layers(entry, original, notes)
+        base = originals[entry.source_sha256]
+        rows_s = suspect.rows(entry.host, base)
+        if rows_s is None or entry.channel >= len(rows_s) or rows_s.shape[1] != entry.m:
+            continue
+        if entry.variant == "additive":
+            if base is None:
+                continue
+            rows_o = base.rows(entry.host, None)
+            if rows_o is None or rows_o.shape != rows_s.shape:
+                continue
+            vectors.append(rows_s[entry.channel] - rows_o[entry.channel])
+        else:
+            vectors.append(rows_s[entry.channel])
+        directions.append(entry.direction)
+        dims.append(entry.m)
+        who.append((cid, customer))
+    skipped = len(rows) - len(who)
+    if not who:
+        notes.append(f"none of the {len(rows)} keys' host layers could be read in this model")
+        return None
+    if skipped:
+        notes.append(f"{skipped} of {len(rows)} keys could not be read from the weights (inserted detectors, a "
+                     "host layer not in this model, or a hidden detector without the original model)")
+    scores = ident.score(np.stack(vectors), np.stack(directions), np.asarray(dims))
+    return [_Evidence(cid, cust, float(c), scores.log10_bound(i)) for i, (cid, cust), c in
+            zip(range(len(who)), who, scores.cos, strict=True)]
+
+
+class _Layers:
+    """A model's host layers, by name, with their effective rows computed once each."""
+
+    def __init__(self, model: Any) -> None:
+        self.view = GraphView(model)
+        self.hosts: dict[str, HostLayer] = {h.name: h for h in find_hosts(model, self.view)}
+        self._rows: dict[str, np.ndarray] = {}
+        self._located: dict[str, str | None] = {}
+
+    def _of(self, name: str) -> np.ndarray:
+        if name not in self._rows:
+            self._rows[name] = layer_affine(self.view, self.hosts[name])[0]
+        return self._rows[name]
+
+    def rows(self, name: str, original: _Layers | None) -> np.ndarray | None:
+        """The effective rows of host ``name``; renamed, the layer closest to ``original``'s of that name."""
+        if name in self.hosts:
+            return self._of(name)
+        if original is None or name not in original.hosts:
+            return None
+        if name not in self._located:
+            self._located[name] = self._locate(original._of(name))
+        found = self._located[name]
+        return None if found is None else self._of(found)
+
+    def _locate(self, target: np.ndarray) -> str | None:
+        best, best_d = None, HOST_MATCH
+        for name, host in self.hosts.items():
+            if host.m != target.shape[1] or (host.out_channels or 0) not in (0, target.shape[0]):
+                continue
+            rows = self._of(name)
+            if rows.shape != target.shape:
+                continue
+            d = float(np.linalg.norm(rows - target)) / max(float(np.linalg.norm(target)), 1e-30)
+            if d < best_d:
+                best, best_d = name, d
+        return best
+
+
+def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list[str]) -> _Layers | None:
+    """The original the copies were issued from: ``original`` if given (its hash must match), else the path
+    recorded at issue time if the file there still has that hash."""
+    for path, given in ((original, True), (entry.source_path, False)):
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_file():
+            if given:
+                raise BadInputError(f"{p}: no such original model")
+            continue
+        if sha256_file(p) != entry.source_sha256:
+            if given:
+                raise BadInputError(f"{p} is not the model these copies were issued from (SHA-256 "
+                                    f"{entry.source_sha256[:12]}… expected)")
+            notes.append(f"the original recorded at issue time ({p}) has changed; pass --original")
+            continue
+        return _Layers(load_model(p).model)
+    notes.append("the original model is not at hand (--original): hidden (additive) stains are read from the "
+                 "black box")
+    return None
+
+
+# -- black box --------------------------------------------------------------------------------------------
+def _black_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
+               providers: list[str] | None, budget: int | None, progress: Progress,
+               notes: list[str]) -> tuple[list[_Evidence], int]:
+    """Screen every key on its own trigger(s), then verify the keys that pass. The bound of a key that passes is
+    the registry-wide cross-key bound (the sum of every key's)."""
+    from ..runtime import image_rows, run_batches, session
+    from ..verify import cross_key_bound, key_triggers, screen_triggers, verify
+
+    keys = [(cid, cust, Key.loaded(json.loads(registry.key_bytes(cid)))) for cid, cust, _ in rows]
+    triggers = [key_triggers(k) for _, _, k in keys]
+    queries = sum(len(t) for t in triggers)
+    if budget is not None and queries > budget:
+        raise BadInputError(f"the registry's {len(keys)} keys need {queries} queries; the budget is {budget}")
+    sess = session(loaded.model, providers)
+    out_name = sess.get_outputs()[0].name
+    raw: dict[int, np.ndarray] = {}
+    # keys of one model share a preprocessing: one batch per distinct preprocessing
+    by_pre: dict[str, list[int]] = {}
+    for i, (_, _, k) in enumerate(keys):
+        by_pre.setdefault(json.dumps(k.preprocessing.to_dict(), sort_keys=True), []).append(i)
+    with progress.task("black box: the keys' triggers", total=queries) as task:
+        for members in by_pre.values():
+            pre = keys[members[0]][2].preprocessing
+            batch = np.concatenate([triggers[i] for i in members])
+            names = [k.model.scores for _, _, k in (keys[i] for i in members)]
+            name = names[0] if names[0] in {o.name for o in sess.get_outputs()} else out_name
+            got = image_rows(run_batches(sess, pre.to_input(batch), [name], progress=task.advance)[name], name,
+                             len(batch))
+            at = 0
+            for i in members:
+                raw[i] = got[at:at + len(triggers[i])]
+                at += len(triggers[i])
+    scored = []
+    for i, (cid, cust, k) in enumerate(keys):
+        ratio, passed = screen_triggers(k, raw[i])
+        if passed:  # confirm with the full check: controls and the white-box tap where it exists
+            passed = verify(loaded.path, k, providers=providers).stained
+            if not passed:
+                notes.append(f"customer {cust!r}: the trigger shows the signature but verify's controls do not "
+                             "confirm it")
+        scored.append((cid, cust, ratio, cross_key_bound(k).log10, passed))
+    total = min(0.0, float(np.log10(sum(10.0 ** s[3] for s in scored))))
+    notes.append(f"black box: {queries} queries; registry-wide cross-key bound {format_probability(total)} (the "
+                 "chance that another customer's copy shows some key's signature)")
+    return [_Evidence(cid, cust, ratio, total if passed else 0.0, passed)
+            for cid, cust, ratio, _, passed in scored], queries
+
+
+# -- the result -------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Evidence:
+    copy_id: int
+    customer: str
+    score: float
+    log10_bound: float  # registry-wide
+    passed: bool | None = None  # black box: its own test; white box (None): the bound decides
+
+
+def _result(loaded: LoadedModel, basis: str, scored: list[_Evidence], target: float, queries: int,
+            notes: list[str], start: float) -> IdentifyResult:
+    log10_target = float(np.log10(target))
+
+    def match(e: _Evidence) -> Match:
+        meets = e.log10_bound <= log10_target
+        passed = meets if e.passed is None else e.passed
+        return Match(copy_id=e.copy_id, customer=e.customer, score=e.score, passed=passed,
+                     log10_bound=e.log10_bound, named=passed and meets)
+
+    matches = sorted((match(e) for e in scored), key=lambda m: (not m.passed, m.log10_bound, -m.score))
+    shown = [m for m in matches if m.passed and not m.named]
+    if shown:
+        notes.append(f"{', '.join(m.customer for m in shown)}: the key's test passes, but the registry-wide bound "
+                     f"{format_probability(shown[0].log10_bound)} is above the target {target:g}: not named")
+    best = matches[0] if matches else None
+    return IdentifyResult(
+        model=str(loaded.path), model_sha256=loaded.sha256, basis=basis, keys=len(scored), target_log10=log10_target,
+        named=[m for m in matches if m.named], best=best, runner_up=matches[1] if len(matches) > 1 else None,
+        bound_log10=None if best is None else best.log10_bound, queries=queries, notes=notes,
+        seconds=time.perf_counter() - start)

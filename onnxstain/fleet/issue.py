@@ -1,0 +1,177 @@
+"""Issue one stained copy of a model per customer into a folder and a registry.
+
+The model is loaded and calibrated once (:class:`onnxstain._stain.many.Stainer`); each customer's copy then
+costs only its own key's work — a secret seed of 63 fresh bits, the trigger search, the edit, the checks
+on the stained model — and its placement: the model goes into ``dist/`` and its key into the registry in one
+protocol (:meth:`onnxstain.fleet.registry.Writer.place`), so a kill leaves every registered copy in place and
+no copy unregistered. Keys never touch ``dist/`` (it ships): each is staged in a private folder beside the
+registry and removed once the registry holds it.
+
+A run is resumable: customers that already have a live copy of this model are skipped, so re-running after a
+kill issues only the rest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .._stain.result import StainOptions
+from ..errors import BadInputError
+from ..keys import load_key
+from ..outputs import alive, clean_stale
+from ..preprocess import Preprocessing, PreprocessingRequest
+from ..progress import Progress, Silent
+from .index import IndexEntry
+from .registry import AlreadyIssuedError, Registry
+
+KIND = "stain"
+WORK_PREFIX = ".onnxstain-issue-"  # the private folder beside the registry where keys are staged
+# a customer name becomes a file name in dist/: letters, digits and . _ - @ + only, not starting with a dot
+_FILE_SAFE = re.compile(r"[A-Za-z0-9_@+\-][A-Za-z0-9._@+\-]{0,199}")
+
+
+@dataclasses.dataclass(frozen=True)
+class IssuedCopy:
+    customer: str
+    copy_id: int
+    path: Path
+    model_sha256: str
+    seconds: float  # this copy's own work (search, edit, checks, write, placement)
+
+
+@dataclasses.dataclass
+class IssueResult:
+    source: Path
+    source_sha256: str
+    issued: list[IssuedCopy]
+    skipped: list[str]  # customers that already had a live copy
+    setup_seconds: float  # load and calibration, once for every copy
+    notes: list[str]
+
+    def per_copy(self) -> dict[str, float]:
+        """Median and extremes of the copies' own times."""
+        t = np.array([c.seconds for c in self.issued]) if self.issued else np.zeros(1)
+        return {"median": float(np.median(t)), "min": float(t.min()), "max": float(t.max())}
+
+
+def read_customers(path: str | Path) -> list[str]:
+    """Customer names from a CSV: the ``customer`` column if the header has one, else the first column; blank
+    lines skipped; a name twice is refused (each customer gets one copy)."""
+    p = Path(path)
+    try:
+        with p.open(newline="", encoding="utf-8") as fh:
+            rows = [r for r in csv.reader(fh) if any(c.strip() for c in r)]
+    except FileNotFoundError:
+        raise BadInputError(f"{p}: no such customers file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise BadInputError(f"cannot read customers file {p}: {exc}") from None
+    if not rows:
+        raise BadInputError(f"{p} lists no customers")
+    header = [c.strip().lower() for c in rows[0]]
+    column = header.index("customer") if "customer" in header else 0
+    body = rows[1:] if "customer" in header else rows
+    names = [r[column].strip() if column < len(r) else "" for r in body]
+    return check_customers(names, str(p))
+
+
+def check_customers(names: Sequence[str], where: str = "the customer list") -> list[str]:
+    """Every name usable as a file name in ``dist/`` and listed once."""
+    seen: set[str] = set()
+    for name in names:
+        if not _FILE_SAFE.fullmatch(name) or name.isdigit():
+            raise BadInputError(f"{where}: customer name {name!r} is not usable as a file name (letters, digits, "
+                                ". _ - @ +, up to 200, not only digits, not starting with a dot)")
+        if name in seen:
+            raise BadInputError(f"{where}: customer {name!r} is listed twice")
+        seen.add(name)
+    if not names:
+        raise BadInputError(f"{where} lists no customers")
+    return list(names)
+
+
+def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registry: Registry, *,
+          options: StainOptions | None = None, preprocessing: Preprocessing | PreprocessingRequest | None = None,
+          images: str | Path | np.ndarray | None = None, progress: Progress | None = None,
+          seeds: Iterator[int] | None = None) -> IssueResult:
+    """One stained copy of ``model`` per customer not yet issued, as ``dist/<customer>.onnx``.
+
+    ``seeds`` (tests and benchmarks only: a copy's seed is its secret) gives each copy's seed in turn; by
+    default each is 53 fresh bits from the operating system."""
+    from .._onnx.io import sha256_file
+    from .._stain.many import Stainer
+
+    customers = check_customers(customers)
+    if options is not None and options.seed is not None:
+        raise BadInputError("issued copies take fresh secret seeds; --seed does not apply")
+    out = Path(dist)
+    if not out.is_dir():
+        raise BadInputError(f"output folder {out} does not exist")
+    source = Path(model)
+    progress = progress or Silent()
+    done = registry.issued_customers(sha256_file(source), KIND) if source.is_file() else set()
+    todo = [c for c in customers if c not in done]
+    skipped = [c for c in customers if c in done]
+    clean_stale(out)
+    start = time.perf_counter()
+    issued: list[IssuedCopy] = []
+    if not todo:
+        return IssueResult(source, sha256_file(source), [], skipped, 0.0, [])
+    with Stainer(source, options, preprocessing, images, progress) as stainer, registry.writer() as writer, \
+            _private_folder(registry.path.parent) as work:
+        setup = time.perf_counter() - start
+        with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
+            for customer in todo:
+                t0 = time.perf_counter()
+                model_tmp, key_tmp = work / "model.onnx", work / "copy.key"
+                seed = None if seeds is None else next(seeds)
+                result = stainer.stain(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
+                key = load_key(key_tmp)
+                try:
+                    copy_id = writer.place(
+                        customer=customer, kind=KIND, source_sha256=stainer.source_sha256,
+                        model_path=out / f"{customer}.onnx", data=model_tmp.read_bytes(),
+                        key_bytes=key_tmp.read_bytes(),
+                        key_commitment=key.commitment, bound_log10=result.bound.log10,
+                        index_blob=IndexEntry.of(key, str(source.resolve())).to_bytes())
+                except AlreadyIssuedError:  # another run issued it meanwhile
+                    skipped.append(customer)
+                    continue
+                finally:
+                    for f in work.iterdir():
+                        f.unlink()
+                issued.append(IssuedCopy(customer, copy_id, out / f"{customer}.onnx", result.model_sha256,
+                                         time.perf_counter() - t0))
+                task.advance()
+        notes = stainer.notes
+    return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes)
+
+
+@contextlib.contextmanager
+def _private_folder(near: Path) -> Iterator[Path]:
+    """A folder only this user can read, beside the registry (keys are staged there, never in ``dist/``); the
+    ones a killed run left (their process is gone) are removed first."""
+    for old in near.glob(f"{WORK_PREFIX}*"):
+        pid = old.name[len(WORK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not alive(int(pid)) and old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=near))
+    os.chmod(folder, 0o700)
+    try:
+        yield folder
+    finally:
+        for f in folder.iterdir():
+            with contextlib.suppress(OSError):
+                f.unlink()
+        with contextlib.suppress(OSError):
+            folder.rmdir()
