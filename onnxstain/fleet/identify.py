@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._onnx.graph import GraphView
-from .._onnx.hosts import HostLayer, find_hosts, layer_affine
+from .._onnx.hosts import HostLayer, find_hosts, layer_affine, stored_layer
 from .._onnx.io import LoadedModel, load_model, sha256_file, write_bytes_atomic
 from ..errors import BadInputError
 from ..keys import Key
@@ -40,9 +40,10 @@ from .registry import Registry
 
 REPORT_FORMAT = "onnxstain-identify-report"
 REPORT_VERSION = 1
-# a renamed host layer is the suspect layer of the original's shape whose weights are closest to the original's,
-# if no further from them than this share of their norm (a fine-tune or int8 moves them by a few percent)
-HOST_MATCH = 0.5
+# a renamed, fused or quantised host layer is the stored tensor whose rows line up with the original layer's: the
+# median row's cosine with the original's above this (int8 rounding or a fine-tune leave it above 0.99; two
+# unrelated layers' rows are near-orthogonal)
+ROW_MATCH = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +136,7 @@ def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
             rows_o = base.rows(entry.host, None)
             if rows_o is None or rows_o.shape != rows_s.shape:
                 continue
-            vectors.append(rows_s[entry.channel] - rows_o[entry.channel])
+            vectors.append(_change(rows_s[entry.channel], rows_o[entry.channel]))
         else:
             vectors.append(rows_s[entry.channel])
         directions.append(entry.direction)
@@ -153,14 +154,26 @@ def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
             zip(range(len(who)), who, scores.cos, strict=True)]
 
 
+def _change(row: np.ndarray, original: np.ndarray) -> np.ndarray:
+    """What an edit added to a row: the row less its projection on the original row. A rescaled copy (int8
+    scales, a folded BatchNorm) leaves nothing; the hidden stain's ``g v`` leaves all of ``v`` but its small
+    component along the original row. A function of the two rows only: the cap bound holds for any key."""
+    o2 = float(original @ original)
+    return row - (float(row @ original) / o2) * original if o2 > 0 else row
+
+
 class _Layers:
-    """A model's host layers, by name, with their effective rows computed once each."""
+    """A model's host layers: by name (their effective rows, BatchNorm folded in), and for a layer an optimiser
+    renamed, fused (ORT's FusedConv, a folded BatchNorm) or quantised (int8 weights, with or without
+    DequantizeLinear), the stored weight tensor whose rows line up with the original's."""
 
     def __init__(self, model: Any) -> None:
+        self.model = model
         self.view = GraphView(model)
         self.hosts: dict[str, HostLayer] = {h.name: h for h in find_hosts(model, self.view)}
         self._rows: dict[str, np.ndarray] = {}
-        self._located: dict[str, str | None] = {}
+        self._located: dict[str, np.ndarray | None] = {}
+        self._tensors: list[np.ndarray] | None = None
 
     def _of(self, name: str) -> np.ndarray:
         if name not in self._rows:
@@ -168,28 +181,66 @@ class _Layers:
         return self._rows[name]
 
     def rows(self, name: str, original: _Layers | None) -> np.ndarray | None:
-        """The effective rows of host ``name``; renamed, the layer closest to ``original``'s of that name."""
+        """The effective rows of host ``name``; renamed, fused or quantised, those located from ``original``."""
         if name in self.hosts:
             return self._of(name)
         if original is None or name not in original.hosts:
             return None
         if name not in self._located:
-            self._located[name] = self._locate(original._of(name))
-        found = self._located[name]
-        return None if found is None else self._of(found)
+            effective = original._of(name)
+            stored, _, row_scale, _ = stored_layer(original.view, original.hosts[name])
+            self._located[name] = self._locate(effective, stored, row_scale)
+        return self._located[name]
 
-    def _locate(self, target: np.ndarray) -> str | None:
-        best, best_d = None, HOST_MATCH
-        for name, host in self.hosts.items():
-            if host.m != target.shape[1] or (host.out_channels or 0) not in (0, target.shape[0]):
-                continue
-            rows = self._of(name)
-            if rows.shape != target.shape:
-                continue
-            d = float(np.linalg.norm(rows - target)) / max(float(np.linalg.norm(target)), 1e-30)
-            if d < best_d:
-                best, best_d = name, d
+    def _locate(self, effective: np.ndarray, stored: np.ndarray, row_scale: np.ndarray) -> np.ndarray | None:
+        """The stored tensor whose rows are the original layer's, in the original's effective map: rows matched
+        against the effective rows (a BatchNorm folded in) are taken as they are; rows matched against the
+        stored ones (a BatchNorm still apart) are scaled by it. Row by row a cosine: a per-channel int8 scale
+        or a positive rescaling changes nothing."""
+        best, best_match = None, ROW_MATCH
+        for rows in self._candidates(effective.shape):
+            for target, scale in ((effective, None), (stored, row_scale)):
+                match = float(np.median(np.abs(ident.cosines(rows, target / _norms(target)))))
+                if match > best_match:
+                    best, best_match = (rows if scale is None else rows * scale[:, None]), match
         return best
+
+    def _candidates(self, shape: tuple[int, ...]) -> list[np.ndarray]:
+        """Every stored tensor of ``shape[0] × shape[1]`` values as ``[C, m]`` rows (Conv and transposed Gemm
+        weights), and transposed (MatMul weights)."""
+        if self._tensors is None:
+            self._tensors = _stored_tensors(self.model)
+        c, m = shape
+        out = []
+        for t in self._tensors:
+            if t.size != c * m or t.ndim < 2:
+                continue
+            if t.shape[0] == c:
+                out.append(t.reshape(c, m))
+            if t.ndim == 2 and t.shape == (m, c):
+                out.append(t.T)
+        return out
+
+
+def _norms(rows: np.ndarray) -> np.ndarray:
+    n = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.where(n > 0, n, 1.0)
+
+
+def _stored_tensors(model: Any) -> list[np.ndarray]:
+    """Every initializer and Constant tensor of two or more dimensions, as float64 (int8 codes as they are)."""
+    from onnx import numpy_helper
+
+    protos = list(model.graph.initializer)
+    protos += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    out = []
+    for p in protos:
+        if len(p.dims) < 2:
+            continue
+        arr = numpy_helper.to_array(p)
+        if arr.dtype.kind in "fiu":
+            out.append(arr.astype(np.float64))
+    return out
 
 
 def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list[str]) -> _Layers | None:

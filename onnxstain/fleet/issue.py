@@ -48,6 +48,7 @@ class IssuedCopy:
     path: Path
     model_sha256: str
     seconds: float  # this copy's own work (search, edit, checks, write, placement)
+    timings: dict[str, float]  # the stain's stages and the placement ("place")
 
 
 @dataclasses.dataclass
@@ -150,8 +151,10 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
                 finally:
                     for f in work.iterdir():
                         f.unlink()
-                issued.append(IssuedCopy(customer, copy_id, out / f"{customer}.onnx", result.model_sha256,
-                                         time.perf_counter() - t0))
+                seconds = time.perf_counter() - t0
+                timings = {**result.timings, "place": seconds - result.timings.get("total", 0.0)}
+                issued.append(IssuedCopy(customer, copy_id, out / f"{customer}.onnx", result.model_sha256, seconds,
+                                         timings))
                 task.advance()
         notes = stainer.notes
     return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes)
