@@ -28,12 +28,12 @@ from .cli_support import (
     RichProgress,
     _Group,
     _LazyRequest,
-    _print,
-    _providers,
     _size,
     handle_errors,
     preprocessing_options,
+    print_lines,
     provider_option,
+    providers_list,
     set_debug,
 )
 from .errors import InternalError
@@ -92,7 +92,7 @@ def inspect(model: str, json_out: str | None, size: str | None) -> None:
 
     OutputPlan().model_input("MODEL", model).output("--json", json_out).check()
     info = inspect_model(model, _size(size))
-    _print(inspect_renderables(info))
+    print_lines(inspect_renderables(info))
     if json_out:
         _write([(json_out, _json_bytes(info), None)])
 
@@ -140,7 +140,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
      .output("--trigger-png", trigger_png).output("--json", json_out).check())
     with Artefacts() as out:
         opts = StainOptions(mode=mode, variant=variant, layer=layer, channel=channel, seed=seed, fpr=fpr,
-                            chance=chance, providers=_providers(providers))
+                            chance=chance, providers=providers_list(providers))
         res = do_stain(model, output, key_path, options=opts, preprocessing=preprocessing.request(), images=images,
                        progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if trigger_png:
@@ -148,7 +148,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
         if json_out:
             out.stage_bytes(json_out, _json_bytes(stain_summary(res)))
         out.commit()
-    _print(stain_lines(res))
+    print_lines(stain_lines(res))
 
 
 @main.command()
@@ -188,13 +188,13 @@ def lock(model, output, key_path, kind, layer, detectors, images, fpr, seed, occ
      .output("--patch-png", patch_png).check())
     with Artefacts() as out:
         opts = LockOptions(kind=kind, layer=layer, detectors=detectors, fpr=fpr, seed=seed,
-                           occlusion_steps=occlusion_steps, providers=_providers(providers))
+                           occlusion_steps=occlusion_steps, providers=providers_list(providers))
         res = do_lock(model, output, key_path, options=opts, preprocessing=preprocessing.request(), images=images,
                       progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if patch_png:
             out.stage_bytes(patch_png, png_bytes(_written_key(out).trigger.png), mode=0o600)
         out.commit()
-    _print(lock_lines(res))
+    print_lines(lock_lines(res))
 
 
 @main.command()
@@ -224,12 +224,12 @@ def quantize(model, output, key_path, dynamic, per_tensor, images, json_out, qui
      .input("--preprocessing", preprocessing.file).model_output("-o", output).output("--json", json_out).check())
     with Artefacts() as out:
         res = do_quantize(model, output, key_path, mode="dynamic" if dynamic else "static", per_channel=not per_tensor,
-                          images=images, preprocessing=preprocessing.request(), providers=_providers(providers),
+                          images=images, preprocessing=preprocessing.request(), providers=providers_list(providers),
                           progress=RichProgress(not quiet and sys.stderr.isatty()), artefacts=out)
         if json_out:
             out.stage_bytes(json_out, _json_bytes(res.to_dict()))
         out.commit()
-    _print(quantize_lines(res))
+    print_lines(quantize_lines(res))
 
 
 @main.command("apply-patch")
@@ -265,10 +265,10 @@ def verify(model: str, key_path: str, json_out: str | None, tolerance: float, pr
     from .api import verify as do_verify
 
     OutputPlan().model_input("MODEL", model).input("--key", key_path).output("--json", json_out).check()
-    res = do_verify(model, key_path, providers=_providers(providers), tolerance=tolerance)
+    res = do_verify(model, key_path, providers=providers_list(providers), tolerance=tolerance)
     if json_out:
         _write([(json_out, _json_bytes(res.to_dict()), None)])
-    _print(verify_lines(res))
+    print_lines(verify_lines(res))
     sys.exit(EXIT_OK if res.stained else EXIT_NEGATIVE)
 
 
@@ -303,10 +303,10 @@ def evaluate(original: str, modified: str, key_path: str, images: str | None, vi
     if load_key(key_path).kind == "lock":
         _lock_audit(original, modified, key_path, images, views, json_out, html_out, quiet, providers)
         return
-    res = do_evaluate(original, modified, key_path, images=images, views=views, providers=_providers(providers),
+    res = do_evaluate(original, modified, key_path, images=images, views=views, providers=providers_list(providers),
                       progress=RichProgress(not quiet and sys.stderr.isatty()))
     _write_reports(res, json_out, html_out, "_report.html")
-    _print(evaluate_lines(res))
+    print_lines(evaluate_lines(res))
 
 
 def _write_reports(res: Any, json_out: str | None, html_out: str | None, renderer: str) -> None:
@@ -322,10 +322,10 @@ def _lock_audit(original: str, locked: str, key_path: str, images: str | None, v
     from ._report.render import lock_audit_lines
     from .api import audit_lock
 
-    res = audit_lock(original, locked, key_path, images=images, views=views, providers=_providers(providers),
+    res = audit_lock(original, locked, key_path, images=images, views=views, providers=providers_list(providers),
                      progress=RichProgress(not quiet and sys.stderr.isatty()))
     _write_reports(res, json_out, html_out, "_report.lock_html")
-    _print(lock_audit_lines(res))
+    print_lines(lock_audit_lines(res))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -37,7 +37,7 @@ def _console():
     return Console(stderr=False, highlight=False, width=None if sys.stdout.isatty() else 200)
 
 
-def _print(renderables: list[Any]) -> None:
+def print_lines(renderables: list[Any]) -> None:
     """Print a result's summary (see each result's renderer) to stdout."""
     con = _console()
     for item in renderables:
@@ -217,7 +217,7 @@ def provider_option(fn: Callable) -> Callable:
                         "(default: CUDA when present, else CPU).")(fn)
 
 
-def _providers(value: str | None) -> list[str] | None:
+def providers_list(value: str | None) -> list[str] | None:
     return [p.strip() for p in value.split(",") if p.strip()] if value else None
 
 

@@ -308,6 +308,8 @@ class SignatureSection(Record):
     type: str | None = spec(Str(choices=("class", "shift", "pattern", "multi-class")), optional=True)
     original: F8 | None = spec(Array(ndim=1), optional=True)  # shift signatures
     expected: F8 | None = spec(Array(ndim=1), optional=True)
+    # the stained model's scores on the synthetic controls (verify's drift gate); added since, absent from older keys
+    controls: F8 | None = spec(Array(ndim=2), optional=True)
     pattern_seed: int | None = spec(Int(lo=0, hi=2**32 - 1), optional=True)  # pattern signatures
     block: int | None = spec(Int(lo=1), optional=True)
     amplitude: float | None = spec(Num(), optional=True)
@@ -330,6 +332,10 @@ class SignatureSection(Record):
         if self.kind == "shift" and self.original and self.expected and self.original.shape != self.expected.shape:
             fail(f"{path}.expected", f"has shape {list(self.expected.shape)}; original has "
                                      f"{list(self.original.shape)}")
+        if self.kind == "shift" and self.controls is not None and self.original is not None and (
+                self.controls.shape[1:] != self.original.shape):
+            fail(f"{path}.controls", f"has shape {list(self.controls.shape)}; original has "
+                                     f"{list(self.original.shape)}")
         if self.kind != "pattern" and self.cls < 0:
             fail(f"{path}.class", f"is {self.cls}, not a class")
 
@@ -342,6 +348,10 @@ class WhiteBoxSection(Record):
     threshold: float | None = spec(Num(), optional=True)  # stain keys
     positions: tuple[int, ...] | None = spec(Ints(lo=0, min_length=1), optional=True)
     position: int | None = spec(Int(lo=0), optional=True, write_null=lambda s: s.positions is None)  # lock keys
+    # in-place stain keys since the weight check (absent from older keys): the host channel's row in the original
+    # model (effective, over the neuron inputs) and the host layer's channel count
+    original_row: F8 | None = spec(Array(ndim=1), optional=True)
+    channels: int | None = spec(Int(lo=1), optional=True)
 
 
 @dataclasses.dataclass(frozen=True)

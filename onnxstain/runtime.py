@@ -16,6 +16,14 @@ from ._onnx.tensors import external_folder
 from .errors import BadInputError, BadModelError
 
 _ELEM_FLOAT = onnx.TensorProto.FLOAT
+_default_threads: int | None = None  # a worker process's share of the cores (set_threads)
+
+
+def set_threads(threads: int | None) -> None:
+    """Cap every later session of this process at ``threads`` intra-op threads (None: onnxruntime's default, all
+    cores). Parallel workers on one machine each take their share (:mod:`onnxstain.fleet.workers`)."""
+    global _default_threads
+    _default_threads = threads
 
 
 def resolve_providers(wanted: Sequence[str] | None = None) -> list[str]:
@@ -40,6 +48,7 @@ def session(
     ort.set_default_logger_severity(4)  # fatal only: onnxruntime's errors reach the user as exceptions
     opts = ort.SessionOptions()
     opts.log_severity_level = 4
+    threads = threads or _default_threads
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

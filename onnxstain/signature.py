@@ -15,6 +15,11 @@ import numpy as np
 
 from .math.agreement import same_top1
 
+# A shift signature is read only where the model follows the stained model along the signature's direction on
+# inputs the detector ignores (the synthetic controls): farther than this share of the shift there (int8
+# rounding, weight noise, another model), the trigger's shift is noise too, not evidence (see drift_gate).
+SHIFT_DRIFT_GATE = 0.25
+SYNTHETIC_CONTROL_NAMES = ("shuffled trigger", "mirrored trigger", "grey image")
 STILL_FACTOR = 4.0  # lock check: an unpatched output within this × the patched drift counts as unchanged
 
 
@@ -134,3 +139,28 @@ class ScoreView:
         full = np.zeros(self.shape)
         full[:, self.label] = row
         return full
+
+
+def synthetic_controls(trigger: np.ndarray) -> np.ndarray:
+    """Inputs made from a trigger that its detector ignores: its pixels shuffled (seeded), mirrored, and a grey
+    image (uint8 ``[3, H, W, 3]``, in :data:`SYNTHETIC_CONTROL_NAMES`'s order)."""
+    rng = np.random.default_rng(0)
+    flat = trigger.reshape(-1, 3)
+    shuffled = flat[rng.permutation(len(flat))].reshape(trigger.shape)
+    return np.stack([shuffled, trigger[:, ::-1].copy(), np.full_like(trigger, 128)])
+
+
+def drift_gate(control_scores: np.ndarray, reference: np.ndarray, original: np.ndarray,
+               expected: np.ndarray) -> float:
+    """How far a model's scores on the synthetic controls move from the stained model's (``reference``), read
+    along the shift signature's direction (``expected − original`` on the trigger), in shares of that shift:
+    ~0 for the stained model and for copies that compute as it does; int8 rounding or weight noise move scores
+    along every direction, the signature's too (MobileNetV2's int8 copies: up to 3.4), and then a shift on the
+    trigger proves nothing."""
+    def centred(a: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, np.float64)
+        return a - a.mean(axis=-1, keepdims=True)
+
+    d = centred(expected) - centred(original)
+    moved = centred(control_scores) - centred(np.asarray(reference).reshape(np.shape(control_scores)))
+    return float(np.abs(moved @ d).max() / float(d @ d))

@@ -41,7 +41,18 @@ from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import image_rows, run_batches, session, with_outputs
 from .sanity import refuse_nonfinite
-from .signature import ScoreView, class_margin, dense_pattern, lock_agreement, pearson, shift_score
+from .signature import (
+    SHIFT_DRIFT_GATE,
+    SYNTHETIC_CONTROL_NAMES,
+    ScoreView,
+    class_margin,
+    dense_pattern,
+    drift_gate,
+    lock_agreement,
+    pearson,
+    shift_score,
+    synthetic_controls,
+)
 
 REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 2  # 2: each check's margin, the verdict's basis, the white-box tolerance
@@ -70,6 +81,8 @@ class Check:
     threshold: float | None
     detail: str
     margin: float | None = None  # score − threshold: how far the check is from flipping
+    # a shift signature's drift gate (signature.drift_gate): how far the model strays on the controls
+    drift: float | None = None
 
     def __post_init__(self) -> None:
         if self.margin is None and self.score is not None and self.threshold is not None:
@@ -96,7 +109,10 @@ class VerifyResult:
 
     @property
     def basis(self) -> str:
-        """What the verdict rests on: both checks, or the black box alone (the host tensor is gone)."""
+        """What the verdict rests on: both checks, the black box alone (the host tensor is gone), or the weights
+        (the outputs drift too far from the stained model's to read the signature)."""
+        if any(c.name == "weights" and c.available for c in self.checks):
+            return "weights"
         return "black-box and white-box" if all(c.available for c in self.checks) else "black-box only"
 
     def to_dict(self) -> dict[str, Any]:
@@ -128,11 +144,8 @@ class VerifyResult:
 
 
 def _controls(trigger: np.ndarray, count: int, pre: Preprocessing) -> tuple[np.ndarray, list[str]]:
-    rng = np.random.default_rng(0)
-    flat = trigger.reshape(-1, 3)
-    shuffled = flat[rng.permutation(len(flat))].reshape(trigger.shape)
-    images = [shuffled, trigger[:, ::-1].copy(), np.full_like(trigger, 128)]
-    names = ["shuffled trigger", "mirrored trigger", "grey image"]
+    images = list(synthetic_controls(trigger))
+    names = list(SYNTHETIC_CONTROL_NAMES)
     try:
         from . import naturalset
 
@@ -193,6 +206,16 @@ def verify(
                       f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); black-box result only")
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     checks = [black, white]
+    drifted = black.drift is not None and black.drift > SHIFT_DRIFT_GATE
+    stained = all(c.passed for c in checks if c.available)
+    if drifted:  # the signature cannot be read from this model's outputs: read the detector from its weights
+        weights = weight_check(key, loaded.model)
+        checks.append(weights)
+        stained = weights.passed
+        notes.append("the model's outputs drift from the stained model's (int8, noise, another model): the verdict "
+                     "rests on the weight check" if weights.available else
+                     "the model's outputs drift from the stained model's and the key has no weight check (it "
+                     "predates it): not read as stained")
     cross = _cross_key_bound(key, len(triggers))
     if weak_bound(cross, key.bound):
         notes.append(f"the cross-key bound {cross} is weak: the key's triggers lie far from the calibration "
@@ -207,7 +230,7 @@ def verify(
         chance_text = chance.describe_chance(allowed)
     assert black.score is not None and black.threshold is not None
     return VerifyResult(
-        stained=all(c.passed for c in checks if c.available), score=black.score, threshold=black.threshold,
+        stained=stained, score=black.score, threshold=black.threshold,
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
@@ -256,9 +279,18 @@ def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str])
             raise KeyMismatchError(f"the key's shift signature has {original.size} scores; this model gives "
                                    f"{scores.shape[1]}")
         value = float(shift_score(scores[0], original, expected))
-        return Check("black-box", True, value >= threshold, value, threshold,
-                     f"the trigger's scores moved {value:.3g} of the way from the original model's output "
-                     "towards the stained model's (1 = stained, 0 = original)")
+        detail = (f"the trigger's scores moved {value:.3g} of the way from the original model's output towards the "
+                  "stained model's (1 = stained, 0 = original)")
+        if sig.controls is None:
+            return Check("black-box", True, value >= threshold, value, threshold,
+                         detail + "; no drift gate (the key predates it: a drifted model can pass by chance)")
+        gate = drift_gate(scores[n_trig:n_trig + SYNTHETIC_CONTROLS], sig.controls.array(), original, expected)
+        passed = value >= threshold and gate <= SHIFT_DRIFT_GATE
+        return Check("black-box", True, passed, value, threshold, drift=gate, detail=
+                     detail + f"; on the controls the scores drift {gate:.3g} of the shift from the stained model's "
+                     f"(at most {SHIFT_DRIFT_GATE:g} to read the signature"
+                     + ("" if gate <= SHIFT_DRIFT_GATE else ": this model drifts too far (int8, noise, another "
+                        "model), the trigger's shift is not evidence") + ")")
     margins = class_margin(scores, sig.cls)
     value = float(margins[0])
     synthetic, natural = margins[1:1 + SYNTHETIC_CONTROLS], margins[1 + SYNTHETIC_CONTROLS:]
@@ -334,6 +366,43 @@ def _white_box(key: Key, act: np.ndarray, n_trig: int, tolerance: float | None) 
     return Check("white-box", True, passed, on_trigger, threshold,
                  f"detector reads {on_trigger:.4g} on the trigger (expected {wb.expected:.4g}; {rule}); "
                  f"max on controls {on_controls:.3g}")
+
+
+def weight_check(key: Key, model: Any) -> Check:
+    """The detector read from the weights (in-place stains): the cosine between the key's direction ``v`` and the
+    host channel's row (an overwritten neuron) or that row's change from the original's (a hidden one), in the
+    host layer found by name or among the stored tensors of its shape (renamed, fused, int8). For a model
+    without this key the row is fixed independently of ``v``, so the cosine's tail is the spherical cap; the
+    check passes where that p-value — times the layer's channels (the hidden stain chose its channel after
+    drawing ``v``) and the candidate tensors — is within the key's own bound."""
+    from ._onnx.layer_rows import LayerRows, candidate_rows, row_change
+    from .math import identify as ident
+
+    wb, ch, v = key.white_box, key.host.host_channel, key.detector.direction
+    if key.mode != "inplace" or ch is None or v is None or wb.original_row is None or wb.channels is None:
+        return Check("weights", False, False, None, None, "the key has no weight check (inserted stains, keys "
+                                                           "written before it)")
+    m, direction, original = key.host.m, v.array(), wb.original_row.array()
+    found = LayerRows(model).rows(key.host.name, None)
+    candidates = [found] if found is not None else candidate_rows(model, (wb.channels, m))
+    candidates = [r for r in candidates if r.shape == (wb.channels, m)]
+    if not candidates:
+        return Check("weights", False, False, None, None, f"no weight tensor of the host layer's shape "
+                                                          f"({wb.channels} × {m}) in this model")
+    hidden = key.variant == "additive"
+    vectors = np.stack([row_change(r[ch], original) if hidden else r[ch] for r in candidates])
+    cos = ident.cosines(vectors, np.tile(direction, (len(vectors), 1)))
+    best = int(np.argmax(cos))
+    choices = len(candidates) * (wb.channels if hidden else 1)
+    log10_p = float(ident.log10_tail(cos[best:best + 1], m)[0]) + float(np.log10(choices))
+    target = float(key.bound.log10)
+    threshold = ident.threshold(m, keys=choices, target=10.0 ** max(target, -300.0))
+    where = "by name" if found is not None else f"among {len(candidates)} tensors of its shape"
+    return Check("weights", True, log10_p <= target, float(cos[best]), threshold,
+                 f"host layer found {where}; the channel's {'change from the original row' if hidden else 'row'} has "
+                 f"cosine {cos[best]:.4g} with the key's direction: an unrelated model scores this high with "
+                 f"probability ≤ {bounds.format_probability(min(0.0, log10_p))} (passes within the key's bound "
+                 f"{bounds.format_probability(target)})")
 
 
 def _cross_key_bound(key: Key, n_trig: int) -> bounds.Bound:

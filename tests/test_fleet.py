@@ -157,8 +157,9 @@ def test_identify_names_colluders_and_no_one_else(workdir, fleet, hidden_fleet, 
     # where both edited one channel (the overwritten one is the least harmful: the same for every key) the
     # average holds 1/√2 of each direction: cosine ≈ 0.7, p ≈ 1e-4 at this model's m = 32 (hence the target
     # here); at MobileNetV2's m = 320 it is ≈ 1e-40 (tools/README.md, fleet). Apart, each keeps its whole
+    # direction but the part along the original row, which identify projects out (≈ 1/√m of it)
     shared = len({channels[c] for c in colluders}) == 1
-    assert all((0.5 < m.score < 0.9) if shared else m.score > 0.99 for m in got.named)
+    assert all((0.5 < m.score < 0.9) if shared else m.score > 0.9 for m in got.named)
 
 
 def test_identify_a_hidden_stain_needs_the_original(workdir, hidden_fleet, tmp_path):
@@ -192,6 +193,57 @@ def test_identify_finds_a_renamed_host(workdir, fleet):
     with Registry.open(db, readonly=True) as reg:
         got = identify(workdir / "renamed.onnx", reg, original=workdir / "model.onnx")
     assert got.basis == "white-box" and [c.customer for c in got.named] == [res.issued[2].customer]
+
+
+@pytest.mark.parametrize("transform", ["fp16", "int8-dynamic", "int8-dynamic-channel"])
+def test_identify_reads_a_transformed_copy(workdir, fleet, hidden_fleet, transform):
+    """fp16 and onnxruntime's int8 (ConvInteger/MatMulInteger: the host node is gone) keep the host's rows up to
+    rounding and per-channel scales: the white box finds them from the original's."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for res, db in ((fleet[0], fleet[2]), (hidden_fleet[0], hidden_fleet[2])):
+        copy = res.issued[1]
+        out = workdir / f"{transform}-{db.stem}.onnx"
+        if transform == "fp16":
+            from onnxconverter_common import float16
+
+            onnx.save(float16.convert_float_to_float16(onnx.load(copy.path), keep_io_types=True), out)
+        else:
+            quantize_dynamic(str(copy.path), str(out), weight_type=QuantType.QInt8,
+                             per_channel=transform.endswith("channel"))
+        with Registry.open(db, readonly=True) as reg:
+            got = identify(out, reg)
+        assert got.basis == "white-box" and [m.customer for m in got.named] == [copy.customer]
+        assert got.bound_log10 is not None and got.bound_log10 <= -6
+
+
+@pytest.mark.parametrize("backend", ["processes", "ray"])
+def test_issue_with_two_workers(workdir, images, tmp_path, backend):
+    """Two workers share the customers; each issues through its own registry writer; every copy is its
+    customer's (the same copies as one worker would issue with these seeds)."""
+    if backend == "ray":
+        pytest.importorskip("ray")
+    from tinymodels import write_images
+
+    from onnxstain.fleet.workers import issue_parallel
+
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    write_images(img_dir, images)
+    dist, db = tmp_path / "dist", tmp_path / "f.db"
+    dist.mkdir()
+    names = ["w1", "w2", "w3", "w4", "w5"]
+    res = issue_parallel(workdir / "model.onnx", names, dist, db, workers=2, backend=backend, images=img_dir,
+                         options=StainOptions(variant="non-additive", fpr=0.05), seeds=list(range(40, 45)))
+    assert res.workers == 2 and sorted(c.customer for c in res.issued) == names and res.throughput() > 0
+    with Registry.open(db) as reg:
+        assert reg.recovery.consistent and {r.state for r in reg.copies()} == {"issued"}
+        for c in res.issued:
+            key = onnxstain.Key.loaded(json.loads(reg.key_bytes(c.copy_id)))
+            assert key.seed == 40 + names.index(c.customer)
+            assert [m.customer for m in identify(c.path, reg).named] == [c.customer]
+    again = issue_parallel(workdir / "model.onnx", names, dist, db, workers=2, backend=backend, images=img_dir)
+    assert again.issued == [] and sorted(again.skipped) == names
 
 
 def test_cosine_bound_is_the_spherical_cap():

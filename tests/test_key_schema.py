@@ -146,8 +146,8 @@ def test_fixture_key_verifies_the_model_it_was_made_for(name, tmp_path):
     for fresh in ("nonce", "created"):
         new.pop(fresh), fixture.pop(fresh)
     # fields added since (optional, absent from older keys): the black-box chance of a class signature
-    for section, added in (("signature", ("allowed", "chance_log10", "chance_target")),
-                           ("model", ("output_activation",))):
+    for section, added in (("signature", ("allowed", "chance_log10", "chance_target", "controls")),
+                           ("model", ("output_activation",)), ("white_box", ("original_row", "channels"))):
         for name in added:
             if name not in fixture.get(section, {}):
                 new.get(section, {}).pop(name, None)

@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transforms", default=",".join(DEFAULT_TRANSFORMS))
     ap.add_argument("--seed", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=ROOT / "out" / "fleet")
-    ap.add_argument("--workdir", type=Path, default=None, help="Where the copies and the registry go (default: OUT/work); must be empty")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="Where the copies and the registry go (default: OUT/work); must be empty")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.workdir or args.out / "work"

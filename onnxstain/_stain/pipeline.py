@@ -37,6 +37,7 @@ import numpy as np
 
 from .._onnx import head as head_mod
 from .._onnx.graph import GraphView
+from .._onnx.hosts import layer_affine
 from .._onnx.tensors import external_info, is_external
 from ..calibration import selected_positions
 from ..errors import BadModelError, InternalError, UnreachableBoundError, UnsupportedModelError
@@ -57,7 +58,7 @@ from ..outputs import Artefacts
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
 from ..runtime import run_batches, session, with_outputs
-from ..signature import ScoreView, class_margin, shift_score, top1_margins
+from ..signature import ScoreView, class_margin, shift_score, synthetic_controls, top1_margins
 from . import edit as stain_edit
 from .dense import stain_dense
 from .hosts import choose_host, easier_layers
@@ -331,11 +332,16 @@ def _check(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edite
     # The scores tensor may sit before a Softmax or a Cast to the output type: tap it.
     check_sess = session(with_outputs(edit["model"], [head.scores]), job.opts.providers)
     trig_input = job.pre.to_input(np.stack([f.pixels for f in finds]))
-    raw = run_batches(check_sess, np.concatenate([trig_input, x_cal[:n_check]]), [head.scores])[head.scores]
+    shift = edit["signature"] == "shift"  # its key records the stained model on the controls (verify's drift gate)
+    controls = job.pre.to_input(synthetic_controls(finds[0].pixels)) if shift else trig_input[:0]
+    raw = run_batches(check_sess, np.concatenate([trig_input, controls, x_cal[:n_check]]),
+                      [head.scores])[head.scores]
     got = cal.view.flat(raw)
+    on_controls = got[n_trig:n_trig + len(controls)]
+    got = np.concatenate([got[:n_trig], got[n_trig + len(controls):]])
     trig_got, got = got[:n_trig], got[n_trig - 1:]  # got[0] is the (first) trigger, got[1:] the natural images
-    if edit["signature"] == "shift":
-        signature, margin = _shift_signature(finds[0], got[0], ed)
+    if shift:
+        signature, margin = _shift_signature(finds[0], got[0], on_controls, ed)
     else:
         signature, margin = _class_signature(job, cal, finds, trig_got, ed)
     predicted = edit["predicted"]
@@ -352,8 +358,10 @@ def _check(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edite
                     max_abs_delta=max_delta, natural_firings=int(sum((f.natural > ed.tau).sum() for f in finds)))
 
 
-def _shift_signature(first: TriggerFind, got: np.ndarray, ed: _Edited) -> tuple[SignatureSection, float]:
-    """Additive in place: the trigger moves the scores as predicted (shift score ≈ 1)."""
+def _shift_signature(first: TriggerFind, got: np.ndarray, on_controls: np.ndarray,
+                     ed: _Edited) -> tuple[SignatureSection, float]:
+    """Additive in place: the trigger moves the scores as predicted (shift score ≈ 1); the key keeps the
+    stained model's scores on the synthetic controls for verify's drift gate."""
     edit, original = ed.edit, _original_scores(first)
     margin = float(shift_score(got, original, edit["expected_trigger"]))
     # quantized scores (QDQ) round the shift: allow their error along the expected direction
@@ -362,7 +370,8 @@ def _shift_signature(first: TriggerFind, got: np.ndarray, ed: _Edited) -> tuple[
     if abs(margin - 1.0) > min(slack, 0.5):
         raise InternalError(f"internal check failed: trigger shift score {margin:.3g} (expected 1)")
     return SignatureSection(type="shift", cls=ed.classes[0], original=F8.of(original), expected=F8.of(got),
-                            expected_margin=1.0, threshold=0.5, original_margin=0.0), margin
+                            controls=F8.of(on_controls), expected_margin=1.0, threshold=0.5,
+                            original_margin=0.0), margin
 
 
 class _TriggerMargins(TypedDict):
@@ -428,11 +437,21 @@ def _key(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edited,
                                   draws=first.draws, max_draws=opts.max_draws),
         signature=checked.signature,
         white_box=WhiteBoxSection(tensor=edit["tap"], channel=edit["tap_channel"], expected=edit["wb_expected"],
-                                  threshold=edit["wb_threshold"], positions=tuple(int(p) for p in cal.sel)),
+                                  threshold=edit["wb_threshold"], positions=tuple(int(p) for p in cal.sel),
+                                  **_host_row(job, edit["channel"])),
         bound=ed.bound,
         calibration=CalibrationSection.of(stats, len(cal.cal.inputs), cal.cal.radius, first.natural,
                                           checked.natural_firings, opts.fpr),
     )
+
+
+def _host_row(job: StainJob, channel: int | None) -> dict[str, Any]:
+    """In place: the host channel's row in the original model and the layer's channel count, for verify's
+    weight check (the change the stain made to that row, read from a drifted model's weights)."""
+    if job.opts.mode != "inplace" or channel is None:
+        return {}
+    rows, _ = layer_affine(job.view, job.host)
+    return {"original_row": F8.of(rows[channel]), "channels": int(rows.shape[0])}
 
 
 def _result(job: StainJob, cal: _Calibrated, finds: list[TriggerFind], ed: _Edited, checked: _Checked,

@@ -11,7 +11,15 @@ from pathlib import Path
 
 import click
 
-from ..cli_support import EXIT_NEGATIVE, EXIT_OK, RichProgress, _print, _providers, handle_errors, provider_option
+from ..cli_support import (
+    EXIT_NEGATIVE,
+    EXIT_OK,
+    RichProgress,
+    handle_errors,
+    print_lines,
+    provider_option,
+    providers_list,
+)
 from ..outputs import OutputPlan
 from .registry_cli import registry_passphrase
 
@@ -28,12 +36,16 @@ from .registry_cli import registry_passphrase
 @click.option("--images", type=click.Path(file_okay=False),
               help="Calibration images folder (default: the built-in natural photo set).")
 @click.option("--fpr", type=float, default=1e-9, show_default=True, help="Target false-positive bound per image.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Parallel workers, each with its share of the cores (Ray when installed, else local processes).")
+@click.option("--ray-address", help="Join this Ray cluster (its workers must see the model, the output folder and "
+                                    "the registry at the same paths).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary of the run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @provider_option
 @handle_errors
 def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, fpr: float,
-          json_out: str | None, quiet: bool, providers: str | None) -> None:
+          workers: int, ray_address: str | None, json_out: str | None, quiet: bool, providers: str | None) -> None:
     """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each).
 
     Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
@@ -46,22 +58,30 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
      .output("--json", json_out).check())
     names = read_customers(customers)
     Path(dist).mkdir(parents=True, exist_ok=True)
-    with Registry.open(registry_path, create=True, passphrase=registry_passphrase()) as reg:
-        res = do_issue(model, names, dist, reg, options=StainOptions(fpr=fpr, providers=_providers(providers)),
-                       images=images, progress=RichProgress(not quiet and sys.stderr.isatty()))
+    opts = StainOptions(fpr=fpr, providers=providers_list(providers))
+    progress = RichProgress(not quiet and sys.stderr.isatty())
+    if workers > 1 or ray_address:
+        from .workers import issue_parallel
+
+        res = issue_parallel(model, names, dist, registry_path, workers=workers, passphrase=registry_passphrase(),
+                             ray_address=ray_address, options=opts, images=images, progress=progress)
+    else:
+        with Registry.open(registry_path, create=True, passphrase=registry_passphrase()) as reg:
+            res = do_issue(model, names, dist, reg, options=opts, images=images, progress=progress)
     per = res.per_copy()
     lines = [f"issued {len(res.issued)} copies into {dist} (registry {registry_path}); skipped {len(res.skipped)} "
-             "already issued"]
+             f"already issued; {res.workers} worker(s), {res.wall_seconds:.1f}s"]
     if res.issued:
         lines.append(f"  time: load and calibration {res.setup_seconds:.1f}s once; per copy median "
                      f"{per['median']:.1f}s (min {per['min']:.1f}s, max {per['max']:.1f}s)")
     lines += [f"  note: {n}" for n in res.notes]
-    _print(lines)
+    print_lines(lines)
     if json_out:
         from .._onnx.io import write_bytes_atomic
 
         report = {"format": "onnxstain-issue-report", "version": 1, "source": str(res.source),
                   "source_sha256": res.source_sha256, "setup_seconds": res.setup_seconds, "per_copy_seconds": per,
+                  "wall_seconds": res.wall_seconds, "workers": res.workers, "copies_per_hour": res.throughput(),
                   "issued": [{"customer": c.customer, "copy_id": c.copy_id, "path": str(c.path),
                               "model_sha256": c.model_sha256, "seconds": c.seconds} for c in res.issued],
                   "skipped": res.skipped, "notes": res.notes}
@@ -96,7 +116,7 @@ def identify(suspect: str, registry_path: str, original: str | None, black_box: 
      .input("--original", original).output("--json", json_out).check())
     with Registry.open(registry_path, passphrase=registry_passphrase()) as reg:
         res = do_identify(suspect, reg, original=original, black_box=black_box, target=target,
-                          providers=_providers(providers), query_budget=query_budget,
+                          providers=providers_list(providers), query_budget=query_budget,
                           progress=RichProgress(not quiet and sys.stderr.isatty()))
     if res.named:
         lines = [f"IDENTIFIED ({res.basis}, {res.keys} keys): " + ", ".join(
@@ -112,7 +132,7 @@ def identify(suspect: str, registry_path: str, original: str | None, black_box: 
         lines.append(f"  runner-up: {res.runner_up.customer} (score {res.runner_up.score:.3g})")
     lines.append(f"  time {res.seconds:.2f}s" + (f", {res.queries} queries" if res.queries else ""))
     lines += [f"  note: {n}" for n in res.notes]
-    _print(lines)
+    print_lines(lines)
     if json_out:
         res.write_json(json_out)
     sys.exit(EXIT_OK if res.named else EXIT_NEGATIVE)

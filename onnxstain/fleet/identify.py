@@ -27,9 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .._onnx.graph import GraphView
-from .._onnx.hosts import HostLayer, find_hosts, layer_affine, stored_layer
 from .._onnx.io import LoadedModel, load_model, sha256_file, write_bytes_atomic
+from .._onnx.layer_rows import LayerRows, row_change
 from ..errors import BadInputError
 from ..keys import Key
 from ..math import identify as ident
@@ -40,10 +39,6 @@ from .registry import Registry
 
 REPORT_FORMAT = "onnxstain-identify-report"
 REPORT_VERSION = 1
-# a renamed, fused or quantised host layer is the stored tensor whose rows line up with the original layer's: the
-# median row's cosine with the original's above this (int8 rounding or a fine-tune leave it above 0.99; two
-# unrelated layers' rows are near-orthogonal)
-ROW_MATCH = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,9 +113,9 @@ def identify(suspect: str | Path, registry: Registry, *, original: str | Path | 
 def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
                original: str | Path | None, notes: list[str]) -> list[_Evidence] | None:
     """The cosine and p-value of every key the weights can be read for; None if none can."""
-    suspect = _Layers(loaded.model)
-    originals: dict[str, _Layers | None] = {}
-    vectors, directions, dims, who = [], [], [], []
+    suspect = LayerRows(loaded.model)
+    originals: dict[str, LayerRows | None] = {}
+    vectors, directions, dims, choices, who = [], [], [], [], []
     for cid, customer, entry in rows:
         if entry.mode != "inplace" or entry.channel is None:
             continue  # an inserted detector is a new node, not a row of a known layer
@@ -136,11 +131,12 @@ def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
             rows_o = base.rows(entry.host, None)
             if rows_o is None or rows_o.shape != rows_s.shape:
                 continue
-            vectors.append(_change(rows_s[entry.channel], rows_o[entry.channel]))
+            vectors.append(row_change(rows_s[entry.channel], rows_o[entry.channel]))
         else:
             vectors.append(rows_s[entry.channel])
         directions.append(entry.direction)
         dims.append(entry.m)
+        choices.append(len(rows_s) if entry.variant == "additive" else 1)  # the hidden channel is chosen after v
         who.append((cid, customer))
     skipped = len(rows) - len(who)
     if not who:
@@ -149,101 +145,12 @@ def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
     if skipped:
         notes.append(f"{skipped} of {len(rows)} keys could not be read from the weights (inserted detectors, a "
                      "host layer not in this model, or a hidden detector without the original model)")
-    scores = ident.score(np.stack(vectors), np.stack(directions), np.asarray(dims))
+    scores = ident.score(np.stack(vectors), np.stack(directions), np.asarray(dims), np.asarray(choices))
     return [_Evidence(cid, cust, float(c), scores.log10_bound(i)) for i, (cid, cust), c in
             zip(range(len(who)), who, scores.cos, strict=True)]
 
 
-def _change(row: np.ndarray, original: np.ndarray) -> np.ndarray:
-    """What an edit added to a row: the row less its projection on the original row. A rescaled copy (int8
-    scales, a folded BatchNorm) leaves nothing; the hidden stain's ``g v`` leaves all of ``v`` but its small
-    component along the original row. A function of the two rows only: the cap bound holds for any key."""
-    o2 = float(original @ original)
-    return row - (float(row @ original) / o2) * original if o2 > 0 else row
-
-
-class _Layers:
-    """A model's host layers: by name (their effective rows, BatchNorm folded in), and for a layer an optimiser
-    renamed, fused (ORT's FusedConv, a folded BatchNorm) or quantised (int8 weights, with or without
-    DequantizeLinear), the stored weight tensor whose rows line up with the original's."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-        self.view = GraphView(model)
-        self.hosts: dict[str, HostLayer] = {h.name: h for h in find_hosts(model, self.view)}
-        self._rows: dict[str, np.ndarray] = {}
-        self._located: dict[str, np.ndarray | None] = {}
-        self._tensors: list[np.ndarray] | None = None
-
-    def _of(self, name: str) -> np.ndarray:
-        if name not in self._rows:
-            self._rows[name] = layer_affine(self.view, self.hosts[name])[0]
-        return self._rows[name]
-
-    def rows(self, name: str, original: _Layers | None) -> np.ndarray | None:
-        """The effective rows of host ``name``; renamed, fused or quantised, those located from ``original``."""
-        if name in self.hosts:
-            return self._of(name)
-        if original is None or name not in original.hosts:
-            return None
-        if name not in self._located:
-            effective = original._of(name)
-            stored, _, row_scale, _ = stored_layer(original.view, original.hosts[name])
-            self._located[name] = self._locate(effective, stored, row_scale)
-        return self._located[name]
-
-    def _locate(self, effective: np.ndarray, stored: np.ndarray, row_scale: np.ndarray) -> np.ndarray | None:
-        """The stored tensor whose rows are the original layer's, in the original's effective map: rows matched
-        against the effective rows (a BatchNorm folded in) are taken as they are; rows matched against the
-        stored ones (a BatchNorm still apart) are scaled by it. Row by row a cosine: a per-channel int8 scale
-        or a positive rescaling changes nothing."""
-        best, best_match = None, ROW_MATCH
-        for rows in self._candidates(effective.shape):
-            for target, scale in ((effective, None), (stored, row_scale)):
-                match = float(np.median(np.abs(ident.cosines(rows, target / _norms(target)))))
-                if match > best_match:
-                    best, best_match = (rows if scale is None else rows * scale[:, None]), match
-        return best
-
-    def _candidates(self, shape: tuple[int, ...]) -> list[np.ndarray]:
-        """Every stored tensor of ``shape[0] × shape[1]`` values as ``[C, m]`` rows (Conv and transposed Gemm
-        weights), and transposed (MatMul weights)."""
-        if self._tensors is None:
-            self._tensors = _stored_tensors(self.model)
-        c, m = shape
-        out = []
-        for t in self._tensors:
-            if t.size != c * m or t.ndim < 2:
-                continue
-            if t.shape[0] == c:
-                out.append(t.reshape(c, m))
-            if t.ndim == 2 and t.shape == (m, c):
-                out.append(t.T)
-        return out
-
-
-def _norms(rows: np.ndarray) -> np.ndarray:
-    n = np.linalg.norm(rows, axis=1, keepdims=True)
-    return np.where(n > 0, n, 1.0)
-
-
-def _stored_tensors(model: Any) -> list[np.ndarray]:
-    """Every initializer and Constant tensor of two or more dimensions, as float64 (int8 codes as they are)."""
-    from onnx import numpy_helper
-
-    protos = list(model.graph.initializer)
-    protos += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
-    out = []
-    for p in protos:
-        if len(p.dims) < 2:
-            continue
-        arr = numpy_helper.to_array(p)
-        if arr.dtype.kind in "fiu":
-            out.append(arr.astype(np.float64))
-    return out
-
-
-def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list[str]) -> _Layers | None:
+def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list[str]) -> LayerRows | None:
     """The original the copies were issued from: ``original`` if given (its hash must match), else the path
     recorded at issue time if the file there still has that hash."""
     for path, given in ((original, True), (entry.source_path, False)):
@@ -260,7 +167,7 @@ def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list
                                     f"{entry.source_sha256[:12]}… expected)")
             notes.append(f"the original recorded at issue time ({p}) has changed; pass --original")
             continue
-        return _Layers(load_model(p).model)
+        return LayerRows(load_model(p).model)
     notes.append("the original model is not at hand (--original): hidden (additive) stains are read from the "
                  "black box")
     return None

@@ -57,8 +57,14 @@ class IssueResult:
     source_sha256: str
     issued: list[IssuedCopy]
     skipped: list[str]  # customers that already had a live copy
-    setup_seconds: float  # load and calibration, once for every copy
+    setup_seconds: float  # load and calibration, once for every copy (per worker)
     notes: list[str]
+    wall_seconds: float = 0.0  # the whole run
+    workers: int = 1
+
+    def throughput(self) -> float:
+        """Copies per hour over the whole run."""
+        return 3600.0 * len(self.issued) / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
     def per_copy(self) -> dict[str, float]:
         """Median and extremes of the copies' own times."""
@@ -157,7 +163,8 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
                                          timings))
                 task.advance()
         notes = stainer.notes
-    return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes)
+    return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes,
+                       wall_seconds=time.perf_counter() - start)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from ..cli_support import _print, handle_errors
+from ..cli_support import handle_errors, print_lines
 from .registry import STATES, CopyRecord, RecoveryReport, Registry
 
 PASSPHRASE_ENV = "ONNXSTAIN_REGISTRY_PASSPHRASE"
@@ -67,7 +67,7 @@ def list_copies(db: str, model_sha: str | None, state: str | None, json_out: str
         table.add_column(col, overflow="fold")
     for r in recs:
         table.add_row(str(r.id), _esc(r.customer), r.kind, _state(r.state), r.model_sha256[:12], r.created or "")
-    _print([table, f"{len(recs)} cop{'y' if len(recs) == 1 else 'ies'}"])
+    print_lines([table, f"{len(recs)} cop{'y' if len(recs) == 1 else 'ies'}"])
     if json_out:
         _write_json(db, "--json", json_out, {"copies": [_fields(r) for r in recs]})
 
@@ -80,7 +80,7 @@ def show(db: str, ref: str) -> None:
     """Show one copy of DB: REF is its id or its customer."""
     with Registry.open(db, readonly=True) as reg:
         rec = reg.get(ref)
-    _print(_record_lines(rec))
+    print_lines(_record_lines(rec))
 
 
 @registry.command()
@@ -92,7 +92,7 @@ def revoke(db: str, ref: str, reason: str) -> None:
     """Revoke a copy (REF: its id or its customer); the customer may then be issued a new one."""
     with Registry.open(db) as reg:
         rec = reg.revoke(ref, reason)
-    _print([f"[bold]revoked[/] copy {rec.id} ({_esc(rec.customer)}, {rec.kind}) at {rec.revoked}"])
+    print_lines([f"[bold]revoked[/] copy {rec.id} ({_esc(rec.customer)}, {rec.kind}) at {rec.revoked}"])
 
 
 @registry.command()
@@ -104,7 +104,7 @@ def export(db: str, output: str) -> None:
     with Registry.open(db, readonly=True) as reg:
         data = reg.export()
     _write_json(db, "-o", output, data)
-    _print([f"exported {len(data['copies'])} copies to {_esc(output)}"])
+    print_lines([f"exported {len(data['copies'])} copies to {_esc(output)}"])
 
 
 @registry.command()
@@ -117,7 +117,7 @@ def check(db: str, hashes: bool) -> None:
         report = reg.recovery
         issued = len(reg.copies(state="issued"))
     assert report is not None
-    _print(_report_lines(report, issued, hashes))
+    print_lines(_report_lines(report, issued, hashes))
     sys.exit(0 if report.consistent else 1)
 
 

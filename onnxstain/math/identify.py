@@ -11,10 +11,12 @@ a suspect model is the cosine between ``v_k`` and
 If the suspect does not carry key ``k`` — the original, another customer's copy, any model made without
 ``v_k`` — then that vector is fixed independently of ``v_k``, and the cosine is a spherical-cap variable:
 ``Pr[cos ≥ t] = ½ I_{1−t²}((m−1)/2, ½)`` (:func:`onnxstain.math.bounds.cap_probability`), whatever the vector
-is. Over a registry of ``N`` keys the chance that any innocent key reaches ``t`` is at most ``N`` times that
-(a union bound; the vectors need not be independent of each other). A genuine copy scores near 1: int8
-rounding or a light fine-tune moves its row a little, and a copy averaged with others keeps ``1/√(colluders)``
-of it when they share the channel (1 when they do not).
+is. Where the key chose its channel after drawing ``v`` (the hidden stain's channel is the one whose statistics
+hide the edit), the vector depends on ``v`` through that choice: the bound is a union over the layer's ``C``
+channels (``C`` times the cap). Over a registry of ``N`` keys the chance that any innocent key reaches ``t`` is
+at most ``N`` times that (a union bound; the vectors need not be independent of each other). A genuine copy
+scores near 1: int8 rounding or a light fine-tune moves its row a little, and a copy averaged with others keeps
+``1/√(colluders)`` of it when they share the channel (1 when they do not).
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ class Scores:
         return min(0.0, float(self.log10_p[index]) + float(np.log10(max(self.keys, 1))))
 
 
-def score(vectors: np.ndarray, directions: np.ndarray, m: np.ndarray | int) -> Scores:
-    """The evidence for each key: cosine, p-value, over ``len(vectors)`` keys."""
+def score(vectors: np.ndarray, directions: np.ndarray, m: np.ndarray | int,
+          choices: np.ndarray | int = 1) -> Scores:
+    """The evidence for each key: cosine and p-value, over ``len(vectors)`` keys. ``choices``: how many vectors
+    each key's could have been — the hidden stain picks its channel after drawing ``v`` (the one whose
+    statistics hide the edit), so its p-value is a union over the layer's channels."""
     cos = cosines(vectors, directions)
-    return Scores(cos=cos, log10_p=log10_tail(cos, m), keys=len(cos))
+    log10_p = np.minimum(0.0, log10_tail(cos, m) + np.log10(np.asarray(choices, np.float64)))
+    return Scores(cos=cos, log10_p=log10_p, keys=len(cos))
