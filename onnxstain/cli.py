@@ -35,9 +35,10 @@ from .cli_support import (
     provider_option,
     providers_list,
     set_debug,
+    signer_key_option,
 )
 from .errors import InternalError
-from .fleet.commands import identify, issue
+from .fleet.commands import identify, issue, keygen
 from .fleet.registry_cli import registry
 from .outputs import Artefacts, OutputPlan
 from .seeds import SEED_LIMIT
@@ -56,7 +57,7 @@ def main(debug: bool) -> None:
     set_debug(debug)
 
 
-for _command in (issue, identify, registry):
+for _command in (issue, identify, registry, keygen):
     main.add_command(_command)
 
 
@@ -257,15 +258,18 @@ def apply_patch(photos, key_path, out_dir, raw) -> None:
 @click.option("--tolerance", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.75, show_default=True,
               help="Share of the detector's designed firing level that weight drift (quantisation, noise) may "
                    "take before the white-box check fails (non-additive stains).")
+@signer_key_option
 @provider_option
 @handle_errors
-def verify(model: str, key_path: str, json_out: str | None, tolerance: float, providers: str | None) -> None:
+def verify(model: str, key_path: str, json_out: str | None, tolerance: float, signer_key: str | None,
+           providers: str | None) -> None:
     """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
     from ._report.render import verify_lines
     from .api import verify as do_verify
 
-    OutputPlan().model_input("MODEL", model).input("--key", key_path).output("--json", json_out).check()
-    res = do_verify(model, key_path, providers=providers_list(providers), tolerance=tolerance)
+    (OutputPlan().model_input("MODEL", model).input("--key", key_path).input("--signer-key", signer_key)
+     .output("--json", json_out).check())
+    res = do_verify(model, key_path, providers=providers_list(providers), tolerance=tolerance, signer_key=signer_key)
     if json_out:
         _write([(json_out, _json_bytes(res.to_dict()), None)])
     print_lines(verify_lines(res))

@@ -212,6 +212,12 @@ class _LazyRequest:
         return PreprocessingRequest.of(given, **overrides)
 
 
+def signer_key_option(fn: Callable) -> Callable:
+    return click.option("--signer-key", type=click.Path(dir_okay=False),
+                        help="Check the model-signing signature and signed statement beside the model "
+                             "(<model>.sig, <model>.intoto.json) with this PEM public key.")(fn)
+
+
 def provider_option(fn: Callable) -> Callable:
     return click.option("--providers", help="onnxruntime providers by prefix, comma separated "
                         "(default: CUDA when present, else CPU).")(fn)

@@ -106,6 +106,8 @@ class VerifyResult:
     chance_log10: float | None = None
     chance_text: str | None = None
     tolerance: float | None = None  # the white-box tolerance applied (overwritten neurons), else None
+    # the model-signing signature and signed statement beside the model, if any (onnxstain.fleet.signing)
+    signature: dict[str, Any] | None = None
 
     @property
     def basis(self) -> str:
@@ -137,6 +139,7 @@ class VerifyResult:
             "model_sha256": self.model_sha256,
             "key_commitment": self.key_commitment,
             "notes": self.notes,
+            "signature": self.signature,
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -164,8 +167,23 @@ def verify(
     providers: list[str] | None = None,
     natural_controls: int = 16,
     tolerance: float = WHITE_BOX_TOLERANCE,
+    signer_key: str | Path | None = None,
 ) -> VerifyResult:
-    """Whether ``model`` carries the stain or lock of ``key`` (see the module's docstring)."""
+    """Whether ``model`` carries the stain or lock of ``key`` (see the module's docstring). A model-signing
+    signature beside the model is reported (checked with ``signer_key``, a PEM public key); it does not change
+    the verdict."""
+    res = _verify(model, key, providers, natural_controls, tolerance)
+    from .fleet.signing import check_signatures
+
+    found = check_signatures(res.model, signer_key, res.key_commitment)
+    if found is not None:
+        res.signature = dataclasses.asdict(found)
+        res.notes.append(f"signature: {found.detail}")
+    return res
+
+
+def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | None, natural_controls: int,
+            tolerance: float) -> VerifyResult:
     if not 0.0 <= tolerance < 1.0:
         raise BadInputError(f"the white-box tolerance must be in [0, 1), not {tolerance}")
     key = key if isinstance(key, Key) else load_key(key)

@@ -246,6 +246,64 @@ def test_issue_with_two_workers(workdir, images, tmp_path, backend):
     assert again.issued == [] and sorted(again.skipped) == names
 
 
+def test_signed_copies(workdir, images, tmp_path):
+    """Each copy signed with model-signing (its own verifier accepts it, a tampered copy fails) and a signed
+    in-toto statement binding the copy's hash to its key commitment; verify and identify report both."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from onnxstain.fleet import signing
+
+    signing.generate_key_pair(tmp_path / "vendor.pem", tmp_path / "vendor.pub")
+    assert (tmp_path / "vendor.pem").stat().st_mode & 0o777 == 0o600
+    dist, db = tmp_path / "dist", tmp_path / "f.db"
+    dist.mkdir()
+    with Registry.open(db, create=True) as reg:
+        res = issue(workdir / "model.onnx", ["acme", "globex"], dist, reg, images=images, seeds=_seeds(60),
+                    options=StainOptions(variant="non-additive", fpr=0.05), signing_key=tmp_path / "vendor.pem")
+    copy = res.issued[0]
+    sig, stmt = Path(f"{copy.path}.sig"), Path(f"{copy.path}.intoto.json")
+    assert sig.is_file() and stmt.is_file()
+    cli = Path(sys.executable).parent / "model_signing"
+    ok = subprocess.run([str(cli), "verify", "key", str(copy.path), "--signature", str(sig), "--public_key",
+                         str(tmp_path / "vendor.pub")], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    body = json.loads(__import__("base64").b64decode(json.loads(stmt.read_text())["payload"]))
+    with Registry.open(db, readonly=True) as reg:
+        record = reg.get("acme")
+    assert body["subject"][0]["digest"]["sha256"] == copy.model_sha256 == record.model_sha256
+    assert body["predicate"]["key_commitment"] == record.key_commitment
+    checked = signing.check_signatures(copy.path, tmp_path / "vendor.pub", record.key_commitment)
+    assert checked is not None and checked.model_signature and checked.statement
+    # verify and identify say so; without the public key they say the model is signed, unchecked
+    with Registry.open(db, readonly=True) as reg:
+        key = onnxstain.Key.loaded(json.loads(reg.key_bytes(copy.copy_id)))
+        got = identify(copy.path, reg, signer_key=tmp_path / "vendor.pub")
+    assert got.signature is not None and got.signature["model_signature"] is True
+    v = onnxstain.verify(copy.path, key, signer_key=tmp_path / "vendor.pub")
+    assert v.signature is not None and v.signature["statement"] is True
+    assert any("--signer-key" in n for n in onnxstain.verify(copy.path, key).notes)
+    # a tampered copy (one weight byte) fails both; a key pair of someone else fails both
+    tampered = tmp_path / "t" / copy.path.name
+    tampered.parent.mkdir()
+    shutil.copy(copy.path, tampered)
+    for suffix in (".sig", ".intoto.json"):
+        shutil.copy(f"{copy.path}{suffix}", f"{tampered}{suffix}")
+    data = bytearray(tampered.read_bytes())
+    data[-100] ^= 0x01
+    tampered.write_bytes(bytes(data))
+    bad = signing.check_signatures(tampered, tmp_path / "vendor.pub", record.key_commitment)
+    assert bad is not None and bad.model_signature is False and bad.statement is False
+    bad = subprocess.run([str(cli), "verify", "key", str(tampered), "--signature", f"{tampered}.sig",
+                          "--public_key", str(tmp_path / "vendor.pub")], capture_output=True, text=True)
+    assert bad.returncode != 0
+    signing.generate_key_pair(tmp_path / "other.pem", tmp_path / "other.pub")
+    other = signing.check_signatures(copy.path, tmp_path / "other.pub")
+    assert other is not None and other.model_signature is False and other.statement is False
+
+
 def test_cosine_bound_is_the_spherical_cap():
     rng = np.random.default_rng(0)
     m, n = 64, 20000
@@ -282,13 +340,17 @@ def test_cli_issue_identify_registry(workdir, images, tmp_path):
     (tmp_path / "c.csv").write_text("customer\nalpha\nbeta\n")
     db, dist = tmp_path / "f.db", tmp_path / "dist"
     run = CliRunner().invoke
+    r = run(main, ["keygen", str(tmp_path / "v.pem"), str(tmp_path / "v.pub")])
+    assert r.exit_code == 0, r.output
     r = run(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"), "-o", str(dist),
                    "--registry", str(db), "--images", str(img_dir), "--fpr", "0.05", "--quiet",
-                   "--json", str(tmp_path / "issue.json")])
+                   "--json", str(tmp_path / "issue.json"), "--signing-key", str(tmp_path / "v.pem")])
     assert r.exit_code == 0, r.output
     assert "issued 2 copies" in r.output and json.loads((tmp_path / "issue.json").read_text())["issued"]
-    r = run(main, ["identify", str(dist / "beta.onnx"), "--registry", str(db), "--json", str(tmp_path / "id.json")])
+    r = run(main, ["identify", str(dist / "beta.onnx"), "--registry", str(db), "--json", str(tmp_path / "id.json"),
+                   "--signer-key", str(tmp_path / "v.pub")])
     assert r.exit_code == 0 and "IDENTIFIED" in r.output and "beta" in r.output, r.output
+    assert "beta.onnx.sig: valid" in r.output and "beta.onnx.intoto.json: valid" in r.output, r.output
     assert json.loads((tmp_path / "id.json").read_text())["named"][0]["customer"] == "beta"
     r = run(main, ["identify", str(workdir / "model.onnx"), "--registry", str(db)])
     assert r.exit_code == 1 and "NOT IDENTIFIED" in r.output, r.output

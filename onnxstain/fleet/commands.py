@@ -19,6 +19,7 @@ from ..cli_support import (
     print_lines,
     provider_option,
     providers_list,
+    signer_key_option,
 )
 from ..outputs import OutputPlan
 from .registry_cli import registry_passphrase
@@ -40,12 +41,16 @@ from .registry_cli import registry_passphrase
               help="Parallel workers, each with its share of the cores (Ray when installed, else local processes).")
 @click.option("--ray-address", help="Join this Ray cluster (its workers must see the model, the output folder and "
                                     "the registry at the same paths).")
+@click.option("--signing-key", type=click.Path(dir_okay=False),
+              help="Sign each copy with model-signing and this P-256 PEM private key (<copy>.onnx.sig), and write "
+                   "a signed in-toto statement of its key commitment (<copy>.onnx.intoto.json).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a JSON summary of the run.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @provider_option
 @handle_errors
 def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, fpr: float,
-          workers: int, ray_address: str | None, json_out: str | None, quiet: bool, providers: str | None) -> None:
+          workers: int, ray_address: str | None, signing_key: str | None, json_out: str | None, quiet: bool,
+          providers: str | None) -> None:
     """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each).
 
     Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
@@ -55,7 +60,7 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
     from .registry import Registry
 
     (OutputPlan().model_input("MODEL", model).input("--customers", customers).input("--images", images, folder=True)
-     .output("--json", json_out).check())
+     .input("--signing-key", signing_key).output("--json", json_out).check())
     names = read_customers(customers)
     Path(dist).mkdir(parents=True, exist_ok=True)
     opts = StainOptions(fpr=fpr, providers=providers_list(providers))
@@ -64,10 +69,12 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
         from .workers import issue_parallel
 
         res = issue_parallel(model, names, dist, registry_path, workers=workers, passphrase=registry_passphrase(),
-                             ray_address=ray_address, options=opts, images=images, progress=progress)
+                             ray_address=ray_address, options=opts, images=images, progress=progress,
+                             signing_key=signing_key)
     else:
         with Registry.open(registry_path, create=True, passphrase=registry_passphrase()) as reg:
-            res = do_issue(model, names, dist, reg, options=opts, images=images, progress=progress)
+            res = do_issue(model, names, dist, reg, options=opts, images=images, progress=progress,
+                           signing_key=signing_key)
     per = res.per_copy()
     lines = [f"issued {len(res.issued)} copies into {dist} (registry {registry_path}); skipped {len(res.skipped)} "
              f"already issued; {res.workers} worker(s), {res.wall_seconds:.1f}s"]
@@ -103,21 +110,23 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
 @click.option("--query-budget", type=click.IntRange(1), help="Black box: refuse to send more images than this.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="Write a versioned JSON report.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@signer_key_option
 @provider_option
 @handle_errors
 def identify(suspect: str, registry_path: str, original: str | None, black_box: bool, target: float,
-             query_budget: int | None, json_out: str | None, quiet: bool, providers: str | None) -> None:
+             query_budget: int | None, json_out: str | None, quiet: bool, signer_key: str | None,
+             providers: str | None) -> None:
     """Which customer's copy SUSPECT is. Exit 0: named (with the bound); 1: no customer's stain found."""
     from ..math.bounds import format_probability
     from .identify import identify as do_identify
     from .registry import Registry
 
     (OutputPlan().model_input("SUSPECT", suspect).input("--registry", registry_path)
-     .input("--original", original).output("--json", json_out).check())
+     .input("--original", original).input("--signer-key", signer_key).output("--json", json_out).check())
     with Registry.open(registry_path, passphrase=registry_passphrase()) as reg:
         res = do_identify(suspect, reg, original=original, black_box=black_box, target=target,
                           providers=providers_list(providers), query_budget=query_budget,
-                          progress=RichProgress(not quiet and sys.stderr.isatty()))
+                          progress=RichProgress(not quiet and sys.stderr.isatty()), signer_key=signer_key)
     if res.named:
         lines = [f"IDENTIFIED ({res.basis}, {res.keys} keys): " + ", ".join(
             f"{m.customer} (copy {m.copy_id}, score {m.score:.3g})" for m in res.named)]
@@ -136,3 +145,17 @@ def identify(suspect: str, registry_path: str, original: str | None, black_box: 
     if json_out:
         res.write_json(json_out)
     sys.exit(EXIT_OK if res.named else EXIT_NEGATIVE)
+
+
+@click.command()
+@click.argument("private", type=click.Path(dir_okay=False))
+@click.argument("public", type=click.Path(dir_okay=False))
+@handle_errors
+def keygen(private: str, public: str) -> None:
+    """Write a new P-256 signing key pair (PEM): PRIVATE (owner-only) for `issue --signing-key`, PUBLIC for
+    `verify`/`identify --signer-key` and model-signing's own verifier."""
+    from .signing import generate_key_pair
+
+    OutputPlan().output("PRIVATE", private).output("PUBLIC", public).check()
+    generate_key_pair(private, public)
+    print_lines([f"wrote {private} (private, 0600) and {public} (public)"])

@@ -36,6 +36,7 @@ from ..math.bounds import format_probability
 from ..progress import Progress, Silent
 from .index import IndexEntry
 from .registry import Registry
+from .signing import check_signatures
 
 REPORT_FORMAT = "onnxstain-identify-report"
 REPORT_VERSION = 1
@@ -69,6 +70,7 @@ class IdentifyResult:
     queries: int  # black box: images sent to the model
     notes: list[str]
     seconds: float
+    signature: dict[str, Any] | None = None  # the model-signing signature beside the model, if any
 
     @property
     def identified(self) -> bool:
@@ -82,7 +84,7 @@ class IdentifyResult:
                 "best": dataclasses.asdict(self.best) if self.best else None,
                 "runner_up": dataclasses.asdict(self.runner_up) if self.runner_up else None,
                 "bound_log10": self.bound_log10, "queries": self.queries, "notes": self.notes,
-                "seconds": self.seconds}
+                "seconds": self.seconds, "signature": self.signature}
 
     def write_json(self, path: str | Path) -> None:
         write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
@@ -90,8 +92,20 @@ class IdentifyResult:
 
 def identify(suspect: str | Path, registry: Registry, *, original: str | Path | None = None,
              black_box: bool = False, target: float = ident.DEFAULT_TARGET, providers: list[str] | None = None,
-             query_budget: int | None = None, progress: Progress | None = None) -> IdentifyResult:
-    """Which registry copy ``suspect`` is (see the module docstring)."""
+             query_budget: int | None = None, progress: Progress | None = None,
+             signer_key: str | Path | None = None) -> IdentifyResult:
+    """Which registry copy ``suspect`` is (see the module docstring); a signature beside it is reported
+    (checked with ``signer_key``)."""
+    res = _identify(suspect, registry, original, black_box, target, providers, query_budget, progress)
+    found = check_signatures(suspect, signer_key)
+    if found is not None:
+        res.signature = dataclasses.asdict(found)
+        res.notes.append(f"signature: {found.detail}")
+    return res
+
+
+def _identify(suspect: str | Path, registry: Registry, original: str | Path | None, black_box: bool, target: float,
+              providers: list[str] | None, query_budget: int | None, progress: Progress | None) -> IdentifyResult:
     if not 0.0 < target < 1.0:
         raise BadInputError(f"the target bound must be in (0, 1), not {target}")
     start = time.perf_counter()

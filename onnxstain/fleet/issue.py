@@ -27,11 +27,13 @@ from pathlib import Path
 import numpy as np
 
 from .._stain.result import StainOptions
+from .._version import __version__
 from ..errors import BadInputError
 from ..keys import load_key
 from ..outputs import alive, clean_stale
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
+from . import signing
 from .index import IndexEntry
 from .registry import AlreadyIssuedError, Registry
 
@@ -110,15 +112,19 @@ def check_customers(names: Sequence[str], where: str = "the customer list") -> l
 def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registry: Registry, *,
           options: StainOptions | None = None, preprocessing: Preprocessing | PreprocessingRequest | None = None,
           images: str | Path | np.ndarray | None = None, progress: Progress | None = None,
-          seeds: Iterator[int] | None = None) -> IssueResult:
+          seeds: Iterator[int] | None = None, signing_key: str | Path | None = None) -> IssueResult:
     """One stained copy of ``model`` per customer not yet issued, as ``dist/<customer>.onnx``.
 
     ``seeds`` (tests and benchmarks only: a copy's seed is its secret) gives each copy's seed in turn; by
-    default each is 53 fresh bits from the operating system."""
+    default each is 53 fresh bits from the operating system. ``signing_key`` (a P-256 PEM private key): each copy
+    is signed with model-signing and gets a signed in-toto statement of its key commitment
+    (:mod:`onnxstain.fleet.signing`), written before the copy lands."""
     from .._onnx.io import sha256_file
     from .._stain.many import Stainer
 
     customers = check_customers(customers)
+    if signing_key is not None:
+        signing.check_signing_key(signing_key)
     if options is not None and options.seed is not None:
         raise BadInputError("issued copies take fresh secret seeds; --seed does not apply")
     out = Path(dist)
@@ -144,6 +150,11 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
                 seed = None if seeds is None else next(seeds)
                 result = stainer.stain(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
                 key = load_key(key_tmp)
+                if signing_key is not None:
+                    claim = signing.CopyClaim(f"{customer}.onnx", result.model_sha256, key.commitment,
+                                              stainer.source_sha256, result.bound.log10, f"onnxstain {__version__}")
+                    signing.write_signatures(out / f"{customer}.onnx", signing.model_signature(model_tmp, signing_key),
+                                             signing.statement(claim, signing_key))
                 try:
                     copy_id = writer.place(
                         customer=customer, kind=KIND, source_sha256=stainer.source_sha256,

@@ -43,6 +43,7 @@ class Share:
     images: str | None
     seeds: list[int] | None
     threads: int
+    signing_key: str | None = None
 
 
 def issue_share(share: Share) -> IssueResult:
@@ -56,7 +57,7 @@ def issue_share(share: Share) -> IssueResult:
     with Registry.open(share.registry, passphrase=share.passphrase) as reg:
         return issue(share.model, share.customers, share.dist, reg, options=share.options,
                      preprocessing=share.preprocessing, images=share.images,
-                     seeds=iter(share.seeds) if share.seeds is not None else None)
+                     seeds=iter(share.seeds) if share.seeds is not None else None, signing_key=share.signing_key)
 
 
 def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path, registry_path: str | Path, *,
@@ -64,7 +65,8 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
                    backend: str = "auto",
                    options: StainOptions | None = None,
                    preprocessing: Preprocessing | PreprocessingRequest | None = None, images: str | Path | None = None,
-                   progress: Progress | None = None, seeds: Sequence[int] | None = None) -> IssueResult:
+                   progress: Progress | None = None, seeds: Sequence[int] | None = None,
+                   signing_key: str | Path | None = None) -> IssueResult:
     """Issue the copies with ``workers`` workers (see the module docstring). ``backend``: ``"auto"`` (Ray if
     installed), ``"ray"`` or ``"processes"``. ``seeds`` (tests and benchmarks only) gives the copies' seeds in
     the order of ``customers``."""
@@ -91,7 +93,8 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
     threads = max(1, (os.cpu_count() or 1) // n) if ray_address is None else 1
     shares = [Share(str(source), part, str(dist), str(registry_path), passphrase, options, preprocessing,
                     None if images is None else str(images),
-                    None if seed_of is None else [seed_of[c] for c in part], threads) for part in parts if part]
+                    None if seed_of is None else [seed_of[c] for c in part], threads,
+                    None if signing_key is None else str(signing_key)) for part in parts if part]
     ray = None if backend == "processes" else _ray(ray_address, required=backend == "ray")
     results = _run(shares, ray, ray_address, registry_path, passphrase, sha, todo, progress or Silent())
     skipped = [c for c in customers if c in done] + [c for r in results for c in r.skipped]
