@@ -92,7 +92,7 @@ class Check:
 @dataclasses.dataclass
 class VerifyResult:
     stained: bool
-    score: float
+    score: float  # the deciding check's: the black box's, or the weight check's cosine where the outputs drift
     threshold: float
     fpr_bound: bounds.Bound
     natural_bound: bounds.Bound
@@ -221,15 +221,17 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         white = _white_box(key, res[wb_tensor].astype(np.float64), len(triggers), tolerance if designed else None)
     else:
         white = Check("white-box", False, False, None, None,
-                      f"tensor {wb_tensor!r} is not in this model (renamed or re-exported); black-box result only")
+                      f"tensor {wb_tensor!r} is not in this model (renamed or re-exported): not read")
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     checks = [black, white]
     drifted = black.drift is not None and black.drift > SHIFT_DRIFT_GATE
     stained = all(c.passed for c in checks if c.available)
+    deciding = black  # the check whose score and threshold head the report
     if drifted:  # the signature cannot be read from this model's outputs: read the detector from its weights
         weights = weight_check(key, loaded.model)
         checks.append(weights)
         stained = weights.passed
+        deciding = weights if weights.available else black
         notes.append("the model's outputs drift from the stained model's (int8, noise, another model): the verdict "
                      "rests on the weight check" if weights.available else
                      "the model's outputs drift from the stained model's and the key has no weight check (it "
@@ -246,9 +248,9 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         allowed = ([tr.allowed for tr in sig.triggers or ()] if sig.kind == "multi-class"
                    else [sig.allowed or _score_view(key).classes])
         chance_text = chance.describe_chance(allowed)
-    assert black.score is not None and black.threshold is not None
+    assert deciding.score is not None and deciding.threshold is not None
     return VerifyResult(
-        stained=stained, score=black.score, threshold=black.threshold,
+        stained=stained, score=deciding.score, threshold=deciding.threshold,
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
@@ -261,10 +263,7 @@ def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str])
     sig = key.signature
     assert sig is not None
     score_view = _score_view(key)
-    if raw[0].size != int(np.prod(score_view.shape)):
-        raise KeyMismatchError(f"the key expects {int(np.prod(score_view.shape))} output scores; this model gives "
-                               f"{raw[0].size}")
-    scores = score_view.flat(to_logits(raw, key.model.output_activation))
+    scores = _signature_scores(key, raw)
     threshold = float(sig.threshold)
     if sig.kind == "multi-class":
         # every trigger must show its own class by its threshold; controls are not part of the decision (the
@@ -331,11 +330,7 @@ def screen_triggers(key: Key, raw: np.ndarray) -> tuple[float, bool]:
     (``onnxstain identify`` screens every key of a registry this way, then verifies the keys that pass)."""
     sig = key.signature
     assert sig is not None
-    view = _score_view(key)
-    if raw[0].size != int(np.prod(view.shape)):
-        raise KeyMismatchError(f"the key expects {int(np.prod(view.shape))} output scores; this model gives "
-                               f"{raw[0].size}")
-    scores = view.flat(to_logits(raw, key.model.output_activation))
+    scores = _signature_scores(key, raw)
     if sig.kind == "multi-class":
         ratio = min(float(class_margin(scores[t], tr.cls)) / float(tr.threshold)
                     for t, tr in enumerate(sig.triggers or ()))
@@ -562,6 +557,15 @@ def key_triggers(key: Key) -> np.ndarray:
     if sig.kind == "multi-class":
         return np.stack([decode_png(t.png) for t in sig.triggers or ()])
     return key.trigger_pixels()[None]
+
+
+def _signature_scores(key: Key, raw: np.ndarray) -> np.ndarray:
+    """The model's outputs as the signature's scores (the key's score view, back to logits)."""
+    view = _score_view(key)
+    if raw[0].size != int(np.prod(view.shape)):
+        raise KeyMismatchError(f"the key expects {int(np.prod(view.shape))} output scores; this model gives "
+                               f"{raw[0].size}")
+    return view.flat(to_logits(raw, key.model.output_activation))
 
 
 def _score_view(key: Key) -> ScoreView:

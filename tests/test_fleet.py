@@ -90,7 +90,7 @@ def test_issue_writes_one_copy_per_customer_and_keys_only_to_the_registry(fleet)
             assert onnxstain.verify(c.path, key).stained
         seeds = {onnxstain.Key.loaded(json.loads(reg.key_bytes(c.copy_id))).seed for c in res.issued}
     assert len(seeds) == len(CUSTOMERS)  # a seed per copy (fresh entropy unless a test gives them)
-    assert not list(db.parent.glob(".onnxstain-issue-*"))  # the staged keys are gone
+    assert not list(db.parent.glob(".onnxstain-tmp-*"))  # the staged keys are gone
 
 
 def test_issue_resumes(workdir, images, fleet):
@@ -358,3 +358,16 @@ def test_cli_issue_identify_registry(workdir, images, tmp_path):
     assert r.exit_code == 0 and "alpha" in r.output and "beta" in r.output
     r = run(main, ["identify", str(dist / "beta.onnx"), "--registry", str(tmp_path / "none.db")])
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+
+
+@pytest.mark.slow
+def test_issue_survives_a_kill_and_a_concurrent_run(tmp_path):
+    """The real command killed mid-run, and two runs at once (tools/fleet_kill.py; 20 trials in tools/README)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import fleet_kill
+
+    assert fleet_kill.main(["--trials", "1", "--workdir", str(tmp_path / "k"), "--min-delay", "6",
+                            "--max-delay", "8"]) == 0

@@ -33,6 +33,15 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "_report.html": (("test_evaluate.py", "test_evaluation_records.py"), "evaluate --html"),
     "scoring": (("test_lock_tiny.py",), "the lock's patch search scores detectors and logits with it"),
     "_stain.result": (("test_stain_tiny.py",), "StainOptions and StainResult through the public API"),
+    "fleet._sealing": (("test_registry.py",), "registries opened with a passphrase: keys sealed, wrong ones refused"),
+    "fleet.commands": (("test_fleet.py",), "onnxstain keygen, issue and identify through the CLI"),
+    "fleet.writer": (("test_registry.py", "test_fleet.py"), "every copy placed through a registry writer"),
+    "fleet._checks": (("test_registry.py",), "customer names, hashes, kinds and states refused in one line"),
+    "fleet._files": (("test_registry.py",), "temp files, writer locks and the recovery of dead writers"),
+    "fleet._schema": (("test_registry.py",), "schema v1, migrations, foreign and newer files refused"),
+    "_onnx.layer_rows": (("test_fleet.py", "test_verify_drift.py"), "identify and verify's weight check read host rows "
+                         "by name, renamed, fp16 and int8"),
+    "cli_support": (("test_bad_input.py", "test_fleet.py"), "every command's errors, printing and option groups"),
 }
 
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from pathlib import Path
 
 from ..errors import BadInputError
@@ -60,11 +61,14 @@ def _file_sha256(path: str | Path) -> str | None:
 
 
 def _remove(path: str | Path | None) -> bool:
-    """Remove a file; True if it was there."""
+    """Remove a file, or a writer's staging folder (:meth:`Writer.stage_folder`); True if it was there."""
     if not path:
         return False
     try:
-        os.unlink(path)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.unlink(path)
     except FileNotFoundError:
         return False
     return True

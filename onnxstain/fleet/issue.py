@@ -4,8 +4,9 @@ The model is loaded and calibrated once (:class:`onnxstain._stain.many.Stainer`)
 costs only its own key's work — a secret seed of 63 fresh bits, the trigger search, the edit, the checks
 on the stained model — and its placement: the model goes into ``dist/`` and its key into the registry in one
 protocol (:meth:`onnxstain.fleet.registry.Writer.place`), so a kill leaves every registered copy in place and
-no copy unregistered. Keys never touch ``dist/`` (it ships): each is staged in a private folder beside the
-registry and removed once the registry holds it.
+no copy unregistered. Keys never touch ``dist/`` (it ships): each is staged in the registry writer's private
+folder beside the registry (:meth:`onnxstain.fleet.registry.Writer.stage_folder`: removed when the writer
+closes, or by the recovery that finds it dead) and removed once the registry holds it.
 
 A run is resumable: customers that already have a live copy of this model are skipped, so re-running after a
 kill issues only the rest.
@@ -13,13 +14,9 @@ kill issues only the rest.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
-import os
 import re
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,7 +27,7 @@ from .._stain.result import StainOptions
 from .._version import __version__
 from ..errors import BadInputError
 from ..keys import load_key
-from ..outputs import alive, clean_stale
+from ..outputs import clean_stale
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from . import signing
@@ -38,7 +35,6 @@ from .index import IndexEntry
 from .registry import AlreadyIssuedError, Registry
 
 KIND = "stain"
-WORK_PREFIX = ".onnxstain-issue-"  # the private folder beside the registry where keys are staged
 # a customer name becomes a file name in dist/: letters, digits and . _ - @ + only, not starting with a dot
 _FILE_SAFE = re.compile(r"[A-Za-z0-9_@+\-][A-Za-z0-9._@+\-]{0,199}")
 
@@ -140,8 +136,8 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     issued: list[IssuedCopy] = []
     if not todo:
         return IssueResult(source, sha256_file(source), [], skipped, 0.0, [])
-    with Stainer(source, options, preprocessing, images, progress) as stainer, registry.writer() as writer, \
-            _private_folder(registry.path.parent) as work:
+    with Stainer(source, options, preprocessing, images, progress) as stainer, registry.writer() as writer:
+        work = writer.stage_folder(registry.path.parent)  # keys never touch dist/; gone with the writer
         setup = time.perf_counter() - start
         with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
             for customer in todo:
@@ -176,23 +172,3 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
         notes = stainer.notes
     return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes,
                        wall_seconds=time.perf_counter() - start)
-
-
-@contextlib.contextmanager
-def _private_folder(near: Path) -> Iterator[Path]:
-    """A folder only this user can read, beside the registry (keys are staged there, never in ``dist/``); the
-    ones a killed run left (their process is gone) are removed first."""
-    for old in near.glob(f"{WORK_PREFIX}*"):
-        pid = old.name[len(WORK_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not alive(int(pid)) and old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-    folder = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}-", dir=near))
-    os.chmod(folder, 0o700)
-    try:
-        yield folder
-    finally:
-        for f in folder.iterdir():
-            with contextlib.suppress(OSError):
-                f.unlink()
-        with contextlib.suppress(OSError):
-            folder.rmdir()

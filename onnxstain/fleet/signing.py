@@ -53,39 +53,29 @@ def generate_key_pair(private: str | Path, public: str | Path) -> None:
                        mode=0o644)
 
 
-def _private_key(path: str | Path) -> Any:
+def _pem_key(path: str | Path, private: bool) -> Any:
+    """An elliptic-curve key from a PEM file (private: unencrypted), else one line naming the problem."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
+    what = "private key" if private else "public key"
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        data = Path(path).read_bytes()
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
     except FileNotFoundError:
-        raise BadInputError(f"{path}: no such signing key") from None
+        raise BadInputError(f"{path}: no such {what}") from None
     except (ValueError, TypeError) as exc:
-        raise BadInputError(f"{path} is not an unencrypted PEM private key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise BadInputError(f"{path} is not an elliptic-curve key (model-signing signs with P-256 keys)")
-    return key
-
-
-def _public_key(path: str | Path) -> Any:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    try:
-        key = serialization.load_pem_public_key(Path(path).read_bytes())
-    except FileNotFoundError:
-        raise BadInputError(f"{path}: no such public key") from None
-    except (ValueError, TypeError) as exc:
-        raise BadInputError(f"{path} is not a PEM public key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise BadInputError(f"{path} is not an elliptic-curve public key")
+        raise BadInputError(f"{path} is not an unencrypted PEM {what} ({exc})") from None
+    kind = ec.EllipticCurvePrivateKey if private else ec.EllipticCurvePublicKey
+    if not isinstance(key, kind):
+        raise BadInputError(f"{path} is not an elliptic-curve {what} (model-signing signs with P-256 keys)")
     return key
 
 
 def check_signing_key(path: str | Path) -> None:
     """Refuse a missing or unusable key before any copy is made."""
-    _private_key(path)
+    _pem_key(path, private=True)
     _model_signing()
 
 
@@ -130,7 +120,7 @@ def statement(claim: CopyClaim, private_key: str | Path) -> bytes:
                           "commitment_method": "sha256 of the key's canonical JSON, which contains a secret "
                                                "256-bit nonce"}}
     payload = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    sig = _private_key(private_key).sign(_pae(PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
+    sig = _pem_key(private_key, private=True).sign(_pae(PAYLOAD_TYPE, payload), ec.ECDSA(hashes.SHA256()))
     envelope = {"payloadType": PAYLOAD_TYPE, "payload": base64.b64encode(payload).decode(),
                 "signatures": [{"keyid": "", "sig": base64.b64encode(sig).decode()}]}
     return json.dumps(envelope, indent=2).encode() + b"\n"
@@ -184,7 +174,7 @@ def _statement_ok(path: Path, public_key: str | Path, model_sha256: str, key_com
         env = json.loads(path.read_bytes())
         payload = base64.b64decode(env["payload"])
         sig = base64.b64decode(env["signatures"][0]["sig"])
-        _public_key(public_key).verify(sig, _pae(env["payloadType"], payload), ec.ECDSA(hashes.SHA256()))
+        _pem_key(public_key, private=False).verify(sig, _pae(env["payloadType"], payload), ec.ECDSA(hashes.SHA256()))
         body = json.loads(payload)
     except (InvalidSignature, ValueError, KeyError, IndexError, TypeError):
         return False

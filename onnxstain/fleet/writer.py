@@ -93,6 +93,17 @@ class Writer:
             os.fsync(self._fd)
             self._folders.add(str(folder))
 
+    def stage_folder(self, near: str | Path) -> Path:
+        """A private folder (0700) in ``near`` for files that must not outlive this writer (``issue`` stages each
+        copy's secret key there before the registry holds it): named after the writer, it goes when the writer
+        closes, or with the writer's temp files when a recovery finds the writer dead."""
+        self._live()
+        f = Path(os.path.abspath(near))
+        self._note_folder(f)
+        folder = Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}w{self.token}-stage-", dir=f))
+        os.chmod(folder, 0o700)
+        return folder
+
     def write_temp(self, folder: str | Path, data: bytes, mode: int | None = None) -> Path:
         """Step 1: ``data`` in a new temp file in ``folder`` (named after this writer, ``fsync``-ed), with the
         given permission bits (default: 0o666 less the umask)."""
