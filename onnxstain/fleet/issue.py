@@ -20,6 +20,7 @@ import re
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -33,6 +34,10 @@ from ..progress import Progress, Silent
 from . import signing
 from .index import IndexEntry
 from .registry import AlreadyIssuedError, Registry
+
+if TYPE_CHECKING:
+    from .._stain.many import Stainer
+    from .writer import Writer
 
 KIND = "stain"
 # a customer name becomes a file name in dist/: letters, digits and . _ - @ + only, not starting with a dot
@@ -141,34 +146,47 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
         setup = time.perf_counter() - start
         with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
             for customer in todo:
-                t0 = time.perf_counter()
-                model_tmp, key_tmp = work / "model.onnx", work / "copy.key"
                 seed = None if seeds is None else next(seeds)
-                result = stainer.stain(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
-                key = load_key(key_tmp)
-                if signing_key is not None:
-                    claim = signing.CopyClaim(f"{customer}.onnx", result.model_sha256, key.commitment,
-                                              stainer.source_sha256, result.bound.log10, f"onnxstain {__version__}")
-                    signing.write_signatures(out / f"{customer}.onnx", signing.model_signature(model_tmp, signing_key),
-                                             signing.statement(claim, signing_key))
-                try:
-                    copy_id = writer.place(
-                        customer=customer, kind=KIND, source_sha256=stainer.source_sha256,
-                        model_path=out / f"{customer}.onnx", data=model_tmp.read_bytes(),
-                        key_bytes=key_tmp.read_bytes(),
-                        key_commitment=key.commitment, bound_log10=result.bound.log10,
-                        index_blob=IndexEntry.of(key, str(source.resolve())).to_bytes())
-                except AlreadyIssuedError:  # another run issued it meanwhile
+                copy = _issue_one(stainer, writer, work, out / f"{customer}.onnx", customer, seed, source,
+                                  signing_key)
+                if copy is None:  # another run issued it meanwhile
                     skipped.append(customer)
                     continue
-                finally:
-                    for f in work.iterdir():
-                        f.unlink()
-                seconds = time.perf_counter() - t0
-                timings = {**result.timings, "place": seconds - result.timings.get("total", 0.0)}
-                issued.append(IssuedCopy(customer, copy_id, out / f"{customer}.onnx", result.model_sha256, seconds,
-                                         timings))
+                issued.append(copy)
                 task.advance()
         notes = stainer.notes
     return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes,
                        wall_seconds=time.perf_counter() - start)
+
+
+def _issue_one(stainer: Stainer, writer: Writer, work: Path, dest: Path, customer: str, seed: int | None, source: Path,
+               signing_key: str | Path | None) -> IssuedCopy | None:
+    """One customer's copy: stain it into the writer's private folder, sign it (if asked), place it with its key
+    in the registry (None: another run holds the customer), and clear the staged files."""
+    t0 = time.perf_counter()
+    model_tmp, key_tmp = work / "model.onnx", work / "copy.key"
+    try:
+        result = stainer.stain(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
+        key = load_key(key_tmp)
+        sign = None
+        if signing_key is not None:
+            claim = signing.CopyClaim(dest.name, result.model_sha256, key.commitment, stainer.source_sha256,
+                                      result.bound.log10, f"onnxstain {__version__}")
+            signatures = (signing.model_signature(model_tmp, signing_key), signing.statement(claim, signing_key))
+
+            def sign() -> None:  # once the customer's pending row is ours: never over another run's files
+                signing.write_signatures(dest, *signatures)
+        try:
+            copy_id = writer.place(customer=customer, kind=KIND, source_sha256=stainer.source_sha256,
+                                   model_path=dest, data=model_tmp.read_bytes(), key_bytes=key_tmp.read_bytes(),
+                                   key_commitment=key.commitment, bound_log10=result.bound.log10,
+                                   index_blob=IndexEntry.of(key, str(source.resolve())).to_bytes(),
+                                   before_rename=sign)
+        except AlreadyIssuedError:
+            return None
+    finally:
+        for f in work.iterdir():
+            f.unlink()
+    seconds = time.perf_counter() - t0
+    timings = {**result.timings, "place": seconds - result.timings.get("total", 0.0)}
+    return IssuedCopy(customer, copy_id, dest, result.model_sha256, seconds, timings)

@@ -14,6 +14,7 @@ import json
 import os
 import sqlite3
 import tempfile
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
@@ -190,12 +191,15 @@ class Writer:
 
     def place(self, *, customer: str, kind: str, source_sha256: str, model_path: str | Path, data: bytes,
               key_bytes: bytes, key_commitment: str, bound_log10: float | None = None,
-              index_blob: bytes | None = None, mode: int | None = None) -> int:
+              index_blob: bytes | None = None, mode: int | None = None,
+              before_rename: Callable[[], None] | None = None) -> int:
         """Issue one copy: the whole protocol (temp file, pending row, rename, commit). Returns its id.
 
         Any failure before the rename removes the temp file and the row; a failure after it (the commit)
         removes the placed file and the row, so an exception always means "not issued". A kill at any point
-        is resolved by the next :meth:`Registry.recover`.
+        is resolved by the next :meth:`Registry.recover`. ``before_rename`` runs once the row is this writer's
+        (no other run can issue the customer now) and before the copy lands: files that must accompany the
+        copy (its signatures) are written there, never over another run's.
         """
         self._live()
         final = Path(os.path.abspath(model_path))
@@ -209,6 +213,8 @@ class Writer:
             _remove(temp)
             raise
         try:
+            if before_rename is not None:
+                before_rename()
             os.replace(temp, final)
         except BaseException:
             with contextlib.suppress(Exception):
