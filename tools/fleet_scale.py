@@ -32,11 +32,13 @@ from onnxstain.fleet.issue import issue  # noqa: E402
 from onnxstain.fleet.registry import Registry  # noqa: E402
 
 
-def grow(db: Path, size: int, rng: np.random.Generator) -> None:
-    """Add synthetic rows until the registry holds ``size`` keys (see the module docstring)."""
+def grow(db: Path, size: int, rng: np.random.Generator, suspect: str) -> None:
+    """Add synthetic rows until the registry holds ``size`` keys (see the module docstring). They copy the other
+    real keys, never the suspect's: for the black box a copy of a key is that key (same trigger, same signature)."""
     with Registry.open(db) as reg:
-        real = [(r, reg.key_bytes(r.id), blob) for r, (_, _, blob) in zip(reg.copies(), reg.index_rows(), strict=True)]
-        have = len(real)
+        have = len(reg.copies())
+        real = [(r, reg.key_bytes(r.id), blob) for r, (_, _, blob) in zip(reg.copies(), reg.index_rows(), strict=True)
+                if r.customer != suspect and not r.customer.startswith("s")]
         with reg.writer() as w:
             dist = Path(real[0][0].model_path).parent / "synthetic"
             dist.mkdir(exist_ok=True)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     black_sizes = {int(s) for s in args.black_box_sizes.split(",") if s}
     for size in sorted(int(s) for s in args.sizes.split(",")):
         t0 = time.perf_counter()
-        grow(db, size, rng)
+        grow(db, size, rng, suspect.customer)
         built = time.perf_counter() - t0
         with Registry.open(db, readonly=True) as reg:
             for black in (False, True) if size in black_sizes else (False,):
