@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ._fs import sync_folder
 from ._onnx.io import default_file_mode
 from .errors import BadInputError
 
@@ -319,7 +320,7 @@ class Artefacts:
                 done.append(s.final)
                 _step()
             for folder in dict.fromkeys(s.final.parent for s in self._staged):
-                _sync_folder(folder)
+                sync_folder(folder)
                 _step()
         except BaseException:
             for f in done:
@@ -347,15 +348,6 @@ class Artefacts:
         for d in self._tmpdirs:
             shutil.rmtree(d, ignore_errors=True)
         self._tmpdirs.clear()
-
-
-def _sync_folder(folder: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @contextlib.contextmanager

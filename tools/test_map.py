@@ -41,6 +41,7 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "fleet._schema": (("test_registry.py",), "schema v1, migrations, foreign and newer files refused"),
     "_onnx.layer_rows": (("test_fleet.py", "test_verify_drift.py"), "identify and verify's weight check read host rows "
                          "by name, renamed, fp16 and int8"),
+    "_fs": (("test_kill_steps.py", "test_registry.py"), "every committed output and registry copy syncs its folder"),
     "cli_support": (("test_bad_input.py", "test_fleet.py"), "every command's errors, printing and option groups"),
 }
 

@@ -38,16 +38,6 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (a kill cannot undo it anyway; a power cut could)."""
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _file_sha256(path: str | Path) -> str | None:
     """The file's SHA-256, or None when it is missing or unreadable."""
     h = hashlib.sha256()

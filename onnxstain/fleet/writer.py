@@ -19,10 +19,11 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
+from .._fs import sync_folder
 from .._version import __version__
 from ..errors import BadInputError, OnnxStainError
 from ._checks import AlreadyIssuedError, _check_customer, _check_kind, _check_sha
-from ._files import TEMP_PREFIX, _default_file_mode, _new_token, _remove, _remove_token_temps, _sync_folder
+from ._files import TEMP_PREFIX, _default_file_mode, _new_token, _remove, _remove_token_temps
 from ._schema import _utc_now
 
 
@@ -222,7 +223,7 @@ class Writer:
             _remove(temp)
             raise
         try:
-            _sync_folder(final.parent)
+            sync_folder(final.parent)
             self.commit(copy_id)
         except BaseException:
             self._undo_placed(copy_id, final)
