@@ -324,6 +324,12 @@ def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str])
                  detail)
 
 
+def black_box_check(key: Key, raw: np.ndarray, n_trig: int) -> Check:
+    """The black-box check on outputs ``raw`` of the key's triggers (``n_trig`` rows) followed by the synthetic
+    controls made from the first (:func:`onnxstain.signature.synthetic_controls`): what an endpoint allows."""
+    return _black_box(key, raw, n_trig, list(SYNTHETIC_CONTROL_NAMES))
+
+
 def screen_triggers(key: Key, raw: np.ndarray) -> tuple[float, bool]:
     """The signature read on the key's triggers alone (rows of ``raw``, as :func:`key_triggers` orders them):
     ``(score / threshold, passed)``. A screen, not a verdict: :func:`verify` adds the controls and the white box

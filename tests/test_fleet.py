@@ -304,6 +304,43 @@ def test_signed_copies(workdir, images, tmp_path):
     assert other is not None and other.model_signature is False and other.statement is False
 
 
+def test_identify_through_an_endpoint(fleet, tmp_path):
+    """tools/serve_model.py serves a copy on 127.0.0.1; identify queries it (black box: the screen, then the
+    signature with the controls made from the trigger, through the endpoint)."""
+    import sys
+    import threading
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import serve_model
+
+    res, _, db = fleet
+    copy = res.issued[2]
+    server = serve_model.make_server(copy.path)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/predict"
+    try:
+        with Registry.open(db, readonly=True) as reg:
+            got = identify(None, reg, endpoint=url)
+            keys = len(reg.copies())
+            with pytest.raises(BadInputError, match="budget"):
+                identify(None, reg, endpoint=url, query_budget=1)
+            with pytest.raises(BadInputError, match="404"):
+                identify(None, reg, endpoint=url.replace("/predict", "/nothing"))
+        # the tiny model's cross-key bounds are near 1: the right key passes, no other, and no one is named
+        assert got.model == url and got.model_sha256 is None and got.basis == "black-box"
+        assert got.best is not None and got.best.customer == copy.customer and got.best.passed
+        assert got.runner_up is not None and not got.runner_up.passed
+        assert got.queries == keys + 4  # one trigger per key, then the passing key's trigger and 3 controls
+        r = CliRunner().invoke(main, ["identify", "--endpoint", url, "--registry", str(db)])
+        assert r.exit_code == 1 and copy.customer in r.output, r.output
+    finally:
+        server.shutdown()
+    with Registry.open(db, readonly=True) as reg, pytest.raises(BadInputError, match="one of them"):
+        identify(copy.path, reg, endpoint=url)
+
+
 def test_cosine_bound_is_the_spherical_cap():
     rng = np.random.default_rng(0)
     m, n = 64, 20000

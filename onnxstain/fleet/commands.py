@@ -96,9 +96,12 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
 
 
 @click.command()
-@click.argument("suspect", type=click.Path(dir_okay=False))
+@click.argument("suspect", type=click.Path(dir_okay=False), required=False)
 @click.option("--registry", "registry_path", required=True, type=click.Path(dir_okay=False),
               help="The registry the copies were issued into.")
+@click.option("--endpoint", help="Query this HTTP inference endpoint instead of a model file (black box; the "
+                                 "protocol: POST a .npy batch of preprocessed inputs, get a .npy of scores; "
+                                 "tools/serve_model.py serves one).")
 @click.option("--original", type=click.Path(dir_okay=False),
               help="The model the copies were issued from (default: where it was at issue time, if unchanged). "
                    "The white box reads hidden stains as the change from it.")
@@ -113,20 +116,24 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
 @signer_key_option
 @provider_option
 @handle_errors
-def identify(suspect: str, registry_path: str, original: str | None, black_box: bool, target: float,
-             query_budget: int | None, json_out: str | None, quiet: bool, signer_key: str | None,
+def identify(suspect: str | None, registry_path: str, endpoint: str | None, original: str | None, black_box: bool,
+             target: float, query_budget: int | None, json_out: str | None, quiet: bool, signer_key: str | None,
              providers: str | None) -> None:
-    """Which customer's copy SUSPECT is. Exit 0: named (with the bound); 1: no customer's stain found."""
+    """Which customer's copy SUSPECT (a model file) or --endpoint is. Exit 0: named (with the bound); 1: no
+    customer's stain found."""
     from ..math.bounds import format_probability
     from .identify import identify as do_identify
     from .registry import Registry
 
-    (OutputPlan().model_input("SUSPECT", suspect).input("--registry", registry_path)
-     .input("--original", original).input("--signer-key", signer_key).output("--json", json_out).check())
+    plan = OutputPlan().input("--registry", registry_path).input("--original", original)
+    if suspect is not None:
+        plan.model_input("SUSPECT", suspect)
+    plan.input("--signer-key", signer_key).output("--json", json_out).check()
     with Registry.open(registry_path, passphrase=registry_passphrase()) as reg:
         res = do_identify(suspect, reg, original=original, black_box=black_box, target=target,
                           providers=providers_list(providers), query_budget=query_budget,
-                          progress=RichProgress(not quiet and sys.stderr.isatty()), signer_key=signer_key)
+                          progress=RichProgress(not quiet and sys.stderr.isatty()), signer_key=signer_key,
+                          endpoint=endpoint)
     if res.named:
         lines = [f"IDENTIFIED ({res.basis}, {res.keys} keys): " + ", ".join(
             f"{m.customer} (copy {m.copy_id}, score {m.score:.3g})" for m in res.named)]

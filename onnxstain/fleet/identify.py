@@ -35,6 +35,7 @@ from ..math import identify as ident
 from ..math.bounds import format_probability
 from ..progress import Progress, Silent
 from .index import IndexEntry
+from .queries import EndpointQueries, ModelQueries, Queries
 from .registry import Registry
 from .signing import check_signatures
 
@@ -58,8 +59,8 @@ class Match:
 
 @dataclasses.dataclass
 class IdentifyResult:
-    model: str
-    model_sha256: str
+    model: str  # the model file, or the endpoint's URL
+    model_sha256: str | None  # None for an endpoint
     basis: str  # "white-box" | "black-box"
     keys: int  # keys scored (the union bound's multiplier)
     target_log10: float
@@ -90,12 +91,20 @@ class IdentifyResult:
         write_bytes_atomic(path, json.dumps(self.to_dict(), indent=2).encode() + b"\n")
 
 
-def identify(suspect: str | Path, registry: Registry, *, original: str | Path | None = None,
+def identify(suspect: str | Path | None, registry: Registry, *, original: str | Path | None = None,
              black_box: bool = False, target: float = ident.DEFAULT_TARGET, providers: list[str] | None = None,
              query_budget: int | None = None, progress: Progress | None = None,
-             signer_key: str | Path | None = None) -> IdentifyResult:
-    """Which registry copy ``suspect`` is (see the module docstring); a signature beside it is reported
+             signer_key: str | Path | None = None, endpoint: str | None = None) -> IdentifyResult:
+    """Which registry copy ``suspect`` (a model file) or ``endpoint`` (an HTTP inference endpoint, black box
+    only: :mod:`onnxstain.fleet.queries`) is (see the module docstring); a signature beside a file is reported
     (checked with ``signer_key``)."""
+    if (suspect is None) == (endpoint is None):
+        raise BadInputError("identify takes a suspect model file or an --endpoint, one of them")
+    if not 0.0 < target < 1.0:
+        raise BadInputError(f"the target bound must be in (0, 1), not {target}")
+    if endpoint is not None:
+        return _identify_endpoint(endpoint, registry, target, query_budget, progress)
+    assert suspect is not None
     res = _identify(suspect, registry, original, black_box, target, providers, query_budget, progress)
     found = check_signatures(suspect, signer_key)
     if found is not None:
@@ -106,21 +115,34 @@ def identify(suspect: str | Path, registry: Registry, *, original: str | Path | 
 
 def _identify(suspect: str | Path, registry: Registry, original: str | Path | None, black_box: bool, target: float,
               providers: list[str] | None, query_budget: int | None, progress: Progress | None) -> IdentifyResult:
-    if not 0.0 < target < 1.0:
-        raise BadInputError(f"the target bound must be in (0, 1), not {target}")
     start = time.perf_counter()
     loaded = load_model(suspect)
-    rows = [(cid, cust, IndexEntry.from_bytes(blob)) for cid, cust, blob in registry.index_rows() if blob]
-    if not rows:
-        raise BadInputError(f"{registry.path} holds no issued stain copies to identify")
+    rows = _rows(registry)
     notes: list[str] = []
     if not black_box:
         white = _white_box(loaded, registry, rows, original, notes)
         if white is not None:
-            return _result(loaded, "white-box", white, target, 0, notes, start)
+            return _result(str(loaded.path), loaded.sha256, "white-box", white, target, 0, notes, start)
         notes.append("white box unavailable (see above): the verdict rests on the black box")
-    scored, queries = _black_box(loaded, registry, rows, providers, query_budget, progress or Silent(), notes)
-    return _result(loaded, "black-box", scored, target, queries, notes, start)
+    scored, queries = _black_box(ModelQueries(loaded, providers), registry, rows, query_budget,
+                                 progress or Silent(), notes)
+    return _result(str(loaded.path), loaded.sha256, "black-box", scored, target, queries, notes, start)
+
+
+def _identify_endpoint(url: str, registry: Registry, target: float, query_budget: int | None,
+                       progress: Progress | None) -> IdentifyResult:
+    start = time.perf_counter()
+    notes = [f"endpoint {url}: black box only (no weights to read)"]
+    scored, queries = _black_box(EndpointQueries(url), registry, _rows(registry), query_budget, progress or Silent(),
+                                 notes)
+    return _result(url, None, "black-box", scored, target, queries, notes, start)
+
+
+def _rows(registry: Registry) -> list[tuple[int, str, IndexEntry]]:
+    rows = [(cid, cust, IndexEntry.from_bytes(blob)) for cid, cust, blob in registry.index_rows() if blob]
+    if not rows:
+        raise BadInputError(f"{registry.path} holds no issued stain copies to identify")
+    return rows
 
 
 # -- white box --------------------------------------------------------------------------------------------
@@ -188,34 +210,28 @@ def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list
 
 
 # -- black box --------------------------------------------------------------------------------------------
-def _black_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
-               providers: list[str] | None, budget: int | None, progress: Progress,
-               notes: list[str]) -> tuple[list[_Evidence], int]:
-    """Screen every key on its own trigger(s), then verify the keys that pass. The bound of a key that passes is
-    the registry-wide cross-key bound (the sum of every key's)."""
-    from ..runtime import image_rows, run_batches, session
-    from ..verify import cross_key_bound, key_triggers, screen_triggers, verify
+def _black_box(suspect: Queries, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
+               budget: int | None, progress: Progress, notes: list[str]) -> tuple[list[_Evidence], int]:
+    """Screen every key on its own trigger(s), then confirm the keys that pass (a model file: ``verify``; an
+    endpoint: the signature again with verify's controls made from the trigger, through the endpoint). The bound
+    of a key that passes is the registry-wide cross-key bound (the sum of every key's)."""
+    from ..verify import cross_key_bound, key_triggers, screen_triggers
 
     keys = [(cid, cust, Key.loaded(json.loads(registry.key_bytes(cid)))) for cid, cust, _ in rows]
     triggers = [key_triggers(k) for _, _, k in keys]
     queries = sum(len(t) for t in triggers)
     if budget is not None and queries > budget:
         raise BadInputError(f"the registry's {len(keys)} keys need {queries} queries; the budget is {budget}")
-    sess = session(loaded.model, providers)
-    out_name = sess.get_outputs()[0].name
     raw: dict[int, np.ndarray] = {}
-    # keys of one model share a preprocessing: one batch per distinct preprocessing
+    # keys of one model share a preprocessing: one batched run per distinct preprocessing
     by_pre: dict[str, list[int]] = {}
     for i, (_, _, k) in enumerate(keys):
         by_pre.setdefault(json.dumps(k.preprocessing.to_dict(), sort_keys=True), []).append(i)
     with progress.task("black box: the keys' triggers", total=queries) as task:
         for members in by_pre.values():
-            pre = keys[members[0]][2].preprocessing
-            batch = np.concatenate([triggers[i] for i in members])
-            names = [k.model.scores for _, _, k in (keys[i] for i in members)]
-            name = names[0] if names[0] in {o.name for o in sess.get_outputs()} else out_name
-            got = image_rows(run_batches(sess, pre.to_input(batch), [name], progress=task.advance)[name], name,
-                             len(batch))
+            key0 = keys[members[0]][2]
+            got = suspect.scores(key0.preprocessing.to_input(np.concatenate([triggers[i] for i in members])),
+                                 key0.model.scores, task.advance)
             at = 0
             for i in members:
                 raw[i] = got[at:at + len(triggers[i])]
@@ -223,11 +239,12 @@ def _black_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
     scored = []
     for i, (cid, cust, k) in enumerate(keys):
         ratio, passed = screen_triggers(k, raw[i])
-        if passed:  # confirm with the full check: controls and the white-box tap where it exists
-            passed = verify(loaded.path, k, providers=providers).stained
+        if passed:
+            passed = suspect.confirm(k)
+            queries += suspect.confirm_queries
             if not passed:
-                notes.append(f"customer {cust!r}: the trigger shows the signature but verify's controls do not "
-                             "confirm it")
+                notes.append(f"customer {cust!r}: the trigger shows the signature but the confirmation (controls, "
+                             "drift, weights) does not")
         scored.append((cid, cust, ratio, cross_key_bound(k).log10, passed))
     total = min(0.0, float(np.log10(sum(10.0 ** s[3] for s in scored))))
     notes.append(f"black box: {queries} queries; registry-wide cross-key bound {format_probability(total)} (the "
@@ -246,7 +263,7 @@ class _Evidence:
     passed: bool | None = None  # black box: its own test; white box (None): the bound decides
 
 
-def _result(loaded: LoadedModel, basis: str, scored: list[_Evidence], target: float, queries: int,
+def _result(model: str, sha256: str | None, basis: str, scored: list[_Evidence], target: float, queries: int,
             notes: list[str], start: float) -> IdentifyResult:
     log10_target = float(np.log10(target))
 
@@ -263,7 +280,7 @@ def _result(loaded: LoadedModel, basis: str, scored: list[_Evidence], target: fl
                      f"{format_probability(shown[0].log10_bound)} is above the target {target:g}: not named")
     best = matches[0] if matches else None
     return IdentifyResult(
-        model=str(loaded.path), model_sha256=loaded.sha256, basis=basis, keys=len(scored), target_log10=log10_target,
+        model=model, model_sha256=sha256, basis=basis, keys=len(scored), target_log10=log10_target,
         named=[m for m in matches if m.named], best=best, runner_up=matches[1] if len(matches) > 1 else None,
         bound_log10=None if best is None else best.log10_bound, queries=queries, notes=notes,
         seconds=time.perf_counter() - start)
