@@ -36,6 +36,7 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "fleet._sealing": (("test_registry.py",), "registries opened with a passphrase: keys sealed, wrong ones refused"),
     "fleet.commands": (("test_fleet.py",), "onnxstain keygen, issue and identify through the CLI"),
     "fleet.writer": (("test_registry.py", "test_fleet.py"), "every copy placed through a registry writer"),
+    "fleet.queries": (("test_fleet.py",), "identify's black box through a model file and an HTTP endpoint"),
     "fleet._checks": (("test_registry.py",), "customer names, hashes, kinds and states refused in one line"),
     "fleet._files": (("test_registry.py",), "temp files, writer locks and the recovery of dead writers"),
     "fleet._schema": (("test_registry.py",), "schema v1, migrations, foreign and newer files refused"),
