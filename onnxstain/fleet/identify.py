@@ -149,6 +149,7 @@ def _rows(registry: Registry) -> list[tuple[int, str, IndexEntry]]:
 def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, str, IndexEntry]],
                original: str | Path | None, notes: list[str]) -> list[_Evidence] | None:
     """The cosine and p-value of every key the weights can be read for; None if none can."""
+    _check_original(original, rows)
     suspect = LayerRows(loaded.model)
     originals: dict[str, LayerRows | None] = {}
     vectors, directions, dims, choices, who = [], [], [], [], []
@@ -186,24 +187,30 @@ def _white_box(loaded: LoadedModel, registry: Registry, rows: list[tuple[int, st
             zip(range(len(who)), who, scores.cos, strict=True)]
 
 
+def _check_original(original: str | Path | None, rows: list[tuple[int, str, IndexEntry]]) -> None:
+    """A given original must be the model some of the registry's copies were issued from."""
+    if original is None:
+        return
+    p = Path(original)
+    if not p.is_file():
+        raise BadInputError(f"{p}: no such original model")
+    sources = {entry.source_sha256 for _, _, entry in rows}
+    if sha256_file(p) not in sources:
+        raise BadInputError(f"{p} is not the model these copies were issued from (SHA-256 "
+                            f"{', '.join(s[:12] + '…' for s in sorted(sources))} expected)")
+
+
 def _original_layers(entry: IndexEntry, original: str | Path | None, notes: list[str]) -> LayerRows | None:
-    """The original the copies were issued from: ``original`` if given (its hash must match), else the path
-    recorded at issue time if the file there still has that hash."""
+    """The original this key's copy was issued from: ``original`` if it is that model (a registry may hold copies
+    of several), else the path recorded at issue time if the file there still has its hash."""
     for path, given in ((original, True), (entry.source_path, False)):
-        if path is None:
+        if path is None or not Path(path).is_file():
             continue
-        p = Path(path)
-        if not p.is_file():
-            if given:
-                raise BadInputError(f"{p}: no such original model")
+        if sha256_file(path) != entry.source_sha256:
+            if not given:
+                notes.append(f"the original recorded at issue time ({path}) has changed; pass --original")
             continue
-        if sha256_file(p) != entry.source_sha256:
-            if given:
-                raise BadInputError(f"{p} is not the model these copies were issued from (SHA-256 "
-                                    f"{entry.source_sha256[:12]}… expected)")
-            notes.append(f"the original recorded at issue time ({p}) has changed; pass --original")
-            continue
-        return LayerRows(load_model(p).model)
+        return LayerRows(load_model(path).model)
     notes.append("the original model is not at hand (--original): hidden (additive) stains are read from the "
                  "black box")
     return None
