@@ -108,6 +108,7 @@ class VerifyResult:
     tolerance: float | None = None  # the white-box tolerance applied (overwritten neurons), else None
     # the model-signing signature and signed statement beside the model, if any (onnxstain.fleet.signing)
     signature: dict[str, Any] | None = None
+    images: int = 0  # the images verify ran through the model (triggers, controls, references)
 
     @property
     def basis(self) -> str:
@@ -140,6 +141,7 @@ class VerifyResult:
             "key_commitment": self.key_commitment,
             "notes": self.notes,
             "signature": self.signature,
+            "images": self.images,
         }
 
     def write_json(self, path: str | Path) -> None:
@@ -254,7 +256,7 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
-        tolerance=tolerance if designed and has_tap else None,
+        tolerance=tolerance if designed and has_tap else None, images=len(x),
     )
 
 
@@ -519,6 +521,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
         stained=all(c.passed for c in checks if c.available), score=score, threshold=0.5, fpr_bound=bound,
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
         key_commitment=key.commitment, notes=notes, kind="lock", tolerance=tolerance if has_tap else None,
+        images=len(batch),
     )
 
 

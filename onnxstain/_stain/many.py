@@ -45,11 +45,6 @@ class Stainer:
         return self._job.loaded.sha256
 
     @property
-    def setup_timings(self) -> dict[str, float]:
-        """The shared work's time (load and calibration), paid once for every key."""
-        return dict(self._job.clock.timings)
-
-    @property
     def notes(self) -> list[str]:
         return list(self._job.notes)
 

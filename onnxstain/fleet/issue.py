@@ -31,9 +31,9 @@ from ..keys import load_key
 from ..outputs import clean_stale
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
-from . import signing
 from .index import IndexEntry
 from .registry import AlreadyIssuedError, Registry
+from .signing import CopyClaim, check_signing_key, model_signature, statement, write_signatures
 
 if TYPE_CHECKING:
     from .._stain.many import Stainer
@@ -125,22 +125,25 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
 
     customers = check_customers(customers)
     if signing_key is not None:
-        signing.check_signing_key(signing_key)
+        check_signing_key(signing_key)
     if options is not None and options.seed is not None:
         raise BadInputError("issued copies take fresh secret seeds; --seed does not apply")
     out = Path(dist)
     if not out.is_dir():
         raise BadInputError(f"output folder {out} does not exist")
     source = Path(model)
+    if not source.is_file():
+        raise BadInputError(f"{source}: no such model file")
     progress = progress or Silent()
-    done = registry.issued_customers(sha256_file(source), KIND) if source.is_file() else set()
+    source_sha = sha256_file(source)
+    done = registry.issued_customers(source_sha, KIND)
     todo = [c for c in customers if c not in done]
     skipped = [c for c in customers if c in done]
     clean_stale(out)
     start = time.perf_counter()
     issued: list[IssuedCopy] = []
     if not todo:
-        return IssueResult(source, sha256_file(source), [], skipped, 0.0, [])
+        return IssueResult(source, source_sha, [], skipped, 0.0, [])
     with Stainer(source, options, preprocessing, images, progress) as stainer, registry.writer() as writer:
         work = writer.stage_folder(registry.path.parent)  # keys never touch dist/; gone with the writer
         setup = time.perf_counter() - start
@@ -170,12 +173,12 @@ def _issue_one(stainer: Stainer, writer: Writer, work: Path, dest: Path, custome
         key = load_key(key_tmp)
         sign = None
         if signing_key is not None:
-            claim = signing.CopyClaim(dest.name, result.model_sha256, key.commitment, stainer.source_sha256,
+            claim = CopyClaim(dest.name, result.model_sha256, key.commitment, stainer.source_sha256,
                                       result.bound.log10, f"onnxstain {__version__}")
-            signatures = (signing.model_signature(model_tmp, signing_key), signing.statement(claim, signing_key))
+            signatures = (model_signature(model_tmp, signing_key), statement(claim, signing_key))
 
             def sign() -> None:  # once the customer's pending row is ours: never over another run's files
-                signing.write_signatures(dest, *signatures)
+                write_signatures(dest, *signatures)
         try:
             copy_id = writer.place(customer=customer, kind=KIND, source_sha256=stainer.source_sha256,
                                    model_path=dest, data=model_tmp.read_bytes(), key_bytes=key_tmp.read_bytes(),

@@ -54,11 +54,11 @@ class ModelQueries:
         return image_rows(run_batches(self.sess, x, [name], progress=advance)[name], name, len(x))
 
     def confirm(self, key: Key) -> bool:
-        from ..verify import key_triggers, verify
+        from ..verify import verify
 
-        # verify runs the triggers, 3 controls made from the first and up to 16 natural photos
-        self.confirm_queries = len(key_triggers(key)) + 3 + 16
-        return verify(self.loaded.path, key, providers=self.providers).stained
+        res = verify(self.loaded.path, key, providers=self.providers)
+        self.confirm_queries = res.images  # its triggers, the controls made from them, the natural photos
+        return res.stained
 
 
 class EndpointQueries:

@@ -166,16 +166,21 @@ class Writer:
         assert copy_id is not None
         return copy_id
 
+    def _own_pending(self, conn: sqlite3.Connection, copy_id: int) -> tuple[str, str | None]:
+        """``(model_path, temp_path)`` of this writer's pending copy ``copy_id``, else a one-line refusal."""
+        row = conn.execute("SELECT model_path, temp_path FROM copies WHERE id = ? AND state = 'pending' AND "
+                           "owner = ?", (copy_id, self.token)).fetchone()
+        if row is None:
+            raise BadInputError(f"copy {copy_id} is not a pending copy of this writer")
+        return row[0], row[1]
+
     def commit(self, copy_id: int) -> None:
         """Step 4: pending → issued (after the rename; refused if the final file is not there)."""
         self._live()
         with self._reg._write() as conn:
-            row = conn.execute("SELECT model_path FROM copies WHERE id = ? AND state = 'pending' AND owner = ?",
-                               (copy_id, self.token)).fetchone()
-            if row is None:
-                raise BadInputError(f"copy {copy_id} is not a pending copy of this writer")
-            if not os.path.isfile(row[0]):
-                raise BadInputError(f"copy {copy_id}: its model file {row[0]} is not in place: not issued")
+            model_path, _ = self._own_pending(conn, copy_id)
+            if not os.path.isfile(model_path):
+                raise BadInputError(f"copy {copy_id}: its model file {model_path} is not in place: not issued")
             conn.execute("UPDATE copies SET state = 'issued', temp_path = NULL, owner = NULL WHERE id = ?",
                          (copy_id,))
 
@@ -183,11 +188,8 @@ class Writer:
         """Delete a pending row of this writer and its temp file (the caller failed before the rename)."""
         self._live()
         with self._reg._write() as conn:
-            row = conn.execute("SELECT temp_path FROM copies WHERE id = ? AND state = 'pending' AND owner = ?",
-                               (copy_id, self.token)).fetchone()
-            if row is None:
-                raise BadInputError(f"copy {copy_id} is not a pending copy of this writer")
-            _remove(row[0])
+            _, temp_path = self._own_pending(conn, copy_id)
+            _remove(temp_path)
             conn.execute("DELETE FROM copies WHERE id = ?", (copy_id,))
 
     def place(self, *, customer: str, kind: str, source_sha256: str, model_path: str | Path, data: bytes,
