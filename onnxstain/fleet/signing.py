@@ -35,8 +35,9 @@ HINT = "pip install 'onnxstain[fleet]'"
 def _model_signing() -> Any:
     try:
         import model_signing
-    except ImportError:
-        raise BadInputError(f"signing needs model-signing: {HINT}") from None
+    except ImportError as e:  # model-signing itself, or a module it imports without declaring it (pyOpenSSL)
+        missing = f" (missing: {e.name})" if e.name and not e.name.startswith("model_signing") else ""
+        raise BadInputError(f"signing needs model-signing{missing}: {HINT}") from None
     return model_signing
 
 
