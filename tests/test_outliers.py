@@ -62,16 +62,23 @@ def test_exposed_after_matches_exposed_on_the_edited_layer():
     w = _layer(3)
     stats = outliers.slice_statistics(w)
     rng = np.random.default_rng(4)
-    for k in rng.choice(len(w), 20, replace=False):
-        for replacement in (w[k] * 1.02, w[k] * 4.0, rng.standard_normal(w.shape[1]) * 0.05):
+    ks = rng.choice(len(w), 20, replace=False)
+    for scale in (1.02, 4.0, None):
+        replacements = w[ks] * scale if scale else rng.standard_normal((len(ks), w.shape[1])) * 0.05
+        expected = []
+        for k, replacement in zip(ks, replacements, strict=True):
             edited = w.copy()
             edited[k] = replacement
-            assert outliers.exposed_after(stats, int(k), replacement) == bool(outliers.exposed(edited)[k])
+            expected.append(bool(outliers.exposed(edited)[k]))
+        assert outliers.exposed_after(stats, ks, replacements).tolist() == expected
+    assert any(expected) and not all(expected)  # random rows: some stand out, some do not
 
 
 def test_exposed_after_on_a_bias_entry():
     b = np.random.default_rng(5).standard_normal(300) * 0.1
     stats = outliers.slice_statistics(b)
-    assert outliers.exposed_after(stats, 10, np.array(-5.0))  # a threshold far below the layer's biases
-    assert not outliers.exposed_after(stats, 10, np.array(np.median(b)))
-    assert outliers.rank_in(np.r_[b, 9.0], 300) == 1
+    # a threshold far below the layer's biases stands out; the median does not; replacing the layer's most
+    # extreme entry by the median hides it (its old value is not counted against it)
+    top = int(np.argmin(b))
+    got = outliers.exposed_after(stats, np.array([10, 10, top]), np.array([-5.0, np.median(b), np.median(b)]))
+    assert got.tolist() == [True, False, False]

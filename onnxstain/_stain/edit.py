@@ -178,12 +178,12 @@ def _hidden_after_edit(stored: tuple[np.ndarray, ...], cands: np.ndarray, kappa:
     """Per candidate: whether its host row ``w + κ v`` and bias ``β − κ v·c``, as stored, stay outside the top
     ``HIDING_FRACTION`` of the layer (the detector's part must not make the row stand out)."""
     rows, b, row_scale, bias_scale = stored
-    row_stats, bias_stats = outliers.slice_statistics(rows), outliers.slice_statistics(b)
-    shift = float(v @ c)
-    return np.array([not outliers.exposed_after(row_stats, int(k), rows[k] + g * v / row_scale[k], HIDING_FRACTION)
-                     and not outliers.exposed_after(bias_stats, int(k), np.array(b[k] - g * shift / bias_scale[k]),
-                                                    HIDING_FRACTION)
-                     for k, g in zip(cands, kappa, strict=True)], bool)
+    g = np.asarray(kappa, np.float64)
+    new_rows = rows[cands] + (g / row_scale[cands])[:, None] * v
+    new_bias = b[cands] - g * float(v @ c) / bias_scale[cands]
+    exposed = outliers.exposed_after(outliers.slice_statistics(rows), cands, new_rows, HIDING_FRACTION)
+    exposed |= outliers.exposed_after(outliers.slice_statistics(b), cands, new_bias, HIDING_FRACTION)
+    return ~exposed
 
 
 def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
@@ -431,6 +431,8 @@ def _int8_note(req: _Request, predicted: np.ndarray, feats: np.ndarray, w_old: n
     """Say so when the edited classifier no longer survives per-tensor int8 (onnxruntime's default): its
     calibration images' top-1 under int8 weights, against the original classifier's under the same rounding."""
     if predicted.ndim != 2 or predicted.shape[1] != w_new.shape[0] or w_new.dtype.kind != "f":
+        return []
+    if np.abs(w_new).max() <= np.abs(w_old).max():  # the same per-tensor scale: every weight rounds on the same grid
         return []
     before = int8_head_agreement(req.nat_scores, req.pooled, w_old)
     after = int8_head_agreement(predicted, feats, w_new)

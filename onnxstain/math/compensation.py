@@ -22,6 +22,8 @@ features with cross-validation stays cheap even when there are more features tha
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+from collections import OrderedDict
 
 import numpy as np
 
@@ -80,10 +82,9 @@ def fit(features: np.ndarray, k: int, ridge: float = RIDGE, target: np.ndarray |
     y = x[:, k] if target is None else np.asarray(target, np.float64).reshape(-1)
     if len(y) != len(x):
         raise ValueError(f"target has {len(y)} values for {len(x)} images")
-    mean = x.mean(axis=0)
-    xc = x - mean
-    a = _DualSolver(xc, ridge).solve(k, y - y.mean())
-    w = xc.T @ a
+    solver, mean = _fold_solver(x, _digest(x), np.ones(len(x), bool), ridge)
+    a = solver.solve(k, y - y.mean())
+    w = solver.xc.T @ a
     w[k] = 0.0
     return Compensation(k, w, float(y.mean() - mean @ w))
 
@@ -123,22 +124,46 @@ def cross_validate(features: np.ndarray, scores: np.ndarray, cols: np.ndarray, c
     gap_cols = cand_cols[order[:, 0]] - cand_cols[order[:, 1]]  # [n, C]: w_k[top] − w_k[runner-up]
     flips = np.zeros(len(cand), dtype=np.int64)
     squares = np.zeros(len(cand))
-    tested = 0
+    tested, digest = 0, _digest(x)
     for f in range(folds):
         train, test = fold_of != f, fold_of == f
         if not test.any() or train.sum() < 2:
             continue
         tested += int(test.sum())
-        mean = x[train].mean(axis=0)
-        xc, xt = x[train] - mean, x[test] - mean
+        solver, mean = _fold_solver(x, digest, train, ridge)
+        xc, xt = solver.xc, x[test] - mean
         y = y_all[train]
-        a = _DualSolver(xc, ridge).solve_each(cand, y - y.mean(axis=0))  # [n_train, C]
+        a = solver.solve_each(cand, y - y.mean(axis=0))  # [n_train, C]
         # prediction on the test fold without feature k: (xt − xt_k ⊗ xc_k) a
         pred = xt @ (xc.T @ a) - xt[:, cand] * np.einsum("ij,ij->j", xc[:, cand], a) + y.mean(axis=0)
         residual = y_all[test] - pred  # [n_test, C]
         squares += np.sum((residual * gap_cols[test]) ** 2, axis=0)
         flips += _flips(scores[test], order[test], residual, cand_cols)
     return CrossValidation(flips, np.sqrt(squares / max(tested, 1)))
+
+
+def _digest(x: np.ndarray) -> bytes:
+    return hashlib.blake2b(np.ascontiguousarray(x).tobytes(), digest_size=16).digest()
+
+
+def _fold_solver(x: np.ndarray, digest: bytes, train: np.ndarray, ridge: float) -> tuple[_DualSolver, np.ndarray]:
+    """The factored Gram matrix of ``x``'s ``train`` rows (centred) and their mean, kept for the next call on
+    the same features (``digest``: of ``x``): every key of a fleet (:class:`onnxstain._stain.many.Stainer`)
+    fits and cross-validates over the same calibration features, and the factorisation is most of the cost."""
+    key = (digest, x.shape, np.packbits(train).tobytes(), ridge)
+    hit = _SOLVERS.get(key)
+    if hit is None:
+        mean = x[train].mean(axis=0)
+        hit = _SOLVERS[key] = (_DualSolver(x[train] - mean, ridge), mean)
+        while len(_SOLVERS) > _SOLVER_CACHE:
+            _SOLVERS.popitem(last=False)
+    else:
+        _SOLVERS.move_to_end(key)
+    return hit
+
+
+_SOLVER_CACHE = 12  # two feature sets: five folds and the whole set each
+_SOLVERS: OrderedDict[tuple, tuple[_DualSolver, np.ndarray]] = OrderedDict()
 
 
 def _flips(scores: np.ndarray, order: np.ndarray, residual: np.ndarray, cand_cols: np.ndarray) -> np.ndarray:

@@ -63,20 +63,21 @@ def exposed(slices: np.ndarray, fraction: float = EXPOSED_FRACTION) -> np.ndarra
     return np.any(np.stack([v <= limit for v in r.values()]), axis=0)
 
 
-def rank_in(values: np.ndarray, index: int) -> int:
-    """Rank (1 = most extreme) of entry ``index`` among ``values`` by robust z-score, ties counted in its favour."""
-    z = robust_z(values)
-    return 1 + int(np.sum(z > z[index]))
+def exposed_after(statistics: dict[str, np.ndarray], indices: np.ndarray, replacements: np.ndarray,
+                  fraction: float = EXPOSED_FRACTION) -> np.ndarray:
+    """Per ``indices[i]``: whether that slice of a layer whose :func:`slice_statistics` are ``statistics`` would
+    be in the top ``fraction`` on any statistic once replaced, alone, by ``replacements[i]`` (a row
+    ``[len(indices), d]``, or one bias entry each ``[len(indices)]``).
 
-
-def exposed_after(statistics: dict[str, np.ndarray], index: int, replacement: np.ndarray,
-                  fraction: float = EXPOSED_FRACTION) -> bool:
-    """Whether slice ``index`` of a layer whose :func:`slice_statistics` are ``statistics`` would be in the top
-    ``fraction`` on any statistic once replaced by ``replacement`` (a row, or a scalar for a bias entry)."""
-    new = slice_statistics(np.asarray(replacement, np.float64).reshape(1, -1))  # a scalar: a bias entry
+    A slice's robust z-score is an increasing function of its statistic (the layer's median and MAD are shared
+    by every slice), so its rank is one plus the number of other slices whose statistic is larger (ties in its
+    favour, as :func:`ranks` breaks them at worst): a sorted search per statistic, for every candidate at once."""
+    idx = np.asarray(indices, np.int64).reshape(-1)
+    new = slice_statistics(np.asarray(replacements, np.float64).reshape(len(idx), -1))
+    hit = np.zeros(len(idx), bool)
     for name, values in statistics.items():
-        v = np.array(values, np.float64, copy=True)
-        v[index] = new[name][0]
-        if rank_in(v, index) <= exposed_count(len(v), fraction):
-            return True
-    return False
+        v = np.asarray(values, np.float64)
+        larger = len(v) - np.searchsorted(np.sort(v), new[name], side="right")
+        larger -= v[idx] > new[name]  # the replaced slice's old value is not among the others
+        hit |= 1 + larger <= exposed_count(len(v), fraction)
+    return hit
