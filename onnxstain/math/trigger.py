@@ -98,7 +98,7 @@ def ascend(
         radii = r.detach()[0].numpy().astype(np.float64)
         history.append((smin, float(radii.max())))
         improved = best is None or _improves(best[0], best[2], smin, radii, score_target)
-        if improved:
+        if improved or best is None:
             best = (smin, x.detach().clone(), radii)
         if progress is not None:
             progress(step, smin)
