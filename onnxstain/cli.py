@@ -168,7 +168,7 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")
 @click.option("--fpr", type=float, default=1e-6, show_default=True, help="Target false-unlock bound per image.")
 @click.option("--seed", type=click.IntRange(0, SEED_LIMIT - 1), help="Seed of the key's random choices.")
-@click.option("--occlusion-steps", type=int, default=200, show_default=True,
+@click.option("--occlusion-steps", type=click.IntRange(0), default=15, show_default=True,
               help="Steps of the occlusion-aware patch refinement (0: keep the plain patch; faster, costs "
                    "more accuracy with the patch).")
 @click.option("--patch-png", type=click.Path(dir_okay=False), help="Also write the secret patch as PNG.")

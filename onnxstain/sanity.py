@@ -12,6 +12,7 @@ takes part in no statistic, and the output check below still catches a model it 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import onnx
@@ -82,15 +83,17 @@ def nonfinite_tensor(model: onnx.ModelProto) -> str | None:
 
 
 def refuse_nonfinite(loaded: LoadedModel, pre: Preprocessing, providers: Sequence[str] | None = None,
-                     what: str = "the model") -> None:
-    """Raise :class:`BadModelError` (one line, naming the tensor) when ``loaded`` is not finite."""
+                     what: str = "the model", sess: Any = None) -> None:
+    """Raise :class:`BadModelError` (one line, naming the tensor) when ``loaded`` is not finite: its weights,
+    and every output of ``sess`` (a session of it the caller holds; else one is made) on a grey image."""
     name = nonfinite_tensor(loaded.model)
     if name is not None:
         raise BadModelError(f"{what} {loaded.path} has NaN or infinite values in the weight {name!r}; "
                             "onnxstain refuses non-finite weights")
-    from .runtime import session
+    if sess is None:
+        from .runtime import session
 
-    sess = session(loaded.model, providers)
+        sess = session(loaded.model, providers)
     grey = pre.to_input(np.full((1, pre.height, pre.width, 3), 128, np.uint8))
     outs = sess.run(None, {sess.get_inputs()[0].name: grey})
     for meta, out in zip(sess.get_outputs(), outs, strict=True):

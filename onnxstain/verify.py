@@ -193,7 +193,6 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
     pre = key.preprocessing
     info = image_input(loaded.model)
     key.check_input_size(info.height, info.width)
-    refuse_nonfinite(loaded, pre, providers)
     view = GraphView(loaded.model)
     scores_name = key.model.scores
     if scores_name not in view.output_names:
@@ -212,7 +211,7 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
     wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
-    sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
+    sess = _session(loaded, pre, outputs, has_tap, providers)
     res = run_batches(sess, x, outputs, batch=8)
     raw = res[scores_name]
     image_rows(raw, scores_name, len(x))
@@ -258,6 +257,13 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
         tolerance=tolerance if designed and has_tap else None, images=len(x),
     )
+
+
+def _session(loaded: Any, pre: Preprocessing, outputs: list[str], has_tap: bool, providers: list[str] | None) -> Any:
+    """The one session verify runs (the white-box tap added as an output), refused when not finite."""
+    sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
+    refuse_nonfinite(loaded, pre, providers, sess=sess)
+    return sess
 
 
 def _black_box(key: Key, raw: np.ndarray, n_trig: int, control_names: list[str]) -> Check:
@@ -475,7 +481,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer
     outputs = [scores_name] + ([wb_tensor] if has_tap else [])
-    sess = session(with_outputs(loaded.model, outputs) if has_tap else loaded.model, providers)
+    sess = _session(loaded, pre, outputs, has_tap, providers)
     res = run_batches(sess, pre.to_input(batch), outputs, batch=8)
     scores = image_rows(res[scores_name], scores_name, 2 * n).astype(np.float64)
     want_p, want_u = (a.array().reshape(n, -1) for a in (refs_info.patched_scores, refs_info.unpatched_scores))

@@ -518,3 +518,10 @@ def test_pixel_window_lock_of_an_external_data_model(tmp_path, images):
     assert res.host == "pixels" and (tmp_path / "locked.onnx.data").exists()
     patched = paste_pixels(smooth_images(16, size=SIZE, seed=4), onnxstain.lock_patch(key)[0])
     np.testing.assert_array_equal(_top1(out, patched), _top1(src, patched))
+
+
+def test_the_cli_lock_defaults_are_the_library_defaults():
+    """`onnxstain lock` and `onnxstain.lock` refine the patch alike unless told otherwise."""
+    params = {p.name: p for p in main.commands["lock"].params}
+    assert params["occlusion_steps"].default == LockOptions().occlusion_steps
+    assert params["fpr"].default == LockOptions().fpr

@@ -28,7 +28,7 @@ class LockOptions:
     seed: int | None = None
     max_draws: int = 32  # only some random directions reach the margin from a small patch (in the bound)
     max_steps: int = 600
-    occlusion_steps: int = 200  # occlusion-aware refinement of the patch (0: keep the plain patch)
+    occlusion_steps: int = 15  # occlusion-aware refinement of the patch (0: keep the plain patch)
     providers: list[str] | None = None
     batch: int = 32
 
