@@ -24,7 +24,7 @@ from ..outputs import Artefacts, job_plan, write_unit
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
 from ..sanity import refuse_nonfinite
-from ..seeds import check_seed, fresh_seed
+from ..seeds import check_seed, draw_seed
 from .types import LockOptions, LockResult
 
 
@@ -51,6 +51,16 @@ class LockJob:
     notes: list[str] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def for_key(self, output: Path, key_path: Path, record: Path, seed: int | None,
+                artefacts: Artefacts | None = None, t0: float | None = None) -> LockJob:
+        """This model's job for one key: its outputs, its seed (``None``: fresh entropy) and generator, its own
+        notes (the model's so far, calibration's included) and timings. The loaded model and its graph view are
+        shared: no stage edits them (the edit passes work on a copy)."""
+        seed = draw_seed(seed)
+        return dataclasses.replace(self, output=output, key_path=key_path, record=record, artefacts=artefacts,
+                                   seed=seed, rng=np.random.default_rng(seed), notes=list(self.notes), timings={},
+                                   t0=time.perf_counter() if t0 is None else t0)
+
 
 class LockStages(Protocol):
     """One kind of lock: its stages, run in order by :func:`run_stages`, and the result they add up to."""
@@ -72,6 +82,15 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     out_path, key = Path(output), Path(key_path)
     record = Path(record_path) if record_path else public_record_path(key)
     job_plan(model, out_path, key, record).check()
+    job = load_job(model, opts, preprocessing, images, prog)
+    return job.for_key(out_path, key, record, opts.seed, artefacts, t0)
+
+
+def load_job(model: str | Path, opts: LockOptions, preprocessing: Preprocessing | PreprocessingRequest | None,
+             images: str | Path | np.ndarray | None, prog: Progress) -> LockJob:
+    """The model's part of :func:`prepare`, for any number of keys (:meth:`LockJob.for_key` gives each its
+    outputs and seed)."""
+    t0 = time.perf_counter()
     loaded = load_model(model)
     check_options(opts)
     pre, pre_notes = settle_preprocessing(loaded.model, loaded.path, preprocessing)
@@ -82,10 +101,10 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     dense = find_dense_output(view) if head is None else None
     if head is None and dense is None:
         raise UnsupportedModelError(head_mod.no_head_message(view, "whose scores the lock disrupts"))
-    seed = opts.seed if opts.seed is not None else fresh_seed()
-    return LockJob(loaded=loaded, view=view, pre=pre, opts=opts, output=out_path, key_path=key, record=record,
-                   images=images, prog=prog, artefacts=artefacts, head=head, dense=dense, seed=seed,
-                   rng=np.random.default_rng(seed), t0=t0, notes=list(pre_notes))
+    unset = Path()  # a model's job has no outputs until for_key gives it a key's
+    return LockJob(loaded=loaded, view=view, pre=pre, opts=opts, output=unset, key_path=unset, record=unset,
+                   images=images, prog=prog, artefacts=None, head=head, dense=dense, seed=0,
+                   rng=np.random.default_rng(0), t0=t0, notes=list(pre_notes))
 
 
 def check_options(opts: LockOptions) -> None:
@@ -115,11 +134,13 @@ def refuse_half_precision(view: GraphView) -> None:
             "the lock's weights breaks); lock the float32 model")
 
 
-def run_stages(job: LockJob, stages: LockStages) -> LockResult:
-    """Run the stages in order, timing each (``load`` is everything before: preparing and choosing the site)."""
+def run_stages(job: LockJob, stages: LockStages, calibrated: bool = False) -> LockResult:
+    """Run the stages in order, timing each (``load`` is everything before: preparing and choosing the site).
+    ``calibrated``: the stages hold a calibration already (:class:`onnxstain._lock.many.Locker`'s, one per model)."""
     job.timings["load"] = time.perf_counter() - job.t0
-    for name, stage in (("calibration", stages.calibrate), ("patch_search", stages.search), ("edit", stages.edit),
-                        ("checks", stages.check), ("save", stages.write)):
+    todo = [("calibration", stages.calibrate)] if not calibrated else []
+    for name, stage in [*todo, ("patch_search", stages.search), ("edit", stages.edit), ("checks", stages.check),
+                        ("save", stages.write)]:
         t = time.perf_counter()
         stage()
         job.timings[name] = time.perf_counter() - t

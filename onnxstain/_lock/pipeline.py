@@ -23,6 +23,7 @@ classifier's or detector's lock (:class:`ClassifierLock`, here) or a dense-outpu
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +100,13 @@ class ClassifierLock:
 
     def calibrate(self) -> None:
         self.cal = calibrate_classifier(self.job, self.site, self.features)
+
+    def for_key(self, job: LockJob) -> ClassifierLock:
+        """These stages for another key's job of the same model: the site and the calibration shared (the later
+        stages read them and never change them), everything after them the key's own."""
+        stages = copy.copy(self)
+        stages.job = job
+        return stages
 
     def search(self) -> None:
         self.found = search_classifier(self.job, self.site, self.cal)

@@ -36,7 +36,12 @@ from .registry_cli import registry_passphrase
                    "encrypted at rest when ONNXSTAIN_REGISTRY_PASSPHRASE is set.")
 @click.option("--images", type=click.Path(file_okay=False),
               help="Calibration images folder (default: the built-in natural photo set).")
-@click.option("--fpr", type=float, default=1e-9, show_default=True, help="Target false-positive bound per image.")
+@click.option("--lock", "lock_copies", is_flag=True,
+              help="Issue locked copies instead: <customer>.locked.onnx, useless without the customer's own patch, "
+                   "beside <customer>.locked.key (the customer's key: `onnxstain apply-patch` pastes its patch).")
+@click.option("--fpr", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
+              help="Target false-positive (stains) or false-unlock (locks) bound per image.  [default: 1e-09 for "
+                   "stains, 1e-06 for locks]")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Parallel workers, each with its share of the cores (Ray when installed, else local processes).")
 @click.option("--ray-address", help="Join this Ray cluster (its workers must see the model, the output folder and "
@@ -48,13 +53,14 @@ from .registry_cli import registry_passphrase
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @provider_option
 @handle_errors
-def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, fpr: float,
-          workers: int, ray_address: str | None, signing_key: str | None, json_out: str | None, quiet: bool,
-          providers: str | None) -> None:
-    """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each).
+def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, lock_copies: bool,
+          fpr: float | None, workers: int, ray_address: str | None, signing_key: str | None, json_out: str | None,
+          quiet: bool, providers: str | None) -> None:
+    """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each), or with
+    --lock one locked copy each (the default gate lock, a patch of its own each).
 
     Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
-    from ..api import StainOptions
+    from ..api import LockOptions, StainOptions
     from .issue import issue as do_issue
     from .issue import read_customers
     from .registry import Registry
@@ -63,7 +69,8 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
      .input("--signing-key", signing_key).output("--json", json_out).check())
     names = read_customers(customers)
     Path(dist).mkdir(parents=True, exist_ok=True)
-    opts = StainOptions(fpr=fpr, providers=providers_list(providers))
+    kind = LockOptions if lock_copies else StainOptions
+    opts = kind(fpr=kind.fpr if fpr is None else fpr, providers=providers_list(providers))
     progress = RichProgress(not quiet and sys.stderr.isatty())
     if workers > 1 or ray_address:
         from .workers import issue_parallel

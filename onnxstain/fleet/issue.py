@@ -1,12 +1,15 @@
-"""Issue one stained copy of a model per customer into a folder and a registry.
+"""Issue one stained (or locked) copy of a model per customer into a folder and a registry.
 
-The model is loaded and calibrated once (:class:`onnxstain._stain.many.Stainer`); each customer's copy then
-costs only its own key's work — a secret seed of 63 fresh bits, the trigger search, the edit, the checks
-on the stained model — and its placement: the model goes into ``dist/`` and its key into the registry in one
-protocol (:meth:`onnxstain.fleet.registry.Writer.place`), so a kill leaves every registered copy in place and
-no copy unregistered. Keys never touch ``dist/`` (it ships): each is staged in the registry writer's private
+The model is loaded and calibrated once (:class:`onnxstain._stain.many.Stainer`, or
+:class:`onnxstain._lock.many.Locker` for locked copies); each customer's copy then costs only its own key's
+work — a secret seed of 53 fresh bits, the trigger (patch) search, the edit, the checks on the copy — and its
+placement: the model goes into ``dist/`` and its key into the registry in one protocol
+(:meth:`onnxstain.fleet.registry.Writer.place`), so a kill leaves every registered copy in place and no copy
+unregistered. Stain keys never touch ``dist/`` (it ships): each is staged in the registry writer's private
 folder beside the registry (:meth:`onnxstain.fleet.registry.Writer.stage_folder`: removed when the writer
-closes, or by the recovery that finds it dead) and removed once the registry holds it.
+closes, or by the recovery that finds it dead) and removed once the registry holds it. A locked copy ships
+with its customer's own lock key (``<customer>.locked.key``: the patch the customer pastes with
+``onnxstain apply-patch``), written once the customer's pending row is the run's; the registry keeps a copy.
 
 A run is resumable: customers that already have a live copy of this model are skipped, so re-running after a
 kill issues only the rest.
@@ -18,13 +21,15 @@ import csv
 import dataclasses
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._stain.result import StainOptions
+from .._lock.types import LockOptions, LockResult
+from .._onnx.io import write_bytes_atomic
+from .._stain.result import StainOptions, StainResult
 from .._version import __version__
 from ..errors import BadInputError
 from ..keys import load_key
@@ -36,10 +41,8 @@ from .registry import AlreadyIssuedError, Registry
 from .signing import CopyClaim, check_signing_key, model_signature, statement, write_signatures
 
 if TYPE_CHECKING:
-    from .._stain.many import Stainer
     from .writer import Writer
 
-KIND = "stain"
 # a customer name becomes a file name in dist/: letters, digits and . _ - @ + only, not starting with a dot
 _FILE_SAFE = re.compile(r"[A-Za-z0-9_@+\-][A-Za-z0-9._@+\-]{0,199}")
 
@@ -110,16 +113,35 @@ def check_customers(names: Sequence[str], where: str = "the customer list") -> l
     return list(names)
 
 
+def copy_kind(options: StainOptions | LockOptions | None) -> str:
+    """The registry's kind of the copies ``options`` make: ``"lock"`` for :class:`LockOptions`, else ``"stain"``."""
+    return "lock" if isinstance(options, LockOptions) else "stain"
+
+
+def copy_path(dist: str | Path, customer: str, kind: str) -> Path:
+    """Where a customer's copy lands: ``<customer>.onnx`` (stained), ``<customer>.locked.onnx`` (locked: a
+    customer may hold both, and the two never share a file)."""
+    return Path(dist) / (f"{customer}.locked.onnx" if kind == "lock" else f"{customer}.onnx")
+
+
+def customer_key_path(copy: Path) -> Path:
+    """A locked copy's key for its customer, beside it: ``<customer>.locked.key``."""
+    return copy.with_suffix(".key")
+
+
 def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registry: Registry, *,
-          options: StainOptions | None = None, preprocessing: Preprocessing | PreprocessingRequest | None = None,
+          options: StainOptions | LockOptions | None = None,
+          preprocessing: Preprocessing | PreprocessingRequest | None = None,
           images: str | Path | np.ndarray | None = None, progress: Progress | None = None,
           seeds: Iterator[int] | None = None, signing_key: str | Path | None = None) -> IssueResult:
-    """One stained copy of ``model`` per customer not yet issued, as ``dist/<customer>.onnx``.
+    """One stained copy of ``model`` per customer not yet issued, as ``dist/<customer>.onnx``; with
+    :class:`LockOptions`, one locked copy each, as ``dist/<customer>.locked.onnx`` beside its customer's lock key.
 
     ``seeds`` (tests and benchmarks only: a copy's seed is its secret) gives each copy's seed in turn; by
     default each is 53 fresh bits from the operating system. ``signing_key`` (a P-256 PEM private key): each copy
     is signed with model-signing and gets a signed in-toto statement of its key commitment
     (:mod:`onnxstain.fleet.signing`), written before the copy lands."""
+    from .._lock.many import Locker
     from .._onnx.io import sha256_file
     from .._stain.many import Stainer
 
@@ -135,8 +157,9 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     if not source.is_file():
         raise BadInputError(f"{source}: no such model file")
     progress = progress or Silent()
+    kind = copy_kind(options)
     source_sha = sha256_file(source)
-    done = registry.issued_customers(source_sha, KIND)
+    done = registry.issued_customers(source_sha, kind)
     todo = [c for c in customers if c not in done]
     skipped = [c for c in customers if c in done]
     clean_stale(out)
@@ -144,47 +167,66 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     issued: list[IssuedCopy] = []
     if not todo:
         return IssueResult(source, source_sha, [], skipped, 0.0, [])
-    with Stainer(source, options, preprocessing, images, progress) as stainer, registry.writer() as writer:
+    maker = (Locker(source, options, preprocessing, images, progress) if isinstance(options, LockOptions)
+             else Stainer(source, options, preprocessing, images, progress))
+    with maker, registry.writer() as writer:
         work = writer.stage_folder(registry.path.parent)  # keys never touch dist/; gone with the writer
         setup = time.perf_counter() - start
+        make = maker.lock if isinstance(maker, Locker) else maker.stain
         with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
             for customer in todo:
                 seed = None if seeds is None else next(seeds)
-                copy = _issue_one(stainer, writer, work, out / f"{customer}.onnx", customer, seed, source,
-                                  signing_key)
+                copy = _issue_one(_Copy(make, maker.source_sha256, kind, source), writer, work,
+                                  copy_path(out, customer, kind), customer, seed, signing_key)
                 if copy is None:  # another run issued it meanwhile
                     skipped.append(customer)
                     continue
                 issued.append(copy)
                 task.advance()
-        notes = stainer.notes
-    return IssueResult(source, stainer.source_sha256, issued, skipped, setup, notes,
+        notes = maker.notes
+    return IssueResult(source, maker.source_sha256, issued, skipped, setup, notes,
                        wall_seconds=time.perf_counter() - start)
 
 
-def _issue_one(stainer: Stainer, writer: Writer, work: Path, dest: Path, customer: str, seed: int | None, source: Path,
+@dataclasses.dataclass(frozen=True)
+class _Copy:
+    """How this run makes a copy: ``make(output, key, record, seed=...)`` (a Stainer's or a Locker's), of which
+    source, and what kind of copy it is."""
+
+    make: Callable[..., StainResult | LockResult]
+    source_sha256: str
+    kind: str
+    source: Path
+
+
+def _issue_one(how: _Copy, writer: Writer, work: Path, dest: Path, customer: str, seed: int | None,
                signing_key: str | Path | None) -> IssuedCopy | None:
-    """One customer's copy: stain it into the writer's private folder, sign it (if asked), place it with its key
-    in the registry (None: another run holds the customer), and clear the staged files."""
+    """One customer's copy: make it in the writer's private folder, sign it (if asked), place it with its key
+    in the registry (None: another run holds the customer), and clear the staged files. A locked copy's key
+    goes beside it for its customer, written with the signatures once the customer's pending row is the run's."""
     t0 = time.perf_counter()
     model_tmp, key_tmp = work / "model.onnx", work / "copy.key"
     try:
-        result = stainer.stain(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
+        result = how.make(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
         key = load_key(key_tmp)
-        sign = None
+        key_bytes = key_tmp.read_bytes()
+        signatures = None
         if signing_key is not None:
-            claim = CopyClaim(dest.name, result.model_sha256, key.commitment, stainer.source_sha256,
-                                      result.bound.log10, f"onnxstain {__version__}")
+            claim = CopyClaim(dest.name, result.model_sha256, key.commitment, how.source_sha256,
+                              result.bound.log10, f"onnxstain {__version__}")
             signatures = (model_signature(model_tmp, signing_key), statement(claim, signing_key))
 
-            def sign() -> None:  # once the customer's pending row is ours: never over another run's files
+        def beside() -> None:  # once the customer's pending row is ours: never over another run's files
+            if how.kind == "lock":
+                write_bytes_atomic(customer_key_path(dest), key_bytes, mode=0o600)
+            if signatures is not None:
                 write_signatures(dest, *signatures)
+        index = IndexEntry.of(key, str(how.source.resolve())).to_bytes() if how.kind == "stain" else None
         try:
-            copy_id = writer.place(customer=customer, kind=KIND, source_sha256=stainer.source_sha256,
-                                   model_path=dest, data=model_tmp.read_bytes(), key_bytes=key_tmp.read_bytes(),
+            copy_id = writer.place(customer=customer, kind=how.kind, source_sha256=how.source_sha256,
+                                   model_path=dest, data=model_tmp.read_bytes(), key_bytes=key_bytes,
                                    key_commitment=key.commitment, bound_log10=result.bound.log10,
-                                   index_blob=IndexEntry.of(key, str(source.resolve())).to_bytes(),
-                                   before_rename=sign)
+                                   index_blob=index, before_rename=beside)
         except AlreadyIssuedError:
             return None
     finally:

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .._lock.types import LockOptions
 from .._stain.result import StainOptions
 from ..errors import BadInputError
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
-from .issue import KIND, IssueResult, check_customers, issue
+from .issue import IssueResult, check_customers, copy_kind, issue
 from .registry import Registry
 
 POLL_S = 0.5
@@ -38,7 +39,7 @@ class Share:
     dist: str
     registry: str
     passphrase: str | None
-    options: StainOptions | None
+    options: StainOptions | LockOptions | None
     preprocessing: Preprocessing | PreprocessingRequest | None
     images: str | None
     seeds: list[int] | None
@@ -63,7 +64,7 @@ def issue_share(share: Share) -> IssueResult:
 def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path, registry_path: str | Path, *,
                    workers: int, passphrase: str | None = None, ray_address: str | None = None,
                    backend: str = "auto",
-                   options: StainOptions | None = None,
+                   options: StainOptions | LockOptions | None = None,
                    preprocessing: Preprocessing | PreprocessingRequest | None = None, images: str | Path | None = None,
                    progress: Progress | None = None, seeds: Sequence[int] | None = None,
                    signing_key: str | Path | None = None) -> IssueResult:
@@ -85,7 +86,7 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
     sha = sha256_file(source)
     start = time.perf_counter()
     with Registry.open(registry_path, create=True, passphrase=passphrase) as reg:
-        done = reg.issued_customers(sha, KIND)
+        done = reg.issued_customers(sha, copy_kind(options))
     todo = [c for c in customers if c not in done]
     seed_of = dict(zip(customers, seeds, strict=False)) if seeds is not None else None
     n = max(1, min(workers, len(todo)))
@@ -96,7 +97,8 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
                     None if seed_of is None else [seed_of[c] for c in part], threads,
                     None if signing_key is None else str(signing_key)) for part in parts if part]
     ray = None if backend == "processes" else _ray(ray_address, required=backend == "ray")
-    results = _run(shares, ray, ray_address, registry_path, passphrase, sha, todo, progress or Silent())
+    results = _run(shares, ray, ray_address, registry_path, passphrase, sha, copy_kind(options), todo,
+                   progress or Silent())
     skipped = [c for c in customers if c in done] + [c for r in results for c in r.skipped]
     issued = [c for r in results for c in r.issued]
     return IssueResult(source, sha, issued, skipped, max((r.setup_seconds for r in results), default=0.0),
@@ -105,7 +107,7 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
 
 
 def _run(shares: list[Share], ray: Any, ray_address: str | None, registry_path: str | Path,
-         passphrase: str | None, sha: str, todo: list[str], progress: Progress) -> list[IssueResult]:
+         passphrase: str | None, sha: str, kind: str, todo: list[str], progress: Progress) -> list[IssueResult]:
     if not shares:
         return []
     with progress.task(f"issuing {len(todo)} copies ({len(shares)} workers)", total=len(todo)) as task:
@@ -117,7 +119,7 @@ def _run(shares: list[Share], ray: Any, ray_address: str | None, registry_path: 
                 remote = ray.remote(num_cpus=shares[0].threads)(issue_share)
                 refs = [remote.remote(s) for s in shares]
                 _follow(lambda: len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) == len(refs),
-                        registry_path, passphrase, sha, todo, task)
+                        registry_path, passphrase, sha, kind, todo, task)
                 return list(ray.get(refs))
             finally:
                 if started:
@@ -125,7 +127,7 @@ def _run(shares: list[Share], ray: Any, ray_address: str | None, registry_path: 
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no torch or onnxruntime state forked
         with concurrent.futures.ProcessPoolExecutor(max_workers=len(shares), mp_context=ctx) as pool:
             futures = [pool.submit(issue_share, s) for s in shares]
-            _follow(lambda: all(f.done() for f in futures), registry_path, passphrase, sha, todo, task)
+            _follow(lambda: all(f.done() for f in futures), registry_path, passphrase, sha, kind, todo, task)
             return [f.result() for f in futures]
 
 
@@ -140,14 +142,14 @@ def _ray(address: str | None, required: bool) -> Any:
     return ray
 
 
-def _follow(finished: Any, registry_path: str | Path, passphrase: str | None, sha: str, todo: list[str],
+def _follow(finished: Any, registry_path: str | Path, passphrase: str | None, sha: str, kind: str, todo: list[str],
             task: Any) -> None:
     """Advance the progress bar as copies are committed, until ``finished()``."""
     wanted, shown = set(todo), 0
     with Registry.open(registry_path, readonly=True, passphrase=passphrase) as reg:
         while True:
             done = finished()
-            count = len(reg.issued_customers(sha, KIND) & wanted)
+            count = len(reg.issued_customers(sha, kind) & wanted)
             if count > shown:
                 task.advance(count - shown)
                 shown = count

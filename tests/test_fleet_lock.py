@@ -1,0 +1,130 @@
+"""Locked copies per customer (`onnxstain issue --lock`): one model loaded and calibrated once, a patch of its own
+for each customer, the customer's lock key beside its copy, on a tiny lockable classifier."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from tinymodels import smooth_images, tiny_lockable, write_images
+
+import onnxstain
+from onnxstain import LockOptions, Preprocessing, StainOptions
+from onnxstain._lock.many import Locker
+from onnxstain.cli import main
+from onnxstain.fleet.issue import copy_path, customer_key_path, issue
+from onnxstain.fleet.registry import Registry
+from onnxstain.keys import load_key
+from onnxstain.runtime import session
+
+SIZE = 48
+PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
+FPR = 1e-3  # a loose target keeps the tiny model's searches short
+CUSTOMERS = ["acme", "globex"]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("fleet-lock")
+    onnx.save(tiny_lockable(), d / "model.onnx")
+    PRE.save(d / "model.preprocessing.json")
+    return d
+
+
+@pytest.fixture(scope="module")
+def images():
+    return smooth_images(256, size=SIZE, seed=1)
+
+
+def _opts(**kw):
+    return LockOptions(fpr=FPR, occlusion_steps=5, **kw)
+
+
+def test_a_locker_key_is_the_lock_of_that_seed(workdir, images):
+    """Calibrating once changes nothing: a Locker's copy is onnxstain.lock's, byte for byte, and each copy opens
+    with its own patch only."""
+    single = onnxstain.lock(workdir / "model.onnx", workdir / "s.onnx", workdir / "s.key", images=images,
+                            options=_opts(seed=3))
+    with Locker(workdir / "model.onnx", _opts(), images=images) as locker:
+        other = locker.lock(workdir / "m1.onnx", workdir / "m1.key", seed=9)
+        again = locker.lock(workdir / "m3.onnx", workdir / "m3.key", seed=3)
+    assert again.model_sha256 == single.model_sha256 and other.model_sha256 != single.model_sha256
+    assert "calibration" not in again.timings and again.timings["patch_search"] > 0
+    assert onnxstain.verify(workdir / "m3.onnx", workdir / "s.key").stained
+    assert onnxstain.verify(workdir / "m1.onnx", workdir / "m1.key").stained
+    assert not onnxstain.verify(workdir / "m1.onnx", workdir / "s.key").stained  # another customer's patch
+
+
+@pytest.fixture(scope="module")
+def locked_fleet(workdir, images):
+    dist = workdir / "dist"
+    dist.mkdir()
+    with Registry.open(workdir / "fleet.db", create=True) as reg:
+        res = issue(workdir / "model.onnx", CUSTOMERS, dist, reg, images=images, options=_opts(),
+                    seeds=iter(range(20, 40)))
+    return res, dist, workdir / "fleet.db"
+
+
+def test_issue_lock_ships_each_customer_a_locked_copy_and_its_own_key(locked_fleet, workdir, images):
+    res, dist, db = locked_fleet
+    assert [c.customer for c in res.issued] == CUSTOMERS
+    assert sorted(p.name for p in dist.iterdir()) == ["acme.locked.key", "acme.locked.onnx",
+                                                      "globex.locked.key", "globex.locked.onnx"]
+    keys = {c: customer_key_path(copy_path(dist, c, "lock")) for c in CUSTOMERS}
+    assert all(oct(k.stat().st_mode & 0o777) == "0o600" for k in keys.values())
+    with Registry.open(db) as reg:
+        rows = {r.customer: r for r in reg.copies()}
+        assert {r.kind for r in rows.values()} == {"lock"}
+        # the registry keeps the same key the customer got; no identification index for a lock
+        for c in CUSTOMERS:
+            assert reg.key_bytes(rows[c].id) == keys[c].read_bytes()
+        assert reg.index_rows() == [(rows[c].id, c, None) for c in CUSTOMERS]
+    for c in CUSTOMERS:
+        copy, own = copy_path(dist, c, "lock"), keys[c]
+        assert load_key(own).kind == "lock"
+        assert onnxstain.verify(copy, own).stained
+        other = keys["globex" if c == "acme" else "acme"]
+        assert not onnxstain.verify(copy, other).stained
+        # useless without the patch, the original's outputs with it
+        x = PRE.to_input(images[:32])
+        sess_l, sess_o = (session(onnx.load(p)) for p in (copy, workdir / "model.onnx"))
+        name = sess_o.get_outputs()[0].name
+        clean = sess_o.run(None, {sess_o.get_inputs()[0].name: x})[0]
+        locked = sess_l.run(None, {sess_l.get_inputs()[0].name: x})[0]
+        patched = sess_l.run(None, {sess_l.get_inputs()[0].name: onnxstain.paste_patch(x, own)})[0]
+        original_patched = sess_o.run([name], {sess_o.get_inputs()[0].name: onnxstain.paste_patch(x, own)})[0]
+        assert np.array_equal(patched, original_patched)
+        assert np.mean(locked.argmax(1) == clean.argmax(1)) < 0.5
+
+
+def test_issue_lock_resumes_and_never_shares_a_file_with_the_stained_copies(locked_fleet, workdir, images):
+    _, dist, db = locked_fleet
+    with Registry.open(db) as reg:
+        again = issue(workdir / "model.onnx", CUSTOMERS, dist, reg, images=images, options=_opts())
+        assert again.issued == [] and again.skipped == CUSTOMERS
+        stained = issue(workdir / "model.onnx", ["acme"], dist, reg, images=images,
+                        options=StainOptions(fpr=0.05), seeds=iter(range(50, 60)))
+        assert [c.path.name for c in stained.issued] == ["acme.onnx"]
+        assert {(r.customer, r.kind) for r in reg.copies()} == {("acme", "lock"), ("globex", "lock"),
+                                                                ("acme", "stain")}
+    assert onnxstain.verify(dist / "acme.locked.onnx", dist / "acme.locked.key").stained
+
+
+def test_cli_issue_lock(workdir, images, tmp_path):
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    write_images(img_dir, images[:64])
+    (tmp_path / "c.csv").write_text("customer\nalpha\n")
+    db, dist = tmp_path / "f.db", tmp_path / "dist"
+    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
+                                  "-o", str(dist), "--registry", str(db), "--images", str(img_dir), "--lock",
+                                  "--fpr", str(FPR), "--quiet", "--json", str(tmp_path / "issue.json")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "issue.json").read_text())
+    assert [c["customer"] for c in report["issued"]] == ["alpha"]
+    assert report["issued"][0]["path"].endswith("alpha.locked.onnx")
+    r = CliRunner().invoke(main, ["verify", str(dist / "alpha.locked.onnx"), "--key", str(dist / "alpha.locked.key")])
+    assert r.exit_code == 0, r.output
