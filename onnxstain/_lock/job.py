@@ -118,6 +118,9 @@ def check_options(opts: LockOptions) -> None:
     check_seed(opts.seed)
     if not 1 <= opts.detectors <= 8:
         raise BadInputError("--detectors must be between 1 and 8")
+    if not 0 < opts.occlusion_lr < 256:
+        raise BadInputError(f"the occlusion refinement's step size must be in (0, 256) pixel levels, not "
+                            f"{opts.occlusion_lr}")
     if opts.occlusion_steps < 0 or opts.max_steps < 1 or opts.max_draws < 1:
         raise BadInputError("--occlusion-steps must be ≥ 0, and the search needs at least one step and one draw")
 

@@ -48,10 +48,6 @@ FALLBACK_FACTOR = 1.005
 ABANDON_STEP = 100
 ABANDON_FRACTION = 0.75
 OCCLUSION_IMAGES = 256  # calibration images the occlusion-aware refinement weighs
-# Its step size (Adam, on 0..255 pixels). Measured on MobileNetV2 (seeds 1-5, the original model's top-1 on
-# 624 held-out photos with the patch pasted): 15 steps at 8 keep what 200 steps at 2 gave (95.7 % on seeds
-# 2-3 both ways; no refinement: 93.8-93.9 %) in a thirteenth of the time (tools/README.md, "Lock").
-OCCLUSION_LR = 8.0
 
 
 @dataclasses.dataclass
@@ -191,8 +187,8 @@ class ClassifierPatches:
             res = refine_occlusion(fn, lambda px: logits(px).reshape(len(px), -1, k), best.frame.astype(np.float64),
                                    cal.pixels[pick], cal.nat_scores[pick].reshape(len(pick), -1, k), self.mask,
                                    SEARCH_FACTOR * cal.tau0,
-                                   steps=job.opts.occlusion_steps, lr=OCCLUSION_LR, seed=int(job.rng.integers(2**31)),
-                                   progress=report)
+                                   steps=job.opts.occlusion_steps, lr=job.opts.occlusion_lr,
+                                   seed=int(job.rng.integers(2**31)), progress=report)
         refined = quantise(res.pixels)
         top, left, ph, pw = site.box
         patch = Patch(refined[top : top + ph, left : left + pw].copy(), top, left)

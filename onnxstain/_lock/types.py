@@ -29,6 +29,7 @@ class LockOptions:
     max_draws: int = 32  # only some random directions reach the margin from a small patch (in the bound)
     max_steps: int = 600
     occlusion_steps: int = 15  # occlusion-aware refinement of the patch (0: keep the plain patch)
+    occlusion_lr: float = 8.0  # its step size (Adam on 0..255 pixels; tools/lock_refine.py measures it)
     providers: list[str] | None = None
     batch: int = 32
 
