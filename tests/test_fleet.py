@@ -119,7 +119,13 @@ def test_identify_names_no_one_in_the_original(workdir, fleet):
         assert identify(workdir / "model.onnx", reg, black_box=True).named == []
 
 
-def test_identify_black_box(fleet):
+@pytest.mark.parametrize("chunk", [256, 2])
+def test_identify_black_box(fleet, chunk, monkeypatch):
+    """The keys' triggers are queried a chunk of keys at a time (2: the three keys in two batches) alike."""
+    import sys
+
+    # the module by its full name: the package exports a function called identify
+    monkeypatch.setattr(sys.modules["onnxstain.fleet.identify"], "QUERY_CHUNK", chunk)
     res, _, db = fleet
     with Registry.open(db, readonly=True) as reg:
         got = identify(res.issued[1].path, reg, black_box=True)
