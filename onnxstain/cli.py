@@ -258,18 +258,22 @@ def apply_patch(photos, key_path, out_dir, raw) -> None:
 @click.option("--tolerance", type=click.FloatRange(0.0, 1.0, max_open=True), default=0.75, show_default=True,
               help="Share of the detector's designed firing level that weight drift (quantisation, noise) may "
                    "take before the white-box check fails (non-additive stains).")
+@click.option("--unlock", type=click.Path(dir_okay=False),
+              help="The lock key of a copy that was stained, then locked (issue --both): its patch goes into every "
+                   "image the stain's check sends.")
 @signer_key_option
 @provider_option
 @handle_errors
-def verify(model: str, key_path: str, json_out: str | None, tolerance: float, signer_key: str | None,
-           providers: str | None) -> None:
+def verify(model: str, key_path: str, json_out: str | None, tolerance: float, unlock: str | None,
+           signer_key: str | None, providers: str | None) -> None:
     """Check whether MODEL carries the stain of KEY (exit 0: stained, 1: not stained, 2: error)."""
     from ._report.render import verify_lines
     from .api import verify as do_verify
 
-    (OutputPlan().model_input("MODEL", model).input("--key", key_path).input("--signer-key", signer_key)
-     .output("--json", json_out).check())
-    res = do_verify(model, key_path, providers=providers_list(providers), tolerance=tolerance, signer_key=signer_key)
+    (OutputPlan().model_input("MODEL", model).input("--key", key_path).input("--unlock", unlock)
+     .input("--signer-key", signer_key).output("--json", json_out).check())
+    res = do_verify(model, key_path, providers=providers_list(providers), tolerance=tolerance, signer_key=signer_key,
+                    unlock=unlock)
     if json_out:
         _write([(json_out, _json_bytes(res.to_dict()), None)])
     print_lines(verify_lines(res))

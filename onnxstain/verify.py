@@ -170,11 +170,19 @@ def verify(
     natural_controls: int = 16,
     tolerance: float = WHITE_BOX_TOLERANCE,
     signer_key: str | Path | None = None,
+    unlock: Key | str | Path | None = None,
 ) -> VerifyResult:
     """Whether ``model`` carries the stain or lock of ``key`` (see the module's docstring). A model-signing
     signature beside the model is reported (checked with ``signer_key``, a PEM public key); it does not change
-    the verdict."""
-    res = _verify(model, key, providers, natural_controls, tolerance)
+    the verdict. ``unlock``: the lock key of a stained copy that was then locked (``issue --both``): its patch
+    is pasted into every image the stain's check sends, so the model computes as the stained one did."""
+    patch = None
+    if unlock is not None:
+        lock_key = unlock if isinstance(unlock, Key) else load_key(unlock)
+        if lock_key.kind != "lock":
+            raise BadKeyError("--unlock takes the copy's lock key, not a stain key")
+        patch = key_patch(lock_key)
+    res = _verify(model, key, providers, natural_controls, tolerance, patch)
     from .fleet.signing import check_signatures
 
     found = check_signatures(res.model, signer_key, res.key_commitment)
@@ -185,7 +193,7 @@ def verify(
 
 
 def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | None, natural_controls: int,
-            tolerance: float) -> VerifyResult:
+            tolerance: float, patch: Patch | None = None) -> VerifyResult:
     if not 0.0 <= tolerance < 1.0:
         raise BadInputError(f"the white-box tolerance must be in [0, 1), not {tolerance}")
     key = key if isinstance(key, Key) else load_key(key)
@@ -200,6 +208,8 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
             raise KeyMismatchError(f"the model has no output {scores_name!r} the key expects")
         scores_name = view.output_names[0]
     if key.kind == "lock":
+        if patch is not None:
+            raise BadKeyError("--unlock opens a locked copy for its stain's check; this key is a lock's")
         return _verify_lock(loaded, view, key, pre, scores_name, providers, tolerance)
     sig = key.signature
     assert sig is not None  # a stain key has one (checked on load)
@@ -207,6 +217,8 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
     triggers = key_triggers(key)
     controls, control_names = _controls(trigger, natural_controls, pre)
     batch = np.concatenate([triggers, controls])
+    if patch is not None:
+        batch = paste_pixels(batch, patch)
     x = pre.to_input(batch)
     wb_tensor = key.white_box.tensor
     has_tap = wb_tensor in view.producer

@@ -3,6 +3,7 @@ for each customer, the customer's lock key beside its copy, on a tiny lockable c
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -128,3 +129,68 @@ def test_cli_issue_lock(workdir, images, tmp_path):
     assert report["issued"][0]["path"].endswith("alpha.locked.onnx")
     r = CliRunner().invoke(main, ["verify", str(dist / "alpha.locked.onnx"), "--key", str(dist / "alpha.locked.key")])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
+                                  "-o", str(dist), "--registry", str(db), "--lock", "--both"])
+    assert r.exit_code == 2 and "exclude each other" in r.output
+    (tmp_path / "b.csv").write_text("customer\nbeta\n")
+    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "b.csv"),
+                                  "-o", str(dist), "--registry", str(db), "--images", str(img_dir), "--both",
+                                  "--fpr", "0.05", "--quiet"])
+    assert r.exit_code == 0, r.output
+    with Registry.open(db) as reg:
+        assert {(r.customer, r.kind) for r in reg.copies()} == {("alpha", "lock"), ("beta", "both")}
+    assert (dist / "beta.locked.onnx").is_file() and load_key(dist / "beta.locked.key").kind == "lock"
+
+
+@pytest.fixture(scope="module")
+def both_fleet(workdir, images):
+    dist = workdir / "dist-both"
+    dist.mkdir()
+    with Registry.open(workdir / "both.db", create=True) as reg:
+        res = issue(workdir / "model.onnx", CUSTOMERS, dist, reg, images=images, options=StainOptions(fpr=0.05),
+                    then_lock=_opts(), seeds=iter(range(60, 80)))
+    return res, dist, workdir / "both.db"
+
+
+def test_issue_both_stains_then_locks_each_copy_and_keeps_both_keys(both_fleet):
+    from onnxstain.fleet.identify import identify
+
+    res, dist, db = both_fleet
+    assert sorted(p.name for p in dist.iterdir()) == ["acme.locked.key", "acme.locked.onnx",
+                                                      "globex.locked.key", "globex.locked.onnx"]
+    with Registry.open(db) as reg:
+        rows = {r.customer: r for r in reg.copies()}
+        assert {r.kind for r in rows.values()} == {"both"}
+        for c in CUSTOMERS:
+            copy, lock_key = dist / f"{c}.locked.onnx", dist / f"{c}.locked.key"
+            assert reg.lock_key_bytes(rows[c].id) == lock_key.read_bytes()
+            assert json.loads(reg.key_bytes(rows[c].id))["kind"] == "stain"
+            assert rows[c].model_sha256 == hashlib.sha256(copy.read_bytes()).hexdigest()
+            assert onnxstain.verify(copy, lock_key).stained  # locked with this customer's patch
+            got = identify(copy, reg)  # and the stain names its customer from the weights
+            assert [m.customer for m in got.named] == [c]
+
+
+def test_a_both_copy_verifies_its_stain_with_the_lock_opened(both_fleet, tmp_path):
+    """Locked, the copy hides the stain's signature from the outputs; with the customer's patch pasted into verify's
+    images (--unlock) the stain reads as on the stained copy. identify's black box pastes each customer's patch on
+    their trigger, so it screens the right customer."""
+    from onnxstain.fleet.identify import identify
+
+    res, dist, db = both_fleet
+    copy, lock_key = dist / "acme.locked.onnx", dist / "acme.locked.key"
+    with Registry.open(db) as reg:
+        row = next(r for r in reg.copies() if r.customer == "acme")
+        (tmp_path / "stain.key").write_bytes(reg.key_bytes(row.id))
+        got = identify(copy, reg, black_box=True)
+        assert got.best is not None and got.best.customer == "acme" and got.best.passed
+        assert got.runner_up is not None and not got.runner_up.passed
+    assert not onnxstain.verify(copy, tmp_path / "stain.key").stained  # the lock blocks the black box
+    assert onnxstain.verify(copy, tmp_path / "stain.key", unlock=lock_key).stained
+    other = dist / "globex.locked.key"  # another customer's patch does not open it
+    assert not onnxstain.verify(copy, tmp_path / "stain.key", unlock=other).stained
+    r = CliRunner().invoke(main, ["verify", str(copy), "--key", str(tmp_path / "stain.key"), "--unlock",
+                                  str(lock_key)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["verify", str(copy), "--key", str(lock_key), "--unlock", str(lock_key)])
+    assert r.exit_code == 2 and "--unlock" in r.output

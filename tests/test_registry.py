@@ -153,6 +153,45 @@ def test_newer_schema_is_refused(tmp_path: Path):
         Registry.open(db, readonly=True)
 
 
+def test_a_version_1_registry_is_migrated_and_keeps_its_copies(tmp_path: Path, monkeypatch):
+    """A registry written by schema version 1 (before a copy could keep a lock key) opens as version 2: its copies
+    and keys as they were, none with a lock key."""
+    from onnxstain.fleet import _schema
+
+    db = tmp_path / "r.db"
+    monkeypatch.setattr(_schema, "MIGRATIONS", _schema.MIGRATIONS[:1])
+    monkeypatch.setattr(_schema, "SCHEMA_VERSION", 1)
+    Registry.open(db, create=True).close()
+    con = sqlite3.connect(db)
+    with con:  # a copy as version 1 stored it
+        con.execute("INSERT INTO copies (customer, kind, source_sha256, model_sha256, model_path, key_commitment, "
+                    "key_blob, state) VALUES ('acme', 'stain', ?, ?, ?, 'c0mm1t', ?, 'issued')",
+                    (SRC, SRC, str(tmp_path / "acme.onnx"), b"key of acme"))
+    assert con.execute("PRAGMA user_version").fetchone()[0] == 1
+    con.close()
+    monkeypatch.undo()
+    with Registry.open(db) as reg:
+        assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        (old,) = reg.copies()
+        assert reg.key_bytes(old.id) == b"key of acme" and reg.lock_key_bytes(old.id) is None
+
+
+def test_a_stained_and_locked_copy_keeps_its_lock_key_sealed(tmp_path: Path):
+    db, dist = tmp_path / "r.db", tmp_path / "dist"
+    dist.mkdir()
+    with Registry.open(db, create=True, passphrase="pw") as reg:
+        with reg.writer() as w:
+            key = b"stain key of globex"
+            both = w.place(customer="globex", kind="both", source_sha256=SRC, model_path=dist / "globex.locked.onnx",
+                           data=b"locked copy", key_bytes=key, key_commitment=hashlib.sha256(key).hexdigest(),
+                           lock_key_bytes=b"lock key of globex")
+            plain = _place(w, dist, "acme")
+        assert reg.lock_key_bytes(both) == b"lock key of globex" and reg.key_bytes(both) == key
+        assert reg.lock_key_bytes(plain) is None
+    blob = sqlite3.connect(db).execute("SELECT lock_key_blob FROM copies WHERE id = ?", (both,)).fetchone()[0]
+    assert b"lock key of globex" not in bytes(blob)  # encrypted at rest, like the stain key
+
+
 # -- issuing, reading, revoking --------------------------------------------------------------------------
 def test_place_list_get_key_round_trip(reg_dist):
     reg, _, dist = reg_dist

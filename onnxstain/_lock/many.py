@@ -46,6 +46,11 @@ class Locker:
     def notes(self) -> list[str]:
         return list(self._job.notes)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The model's preprocessing, settled (given, its sidecar file, or from the model's metadata)."""
+        return self._job.pre
+
     def lock(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
              seed: int | None = None, artefacts: Artefacts | None = None) -> LockResult:
         """One key's lock, written as ``onnxstain.lock`` writes it (or staged in ``artefacts``)."""

@@ -48,6 +48,11 @@ class Stainer:
     def notes(self) -> list[str]:
         return list(self._job.notes)
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The model's preprocessing, settled (given, its sidecar file, or from the model's metadata)."""
+        return self._job.pre
+
     def stain(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
               seed: int | None = None, artefacts: Artefacts | None = None) -> StainResult:
         """One key's stain, written as ``onnxstain.stain`` writes it (or staged in ``artefacts``)."""

@@ -54,8 +54,13 @@ def _schema_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _schema_v2(conn: sqlite3.Connection) -> None:
+    """Version 2: a copy both stained and locked (kind ``both``) keeps its lock key beside its stain key."""
+    conn.execute("ALTER TABLE copies ADD COLUMN lock_key_blob BLOB")
+
+
 # MIGRATIONS[i] takes a registry from schema version i to i + 1 (inside the caller's transaction).
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1,)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_schema_v1, _schema_v2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

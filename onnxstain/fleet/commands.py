@@ -39,9 +39,12 @@ from .registry_cli import registry_passphrase
 @click.option("--lock", "lock_copies", is_flag=True,
               help="Issue locked copies instead: <customer>.locked.onnx, useless without the customer's own patch, "
                    "beside <customer>.locked.key (the customer's key: `onnxstain apply-patch` pastes its patch).")
+@click.option("--both", "both", is_flag=True,
+              help="Stain each copy, then lock it: <customer>.locked.onnx beside <customer>.locked.key, the lock's "
+                   "key; the registry keeps both keys (the stain names the customer of a leaked copy).")
 @click.option("--fpr", type=click.FloatRange(0.0, 1.0, min_open=True, max_open=True),
-              help="Target false-positive (stains) or false-unlock (locks) bound per image.  [default: 1e-09 for "
-                   "stains, 1e-06 for locks]")
+              help="Target false-positive (stains) or false-unlock (--lock) bound per image; with --both, the "
+                   "stain's (its lock keeps 1e-6).  [default: 1e-09 for stains, 1e-06 for locks]")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Parallel workers, each with its share of the cores (Ray when installed, else local processes).")
 @click.option("--ray-address", help="Join this Ray cluster (its workers must see the model, the output folder and "
@@ -54,10 +57,11 @@ from .registry_cli import registry_passphrase
 @provider_option
 @handle_errors
 def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, lock_copies: bool,
-          fpr: float | None, workers: int, ray_address: str | None, signing_key: str | None, json_out: str | None,
-          quiet: bool, providers: str | None) -> None:
+          both: bool, fpr: float | None, workers: int, ray_address: str | None, signing_key: str | None,
+          json_out: str | None, quiet: bool, providers: str | None) -> None:
     """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each), or with
-    --lock one locked copy each (the default gate lock, a patch of its own each).
+    --lock one locked copy each (the default gate lock, a patch of its own each), or with --both one stained copy
+    each, then locked.
 
     Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
     from ..api import LockOptions, StainOptions
@@ -69,19 +73,22 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
      .input("--signing-key", signing_key).output("--json", json_out).check())
     names = read_customers(customers)
     Path(dist).mkdir(parents=True, exist_ok=True)
+    if lock_copies and both:
+        raise click.UsageError("--lock and --both exclude each other")
     kind = LockOptions if lock_copies else StainOptions
     opts = kind(fpr=kind.fpr if fpr is None else fpr, providers=providers_list(providers))
+    then_lock = LockOptions(providers=opts.providers) if both else None
     progress = RichProgress(not quiet and sys.stderr.isatty())
     if workers > 1 or ray_address:
         from .workers import issue_parallel
 
         res = issue_parallel(model, names, dist, registry_path, workers=workers, passphrase=registry_passphrase(),
                              ray_address=ray_address, options=opts, images=images, progress=progress,
-                             signing_key=signing_key)
+                             signing_key=signing_key, then_lock=then_lock)
     else:
         with Registry.open(registry_path, create=True, passphrase=registry_passphrase()) as reg:
             res = do_issue(model, names, dist, reg, options=opts, images=images, progress=progress,
-                           signing_key=signing_key)
+                           signing_key=signing_key, then_lock=then_lock)
     per = res.per_copy()
     lines = [f"issued {len(res.issued)} copies into {dist} (registry {registry_path}); skipped {len(res.skipped)} "
              f"already issued; {res.workers} worker(s), {res.wall_seconds:.1f}s"]

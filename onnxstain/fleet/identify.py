@@ -223,9 +223,18 @@ def _black_box(suspect: Queries, registry: Registry, rows: list[tuple[int, str, 
     """Screen every key on its own trigger(s), then confirm the keys that pass (a model file: ``verify``; an
     endpoint: the signature again with verify's controls made from the trigger, through the endpoint). The bound
     of a key that passes is the registry-wide cross-key bound (the sum of every key's)."""
-    from ..verify import cross_key_bound, key_triggers, screen_triggers
+    from ..patch import paste_pixels
+    from ..verify import cross_key_bound, key_patch, key_triggers, screen_triggers
 
     keys = [(cid, cust, Key.loaded(json.loads(registry.key_bytes(cid)))) for cid, cust, _ in rows]
+    # a stained-then-locked copy (issue --both) computes as the stained one only with its customer's patch: that
+    # customer's trigger goes with it
+    locks = {cid: Key.loaded(json.loads(b)) for cid, _, _ in rows if (b := registry.lock_key_bytes(cid)) is not None}
+
+    def triggers_of(i: int) -> np.ndarray:
+        cid, _, key = keys[i]
+        return key_triggers(key) if cid not in locks else paste_pixels(key_triggers(key), key_patch(locks[cid]))
+
     counts = [_trigger_count(k) for _, _, k in keys]
     queries = sum(counts)
     if budget is not None and queries > budget:
@@ -241,8 +250,7 @@ def _black_box(suspect: Queries, registry: Registry, rows: list[tuple[int, str, 
             # a chunk of keys at a time: 10,000 keys' triggers as float32 model inputs would take gigabytes
             for start in range(0, len(members), QUERY_CHUNK):
                 chunk = members[start:start + QUERY_CHUNK]
-                got = suspect.scores(key0.preprocessing.to_input(np.concatenate([key_triggers(keys[i][2])
-                                                                                 for i in chunk])),
+                got = suspect.scores(key0.preprocessing.to_input(np.concatenate([triggers_of(i) for i in chunk])),
                                      key0.model.scores, task.advance)
                 at = 0
                 for i in chunk:
@@ -252,7 +260,7 @@ def _black_box(suspect: Queries, registry: Registry, rows: list[tuple[int, str, 
     for i, (cid, cust, k) in enumerate(keys):
         ratio, passed = screen_triggers(k, raw[i])
         if passed:
-            passed = suspect.confirm(k)
+            passed = suspect.confirm(k, locks.get(cid))
             queries += suspect.confirm_queries
             if not passed:
                 notes.append(f"customer {cust!r}: the trigger shows the signature but the confirmation (controls, "

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -113,15 +115,20 @@ def check_customers(names: Sequence[str], where: str = "the customer list") -> l
     return list(names)
 
 
-def copy_kind(options: StainOptions | LockOptions | None) -> str:
-    """The registry's kind of the copies ``options`` make: ``"lock"`` for :class:`LockOptions`, else ``"stain"``."""
-    return "lock" if isinstance(options, LockOptions) else "stain"
+def copy_kind(options: StainOptions | LockOptions | None, then_lock: LockOptions | None = None) -> str:
+    """The registry's kind of the copies ``options`` make: ``"lock"`` for :class:`LockOptions`, ``"both"`` for a
+    stain then locked (``then_lock``), else ``"stain"``."""
+    if isinstance(options, LockOptions):
+        if then_lock is not None:
+            raise BadInputError("a locked copy is locked once: give the stain's options with a lock to add")
+        return "lock"
+    return "both" if then_lock is not None else "stain"
 
 
 def copy_path(dist: str | Path, customer: str, kind: str) -> Path:
-    """Where a customer's copy lands: ``<customer>.onnx`` (stained), ``<customer>.locked.onnx`` (locked: a
-    customer may hold both, and the two never share a file)."""
-    return Path(dist) / (f"{customer}.locked.onnx" if kind == "lock" else f"{customer}.onnx")
+    """Where a customer's copy lands: ``<customer>.onnx`` (stained), ``<customer>.locked.onnx`` (locked, or stained
+    and locked: a customer may hold a stained and a locked copy of one model, never in the same file)."""
+    return Path(dist) / (f"{customer}.onnx" if kind == "stain" else f"{customer}.locked.onnx")
 
 
 def customer_key_path(copy: Path) -> Path:
@@ -133,9 +140,12 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
           options: StainOptions | LockOptions | None = None,
           preprocessing: Preprocessing | PreprocessingRequest | None = None,
           images: str | Path | np.ndarray | None = None, progress: Progress | None = None,
-          seeds: Iterator[int] | None = None, signing_key: str | Path | None = None) -> IssueResult:
+          seeds: Iterator[int] | None = None, signing_key: str | Path | None = None,
+          then_lock: LockOptions | None = None) -> IssueResult:
     """One stained copy of ``model`` per customer not yet issued, as ``dist/<customer>.onnx``; with
-    :class:`LockOptions`, one locked copy each, as ``dist/<customer>.locked.onnx`` beside its customer's lock key.
+    :class:`LockOptions`, one locked copy each, as ``dist/<customer>.locked.onnx`` beside its customer's lock key;
+    with ``then_lock``, each stained copy is then locked (``dist/<customer>.locked.onnx`` and its lock key; the
+    registry keeps both keys: the stain names the customer of a leaked copy, the lock keeps it useless to others).
 
     ``seeds`` (tests and benchmarks only: a copy's seed is its secret) gives each copy's seed in turn; by
     default each is 53 fresh bits from the operating system. ``signing_key`` (a P-256 PEM private key): each copy
@@ -148,7 +158,7 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     customers = check_customers(customers)
     if signing_key is not None:
         check_signing_key(signing_key)
-    if options is not None and options.seed is not None:
+    if any(o is not None and o.seed is not None for o in (options, then_lock)):
         raise BadInputError("issued copies take fresh secret seeds; --seed does not apply")
     out = Path(dist)
     if not out.is_dir():
@@ -157,7 +167,7 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     if not source.is_file():
         raise BadInputError(f"{source}: no such model file")
     progress = progress or Silent()
-    kind = copy_kind(options)
+    kind = copy_kind(options, then_lock)
     source_sha = sha256_file(source)
     done = registry.issued_customers(source_sha, kind)
     todo = [c for c in customers if c not in done]
@@ -176,8 +186,9 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
         with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
             for customer in todo:
                 seed = None if seeds is None else next(seeds)
-                copy = _issue_one(_Copy(make, maker.source_sha256, kind, source), writer, work,
-                                  copy_path(out, customer, kind), customer, seed, signing_key)
+                how = _Copy(make, maker.source_sha256, kind, source, then_lock,
+                            None if seeds is None or then_lock is None else next(seeds), maker.preprocessing, images)
+                copy = _issue_one(how, writer, work, copy_path(out, customer, kind), customer, seed, signing_key)
                 if copy is None:  # another run issued it meanwhile
                     skipped.append(customer)
                     continue
@@ -197,6 +208,10 @@ class _Copy:
     source_sha256: str
     kind: str
     source: Path
+    then_lock: LockOptions | None = None  # kind "both": the lock made on each stained copy
+    lock_seed: int | None = None  # (tests: its seed; else fresh)
+    preprocessing: Preprocessing | None = None  # the source's, settled (a stained copy has no sidecar of its own)
+    images: str | Path | np.ndarray | None = None
 
 
 def _issue_one(how: _Copy, writer: Writer, work: Path, dest: Path, customer: str, seed: int | None,
@@ -210,28 +225,48 @@ def _issue_one(how: _Copy, writer: Writer, work: Path, dest: Path, customer: str
         result = how.make(model_tmp, key_tmp, work / "copy.key.public.json", seed=seed)
         key = load_key(key_tmp)
         key_bytes = key_tmp.read_bytes()
+        lock_bytes, timings = None, dict(result.timings)
+        if how.then_lock is not None:  # the stained copy, locked: the copy that ships
+            lock_bytes, lock_timings = _lock_copy(work, model_tmp, how)
+            timings.update({f"lock_{k}": v for k, v in lock_timings.items()})
+            timings["total"] = result.timings.get("total", 0.0) + lock_timings.get("total", 0.0)
+        data = model_tmp.read_bytes()
+        sha = hashlib.sha256(data).hexdigest()
         signatures = None
         if signing_key is not None:
-            claim = CopyClaim(dest.name, result.model_sha256, key.commitment, how.source_sha256,
+            claim = CopyClaim(dest.name, sha, key.commitment, how.source_sha256,
                               result.bound.log10, f"onnxstain {__version__}")
             signatures = (model_signature(model_tmp, signing_key), statement(claim, signing_key))
 
         def beside() -> None:  # once the customer's pending row is ours: never over another run's files
-            if how.kind == "lock":
-                write_bytes_atomic(customer_key_path(dest), key_bytes, mode=0o600)
+            if how.kind != "stain":
+                write_bytes_atomic(customer_key_path(dest), lock_bytes or key_bytes, mode=0o600)
             if signatures is not None:
                 write_signatures(dest, *signatures)
-        index = IndexEntry.of(key, str(how.source.resolve())).to_bytes() if how.kind == "stain" else None
+        index = IndexEntry.of(key, str(how.source.resolve())).to_bytes() if how.kind != "lock" else None
         try:
             copy_id = writer.place(customer=customer, kind=how.kind, source_sha256=how.source_sha256,
-                                   model_path=dest, data=model_tmp.read_bytes(), key_bytes=key_bytes,
+                                   model_path=dest, data=data, key_bytes=key_bytes,
                                    key_commitment=key.commitment, bound_log10=result.bound.log10,
-                                   index_blob=index, before_rename=beside)
+                                   index_blob=index, before_rename=beside, lock_key_bytes=lock_bytes)
         except AlreadyIssuedError:
             return None
     finally:
         for f in work.iterdir():
             f.unlink()
     seconds = time.perf_counter() - t0
-    timings = {**result.timings, "place": seconds - result.timings.get("total", 0.0)}
-    return IssuedCopy(customer, copy_id, dest, result.model_sha256, seconds, timings)
+    timings["place"] = seconds - timings.get("total", 0.0)
+    return IssuedCopy(customer, copy_id, dest, sha, seconds, timings)
+
+
+def _lock_copy(work: Path, model: Path, how: _Copy) -> tuple[bytes, dict[str, float]]:
+    """Lock the stained copy ``model`` in place (a full lock of that copy, its own calibration: each copy's weights
+    are its own), with the source's preprocessing; the lock key's bytes and the lock's timings."""
+    from .._lock.pipeline import lock
+
+    assert how.then_lock is not None
+    locked, lock_key = work / "locked.onnx", work / "lock.key"
+    res = lock(model, locked, lock_key, dataclasses.replace(how.then_lock, seed=how.lock_seed),
+               preprocessing=how.preprocessing, images=how.images, record_path=work / "lock.key.public.json")
+    os.replace(locked, model)
+    return lock_key.read_bytes(), res.timings

@@ -31,8 +31,9 @@ class Queries(Protocol):
         """The scores output (``name`` where the model has it, else its first output), one row per input."""
         ...
 
-    def confirm(self, key: Key) -> bool:
-        """Whether the model carries the key, read with the controls (and, for a file, the weights)."""
+    def confirm(self, key: Key, unlock: Key | None = None) -> bool:
+        """Whether the model carries the key, read with the controls (and, for a file, the weights); ``unlock``:
+        the lock key of a stained-then-locked copy, whose patch goes into every image."""
         ...
 
 
@@ -53,10 +54,10 @@ class ModelQueries:
         name = name if name in outputs else self.sess.get_outputs()[0].name
         return image_rows(run_batches(self.sess, x, [name], progress=advance)[name], name, len(x))
 
-    def confirm(self, key: Key) -> bool:
+    def confirm(self, key: Key, unlock: Key | None = None) -> bool:
         from ..verify import verify
 
-        res = verify(self.loaded.path, key, providers=self.providers)
+        res = verify(self.loaded.path, key, providers=self.providers, unlock=unlock)
         self.confirm_queries = res.images  # its triggers, the controls made from them, the natural photos
         return res.stained
 
@@ -99,12 +100,15 @@ class EndpointQueries:
             advance(min(REQUEST_BATCH, len(x) - i))
         return np.concatenate(rows)
 
-    def confirm(self, key: Key) -> bool:
+    def confirm(self, key: Key, unlock: Key | None = None) -> bool:
+        from ..patch import paste_pixels
         from ..signature import synthetic_controls
-        from ..verify import black_box_check, key_triggers
+        from ..verify import black_box_check, key_patch, key_triggers
 
         triggers = key_triggers(key)
         images = np.concatenate([triggers, synthetic_controls(triggers[0])])
+        if unlock is not None:
+            images = paste_pixels(images, key_patch(unlock))
         self.confirm_queries = len(images)
         raw = self.scores(key.preprocessing.to_input(images), key.model.scores, lambda n: None)
         return black_box_check(key, raw, len(triggers)).passed

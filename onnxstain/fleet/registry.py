@@ -406,6 +406,14 @@ class Registry:
             raise BadInputError(f"registry {self.path} has no copy {copy_id}")
         return self._unseal(bytes(rows[0][0]), "key", rows[0][1], int(copy_id))
 
+    def lock_key_bytes(self, copy_id: int) -> bytes | None:
+        """A stained and locked copy's lock key file bytes (decrypted); None for a copy of another kind."""
+        rows = self._rows("SELECT lock_key_blob, key_commitment FROM copies WHERE id = ?", (int(copy_id),))
+        if not rows:
+            raise BadInputError(f"registry {self.path} has no copy {copy_id}")
+        blob = rows[0][0]
+        return None if blob is None else self._unseal(bytes(blob), "lock key", rows[0][1], int(copy_id))
+
     def index_rows(self, source_sha256: str | None = None) -> list[tuple[int, str, bytes | None]]:
         """(id, customer, index blob) of every issued and revoked copy (a revoked customer's leaked copy must
         still be identified), oldest first; optionally of one source model. The index blobs of an encrypted

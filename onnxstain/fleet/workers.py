@@ -45,6 +45,7 @@ class Share:
     seeds: list[int] | None
     threads: int
     signing_key: str | None = None
+    then_lock: LockOptions | None = None
 
 
 def issue_share(share: Share) -> IssueResult:
@@ -58,7 +59,8 @@ def issue_share(share: Share) -> IssueResult:
     with Registry.open(share.registry, passphrase=share.passphrase) as reg:
         return issue(share.model, share.customers, share.dist, reg, options=share.options,
                      preprocessing=share.preprocessing, images=share.images,
-                     seeds=iter(share.seeds) if share.seeds is not None else None, signing_key=share.signing_key)
+                     seeds=iter(share.seeds) if share.seeds is not None else None, signing_key=share.signing_key,
+                     then_lock=share.then_lock)
 
 
 def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path, registry_path: str | Path, *,
@@ -67,7 +69,7 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
                    options: StainOptions | LockOptions | None = None,
                    preprocessing: Preprocessing | PreprocessingRequest | None = None, images: str | Path | None = None,
                    progress: Progress | None = None, seeds: Sequence[int] | None = None,
-                   signing_key: str | Path | None = None) -> IssueResult:
+                   signing_key: str | Path | None = None, then_lock: LockOptions | None = None) -> IssueResult:
     """Issue the copies with ``workers`` workers (see the module docstring). ``backend``: ``"auto"`` (Ray if
     installed), ``"ray"`` or ``"processes"``. ``seeds`` (tests and benchmarks only) gives the copies' seeds in
     the order of ``customers``."""
@@ -86,7 +88,7 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
     sha = sha256_file(source)
     start = time.perf_counter()
     with Registry.open(registry_path, create=True, passphrase=passphrase) as reg:
-        done = reg.issued_customers(sha, copy_kind(options))
+        done = reg.issued_customers(sha, copy_kind(options, then_lock))
     todo = [c for c in customers if c not in done]
     seed_of = dict(zip(customers, seeds, strict=False)) if seeds is not None else None
     n = max(1, min(workers, len(todo)))
@@ -95,9 +97,9 @@ def issue_parallel(model: str | Path, customers: Sequence[str], dist: str | Path
     shares = [Share(str(source), part, str(dist), str(registry_path), passphrase, options, preprocessing,
                     None if images is None else str(images),
                     None if seed_of is None else [seed_of[c] for c in part], threads,
-                    None if signing_key is None else str(signing_key)) for part in parts if part]
+                    None if signing_key is None else str(signing_key), then_lock) for part in parts if part]
     ray = None if backend == "processes" else _ray(ray_address, required=backend == "ray")
-    results = _run(shares, ray, ray_address, registry_path, passphrase, sha, copy_kind(options), todo,
+    results = _run(shares, ray, ray_address, registry_path, passphrase, sha, copy_kind(options, then_lock), todo,
                    progress or Silent())
     skipped = [c for c in customers if c in done] + [c for r in results for c in r.skipped]
     issued = [c for r in results for c in r.issued]

@@ -128,7 +128,7 @@ class Writer:
 
     def add_pending(self, *, customer: str, kind: str, source_sha256: str, model_sha256: str,
                     model_path: str | Path, temp_path: str | Path, key_bytes: bytes, key_commitment: str,
-                    bound_log10: float | None, index_blob: bytes | None) -> int:
+                    bound_log10: float | None, index_blob: bytes | None, lock_key_bytes: bytes | None = None) -> int:
         """Step 2: record the copy as pending (its model is at ``temp_path``, bound for ``model_path`` in the same
         folder); returns its id. :class:`AlreadyIssuedError` if the customer has a live copy of this model and
         kind (also when another run added it a moment ago)."""
@@ -146,6 +146,7 @@ class Writer:
             raise BadInputError("a copy needs its key commitment")
         blob = self._reg._seal(key_bytes, "key", key_commitment)
         index = None if index_blob is None else self._reg._seal(index_blob, "index", key_commitment)
+        lock_blob = None if lock_key_bytes is None else self._reg._seal(lock_key_bytes, "lock key", key_commitment)
         with self._reg._write() as conn:
             live = conn.execute("SELECT id, state FROM copies WHERE customer = ? AND source_sha256 = ? AND kind = ? "
                                 "AND state != 'revoked'", (customer, source_sha256, kind)).fetchone()
@@ -158,9 +159,9 @@ class Writer:
                 raise BadInputError(f"{final} is already the file of copy {taken[0]}")
             cur = conn.execute(
                 "INSERT INTO copies (customer, kind, source_sha256, model_sha256, model_path, temp_path, "
-                "key_commitment, key_blob, index_blob, bound_log10, created, tool_version, state, owner) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
-                (customer, kind, source_sha256, model_sha256, final, temp, key_commitment, blob, index,
+                "key_commitment, key_blob, index_blob, lock_key_blob, bound_log10, created, tool_version, state, "
+                "owner) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+                (customer, kind, source_sha256, model_sha256, final, temp, key_commitment, blob, index, lock_blob,
                  None if bound_log10 is None else float(bound_log10), _utc_now(), __version__, self.token))
             copy_id = cur.lastrowid
         assert copy_id is not None
@@ -195,7 +196,7 @@ class Writer:
     def place(self, *, customer: str, kind: str, source_sha256: str, model_path: str | Path, data: bytes,
               key_bytes: bytes, key_commitment: str, bound_log10: float | None = None,
               index_blob: bytes | None = None, mode: int | None = None,
-              before_rename: Callable[[], None] | None = None) -> int:
+              before_rename: Callable[[], None] | None = None, lock_key_bytes: bytes | None = None) -> int:
         """Issue one copy: the whole protocol (temp file, pending row, rename, commit). Returns its id.
 
         Any failure before the rename removes the temp file and the row; a failure after it (the commit)
@@ -211,7 +212,8 @@ class Writer:
             copy_id = self.add_pending(customer=customer, kind=kind, source_sha256=source_sha256,
                                        model_sha256=hashlib.sha256(data).hexdigest(), model_path=final,
                                        temp_path=temp, key_bytes=key_bytes, key_commitment=key_commitment,
-                                       bound_log10=bound_log10, index_blob=index_blob)
+                                       bound_log10=bound_log10, index_blob=index_blob,
+                                       lock_key_bytes=lock_key_bytes)
         except BaseException:
             _remove(temp)
             raise
