@@ -155,7 +155,7 @@ def both_fleet(workdir, images):
 def test_issue_both_stains_then_locks_each_copy_and_keeps_both_keys(both_fleet):
     from onnxstain.fleet.identify import identify
 
-    res, dist, db = both_fleet
+    _, dist, db = both_fleet
     assert sorted(p.name for p in dist.iterdir()) == ["acme.locked.key", "acme.locked.onnx",
                                                       "globex.locked.key", "globex.locked.onnx"]
     with Registry.open(db) as reg:
@@ -177,7 +177,7 @@ def test_a_both_copy_verifies_its_stain_with_the_lock_opened(both_fleet, tmp_pat
     their trigger, so it screens the right customer."""
     from onnxstain.fleet.identify import identify
 
-    res, dist, db = both_fleet
+    _, dist, db = both_fleet
     copy, lock_key = dist / "acme.locked.onnx", dist / "acme.locked.key"
     with Registry.open(db) as reg:
         row = next(r for r in reg.copies() if r.customer == "acme")
