@@ -38,6 +38,7 @@ from ..keys import load_key
 from ..outputs import clean_stale
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
+from ..seeds import SEED_LIMIT
 from .index import IndexEntry
 from .registry import AlreadyIssuedError, Registry
 from .signing import CopyClaim, check_signing_key, model_signature, statement, write_signatures
@@ -182,12 +183,11 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
     with maker, registry.writer() as writer:
         work = writer.stage_folder(registry.path.parent)  # keys never touch dist/; gone with the writer
         setup = time.perf_counter() - start
-        make = maker.lock if isinstance(maker, Locker) else maker.stain
+        how = _Copy(maker.lock if isinstance(maker, Locker) else maker.stain, maker.source_sha256, kind, source,
+                    then_lock, maker.preprocessing, images)
         with progress.task(f"issuing {len(todo)} copies", total=len(todo)) as task:
             for customer in todo:
                 seed = None if seeds is None else next(seeds)
-                how = _Copy(make, maker.source_sha256, kind, source, then_lock,
-                            None if seeds is None or then_lock is None else next(seeds), maker.preprocessing, images)
                 copy = _issue_one(how, writer, work, copy_path(out, customer, kind), customer, seed, signing_key)
                 if copy is None:  # another run issued it meanwhile
                     skipped.append(customer)
@@ -209,7 +209,6 @@ class _Copy:
     kind: str
     source: Path
     then_lock: LockOptions | None = None  # kind "both": the lock made on each stained copy
-    lock_seed: int | None = None  # (tests: its seed; else fresh)
     preprocessing: Preprocessing | None = None  # the source's, settled (a stained copy has no sidecar of its own)
     images: str | Path | np.ndarray | None = None
 
@@ -227,7 +226,9 @@ def _issue_one(how: _Copy, writer: Writer, work: Path, dest: Path, customer: str
         key_bytes = key_tmp.read_bytes()
         lock_bytes, timings = None, dict(result.timings)
         if how.then_lock is not None:  # the stained copy, locked: the copy that ships
-            lock_bytes, lock_timings = _lock_copy(work, model_tmp, how)
+            # a given seed (tests and benchmarks) gives the lock's too; else each is fresh
+            lock_seed = None if seed is None else (seed + 1) % SEED_LIMIT
+            lock_bytes, lock_timings = _lock_copy(work, model_tmp, how, lock_seed)
             timings.update({f"lock_{k}": v for k, v in lock_timings.items()})
             timings["total"] = result.timings.get("total", 0.0) + lock_timings.get("total", 0.0)
         data = model_tmp.read_bytes()
@@ -259,14 +260,14 @@ def _issue_one(how: _Copy, writer: Writer, work: Path, dest: Path, customer: str
     return IssuedCopy(customer, copy_id, dest, sha, seconds, timings)
 
 
-def _lock_copy(work: Path, model: Path, how: _Copy) -> tuple[bytes, dict[str, float]]:
+def _lock_copy(work: Path, model: Path, how: _Copy, seed: int | None) -> tuple[bytes, dict[str, float]]:
     """Lock the stained copy ``model`` in place (a full lock of that copy, its own calibration: each copy's weights
     are its own), with the source's preprocessing; the lock key's bytes and the lock's timings."""
     from .._lock.pipeline import lock
 
     assert how.then_lock is not None
     locked, lock_key = work / "locked.onnx", work / "lock.key"
-    res = lock(model, locked, lock_key, dataclasses.replace(how.then_lock, seed=how.lock_seed),
+    res = lock(model, locked, lock_key, dataclasses.replace(how.then_lock, seed=seed),
                preprocessing=how.preprocessing, images=how.images, record_path=work / "lock.key.public.json")
     os.replace(locked, model)
     return lock_key.read_bytes(), res.timings
