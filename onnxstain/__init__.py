@@ -10,32 +10,9 @@ The stable API::
     onnxstain.quantize("locked.onnx", "locked.int8.onnx", "customer.key")  # int8, the mark kept
 """
 
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .api import (
-    EvaluateResult,
-    Key,
-    LockAuditResult,
-    LockOptions,
-    LockResult,
-    Patch,
-    PatchedPhoto,
-    QuantizeResult,
-    StainOptions,
-    StainResult,
-    VerifyResult,
-    apply_patch,
-    audit_lock,
-    evaluate,
-    inspect_model,
-    load_key,
-    lock,
-    lock_patch,
-    paste_patch,
-    quantize,
-    stain,
-    stain_summary,
-    verify,
-)
 from .errors import (
     BadInputError,
     BadKeyError,
@@ -47,6 +24,53 @@ from .errors import (
     UnsupportedModelError,
 )
 from .preprocess import Preprocessing, PreprocessingRequest
+
+# Names that are also modules of the package load now: importing the module (``onnxstain.verify``) would otherwise
+# leave the module where the function belongs.
+from .quantize import QuantizeResult, quantize
+from .verify import VerifyResult, verify
+
+if TYPE_CHECKING:
+    from .api import (
+        EvaluateResult,
+        Key,
+        LockAuditResult,
+        LockOptions,
+        LockResult,
+        Patch,
+        PatchedPhoto,
+        StainOptions,
+        StainResult,
+        apply_patch,
+        audit_lock,
+        evaluate,
+        inspect_model,
+        load_key,
+        lock,
+        lock_patch,
+        paste_patch,
+        stain,
+        stain_summary,
+    )
+
+_API = frozenset({
+    "EvaluateResult", "Key", "LockAuditResult", "LockOptions", "LockResult", "Patch", "PatchedPhoto", "StainOptions",
+    "StainResult", "apply_patch", "audit_lock", "evaluate", "inspect_model", "load_key", "lock", "lock_patch",
+    "paste_patch", "stain", "stain_summary",
+})
+
+
+def __getattr__(name: str) -> Any:
+    """The API's names load on first use (PEP 562): a command that only verifies never imports the stain and lock
+    pipelines (``onnxstain verify`` starts in half the time)."""
+    if name in _API:
+        from . import api
+
+        value = getattr(api, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'onnxstain' has no attribute {name!r}")
+
 
 __all__ = [
     "BadInputError",

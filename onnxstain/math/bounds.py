@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-from scipy import special, stats
+from scipy import special
 
 __all__ = [
     "KINDS",
@@ -643,7 +643,7 @@ def radius_exceedance_bound(k: int, n_samples: int, confidence: float = 0.95) ->
         raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
     if k == n_samples:
         return 1.0
-    return float(stats.beta.ppf(confidence, k + 1, n_samples - k))
+    return float(special.betaincinv(k + 1, n_samples - k, confidence))  # the Beta(k+1, n-k) quantile
 
 
 def mixed_bound(ball: Bound, k_outside: int, n_samples: int, confidence: float = 0.95) -> Bound:

@@ -66,8 +66,7 @@ def ascend(
     cap a little above the target, and the radius penalty keeps the trigger *aligned* with the
     detector rather than merely far from natural data (which is what keeps other keys' detectors
     from firing on it). ``λ`` adapts every ``check_every`` steps (down while the scores are short of
-    the target, up once they pass it); the search stops at the first best point past the target that
-    ``accept(min_score, radii)`` (a deterministic test of that point).
+    the target, up once they pass it); the search stops as soon as ``accept(min_score, radii)``.
     ``free_mask`` (``[H, W]`` bool) restricts which pixels may change (a patch).
     ``abandon=(step, score)`` gives up at ``step`` when the best score is still below ``score``: how
     high a direction can be driven varies a lot between random directions, and a hopeless one shows
@@ -97,17 +96,14 @@ def ascend(
         smin = float(s.detach().min())
         radii = r.detach()[0].numpy().astype(np.float64)
         history.append((smin, float(radii.max())))
-        improved = best is None or _improves(best[0], best[2], smin, radii, score_target)
-        if improved or best is None:
+        if best is None or _improves(best[0], best[2], smin, radii, score_target):
             best = (smin, x.detach().clone(), radii)
         if progress is not None:
             progress(step, smin)
-        # each new best past the target is tested at once (``accept`` is a closed-form bound, far cheaper than a
-        # step, and depends on the best point only: an unchanged best needs no second test)
-        if improved and best[0] >= score_target and accept(best[0], best[2]):
-            reached = True
-            break
         if step % check_every == 0:
+            if best[0] >= score_target and accept(best[0], best[2]):
+                reached = True
+                break
             lam = lam * 0.7 if smin < score_target else lam * 1.3
         if abandon is not None and step == abandon[0] and best[0] < abandon[1]:
             break
