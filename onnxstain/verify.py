@@ -181,6 +181,11 @@ def verify(
         lock_key = unlock if isinstance(unlock, Key) else load_key(unlock)
         if lock_key.kind != "lock":
             raise BadKeyError("--unlock takes the copy's lock key, not a stain key")
+        key = key if isinstance(key, Key) else load_key(key)
+        sizes = [(k.preprocessing.height, k.preprocessing.width) for k in (key, lock_key)]
+        if sizes[0] != sizes[1]:
+            raise KeyMismatchError(f"the lock key is for {sizes[1][0]}x{sizes[1][1]} inputs, the key for "
+                                   f"{sizes[0][0]}x{sizes[0][1]}: --unlock takes the lock of the same copy")
         patch = key_patch(lock_key)
     res = _verify(model, key, providers, natural_controls, tolerance, patch)
     from .fleet.signing import check_signatures

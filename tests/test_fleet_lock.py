@@ -16,6 +16,7 @@ import onnxstain
 from onnxstain import LockOptions, Preprocessing, StainOptions
 from onnxstain._lock.many import Locker
 from onnxstain.cli import main
+from onnxstain.errors import KeyMismatchError
 from onnxstain.fleet.issue import copy_path, customer_key_path, issue
 from onnxstain.fleet.registry import Registry
 from onnxstain.keys import load_key
@@ -194,3 +195,15 @@ def test_a_both_copy_verifies_its_stain_with_the_lock_opened(both_fleet, tmp_pat
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["verify", str(copy), "--key", str(lock_key), "--unlock", str(lock_key)])
     assert r.exit_code == 2 and "--unlock" in r.output
+
+
+def test_unlock_refuses_a_lock_of_another_input_size(both_fleet, tmp_path):
+    _, dist, db = both_fleet
+    with Registry.open(db) as reg:
+        row = next(r for r in reg.copies() if r.customer == "acme")
+        (tmp_path / "stain.key").write_bytes(reg.key_bytes(row.id))
+    body = json.loads((dist / "acme.locked.key").read_text())
+    body["preprocessing"]["height"] = body["preprocessing"]["width"] = 64
+    (tmp_path / "other.key").write_text(json.dumps(body))
+    with pytest.raises(KeyMismatchError, match="64x64 inputs"):
+        onnxstain.verify(dist / "acme.locked.onnx", tmp_path / "stain.key", unlock=tmp_path / "other.key")
