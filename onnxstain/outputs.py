@@ -368,3 +368,15 @@ def job_plan(model: str | Path, output: str | Path, key: str | Path, record: str
     """The plan of a stain or lock job's own outputs (the CLI adds its side outputs)."""
     return (OutputPlan().model_input("the input model", model).model_output("the output model", output)
             .key_output("the key", key, record))
+
+
+def checked_job_outputs(model: str | Path, output: str | Path, key_path: str | Path,
+                        record_path: str | Path | None = None) -> tuple[Path, Path, Path]:
+    """A stain or lock job's output model, key and public record (by default beside the key: ``<key>.public.json``),
+    checked as one plan before any work."""
+    from .keys import public_record_path
+
+    out, key = Path(output), Path(key_path)
+    record = Path(record_path) if record_path else public_record_path(key)
+    job_plan(model, out, key, record).check()
+    return out, key, record

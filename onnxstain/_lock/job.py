@@ -19,8 +19,8 @@ from .._onnx.graph import GraphView
 from .._onnx.inputs import settle_preprocessing
 from .._onnx.io import LoadedModel, load_model
 from ..errors import BadInputError, UnsupportedModelError
-from ..keys import Key, public_record_path
-from ..outputs import Artefacts, job_plan, write_unit
+from ..keys import Key
+from ..outputs import Artefacts, checked_job_outputs, write_unit
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
 from ..sanity import refuse_nonfinite
@@ -79,9 +79,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, opts: L
     """Check the outputs and the options, load the model once, settle its preprocessing and find what the
     lock protects (a classifier or detector head, else a dense output map); refuses before any work."""
     t0 = time.perf_counter()
-    out_path, key = Path(output), Path(key_path)
-    record = Path(record_path) if record_path else public_record_path(key)
-    job_plan(model, out_path, key, record).check()
+    out_path, key, record = checked_job_outputs(model, output, key_path, record_path)
     job = load_job(model, opts, preprocessing, images, prog)
     return job.for_key(out_path, key, record, opts.seed, artefacts, t0)
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..keys import public_record_path
-from ..outputs import Artefacts, job_plan
+from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from .dense import DenseLock
@@ -54,9 +53,7 @@ class Locker:
     def lock(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
              seed: int | None = None, artefacts: Artefacts | None = None) -> LockResult:
         """One key's lock, written as ``onnxstain.lock`` writes it (or staged in ``artefacts``)."""
-        out, key = Path(output), Path(key_path)
-        record = Path(record_path) if record_path else public_record_path(key)
-        job_plan(self.model, out, key, record).check()
+        out, key, record = checked_job_outputs(self.model, output, key_path, record_path)
         job = self._job.for_key(out, key, record, seed, artefacts)
         if self._stages is None:
             return run_stages(job, DenseLock(job))

@@ -29,9 +29,9 @@ from .._onnx.shapes import example_input
 from ..calibration import calibration_pixels, natural_radius, refuse_underflowing_target
 from ..errors import UnsupportedModelError
 from ..features import neuron_inputs
-from ..keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope, public_record_path
+from ..keys import F8, DetectorSection, Key, TriggerSection, encode_png, envelope
 from ..math import chance, detector
-from ..outputs import Artefacts, job_plan, write_unit
+from ..outputs import Artefacts, checked_job_outputs, write_unit
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from ..runtime import run_batches, session, with_outputs
@@ -100,9 +100,7 @@ def prepare(model: str | Path, output: str | Path, key_path: str | Path, options
             record_path: str | Path | None = None, artefacts: Artefacts | None = None) -> StainJob:
     """Check every path, load and check the model once, resolve its preprocessing, find its head (or
     dense output) and host layer, refuse what cannot work, and draw the seed."""
-    out_path, key_path = Path(output), Path(key_path)
-    record = Path(record_path) if record_path else public_record_path(key_path)
-    job_plan(model, out_path, key_path, record).check()
+    out_path, key_path, record = checked_job_outputs(model, output, key_path, record_path)
     job = load_job(model, options, preprocessing, progress)
     return job.for_key(out_path, key_path, record, job.opts.seed, artefacts, job.clock)
 

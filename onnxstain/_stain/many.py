@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..keys import public_record_path
-from ..outputs import Artefacts, job_plan
+from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
 from .dense import stain_dense
@@ -56,9 +55,7 @@ class Stainer:
     def stain(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
               seed: int | None = None, artefacts: Artefacts | None = None) -> StainResult:
         """One key's stain, written as ``onnxstain.stain`` writes it (or staged in ``artefacts``)."""
-        out, key = Path(output), Path(key_path)
-        record = Path(record_path) if record_path else public_record_path(key)
-        job_plan(self.model, out, key, record).check()
+        out, key, record = checked_job_outputs(self.model, output, key_path, record_path)
         job = self._job.for_key(out, key, record, seed, artefacts)
         if job.dense is not None:
             return stain_dense(job, self._images)
