@@ -24,6 +24,7 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "_onnx.quant": (("test_formats.py",), "QDQ and dynamic int8 models: the graph view dequantizes their weights"),
     "_onnx.tensors": (("test_formats.py", "test_io.py"), "external-data and fp16 models read through the graph view"),
     "_version": (("test_key_schema.py",), "every key records the tool_version it reads"),
+    "model_keys": (("test_fleet.py", "test_fleet_lock.py"), "the Stainer and the Locker share it; issue reads it"),
     "_lock.dense": (("test_vit_tiny.py",), "the dense gate lock of the tiny ViT encoder"),
     "_lock.calibration": (("test_lock_tiny.py", "test_lock_stages.py"), "every lock job calibrates through it"),
     "_lock.keys": (("test_lock_tiny.py", "test_key_schema.py"), "lock keys written and read back"),

@@ -10,10 +10,10 @@ one ``onnxstain.lock`` writes with the same seed and options (the tests compare 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..model_keys import ModelForKeys
 from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
@@ -23,7 +23,7 @@ from .pipeline import ClassifierLock
 from .types import LockOptions, LockResult
 
 
-class Locker:
+class Locker(ModelForKeys):
     """Lock one model with many keys. ``options.seed`` is ignored: each :meth:`lock` call takes its own
     (``None``: fresh entropy, as a fleet's copies need)."""
 
@@ -37,19 +37,6 @@ class Locker:
             self._stages = ClassifierLock(self._job)
             self._stages.calibrate()
 
-    @property
-    def source_sha256(self) -> str:
-        return self._job.loaded.sha256
-
-    @property
-    def notes(self) -> list[str]:
-        return list(self._job.notes)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """The model's preprocessing, settled (given, its sidecar file, or from the model's metadata)."""
-        return self._job.pre
-
     def lock(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
              seed: int | None = None, artefacts: Artefacts | None = None) -> LockResult:
         """One key's lock, written as ``onnxstain.lock`` writes it (or staged in ``artefacts``)."""
@@ -58,9 +45,3 @@ class Locker:
         if self._stages is None:
             return run_stages(job, DenseLock(job))
         return run_stages(job, self._stages.for_key(job), calibrated=True)
-
-    def __enter__(self) -> Locker:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None

@@ -11,10 +11,10 @@ seed and options (same calibration, same stages; the tests compare them).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from ..model_keys import ModelForKeys
 from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress
@@ -24,9 +24,9 @@ from .pipeline import SharedWork, shared_work, stain_prepared
 from .result import StainOptions, StainResult
 
 
-class Stainer:
+class Stainer(ModelForKeys):
     """Stain one model with many keys. ``options.seed`` is ignored: each :meth:`stain` call takes its own
-    (``None``: 63 bits of fresh entropy, as a fleet's copies need)."""
+    (``None``: fresh entropy, as a fleet's copies need)."""
 
     def __init__(self, model: str | Path, options: StainOptions | None = None,
                  preprocessing: Preprocessing | PreprocessingRequest | None = None,
@@ -38,19 +38,6 @@ class Stainer:
         # a dense-output model's calibration is part of its own stage (onnxstain._stain.dense): done per key
         self._shared: SharedWork | None = None if self._job.dense is not None else shared_work(self._job, images)
         self._job.clock.lap("calibration")
-
-    @property
-    def source_sha256(self) -> str:
-        return self._job.loaded.sha256
-
-    @property
-    def notes(self) -> list[str]:
-        return list(self._job.notes)
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        """The model's preprocessing, settled (given, its sidecar file, or from the model's metadata)."""
-        return self._job.pre
 
     def stain(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
               seed: int | None = None, artefacts: Artefacts | None = None) -> StainResult:
@@ -66,9 +53,3 @@ class Stainer:
         if self._shared is not None:
             self._shared.cal.session = None
             self._shared.prefix = None
-
-    def __enter__(self) -> Stainer:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
