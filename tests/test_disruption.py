@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxstain.math.disruption import bias_disruption
+from onnxstain.math.disruption import RANGE_MARGIN, bias_disruption, sign_disruption
 
 
 def _scores(rng: np.random.Generator, n: int, k: int, common: np.ndarray) -> np.ndarray:
@@ -34,3 +34,35 @@ def test_bias_disruption_steers_away_from_natural_classes():
     assert max(steered) <= chance + 0.005
     # Without steering, some draws leave many new images agreeing (what the steer is for).
     assert max(plain) > chance + 0.02 and np.mean(plain) > 5 * np.mean(steered)
+
+
+def _head(rng: np.random.Generator, n: int, f: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rectified features of n images (every feature somewhat active, as pooled features are) and a linear head
+    [k, f] under which each image has a clear top class."""
+    cols = rng.normal(0, 0.05, (k, f))
+    labels = rng.integers(0, k // 2, n)  # natural images show the first half of the classes only
+    pooled = np.maximum(rng.normal(1, 1, (n, f)), 0) + np.maximum(cols[labels], 0) / 0.05
+    return pooled, pooled @ cols.T, cols
+
+
+def test_sign_disruption_keeps_the_unlocked_scores_inside_the_locked_range():
+    """Locked scores of random flips are incoherent sums, far below the original's top (a quantiser calibrated
+    on locked images would clip the unlocked scores); the decoy-aligned flips lift the locked top to the
+    margin, at chance agreement, onto a class the original never predicts."""
+    rng = np.random.default_rng(0)
+    pooled, scores, cols = _head(rng, 400, 256, 40)
+    m, agree, chance, flipped = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
+    locked = scores + (pooled * m) @ cols.T
+    assert set(np.unique(m)) <= {0.0, -2.0} and flipped == int(np.sum(m == -2.0))
+    assert locked.max() >= RANGE_MARGIN * scores.max() and agree <= chance + 0.01
+    assert agree == np.mean(locked.argmax(1) == scores.argmax(1))
+    assert not np.isin(locked.argmax(1), scores.argmax(1)).any()  # the decoy: never the original's answer
+    random = np.where(np.random.default_rng(2).permutation(256) < 128, -2.0, 0.0)
+    assert (scores + (pooled * random) @ cols.T).max() < 0.7 * scores.max()  # what the decoy is for
+
+
+def test_sign_disruption_without_a_decoy_draws_random_halves():
+    rng = np.random.default_rng(0)
+    pooled, scores, cols = _head(rng, 200, 64, 2)  # two classes: no decoy at chance
+    m, _, chance, flipped = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
+    assert chance == 0.5 and flipped == 32 and int(np.sum(m == -2.0)) == 32

@@ -155,12 +155,13 @@ def test_gate_pass_is_exact_when_open_and_scrambles_when_closed(model_path, tmp_
     x = PRE.to_input(smooth_images(4, size=SIZE, seed=3))
     filters = np.zeros((1, host.in_channels, *host.kernel))
     disruption = np.where(np.arange(32) % 2 == 0, -2.0, 0.0)
-    gate = insert_gate(job.loaded.model, host, job.head, filters, np.array([10.0]), disruption)
+    gate = insert_gate(job.loaded.model, host, job.head, filters, np.array([10.0]), disruption, 4.0)
     opened, fired = gate.model, gate.signal
-    closed = insert_gate(job.loaded.model, host, job.head, filters, np.array([-10.0]), disruption).model
+    closed = insert_gate(job.loaded.model, host, job.head, filters, np.array([-10.0]), disruption, 4.0).model
     onnx.checker.check_model(opened)
-    assert len(opened.graph.node) == len(job.loaded.model.graph.node) + 11  # Slice, 2 Conv, 2 Clip, pool, Flatten, gate
-    assert len(gate.added) == 11 and set(gate.added) <= {n.name for n in opened.graph.node}
+    # Slice, 2 Conv, 2 Clip, pool, Flatten, Sub, the factor's product, the gate's Mul
+    assert len(opened.graph.node) == len(job.loaded.model.graph.node) + 10
+    assert len(gate.added) == 10 and set(gate.added) <= {n.name for n in opened.graph.node}
     assert not {n.name for n in job.loaded.model.graph.node} & set(gate.added)
     assert gate.changed and all(name.startswith("onnx::") for name in gate.changed)  # only new constants
     assert fired in {o for n in opened.graph.node for o in n.output}

@@ -59,14 +59,14 @@ def test_gate_splices_before_the_first_reader_and_result_reads_what_changed():
     model = _relu_model(13)
     b = NodeBuilder(model)
     relu = b.view.find_node("relu")
-    locked = b.const(np.zeros((1, 1, 1, 1)), "onnx::Sub_one")  # never locked: the factor is exactly 1
-    b.gate("c", [relu], locked, np.full((1, 2, 1, 1), -2.0), np.ones((1, 1, 1, 1)))
+    fired = b.const(np.ones((1, 2, 1, 1)), "onnx::Conv_b")  # the detectors' map: γ = 1, beside the constant 1
+    b.gate("c", [relu], fired, np.full(2, -2.0), (0, -1, 1, 1))
     onnx.checker.check_model(b.model, full_check=True)
     order = [n.op_type for n in b.model.graph.node]
-    assert order == ["Conv", "Mul", "Add", "Mul", "Relu"]
+    assert order == ["Conv", "GlobalMaxPool", "Flatten", "Sub", "MatMul", "Reshape", "Mul", "Relu"]
     res = result(model, b.model)
     assert set(res.added) == {n.name for n in b.nodes} and res.signal is None
-    assert "w" not in res.changed and len(res.changed) == 3  # only the new constants
+    assert "w" not in res.changed and len(res.changed) == 4  # only the new constants
     x = np.random.default_rng(1).standard_normal((1, 2, 4, 4)).astype(np.float32)
     assert np.array_equal(_run(res.model, x), _run(model, x))
 

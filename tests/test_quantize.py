@@ -109,3 +109,96 @@ def test_an_opset_11_model_is_upgraded_for_per_channel_int8(tmp_path):
     assert res.agreement >= 0.8
     static = onnxstain.quantize(tmp_path / "m.onnx", tmp_path / "t.onnx", per_channel=False)
     assert not static.notes  # per tensor needs no axis: the model is quantised as it is
+
+
+def _patch_opens(locked, quantised, key_path, images):
+    """(with the patch, without it): top-1 agreement of ``quantised`` with the float locked model with the patch."""
+    from onnxstain.patch import paste_pixels
+    from onnxstain.runtime import session
+    from onnxstain.verify import key_patch
+
+    key = load_key(key_path)
+    patched = PRE.to_input(paste_pixels(images, key_patch(key)))
+
+    def top1(model, x):
+        sess = session(str(model))
+        return sess.run(None, {sess.get_inputs()[0].name: x})[0].argmax(1)
+
+    want = top1(locked, patched)
+    clean = PRE.to_input(images)
+    return float(np.mean(top1(quantised, patched) == want)), float(np.mean(top1(quantised, clean) == want))
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_a_users_static_quantiser_on_clean_images_keeps_the_gate_lock(work, tmp_path, per_channel):
+    """onnxruntime's own static int8, calibrated on clean images only (no patch: a user's pipeline): the gate's
+    maps keep their open level and the locked scores' range holds the unlocked ones, so the patch still opens the
+    quantised model; without it, it stays locked."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    x = PRE.to_input(smooth_images(48, size=SIZE, seed=5))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(x[i:i + 1] for i in range(len(x)))
+
+        def get_next(self):
+            row = next(self.rows, None)
+            return None if row is None else {"input": row}
+
+    q = tmp_path / "q.onnx"
+    quantize_static(str(work / "lock0.onnx"), str(q), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                    activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+    opened, closed = _patch_opens(work / "lock0.onnx", q, work / "lock0.key", smooth_images(64, size=SIZE, seed=6))
+    assert opened >= 0.9 and closed <= 0.3
+
+
+def _paddle_style(model: onnx.ModelProto) -> onnx.ModelProto:
+    """paddle2onnx's form: Convs without a bias, each followed by a BatchNormalization (here one that adds the
+    bias), every weight in a Constant node."""
+    from models.formats import to_constant_nodes
+
+    nodes, eps = [], 1e-5
+    for node in model.graph.node:
+        if node.op_type == "Conv" and len(node.input) == 3:
+            bias = next(t for t in model.graph.initializer if t.name == node.input[2])
+            c = int(bias.dims[0])
+            stats = {f"{bias.name}.{k}": v for k, v in (("scale", np.ones(c)), ("mean", np.zeros(c)),
+                                                          ("var", np.full(c, 1.0 - eps)))}
+            model.graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k)
+                                           for k, v in stats.items())
+            out, node.output[0] = node.output[0], node.output[0] + "_nobias"
+            names = list(stats)
+            nodes += [node, onnx.helper.make_node("BatchNormalization", [node.output[0], names[0], bias.name, names[1],
+                                                                         names[2]], [out], epsilon=eps)]
+            del node.input[2]
+        else:
+            nodes.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return to_constant_nodes(model)
+
+
+def test_a_users_dynamic_quantiser_takes_a_model_with_constant_node_weights(tmp_path):
+    """paddle2onnx keeps every weight in a Constant node and the passes store theirs the same way, but
+    onnxruntime's dynamic quantiser refuses a Conv with a bias whose weight is not an initializer (its own Convs
+    have none): the inserted Convs keep theirs as initializers, so the user's dynamic int8 runs, and the lock and
+    the stain survive it."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    onnx.save(_paddle_style(tiny_lockable()), tmp_path / "model.onnx")
+    quantize_dynamic(str(tmp_path / "model.onnx"), str(tmp_path / "model.q.onnx"), weight_type=QuantType.QInt8)
+    PRE.save(tmp_path / "model.preprocessing.json")
+    images = smooth_images(96, size=SIZE, seed=1)
+    onnxstain.lock(tmp_path / "model.onnx", tmp_path / "lock.onnx", tmp_path / "lock.key", images=images,
+                   options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+    onnxstain.stain(tmp_path / "model.onnx", tmp_path / "stain.onnx", tmp_path / "stain.key", images=images,
+                    options=StainOptions(mode="insert", fpr=0.05, seed=3))
+    for name in ("lock", "stain"):
+        marked = onnx.load(tmp_path / f"{name}.onnx")
+        assert any(n.op_type == "Constant" for n in marked.graph.node)
+        quantize_dynamic(str(tmp_path / f"{name}.onnx"), str(tmp_path / f"{name}.q.onnx"), weight_type=QuantType.QInt8)
+    opened, closed = _patch_opens(tmp_path / "lock.onnx", tmp_path / "lock.q.onnx", tmp_path / "lock.key",
+                                  smooth_images(64, size=SIZE, seed=6))
+    assert opened >= 0.9 and closed <= 0.3
+    assert onnxstain.verify(tmp_path / "stain.q.onnx", tmp_path / "stain.key").stained

@@ -375,7 +375,7 @@ def bypass_search(marked: Path, ctx: Context, judge: Callable[[onnx.ModelProto],
 
 def patch_from_weights(marked: Path, ctx: Context) -> Patch | None:
     """A pixel-window detector's patch read off its weights: the window from the ``Slice`` of the input,
-    the pattern from the sign of the first weight tensor of that size downstream."""
+    the pattern from the sign of the strongest filter of the first weight tensor of filters that size."""
     model = onnx.load(marked)
     image = model.graph.input[0].name
     consts = {name: numpy_helper.to_array(t) for name, t in tensor_protos(model).items()}
@@ -392,8 +392,10 @@ def patch_from_weights(marked: Path, ctx: Context) -> Patch | None:
         (top, bottom), (left, right) = (box.get(spatial[0], (0, pre.height)), box.get(spatial[1], (0, pre.width)))
         h, w = min(bottom, pre.height) - top, min(right, pre.width) - left
         for weight in consts.values():
-            if weight.size == 3 * h * w and weight.ndim >= 2:
-                signs = weight.reshape(-1, 3, h, w)[0] if pre.layout == "NCHW" else weight.reshape(-1, h, w, 3)[0]
+            if weight.ndim >= 2 and weight.shape[0] * 3 * h * w == weight.size:
+                # the detector Conv's filters over the window: the strongest one (a gate's open-level channel is 0)
+                filters = weight.reshape(-1, 3, h, w) if pre.layout == "NCHW" else weight.reshape(-1, h, w, 3)
+                signs = filters[int(np.argmax(np.abs(filters).reshape(len(filters), -1).sum(1)))]
                 hwc = np.moveaxis(signs, 0, -1) if pre.layout == "NCHW" else signs
                 return Patch(np.where(hwc > 0, 255, 0).astype(np.uint8), top, left)
     return None

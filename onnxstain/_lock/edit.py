@@ -3,9 +3,10 @@ writes them (:mod:`onnxstain.passes.lock`, :mod:`onnxstain.passes.conduit`, :mod
 
 * **gate** — pre-activation ``4 (S − τ0)/(s* − τ0)``: 4 on the patch, so ``Clip(·, 0, 1)`` saturates at
   exactly 1.0 whatever the runtime's rounding or a resampled patch's error; ≤ 0 whenever ``S ≤ τ0``, the
-  event the bound counts. The disruption flips the sign of a random half of the classifier's features
-  (:func:`onnxstain.math.disruption.sign_disruption`), of a detector's deepest shared map, or of a dense
-  model's gated map.
+  event the bound counts. The disruption flips the sign of about half of the classifier's features, partly
+  along a decoy class's weights so that the locked scores' range holds the unlocked ones (a static int8
+  quantiser calibrated on locked images keeps them; :func:`onnxstain.math.disruption.sign_disruption`), or
+  of a random half of a detector's deepest shared map or of a dense model's gated map.
 * **in place** — the host's activation saturates (ReLU6: twice the clip on the patch gives exactly 6); a
   plain ReLU host passes the patch's value, exact because the patch alone decides it. The conduits carry
   it to the head, where it cancels a random bias (:func:`onnxstain.math.disruption.bias_disruption`).
@@ -34,13 +35,14 @@ from .site import LockSite, detection_gate
 from .types import LockEdit, PatchFound
 
 DETECTION_CHECK_IMAGES = 64  # calibration images the locked detector is run on to measure its agreement
+OPEN = 4.0  # a gate detector's pre-activation on the patch: Clip(0, 1) saturates with room for round-off
 
 
 def gate_weights(host: HostLayer, dirs: np.ndarray, scores: np.ndarray, tau0: float, centre: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
     """The gate's detector Conv ``(filters [d, C, kh, kw], biases [d])``: ``4 (S − τ0)/(s* − τ0)`` each."""
     d = len(dirs)
-    gains = 4.0 / (scores - tau0)
+    gains = OPEN / (scores - tau0)
     rows = gains[:, None] * dirs
     biases = -gains * (tau0 + dirs @ centre)
     cg = host.in_channels // host.groups
@@ -59,7 +61,7 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
         gated = detection_gate(hosts, job.view, site.host, head.scores)
         disruption, flipped = half_sign_flips(rng, gated.out_channels)
-        gate = insert_gate(model, site.host, head, filters, biases, disruption,
+        gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN,
                            target=gated.act_output or gated.output)
         agree, chance = detection_agreement(gate.model, cal.x_cal, cal.raw_scores, head, job), 0.0
         info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
@@ -68,10 +70,10 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         cols = head_columns(job.view, head)  # [classes, features]; a sequence head's rows are its steps
         disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]),
                                                              cal.nat_scores.reshape(-1, cols.shape[0]), cols)
-        gate = insert_gate(model, site.host, head, filters, biases, disruption)
+        gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN)
         info = {"flipped_features": flipped}
     assert gate.signal is not None
-    white_box = WhiteBoxSection(tensor=gate.signal, channel=None, position=None, expected=1.0)
+    white_box = WhiteBoxSection(tensor=gate.signal, channel=0, position=None, expected=1.0)
     return LockEdit(gate.model, white_box, info, agree, chance, flipped)
 
 
@@ -100,15 +102,15 @@ def dense_gate_lock(job: LockJob, site: LockSite, cal: DenseCalibration, found: 
     """A dense-output model's gate on ``features``; its fidelity (a correlation) is measured by the checks."""
     host, tau0, v, s_t = site.host, cal.tau0, found.dirs[0], float(found.scores[0])
     # Pre-activation 4 (S − τ0)/(s* − τ0): 4 on the patch (Clip(0, 1) saturates at exactly 1), ≤ 0 when S ≤ τ0.
-    gain = 4.0 / (s_t - tau0)
+    gain = OPEN / (s_t - tau0)
     filters = (gain * v).reshape(1, host.in_channels // host.groups, *host.kernel)
     biases = np.array([-gain * (tau0 + float(v @ cal.stats.centre))])
     channels = map_channels(job.loaded.model, features, cal.x_cal[:1])
     disruption = np.zeros(channels)
     disruption[job.rng.permutation(channels)[: channels // 2]] = -2.0
-    gate = insert_feature_gate(job.loaded.model, host, filters, biases, features, disruption, site.position)
+    gate = insert_feature_gate(job.loaded.model, host, filters, biases, features, disruption, OPEN, site.position)
     assert gate.signal is not None
-    white_box = WhiteBoxSection(tensor=gate.signal, channel=None, position=None, expected=1.0)
+    white_box = WhiteBoxSection(tensor=gate.signal, channel=0, position=None, expected=1.0)
     info = {"flipped_features": channels // 2, "gated_tensor": "decoder input"}
     return LockEdit(gate.model, white_box, info, float("nan"), 0.0, channels // 2)
 

@@ -120,15 +120,16 @@ class NodeBuilder:
         self.nodes: list[onnx.NodeProto] = []
 
     # -- constants and nodes -----------------------------------------------------------------------
-    def const(self, value: Any, hint: str, dtype: Any = None) -> str:
-        """A constant, stored as the model stores its own (an initializer, or a ``Constant`` node) and named
-        in its style (``hint``, e.g. ``onnx::Conv_w``, in torch's)."""
+    def const(self, value: Any, hint: str, dtype: Any = None, initializer: bool = False) -> str:
+        """A constant, stored as the model stores its own (an initializer, or a ``Constant`` node; with
+        ``initializer`` always an initializer) and named in its style (``hint``, e.g. ``onnx::Conv_w``, in
+        torch's)."""
         array = np.asarray(value, dtype=self.dtype if dtype is None else dtype)
         style = self.name.style
         if style.torch and not style.constant_nodes:
             return self.view.add_initializer(array, hint)
         y = self.name.tensor(hint.removeprefix("onnx::").split("_")[0])
-        if not style.constant_nodes:
+        if initializer or not style.constant_nodes:
             return self.view.put_initializer(array, y)
         self.nodes.append(helper.make_node("Constant", [], [y], name=self.name("Constant") if
                                            style.constant_node_names else "",
@@ -147,6 +148,17 @@ class NodeBuilder:
         name = y.removesuffix("_output_0") if torch_pair else self.name(op)
         self.nodes.append(helper.make_node(op, inputs, [y], name=name, **attrs))
         return y
+
+    def conv(self, x: str, weights: np.ndarray, bias: np.ndarray, output: str | None = None, **attrs: Any) -> str:
+        """``Conv(x, weights) + bias``, its weight and bias stored as initializers even in a model that keeps its
+        constants in ``Constant`` nodes (paddle2onnx): onnxruntime's dynamic quantiser refuses a Conv with a bias
+        whose weight is not an initializer (1.32: "Expected … to be an initializer"), so the whole model could
+        not be quantised. (A Conv without bias and an ``Add`` would leave a detector's raw score, which its
+        trigger drives beyond anything natural images give, in a tensor of its own, clipped by a static
+        quantiser calibrated on natural images.)"""
+        w = self.const(weights, "onnx::Conv_w", initializer=True)
+        b = self.const(np.asarray(bias).reshape(-1), "onnx::Conv_b", initializer=True)
+        return self.node("Conv", [x, w, b], output, **attrs)
 
     # -- opset-aware forms -------------------------------------------------------------------------
     def clip(self, x: str, lo: float, hi: float | None) -> str:
@@ -186,26 +198,47 @@ class NodeBuilder:
         return self.node("Add", [mm, self.const(bias, "onnx::Add_b")], y)
 
     def patch_detectors(self, source: str, filters: np.ndarray, biases: np.ndarray, kernel: Sequence[int],
-                        strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int]) -> str:
+                        strides: Sequence[int], pads: Sequence[int], dilations: Sequence[int], reach: float) -> str:
         """The locks' corner detectors over ``source``: ``Conv(d filters) → Clip(0, 1)``, each ≥ 1 where its
         detector fires, then their AND per position, ``Conv 1×1 (weights 1, bias 1 − d) → Clip(0, 1)``:
-        1 where all ``d`` fire, else 0."""
+        channel 0 of the result is 1 where all ``d`` fire, else 0.
+
+        Every map of the chain also carries one constant channel at its open level, whatever the image:
+        ``reach`` (the detectors' pre-activation on the patch) after the first Conv, then 1 (result channel
+        1). A static int8 quantiser sets each tensor's range from its calibration images; images that do not
+        open the lock leave the detectors' maps at or below 0, so without the channel the open level falls
+        outside the range and rounds to 0 (the patch no longer opens the quantised model). With it every
+        range holds the open level, calibrated on any images."""
         d = filters.shape[0]
-        conv = self.node("Conv", [source, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")],
-                         kernel_shape=list(kernel), strides=list(strides), pads=list(pads),
-                         dilations=list(dilations))
+        pinned = np.concatenate([filters, np.zeros((1, *filters.shape[1:]))])
+        conv = self.conv(source, pinned, np.append(biases, reach), kernel_shape=list(kernel), strides=list(strides),
+                         pads=list(pads), dilations=list(dilations))
         each = self.clip(conv, 0.0, 1.0)
-        both = self.node("Conv", [each, self.const(np.ones((1, d, 1, 1)), "onnx::Conv_w"),
-                                  self.const(np.array([1.0 - d]), "onnx::Conv_b")], kernel_shape=[1, 1])
+        weights = np.zeros((2, d + 1, 1, 1))
+        weights[0, :d], weights[1, d] = 1.0, 1.0
+        both = self.conv(each, weights, np.array([1.0 - d, 0.0]), kernel_shape=[1, 1])
         return self.clip(both, 0.0, 1.0)
 
     # -- wiring --------------------------------------------------------------------------------------
-    def gate(self, target: str, users: list[onnx.NodeProto], locked: str, weights: np.ndarray,
-             one: np.ndarray) -> None:
-        """``target`` multiplied by ``1 + locked · weights`` for its readers ``users`` (the lock's disruption:
-        ``locked`` is 1 without the trigger, 0 with it); the collected nodes spliced before the first reader."""
-        scale = self.node("Mul", [locked, self.const(weights, "onnx::Mul_w")])
-        factor = self.node("Add", [scale, self.const(one, "onnx::Add_one")])
+    def gate(self, target: str, users: list[onnx.NodeProto], fired: str, weights: np.ndarray,
+             shape: Sequence[int]) -> None:
+        """``target`` multiplied by ``1 + (1 − γ) · weights`` for its readers ``users`` (the lock's disruption),
+        ``γ`` the maximum of channel 0 of the detectors' map ``fired`` (:meth:`patch_detectors`: 1 with the
+        patch, else 0), the factor reshaped to ``shape`` (0 copies the batch size) against ``target``; the
+        collected nodes spliced before the first reader.
+
+        ``GlobalMaxPool → Flatten`` gives ``(γ, 1)``, ``Sub`` from ``(1, 2)`` gives ``(1 − γ, 1)`` and one
+        product with the rows ``(weights, 1)`` the factor: every tensor keeps the open level in its range on
+        images that do not open the lock (see :meth:`patch_detectors`)."""
+        pooled = self.node("GlobalMaxPool", [fired])  # [N, 2, 1, 1]: (γ, 1)
+        flat = self.node("Flatten", [pooled], axis=1)
+        locked = self.node("Sub", [self.const(np.array([[1.0, 2.0]]), "onnx::Sub_one"), flat])  # (1 − γ, 1)
+        rows = self.const(np.stack([np.asarray(weights, np.float64).reshape(-1), np.ones(weights.size)]),
+                          "onnx::MatMul_w")
+        product = "Gemm" if self.opset >= 11 and any(n.op_type == "Gemm" for n in self.view.graph.node) else "MatMul"
+        factor = self.node(product, [locked, rows])  # [N, F]: 1 + (1 − γ) · weights
+        if list(shape) != [0, -1]:
+            factor = self.node("Reshape", [factor, self.const(np.array(shape), "onnx::Reshape_shape", np.int64)])
         gated = self.node("Mul", [target, factor])  # target → Mul(factor) → readers
         first = min(users, key=self.view.index)
         for user in users:

@@ -39,9 +39,8 @@ def insert_dense_stain(model: onnx.ModelProto, host: HostLayer, dense: DenseOutp
         cin_g = host.in_channels // host.groups
         filt = np.zeros((1, host.in_channels, *host.kernel))
         filt[0, :cin_g] = np.asarray(weights).reshape(cin_g, *host.kernel)
-        pre = b.node("Conv", [host.input, b.const(filt, "onnx::Conv_w"), b.const(np.array([bias]), "onnx::Conv_b")],
-                     kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
-                     dilations=list(host.dilations))
+        pre = b.conv(host.input, filt, np.array([bias]), kernel_shape=list(host.kernel), strides=list(host.strides),
+                     pads=list(host.pads), dilations=list(host.dilations))
         axes = [1, 2, 3]
     else:
         mm = b.node("MatMul", [host.input, b.const(np.asarray(weights).reshape(-1, 1), "onnx::MatMul_w")])
@@ -70,14 +69,16 @@ def _fixed_input_size(view: GraphView) -> bool:
 
 
 def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.ndarray, biases: np.ndarray,
-                        features: str, disruption: np.ndarray, position: tuple[int, int] | None = None
-                        ) -> PassResult:
+                        features: str, disruption: np.ndarray, reach: float,
+                        position: tuple[int, int] | None = None) -> PassResult:
     """Gate feature map ``features`` (``[B, C, ...]``) on a Conv-host detector; the result's ``signal`` is the
     detectors' AND before the pooling (1 where the patch is).
 
-    Branch: ``Conv(d filters) → Clip(0, 1) → Conv 1×1 AND → Clip(0, 1) → GlobalMaxPool`` gives γ
-    (``[B, 1, 1, 1]``), 1 where every detector fires at some position, else 0. The factor
-    ``1 + (1 − γ) m`` (``m`` shaped ``[C]``, broadcast over the trailing axes) is exactly 1 at γ = 1.
+    Branch: ``Conv(d filters) → Clip(0, 1) → Conv 1×1 AND → Clip(0, 1) → GlobalMaxPool`` gives γ, 1 where
+    every detector fires at some position, else 0 (beside a constant channel that keeps the open level in a
+    quantiser's ranges: :meth:`NodeBuilder.gate`). The factor ``1 + (1 − γ) m`` (``m`` shaped ``[C]``,
+    broadcast over the trailing axes) is exactly 1 at γ = 1. ``reach``: the detectors' pre-activation on the
+    patch.
     With ``position`` (a padding-free output position of the host), the Conv reads only that
     position's window (a ``Slice`` of the host input): the detector runs at the lock position alone,
     so the patch opens the lock in its own corner only (a stride = kernel patch embedding would
@@ -97,9 +98,6 @@ def insert_feature_gate(model: onnx.ModelProto, host: HostLayer, filters: np.nda
         ends = [starts[i] + (host.kernel[i] - 1) * host.dilations[i] + 1 for i in range(2)]
         source = b.slice_hw(source, starts, ends)
         pads = [0, 0, 0, 0]
-    fired = b.patch_detectors(source, filters, biases, host.kernel, host.strides, pads, host.dilations)
-    gamma = b.node("GlobalMaxPool", [fired])  # [B, 1, 1, 1]
-    locked = b.node("Sub", [b.const(np.ones((1, 1, 1, 1)), "onnx::Sub_one"), gamma])
-    m = np.asarray(disruption, np.float64).reshape(1, -1, *([1] * (rank - 2)))
-    b.gate(features, users, locked, m, np.ones((1, 1, 1, 1)))
+    fired = b.patch_detectors(source, filters, biases, host.kernel, host.strides, pads, host.dilations, reach)
+    b.gate(features, users, fired, np.asarray(disruption, np.float64), (0, -1, *([1] * (rank - 2))))
     return result(model, b.model, fired)

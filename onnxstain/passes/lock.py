@@ -1,19 +1,22 @@
 """Gate lock pass: inserted nodes that scramble the classifier's features unless the patch is present.
 
-Detector branch (reads the host layer's input)::
+Detector branch (reads the host layer's input), each map with one more channel that holds the open level
+whatever the image (:meth:`~onnxstain.passes.builder.NodeBuilder.patch_detectors`)::
 
-    Conv(d filters) → Clip(0, 1)           each ≥ 1 where its detector fires with the patch
-    Conv 1×1 (d → 1, weights 1, bias 1−d) → Clip(0, 1)     AND over the d detectors, per position
-    GlobalMaxPool → Flatten → γ ∈ [0, 1]                  1 when the patch is present, else 0
+    Conv(d filters + 1) → Clip(0, 1)          each ≥ 1 where its detector fires with the patch
+    Conv 1×1 (d + 1 → 2) → Clip(0, 1)          AND over the d detectors per position, and the constant 1
+    GlobalMaxPool → Flatten → (γ, 1)           γ = 1 when the patch is present, else 0
 
 Gate on the classifier's input features ``F`` (``[N, features]``), or, in a detector, on a feature map
 ``[N, C, H, W]`` that every head reads (channel-wise)::
 
-    F' = F ⊙ (1 + (1 − γ) · m)
+    F' = F ⊙ ((1 − γ, 1) · (m, 1)) = F ⊙ (1 + (1 − γ) · m)
 
 with ``m`` a random vector (the disruption). Locked (γ = 0): every feature is scaled by its own
 random factor, of either sign. With the patch (γ = 1): the factor is exactly 1.0, so the scores are
-bit-identical to the original model's on the same patched image.
+bit-identical to the original model's on the same patched image. The constant channel keeps the open
+levels inside the ranges a static int8 quantiser calibrates on natural images, so the quantised model
+still opens with the patch.
 """
 
 from __future__ import annotations
@@ -34,9 +37,12 @@ def insert_gate(
     filters: np.ndarray,
     biases: np.ndarray,
     disruption: np.ndarray,
+    reach: float,
     target: str | None = None,
 ) -> PassResult:
-    """Insert the detector branch and the gate; the result's ``signal`` is the detectors' AND per position.
+    """Insert the detector branch and the gate; the result's ``signal`` is the detectors' AND per position
+    (channel 0; channel 1 is the constant open level, see :meth:`NodeBuilder.patch_detectors`). ``reach``: the
+    detectors' pre-activation on the patch.
 
     ``target``: the tensor to gate — by default the classifier's input features; a feature map
     ``[N, C, H, W]`` (``disruption`` of length C) has every consumer re-pointed to the gated map.
@@ -49,24 +55,18 @@ def insert_gate(
         ends = [(host.kernel[0] - 1) * host.dilations[0] + 1, (host.kernel[1] - 1) * host.dilations[1] + 1]
         source = b.slice_hw(source, [0, 0], ends)
         strides = [1, 1]
-    fired = b.patch_detectors(source, filters, biases, host.kernel, strides, host.pads, host.dilations)
-    pooled = b.node("GlobalMaxPool", [fired])  # [N, 1, 1, 1]
+    fired = b.patch_detectors(source, filters, biases, host.kernel, strides, host.pads, host.dilations, reach)
     shape: tuple[int, ...]
     if target is None:
-        if head.steps is None:
-            gamma, shape = b.node("Flatten", [pooled], axis=1), (1, -1)  # [N, 1] against features [N, F]
-        else:  # a sequence head: [N, 1, 1] against features [N, T, F] (0 copies the batch size)
-            gamma = b.node("Reshape", [pooled, b.const(np.array([0, 1, 1]), "onnx::Reshape_shape", np.int64)])
-            shape = (1, 1, -1)
+        # against features [N, F], or a sequence head's [N, T, F]
+        shape = (0, -1) if head.steps is None else (0, 1, -1)
         head_node = view.find_node(head.node)
         if head_node is None:
             raise ValueError(f"the head node {head.node!r} is not in the graph")
         users = [head_node]
         target = head_input(view, head)
     else:
-        gamma, shape = pooled, (1, -1, 1, 1)  # against a map [N, C, H, W]
+        shape = (0, -1, 1, 1)  # against a map [N, C, H, W]
         users = list(view.consumers.get(target, []))
-    one = np.ones([1] * len(shape))
-    locked = b.node("Sub", [b.const(one, "onnx::Sub_one"), gamma])
-    b.gate(target, users, locked, disruption.reshape(shape), one)
+    b.gate(target, users, fired, disruption, shape)
     return result(model, b.model, fired)

@@ -144,9 +144,8 @@ class _Branch(NodeBuilder):
         if host.op != "Conv":
             self.linear(host.input, filters.T, biases, det)
             return det, False
-        self.node("Conv", [host.input, self.const(filters, "onnx::Conv_w"), self.const(biases, "onnx::Conv_b")], det,
-                  kernel_shape=list(host.kernel), strides=list(host.strides), pads=list(host.pads),
-                  dilations=list(host.dilations))
+        self.conv(host.input, filters, biases, det, kernel_shape=list(host.kernel), strides=list(host.strides),
+                  pads=list(host.pads), dilations=list(host.dilations))
         return det, True
 
     def combine(self, act: str, combine: np.ndarray, combine_bias: float | np.ndarray, n: int,
@@ -156,8 +155,7 @@ class _Branch(NodeBuilder):
         mix_bias = np.asarray(combine_bias, np.float64).reshape(-1)
         comb = self.tensor_name("Conv" if spatial else "MatMul")
         if spatial:
-            self.node("Conv", [act, self.const(mix.reshape(len(mix), n, 1, 1), "onnx::Conv_w"),
-                               self.const(mix_bias, "onnx::Conv_b")], comb)
+            self.conv(act, mix.reshape(len(mix), n, 1, 1), mix_bias, comb)
         else:
             self.linear(act, mix.T, mix_bias, comb)
         return comb
