@@ -173,6 +173,9 @@ def _check_mark(key: Key, checked: VerifyResult, mode: str, agree: float, closed
             f"the {mode} int8 model does not verify as carrying the key's stain ("
             + "; ".join(f"{c.name}: {c.detail}" for c in checked.checks if c.available and not c.passed)
             + f"); it agrees {100 * agree:.1f}% with the float model on {n} held-out photos; nothing written")
+    if checked.basis == "weights" and not checked.drifted:
+        notes.append("the quantised model's outputs do not show the stain's signature (int8 clipped the detector's "
+                     "firing): verify reads it from the weights, an endpoint alone cannot attribute this model")
 
 
 def _per_channel_source(model: onnx.ModelProto, path: Path, tmp: Path, notes: list[str]) -> Path:

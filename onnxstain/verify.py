@@ -13,9 +13,15 @@
   as what it is, not as a missing stain. (An additive stain hides in a working neuron: its threshold
   is the key's, midway between that neuron's own response to the trigger and the designed level.)
 
+* **Weights** — in-place stains: the host channel's row (or its change, for an additive stain) read from the
+  stored weights and compared with the key's direction. Read when the outputs cannot show the signature
+  (they drift from the stained model's: int8, noise) or do not show it (static int8 clipped the detector's
+  firing, or its classifier column was cut); then the verdict rests on it. In the second case it overrules
+  two failed checks, so it is held to at least the stain's default standard (``FALLBACK_LOG10``).
+
 The decision needs the black-box check and, when it is available, the white-box check; ``basis`` says
 which of them it rests on (``"black-box only"`` when the host tensor is gone: renamed, fused or
-re-exported). Every check reports its margin (score − threshold).
+re-exported; ``"weights"`` as above). Every check reports its margin (score − threshold).
 ``fpr_bound`` is the probability, over the key's random direction, that a model carrying an
 independently drawn stain of the same construction would pass this verification: the chance its
 detector fires on our trigger (a *cross-key* bound, computed from the trigger's own feature radii).
@@ -33,6 +39,7 @@ import numpy as np
 from ._onnx.graph import GraphView
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
+from ._stain.result import StainOptions
 from .errors import BadInputError, BadKeyError, KeyMismatchError
 from .keys import Key, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
@@ -54,6 +61,9 @@ from .signature import (
     synthetic_controls,
 )
 
+# The weight check read where the outputs do not show the signature overrules two failed checks: it must meet the
+# key's bound and at least the stain's default standard of evidence (its --fpr), whatever a key was made with.
+FALLBACK_LOG10 = float(np.log10(StainOptions().fpr))
 REPORT_FORMAT = "onnxstain-verify-report"
 REPORT_VERSION = 2  # 2: each check's margin, the verdict's basis, the white-box tolerance
 # The share of a detector's designed firing level that drift may take before the white-box check fails. The
@@ -109,12 +119,15 @@ class VerifyResult:
     # the model-signing signature and signed statement beside the model, if any (onnxstain.fleet.signing)
     signature: dict[str, Any] | None = None
     images: int = 0  # the images verify ran through the model (triggers, controls, references)
+    drifted: bool = False  # the outputs drift too far from the stained model's to read a shift signature
 
     @property
     def basis(self) -> str:
         """What the verdict rests on: both checks, the black box alone (the host tensor is gone), or the weights
-        (the outputs drift too far from the stained model's to read the signature)."""
-        if any(c.name == "weights" and c.available for c in self.checks):
+        (the outputs drift too far from the stained model's to read the signature, or they do not show it and the
+        detector's row is still in the weights)."""
+        weights = next((c for c in self.checks if c.name == "weights" and c.available), None)
+        if weights is not None and (weights.passed or self.drifted):
             return "weights"
         return "black-box and white-box" if all(c.available for c in self.checks) else "black-box only"
 
@@ -243,17 +256,7 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         notes.append("white-box check unavailable: the model's tensors differ from the stained model's")
     checks = [black, white]
     drifted = black.drift is not None and black.drift > SHIFT_DRIFT_GATE
-    stained = all(c.passed for c in checks if c.available)
-    deciding = black  # the check whose score and threshold head the report
-    if drifted:  # the signature cannot be read from this model's outputs: read the detector from its weights
-        weights = weight_check(key, loaded.model)
-        checks.append(weights)
-        stained = weights.passed
-        deciding = weights if weights.available else black
-        notes.append("the model's outputs drift from the stained model's (int8, noise, another model): the verdict "
-                     "rests on the weight check" if weights.available else
-                     "the model's outputs drift from the stained model's and the key has no weight check (it "
-                     "predates it): not read as stained")
+    stained, deciding = _decide(key, loaded.model, checks, drifted, notes)
     cross = _cross_key_bound(key, len(triggers))
     if weak_bound(cross, key.bound):
         notes.append(f"the cross-key bound {cross} is weak: the key's triggers lie far from the calibration "
@@ -272,8 +275,41 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
-        tolerance=tolerance if designed and has_tap else None, images=len(x),
+        tolerance=tolerance if designed and has_tap else None, images=len(x), drifted=drifted,
     )
+
+
+def _decide(key: Key, model: Any, checks: list[Check], drifted: bool, notes: list[str]) -> tuple[bool, Check]:
+    """The verdict and the check that heads the report, from the output checks (``checks[0]`` the black box),
+    reading the weights where the outputs cannot show the signature or do not show it. Appends the weight check
+    it read to ``checks`` and its note to ``notes``."""
+    black = checks[0]
+    if drifted:  # the signature cannot be read from this model's outputs: read the detector from its weights
+        weights = weight_check(key, model)
+        checks.append(weights)
+        notes.append("the model's outputs drift from the stained model's (int8, noise, another model): the verdict "
+                     "rests on the weight check" if weights.available else
+                     "the model's outputs drift from the stained model's and the key has no weight check (it "
+                     "predates it): not read as stained")
+        return weights.passed, weights if weights.available else black
+    if all(c.passed for c in checks if c.available):
+        return True, black
+    if key.mode == "inplace":
+        # The outputs do not show the signature, yet the detector's row may still be in the weights: static int8
+        # calibrated on photos alone clips an overwritten neuron's firing on the trigger (RapidOCR's classifier),
+        # or a thief zeroed its classifier column. The row is evidence of origin with its own bound, held here to
+        # the key's bound and at least the stain's default standard (it overrules two failed checks).
+        weights = weight_check(key, model, target_log10=min(float(key.bound.log10), FALLBACK_LOG10))
+        if weights.available:
+            checks.append(weights)
+            if weights.passed:
+                notes.append("the signature does not show in the outputs (" + ", ".join(
+                    c.name for c in checks[:2] if c.available and not c.passed) + " failed: the detector's "
+                    "firing clipped by int8, or its path to the scores cut), but its row is in the weights: the "
+                    "verdict rests on the weight check; a model without this stain passes either way with "
+                    "probability at most the sum of the two checks' bounds")
+                return True, weights
+    return False, black
 
 
 def _session(loaded: Any, pre: Preprocessing, outputs: list[str], has_tap: bool, providers: list[str] | None) -> Any:
@@ -412,13 +448,13 @@ def _white_box(key: Key, act: np.ndarray, n_trig: int, tolerance: float | None) 
                  f"max on controls {on_controls:.3g}")
 
 
-def weight_check(key: Key, model: Any) -> Check:
+def weight_check(key: Key, model: Any, target_log10: float | None = None) -> Check:
     """The detector read from the weights (in-place stains): the cosine between the key's direction ``v`` and the
     host channel's row (an overwritten neuron) or that row's change from the original's (a hidden one), in the
     host layer found by name or among the stored tensors of its shape (renamed, fused, int8). For a model
     without this key the row is fixed independently of ``v``, so the cosine's tail is the spherical cap; the
     check passes where that p-value — times the layer's channels (the hidden stain chose its channel after
-    drawing ``v``) and the candidate tensors — is within the key's own bound."""
+    drawing ``v``) and the candidate tensors — is within ``target_log10`` (default: the key's own bound)."""
     from ._onnx.layer_rows import LayerRows, candidate_rows, row_change
     from .math import identify as ident
 
@@ -439,14 +475,14 @@ def weight_check(key: Key, model: Any) -> Check:
     best = int(np.argmax(cos))
     choices = len(candidates) * (wb.channels if hidden else 1)
     log10_p = float(ident.log10_tail(cos[best:best + 1], m)[0]) + float(np.log10(choices))
-    target = float(key.bound.log10)
+    target = float(key.bound.log10) if target_log10 is None else target_log10
     threshold = ident.threshold(m, keys=choices, target=10.0 ** max(target, -300.0))
     where = "by name" if found is not None else f"among {len(candidates)} tensors of its shape"
     return Check("weights", True, log10_p <= target, float(cos[best]), threshold,
                  f"host layer found {where}; the channel's {'change from the original row' if hidden else 'row'} has "
                  f"cosine {cos[best]:.4g} with the key's direction: an unrelated model scores this high with "
-                 f"probability ≤ {bounds.format_probability(min(0.0, log10_p))} (passes within the key's bound "
-                 f"{bounds.format_probability(target)})")
+                 f"probability ≤ {bounds.format_probability(min(0.0, log10_p))} (passes within "
+                 + ("the key's bound " if target_log10 is None else "") + f"{bounds.format_probability(target)})")
 
 
 def _cross_key_bound(key: Key, n_trig: int) -> bounds.Bound:

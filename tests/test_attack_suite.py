@@ -84,11 +84,15 @@ def test_bypass_opens_the_gate_and_a_neutral_transform_keeps_it(marked):
     assert kept.survives is True and kept.agreement == 1.0 and kept.reference == 1.0
 
 
-def test_prune_top_column_strips_the_in_place_stain_for_free(marked):
+def test_prune_top_column_cuts_the_in_place_stain_from_the_outputs_not_from_the_weights(marked):
+    """Zeroing the column that stands out costs the model nothing and the outputs lose the signature, but the
+    overwritten row is still in the host layer: verify reads it there."""
     d, ev = marked
     key = load_key(d / "stain.key")
     row = ev.run("stain-inplace", d / "stain.onnx", key, attack_suite.ATTACKS["prune-top-column"])
-    assert row.survives is False and row.agreement is not None and row.agreement >= 0.95
+    assert row.agreement is not None and row.agreement >= 0.95
+    assert "black-box fail" in row.detail and "weights pass" in row.detail, row.detail
+    assert row.survives is True
     kept = ev.run("stain-inplace", d / "stain.onnx", key, attack_suite.ATTACKS["onnxslim"])
     assert kept.survives is True
 

@@ -173,8 +173,9 @@ def test_issue_both_stains_then_locks_each_copy_and_keeps_both_keys(both_fleet):
 
 
 def test_a_both_copy_verifies_its_stain_with_the_lock_opened(both_fleet, tmp_path):
-    """Locked, the copy hides the stain's signature from the outputs; with the customer's patch pasted into verify's
-    images (--unlock) the stain reads as on the stained copy. identify's black box pastes each customer's patch on
+    """Locked, the copy hides the stain's signature from the outputs (verify reads the stain from the weights);
+    with the customer's patch pasted into verify's images (--unlock) the stain reads from the outputs as on the
+    stained copy. identify's black box pastes each customer's patch on
     their trigger, so it screens the right customer."""
     from onnxstain.fleet.identify import identify
 
@@ -186,10 +187,16 @@ def test_a_both_copy_verifies_its_stain_with_the_lock_opened(both_fleet, tmp_pat
         got = identify(copy, reg, black_box=True)
         assert got.best is not None and got.best.customer == "acme" and got.best.passed
         assert got.runner_up is not None and not got.runner_up.passed
-    assert not onnxstain.verify(copy, tmp_path / "stain.key").stained  # the lock blocks the black box
-    assert onnxstain.verify(copy, tmp_path / "stain.key", unlock=lock_key).stained
+    def black_box(res):
+        return next(c for c in res.checks if c.name == "black-box")
+
+    # the lock blocks the black box; the stain's row is in the weights all the same
+    closed = onnxstain.verify(copy, tmp_path / "stain.key")
+    assert not black_box(closed).passed and closed.stained and closed.basis == "weights"
+    opened = onnxstain.verify(copy, tmp_path / "stain.key", unlock=lock_key)
+    assert opened.stained and black_box(opened).passed and opened.basis != "weights"
     other = dist / "globex.locked.key"  # another customer's patch does not open it
-    assert not onnxstain.verify(copy, tmp_path / "stain.key", unlock=other).stained
+    assert not black_box(onnxstain.verify(copy, tmp_path / "stain.key", unlock=other)).passed
     r = CliRunner().invoke(main, ["verify", str(copy), "--key", str(tmp_path / "stain.key"), "--unlock",
                                   str(lock_key)])
     assert r.exit_code == 0, r.output

@@ -18,16 +18,20 @@ from onnxstain.signature import SHIFT_DRIFT_GATE, drift_gate
 PRE = Preprocessing(height=32, width=32, resize=None)
 
 
-@pytest.fixture(scope="module")
-def hidden(tmp_path_factory):
-    d = tmp_path_factory.mktemp("drift")
-    onnx.save(tiny_classifier(), d / "model.onnx")
-    PRE.save(d / "model.preprocessing.json")
+def _two_stains(folder, variant):
+    """The tiny classifier and two stains of it, seeds 1 and 2 (``s1``, ``s2``), in ``folder``."""
+    onnx.save(tiny_classifier(), folder / "model.onnx")
+    PRE.save(folder / "model.preprocessing.json")
     images = smooth_images(96, seed=0)
     for seed in (1, 2):
-        onnxstain.stain(d / "model.onnx", d / f"s{seed}.onnx", d / f"s{seed}.key", images=images,
-                        options=StainOptions(variant="additive", fpr=0.05, seed=seed))
-    return d
+        onnxstain.stain(folder / "model.onnx", folder / f"s{seed}.onnx", folder / f"s{seed}.key", images=images,
+                        options=StainOptions(variant=variant, fpr=0.05, seed=seed))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hidden(tmp_path_factory):
+    return _two_stains(tmp_path_factory.mktemp("drift"), "additive")
 
 
 def _drifted(src, out, scale):
@@ -112,3 +116,49 @@ def test_mobilenet_v2_int8_copies(mobilenet_v2, tmp_path):
     own = onnxstain.verify(tmp_path / "q.onnx", tmp_path / "s7.key")
     assert own.stained and own.basis == "weights"
     assert not onnxstain.verify(tmp_path / "q.onnx", tmp_path / "s8.key").stained
+
+
+@pytest.fixture(scope="module")
+def overwritten(tmp_path_factory):
+    return _two_stains(tmp_path_factory.mktemp("overwritten"), "non-additive")
+
+
+def _edited(src, out, channel, *, column: bool = False, row: bool = False):
+    """The classifier's column for ``channel`` zeroed (the stain's path to the scores cut, as a thief does with
+    the column that stands out), and/or the host layer's row for it zeroed (the detector scrubbed)."""
+    m = onnx.load(src)
+    for t in m.graph.initializer:
+        w = numpy_helper.to_array(t).copy()
+        if column and t.name == "wf":
+            w[:, channel] = 0.0
+        elif row and t.name == "w3":
+            w[channel] = 0.0
+        else:
+            continue
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+    onnx.save(m, out)
+    return out
+
+
+def test_an_overwritten_neuron_cut_from_the_scores_is_read_from_its_weights(overwritten):
+    """A non-additive stain whose classifier column is zeroed: the outputs no longer show the signature (its
+    checks fail, the model's outputs do not drift), yet the detector's row is in the host layer, and the weight
+    check reads it — for its own key only; a model whose row is scrubbed too, or the original, reads nothing."""
+    d = overwritten
+    key = load_key(d / "s1.key")
+    assert key.variant == "non-additive"
+    cut = _edited(d / "s1.onnx", d / "cut.onnx", key.host.host_channel, column=True)
+    res = onnxstain.verify(cut, key)
+    by_name = {c.name: c for c in res.checks}
+    assert not by_name["black-box"].passed
+    assert res.stained and res.basis == "weights" and by_name["weights"].score > 0.99
+    assert any("does not show in the outputs" in n for n in res.notes)
+    assert not onnxstain.verify(cut, d / "s2.key").stained  # another key: its own row is not there
+    scrubbed = _edited(cut, d / "scrubbed.onnx", key.host.host_channel, row=True)
+    gone = onnxstain.verify(scrubbed, key)
+    assert not gone.stained and gone.basis != "weights"
+    original = onnxstain.verify(d / "model.onnx", key)
+    assert not original.stained and original.basis == "black-box and white-box"
+    # a faithful copy is still read from its outputs, the weight check not consulted
+    faithful = onnxstain.verify(d / "s1.onnx", key)
+    assert faithful.stained and all(c.name != "weights" for c in faithful.checks)
