@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import onnx
@@ -60,7 +61,9 @@ def test_lock_summary_gives_the_patch_box_and_the_locked_agreement(work):
     assert f"patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {SIZE}x{SIZE} input" in text
     assert f"{100 * res.locked_agreement:.2f}%" in text
     assert "conduit channels' cost" not in text  # the gate is exact with the patch: no cost line
-    assert "calibrate on images of which some carry the patch" in text
+    assert "int8: onnxruntime's dynamic and static (QDQ) quantisers keep this lock" in text
+    inplace = _text(lock_lines(dataclasses.replace(res, kind="inplace")))
+    assert "int8: an in-place lock does not survive int8 quantisation" in inplace
 
 
 @pytest.mark.parametrize("which", ["stain", "lock"])

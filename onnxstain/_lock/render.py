@@ -5,6 +5,12 @@ from __future__ import annotations
 from ..stopwatch import timing_line
 from .types import LockResult
 
+# What int8 quantisation does to each kind (tools/attack_suite.py, three models: README "Threat model").
+INT8_GATE = ("onnxruntime's dynamic and static (QDQ) quantisers keep this lock, calibrated on clean photos too (each "
+             "map of its detector holds its open level); `onnxstain quantize` also checks it before writing")
+INT8_INPLACE = ("an in-place lock does not survive int8 quantisation (with the patch it no longer restores the "
+                "model); lock with --kind gate to quantise")
+
 
 def lock_lines(res: LockResult) -> list[str]:
     """What a lock job did: patch, detectors, bound, what the lock does to the model, files, time, notes."""
@@ -24,10 +30,7 @@ def lock_lines(res: LockResult) -> list[str]:
                      f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                      "--kind gate restores the original exactly")
     lines += [f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
-              "  int8: to quantise the locked model statically (QDQ), calibrate on images of which some carry the "
-              "patch (onnxstain.paste_patch); calibrated on clean images only, the quantiser clips the open gate "
-              "and the patch no longer unlocks it",
-              timing_line(res.timings)]
+              "  int8: " + (INT8_GATE if res.kind == "gate" else INT8_INPLACE), timing_line(res.timings)]
     return lines + [f"  note: {note}" for note in res.notes]
 
 
