@@ -202,3 +202,18 @@ def test_a_users_dynamic_quantiser_takes_a_model_with_constant_node_weights(tmp_
                                   smooth_images(64, size=SIZE, seed=6))
     assert opened >= 0.9 and closed <= 0.3
     assert onnxstain.verify(tmp_path / "stain.q.onnx", tmp_path / "stain.key").stained
+
+
+def test_the_summary_says_when_verify_does_not_read_the_mark(work, tmp_path):
+    """A quantised lock that verify's synthetic references read as NOT LOCKED (int8 flips their small margins)
+    is written when the held-out photos show the lock kept; the summary must say NOT LOCKED, not LOCKED."""
+    import dataclasses
+
+    from onnxstain._report.render import quantize_lines
+
+    res = onnxstain.quantize(work / "lock0.onnx", tmp_path / "q.onnx", work / "lock0.key")
+    assert res.verified is not None
+    kept = "\n".join(quantize_lines(res))
+    assert "verify: LOCKED (" in kept
+    missed = dataclasses.replace(res, verified=dataclasses.replace(res.verified, stained=False))
+    assert "verify: NOT LOCKED (" in "\n".join(quantize_lines(missed))

@@ -147,8 +147,8 @@ def quantize_lines(res: QuantizeResult) -> list[str]:
         lines.append(f"  calibration: {res.calibration_images} images{patched}")
     if res.verified is not None:
         v = res.verified
-        lines.append(f"  verify: {'LOCKED' if v.kind == 'lock' else 'STAINED'} ({v.basis}; score {v.score:.4g} vs "
-                     f"threshold {v.threshold:.4g})")
+        word = ("" if v.stained else "NOT ") + ("LOCKED" if v.kind == "lock" else "STAINED")
+        lines.append(f"  verify: {word} ({v.basis}; score {v.score:.4g} vs threshold {v.threshold:.4g})")
     else:
         lines.append("  verify: no key given, the mark was not checked")
     lines.append(f"  top-1 agreement with the float model on {res.agreement_images} held-out photos"
