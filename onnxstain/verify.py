@@ -119,7 +119,11 @@ class VerifyResult:
     # the model-signing signature and signed statement beside the model, if any (onnxstain.fleet.signing)
     signature: dict[str, Any] | None = None
     images: int = 0  # the images verify ran through the model (triggers, controls, references)
-    drifted: bool = False  # the outputs drift too far from the stained model's to read a shift signature
+
+    @property
+    def drifted(self) -> bool:
+        """The outputs drift too far from the stained model's to read a shift signature (the black box's gate)."""
+        return any(c.drift is not None and c.drift > SHIFT_DRIFT_GATE for c in self.checks if c.name == "black-box")
 
     @property
     def basis(self) -> str:
@@ -275,7 +279,7 @@ def _verify(model: str | Path, key: Key | str | Path, providers: list[str] | Non
         fpr_bound=cross, natural_bound=key.bound, checks=checks,
         model=str(loaded.path), model_sha256=loaded.sha256, key_commitment=key.commitment, notes=notes,
         chance_log10=None if chance_log10 is None else float(chance_log10), chance_text=chance_text,
-        tolerance=tolerance if designed and has_tap else None, images=len(x), drifted=drifted,
+        tolerance=tolerance if designed and has_tap else None, images=len(x),
     )
 
 
