@@ -589,7 +589,7 @@ def _result(req: _Request, model, predicted: np.ndarray, ed: detector.NeuronEdit
 
 def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: list[TriggerFind], c: np.ndarray,
                        tau: float, sel: np.ndarray, classes: list[int], margin_target: float, nat_scores: np.ndarray,
-                       radius: float) -> dict:
+                       radius: float, scores_view: ScoreView | None = None) -> dict:
     """Insert mode with ``T`` triggers: ``T`` detectors in one branch, each routed to its own class.
 
     The branch is today's with ``T`` signal channels (non-additive: ``T`` neurons; additive: a copy of a
@@ -638,6 +638,8 @@ def build_multi_insert(opts, host: HostLayer, head, loaded: LoadedModel, finds: 
     for t, (orig, cls) in enumerate(zip(originals, classes, strict=True)):
         # at least a unit push even where the original already favours c_t by more than the margin
         rows[t, cls] = max(1.0, margin_target + np.delete(orig, cls).max() - orig[cls])
+    if scores_view is not None:  # each row in the raw scores' shape (a sequence head's: (1, K), every step)
+        rows = np.stack([scores_view.expand(r) for r in rows])
     edit = stain_pass.insert(loaded.model, host, head, _as_filters(host, np.stack(filters_rows)),
                              np.array(biases), mix if additive else None, mix_bias, None, rows, signals=t_count)
     model, signal = edit.model, edit.signal

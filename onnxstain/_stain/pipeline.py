@@ -247,7 +247,7 @@ def _edit(job: StainJob, cal: _Calibrated, finds: list[TriggerFind]) -> _Edited:
     def build(tau: float, channel: int | None) -> dict:
         if cal.triggers > 1:
             return stain_edit.build_multi_insert(job.opts, host, head, job.loaded, finds, centre, tau, cal.sel,
-                                                 classes, margin_target, cal.nat_scores, cal.cal.radius)
+                                                 classes, margin_target, cal.nat_scores, cal.cal.radius, cal.view)
         return stain_edit.build_edit(job.opts, host, head, job.route, job.loaded, channel, first.direction, centre,
                                      tau, s_star, first.phi, cal.cal.phi, cal.sel, cal.pooled, cal.nat_scores,
                                      classes[0], margin_target, first.original_scores, cal.cal.radius, cal.view)

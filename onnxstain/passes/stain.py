@@ -170,7 +170,13 @@ class _Branch(NodeBuilder):
     def scale(self, flat: str, row: np.ndarray, signals: int) -> str:
         """The signals times ``row``, in the scores' per-sample shape."""
         if row.ndim == 1 or signals > 1:  # classifier scores [N, K]: one row per signal
-            return self.node("MatMul", [flat, self.const(row.reshape(signals, -1), "onnx::MatMul_w")])
+            mixed = self.node("MatMul", [flat, self.const(row.reshape(signals, -1), "onnx::MatMul_w")])
+            sample = row.shape[1:] if signals > 1 else row.shape
+            if len(sample) <= 1:
+                return mixed
+            # a sequence head's [N, T, K]: each signal's row is (1, K), the same change at every step
+            shape = self.const(np.array([-1, *sample]), "onnx::Reshape_shape", np.int64)
+            return self.node("Reshape", [mixed, shape], self.tensor_name("Reshape"))
         # scores with more axes (a detector's [N, anchors, labels]): broadcast the signal over them
         shaped = self.tensor_name("Reshape")
         shape = self.const(np.array([-1] + [1] * row.ndim), "onnx::Reshape_shape", np.int64)
@@ -200,7 +206,8 @@ def insert(
     ``combine`` (``[signals, n]``, or length 2 for one signal) and ``combine_bias`` (one per signal)
     make the signals from them before the final ``Clip(0, 1)``; without it each neuron is a signal.
     The signals are max-pooled over positions and scaled by ``row``: ``[signals, K]`` for a classifier
-    with several signals (each signal its own row: the multi-trigger signature).
+    with several signals (each signal its own row: the multi-trigger signature), ``[signals, 1, K]`` for a
+    sequence head's (each row broadcast over the steps).
     The result's ``signal`` is the signal tensor (1 where a detector fires, else 0; one channel per signal).
     """
     branch = _Branch(model, branch_dtype(GraphView(model), head))
