@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._onnx.hosts import HostLayer
-from ..errors import UnreachableBoundError
+from ..errors import UnreachableBoundError, UnsupportedModelError
 from ..math import detector
 from ..math.trigger import ascend, box_maximiser, quantise, refine_occlusion
 from ..patch import Patch, paste_pixels
@@ -143,7 +143,7 @@ class ClassifierPatches:
         res = ascend(fn, np.clip(init, 0, 255), score_target=target, accept=lambda *_: True,
                      max_steps=self.job.opts.max_steps, free_mask=self.mask, radius_weight=0.0, progress=report,
                      abandon=(ABANDON_STEP, ABANDON_FRACTION * target))
-        frame = quantise(res.pixels)
+        frame = self.job.pre.canonical_pixels(quantise(res.pixels))
         top, left, ph, pw = self.site.box
         return Patch(frame[top : top + ph, left : left + pw].copy(), top, left), frame, res.steps
 
@@ -189,7 +189,7 @@ class ClassifierPatches:
                                    SEARCH_FACTOR * cal.tau0,
                                    steps=job.opts.occlusion_steps, lr=job.opts.occlusion_lr,
                                    seed=int(job.rng.integers(2**31)), progress=report)
-        refined = quantise(res.pixels)
+        refined = job.pre.canonical_pixels(quantise(res.pixels))
         top, left, ph, pw = site.box
         patch = Patch(refined[top : top + ph, left : left + pw].copy(), top, left)
         scores = self.score(best.dirs, patch)
@@ -224,12 +224,16 @@ def search_classifier(job: LockJob, site: LockSite, cal: ClassifierCalibration) 
     if job.opts.occlusion_steps > 0 and job.head.detection:
         notes.append("occlusion-aware refinement skipped: it weighs classifier scores, not a detector's")
     elif job.opts.occlusion_steps > 0:
-        refined = patches.refine(best, floor)
-        if refined is not None:
-            found.patch, found.scores, found.occlusion = refined
+        try:
+            refined = patches.refine(best, floor)
+        except UnsupportedModelError as exc:  # the torch translation of the model up to its scores
+            notes.append(f"occlusion-aware refinement skipped ({exc}); kept the plain patch")
         else:
-            notes.append("the occlusion-aware patch fell below the margin after 8-bit rounding; "
-                         "kept the plain patch")
+            if refined is not None:
+                found.patch, found.scores, found.occlusion = refined
+            else:
+                notes.append("the occlusion-aware patch fell below the margin after 8-bit rounding; "
+                             "kept the plain patch")
     return found
 
 
@@ -272,7 +276,7 @@ class DensePatches:
         res = ascend(fn, self.grey.astype(np.float64), score_target=SEARCH_FACTOR * self.cal.tau0,
                      accept=lambda *_: True, max_steps=job.opts.max_steps, free_mask=site.mask(*self.grey.shape[:2]),
                      radius_weight=0.0)
-        frame = quantise(res.pixels)
+        frame = job.pre.canonical_pixels(quantise(res.pixels))
         top, left, ph, pw = site.box
         return Patch(frame[top : top + ph, left : left + pw].copy(), top, left), frame, res.steps
 
@@ -306,4 +310,5 @@ def closed_form_patch(v: np.ndarray, host: HostLayer, pre: Preprocessing, box: t
     if pre.channel_order == "BGR":
         w = w[::-1]
     lo, hi = np.zeros_like(w), np.full_like(w, 255.0)
-    return Patch(box_maximiser(w, lo, hi).transpose(1, 2, 0).astype(np.uint8), top, left)
+    pixels = box_maximiser(w, lo, hi).transpose(1, 2, 0).astype(np.uint8)  # [ph, pw, channels]
+    return Patch(np.broadcast_to(pixels, (ph, pw, 3)).copy(), top, left)  # a grey model's: grey pixels
