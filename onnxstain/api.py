@@ -96,7 +96,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                      "locks are gate locks (--kind gate)")
     from ._lock.window import pixel_conv
 
-    conv = pixel_conv(view, hosts, pre.height, pre.width)
+    conv = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
     if conv is not None:
         notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so the default gate "
                      "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")

@@ -65,12 +65,13 @@ def selected_positions(host: HostLayer) -> np.ndarray:
 
 
 def calibration_pixels(images, pre: Preprocessing, prog: Progress) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` as the model sees them (grey for a grey model: searches start from them)."""
     if isinstance(images, np.ndarray):
-        return images
+        return pre.canonical_pixels(images)
     if images is not None:
         return naturalset.load_image_dir(images, pre)
     with prog.task("natural calibration images", total=None):
         nat = naturalset.natural_images("calibration", size=(pre.height, pre.width))
     if len(nat.pixels) == 0:
         raise BadInputError("no calibration images available: pass --images DIR")
-    return nat.pixels
+    return pre.canonical_pixels(nat.pixels)

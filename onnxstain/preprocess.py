@@ -4,6 +4,10 @@ A :class:`Preprocessing` describes the whole path from an 8-bit RGB photo to the
 takes: resize and centre crop (for raw photos), then ``value = (pixel * scale - mean) / std`` per
 channel, channel order, layout and dtype. Triggers and patches live in *pixel space* (uint8 RGB at
 the model's input size); everything the tool optimises is mapped through :meth:`Preprocessing.to_input`.
+A greyscale model (``channel_order="GRAY"``, one input channel) takes the ITU-R 601 luma of the pixels
+(``0.299 R + 0.587 G + 0.114 B``, what PIL's ``convert("L")`` and OpenCV's ``COLOR_RGB2GRAY`` compute), with
+the first ``mean``/``std`` value; triggers and patches for it are grey (R = G = B), so any of those
+conversions gives the model the same values.
 
 The JSON form (``--preprocessing FILE``) uses the field names of the dataclass.
 """
@@ -12,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +26,8 @@ from .fields import FieldError, Int, Num, Str
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: ITU-R BT.601 luma weights (R, G, B): PIL's ``convert("L")``, OpenCV's ``cvtColor(..., COLOR_RGB2GRAY)``.
+LUMA = (0.299, 0.587, 0.114)
 MAX_SIDE = 16384  # pixels: larger inputs are refused as a typo
 
 
@@ -32,13 +37,14 @@ class Preprocessing:
 
     ``height``/``width`` are the model's input size. ``resize`` is the length the shorter side of a
     raw photo is resized to before the centre crop (``None``: resize the photo straight to the input
-    size). ``scale``, ``mean`` and ``std`` are applied per channel in the model's channel order.
+    size). ``scale``, ``mean`` and ``std`` are applied per channel in the model's channel order; a grey
+    model (``channel_order="GRAY"``) has one channel and one ``mean``/``std`` (stored three times).
     """
 
     height: int = 224
     width: int = 224
     layout: Literal["NCHW", "NHWC"] = "NCHW"
-    channel_order: Literal["RGB", "BGR"] = "RGB"
+    channel_order: Literal["RGB", "BGR", "GRAY"] = "RGB"
     scale: float = 1.0 / 255.0
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -48,14 +54,16 @@ class Preprocessing:
     source: tuple[tuple[str, str], ...] = ()
 
     # -- conversions -------------------------------------------------------------------------------
+    @property
+    def channels(self) -> int:
+        """The model input's channel count: 1 for a grey model, else 3."""
+        return 1 if self.channel_order == "GRAY" else 3
+
     def input_shape(self, batch: int = 1) -> tuple[int, int, int, int]:
         """The model input's shape for ``batch`` images."""
         if self.layout == "NCHW":
-            return (batch, 3, self.height, self.width)
-        return (batch, self.height, self.width, 3)
-
-    def _ordered(self, pixels: np.ndarray) -> np.ndarray:
-        return pixels[..., ::-1] if self.channel_order == "BGR" else pixels
+            return (batch, self.channels, self.height, self.width)
+        return (batch, self.height, self.width, self.channels)
 
     def to_input(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 or float pixels ``[N,H,W,3]`` (RGB, 0..255) → model input array."""
@@ -66,18 +74,20 @@ class Preprocessing:
             raise BadInputError(
                 f"pixels of shape {px.shape[1:]} do not match the model input {self.height}x{self.width}x3"
             )
-        order = (2, 1, 0) if self.channel_order == "BGR" else (0, 1, 2)
-        if self.layout == "NCHW":
-            out = np.empty((px.shape[0], 3, self.height, self.width), self.dtype)
-            channel = lambda c: out[:, c]  # noqa: E731
+        out = np.empty(self.input_shape(px.shape[0]), self.dtype)
+
+        def channel(c: int) -> np.ndarray:
+            return out[:, c] if self.layout == "NCHW" else out[..., c]
+
+        if self.channel_order == "GRAY":
+            planes = [grey_pixels(px)]
         else:
-            out = np.empty((px.shape[0], self.height, self.width, 3), self.dtype)
-            channel = lambda c: out[..., c]  # noqa: E731
-        for c, src in enumerate(order):
-            values = px[..., src]
+            order = (2, 1, 0) if self.channel_order == "BGR" else (0, 1, 2)
+            planes = [px[..., src] for src in order]
+        for c, values in enumerate(planes):
             if self.dtype == "uint8":
                 channel(c)[...] = np.clip(np.rint(values.astype(np.float32)), 0, 255)
-            elif px.dtype == np.uint8:
+            elif values.dtype == np.uint8:
                 # 8-bit pixels: one lookup table per channel (exactly the formula below, 256 times).
                 table = ((np.arange(256, dtype=np.float32) * np.float32(self.scale) - np.float32(self.mean[c]))
                          / np.float32(self.std[c])).astype(self.dtype)
@@ -87,9 +97,13 @@ class Preprocessing:
                                    / np.float32(self.std[c]))
         return out
 
-    def _ordered_tuple(self, values: Sequence[float]) -> tuple[float, ...]:
-        # mean/std are given in the model's channel order already: nothing to reorder.
-        return tuple(values)
+    def canonical_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 pixels as this model sees them: for a grey model every pixel's luma in all three channels
+        (so any RGB → grey conversion gives the model the same values); others unchanged."""
+        if self.channel_order != "GRAY":
+            return pixels
+        luma = np.clip(np.rint(grey_pixels(np.asarray(pixels))), 0, 255).astype(np.uint8)
+        return np.repeat(luma[..., None], 3, axis=-1)
 
     def input_box(self) -> tuple[np.ndarray, np.ndarray]:
         """Per-channel (model order) lower and upper bounds of the input values for pixels in 0..255."""
@@ -98,7 +112,8 @@ class Preprocessing:
         return np.minimum(lo, hi).astype(np.float32), np.maximum(lo, hi).astype(np.float32)
 
     def fit_photo(self, image: Any) -> np.ndarray:
-        """A PIL image (any size or mode) → uint8 RGB ``[H,W,3]``: resize shorter side, centre crop."""
+        """A PIL image (any size or mode) → uint8 RGB ``[H,W,3]``: resize shorter side, centre crop (grey for
+        a grey model)."""
         from PIL import Image
 
         img = image.convert("RGB")
@@ -113,7 +128,7 @@ class Preprocessing:
             left = (new[0] - w) // 2
             top = (new[1] - h) // 2
             img = img.crop((left, top, left + w, top + h))
-        return np.asarray(img, dtype=np.uint8)
+        return self.canonical_pixels(np.asarray(img, dtype=np.uint8))
 
     # -- (de)serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -156,7 +171,13 @@ class Preprocessing:
                 if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                     raise FieldError(_at(path, name), "is not an object of strings")
                 d[name] = tuple(sorted(value.items()))
+        if d.get("channel_order") == "GRAY":  # the ImageNet defaults are colour: a grey input's are 0..1
+            d.setdefault("mean", (0.0,) * 3)
+            d.setdefault("std", (1.0,) * 3)
         pre = cls(**d)
+        if pre.channel_order == "GRAY" and (len(set(pre.mean)) > 1 or len(set(pre.std)) > 1):
+            raise FieldError(_at(path, "mean" if len(set(pre.mean)) > 1 else "std"),
+                             "has three different values: a GRAY input has one channel (give one number)")
         if pre.dtype != "uint8":
             with np.errstate(all="ignore"):
                 ends = np.array([0, 255], np.float32)
@@ -228,7 +249,7 @@ _CHECKERS: dict[str, Any] = {
     "height": Int(lo=1, hi=MAX_SIDE),
     "width": Int(lo=1, hi=MAX_SIDE),
     "layout": Str(choices=("NCHW", "NHWC")),
-    "channel_order": Str(choices=("RGB", "BGR")),
+    "channel_order": Str(choices=("RGB", "BGR", "GRAY")),
     "scale": Num(positive=True),
     "resize": Int(lo=1, hi=MAX_SIDE, nullable=True),
     "dtype": Str(choices=("float32", "float16", "uint8")),
@@ -244,3 +265,12 @@ def _triple(values: Any, path: str, nonzero: bool = False) -> tuple[float, float
     if nonzero and any(v == 0 for v in vals):
         raise FieldError(path, "has a zero: std must not be zero")
     return (vals * 3)[:3]  # type: ignore[return-value]
+
+
+def grey_pixels(pixels: np.ndarray) -> np.ndarray:
+    """RGB pixels ``[..., 3]`` (0..255) → their float32 luma ``[...]`` (:data:`LUMA`); a grey pixel keeps its
+    value (the weights sum to 1)."""
+    px = np.asarray(pixels, np.float32)
+    g = px[..., 1]
+    # G + 0.299 (R − G) + 0.114 (B − G): the same sum, exact for grey pixels
+    return (g + np.float32(LUMA[0]) * (px[..., 0] - g) + np.float32(LUMA[2]) * (px[..., 2] - g)).astype(np.float32)

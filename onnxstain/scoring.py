@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._onnx.hosts import HostLayer
-from .preprocess import Preprocessing
+from .preprocess import LUMA, Preprocessing
 
 
 def detector_scores(prefix, host: HostLayer, pre: Preprocessing, directions: np.ndarray, c: np.ndarray,
@@ -65,11 +65,16 @@ def _model_input(pre: Preprocessing):
     import torch
 
     scale = float(pre.scale)
-    mean = torch.tensor(pre.mean, dtype=torch.float32).view(1, 1, 1, 3)
-    std = torch.tensor(pre.std, dtype=torch.float32).view(1, 1, 1, 3)
+    c = pre.channels
+    mean = torch.tensor(pre.mean[:c], dtype=torch.float32).view(1, 1, 1, c)
+    std = torch.tensor(pre.std[:c], dtype=torch.float32).view(1, 1, 1, c)
 
     def to_input(px):
-        x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
+        if pre.channel_order == "GRAY":  # the luma, as Preprocessing.to_input computes it
+            g = px[..., 1:2]
+            x = g + LUMA[0] * (px[..., 0:1] - g) + LUMA[2] * (px[..., 2:3] - g)
+        else:
+            x = px[..., [2, 1, 0]] if pre.channel_order == "BGR" else px
         if pre.dtype != "uint8":
             x = (x * scale - mean) / std
         if pre.layout == "NCHW":

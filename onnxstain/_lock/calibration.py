@@ -108,7 +108,8 @@ def natural_ball(site: LockSite, phi_all: np.ndarray, host_phi: HostPhi, pre: Pr
     if not site.window:
         stats = detector.FeatureStats.from_features(phi_all)
         return None, stats, "calibrated-radius", RADIUS_MARGIN * stats.max_radius
-    probe = probe_window(host_phi, site.host.kernel[0], pre.height, pre.width)
+    probe = probe_window(host_phi, site.host.kernel[0], pre.height, pre.width,
+                         grey=pre.channel_order == "GRAY")
     if probe is None:
         raise UnsupportedModelError(
             "the pixel window is not separable here (a window value depends on several pixels or on none); "

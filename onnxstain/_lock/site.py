@@ -58,7 +58,7 @@ def classifier_host(hosts: list[HostLayer], view: GraphView, opts: LockOptions, 
     """The detector's host: for the gate lock a window of raw pixels where the model reads the image
     (unless ``--layer`` names a Conv), in place a Conv whose corner position sees the patch."""
     if opts.kind == "gate" and opts.layer in (None, WINDOW):
-        conv = pixel_conv(view, hosts, pre.height, pre.width)
+        conv = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
         side = None if conv is None else bounds.window_side(
             opts.fpr, conv.in_channels, WINDOW_REACH / np.sqrt(opts.detectors), draws=opts.max_draws,
             detectors=opts.detectors, max_side=int(MAX_PATCH_FRACTION * min(pre.height, pre.width)))

@@ -2,10 +2,10 @@
 
 A gate lock inserts its detector, so the detector need not be one of the model's neurons: it can
 read the image itself, where the model's first Conv reads it. A ``side × side`` window of the
-top-left corner, all channels, gives ``m = 3·side²`` inputs at one position (the inserted Conv's
-stride is the image size: it runs at the corner and nowhere else, so the patch moved or in another
-corner does not open the lock). Two things follow, in :mod:`onnxstain.math.bounds` (``box_ball``,
-``window_side``):
+top-left corner, all channels, gives ``m = 3·side²`` inputs (``side²`` on a grey model) at one
+position (the inserted Conv's stride is the image size: it runs at the corner and nowhere else, so
+the patch moved or in another corner does not open the lock). Two things follow, in
+:mod:`onnxstain.math.bounds` (``box_ball``, ``window_side``):
 
 * every 8-bit image maps into a box of input values, so the radius around the box's centre is
   certified for every input: the bound is data-free (no calibrated radius);
@@ -57,12 +57,14 @@ def pixel_path(view: GraphView, tensor: str) -> bool:
     return False
 
 
-def pixel_conv(view: GraphView, hosts: list[HostLayer], height: int, width: int) -> HostLayer | None:
-    """The Conv that reads the image (3 channels at the model's input size) through per-element ops, as a
+def pixel_conv(view: GraphView, hosts: list[HostLayer], height: int, width: int,
+               channels: int = 3) -> HostLayer | None:
+    """The Conv that reads the image (``channels`` channels at the model's input size: 3, or 1 for a grey
+    model) through per-element ops, as a
     host reading the image itself: a zero ``Pad`` right before it (TensorFlow "same" padding as tf2onnx
     writes it) is skipped, the window reading the image's own corner pixels."""
     for h in hosts:
-        if h.op != "Conv" or h.in_channels != 3 or h.groups != 1 or h.in_hw is None:
+        if h.op != "Conv" or h.in_channels != channels or h.groups != 1 or h.in_hw is None:
             continue
         source, grown = _unpadded(view, h.input)
         if (h.in_hw[0] - grown[0], h.in_hw[1] - grown[1]) == (height, width) and pixel_path(view, source):
@@ -100,37 +102,43 @@ def window_host(conv: HostLayer, side: int) -> HostLayer:
 @dataclasses.dataclass(frozen=True)
 class WindowProbe:
     """What 8-bit pixels can do to the window: per coordinate the lowest and highest value, and the
-    change each patch pixel-channel makes (0 → 255) to each coordinate."""
+    change each patch pixel-channel makes (0 → 255) to each coordinate. A grey model's patch pixels are
+    grey (R = G = B): each probe moves a pixel's three channels together."""
 
     lo: np.ndarray  # [m]
     hi: np.ndarray  # [m]
-    effect: np.ndarray  # [side·side·3, m], rows in patch order (row, col, channel)
+    effect: np.ndarray  # [side·side·c, m], rows in patch order (row, col, channel); c = 1 when grey
     side: int
+    grey: bool = False
 
 
-def probe_window(phi_of: Callable[[np.ndarray], np.ndarray], side: int, height: int, width: int) -> WindowProbe | None:
-    """Probe the window with a black, a white and one image per patch pixel-channel (255 on black).
+def probe_window(phi_of: Callable[[np.ndarray], np.ndarray], side: int, height: int, width: int,
+                 grey: bool = False) -> WindowProbe | None:
+    """Probe the window with a black, a white and one image per patch pixel-channel (255 on black; per
+    pixel, all three channels, when ``grey``).
 
     ``phi_of`` maps uint8 images ``[N, H, W, 3]`` to the window's input vectors ``[N, 1, m]``. None if
     some coordinate does not follow exactly one of the patch's pixel channels (then the window is not
     separable and neither the box nor the closed-form patch applies).
     """
-    n = side * side * 3
+    c = 1 if grey else 3
+    n = side * side * c
     images = np.zeros((n + 2, height, width, 3), np.uint8)
     images[1] = 255
     for j in range(n):
-        y, x, ch = np.unravel_index(j, (side, side, 3))
-        images[j + 2, y, x, ch] = 255
+        y, x, ch = np.unravel_index(j, (side, side, c))
+        images[j + 2, y, x, slice(None) if grey else ch] = 255
     phi = phi_of(images).astype(np.float64)[:, 0]
     effect = phi[2:] - phi[0]
     moved = np.abs(effect) > 1e-6 * max(1.0, float(np.abs(phi).max()))
     if not (moved.sum(axis=0) == 1).all() or not np.allclose(effect.sum(axis=0), phi[1] - phi[0], atol=1e-4):
         return None
-    return WindowProbe(lo=np.minimum(phi[0], phi[1]), hi=np.maximum(phi[0], phi[1]), effect=effect, side=side)
+    return WindowProbe(lo=np.minimum(phi[0], phi[1]), hi=np.maximum(phi[0], phi[1]), effect=effect, side=side,
+                       grey=grey)
 
 
 def corner_patch(v: np.ndarray, probe: WindowProbe) -> Patch:
     """The 8-bit patch maximising ``v · φ`` over the window: 255 where that pixel channel raises it."""
     gain = probe.effect @ v
-    pixels = np.where(gain > 0, 255, 0).astype(np.uint8).reshape(probe.side, probe.side, 3)
-    return Patch(pixels, 0, 0)
+    pixels = np.where(gain > 0, 255, 0).astype(np.uint8).reshape(probe.side, probe.side, -1)
+    return Patch(np.broadcast_to(pixels, (probe.side, probe.side, 3)).copy(), 0, 0)

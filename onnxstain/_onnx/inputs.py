@@ -22,6 +22,7 @@ class ImageInput:
     height: int | None
     width: int | None
     dtype: str
+    channels: int = 3  # 1: a grey image
 
 
 def _type_name(elem_type: int) -> str:
@@ -29,6 +30,10 @@ def _type_name(elem_type: int) -> str:
         return onnx.TensorProto.DataType.Name(elem_type)
     except ValueError:
         return f"{elem_type} (unknown)"
+
+
+def _shape_text(dims: list[int | None]) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def image_input(model: onnx.ModelProto) -> ImageInput:
@@ -48,13 +53,21 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
         raise UnsupportedModelError(f"input {inp.name!r} has rank {len(dims)}; an image batch has rank 4")
     layout = None
     h = w = None
-    if dims[1] == 3 and dims[3] != 3:
-        layout, h, w = "NCHW", dims[2], dims[3]
-    elif dims[3] == 3 and dims[1] != 3:
-        layout, h, w = "NHWC", dims[1], dims[2]
-    elif dims[1] == 3:
-        layout, h, w = "NCHW", dims[2], dims[3]
-    return ImageInput(inp.name, layout, h, w, dtype)
+    channels = 3
+    for c in (3, 1):  # colour first: a [N, 3, H, 1] input is NCHW colour, not NHWC grey
+        if dims[1] == c and dims[3] != c:
+            layout, h, w, channels = "NCHW", dims[2], dims[3], c
+        elif dims[3] == c and dims[1] != c:
+            layout, h, w, channels = "NHWC", dims[1], dims[2], c
+        elif dims[1] == c:
+            layout, h, w, channels = "NCHW", dims[2], dims[3], c
+        if layout:
+            break
+    if layout is None and all(isinstance(d, int) and d not in (1, 3) for d in (dims[1], dims[3])):
+        raise UnsupportedModelError(
+            f"input {inp.name!r} has shape {_shape_text(dims)}: neither axis 1 nor axis 3 holds 3 (RGB/BGR) or 1 "
+            "(grey) channels")
+    return ImageInput(inp.name, layout, h, w, dtype, channels)
 
 
 def sidecar_path(model_path: str | Path) -> Path:
@@ -88,12 +101,17 @@ def infer_preprocessing(model: onnx.ModelProto, model_path: str | Path | None = 
         fields: dict = {}
         if info.layout:
             fields["layout"] = info.layout
-        if info.height and info.width:
-            fields["height"], fields["width"] = info.height, info.width
+        if info.height or info.width:  # one side fixed (a text line's height): a square of it
+            fields["height"] = info.height or info.width
+            fields["width"] = info.width or info.height
         fields["dtype"] = info.dtype
+        if info.channels == 1:  # a grey model: 0..1, no normalisation, unless told otherwise
+            fields.update(channel_order="GRAY", scale=1.0 / 255.0, mean=(0.0,) * 3, std=(1.0,) * 3)
         if info.dtype == "uint8":
             fields.update(scale=1.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
         pre = Preprocessing(**fields).with_source(size="graph", layout="graph", dtype="graph")
+        if info.channels == 1:
+            pre = pre.with_source(channel_order="graph")
     else:
         pre = given
     changed = {k: v for k, v in overrides.items() if v is not None}
@@ -103,25 +121,39 @@ def infer_preprocessing(model: onnx.ModelProto, model_path: str | Path | None = 
         notes += _assumption_notes(info, pre, set(changed))
     pre.validate()
     fixed = (info.height, info.width)
-    if info.layout == pre.layout and all(fixed) and fixed != (pre.height, pre.width):
-        raise BadInputError(f"the model's input is fixed at {info.height}x{info.width}; the preprocessing asks for "
-                            f"{pre.height}x{pre.width} (drop --size, or fix the preprocessing file)")
+    if info.layout == pre.layout and any(f is not None and f != p for f, p in zip(fixed, (pre.height, pre.width),
+                                                                                    strict=True)):
+        raise BadInputError(f"the model's input is fixed at {_side(info.height)}x{_side(info.width)}; the "
+                            f"preprocessing asks for {pre.height}x{pre.width} (drop --size, or fix the preprocessing "
+                            "file)")
     if info.layout and info.layout != pre.layout:
         notes.append(f"the graph input looks {info.layout} but the preprocessing says {pre.layout}")
+    if info.layout and (info.channels == 1) != (pre.channel_order == "GRAY"):
+        raise BadInputError(f"the model's input has {info.channels} channel(s); the preprocessing says "
+                            f"{pre.channel_order} (use --channel-order {'GRAY' if info.channels == 1 else 'RGB'})")
     return pre, notes
+
+
+def _side(n: int | None) -> str:
+    return "?" if n is None else str(n)
 
 
 _IMAGENET_FIELDS = {"channel_order": "RGB", "scale": "/255", "mean": "mean 0.485,0.456,0.406",
                     "std": "std 0.229,0.224,0.225"}
+_GREY_FIELDS = {"scale": "/255", "mean": "mean 0", "std": "std 1"}
 
 
 def _assumption_notes(info: ImageInput, pre: Preprocessing, given: set[str]) -> list[str]:
     """What was assumed rather than read from the graph or given by the user (nothing when all was given)."""
     notes = []
-    assumed = [text for name, text in _IMAGENET_FIELDS.items() if name not in given]
+    grey = info.channels == 1
+    assumed = [text for name, text in (_GREY_FIELDS if grey else _IMAGENET_FIELDS).items() if name not in given]
     if info.dtype != "uint8" and assumed:
-        notes.append(f"assumed ImageNet preprocessing ({', '.join(assumed)}); pass --preprocessing FILE or "
+        what = "grey 0..1 input (luma of the pixels" if grey else "ImageNet preprocessing ("
+        notes.append(f"assumed {what}{', ' if grey else ''}{', '.join(assumed)}); pass --preprocessing FILE or "
                      "flags if the model differs")
     if not (info.height and info.width) and not {"height", "width"} & given:
-        notes.append(f"the graph has no fixed input size; assumed {pre.height}x{pre.width} (use --size)")
+        which = ("no fixed input size" if not (info.height or info.width)
+                 else f"a fixed {'height' if info.height else 'width'} only")
+        notes.append(f"the graph has {which}; assumed {pre.height}x{pre.width} (use --size)")
     return notes

@@ -124,7 +124,7 @@ def _lock_host_from_key(loaded, key: Key, pre: Preprocessing):
     view = GraphView(loaded.model, pre.input_shape())  # at the key's input size (dynamic height and width)
     hosts = lock_hosts(loaded.model, view)
     if kh.name == WINDOW:
-        conv = pixel_conv(view, hosts, pre.height, pre.width)
+        conv = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
         hosts = [] if conv is None else [window_host(conv, kh.kernel[0])]
     match = [h for h in hosts if h.name == kh.name]
     if not match or match[0].input != kh.input or match[0].m != kh.m:

@@ -177,7 +177,7 @@ class TriggerSearch:
             res = ascend(fn, init, score_target=target, accept=self._cross_ok, max_steps=opts.max_steps,
                          progress=report)
             self.steps += res.steps
-            trig = quantise(res.pixels)
+            trig = self.job.pre.canonical_pixels(quantise(res.pixels))
             if self.lean:
                 self.prefix = fn = None
             phi_t, original = self.rescorer.rescore(trig)
