@@ -38,7 +38,8 @@ class Preprocessing:
     ``height``/``width`` are the model's input size. ``resize`` is the length the shorter side of a
     raw photo is resized to before the centre crop (``None``: resize the photo straight to the input
     size). ``scale``, ``mean`` and ``std`` are applied per channel in the model's channel order; a grey
-    model (``channel_order="GRAY"``) has one channel and one ``mean``/``std`` (stored three times).
+    model (``channel_order="GRAY"``) has one channel and one ``mean``/``std`` (stored three times; left at
+    the ImageNet defaults, they become 0 and 1).
     """
 
     height: int = 224
@@ -52,6 +53,14 @@ class Preprocessing:
     dtype: Literal["float32", "float16", "uint8"] = "float32"
     # Where each field came from ("graph", "user", "default"); reported, never used in the math.
     source: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        # The mean and std defaults are ImageNet's, per colour channel: a grey input left at them takes 0..1.
+        if self.channel_order == "GRAY":
+            if self.mean == IMAGENET_MEAN:
+                object.__setattr__(self, "mean", (0.0,) * 3)
+            if self.std == IMAGENET_STD:
+                object.__setattr__(self, "std", (1.0,) * 3)
 
     # -- conversions -------------------------------------------------------------------------------
     @property
@@ -171,10 +180,7 @@ class Preprocessing:
                 if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
                     raise FieldError(_at(path, name), "is not an object of strings")
                 d[name] = tuple(sorted(value.items()))
-        if d.get("channel_order") == "GRAY":  # the ImageNet defaults are colour: a grey input's are 0..1
-            d.setdefault("mean", (0.0,) * 3)
-            d.setdefault("std", (1.0,) * 3)
-        pre = cls(**d)
+        pre = cls(**d)  # a GRAY input without mean or std: 0 and 1 (__post_init__)
         if pre.channel_order == "GRAY" and (len(set(pre.mean)) > 1 or len(set(pre.std)) > 1):
             raise FieldError(_at(path, "mean" if len(set(pre.mean)) > 1 else "std"),
                              "has three different values: a GRAY input has one channel (give one number)")

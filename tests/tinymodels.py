@@ -191,3 +191,42 @@ def tiny_lockable(seed: int = 0, size: int = 48, classes: int = 10, channels: in
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def tiny_conv_head(seed: int = 0, size: int = 32, classes: int = 6, nhwc: bool = False,
+                   channels: int = 3) -> onnx.ModelProto:
+    """A convolutional classifier (no Gemm): 3x3 s2 conv(c→16)+ReLU → 3x3 s2 conv(16→32)+ReLU (m=144) →
+    3x3 conv(32→classes, padded) → GlobalAveragePool → Flatten → Softmax, as mini-Xception or SqueezeNet
+    end. ``nhwc``: the input is ``[N, H, W, c]`` and a Transpose starts the graph (a Keras export)."""
+    rng = np.random.default_rng(seed)
+    nodes = []
+    x = "input"
+    if nhwc:
+        nodes.append(helper.make_node("Transpose", ["input"], ["nchw"], name="/Transpose", perm=[0, 3, 1, 2]))
+        x = "nchw"
+    nodes += [
+        helper.make_node("Conv", [x, "w1", "b1"], ["c1"], name="/conv1/Conv", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="/relu1/Relu"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="/conv2/Conv", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="/relu2/Relu"),
+        helper.make_node("Conv", ["r2", "wc", "bc"], ["c3"], name="/classifier/Conv", kernel_shape=[3, 3],
+                         pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["gap"], name="/pool/GlobalAveragePool"),
+        helper.make_node("Flatten", ["gap"], ["scores"], name="/Flatten", axis=1),
+        helper.make_node("Softmax", ["scores"], ["probs"], name="/Softmax", axis=1),
+    ]
+    inits = [
+        _init("w1", rng.normal(0, 0.3, (16, channels, 3, 3))), _init("b1", rng.normal(0, 0.1, 16)),
+        _init("w2", rng.normal(0, 0.12, (32, 16, 3, 3))), _init("b2", rng.normal(0, 0.1, 32)),
+        _init("wc", rng.normal(0, 0.1, (classes, 32, 3, 3))), _init("bc", rng.normal(0, 0.1, classes)),
+    ]
+    shape = ["batch", size, size, channels] if nhwc else ["batch", channels, size, size]
+    graph = helper.make_graph(nodes, "tiny_conv_head",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

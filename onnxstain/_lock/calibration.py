@@ -90,7 +90,10 @@ def calibrate_classifier(job: LockJob, site: LockSite, features: str | None) -> 
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=host.positions, draws=opts.max_draws,
                                        detectors=opts.detectors)
     nat_scores = cal[head.scores].astype(np.float64).reshape(len(x_cal), -1)
-    pooled = None if features is None else cal[features].astype(np.float64).reshape(len(x_cal), -1)
+    pooled = None if features is None else cal[features].astype(np.float64)
+    if pooled is not None and not head.linear:  # a convolutional classifier's input map: its channels' means
+        pooled = pooled.mean(axis=(2, 3))
+    pooled = None if pooled is None else pooled.reshape(len(x_cal), -1)
     if orig_scores is None:
         orig_scores = nat_scores
     # What the unlocked model loses against the original (in place: the conduit channels), on clean images.

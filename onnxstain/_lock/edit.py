@@ -23,11 +23,13 @@ from .._onnx.graph import GraphView
 from .._onnx.hosts import HostLayer
 from ..errors import InternalError
 from ..keys import WhiteBoxSection
+from ..math.agreement import top1_agreement
 from ..math.detection_agreement import anchor_map
 from ..math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from ..passes.conduit import apply_conduit
 from ..passes.dense import insert_feature_gate
 from ..passes.lock import insert_gate
+from ..passes.stain import head_columns
 from ..runtime import run_batches, session, with_outputs
 from .calibration import ClassifierCalibration, DenseCalibration
 from .job import LockJob
@@ -67,10 +69,15 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         info = {"flipped_channels": flipped, "gated": gated.name, "agreement_metric": "anchor mAP"}
     else:
         assert cal.pooled is not None
-        cols = head_columns(job.view, head)  # [classes, features]; a sequence head's rows are its steps
+        cols = head_columns(model, head)  # [classes, features]; a sequence head's rows are its steps
         disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]),
                                                              cal.nat_scores.reshape(-1, cols.shape[0]), cols)
-        gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN)
+        if head.linear:
+            gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN)
+        else:  # a convolutional classifier: its input map gated channel by channel, the agreement measured
+            gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN,
+                               target=head_mod.head_input(job.view, head))
+            agree = classifier_agreement(gate.model, cal.x_cal, cal.nat_scores, head, job)
         info = {"flipped_features": flipped}
     assert gate.signal is not None
     white_box = WhiteBoxSection(tensor=gate.signal, channel=0, position=None, expected=1.0)
@@ -124,6 +131,15 @@ def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:
     return int(got.shape[1])
 
 
+def classifier_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_scores: np.ndarray, head: head_mod.Head,
+                         job: LockJob) -> float:
+    """Top-1 agreement of the locked classifier (no patch) with the original on the calibration images."""
+    n = len(x_cal)
+    got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
+                      batch=job.opts.batch)[head.scores]
+    return float(np.mean(top1_agreement(got.reshape(n, -1), nat_scores[:n], head.classes)))
+
+
 def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray, head: head_mod.Head,
                         job: LockJob) -> float:
     """Anchor-level mAP of the locked detector (no patch) against the original on calibration images."""
@@ -143,11 +159,3 @@ def head_bias(view: GraphView, head: head_mod.Head) -> np.ndarray:
     b = view.array(head.bias)
     assert b is not None, f"the head's bias {head.bias!r} is not a constant"
     return b.astype(np.float64).reshape(-1) * (head.beta if head.op == "Gemm" else 1.0)
-
-
-def head_columns(view: GraphView, head: head_mod.Head) -> np.ndarray:
-    """The classifier's weights ``[features, classes]`` as they multiply the features (Gemm's alpha applied)."""
-    w = view.array(head.weight)
-    assert w is not None, f"the head's weight {head.weight!r} is not a constant"
-    w = w.astype(np.float64)
-    return (w if head.trans_b else w.T) * (head.alpha if head.op == "Gemm" else 1.0)

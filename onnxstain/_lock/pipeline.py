@@ -87,10 +87,12 @@ class ClassifierLock:
         """Choose the site (refuses what this kind of lock cannot do before any work)."""
         head, opts = job.head, job.opts
         assert head is not None
-        if head.detection and opts.kind == "inplace":
+        if not head.linear and opts.kind == "inplace":
+            what = ("this is a detector" if head.detection else
+                    f"the classifier {head.node} is a Conv followed by global pooling")
             raise UnsupportedModelError(
-                "this is a detector: the in-place lock restores a classifier's bias through pooled conduits, and a "
-                "detector's per-anchor class head has none; use --kind gate")
+                f"{what}: the in-place lock restores a Gemm or MatMul classifier's bias through pooled conduits, "
+                "and this head has none; use --kind gate")
         self.job, self.head = job, head
         self.features = None if head.detection else head_mod.head_input(job.view, head)
         self.hosts = lock_hosts(job.loaded.model, job.view)

@@ -2,10 +2,11 @@
 
 ``find_head`` finds the layer producing the model's scores: a Gemm (or MatMul + Add) whose output
 is the graph output, possibly through Softmax/Identity, a Cast between float types or (QDQ models) a
-``Q → DQ`` pair; ``Head.scores`` is then the dequantized scores. ``direct_route`` tells whether a host's
-activated channel ``k`` reaches that head as feature ``k`` through pooling and reshaping only
-(GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then Flatten / Reshape / Squeeze), which
-is what an in-place route through existing channels needs.
+``Q → DQ`` pair; ``Head.scores`` is then the dequantized scores. Failing that, a convolutional
+classifier (a Conv with one filter per class, then global average pooling: ``op == "ConvPool"``).
+``direct_route`` tells whether a host's activated channel ``k`` reaches that head as feature ``k``
+through pooling and reshaping only (GlobalAveragePool / GlobalMaxPool / ReduceMean over H, W, then
+Flatten / Reshape / Squeeze), which is what an in-place route through existing channels needs.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ class Head:
     @property
     def detection(self) -> bool:
         return self.layout is not None
+
+    @property
+    def linear(self) -> bool:
+        """A Gemm or MatMul classifier reading pooled features: columns a stain or a lock can route through.
+        A detector's class head and a convolutional classifier (``op == "ConvPool"``) have none."""
+        return self.op in ("Gemm", "MatMul")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +114,55 @@ def find_head(view: GraphView) -> Head | None:
                         continue
                     return Head(view.node_name(mm), "MatMul", mm.input[1], bias, view.node_name(node),
                                 False, 1.0, 1.0, *_scores(view, node.output[0], out, w[1], w[0]), steps=steps)
+    return find_conv_pool_head(view)
+
+
+_SHAPE_ONLY = {"Flatten", "Reshape", "Squeeze", "Identity", "Dropout"}
+
+
+def find_conv_pool_head(view: GraphView) -> Head | None:
+    """A convolutional classifier: a Conv with one filter per class, (a ReLU,) global average pooling over
+    height and width (``GlobalAveragePool``, or ``ReduceMean`` over the spatial axes), shape-only ops, then
+    the output (through Softmax and the like): mini-Xception, SqueezeNet, NIN. Its scores are the pooled
+    ``[N, K]``; ``op == "ConvPool"``, ``weight`` the Conv's ``[K, C, kh, kw]``, and :func:`head_input` the map
+    the Conv reads. It has no columns to route a stain through in place (insert mode); a gate lock gates its
+    input map channel by channel."""
+    dims = view.resolved()
+    for out in view.output_names:
+        scores, node = out, view.producer.get(out)
+        while node is not None and (node.op_type in _PASS_THROUGH or _float_cast(view, node)):
+            scores, node = node.input[0], view.producer.get(node.input[0])
+        shape = dims.get(scores)
+        if node is None or not shape or len(shape) != 2 or not isinstance(shape[1], int):
+            continue
+        while node is not None and node.op_type in _SHAPE_ONLY:
+            node = view.producer.get(node.input[0])
+        if node is None or not _spatial_mean(view, node):
+            continue
+        conv = view.producer.get(node.input[0])
+        while conv is not None and conv.op_type in ("Relu", "Identity"):
+            conv = view.producer.get(conv.input[0])
+        if conv is None or conv.op_type != "Conv" or not view.is_constant(conv.input[1]):
+            continue
+        w = view.shape(conv.input[1])
+        if w is None or len(w) != 4 or int(view.attr(conv, "group", 1)) != 1 or w[0] != shape[1]:
+            continue
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        return Head(view.node_name(conv), "ConvPool", conv.input[1], bias, None, False, 1.0, 1.0, scores, out,
+                    int(w[0]), int(w[1]))
     return None
+
+
+def _spatial_mean(view: GraphView, node: onnx.NodeProto) -> bool:
+    """``node`` averages an NCHW map over height and width."""
+    if node.op_type == "GlobalAveragePool":
+        return True
+    if node.op_type != "ReduceMean":
+        return False
+    axes = view.attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1] and view.is_constant(node.input[1]):
+        axes = list(view.constant(node.input[1]).reshape(-1))
+    return axes is not None and sorted(int(a) % 4 for a in axes) == [2, 3]
 
 
 def _rows(view: GraphView, scores: str, classes: int) -> tuple[int, int | None]:

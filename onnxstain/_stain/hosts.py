@@ -15,10 +15,12 @@ from .result import Mode, StainOptions
 
 def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mode: Mode,
                 layer: str | None) -> HostLayer:
-    if mode == "inplace" and head.detection:
+    if mode == "inplace" and not head.linear:
+        what = ("this is a detector (per-anchor class scores beside box outputs): its class head"
+                if head.detection else f"the classifier {head.node} is a Conv followed by global pooling: it")
         raise UnsupportedModelError(
-            "this is a detector (per-anchor class scores beside box outputs): its class head is not a "
-            "pooled classifier, so the stain cannot be routed through existing channels in place; use --mode insert")
+            f"{what} is not a Gemm or MatMul classifier of pooled features, so the stain cannot be routed through "
+            "existing channels in place; use --mode insert")
     if layer is not None:
         return _named_host(hosts, view, head, mode, layer)
     usable = [h for h in hosts if h.usable and not h.token_layer]

@@ -167,7 +167,7 @@ def resolve_variant(opts: StainOptions, host: HostLayer, head: head_mod.Head | N
     non-additive variant overwrites a channel. Inserted and dense stains keep the non-additive branch."""
     if opts.variant != "auto":
         return opts, None
-    if opts.mode != "inplace" or head is None or head.detection or route is None:
+    if opts.mode != "inplace" or head is None or not head.linear or route is None:
         return dataclasses.replace(opts, variant="non-additive"), None
     if route.affine or route.siblings:
         why = (f"a per-channel scale or shift ({route.affine[0][0]})" if route.affine else

@@ -113,7 +113,7 @@ def shared_work(job: StainJob, images: Any) -> SharedWork:
     """The calibration pass of a classifier (or detector) stain: the host's input, the scores and the
     classifier's input tapped over the calibration images."""
     head = _head(job)
-    head_input = [] if head.detection else [head_mod.head_input(job.view, head)]
+    head_input = [head_mod.head_input(job.view, head)] if head.linear else []
     cal = calibration_pass(job, images, [job.host.input, head.scores, *head_input])
     lean = weight_bytes(job.loaded.model) > LEAN_BYTES
     if lean:
@@ -188,7 +188,7 @@ def _calibrate(job: StainJob, shared: SharedWork, score_view: ScoreView) -> _Cal
     tau0 = bounds.threshold_for_target(opts.fpr / n_trig, cal.radius, host.m, positions=host.positions,
                                        draws=opts.max_draws)
     nat_scores = score_view.flat(cal.outputs[head.scores])
-    pooled = None if head.detection else cal.outputs[head_mod.head_input(job.view, head)].reshape(
+    pooled = None if not head.linear else cal.outputs[head_mod.head_input(job.view, head)].reshape(
         len(cal.inputs), -1).astype(np.float64)
     channel = stain_edit.choose_channel(opts, host, head, job.loaded, pooled, nat_scores)
     return _Calibrated(cal=cal, view=score_view, target_chance=target_chance, triggers=n_trig, tau0=tau0,

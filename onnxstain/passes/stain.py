@@ -35,11 +35,17 @@ class Signature:
 
 
 def _head_column(view: GraphView, head: Head, feature: int) -> np.ndarray:
-    w = view.constant(head.weight).astype(np.float64)
+    w = _linear_weight(view.constant(head.weight).astype(np.float64), head)
     col = w[:, feature] if head.trans_b else w[feature]
     if head.op == "Gemm":
         col = col * head.alpha
     return col
+
+
+def _linear_weight(w: np.ndarray, head: Head) -> np.ndarray:
+    """A convolutional classifier's ``[K, C, kh, kw]`` as ``[C, K]`` (its filters summed over the window, as a
+    MatMul weight); a linear head's weight as stored."""
+    return w.reshape(w.shape[0], w.shape[1], -1).sum(axis=2).T if head.op == "ConvPool" else w
 
 
 def head_column(model: onnx.ModelProto, head: Head, feature: int) -> np.ndarray:
@@ -47,8 +53,9 @@ def head_column(model: onnx.ModelProto, head: Head, feature: int) -> np.ndarray:
 
 
 def head_columns(model: onnx.ModelProto, head: Head) -> np.ndarray:
-    """The classifier's effective weights as ``[classes, features]``."""
-    w = GraphView(model).constant(head.weight).astype(np.float64)
+    """The classifier's effective weights as ``[classes, features]`` (a convolutional classifier's: each filter
+    summed over its window, which is what it adds per unit of a channel's spatial mean, up to the borders)."""
+    w = _linear_weight(GraphView(model).constant(head.weight).astype(np.float64), head)
     cols = w if head.trans_b else w.T
     return cols * (head.alpha if head.op == "Gemm" else 1.0)
 
