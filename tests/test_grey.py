@@ -200,3 +200,38 @@ def test_easyocr_gate_lock(easyocr):
     assert _is_grey(load_key(key).trigger.pixels())
     assert onnxstain.verify(out, key).stained
     assert res.locked_agreement <= res.chance + 0.02
+
+
+def _time_major_recogniser() -> onnx.ModelProto:
+    """A grey CTC recogniser exported time-major (ddddocr's): columns → [T, N, D] → Gemm on [T·N, D] → [T, N, K]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[8, 1]),  # [1, 8, 1, 32]
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Squeeze", ["r", "axis2"], ["s"]),  # [1, 8, 32]
+        helper.make_node("Transpose", ["s"], ["t"], perm=[2, 0, 1]),  # [32, 1, 8]
+        helper.make_node("Reshape", ["t", "flat"], ["f"]),  # [32, 8]
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["g"], transB=1),  # [32, 5]
+        helper.make_node("Reshape", ["g", "steps"], ["logits"]),  # [32, 1, 5]
+    ]
+    inits = [numpy_helper.from_array(a, n) for n, a in [
+        ("w", rng.normal(0, 0.3, (8, 1, 8, 1)).astype(np.float32)), ("axis2", np.array([2], np.int64)),
+        ("flat", np.array([-1, 8], np.int64)), ("wg", rng.normal(0, 0.3, (5, 8)).astype(np.float32)),
+        ("bg", np.zeros(5, np.float32)), ("steps", np.array([32, 1, 5], np.int64))]]
+    graph = helper.make_graph(nodes, "time_major", [helper.make_tensor_value_info("input", TensorProto.FLOAT,
+                                                                                  [1, 1, 8, 32])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["steps", "batch", 5])],
+                              inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_time_major_sequence_output_is_named_as_such(tmp_path):
+    """It was called a YOLO-style packed box output."""
+    from onnxstain.errors import UnsupportedModelError
+
+    onnx.save(_time_major_recogniser(), tmp_path / "ocr.onnx")
+    with pytest.raises(UnsupportedModelError, match=r"laid out time-major \(\[T, N, K\].*export them as \[N, T, K\]"):
+        onnxstain.stain(tmp_path / "ocr.onnx", tmp_path / "x.onnx", tmp_path / "x.key",
+                        images=smooth_images(8, size=32, seed=0), options=StainOptions(mode="insert"))

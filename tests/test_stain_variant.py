@@ -18,7 +18,7 @@ PRE = Preprocessing(height=32, width=32, resize=None)
 
 
 def _head(classes: int, detection: bool = False) -> types.SimpleNamespace:
-    return types.SimpleNamespace(classes=classes, detection=detection, weight="wf")
+    return types.SimpleNamespace(classes=classes, detection=detection, linear=not detection, weight="wf")
 
 
 def _route(affine=(), siblings=()) -> types.SimpleNamespace:

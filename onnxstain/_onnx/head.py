@@ -184,7 +184,11 @@ def missing_head_reason(view: GraphView) -> str:
         node = view.producer.get(out)
         made = f"from {view.node_name(node)} ({node.op_type})" if node is not None else "an input or a constant"
         text = f"output {out!r} {list(shape) if shape else '[?]'} {made}"
-        if shape and len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] >= 5:
+        if _time_major(view, node, shape):
+            text += (" holds per-step scores laid out time-major ([T, N, K]: a classifier on [T·N, D] reshaped, as "
+                     "CTC recognisers are often exported); onnxstain reads sequence scores batch-first: export them "
+                     "as [N, T, K] (e.g. a transpose before the output)")
+        elif shape and len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] >= 5:
             text += (" packs boxes and scores in one tensor (YOLO-style: 4 box values, then objectness/class "
                      "scores), so no class scores can be read apart; export the class scores as their own "
                      "output [N, anchors, classes] beside the boxes [N, anchors, 4]")
@@ -192,6 +196,18 @@ def missing_head_reason(view: GraphView) -> str:
             text += " is not made by a Gemm or MatMul+Add classifier"
         parts.append(text)
     return "; ".join(parts) or "the graph has no outputs"
+
+
+def _time_major(view: GraphView, node: onnx.NodeProto | None, shape) -> bool:
+    """A Reshape of a classifier's ``[T·N, K]`` scores (a Gemm, or a MatMul's bias Add, float or dynamically
+    quantised) to ``[T, N, K]`` at the analysed batch of one: a time-major sequence output."""
+    if node is None or node.op_type != "Reshape" or not shape or len(shape) != 3 or shape[1] != 1:
+        return False
+    src = view.producer.get(node.input[0])
+    scores = view.resolved().get(node.input[0])
+    if src is None or src.op_type not in ("Gemm", "MatMul", "Add") or scores is None:
+        return False
+    return tuple(scores) == (shape[0], shape[2]) and isinstance(shape[0], int) and shape[0] > 1
 
 
 def no_head_message(view: GraphView, why: str) -> str:
