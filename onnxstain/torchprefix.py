@@ -838,6 +838,54 @@ def _b_gemm(ctx: _Ctx) -> Fn:
     return gemm
 
 
+@_op("LSTM")
+def _b_lstm(ctx: _Ctx) -> Fn:
+    """ONNX's LSTM (gates i, o, f, c) as torch's fused one (gates i, f, c, o): forward, reverse or bidirectional,
+    time-major, with the default activations and no peepholes, clip, coupled gates or per-sequence lengths
+    (``layout`` 1 is refused: onnxruntime does not run it either)."""
+    acts = [str(a).lower() for a in ctx.attr("activations", [])]
+    if acts and acts != ["sigmoid", "tanh", "tanh"] * (len(acts) // 3):
+        ctx.fail(f"activations {ctx.attr('activations')} are not supported (only Sigmoid, Tanh, Tanh)")
+    if ctx.attr("clip") is not None or ctx.attr("input_forget", 0):
+        ctx.fail("clip and input_forget are not supported")
+    if ctx.attr("layout", 0):
+        ctx.fail("layout 1 (batch first) is not supported")
+    if ctx.has(4) or ctx.has(7):
+        ctx.fail("per-sequence lengths (input 4) and peepholes (input 7) are not supported")
+    w, r, b = ctx.const(1), ctx.const(2), ctx.const(3)
+    if w is None or r is None or (ctx.has(3) and b is None):
+        ctx.fail("its weights (W, R, B) must be constants")
+    direction = str(ctx.attr("direction", "forward"))
+    hidden = int(ctx.attr("hidden_size", r.shape[-1]))
+    dirs = w.shape[0]
+
+    def gates(t: torch.Tensor) -> torch.Tensor:  # [4H, ...] in ONNX's order i, o, f, c → torch's i, f, c, o
+        i, o, f, c = t.chunk(4, 0)
+        return torch.cat([i, f, c, o], 0)
+
+    params: list[torch.Tensor] = []
+    for d in range(dirs):
+        bias = b[d] if b is not None else torch.zeros(8 * hidden, dtype=w.dtype)
+        params += [gates(w[d]), gates(r[d]), gates(bias[: 4 * hidden]), gates(bias[4 * hidden :])]
+    reverse = direction == "reverse"
+
+    def lstm(x: torch.Tensor, *rest: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h0, c0 = (rest[4] if len(rest) > 4 else None), (rest[5] if len(rest) > 5 else None)
+        batch = x.shape[1]
+        zeros = x.new_zeros(dirs, batch, hidden)
+        h0 = zeros if h0 is None else h0
+        c0 = zeros if c0 is None else c0
+        if reverse:
+            x = x.flip(0)
+        y, h_n, c_n = torch.lstm(x, (h0.contiguous(), c0.contiguous()), params, True, 1, 0.0, False, dirs == 2,
+                                 False)
+        if reverse:
+            y = y.flip(0)
+        return y.reshape(y.shape[0], batch, dirs, hidden).permute(0, 2, 1, 3), h_n, c_n  # Y: [T, dirs, N, H]
+
+    return lstm
+
+
 @_op("Einsum")
 def _b_einsum(ctx: _Ctx) -> Fn:
     eq = str(ctx.attr("equation")).replace(" ", "")

@@ -191,12 +191,13 @@ def test_easyocr_stain_insert_on_its_sequence_head(easyocr):
 
 @pytest.mark.slow
 def test_easyocr_gate_lock(easyocr):
-    """The gate's pixel window reads one channel (a 7x7 grey patch); the occlusion-aware refinement is
-    skipped with a note (the model's LSTMs have no torch translation here) and the lock still holds."""
+    """The gate's pixel window reads one channel (a 7x7 grey patch); the occlusion-aware refinement runs through
+    the model's bidirectional LSTMs (it was skipped, with a note, before they had a torch translation)."""
     model, d = easyocr
     out, key = d / "locked.onnx", d / "locked.key"
     res = onnxstain.lock(model, out, key, options=LockOptions(seed=4))
-    assert res.host == "pixels" and any("occlusion-aware refinement skipped" in n for n in res.notes)
+    assert res.host == "pixels" and not any("refinement skipped" in n for n in res.notes)
+    assert res.occlusion is not None and res.occlusion["steps"] > 0
     assert _is_grey(load_key(key).trigger.pixels())
     assert onnxstain.verify(out, key).stained
     assert res.locked_agreement <= res.chance + 0.02

@@ -525,3 +525,22 @@ def test_the_cli_lock_defaults_are_the_library_defaults():
     params = {p.name: p for p in main.commands["lock"].params}
     assert params["occlusion_steps"].default == LockOptions().occlusion_steps
     assert params["fpr"].default == LockOptions().fpr
+
+
+def test_refinement_skipped_when_the_model_has_no_torch_translation(tmp_path, images):
+    """An op the torch translation lacks (here a Shrink that passes everything) between the features and the
+    classifier: the patch search reads the pixels only and succeeds, the occlusion-aware refinement (through
+    the whole model) is skipped with a note, and the lock is written and opens (the lock used to fail)."""
+    m = tiny_lockable()
+    flat = next(n for n in m.graph.node if n.op_type == "Flatten")
+    gemm = next(n for n in m.graph.node if n.op_type == "Gemm")
+    shrink = onnx.helper.make_node("Shrink", [flat.output[0]], ["shrunk"], name="/shrink/Shrink", lambd=0.0, bias=0.0)
+    gemm.input[0] = "shrunk"
+    m.graph.node.insert(list(m.graph.node).index(gemm), shrink)
+    onnx.save(m, tmp_path / "model.onnx")
+    PRE.save(tmp_path / "model.preprocessing.json")
+    res = onnxstain.lock(tmp_path / "model.onnx", tmp_path / "locked.onnx", tmp_path / "locked.key", images=images,
+                         options=LockOptions(seed=1, fpr=FPR, occlusion_steps=5))
+    assert res.occlusion is None
+    assert any("occlusion-aware refinement skipped (Shrink node '/shrink/Shrink'" in n for n in res.notes)
+    assert onnxstain.verify(tmp_path / "locked.onnx", tmp_path / "locked.key").stained

@@ -1221,3 +1221,62 @@ def test_mobilenet_v2_prefix() -> None:
     dt = sorted(times)[len(times) // 2]
     assert xb.grad is not None and bool(torch.isfinite(xb.grad).all())
     print(f"\nMobileNetV2 prefix up to {feature!r}: forward+backward at batch 1: {dt * 1e3:.1f} ms")
+
+
+# --------------------------------------------------------------------------------------------------
+# recurrent
+# --------------------------------------------------------------------------------------------------
+
+
+class _CRNNTail(torch.nn.Module):
+    """EasyOCR's shape: a bidirectional, batch-first LSTM over a sequence of features, then a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.rnn = torch.nn.LSTM(8, 6, bidirectional=True, batch_first=True)
+        self.out = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.rnn(x)[0])
+
+
+def test_lstm_exported_by_torch_and_its_gradient() -> None:
+    model = export(_CRNNTail(), torch.zeros(2, 7, 8), 17)
+    assert any(n.op_type == "LSTM" for n in model.graph.node)
+    x = randn(3, 7, 8)
+    tp = check(model, x, atol=1e-5)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    tp(xt)[0].sum().backward()
+    assert xt.grad is not None and float(xt.grad.abs().sum()) > 0
+
+
+@pytest.mark.parametrize(("direction", "states"), [("reverse", True), ("forward", True), ("bidirectional", False),
+                                                  ("bidirectional", True)])
+def test_lstm_node_forms(direction: str, states: bool) -> None:
+    """Every output (Y, Y_h, Y_c) of a hand-built node, against onnxruntime."""
+    layout = 0
+    dirs, hidden, size, steps, batch = (2 if direction == "bidirectional" else 1), 4, 3, 5, 2
+    g = rng(3)
+    consts = [g.standard_normal((dirs, 4 * hidden, size)).astype(np.float32) * 0.5,
+              g.standard_normal((dirs, 4 * hidden, hidden)).astype(np.float32) * 0.5,
+              g.standard_normal((dirs, 8 * hidden)).astype(np.float32) * 0.1, None]
+    state_shape = (dirs, batch, hidden)
+    if states:
+        consts += [g.standard_normal(state_shape).astype(np.float32), g.standard_normal(state_shape).astype(np.float32)]
+    model = single("LSTM", [steps, batch, size], consts, n_out=3, hidden_size=hidden, direction=direction,
+                   layout=layout)
+    check(model, randn(steps, batch, size, seed=4), ["y0", "y1", "y2"])
+
+
+@pytest.mark.parametrize(("extra", "attrs", "why"), [
+    ([None, None, None, randn(1, 12)], {}, "peepholes"),
+    ([], {"layout": 1}, "layout 1"),
+    ([], {"clip": 3.0}, "clip"),
+    ([], {"activations": ["Sigmoid", "Relu", "Tanh"]}, "activations"),
+])
+def test_lstm_forms_refused_at_construction(extra: list[Any], attrs: dict[str, Any], why: str) -> None:
+    consts = [randn(1, 16, 3), randn(1, 16, 4), None, *extra]
+    model = single("LSTM", [5, 2, 3], consts, n_out=1, hidden_size=4, **attrs)
+    with pytest.raises(UnsupportedModelError, match=why):
+        TorchPrefix(model, ["y0"])
