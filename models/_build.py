@@ -145,6 +145,67 @@ def torch_export(
         program.save(str(path), external_data=False)
 
 
+def data_parallel_state(path: Path | None, install: str) -> dict[str, Any]:
+    """A torch state dict saved from ``DataParallel`` (every key prefixed ``module.``), without the prefix;
+    ``FileNotFoundError`` naming ``install`` when the weights package is missing."""
+    import torch
+
+    if path is None:
+        raise FileNotFoundError(install)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def torchscript_recipe(
+    name: str,
+    weights: Path,
+    version: int,
+    load: Callable[[], Any],
+    pre: Preprocessing,
+    dummy_shape: tuple[int, ...],
+    check_inputs: Callable[[Any], list[Any]],
+    *,
+    output_names: list[str],
+    dynamic: dict[int, str],
+    tolerance: float,
+    cache: Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Build (or keep, when its stamp matches) the cached model of a recipe that loads torch weights from a
+    registry package: the TorchScript export of ``load()`` with input ``input``, checked against torch on
+    ``check_inputs(numpy_rng)`` (≤ ``tolerance``), published with ``pre`` as its sidecar."""
+    out = model_path(name, cache)
+    stamp = {"recipe": name, "recipe_version": version, **{f"weights_{k}": v for k, v in file_stamp(weights).items()}}
+    if not force and up_to_date(out, stamp):
+        return out
+    import numpy as np
+    import torch
+
+    model = load()
+
+    def write(tmp: Path) -> dict[str, object]:
+        torch_export(model, torch.zeros(*dummy_shape), tmp, dynamo=False, input_name="input",
+                     output_names=output_names, dynamic=dynamic)
+        diff = max_ort_torch_diff(model, tmp, check_inputs(np.random.default_rng(0)))
+        if not diff < tolerance:
+            raise RuntimeError(f"{name}: onnxruntime differs from torch by {diff:.2e}")
+        return {"torch": torch.__version__, "exporter": "torchscript", "max_abs_diff_ort_vs_torch": diff}
+
+    return publish(out, write, pre, stamp)
+
+
+def recipe_main(argv: list[str] | None, name: str, build: Callable[..., Path]) -> int:
+    """``python -m models.<name> [--cache DIR] [--force]``: build and print the model's path."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m models.{name}")
+    parser.add_argument("--cache", type=Path, default=None)
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args(argv)
+    print(build(name, args.cache, force=args.force))
+    return 0
+
+
 def max_ort_torch_diff(model: Any, path: Path, inputs: list[Any], output: int = 0) -> float:
     """Largest absolute difference between onnxruntime and torch on ``inputs`` (numpy arrays)."""
     import numpy as np

