@@ -84,12 +84,29 @@ def _model_input(pre: Preprocessing):
     return to_input
 
 
-def model_logits(prefix, pre: Preprocessing):
-    """``fn(pixels [B, H, W, 3]) -> scores [B, K]`` through the whole model (``prefix`` ends at the scores)."""
+def model_logits(prefix, pre: Preprocessing, fixed_batch: int | None = None):
+    """``fn(pixels [B, H, W, 3]) -> scores [B, K]`` through the whole model (``prefix`` ends at the scores).
+    ``fixed_batch``: the model's input batch is fixed at that size (its reshapes say so, as the ONNX model zoo's
+    MNIST ``[1, 256]``): the pixels go through in chunks of it, the last one padded with its last image."""
+    import torch
+
     to_input = _model_input(pre)
 
-    def fn(px):
+    def run(px):
         out = prefix(to_input(px))[0]
         return out.reshape(out.shape[0], -1)
 
-    return fn
+    if fixed_batch is None:
+        return run
+
+    def chunked(px):
+        parts = []
+        for start in range(0, px.shape[0], fixed_batch):
+            chunk = px[start : start + fixed_batch]
+            n = chunk.shape[0]
+            if n < fixed_batch:
+                chunk = torch.cat([chunk, chunk[-1:].expand(fixed_batch - n, *chunk.shape[1:])])
+            parts.append(run(chunk)[:n])
+        return torch.cat(parts)
+
+    return chunked

@@ -138,14 +138,35 @@ def _is_grey(px: np.ndarray) -> bool:
     return bool((px[..., 0] == px[..., 1]).all() and (px[..., 1] == px[..., 2]).all())
 
 
-def test_stain_a_grey_model(grey_dir):
+@pytest.fixture(scope="module")
+def grey_stain(grey_dir):
     out, key = grey_dir / "stained.onnx", grey_dir / "stained.key"
     onnxstain.stain(grey_dir / "model.onnx", out, key, images=smooth_images(96, seed=0),
                     options=StainOptions(seed=3, fpr=0.05))
+    return out, key
+
+
+def test_stain_a_grey_model(grey_dir, grey_stain):
+    out, key = grey_stain
     k = load_key(key)
     assert k.preprocessing.channel_order == "GRAY" and _is_grey(k.trigger.pixels())
     assert onnxstain.verify(out, key).stained
     assert not onnxstain.verify(grey_dir / "model.onnx", key).stained
+    k.save(grey_dir / "again.key")  # the key format carries GRAY both ways
+    again = load_key(grey_dir / "again.key")
+    assert again == k and again.commitment == k.commitment
+
+
+def test_a_grey_key_with_three_means_is_refused(grey_dir, grey_stain):
+    import json
+
+    from onnxstain.errors import BadKeyError
+
+    body = json.loads(grey_stain[1].read_text())
+    body["preprocessing"]["mean"] = [0.1, 0.2, 0.3]
+    (grey_dir / "bad.key").write_text(json.dumps(body))
+    with pytest.raises(BadKeyError, match=r"preprocessing\.mean has three different values"):
+        load_key(grey_dir / "bad.key")
 
 
 def test_gate_lock_a_grey_model(grey_dir):

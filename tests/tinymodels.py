@@ -230,3 +230,33 @@ def tiny_conv_head(seed: int = 0, size: int = 32, classes: int = 6, nhwc: bool =
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+def tiny_bias_add_cnn(seed: int = 0, size: int = 28, classes: int = 10) -> onnx.ModelProto:
+    """The ONNX model zoo's MNIST layout (a CNTK export): grey ``[1, 1, size, size]`` input, every Conv without a
+    bias input followed by an ``Add`` of a ``[C, 1, 1]`` constant, then ReLU and MaxPool; MatMul + Add head."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, x, cin, side = [], [], "input", 1, size
+    for i, cout in enumerate((8, 16)):
+        nodes += [helper.make_node("Conv", [x, f"w{i}"], [f"c{i}"], name=f"Convolution{i}", kernel_shape=[5, 5],
+                                   pads=[2, 2, 2, 2]),
+                  helper.make_node("Add", [f"c{i}", f"b{i}"], [f"p{i}"], name=f"Plus{i}"),
+                  helper.make_node("Relu", [f"p{i}"], [f"r{i}"], name=f"ReLU{i}"),
+                  helper.make_node("MaxPool", [f"r{i}"], [f"m{i}"], name=f"Pooling{i}", kernel_shape=[2, 2],
+                                   strides=[2, 2])]
+        inits += [_init(f"w{i}", rng.normal(0, np.sqrt(2 / (cin * 25)), (cout, cin, 5, 5))),
+                  _init(f"b{i}", rng.normal(0, 0.05, (cout, 1, 1)))]
+        x, cin, side = f"m{i}", cout, side // 2
+    feats = cin * side * side
+    nodes += [helper.make_node("Reshape", [x, "flat"], ["f"], name="Times_reshape"),
+              helper.make_node("MatMul", ["f", "wf"], ["t"], name="Times"),
+              helper.make_node("Add", ["t", "bf"], ["logits"], name="Plus_out")]
+    inits += [numpy_helper.from_array(np.array([1, feats], np.int64), "flat"),
+              _init("wf", rng.normal(0, 1 / np.sqrt(feats), (feats, classes))), _init("bf", np.zeros((1, classes)))]
+    graph = helper.make_graph(nodes, "tiny_bias_add_cnn",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 1, size, size])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], producer_name="tiny-test")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .._onnx.hosts import HostLayer
+from .._onnx.inputs import image_input
 from ..errors import UnreachableBoundError, UnsupportedModelError
 from ..math import detector
 from ..math.trigger import ascend, box_maximiser, quantise, refine_occlusion
@@ -182,7 +183,8 @@ class ClassifierPatches:
                 task.advance(1)
 
             # KL per step of a sequence head (its rows are (steps, classes)), over the classes otherwise
-            logits, row = model_logits(full, job.pre), cal.nat_scores.shape[1]
+            logits = model_logits(full, job.pre, image_input(cal.base).batch)
+            row = cal.nat_scores.shape[1]
             k = job.head.classes if row % job.head.classes == 0 else row
             res = refine_occlusion(fn, lambda px: logits(px).reshape(len(px), -1, k), best.frame.astype(np.float64),
                                    cal.pixels[pick], cal.nat_scores[pick].reshape(len(pick), -1, k), self.mask,

@@ -81,7 +81,7 @@ class HostLayer:
     weight: str
     bias: str | None
     batchnorm: str | None  # name of an unfolded BatchNormalization node
-    bias_add: str | None  # name of the Add node carrying a MatMul bias
+    bias_add: str | None  # name of the Add node carrying the bias (a MatMul's, or a Conv's without a bias input)
     activation: str  # a kind of activations.HOST_KINDS ("relu", "silu", "gelu_tanh" ...), "none" or the op name
     act_high: float | None  # upper clip of the activation (6 for ReLU6), None if unbounded
     in_channels: int
@@ -425,6 +425,9 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
         pads = same_onnx_pads(in_hw, (kh, kw), strides, dil, auto_pad == "SAME_UPPER")
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     out = node.output[0]
+    bias_add = None
+    if bias is None:
+        bias, out, bias_add = _channel_bias_add(view, out, cout) or (None, out, None)
     bn = None
     nxt = view.only_consumer(out)
     if nxt is not None and nxt.op_type == "BatchNormalization" and all(
@@ -446,13 +449,29 @@ def _conv_host(view, node, shapes, fields, depth) -> HostLayer | None:
         reason = f"output spatial size {out_hw[0]}x{out_hw[1]} is empty"
     return HostLayer(
         name=view.node_name(node), op="Conv", input=node.input[0], output=out,
-        weight=node.input[1], bias=bias, batchnorm=bn, bias_add=None, **_act_fields(act, inplace_reason),
+        weight=node.input[1], bias=bias, batchnorm=bn, bias_add=bias_add, **_act_fields(act, inplace_reason),
         in_channels=cin_g * group, out_channels=cout, kernel=(kh, kw), strides=strides,
         pads=(pads[0], pads[1], pads[2], pads[3]), dilations=dil, groups=group,
         trans_b=False, alpha=1.0, beta=1.0, in_hw=in_hw, out_hw=out_hw,
         receptive_field=fields.get(out), depth=depth.get(id(node), 0), usable=not reason, reason=reason,
         in_rank=len(in_shape) if in_shape is not None else None,
     )
+
+
+def _channel_bias_add(view: GraphView, tensor: str, channels: int) -> tuple[str, str, str] | None:
+    """A Conv's bias kept in the ``Add`` after it (a Conv without a bias input, then ``+ b`` with ``b`` a
+    constant ``[C, 1, 1]`` or ``[1, C, 1, 1]``: CNTK's exports, the ONNX model zoo's MNIST and FER+):
+    (the constant, the Add's output, the Add's name); None otherwise."""
+    add = view.only_consumer(tensor)
+    if add is None or add.op_type != "Add" or len(add.input) != 2:
+        return None
+    other = add.input[1] if add.input[0] == tensor else add.input[0]
+    if other == tensor or not view.is_constant(other):
+        return None
+    shape = view.shape(other)
+    if shape is None or not 3 <= len(shape) <= 4 or int(np.prod(shape)) != channels or shape[-3] != channels:
+        return None  # one value per channel, on the channel axis of an [N, C, H, W] map
+    return other, add.output[0], view.node_name(add)
 
 
 def _gemm_host(view, node, depth) -> HostLayer | None:
@@ -709,7 +728,7 @@ def _current_tensors(view: GraphView, host: HostLayer) -> tuple[onnx.NodeProto, 
     Names are read from the nodes, not from ``host``: a copy-on-write may have renamed them.
     """
     node = host_node(view, host)
-    if host.op == "MatMul":
+    if host.op == "MatMul" or host.bias_add:  # the bias in an Add after the layer
         add = view.find_node(host.bias_add) if host.bias_add else None
         if add is None:
             return node, node.input[1], None, 0

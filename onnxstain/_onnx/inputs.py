@@ -23,6 +23,7 @@ class ImageInput:
     width: int | None
     dtype: str
     channels: int = 3  # 1: a grey image
+    batch: int | None = None  # the batch size when the graph fixes it
 
 
 def _type_name(elem_type: int) -> str:
@@ -67,7 +68,7 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
         raise UnsupportedModelError(
             f"input {inp.name!r} has shape {_shape_text(dims)}: neither axis 1 nor axis 3 holds 3 (RGB/BGR) or 1 "
             "(grey) channels")
-    return ImageInput(inp.name, layout, h, w, dtype, channels)
+    return ImageInput(inp.name, layout, h, w, dtype, channels, dims[0] or None)
 
 
 def sidecar_path(model_path: str | Path) -> Path:
