@@ -117,7 +117,8 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                                   if h.usable else None),
         })
     dynamic = "" if info.height and info.width else f" (dynamic; analysed at {pre.height}x{pre.width})"
-    shape = f"{info.layout or pre.layout} {info.height or '?'}x{info.width or '?'}{dynamic} {info.dtype}"
+    grey = " grey (1 channel: the pixels' luma)" if pre.channel_order == "GRAY" else ""
+    shape = f"{info.layout or pre.layout} {info.height or '?'}x{info.width or '?'}{dynamic} {info.dtype}{grey}"
     return {"model": str(loaded.path), "sha256": loaded.sha256, "input": shape,
             "nodes": len(view.graph.node), "head": head.node if head else None, "hosts": rows,
             "default": default, "notes": notes}

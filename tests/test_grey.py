@@ -97,6 +97,15 @@ def test_a_one_channel_input_is_read_as_grey():
     assert any("grey 0..1 input" in n for n in notes)
 
 
+def test_inspect_says_grey(tmp_path):
+    onnx.save(_grey_model(32, "width"), tmp_path / "m.onnx")
+    report = onnxstain.inspect_model(tmp_path / "m.onnx")
+    assert report["input"] == "NCHW 32x? (dynamic; analysed at 32x32) float32 grey (1 channel: the pixels' luma)"
+    colour = tmp_path / "c.onnx"
+    onnx.save(tiny_classifier(), colour)
+    assert "grey" not in onnxstain.inspect_model(colour)["input"]
+
+
 def test_one_fixed_side_is_kept():
     pre, notes = infer_preprocessing(_grey_model(32, "width"))
     assert (pre.height, pre.width) == (32, 32)

@@ -134,10 +134,9 @@ def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:
 def classifier_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_scores: np.ndarray, head: head_mod.Head,
                          job: LockJob) -> float:
     """Top-1 agreement of the locked classifier (no patch) with the original on the calibration images."""
-    n = len(x_cal)
-    got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
+    got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal, [head.scores],
                       batch=job.opts.batch)[head.scores]
-    return float(np.mean(top1_agreement(got.reshape(n, -1), nat_scores[:n], head.classes)))
+    return float(np.mean(top1_agreement(got.reshape(len(x_cal), -1), nat_scores, head.classes)))
 
 
 def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray, head: head_mod.Head,
