@@ -158,7 +158,8 @@ def data_parallel_state(path: Path | None, install: str) -> dict[str, Any]:
 
 def torchscript_recipe(
     name: str,
-    weights: Path,
+    weights: Path | None,
+    install: str,
     version: int,
     load: Callable[[], Any],
     pre: Preprocessing,
@@ -173,7 +174,10 @@ def torchscript_recipe(
 ) -> Path:
     """Build (or keep, when its stamp matches) the cached model of a recipe that loads torch weights from a
     registry package: the TorchScript export of ``load()`` with input ``input``, checked against torch on
-    ``check_inputs(numpy_rng)`` (≤ ``tolerance``), published with ``pre`` as its sidecar."""
+    ``check_inputs(numpy_rng)`` (≤ ``tolerance``), published with ``pre`` as its sidecar. Without ``weights``
+    (the package is not installed): ``FileNotFoundError`` naming ``install``."""
+    if weights is None:
+        raise FileNotFoundError(install)
     out = model_path(name, cache)
     stamp = {"recipe": name, "recipe_version": version, **{f"weights_{k}": v for k, v in file_stamp(weights).items()}}
     if not force and up_to_date(out, stamp):

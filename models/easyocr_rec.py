@@ -101,17 +101,14 @@ def load_model() -> Any:
 
 
 def build(name: str = NAME, cache: Path | None = None, force: bool = False) -> Path:
-    weights = weights_path()
-    if weights is None:
-        load_model()  # raises the install hint
-    assert weights is not None
     pre = preprocessing()
 
     def checks(rng: Any) -> list[Any]:
         return [pre.to_input(rng.integers(0, 256, (1, HEIGHT, WIDTH, 3), dtype="uint8")),
                 rng.standard_normal((2, 1, HEIGHT, 160)).astype("float32")]
 
-    return _build.torchscript_recipe(NAME, weights, RECIPE_VERSION, load_model, pre, (1, 1, HEIGHT, WIDTH), checks,
+    return _build.torchscript_recipe(NAME, weights_path(), INSTALL, RECIPE_VERSION, load_model, pre,
+                                     (1, 1, HEIGHT, WIDTH), checks,
                                      output_names=["logits"], dynamic={0: "batch", 3: "width"},
                                      tolerance=ORT_TOLERANCE, cache=cache, force=force)
 

