@@ -109,7 +109,6 @@ class WindowProbe:
     hi: np.ndarray  # [m]
     effect: np.ndarray  # [side·side·c, m], rows in patch order (row, col, channel); c = 1 when grey
     side: int
-    grey: bool = False
 
 
 def probe_window(phi_of: Callable[[np.ndarray], np.ndarray], side: int, height: int, width: int,
@@ -133,8 +132,7 @@ def probe_window(phi_of: Callable[[np.ndarray], np.ndarray], side: int, height: 
     moved = np.abs(effect) > 1e-6 * max(1.0, float(np.abs(phi).max()))
     if not (moved.sum(axis=0) == 1).all() or not np.allclose(effect.sum(axis=0), phi[1] - phi[0], atol=1e-4):
         return None
-    return WindowProbe(lo=np.minimum(phi[0], phi[1]), hi=np.maximum(phi[0], phi[1]), effect=effect, side=side,
-                       grey=grey)
+    return WindowProbe(lo=np.minimum(phi[0], phi[1]), hi=np.maximum(phi[0], phi[1]), effect=effect, side=side)
 
 
 def corner_patch(v: np.ndarray, probe: WindowProbe) -> Patch:
