@@ -38,6 +38,8 @@ from typing import Any
 import numpy as np
 import onnx
 
+from ._onnx.graph import GraphView
+from ._onnx.head import decision_threshold
 from ._onnx.inputs import settle_preprocessing
 from ._onnx.io import load_model
 from .calibration import calibration_pixels
@@ -260,6 +262,8 @@ def _agreement(float_path: Path, quantised: onnx.ModelProto, pre: Preprocessing,
 
     want = scores(str(float_path), pixels)
     q = quantised.SerializeToString()
-    agree = float(top1_agreement(scores(q, pixels), want, classes).mean())
-    closed = None if patch is None else float(top1_agreement(scores(q, clean), want, classes).mean())
+    loaded = onnx.load(str(float_path), load_external_data=False)
+    threshold = decision_threshold(GraphView(loaded), loaded.graph.output[0].name)
+    agree = float(top1_agreement(scores(q, pixels), want, classes, threshold).mean())
+    closed = None if patch is None else float(top1_agreement(scores(q, clean), want, classes, threshold).mean())
     return agree, closed, len(pixels)

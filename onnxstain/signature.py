@@ -47,7 +47,8 @@ def shift_score(scores: np.ndarray, original: np.ndarray, expected: np.ndarray) 
 
 
 def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.ndarray,
-                   want_unpatched: np.ndarray, classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   want_unpatched: np.ndarray, classes: int | None = None, threshold: float = 0.0
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Per reference image of a lock check (scores ``[N, K]``, or ``[N, T·K]`` for a sequence head of
     ``classes`` = K scores per step): whether the patch restores the original's top-1 (at every step), and
     whether without the patch the output is *still* the original's.
@@ -61,10 +62,10 @@ def lock_agreement(patched: np.ndarray, want_patched: np.ndarray, unpatched: np.
     """
     p, wp, u, wu = (np.asarray(a, np.float64).reshape(len(a), -1)
                     for a in (patched, want_patched, unpatched, want_unpatched))
-    restored = same_top1(p, wp, classes)
+    restored = same_top1(p, wp, classes, threshold)
     scale = max(float(np.abs(wp).max(initial=0.0)), float(np.abs(wu).max(initial=0.0)), 1e-30)
     tolerance = max(STILL_FACTOR * float(np.abs(p - wp).max(initial=0.0)), 1e-6 * scale)
-    still = same_top1(u, wu, classes) & (np.abs(u - wu).max(axis=1) <= tolerance)
+    still = same_top1(u, wu, classes, threshold) & (np.abs(u - wu).max(axis=1) <= tolerance)
     return restored, still
 
 

@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from ._onnx.graph import GraphView
+from ._onnx.head import decision_threshold
 from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from ._stain.result import StainOptions
@@ -556,7 +557,8 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
                 f"without it {100 * still:.0f}% do (mean correlation {corr_u.mean():.3f})")
     else:
         per_step = key.model.classes if key.model.layout is None else None  # a sequence head: every step
-        restored, unchanged = lock_agreement(scores[:n], want_p, scores[n:], want_u, per_step)
+        threshold = decision_threshold(view, scores_name)
+        restored, unchanged = lock_agreement(scores[:n], want_p, scores[n:], want_u, per_step, threshold)
         unlocked, still = float(restored.mean()), float(unchanged.mean())
         what = (f"the expected top-1 (max |Δscore| {err:.3g}); without it {100 * still:.0f}% still give the "
                 f"original's output (max |Δscore| {float(np.abs(scores[n:] - want_u).max()):.3g})")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxstain.math.disruption import RANGE_MARGIN, bias_disruption, sign_disruption
+from onnxstain.math.agreement import cohen_kappa, top1
+from onnxstain.math.disruption import KAPPA_TARGET, RANGE_MARGIN, bias_disruption, sign_disruption
 
 
 def _scores(rng: np.random.Generator, n: int, k: int, common: np.ndarray) -> np.ndarray:
@@ -24,7 +25,7 @@ def test_bias_disruption_steers_away_from_natural_classes():
     chance = 1 / k
     steered, plain = [], []
     for seed in range(20):
-        b, agree, ch, factor = bias_disruption(np.random.default_rng(seed), cal, cal, bias)
+        b, agree, ch, factor, _ = bias_disruption(np.random.default_rng(seed), cal, cal, bias)
         assert ch == chance and agree <= chance + 0.01 and factor >= 1.0
         locked = (held - bias + b).argmax(1)
         steered.append(np.mean(locked == held.argmax(1)))
@@ -51,7 +52,7 @@ def test_sign_disruption_keeps_the_unlocked_scores_inside_the_locked_range():
     margin, at chance agreement, onto a class the original never predicts."""
     rng = np.random.default_rng(0)
     pooled, scores, cols = _head(rng, 400, 256, 40)
-    m, agree, chance, flipped = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
+    m, agree, chance, flipped, _ = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
     locked = scores + (pooled * m) @ cols.T
     assert set(np.unique(m)) <= {0.0, -2.0} and flipped == int(np.sum(m == -2.0))
     assert locked.max() >= RANGE_MARGIN * scores.max() and agree <= chance + 0.01
@@ -63,6 +64,49 @@ def test_sign_disruption_keeps_the_unlocked_scores_inside_the_locked_range():
 
 def test_sign_disruption_without_a_decoy_draws_random_halves():
     rng = np.random.default_rng(0)
-    pooled, scores, cols = _head(rng, 200, 64, 2)  # two classes: no decoy at chance
-    m, _, chance, flipped = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
-    assert chance == 0.5 and flipped == 32 and int(np.sum(m == -2.0)) == 32
+    pooled, scores, cols = _head(rng, 200, 64, 6)
+    scores = scores - scores.max() - 1.0  # a head whose top score is not positive: no decoy
+    m, _, chance, flipped, _ = sign_disruption(np.random.default_rng(1), pooled, scores, cols)
+    assert chance == 1 / 6 and flipped == 32 and int(np.sum(m == -2.0)) == 32
+
+
+def _swapping_head(rng: np.random.Generator, n: int, f: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A two-answer head whose natural images lean on a few strong features: flipping about half of them tends to
+    invert the answer, the lock a relabelling undoes."""
+    pooled = np.maximum(rng.normal(0.2, 0.3, (n, f)), 0)
+    labels = rng.integers(0, 2, n)
+    pooled[:, :4] += 3.0 * labels[:, None]
+    pooled[:, 4:8] += 3.0 * (1 - labels[:, None])
+    w = np.zeros((k, f))
+    if k == 1:
+        w[0, :4], w[0, 4:8] = 1.0, -1.0
+        return pooled, pooled @ w.T, w
+    w[1, :4] = w[0, 4:8] = 1.0
+    return pooled, pooled @ w.T, w
+
+
+def test_two_answer_locks_are_independent_of_the_original_not_opposite():
+    """Two classes or one logit: the lowest agreement may be the swapped answer (kappa −1, which a user undoes by
+    relabelling); the chosen flips give one answer, the original's rarer one, so they say nothing of its answers."""
+    for k in (1, 2):
+        rng = np.random.default_rng(k)
+        pooled, scores, cols = _swapping_head(rng, 400, 16, k)
+        m, agree, chance, _, kappa = sign_disruption(np.random.default_rng(3), pooled, scores, cols)
+        assert chance == 0.5
+        pred, base = top1(scores + (pooled * m) @ cols.T, k), top1(scores, k)
+        assert agree == np.mean(pred == base)
+        assert abs(cohen_kappa(pred, base)) <= KAPPA_TARGET and kappa == cohen_kappa(pred, base)
+        rare = int(np.argmin(np.bincount(base.reshape(-1), minlength=2)))
+        assert np.mean(pred == rare) >= 0.99  # the decoy: the answer the original gives least, on every image
+        swaps = [cohen_kappa(top1(scores + (pooled * np.where(np.random.default_rng(s).permutation(16) < 8, -2.0, 0.0))
+                                  @ cols.T, k), base) for s in range(50)]
+        assert min(swaps) < -0.5  # some random halves invert the answer: what the old "lowest agreement" rule kept
+
+
+def test_bias_disruption_of_a_one_logit_head_reads_its_decision():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.5, 2.0, (300, 1))
+    b, agree, chance, factor, _ = bias_disruption(np.random.default_rng(1), logits, logits, np.zeros(1))
+    pred = top1(logits + b, 1)
+    assert chance == 0.5 and abs(cohen_kappa(pred, top1(logits, 1))) <= KAPPA_TARGET
+    assert agree == np.mean(pred == top1(logits, 1)) and factor >= 1.0

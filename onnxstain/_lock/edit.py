@@ -23,7 +23,7 @@ from .._onnx.graph import GraphView
 from .._onnx.hosts import HostLayer
 from ..errors import InternalError
 from ..keys import WhiteBoxSection
-from ..math.agreement import top1_agreement
+from ..math.agreement import cohen_kappa, decision_classes, top1, top1_agreement
 from ..math.detection_agreement import anchor_map
 from ..math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from ..passes.conduit import apply_conduit
@@ -70,18 +70,19 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
     else:
         assert cal.pooled is not None
         cols = head_columns(model, head)  # [classes, features]; a sequence head's rows are its steps
-        disruption, agree, chance, flipped = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]),
-                                                             cal.nat_scores.reshape(-1, cols.shape[0]), cols)
+        dis = sign_disruption(rng, cal.pooled.reshape(-1, cols.shape[1]), cal.nat_scores.reshape(-1, cols.shape[0]),
+                              cols)
+        disruption, agree, chance, flipped, kappa = dis.values, dis.agreement, dis.chance, int(dis.size), dis.kappa
         if head.linear:
             gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN)
         else:  # a convolutional classifier: its input map gated channel by channel, the agreement measured
             gate = insert_gate(model, site.host, head, filters, biases, disruption, OPEN,
                                target=head_mod.head_input(job.view, head))
-            agree = classifier_agreement(gate.model, cal.x_cal, cal.nat_scores, head, job)
+            agree, kappa = classifier_agreement(gate.model, cal.x_cal, cal.nat_scores, head, job)
         info = {"flipped_features": flipped}
     assert gate.signal is not None
     white_box = WhiteBoxSection(tensor=gate.signal, channel=0, position=None, expected=1.0)
-    return LockEdit(gate.model, white_box, info, agree, chance, flipped)
+    return LockEdit(gate.model, white_box, info, agree, chance, flipped, two_answer_kappa(head, kappa))
 
 
 def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found: PatchFound) -> LockEdit:
@@ -92,8 +93,8 @@ def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found
     gain = (2.0 if host.act_high else 1.0) * signal / float(found.scores[0] - tau0)
     weight = (gain * found.dirs[0]).reshape(host.in_channels // host.groups, *host.kernel)
     bias = -gain * (tau0 + float(found.dirs[0] @ cal.stats.centre))
-    b_lock, agree, chance, spread = bias_disruption(job.rng, cal.nat_scores, cal.orig_scores,
-                                                    head_bias(job.view, head))
+    dis = bias_disruption(job.rng, cal.nat_scores, cal.orig_scores, head_bias(job.view, head))
+    b_lock, agree, chance, spread = dis.values, dis.agreement, dis.chance, dis.size
     conduit = apply_conduit(job.loaded.model, cal.plan, weight, bias, b_lock, signal=signal)
     channel = conduit.channels[0][1]
     white_box = WhiteBoxSection(tensor=host.act_output or host.output, channel=int(channel), position=site.pos_index,
@@ -102,7 +103,13 @@ def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found
             "overwritten": tuple(tuple(c) for c in conduit.channels)}
     if conduit.edit.added or structural_diff(job.loaded.model, conduit.model):
         raise InternalError("internal check failed: the in-place lock changed the graph structure")
-    return LockEdit(conduit.model, white_box, info, agree, chance, 0)
+    return LockEdit(conduit.model, white_box, info, agree, chance, 0, two_answer_kappa(head, dis.kappa))
+
+
+def two_answer_kappa(head: head_mod.Head, kappa: float) -> float | None:
+    """The locked answers' kappa, reported for a head of two answers (two classes, or one logit), where agreement
+    alone cannot tell a lock from a relabelling."""
+    return float(kappa) if decision_classes(head.classes) == 2 else None
 
 
 def dense_gate_lock(job: LockJob, site: LockSite, cal: DenseCalibration, found: PatchFound, features: str) -> LockEdit:
@@ -132,11 +139,14 @@ def map_channels(model: onnx.ModelProto, features: str, x: np.ndarray) -> int:
 
 
 def classifier_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_scores: np.ndarray, head: head_mod.Head,
-                         job: LockJob) -> float:
-    """Top-1 agreement of the locked classifier (no patch) with the original on the calibration images."""
+                         job: LockJob) -> tuple[float, float]:
+    """Top-1 agreement and Cohen's kappa of the locked classifier's answers (no patch) with the original's on the
+    calibration images."""
     got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal, [head.scores],
                       batch=job.opts.batch)[head.scores]
-    return float(np.mean(top1_agreement(got.reshape(len(x_cal), -1), nat_scores, head.classes)))
+    got = got.reshape(len(x_cal), -1)
+    return (float(np.mean(top1_agreement(got, nat_scores, head.classes))),
+            cohen_kappa(top1(got, head.classes), top1(nat_scores, head.classes)))
 
 
 def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: np.ndarray, head: head_mod.Head,

@@ -142,7 +142,8 @@ class ClassifierLock:
                 f"internal check failed: the patched references do not unlock (max |Δ| {unlock_error:.3g})")
         self.want = np.concatenate([got[out][:n], original[out][n:]])
         per_step = self.head.classes if self.head.steps else None
-        _, still = lock_agreement(got[out][:n], self.want[:n], got[out][n:], self.want[n:], per_step)
+        _, still = lock_agreement(got[out][:n], self.want[:n], got[out][n:], self.want[n:], per_step,
+                                  head_mod.decision_threshold(job.view, out))
         if still.mean() > 0.5:
             job.notes.append("the locked model still gives the original's outputs on most unpatched reference images")
         self.natural_firings = int((self.found.natural > cal.tau0).all(axis=1).sum())
@@ -166,5 +167,5 @@ class ClassifierLock:
             unlocked_agreement=cal.unlocked_agree, chance=locked.chance, flipped_features=locked.flipped,
             calibration_images=len(cal.x_cal), draws=found.draws, search_steps=found.steps, timings=job.timings,
             notes=job.notes, model_sha256=self.digest, occlusion=found.occlusion,
-            metric="anchor mAP" if self.head.detection else "top-1",
+            metric="anchor mAP" if self.head.detection else "top-1", kappa=locked.kappa,
         )

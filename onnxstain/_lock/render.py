@@ -43,5 +43,9 @@ def _effect_line(res: LockResult) -> str:
         return (f"  locked: detections' anchor-level mAP against the original's {res.locked_agreement:.3f} on "
                 f"{min(res.calibration_images, 64)} calibration images; with the patch: bit-identical to the "
                 "original on the same image")
-    return (f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
+    line = (f"  locked top-1 agreement with the original on {res.calibration_images} calibration images: "
             f"{100 * res.locked_agreement:.2f}% (chance {100 * res.chance:.2f}%)")
+    if res.kappa is not None:
+        line += (f"; Cohen's kappa {res.kappa:+.3f} (two answers: 0 when the locked answers say nothing of the "
+                 "original's, -1 when they are its opposite)")
+    return line

@@ -61,6 +61,7 @@ class LockResult:
     notes: list[str]
     model_sha256: str
     occlusion: dict[str, float] | None = None  # occlusion-aware refinement: steps, KL at start and end
+    kappa: float | None = None  # two answers (two classes, one logit): Cohen's kappa of the locked answers
     metric: str = "top-1"  # what the agreements measure: "top-1" or "correlation" (dense outputs: mean Pearson)
 
 
@@ -88,3 +89,4 @@ class LockEdit:
     locked_agreement: float
     chance: float
     flipped: int
+    kappa: float | None = None  # two answers: Cohen's kappa of the locked answers with the original's

@@ -294,6 +294,16 @@ def _float_cast(view: GraphView, node: onnx.NodeProto) -> bool:
     return node.op_type == "Cast" and view.attr(node, "to") in _FLOAT_TYPES
 
 
+def decision_threshold(view: GraphView, output: str) -> float:
+    """Where a one-score output decides: 1/2 when a Sigmoid makes it (through shape-only ops and float casts:
+    a probability), else 0 (a logit). Classifiers with several scores do not need it (their top-1 is the
+    largest score)."""
+    node = view.producer.get(output)
+    while node is not None and (node.op_type in _SHAPE_ONLY or _float_cast(view, node)):
+        node = view.producer.get(node.input[0])
+    return 0.5 if node is not None and node.op_type == "Sigmoid" else 0.0
+
+
 def head_input(view: GraphView, head: Head) -> str:
     node = view.find_node(head.node)
     assert node is not None

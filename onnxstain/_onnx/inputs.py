@@ -49,7 +49,8 @@ def image_input(model: onnx.ModelProto) -> ImageInput:
         raise UnsupportedModelError(
             f"input {inp.name!r} has element type {_type_name(t.elem_type)}; "
             "onnxstain handles float32, float16 and uint8 images")
-    dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    # a dim_value of -1 or 0 is no size (paddle2onnx writes -1 for a dynamic batch)
+    dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
     if len(dims) != 4:
         raise UnsupportedModelError(f"input {inp.name!r} has rank {len(dims)}; an image batch has rank 4")
     layout = None

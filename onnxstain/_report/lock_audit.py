@@ -4,7 +4,9 @@
 built-in *held-out* photos, disjoint from the calibration photos ``lock`` uses) under every
 condition a user cares about and reports top-1 agreement with the original model:
 
-* **no patch** — the locked model on clean images, against chance (1/K);
+* **no patch** — the locked model on clean images, against chance (1/K); a head of two answers (two classes,
+  or one logit read as its sign) by Cohen's kappa with the original's answers, since there a low agreement
+  is the original relabelled, not a lock;
 * **patch, same image** — locked and original on the *same* patched images (is the lock exact?);
 * **patch vs clean** — the locked model on patched images against the original on clean ones (what
   a user of the unlocked model sees, the patch's occlusion included), over all images and over the
@@ -34,13 +36,14 @@ import numpy as np
 from .._lock.geometry import lock_hosts
 from .._lock.window import WINDOW, pixel_conv, window_host
 from .._onnx.graph import GraphView
+from .._onnx.head import decision_threshold
 from .._onnx.inputs import image_input
 from .._onnx.io import load_model, write_bytes_atomic
 from ..errors import BadInputError, BadModelError, KeyMismatchError
 from ..features import neuron_inputs
 from ..keys import Key
 from ..math import bounds
-from ..math.agreement import top1_agreement
+from ..math.agreement import chance_agreement, cohen_kappa, decision_classes, top1, top1_agreement
 from ..math.detection_agreement import per_image_anchor_map
 from ..patch import Patch, paste_pixels
 from ..preprocess import Preprocessing
@@ -52,6 +55,7 @@ from ..verify import key_patch, white_box_signal
 from .inputs import evaluation_images, scores_output
 from .lock_audit_result import (
     EXACT,
+    KAPPA_LOCKED,
     LOCKED_CORRELATION,
     LOCKED_MAP,
     PATCH_COST,
@@ -195,10 +199,11 @@ class _Matcher:
     correlation of output maps (dense-output locks, whose keys say "correlation"), or the per-image
     anchor-level mAP (detectors; NaN where nothing is detected)."""
 
-    def __init__(self, key: Key) -> None:
+    def __init__(self, key: Key, threshold: float = 0.0) -> None:
         self.dense = key.references is not None and key.references.metric == "correlation"
         self.layout = key.detection_layout()
         self.classes = key.model.classes
+        self.threshold = threshold  # a one-score output: its decision threshold (1/2 after a Sigmoid)
 
     def __call__(self, pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
         if self.dense:
@@ -209,7 +214,18 @@ class _Matcher:
                 raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
                                        f"{list(self.layout)} needs {a * b}")
             return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b))
-        return top1_agreement(pred, ref, self.classes)
+        return top1_agreement(pred, ref, self.classes, self.threshold)
+
+    @property
+    def two_answers(self) -> bool:
+        """A classifier with two answers (two classes, or one logit), judged by kappa (see the module doc)."""
+        return not self.dense and self.layout is None and decision_classes(self.classes) == 2
+
+    def answers(self, scores: np.ndarray) -> np.ndarray:
+        """Per image, the top-1 answer at each step ``[N, T]`` (two-answer heads; empty otherwise)."""
+        if not self.two_answers:
+            return np.empty((len(scores), 0), np.int64)
+        return top1(scores, self.classes, self.threshold)
 
     @property
     def metric(self) -> str:
@@ -228,12 +244,21 @@ class _Tally:
     s_weak: np.ndarray  # [N, positions]
     radii: np.ndarray
     max_delta: float = 0.0
+    # two-answer heads: the original's answers on the clean images, and the locked model's under each condition
+    reference: list[np.ndarray] = dataclasses.field(default_factory=list)
+    answers: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def empty(cls, n: int, positions: int, conditions: list[str]) -> _Tally:
         return cls(vs_clean={k: np.empty(n) for k in conditions}, gate={k: np.zeros(n) for k in conditions},
                    same_patched=np.empty(n), orig_patch=np.empty(n), s_weak=np.empty((n, positions)),
-                   radii=np.empty((n, positions)))
+                   radii=np.empty((n, positions)), answers={k: [] for k in conditions})
+
+    def kappa(self, name: str) -> float | None:
+        """Cohen's kappa of condition ``name``'s answers with the original's (two-answer heads), else None."""
+        if not self.reference or not self.reference[0].size:
+            return None
+        return cohen_kappa(np.concatenate(self.answers[name]), np.concatenate(self.reference))
 
 
 def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, Any]], match: _Matcher,
@@ -254,6 +279,7 @@ def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, A
             o_patch = image_rows(o_patch, st.o_scores, stop - start)
             ref = image_rows(o_clean[st.o_scores], st.o_scores, stop - start)
             tally.orig_patch[rows] = match(o_patch, ref)
+            tally.reference.append(match.answers(ref))
             phi = neuron_inputs(st.host, o_clean[st.host.input]).astype(np.float64)
             if det_pos is not None:  # a detector reading one position's window only (dense-output gate locks)
                 phi = phi[:, np.asarray(det_pos, dtype=int)]
@@ -268,6 +294,7 @@ def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, A
                     raise BadModelError(f"the locked model gives {scores.shape[1]} scores per image; the original "
                                         f"gives {ref.shape[1]}")
                 tally.vs_clean[name][rows] = match(scores, ref)
+                tally.answers[name].append(match.answers(scores))
                 if st.has_fired:
                     tally.gate[name][rows] = white_box_signal(got[st.l_outputs[1]], key.white_box)
                 if name == "patch":
@@ -285,7 +312,10 @@ def _conditions(tally: _Tally, wrong: dict[str, tuple[str, Any]], match: _Matche
     def cond(name: str, desc: str, per_image: np.ndarray, expect: str, delta: float | None = None) -> Condition:
         agree = _mean(per_image)
         c_agree = _mean(per_image[centre_mask]) if centre_mask is not None else None
-        if expect == "locked":
+        kappa = tally.kappa(name) if expect == "locked" else None
+        if kappa is not None:
+            ok = abs(kappa) <= KAPPA_LOCKED
+        elif expect == "locked":
             ok = (agree < LOCKED_CORRELATION if match.dense else
                   agree <= (LOCKED_MAP if match.layout else chance + SLACK))
         elif expect == "exact":
@@ -297,7 +327,7 @@ def _conditions(tally: _Tally, wrong: dict[str, tuple[str, Any]], match: _Matche
                          centre_agreement=c_agree,
                          unlocked=float((g > 0).mean()) if has_fired and g is not None else None,
                          mean_gate=float(g.mean()) if has_fired and g is not None else None,
-                         max_abs_delta=delta, expect=expect, passed=ok)
+                         max_abs_delta=delta, expect=expect, passed=ok, kappa=kappa)
 
     conditions = [
         cond("no patch", "locked model, clean image, vs the original on the clean image", tally.vs_clean["no patch"],
@@ -346,14 +376,14 @@ def audit_lock(
     timings["images"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    match = _Matcher(key)
+    match = _Matcher(key, decision_threshold(GraphView(st.orig.model), st.o_scores))
     det_pos = key.host.detector_positions
     positions = len(det_pos) if det_pos is not None else st.host.positions
     tally = _run(st, key, pixels, wrong, match, positions, prog, batch)
     timings["pass"] = time.perf_counter() - t2
 
     k = key.model.classes
-    chance = 0.0 if match.dense or match.layout is not None else 1.0 / k
+    chance = 0.0 if match.dense or match.layout is not None else chance_agreement(k)
     conditions = _conditions(tally, wrong, match, chance, centre_mask if has_centre else None, st.has_fired)
     jpeg = next(c for c in conditions if c.name == "JPEG q90")
     if jpeg.unlocked:

@@ -14,6 +14,7 @@ from .evaluate import ImageSetInfo
 REPORT_FORMAT = "onnxstain-lock-audit"
 REPORT_VERSION = 1
 SLACK = 0.02  # "locked" means top-1 agreement with the original at most chance + 2 points
+KAPPA_LOCKED = 0.1  # two answers (two classes, one logit): "locked" means |kappa| with the original ≤ this
 EXACT = 0.999  # "the lock is exact" means agreement on the same patched images of at least this
 PATCH_COST = 0.95  # target agreement (centre crops) of the unlocked model with the original on clean images
 LOCKED_CORRELATION = 0.5  # dense outputs: "locked" means a mean output-map correlation below this
@@ -34,6 +35,9 @@ class Condition:
     max_abs_delta: float | None
     expect: str  # "locked", "exact" or "close"
     passed: bool
+    # two answers: Cohen's kappa of this condition's answers with the original's on the clean images (0: independent;
+    # a model that answers the opposite, kappa −1, is the original relabelled, not locked)
+    kappa: float | None = None
 
 
 @dataclasses.dataclass
@@ -74,6 +78,11 @@ class LockAuditRecord:
     notes: list[str]
     timings: dict[str, float]
     metric: str = "top-1"  # "top-1" agreement or "correlation" (mean Pearson of output maps, dense outputs)
+
+    @property
+    def two_answers(self) -> bool:
+        """Whether "locked" was judged by kappa (a classifier with two answers: the conditions carry it)."""
+        return any(c.kappa is not None for c in self.conditions)
 
     @property
     def passed(self) -> bool:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import html_parts as html
-from .lock_audit_result import EXACT, LOCKED_MAP, PATCH_COST, SLACK, LockAuditRecord
+from .lock_audit_result import EXACT, KAPPA_LOCKED, LOCKED_MAP, PATCH_COST, SLACK, LockAuditRecord
 
 
 def agreement_png(res: LockAuditRecord) -> str | None:
@@ -20,7 +20,7 @@ def agreement_png(res: LockAuditRecord) -> str | None:
         ax.axvline(50, color="#555", ls="--", lw=1, label="50 (locked below)")
     elif res.metric == "anchor mAP":
         ax.axvline(100 * LOCKED_MAP, color="#555", ls="--", lw=1, label=f"{100 * LOCKED_MAP:g} (locked at most)")
-    else:
+    elif not res.two_answers:  # two answers are judged by kappa (the table), not by a line on agreement
         ax.axvline(100 * (res.chance + SLACK), color="#555", ls="--", lw=1, label="chance + 2 points (locked)")
     ax.axvline(100 * PATCH_COST, color="#1a4d8f", ls=":", lw=1, label=f"{PATCH_COST:.0%} (patch cost target)")
     ax.axvline(100 * EXACT, color="#000", ls="-.", lw=1, label=f"{EXACT:.1%} (exact)")
@@ -40,8 +40,9 @@ def render(res: LockAuditRecord) -> str:
         status = '<span class="ok">ok</span>' if c.passed else '<span class="bad">fails</span>'
         centre = "" if c.centre_agreement is None else f"{100 * c.centre_agreement:.2f}%"
         opened = "" if c.unlocked is None else f"{100 * c.unlocked:.1f}% (mean gate {c.mean_gate:.3f})"
+        kappa = "" if c.kappa is None else f"<div class='small'>kappa {c.kappa:+.3f}</div>"
         rows.append(f"<tr><td>{html.escape(c.name)}<div class='small'>{html.escape(c.description)}</div></td>"
-                    f"<td class='num'>{100 * c.agreement:.2f}%</td><td class='num'>{centre}</td>"
+                    f"<td class='num'>{100 * c.agreement:.2f}%{kappa}</td><td class='num'>{centre}</td>"
                     f"<td class='num'>{opened}</td><td>{html.escape(c.expect)} {status}</td></tr>")
     f = res.firings
     fire = "" if f is None else (
@@ -58,7 +59,9 @@ def render(res: LockAuditRecord) -> str:
     what = {"correlation": "agreement is the mean Pearson correlation of output maps (×100)",
             "anchor mAP": "agreement is the mean per-image anchor-level mAP of the detections against the "
                           "original's (×100; images where the original detects nothing are left out)"}.get(
-                res.metric, f"{res.classes} classes (chance {100 * res.chance:.2f}%)")
+                res.metric, f"{res.classes} classes (chance {100 * res.chance:.2f}%)" + (
+                    f"; two answers: 'locked' means |Cohen's kappa| with the original's answers ≤ {KAPPA_LOCKED:g}"
+                    if res.two_answers else ""))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>onnxstain lock audit</title>
 <style>{html.CSS}</style></head><body>
 <h1>Lock audit</h1>

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from ..math.bounds import format_probability
 from ..stopwatch import timing_line
 from .lock_audit import LockAuditResult
+from .lock_audit_result import KAPPA_LOCKED
 from .records import EvaluateResult
 
 if TYPE_CHECKING:
@@ -113,7 +114,8 @@ def lock_audit_lines(res: LockAuditResult) -> list[str]:
         extra = f", centre crops {100 * c.centre_agreement:.2f}%" if c.centre_agreement is not None else ""
         opened = f", lock opened on {100 * c.unlocked:.1f}%" if c.unlocked is not None else ""
         delta = f", max |Δscore| {c.max_abs_delta:.3g}" if c.max_abs_delta is not None else ""
-        lines.append(f"  {ok} {c.name:<20} agreement {100 * c.agreement:6.2f}%{extra}{opened}{delta}  "
+        kappa = f", kappa {c.kappa:+.3f}" if c.kappa is not None else ""
+        lines.append(f"  {ok} {c.name:<20} agreement {100 * c.agreement:6.2f}%{kappa}{extra}{opened}{delta}  "
                      f"(expect {c.expect})")
     f = res.firings
     if f is not None:
@@ -132,6 +134,10 @@ def _agreement_legend(res: LockAuditResult) -> str:
     if res.metric == "anchor mAP":
         return ("  agreement = mean per-image anchor-level mAP of the detections against the original's (×100; "
                 "images where the original detects nothing are left out); 'locked' means at most 5")
+    if res.two_answers:
+        return (f"  two answers (chance {100 * res.chance:.2f}%): 'locked' means |Cohen's kappa| with the original's "
+                f"answers ≤ {KAPPA_LOCKED:g} (independent answers; a model answering the opposite has kappa -1 and "
+                "is the original relabelled)")
     return f"  chance (1/K) {100 * res.chance:.2f}%; 'locked' means agreement ≤ chance + 2 points"
 
 
