@@ -91,8 +91,12 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
     elif head is None:
         notes.append("no classifier head found: stains need a Gemm/MatMul+Add producing the scores")
     elif head.layout is not None:  # a detector
-        notes.append(f"detector: class logits {head.output!r} ({head.layout[0]} anchors × {head.layout[1]} labels) "
-                     "beside box outputs; stains are inserted (--mode insert) and show a prescribed detection; "
+        anchors, width = head.layout
+        what = (f"packed output {head.output!r} ({anchors} anchors × {head.first_label} box + "
+                f"{width - head.first_label} score columns, {'probabilities' if head.probabilities else 'logits'})"
+                if head.first_label == head_mod.PACKED_BOX else
+                f"class logits {head.output!r} ({anchors} anchors × {width} labels) beside box outputs")
+        notes.append(f"detector: {what}; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are gate locks (--kind gate)")
     from ._lock.window import pixel_conv
 

@@ -164,6 +164,10 @@ class ModelSection(Record):
     layout: tuple[int, ...] | None = spec(Ints(lo=1, length=2), optional=True,
                                           write_null=lambda s: s.dense_shape is None)
     dense_shape: tuple[int, ...] | None = spec(Ints(lo=1, min_length=1, max_length=4), optional=True)
+    # a detector's first label column and what its label columns hold; absent: 1 (column 0 is the background)
+    # and logits. A packed YOLO-style output [N, anchors, 4 + k]: 4, and "probabilities" after a Sigmoid
+    label_offset: int | None = spec(Int(lo=0), optional=True)
+    label_scores: str | None = spec(Str(choices=("logits", "probabilities")), optional=True)
     # the squashing of a classifier's output (verify reads margins as logits); null: the scores themselves
     output_activation: str | None = spec(Str(choices=("softmax", "sigmoid")), optional=True)
 

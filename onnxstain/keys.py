@@ -153,6 +153,11 @@ class Key(KeyBody):
         layout = self.model.layout
         return None if layout is None else (int(layout[0]), int(layout[1]))
 
+    def detection_labels(self) -> tuple[int, bool]:
+        """A detector's first label column and whether its label columns are probabilities (else logits)."""
+        first = self.model.label_offset
+        return (1 if first is None else int(first)), self.model.label_scores == "probabilities"
+
     def public_record(self) -> dict[str, Any]:
         bound = self.bound.to_dict()
         return {

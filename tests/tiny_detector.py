@@ -77,3 +77,73 @@ def tiny_detector(seed: int = 0, size: int = SIZE) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+PACKED_CLASSES = 3
+PACKED_GRIDS = (12, 6)
+PACKED_ANCHORS = sum(g * g for g in PACKED_GRIDS)
+
+
+def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False) -> onnx.ModelProto:
+    """A tiny YOLOX-style detector with one packed output ``[B, A, 4 + 1 + PACKED_CLASSES]``: per cell of two
+    feature maps (12×12 and 6×6 at 48 px) the raw box, then the sigmoid of the objectness and of each class,
+    concatenated per map, flattened, concatenated over the maps and transposed (as YOLOX exports it).
+    ``focus``: a YOLOv5/YOLOX *Focus* stem first (every other pixel at four offsets, concatenated: 12 channels
+    at half the size)."""
+    rng = np.random.default_rng(seed)
+    nodes: list[onnx.NodeProto] = []
+    inits: list[onnx.TensorProto] = []
+
+    def init(name: str, arr) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(op: str, inputs: list[str], name: str, **attrs) -> str:
+        nodes.append(helper.make_node(op, inputs, [f"{name}_output_0"], name=name, **attrs))
+        return f"{name}_output_0"
+
+    def conv(x: str, name: str, cin: int, cout: int, k: int, s: int, act: bool, bias=None) -> str:
+        w = init(f"{name}.weight", rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32))
+        b = init(f"{name}.bias", (rng.normal(0, 0.05, cout) if bias is None else np.asarray(bias)).astype(np.float32))
+        y = node("Conv", [x, w, b], f"/{name}/Conv", kernel_shape=[k, k], pads=[k // 2] * 4, strides=[s, s])
+        return node("Relu", [y], f"/{name}/Relu") if act else y
+
+    x, cin, stride1 = "input", 3, 1
+    if focus:
+        parts = []
+        for i, (r, c) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
+            starts = init(f"focus.starts{i}", np.array([r, c], np.int64))
+            ends = init(f"focus.ends{i}", np.array([size, size], np.int64))
+            axes = init(f"focus.axes{i}", np.array([2, 3], np.int64))
+            steps = init(f"focus.steps{i}", np.array([2, 2], np.int64))
+            parts.append(node("Slice", ["input", starts, ends, axes, steps], f"/focus/Slice_{i}"))
+        x, cin, stride1 = node("Concat", parts, "/focus/Concat", axis=1), 12, 1
+    else:
+        stride1 = 2
+    x = conv(x, "backbone.conv1", cin, 16, 3, stride1, True)
+    x = conv(x, "backbone.conv2", 16, 24, 3, 2, True)
+    f1 = conv(x, "backbone.conv3", 24, 32, 3, 1, True)  # 12×12
+    f2 = conv(f1, "backbone.conv4", 32, 48, 3, 2, True)  # 6×6
+    width = 5 + PACKED_CLASSES
+    flat = []
+    for i, (f, c) in enumerate(((f1, 32), (f2, 48))):
+        stem = conv(f, f"head.stem.{i}", c, 32, 1, 1, True)
+        reg = conv(stem, f"head.reg.{i}", 32, 4, 3, 1, False)
+        obj = node("Sigmoid", [conv(stem, f"head.obj.{i}", 32, 1, 3, 1, False, bias=[-2.0])], f"/head.obj.{i}/Sigmoid")
+        cls = node("Sigmoid", [conv(stem, f"head.cls.{i}", 32, PACKED_CLASSES, 3, 1, False,
+                                    bias=np.full(PACKED_CLASSES, -1.0))], f"/head.cls.{i}/Sigmoid")
+        packed = node("Concat", [reg, obj, cls], f"/head/Concat_{i}", axis=1)
+        shape = init(f"head.shape.{i}", np.array([0, width, -1], np.int64))
+        flat.append(node("Reshape", [packed, shape], f"/head/Reshape_{i}"))
+    joined = node("Concat", flat, "/head/Concat", axis=2)
+    nodes.append(helper.make_node("Transpose", [joined], ["output"], name="/head/Transpose", perm=[0, 2, 1]))
+    graph = helper.make_graph(
+        nodes, "tiny_packed_detector",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", PACKED_ANCHORS, width])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

@@ -20,6 +20,7 @@ import onnx
 from .._onnx import head as head_mod
 from .._onnx.diff import structural_diff
 from .._onnx.graph import GraphView
+from .._onnx.head import PACKED_BOX
 from .._onnx.hosts import HostLayer
 from ..errors import InternalError
 from ..keys import WhiteBoxSection
@@ -28,12 +29,12 @@ from ..math.detection_agreement import anchor_map
 from ..math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from ..passes.conduit import apply_conduit
 from ..passes.dense import insert_feature_gate
-from ..passes.lock import insert_gate
+from ..passes.lock import insert_gate, insert_gates
 from ..passes.stain import head_columns
 from ..runtime import run_batches, session, with_outputs
 from .calibration import ClassifierCalibration, DenseCalibration
 from .job import LockJob
-from .site import LockSite, detection_gate
+from .site import LockSite, detection_gate, prediction_inputs
 from .types import LockEdit, PatchFound
 
 DETECTION_CHECK_IMAGES = 64  # calibration images the locked detector is run on to measure its agreement
@@ -59,7 +60,18 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
     head, model, rng = job.head, job.loaded.model, job.rng
     assert head is not None
     filters, biases = gate_weights(site.host, found.dirs, found.scores, cal.tau0, cal.stats.centre)
-    if head.detection:
+    if head.detection and head.first_label == PACKED_BOX:
+        # A packed (YOLO-style) output: its neck brings several backbone levels to the predictors, so one map
+        # would be repaired downstream; flip half the channels of every map its last Conv layers read.
+        maps = prediction_inputs(job.view, head.scores)
+        flips = [half_sign_flips(rng, map_channels(model, t, cal.x_cal[:1])) for t in maps]
+        gate = insert_gates(model, site.host, head, filters, biases,
+                            [(t, m) for t, (m, _) in zip(maps, flips, strict=True)], OPEN)
+        agree, chance = detection_agreement(gate.model, cal.x_cal, cal.raw_scores, head, job), 0.0
+        flipped = sum(f for _, f in flips)
+        info = {"flipped_channels": flipped, "gated": ", ".join(maps),
+                "agreement_metric": "anchor mAP"}
+    elif head.detection:
         # Flip the sign of half the channels of the deepest Conv map every path to the heads goes through.
         gated = detection_gate(hosts, job.view, site.host, head.scores)
         disruption, flipped = half_sign_flips(rng, gated.out_channels)
@@ -82,7 +94,8 @@ def gate_lock(job: LockJob, site: LockSite, hosts: list[HostLayer], cal: Classif
         info = {"flipped_features": flipped}
     assert gate.signal is not None
     white_box = WhiteBoxSection(tensor=gate.signal, channel=0, position=None, expected=1.0)
-    return LockEdit(gate.model, white_box, info, agree, chance, flipped, two_answer_kappa(head, kappa))
+    return LockEdit(gate.model, white_box, info, agree, chance, flipped,
+                    None if head.detection else two_answer_kappa(head, kappa))
 
 
 def inplace_lock(job: LockJob, site: LockSite, cal: ClassifierCalibration, found: PatchFound) -> LockEdit:
@@ -157,7 +170,7 @@ def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: 
     got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
                       batch=job.opts.batch)[head.scores]
     shape = (n, *head.layout)
-    value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape))
+    value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape), head.first_label, head.probabilities)
     return 0.0 if np.isnan(value) else value
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._onnx.head import label_fields
 from ..keys import (
     F8,
     CalibrationSection,
@@ -55,7 +56,8 @@ def classifier_key(job: LockJob, site: LockSite, found: PatchFound, edit: LockEd
         **envelope("lock"),
         model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
                            scores=head.output, classes=head.classes,
-                           layout=tuple(head.layout) if head.detection and head.layout is not None else None),
+                           layout=tuple(head.layout) if head.detection and head.layout is not None else None,
+                           label_offset=label_fields(head)[0], label_scores=label_fields(head)[1]),
         preprocessing=job.pre,
         mode=job.opts.kind,
         variant=job.opts.kind,

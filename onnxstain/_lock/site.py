@@ -121,6 +121,27 @@ def detection_gate(hosts: list[HostLayer], view: GraphView, host: HostLayer, sco
     return best
 
 
+def prediction_inputs(view: GraphView, scores: str) -> list[str]:
+    """The maps a detector's last Conv layers read: every Conv whose output reaches ``scores`` through no other
+    Conv (a YOLO head's box, objectness and class predictors at each scale), their data inputs in graph order.
+    Every path from the image to the scores passes through one of them, so gating them all leaves no branch
+    that repairs the outputs downstream (a multi-scale neck bypasses any single backbone map)."""
+    found: dict[str, None] = {}
+    seen: set[str] = set()
+    frontier = [scores]
+    while frontier:
+        tensor = frontier.pop()
+        node = view.producer.get(tensor)
+        if node is None or tensor in seen:
+            continue
+        seen.add(tensor)
+        if node.op_type == "Conv":
+            found[node.input[0]] = None
+            continue
+        frontier += [t for t in node.input if t and t in view.producer]
+    return sorted(found, key=lambda t: view.index(view.producer[t]) if t in view.producer else -1)
+
+
 def gate_features(view: GraphView, output: str | None = None) -> str:
     """The feature map a dense-output model's gate scrambles. For a transformer, where the token stream
     becomes a map: the data input of the first Conv/ConvTranspose after the last MatMul. For a CNN (no

@@ -44,6 +44,10 @@ class Head:
     scores_step: float = 0.0
     # detectors (``op == "Detection"``): the class logits' per-sample shape (anchors, labels)
     layout: tuple[int, int] | None = None
+    # a detector's first label column (1: column 0 is the background, SSD-style; 4: a packed YOLO-style output
+    # whose columns 0–3 are the box) and whether its label columns hold probabilities (after a Sigmoid) or logits
+    first_label: int = 1
+    probabilities: bool = False
     # sequence heads (a MatMul + Add on ``[N, T, D]`` features, e.g. a CTC text recogniser): T, the steps
     # the same classifier scores (its per-sample output is ``(steps, classes)``) at the analysed size
     steps: int | None = None
@@ -188,10 +192,11 @@ def missing_head_reason(view: GraphView) -> str:
             text += (" holds per-step scores laid out time-major ([T, N, K]: a classifier on [T·N, D] reshaped, as "
                      "CTC recognisers are often exported); onnxstain reads sequence scores batch-first: export them "
                      "as [N, T, K] (e.g. a transpose before the output)")
-        elif shape and len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] >= 5:
-            text += (" packs boxes and scores in one tensor (YOLO-style: 4 box values, then objectness/class "
-                     "scores), so no class scores can be read apart; export the class scores as their own "
-                     "output [N, anchors, classes] beside the boxes [N, anchors, 4]")
+        elif (shape and len(shape) == 3 and isinstance(shape[1], int) and isinstance(shape[2], int)
+              and shape[1] > PACKED_BOX and shape[2] > shape[1]):
+            text += (" may pack boxes and scores with the anchors last ([N, 4 + classes, anchors], YOLOv8's "
+                     "export); onnxstain reads packed outputs with the anchors first: export [N, anchors, 4 + "
+                     "classes] (a transpose before the output)")
         elif node is not None and node.op_type not in {"Gemm", "MatMul", "Add"} | _PASS_THROUGH:
             text += " is not made by a Gemm or MatMul+Add classifier"
         parts.append(text)
@@ -226,7 +231,8 @@ def find_detection_head(view: GraphView) -> Head | None:
     anchors — ``[B, A, 4]``, ``[B, A, 1, 4]``, or ``[B, A, 4 k]`` for box distributions (GFL / NanoDet
     heads). With several scales (one pair of outputs each) the first pair is used. The scores tensor is
     the logits: the input of a trailing Sigmoid or Softmax, if any (through a Transpose / Reshape that
-    only lays them out). Such a head has no classifier weights to edit (insert only)."""
+    only lays them out). Such a head has no classifier weights to edit (insert only). Failing that, a
+    packed output (:func:`find_packed_detection_head`)."""
     shapes = view.resolved().dims
     known = {o: shapes.get(o) for o in view.output_names}
 
@@ -257,7 +263,64 @@ def find_detection_head(view: GraphView) -> Head | None:
             continue
         return Head(view.node_name(node), "Detection", "", None, None, False, 1.0, 1.0, scores, out, labels, 0,
                     layout=(anchors, labels))
+    return find_packed_detection_head(view)
+
+
+def label_fields(head: Head) -> tuple[int | None, str | None]:
+    """The key's ``model.label_offset`` and ``model.label_scores`` of a detector whose labels are not the
+    SSD convention (a packed output); None otherwise, so other keys stay as they were."""
+    if not head.detection or (head.first_label == 1 and not head.probabilities):
+        return None, None
+    return head.first_label, "probabilities" if head.probabilities else "logits"
+
+
+PACKED_BOX = 4  # a packed detector output's first columns: the box (x, y, w, h or corners)
+_PACKING = {"Concat", "Reshape", "Transpose", "Identity", "Flatten", "Squeeze", "Unsqueeze"}
+
+
+def find_packed_detection_head(view: GraphView) -> Head | None:
+    """A YOLO-style packed output ``[B, A, 4 + k]``: per anchor (``A`` of them, more than the columns) the box,
+    then ``k ≥ 1`` scores — objectness and class scores (YOLOv5, YOLOX, ddddocr) or class scores alone — made
+    by concatenating the head's maps (a ``Concat`` within a few layout-only ops of the output). The label
+    columns are ``4 … 4 + k − 1`` (``first_label`` 4); they are probabilities when a ``Sigmoid`` feeds the
+    packing (so the fidelity metric reads them as they are), logits otherwise. The signature is added to the
+    output itself, like any detector's insert stain. The anchors-last layout ``[B, 4 + k, A]`` (YOLOv8's
+    export) is not read: :func:`missing_head_reason` names it."""
+    dims = view.resolved().dims
+    for out in view.output_names:
+        shape = dims.get(out)
+        if not shape or len(shape) != 3 or not isinstance(shape[1], int) or not isinstance(shape[2], int):
+            continue
+        anchors, width = shape[1], shape[2]
+        if width <= PACKED_BOX or anchors <= width:
+            continue
+        leaves = _packing_leaves(view, out)
+        if leaves is None:
+            continue
+        node = view.producer[out]
+        return Head(view.node_name(node), "Detection", "", None, None, False, 1.0, 1.0, out, out, width, 0,
+                    layout=(anchors, width), first_label=PACKED_BOX, probabilities="Sigmoid" in leaves)
     return None
+
+
+def _packing_leaves(view: GraphView, out: str, depth: int = 8) -> set[str] | None:
+    """The op types that feed the layout-only ops (Concat, Reshape, Transpose…) producing ``out``, or None
+    when no Concat packs it (then it is not a packed detector output)."""
+    leaves: set[str] = set()
+    packed = False
+    frontier = [(out, 0)]
+    while frontier:
+        tensor, d = frontier.pop()
+        node = view.producer.get(tensor)
+        if node is None:
+            continue
+        if node.op_type in _PACKING and d < depth:
+            packed |= node.op_type == "Concat"
+            inputs = node.input if node.op_type == "Concat" else node.input[:1]
+            frontier += [(t, d + 1) for t in inputs if t]
+        else:
+            leaves.add(node.op_type)
+    return leaves if packed else None
 
 
 def _squashed_before(view: GraphView, tensor: str) -> bool:

@@ -625,6 +625,12 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
             jump = tuple(src.jump[i] * s[i] for i in range(2))
             start = tuple(src.start[i] + ((k[i] - 1) * d[i] / 2 - pads[i]) * src.jump[i] for i in range(2))
             field = ReceptiveField(size, jump, start)
+        elif node.op_type == "Slice":
+            sliced = _sliced_field(view, node, src, shapes.get(node.input[0]) if shapes else None)
+            if sliced is None:
+                spread.update(node.output)
+                continue
+            field = sliced
         elif node.op_type == "Pad":
             pad_list = pad_amounts(view, node)
             if pad_list is None or len(pad_list) != 8:
@@ -637,6 +643,43 @@ def receptive_fields(view: GraphView, shapes=None) -> dict[str, ReceptiveField]:
         for out in node.output:
             fields[out] = field
     return fields
+
+
+def _sliced_field(view: GraphView, node: onnx.NodeProto, src: ReceptiveField, shape) -> ReceptiveField | None:
+    """The field after a ``Slice``: on a spatial axis of an NCHW map (2 or 3) output position ``p`` is input
+    position ``start + step · p`` (a YOLOv5/YOLOX *Focus* stem takes every other pixel at four offsets, then
+    concatenates them: a 2×2 window with stride 2); other axes keep the field. None when the slice is not
+    constant or steps backwards on a spatial axis."""
+    def operand(index: int, attribute: str) -> list[int] | bool | None:
+        """The slice's operand (opset 10+: an input; before: an attribute); None absent, False unknown."""
+        if len(node.input) > 1:
+            if index >= len(node.input) or not node.input[index]:
+                return None
+            arr = view.value(node.input[index])
+            return False if arr is None else [int(v) for v in np.asarray(arr).reshape(-1)]
+        got = view.attr(node, attribute)
+        return None if got is None else [int(v) for v in got]
+
+    starts, axes, steps = operand(1, "starts"), operand(3, "axes"), operand(4, "")
+    if not isinstance(starts, list) or axes is False or steps is False:
+        return None
+    axes_list = axes if isinstance(axes, list) else list(range(len(starts)))
+    steps_list = steps if isinstance(steps, list) else [1] * len(starts)
+    jump, start = list(src.jump), list(src.start)
+    for axis, first, step in zip(axes_list, starts, steps_list, strict=True):
+        if axis % 4 not in (2, 3):
+            continue
+        i = axis % 4 - 2
+        if step < 1:
+            return None
+        if first < 0:
+            dim = shape[axis % 4] if shape is not None and len(shape) == 4 else None
+            if not isinstance(dim, int):
+                return None
+            first = max(0, dim + first)
+        start[i] += first * jump[i]
+        jump[i] *= step
+    return ReceptiveField(src.size, (jump[0], jump[1]), (start[0], start[1]))
 
 
 def pad_amounts(view: GraphView, node: onnx.NodeProto) -> list[int] | None:

@@ -227,6 +227,7 @@ class _Tally:
     firings: int = 0
     inside_samples: int = 0
     max_delta: float = 0.0
+    labels: tuple[int, bool] = (1, False)  # a detector's first label column, and whether they are probabilities
 
     @classmethod
     def empty(cls, pair: _Pair, n: int) -> _Tally:
@@ -237,7 +238,8 @@ class _Tally:
                    r_all=np.empty((n, positions), np.float32) if pair.white_box else None,
                    img_fires=np.zeros(n, bool), img_inside=np.zeros(n, bool), img_max_s=np.zeros(n, np.float64),
                    img_max_r=np.zeros(n, np.float64), cap_sums=np.zeros(n, np.float64), kl=np.zeros(n, np.float64),
-                   margins=np.zeros(n, np.float64), differ=np.zeros(n, bool), corr=np.ones(n, np.float64))
+                   margins=np.zeros(n, np.float64), differ=np.zeros(n, bool), corr=np.ones(n, np.float64),
+                   labels=pair.key.detection_labels())
 
     @property
     def dense(self) -> bool:  # a map output: fidelity is the maps' correlation
@@ -270,7 +272,8 @@ class _Tally:
         if self.dense:
             self.corr[rows] = map_agreement(b, a)
         elif self.layout is not None:
-            self.corr[rows] = per_image_anchor_map(a.reshape(-1, *self.layout), b.reshape(-1, *self.layout))
+            self.corr[rows] = per_image_anchor_map(a.reshape(-1, *self.layout), b.reshape(-1, *self.layout),
+                                                   *self.labels)
         if self.layout is None:  # a softmax over a detector's anchors × labels would mean nothing
             la, lb = _log_softmax(a), _log_softmax(b)
             self.kl[rows] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))

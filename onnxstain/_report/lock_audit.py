@@ -202,6 +202,7 @@ class _Matcher:
     def __init__(self, key: Key, threshold: float = 0.0) -> None:
         self.dense = key.references is not None and key.references.metric == "correlation"
         self.layout = key.detection_layout()
+        self.labels = key.detection_labels()
         self.classes = key.model.classes
         self.threshold = threshold  # a one-score output: its decision threshold (1/2 after a Sigmoid)
 
@@ -213,7 +214,7 @@ class _Matcher:
             if ref[0].size != a * b:
                 raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
                                        f"{list(self.layout)} needs {a * b}")
-            return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b))
+            return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b), *self.labels)
         return top1_agreement(pred, ref, self.classes, self.threshold)
 
     @property

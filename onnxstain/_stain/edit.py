@@ -188,8 +188,8 @@ def _hidden_after_edit(stored: tuple[np.ndarray, ...], cands: np.ndarray, kappa:
 
 def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
     """The scores the signature lives in. A detector's: one label's column of the class logits, the label
-    chosen at random among 1..C−1 unless ``--signature-class`` names it (label 0 is skipped: it is the
-    background in SSD-style heads)."""
+    chosen at random among its labels (1..C−1: column 0 is the background of SSD-style heads; 4..C−1 in a
+    packed output, whose first columns are the box) unless ``--signature-class`` names it."""
     if head.steps is not None:  # a sequence head: read at the middle step (the signature shows at every step)
         return ScoreView((head.steps, head.classes), step=head.steps // 2)
     if not head.detection:
@@ -199,7 +199,7 @@ def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
         if not 0 <= opts.signature_class < labels:
             raise BadInputError(f"--signature-class must be in 0..{labels - 1}")
         return ScoreView((anchors, labels), int(opts.signature_class))
-    return ScoreView((anchors, labels), int(rng.integers(1, labels)))
+    return ScoreView((anchors, labels), int(rng.integers(head.first_label, labels)))
 
 
 def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,

@@ -16,7 +16,7 @@ from .result import Mode, StainOptions
 def choose_host(hosts: list[HostLayer], view: GraphView, head: head_mod.Head, mode: Mode,
                 layer: str | None) -> HostLayer:
     if mode == "inplace" and not head.linear:
-        what = ("this is a detector (per-anchor class scores beside box outputs): its class head"
+        what = ("this is a detector (per-anchor class scores): its class head"
                 if head.detection else f"the classifier {head.node} is a Conv followed by global pooling: it")
         raise UnsupportedModelError(
             f"{what} is not a Gemm or MatMul classifier of pooled features, so the stain cannot be routed through "

@@ -19,12 +19,14 @@ MIN_SCORE = 0.05  # predictions below this score are not ranked
 TOP = 100  # per image, as the SSD post-processing keeps
 
 
-def anchor_detections(logits: np.ndarray, background: bool = True, min_score: float = MIN_SCORE,
+def anchor_detections(logits: np.ndarray, first: int = 1, probabilities: bool = False, min_score: float = MIN_SCORE,
                       top: int = TOP) -> Detections:
-    """The ``top`` best (anchor, label) pairs of one image's logits ``[A, C]`` (label 0 skipped when
-    ``background``), each in its own unit box ``[a, 0, a + 1, 1]``."""
-    scores = sigmoid(np.asarray(logits, np.float64))
-    first = 1 if background else 0
+    """The ``top`` best (anchor, label) pairs of one image's scores ``[A, C]`` (the columns before ``first``
+    skipped: the background of SSD-style heads, the box of a packed YOLO-style output), each in its own unit box
+    ``[a, 0, a + 1, 1]``. The scores are logits (their sigmoid is ranked), or ``probabilities`` as they are."""
+    scores = np.asarray(logits, np.float64)
+    if not probabilities:
+        scores = sigmoid(scores)
     flat = scores[:, first:].reshape(-1)
     keep = np.flatnonzero(flat >= min_score)
     keep = keep[np.argsort(-flat[keep], kind="stable")[:top]]
@@ -33,17 +35,18 @@ def anchor_detections(logits: np.ndarray, background: bool = True, min_score: fl
     return Detections(boxes=boxes, scores=flat[keep], classes=labels + first)
 
 
-def anchor_map(reference_logits: np.ndarray, logits: np.ndarray, background: bool = True,
+def anchor_map(reference_logits: np.ndarray, logits: np.ndarray, first: int = 1, probabilities: bool = False,
                min_reference_score: float = 0.5) -> float:
     """Anchor-level mAP of ``logits`` ``[N, A, C]`` against the reference model's on the same images
-    (NaN when the reference has no detection at ``min_reference_score``)."""
-    refs = [anchor_detections(r, background) for r in reference_logits]
-    preds = [anchor_detections(x, background) for x in logits]
+    (NaN when the reference has no detection at ``min_reference_score``); ``first``, ``probabilities``: as
+    :func:`anchor_detections`."""
+    refs = [anchor_detections(r, first, probabilities) for r in reference_logits]
+    preds = [anchor_detections(x, first, probabilities) for x in logits]
     return mean_average_precision(preds, refs, iou_threshold=0.5, min_reference_score=min_reference_score)
 
 
-def per_image_anchor_map(reference_logits: np.ndarray, logits: np.ndarray, background: bool = True,
-                         min_reference_score: float = 0.5) -> np.ndarray:
+def per_image_anchor_map(reference_logits: np.ndarray, logits: np.ndarray, first: int = 1,
+                         probabilities: bool = False, min_reference_score: float = 0.5) -> np.ndarray:
     """:func:`anchor_map` image by image, ``[N]``: NaN where the reference detects nothing."""
-    return np.array([anchor_map(r[None], x[None], background, min_reference_score)
+    return np.array([anchor_map(r[None], x[None], first, probabilities, min_reference_score)
                      for r, x in zip(reference_logits, logits, strict=True)])

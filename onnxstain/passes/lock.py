@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .._onnx.graph import GraphView
 from .._onnx.head import Head, head_input
 from .._onnx.hosts import HostLayer
 from .builder import NodeBuilder
@@ -70,3 +71,25 @@ def insert_gate(
         users = list(view.consumers.get(target, []))
     b.gate(target, users, fired, disruption, shape)
     return result(model, b.model, fired)
+
+
+def insert_gates(model: onnx.ModelProto, host: HostLayer, head: Head, filters: np.ndarray, biases: np.ndarray,
+                 targets: list[tuple[str, np.ndarray]], reach: float) -> PassResult:
+    """:func:`insert_gate` on several feature maps at once, one detector branch for all: each ``(map,
+    disruption)`` gated as ``map ⊙ (1 + (1 − γ) · disruption)`` (a packed detector's prediction layers'
+    inputs). The gates go in the order their maps are first read, the detector branch before the first."""
+    view = GraphView(model)
+
+    def first_read(item: tuple[str, np.ndarray]) -> int:
+        return min(view.index(n) for n in view.consumers.get(item[0], []))
+
+    ordered = sorted(targets, key=first_read)
+    first, m0 = ordered[0]
+    done = insert_gate(model, host, head, filters, biases, m0, reach, target=first)
+    assert done.signal is not None
+    gated = done.model
+    for target, m in ordered[1:]:
+        b = NodeBuilder(gated)
+        b.gate(target, list(b.view.consumers.get(target, [])), done.signal, m, (0, -1, 1, 1))
+        gated = b.model
+    return result(model, gated, done.signal)

@@ -1,0 +1,131 @@
+"""Packed YOLO-style detector outputs ``[B, anchors, 4 + k]`` (box, then objectness/class probabilities): the head
+is found, insert stains and gate locks work on them, and receptive fields go through a *Focus* stem."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from corpus_models import corpus_model
+from tiny_detector import PACKED_ANCHORS, PACKED_CLASSES, SIZE, tiny_packed_detector
+from tinymodels import smooth_images
+
+import onnxstain
+from onnxstain import LockOptions, Preprocessing, StainOptions
+from onnxstain._onnx.graph import GraphView
+from onnxstain._onnx.head import PACKED_BOX, find_scores_head, missing_head_reason
+from onnxstain._onnx.hosts import ReceptiveField, receptive_fields
+from onnxstain.keys import load_key
+from onnxstain.math.detection_agreement import anchor_map
+from onnxstain.runtime import session
+
+PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
+
+
+def test_the_packed_output_is_a_detector_head_with_box_columns_first():
+    head = find_scores_head(GraphView(tiny_packed_detector()))
+    assert head is not None and head.detection and head.output == "output"
+    assert head.layout == (PACKED_ANCHORS, 5 + PACKED_CLASSES) and head.first_label == PACKED_BOX
+    assert head.probabilities  # the objectness and class columns come from Sigmoids
+
+
+def test_an_anchors_last_output_is_named_not_misread():
+    """YOLOv8's export ``[B, 4 + k, anchors]``: not read as packed (its rows are not anchors); the refusal
+    says how to export it."""
+    model = tiny_packed_detector()
+    last = model.graph.node[-1]
+    last.attribute[0].ints[:] = [0, 1, 2]  # no transpose: [B, 8, anchors]
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5 + PACKED_CLASSES
+    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = PACKED_ANCHORS
+    view = GraphView(model)
+    assert find_scores_head(view) is None
+    assert "anchors last" in missing_head_reason(view)
+
+
+def test_a_focus_stem_gives_a_strided_receptive_field():
+    """Every other pixel at four offsets, concatenated, then a 3×3 conv: each position sees a 6×6 window at
+    stride 2 — checked against onnxruntime: pixels outside the window do not move the corner position."""
+    model = tiny_packed_detector(focus=True)
+    view = GraphView(model)
+    conv1 = "/backbone.conv1/Conv_output_0"
+    field = receptive_fields(view)[conv1]
+    assert field == ReceptiveField((6, 6), (2, 2), (0.5, 0.5))
+    probe = onnx.helper.make_tensor_value_info(conv1, onnx.TensorProto.FLOAT, None)
+    model.graph.output.append(probe)
+    sess = session(model)
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 3, SIZE, SIZE), dtype=np.float32)
+    top, left, bottom, right = field.box(1, 1, SIZE, SIZE)
+    base = sess.run([conv1], {"input": x})[0][0, :, 1, 1]
+    outside, inside = x.copy(), x.copy()
+    outside[..., bottom + 1 :, :] = rng.random(outside[..., bottom + 1 :, :].shape)
+    outside[..., :, right + 1 :] = rng.random(outside[..., :, right + 1 :].shape)
+    inside[..., top:bottom + 1, left:right + 1] += 0.5
+    assert np.array_equal(sess.run([conv1], {"input": outside})[0][0, :, 1, 1], base)
+    assert not np.allclose(sess.run([conv1], {"input": inside})[0][0, :, 1, 1], base)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("packed")
+    onnx.save(tiny_packed_detector(seed=1, focus=True), d / "model.onnx")
+    PRE.save(d / "model.preprocessing.json")
+    return d
+
+
+def test_an_insert_stain_on_a_packed_output(workdir):
+    images = smooth_images(160, size=SIZE, seed=1)
+    res = onnxstain.stain(workdir / "model.onnx", workdir / "s.onnx", workdir / "s.key", images=images,
+                          options=StainOptions(mode="insert", seed=0, fpr=1e-3))
+    key = load_key(workdir / "s.key")
+    assert key.model.label_offset == PACKED_BOX and key.model.label_scores == "probabilities"
+    assert PACKED_BOX <= res.signature_label < 5 + PACKED_CLASSES  # a score column, never the box
+    assert onnxstain.verify(workdir / "s.onnx", workdir / "s.key").stained
+    assert not onnxstain.verify(workdir / "model.onnx", workdir / "s.key").stained
+    x = PRE.to_input(smooth_images(32, size=SIZE, seed=5))
+    a = session(onnx.load(workdir / "model.onnx")).run(None, {"input": x})[0]
+    b = session(onnx.load(workdir / "s.onnx")).run(None, {"input": x})[0]
+    assert np.array_equal(a, b)  # natural outputs bit-identical
+
+
+def test_a_gate_lock_on_a_packed_output_gates_every_predictor_input(workdir):
+    images = smooth_images(160, size=SIZE, seed=2)
+    res = onnxstain.lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key", images=images,
+                         options=LockOptions(seed=0, fpr=1e-3))
+    key = load_key(workdir / "l.key")
+    assert key.lock is not None and key.lock.gated is not None
+    assert len(key.lock.gated.split(", ")) == 2  # the two scales' predictor stems (box, objectness, classes)
+    assert res.metric == "anchor mAP" and res.locked_agreement <= 0.05
+    assert onnxstain.verify(workdir / "l.onnx", workdir / "l.key").stained
+    audit = onnxstain.audit_lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key",
+                                 images=smooth_images(64, size=SIZE, seed=9))
+    assert audit.condition("patch").agreement == 1.0 and audit.condition("patch").max_abs_delta == 0.0
+
+
+def test_the_anchor_map_reads_probabilities_after_the_box():
+    rng = np.random.default_rng(0)
+    scores = np.concatenate([rng.normal(0, 50, (1, 10, 4)), rng.uniform(0, 0.2, (1, 10, 2))], axis=2)
+    scores[0, 3, 5] = 0.9
+    moved = scores.copy()
+    moved[0, 3, 5], moved[0, 7, 5] = 0.0, 0.9
+    assert anchor_map(scores, scores, PACKED_BOX, True) == 1.0
+    assert anchor_map(scores, moved, PACKED_BOX, True) == 0.0
+    assert np.isnan(anchor_map(scores * [1, 1, 1, 1, 0, 0], scores, PACKED_BOX, True))  # the box is no score
+
+
+@pytest.mark.slow
+def test_ddddocr_detector(tmp_path):
+    """ddddocr's YOLOX-style detector (torch 1.9, opset 11; a Focus stem; [1, 3549, 6]): refused before. Insert
+    stain verified, natural outputs unchanged; gate lock exact with the patch and locked without it."""
+    model = corpus_model("ddddocr_det")
+    from onnxstain.naturalset import natural_images
+
+    images = natural_images("calibration", size=(416, 416), views=1).pixels[:128]
+    onnxstain.stain(model, tmp_path / "s.onnx", tmp_path / "s.key", images=images,
+                    options=StainOptions(mode="insert", seed=0))
+    assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
+    assert not onnxstain.verify(model, tmp_path / "s.key").stained
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images, options=LockOptions(seed=0))
+    assert res.locked_agreement <= 0.05
+    audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
+    assert audit.condition("no patch").passed and audit.condition("patch").max_abs_delta == 0.0
