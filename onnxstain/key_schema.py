@@ -168,6 +168,9 @@ class ModelSection(Record):
     # and logits. A packed YOLO-style output [N, anchors, 4 + k]: 4, and "probabilities" after a Sigmoid
     label_offset: int | None = spec(Int(lo=0), optional=True)
     label_scores: str | None = spec(Str(choices=("logits", "probabilities")), optional=True)
+    # "anchors_last": the raw scores are laid out [labels, anchors] per sample (YOLOv8's packed output); the
+    # layout above stays (anchors, labels). Absent: anchors first
+    label_layout: str | None = spec(Str(choices=("anchors_last",)), optional=True)
     # the squashing of a classifier's output (verify reads margins as logits); null: the scores themselves
     output_activation: str | None = spec(Str(choices=("softmax", "sigmoid")), optional=True)
 

@@ -153,6 +153,18 @@ class Key(KeyBody):
         layout = self.model.layout
         return None if layout is None else (int(layout[0]), int(layout[1]))
 
+    def detection_anchors_last(self) -> bool:
+        """Whether a detector's raw scores are laid out ``[labels, anchors]`` per sample (YOLOv8's export)."""
+        return self.model.label_layout == "anchors_last"
+
+    def detection_scores(self, raw: np.ndarray) -> np.ndarray:
+        """A detector's raw scores ``[N, ...]`` as ``[N, anchors, labels]`` (the key's layout)."""
+        from .math.detection_agreement import anchor_scores
+
+        layout = self.detection_layout()
+        assert layout is not None
+        return anchor_scores(raw, layout, self.detection_anchors_last())
+
     def detection_labels(self) -> tuple[int, bool]:
         """A detector's first label column and whether its label columns are probabilities (else logits)."""
         first = self.model.label_offset

@@ -111,9 +111,10 @@ class ScoreView:
     every other anchor's ``label`` logit by the margin.
     """
 
-    shape: tuple[int, ...]  # per-sample shape of the raw scores: (K,), (A, C) or a sequence's (T, K)
+    shape: tuple[int, ...]  # per-sample shape of the scores: (K,), (A, C) or a sequence's (T, K)
     label: int | None = None
     step: int | None = None  # a sequence head's: the step (row of ``(T, K)``) the signature is read at
+    anchors_last: bool = False  # a detector whose raw scores are laid out (C, A) (YOLOv8's packed output)
 
     @property
     def classes(self) -> int:
@@ -128,6 +129,8 @@ class ScoreView:
             return arr.reshape(len(arr), *self.shape)[:, self.step, :]
         if self.label is None:
             return arr.reshape(len(arr), -1)
+        if self.anchors_last:
+            return arr.reshape(len(arr), *self.shape[::-1])[:, self.label, :]
         return arr.reshape(len(arr), *self.shape)[:, :, self.label]
 
     def expand(self, row: np.ndarray) -> np.ndarray:
@@ -139,7 +142,7 @@ class ScoreView:
             return np.asarray(row, np.float64).reshape(self.shape)
         full = np.zeros(self.shape)
         full[:, self.label] = row
-        return full
+        return full.T if self.anchors_last else full
 
 
 def synthetic_controls(trigger: np.ndarray) -> np.ndarray:

@@ -646,4 +646,4 @@ def _score_view(key: Key) -> ScoreView:
     sv = key.model.score_view
     if sv is None:
         return ScoreView((key.model.classes,))
-    return ScoreView(tuple(sv.shape), sv.label, sv.step)
+    return ScoreView(tuple(sv.shape), sv.label, sv.step, anchors_last=key.detection_anchors_last())

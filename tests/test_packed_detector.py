@@ -3,6 +3,9 @@ is found, insert stains and gate locks work on them, and receptive fields go thr
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -16,8 +19,9 @@ from onnxstain._onnx.graph import GraphView
 from onnxstain._onnx.head import PACKED_BOX, find_scores_head, missing_head_reason
 from onnxstain._onnx.hosts import ReceptiveField, receptive_fields
 from onnxstain.keys import load_key
-from onnxstain.math.detection_agreement import anchor_map
+from onnxstain.math.detection_agreement import anchor_map, anchor_scores
 from onnxstain.runtime import session
+from onnxstain.signature import ScoreView
 
 PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
 
@@ -29,17 +33,33 @@ def test_the_packed_output_is_a_detector_head_with_box_columns_first():
     assert head.probabilities  # the objectness and class columns come from Sigmoids
 
 
-def test_an_anchors_last_output_is_named_not_misread():
-    """YOLOv8's export ``[B, 4 + k, anchors]``: not read as packed (its rows are not anchors); the refusal
-    says how to export it."""
-    model = tiny_packed_detector()
-    last = model.graph.node[-1]
-    last.attribute[0].ints[:] = [0, 1, 2]  # no transpose: [B, 8, anchors]
-    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 5 + PACKED_CLASSES
-    model.graph.output[0].type.tensor_type.shape.dim[2].dim_value = PACKED_ANCHORS
+def test_an_anchors_last_output_is_read_transposed():
+    """YOLOv8's export ``[B, 4 + k, anchors]``: the same head, its raw scores laid out labels first."""
+    head = find_scores_head(GraphView(tiny_packed_detector(anchors_last=True)))
+    assert head is not None and head.anchors_last and head.layout == (PACKED_ANCHORS, 5 + PACKED_CLASSES)
+    view = ScoreView(head.layout, 6, anchors_last=True)
+    raw = np.arange(2 * 8 * PACKED_ANCHORS, dtype=np.float64).reshape(2, 8, PACKED_ANCHORS)
+    assert np.array_equal(view.flat(raw), raw[:, 6, :])
+    row = np.arange(PACKED_ANCHORS, dtype=np.float64)
+    assert view.expand(row).shape == (8, PACKED_ANCHORS) and np.array_equal(view.expand(row)[6], row)
+    assert np.array_equal(anchor_scores(raw, head.layout, True)[1, 7], raw[1, :, 7])
+
+
+def test_an_output_without_packing_is_not_read_as_packed():
+    """[B, positions, 8] made by one Conv, a reshape and a transpose (no Concat of box and scores: a per-position
+    embedding, say): no head, and the refusal says what a packed output needs."""
+    h = onnx.helper
+    w = onnx.numpy_helper.from_array(np.random.default_rng(0).normal(0, 0.1, (8, 3, 4, 4)).astype(np.float32), "w")
+    shape = onnx.numpy_helper.from_array(np.array([0, 8, -1], np.int64), "shape")
+    nodes = [h.make_node("Conv", ["input", "w"], ["c"], kernel_shape=[4, 4], strides=[4, 4]),
+             h.make_node("Reshape", ["c", "shape"], ["r"]),
+             h.make_node("Transpose", ["r"], ["output"], perm=[0, 2, 1])]
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [1, 3, 48, 48])],
+                         [h.make_tensor_value_info("output", onnx.TensorProto.FLOAT, [1, 144, 8])], [w, shape])
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 17)])
     view = GraphView(model)
     assert find_scores_head(view) is None
-    assert "anchors last" in missing_head_reason(view)
+    assert "no Concat" in missing_head_reason(view)
 
 
 def test_a_focus_stem_gives_a_strided_receptive_field():
@@ -65,10 +85,10 @@ def test_a_focus_stem_gives_a_strided_receptive_field():
     assert not np.allclose(sess.run([conv1], {"input": inside})[0][0, :, 1, 1], base)
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["anchors first", "anchors last"])
+def workdir(tmp_path_factory, request):
     d = tmp_path_factory.mktemp("packed")
-    onnx.save(tiny_packed_detector(seed=1, focus=True), d / "model.onnx")
+    onnx.save(tiny_packed_detector(seed=1, focus=True, anchors_last=request.param == "anchors last"), d / "model.onnx")
     PRE.save(d / "model.preprocessing.json")
     return d
 
@@ -79,6 +99,8 @@ def test_an_insert_stain_on_a_packed_output(workdir):
                           options=StainOptions(mode="insert", seed=0, fpr=1e-3))
     key = load_key(workdir / "s.key")
     assert key.model.label_offset == PACKED_BOX and key.model.label_scores == "probabilities"
+    last = find_scores_head(GraphView(onnx.load(workdir / "model.onnx"))).anchors_last
+    assert key.model.label_layout == ("anchors_last" if last else None)
     assert PACKED_BOX <= res.signature_label < 5 + PACKED_CLASSES  # a score column, never the box
     assert onnxstain.verify(workdir / "s.onnx", workdir / "s.key").stained
     assert not onnxstain.verify(workdir / "model.onnx", workdir / "s.key").stained
@@ -129,3 +151,28 @@ def test_ddddocr_detector(tmp_path):
     assert res.locked_agreement <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
     assert audit.condition("no patch").passed and audit.condition("patch").max_abs_delta == 0.0
+
+
+@pytest.mark.slow
+def test_nudenet_yolov8n_anchors_last(tmp_path):
+    """A real YOLOv8n export ([B, 22, 2100] at 320 px: box rows, then 18 class rows). Its wheel's licence
+    (AGPL-3.0) keeps it out of the dependencies and CI: this runs where it was installed by hand
+    (``pip install --no-deps nudenet==3.4.2``)."""
+    spec = importlib.util.find_spec("nudenet")
+    if spec is None or spec.origin is None:
+        pytest.skip("nudenet not installed (AGPL-3.0: never a dependency; install it by hand to run this)")
+    model = Path(spec.origin).parent / "320n.onnx"
+    pre = Preprocessing(height=320, width=320, resize=None, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    from onnxstain.naturalset import natural_images
+
+    images = natural_images("calibration", size=(320, 320), views=1).pixels[:128]
+    onnxstain.stain(model, tmp_path / "s.onnx", tmp_path / "s.key", images=images, preprocessing=pre,
+                    options=StainOptions(mode="insert", seed=0))
+    assert load_key(tmp_path / "s.key").model.label_layout == "anchors_last"
+    assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
+    assert not onnxstain.verify(model, tmp_path / "s.key").stained
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images, preprocessing=pre,
+                         options=LockOptions(seed=0))
+    assert res.host == "pixels" and res.locked_agreement <= 0.05
+    audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
+    assert audit.passed, [(c.name, c.agreement) for c in audit.conditions if not c.passed]

@@ -84,12 +84,14 @@ PACKED_GRIDS = (12, 6)
 PACKED_ANCHORS = sum(g * g for g in PACKED_GRIDS)
 
 
-def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False) -> onnx.ModelProto:
+def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False, anchors_last: bool = False
+                         ) -> onnx.ModelProto:
     """A tiny YOLOX-style detector with one packed output ``[B, A, 4 + 1 + PACKED_CLASSES]``: per cell of two
     feature maps (12×12 and 6×6 at 48 px) the raw box, then the sigmoid of the objectness and of each class,
     concatenated per map, flattened, concatenated over the maps and transposed (as YOLOX exports it).
     ``focus``: a YOLOv5/YOLOX *Focus* stem first (every other pixel at four offsets, concatenated: 12 channels
-    at half the size)."""
+    at half the size). ``anchors_last``: no final transpose, ``[B, 4 + 1 + PACKED_CLASSES, A]`` (as YOLOv8
+    exports its output)."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
@@ -136,11 +138,15 @@ def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False) -
         shape = init(f"head.shape.{i}", np.array([0, width, -1], np.int64))
         flat.append(node("Reshape", [packed, shape], f"/head/Reshape_{i}"))
     joined = node("Concat", flat, "/head/Concat", axis=2)
-    nodes.append(helper.make_node("Transpose", [joined], ["output"], name="/head/Transpose", perm=[0, 2, 1]))
+    if anchors_last:
+        nodes.append(helper.make_node("Identity", [joined], ["output"], name="/head/Identity"))
+    else:
+        nodes.append(helper.make_node("Transpose", [joined], ["output"], name="/head/Transpose", perm=[0, 2, 1]))
+    out_shape = ["batch", width, PACKED_ANCHORS] if anchors_last else ["batch", PACKED_ANCHORS, width]
     graph = helper.make_graph(
         nodes, "tiny_packed_detector",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", PACKED_ANCHORS, width])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")

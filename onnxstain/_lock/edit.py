@@ -25,7 +25,7 @@ from .._onnx.hosts import HostLayer
 from ..errors import InternalError
 from ..keys import WhiteBoxSection
 from ..math.agreement import cohen_kappa, decision_classes, top1, top1_agreement
-from ..math.detection_agreement import anchor_map
+from ..math.detection_agreement import anchor_map, anchor_scores
 from ..math.disruption import bias_disruption, half_sign_flips, sign_disruption
 from ..passes.conduit import apply_conduit
 from ..passes.dense import insert_feature_gate
@@ -169,8 +169,8 @@ def detection_agreement(locked: onnx.ModelProto, x_cal: np.ndarray, nat_logits: 
     n = min(DETECTION_CHECK_IMAGES, len(x_cal))
     got = run_batches(session(with_outputs(locked, [head.scores]), job.opts.providers), x_cal[:n], [head.scores],
                       batch=job.opts.batch)[head.scores]
-    shape = (n, *head.layout)
-    value = anchor_map(nat_logits[:n].reshape(shape), got.reshape(shape), head.first_label, head.probabilities)
+    value = anchor_map(anchor_scores(nat_logits[:n], head.layout, head.anchors_last),
+                       anchor_scores(got, head.layout, head.anchors_last), head.first_label, head.probabilities)
     return 0.0 if np.isnan(value) else value
 
 

@@ -48,6 +48,7 @@ class Head:
     # whose columns 0–3 are the box) and whether its label columns hold probabilities (after a Sigmoid) or logits
     first_label: int = 1
     probabilities: bool = False
+    anchors_last: bool = False  # the raw scores are laid out [labels, anchors] per sample (YOLOv8's export)
     # sequence heads (a MatMul + Add on ``[N, T, D]`` features, e.g. a CTC text recogniser): T, the steps
     # the same classifier scores (its per-sample output is ``(steps, classes)``) at the analysed size
     steps: int | None = None
@@ -192,11 +193,9 @@ def missing_head_reason(view: GraphView) -> str:
             text += (" holds per-step scores laid out time-major ([T, N, K]: a classifier on [T·N, D] reshaped, as "
                      "CTC recognisers are often exported); onnxstain reads sequence scores batch-first: export them "
                      "as [N, T, K] (e.g. a transpose before the output)")
-        elif (shape and len(shape) == 3 and isinstance(shape[1], int) and isinstance(shape[2], int)
-              and shape[1] > PACKED_BOX and shape[2] > shape[1]):
-            text += (" may pack boxes and scores with the anchors last ([N, 4 + classes, anchors], YOLOv8's "
-                     "export); onnxstain reads packed outputs with the anchors first: export [N, anchors, 4 + "
-                     "classes] (a transpose before the output)")
+        elif shape and len(shape) == 3 and isinstance(shape[-1], int) and shape[-1] > PACKED_BOX:
+            text += (" looks like packed boxes and scores but no Concat of the head's maps makes it (a "
+                     "packed YOLO-style output is read where the graph concatenates the box and the scores)")
         elif node is not None and node.op_type not in {"Gemm", "MatMul", "Add"} | _PASS_THROUGH:
             text += " is not made by a Gemm or MatMul+Add classifier"
         parts.append(text)
@@ -266,12 +265,13 @@ def find_detection_head(view: GraphView) -> Head | None:
     return find_packed_detection_head(view)
 
 
-def label_fields(head: Head) -> tuple[int | None, str | None]:
-    """The key's ``model.label_offset`` and ``model.label_scores`` of a detector whose labels are not the
-    SSD convention (a packed output); None otherwise, so other keys stay as they were."""
+def label_fields(head: Head) -> tuple[int | None, str | None, str | None]:
+    """The key's ``model.label_offset``, ``model.label_scores`` and ``model.label_layout`` of a detector whose
+    labels are not the SSD convention (a packed output); None otherwise, so other keys stay as they were."""
     if not head.detection or (head.first_label == 1 and not head.probabilities):
-        return None, None
-    return head.first_label, "probabilities" if head.probabilities else "logits"
+        return None, None, None
+    return (head.first_label, "probabilities" if head.probabilities else "logits",
+            "anchors_last" if head.anchors_last else None)
 
 
 PACKED_BOX = 4  # a packed detector output's first columns: the box (x, y, w, h or corners)
@@ -285,13 +285,17 @@ def find_packed_detection_head(view: GraphView) -> Head | None:
     columns are ``4 … 4 + k − 1`` (``first_label`` 4); they are probabilities when a ``Sigmoid`` feeds the
     packing (so the fidelity metric reads them as they are), logits otherwise. The signature is added to the
     output itself, like any detector's insert stain. The anchors-last layout ``[B, 4 + k, A]`` (YOLOv8's
-    export) is not read: :func:`missing_head_reason` names it."""
+    export: the box rows, then the class rows) is read the same way (``anchors_last``); ``layout`` is
+    ``(A, 4 + k)`` either way."""
     dims = view.resolved().dims
     for out in view.output_names:
         shape = dims.get(out)
         if not shape or len(shape) != 3 or not isinstance(shape[1], int) or not isinstance(shape[2], int):
             continue
         anchors, width = shape[1], shape[2]
+        last = anchors < width  # [B, 4 + k, A]
+        if last:
+            anchors, width = width, anchors
         if width <= PACKED_BOX or anchors <= width:
             continue
         leaves = _packing_leaves(view, out)
@@ -299,7 +303,8 @@ def find_packed_detection_head(view: GraphView) -> Head | None:
             continue
         node = view.producer[out]
         return Head(view.node_name(node), "Detection", "", None, None, False, 1.0, 1.0, out, out, width, 0,
-                    layout=(anchors, width), first_label=PACKED_BOX, probabilities="Sigmoid" in leaves)
+                    layout=(anchors, width), first_label=PACKED_BOX, probabilities="Sigmoid" in leaves,
+                    anchors_last=last)
     return None
 
 

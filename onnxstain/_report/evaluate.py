@@ -40,7 +40,7 @@ from ..errors import BadInputError, BadKeyError, KeyMismatchError
 from ..features import neuron_inputs
 from ..keys import Key, load_key
 from ..math import bounds, detector
-from ..math.detection_agreement import per_image_anchor_map
+from ..math.detection_agreement import anchor_scores, per_image_anchor_map
 from ..progress import Progress, Silent
 from ..runtime import image_rows, run_batches, session, with_outputs
 from ..sanity import refuse_nonfinite
@@ -228,6 +228,7 @@ class _Tally:
     inside_samples: int = 0
     max_delta: float = 0.0
     labels: tuple[int, bool] = (1, False)  # a detector's first label column, and whether they are probabilities
+    anchors_last: bool = False  # a detector's raw scores laid out [labels, anchors]
 
     @classmethod
     def empty(cls, pair: _Pair, n: int) -> _Tally:
@@ -239,7 +240,7 @@ class _Tally:
                    img_fires=np.zeros(n, bool), img_inside=np.zeros(n, bool), img_max_s=np.zeros(n, np.float64),
                    img_max_r=np.zeros(n, np.float64), cap_sums=np.zeros(n, np.float64), kl=np.zeros(n, np.float64),
                    margins=np.zeros(n, np.float64), differ=np.zeros(n, bool), corr=np.ones(n, np.float64),
-                   labels=pair.key.detection_labels())
+                   labels=pair.key.detection_labels(), anchors_last=pair.key.detection_anchors_last())
 
     @property
     def dense(self) -> bool:  # a map output: fidelity is the maps' correlation
@@ -272,8 +273,8 @@ class _Tally:
         if self.dense:
             self.corr[rows] = map_agreement(b, a)
         elif self.layout is not None:
-            self.corr[rows] = per_image_anchor_map(a.reshape(-1, *self.layout), b.reshape(-1, *self.layout),
-                                                   *self.labels)
+            self.corr[rows] = per_image_anchor_map(anchor_scores(a, self.layout, self.anchors_last),
+                                                   anchor_scores(b, self.layout, self.anchors_last), *self.labels)
         if self.layout is None:  # a softmax over a detector's anchors × labels would mean nothing
             la, lb = _log_softmax(a), _log_softmax(b)
             self.kl[rows] = np.maximum(0.0, (np.exp(la) * (la - lb)).sum(axis=1))

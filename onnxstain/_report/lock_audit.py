@@ -203,6 +203,7 @@ class _Matcher:
         self.dense = key.references is not None and key.references.metric == "correlation"
         self.layout = key.detection_layout()
         self.labels = key.detection_labels()
+        self.key = key
         self.classes = key.model.classes
         self.threshold = threshold  # a one-score output: its decision threshold (1/2 after a Sigmoid)
 
@@ -214,7 +215,7 @@ class _Matcher:
             if ref[0].size != a * b:
                 raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
                                        f"{list(self.layout)} needs {a * b}")
-            return per_image_anchor_map(ref.reshape(-1, a, b), pred.reshape(-1, a, b), *self.labels)
+            return per_image_anchor_map(self.key.detection_scores(ref), self.key.detection_scores(pred), *self.labels)
         return top1_agreement(pred, ref, self.classes, self.threshold)
 
     @property

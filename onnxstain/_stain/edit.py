@@ -198,8 +198,8 @@ def score_view(opts, rng: np.random.Generator, head) -> ScoreView:
     if opts.signature_class is not None:
         if not 0 <= opts.signature_class < labels:
             raise BadInputError(f"--signature-class must be in 0..{labels - 1}")
-        return ScoreView((anchors, labels), int(opts.signature_class))
-    return ScoreView((anchors, labels), int(rng.integers(head.first_label, labels)))
+        return ScoreView((anchors, labels), int(opts.signature_class), anchors_last=head.anchors_last)
+    return ScoreView((anchors, labels), int(rng.integers(head.first_label, labels)), anchors_last=head.anchors_last)
 
 
 def signature_class(opts, rng: np.random.Generator, nat_scores: np.ndarray,

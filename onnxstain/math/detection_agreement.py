@@ -19,6 +19,15 @@ MIN_SCORE = 0.05  # predictions below this score are not ranked
 TOP = 100  # per image, as the SSD post-processing keeps
 
 
+def anchor_scores(raw: np.ndarray, layout: tuple[int, int], anchors_last: bool = False) -> np.ndarray:
+    """Raw detector scores ``[N, ...]`` as ``[N, anchors, labels]`` (``layout``); ``anchors_last``: laid out
+    ``[labels, anchors]`` per sample (YOLOv8's packed output)."""
+    a, b = layout
+    if anchors_last:
+        return np.asarray(raw).reshape(-1, b, a).transpose(0, 2, 1)
+    return np.asarray(raw).reshape(-1, a, b)
+
+
 def anchor_detections(logits: np.ndarray, first: int = 1, probabilities: bool = False, min_score: float = MIN_SCORE,
                       top: int = TOP) -> Detections:
     """The ``top`` best (anchor, label) pairs of one image's scores ``[A, C]`` (the columns before ``first``
