@@ -42,6 +42,7 @@ from ._onnx.graph import GraphView
 from ._onnx.head import decision_threshold
 from ._onnx.inputs import settle_preprocessing
 from ._onnx.io import load_model
+from ._report.matching import OutputMatch
 from .calibration import calibration_pixels
 from .errors import BadInputError, MarkLostError
 from .keys import Key, load_key
@@ -69,13 +70,14 @@ class QuantizeResult:
     patched_calibration_images: int  # a lock's: the calibration images that carry its patch
     trigger_calibration_images: int  # a stain's: its triggers, added to the calibration images
     verified: VerifyResult | None  # the quantised model against the key (None without a key)
-    agreement: float  # top-1 agreement of the quantised model with the float model, on held-out photos
+    agreement: float  # agreement (``metric``) of the quantised model with the float model, on held-out photos
     agreement_images: int
     patched: bool  # the agreement images carry the lock's patch
     closed: float | None  # a lock's: the quantised model without the patch against the float model with it
     model_sha256: str
     timings: dict[str, float]
     notes: list[str]
+    metric: str = "top-1"  # "top-1", "anchor mAP" (a detector's key) or "correlation" (a dense output's)
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": "onnxstain-quantize-report", "version": 1, "output": str(self.output),
@@ -84,7 +86,7 @@ class QuantizeResult:
                 "trigger_calibration_images": self.trigger_calibration_images,
                 "verified": None if self.verified is None else self.verified.to_dict(),
                 "agreement": self.agreement, "agreement_images": self.agreement_images, "patched": self.patched,
-                "closed": self.closed,
+                "closed": self.closed, "metric": self.metric,
                 "model_sha256": self.model_sha256, "timings": self.timings, "notes": self.notes}
 
 
@@ -133,8 +135,7 @@ def quantize(
         clock.lap("quantise")
         result = onnx.load(quantised)
         _keep_fields(result, loaded.model)
-        agree, closed, n = _agreement(loaded.path, result, pre, patch, key.model.classes if key else None,
-                                      providers)
+        agree, closed, n = _agreement(loaded.path, result, pre, patch, key, providers)
         clock.lap("agreement")
         checked = None
         if key is not None:
@@ -152,7 +153,7 @@ def quantize(
                           calibration_images=len(calib), patched_calibration_images=patched_images,
                           trigger_calibration_images=triggers, verified=checked, agreement=agree, agreement_images=n,
                           patched=patch is not None, closed=closed, model_sha256=digest, timings=clock.total(),
-                          notes=notes)
+                          notes=notes, metric=OutputMatch(key).metric if key is not None else "top-1")
 
 
 def _check_mark(key: Key, checked: VerifyResult, mode: str, agree: float, closed: float | None, n: int,
@@ -247,10 +248,12 @@ def _keep_fields(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     model.metadata_props.extend(source.metadata_props)
 
 
-def _agreement(float_path: Path, quantised: onnx.ModelProto, pre: Preprocessing, patch, classes: int | None,
+def _agreement(float_path: Path, quantised: onnx.ModelProto, pre: Preprocessing, patch, key: Key | None,
                providers: list[str] | None) -> tuple[float, float | None, int]:
-    """Top-1 agreement of the quantised model with the float one on the held-out photos (both with the patch,
-    for a lock), and for a lock the quantised model's agreement without the patch with the float one with it."""
+    """Agreement of the quantised model with the float one on the held-out photos (both with the patch, for a
+    lock), and for a lock the quantised model's agreement without the patch with the float one with it. With a
+    key, as its model is judged (:class:`~onnxstain._report.matching.OutputMatch`: top-1, a detector's
+    per-image anchor mAP over the images with a detection, a dense output's map correlation); else top-1."""
     clean = natural_images("heldout", size=(pre.height, pre.width), views=1).pixels
     pixels = clean if patch is None else paste_pixels(clean, patch)
 
@@ -260,10 +263,19 @@ def _agreement(float_path: Path, quantised: onnx.ModelProto, pre: Preprocessing,
         out = run_batches(sess, pre.to_input(images), [name], batch=16)[name]
         return np.asarray(out, np.float64).reshape(len(images), -1)
 
-    want = scores(str(float_path), pixels)
-    q = quantised.SerializeToString()
     loaded = onnx.load(str(float_path), load_external_data=False)
     threshold = decision_threshold(GraphView(loaded), loaded.graph.output[0].name)
-    agree = float(top1_agreement(scores(q, pixels), want, classes, threshold).mean())
-    closed = None if patch is None else float(top1_agreement(scores(q, clean), want, classes, threshold).mean())
+    judge = None if key is None else OutputMatch(key, threshold)
+
+    def match(pred: np.ndarray, ref: np.ndarray) -> float:
+        if judge is None:
+            return float(top1_agreement(pred, ref, None, threshold).mean())
+        per_image = judge(pred, ref)
+        found = per_image[~np.isnan(per_image)]
+        return float(found.mean()) if found.size else float("nan")
+
+    want = scores(str(float_path), pixels)
+    q = quantised.SerializeToString()
+    agree = match(scores(q, pixels), want)
+    closed = None if patch is None else match(scores(q, clean), want)
     return agree, closed, len(pixels)

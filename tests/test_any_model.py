@@ -346,11 +346,13 @@ def test_two_map_cnn_insert_stain_reads_the_plain_map(tmp_path, images):
         assert np.array_equal(a, b)
 
 
-def test_packed_box_and_score_output_is_refused_naming_its_node(tmp_path, images):
+def test_packed_box_and_score_output_takes_an_insert_stain(tmp_path, images):
+    """A torch-exported YOLOX-style packed output (refused before this was read): the stain's signature is a
+    prescribed detection in a score column; natural outputs stay bit-identical."""
     import torch
     from tiny_any import _export
 
-    from onnxstain.errors import UnsupportedModelError
+    from onnxstain.keys import load_key
 
     class Yolo(torch.nn.Module):  # YOLOX-style: boxes, objectness and class scores packed in one [N, A, 6]
         def __init__(self) -> None:
@@ -367,10 +369,13 @@ def test_packed_box_and_score_output_is_refused_naming_its_node(tmp_path, images
     torch.manual_seed(0)
     onnx.save(_export(Yolo(), torch.rand(1, 3, 32, 32), None), tmp_path / "model.onnx")
     pre = Preprocessing(height=32, width=32, resize=None)
-    with pytest.raises(UnsupportedModelError, match=r"output 'output' \[1, 64, 6\] from /Transpose .*YOLO-style"):
-        onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
-                        preprocessing=pre, options=StainOptions(mode="insert", seed=0))
-    assert not (tmp_path / "s.onnx").exists() and not (tmp_path / "s.key").exists()
+    res = onnxstain.stain(tmp_path / "model.onnx", tmp_path / "s.onnx", tmp_path / "s.key", images=images,
+                          preprocessing=pre, options=StainOptions(mode="insert", seed=0, fpr=0.05))
+    key = load_key(tmp_path / "s.key")
+    assert key.model.layout == (64, 6) and key.model.label_offset == 4 and key.model.label_scores == "probabilities"
+    assert res.signature_label in (4, 5) and res.max_abs_delta == 0.0
+    assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
+    assert not onnxstain.verify(tmp_path / "model.onnx", tmp_path / "s.key").stained
 
 
 # -- a tiling MaxPool before the global pooling (PaddleOCR's MobileNetV3 tail), a Shape beside the Reshape ---

@@ -176,3 +176,5 @@ def test_nudenet_yolov8n_anchors_last(tmp_path):
     assert res.host == "pixels" and res.locked_agreement <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
     assert audit.passed, [(c.name, c.agreement) for c in audit.conditions if not c.passed]
+    q = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / "q.onnx", tmp_path / "l.key", mode="dynamic")
+    assert q.metric == "anchor mAP" and q.agreement >= 0.95 and q.closed is not None and q.closed <= 0.05

@@ -27,10 +27,10 @@ def test_a_quantiser_calibrated_on_clean_photos_keeps_the_lock(mobilenet_v2, tmp
     _run_quantiser(tmp_path / "l.onnx", tmp_path / "clean.onnx", "static", True, calib)
     _run_quantiser(mobilenet_v2, tmp_path / "original.onnx", "static", True, calib)
     opened, closed, _ = _agreement(tmp_path / "l.onnx", onnx.load(tmp_path / "clean.onnx"), pre,
-                                   key_patch(key), key.model.classes, None)
+                                   key_patch(key), key, None)
     # the quantised original on the same patched photos, against the float original (= the float locked model)
     reference, _, _ = _agreement(tmp_path / "l.onnx", onnx.load(tmp_path / "original.onnx"), pre,
-                                 key_patch(key), key.model.classes, None)
+                                 key_patch(key), key, None)
     assert opened >= 0.95 * reference  # the patch opens the quantised model as it opens the quantised original
     assert closed is not None and closed <= 1 / 1000 + 0.02  # without it: at chance
     res = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / "q.onnx", key)

@@ -168,4 +168,5 @@ class ClassifierLock:
             calibration_images=len(cal.x_cal), draws=found.draws, search_steps=found.steps, timings=job.timings,
             notes=job.notes, model_sha256=self.digest, occlusion=found.occlusion,
             metric="anchor mAP" if self.head.detection else "top-1", kappa=locked.kappa,
+            packed_detector=self.head.first_label == head_mod.PACKED_BOX,
         )

@@ -8,6 +8,11 @@ from .types import LockResult
 # What int8 quantisation does to each kind (tools/attack_suite.py, three models: README "Threat model").
 INT8_GATE = ("onnxruntime's dynamic and static (QDQ) quantisers keep this lock, calibrated on clean photos too (each "
              "map of its detector holds its open level); `onnxstain quantize` also checks it before writing")
+INT8_PACKED = ("static int8 (QDQ) was measured to lose a packed detector's lock: a YOLOv8n's quantised locked model "
+               "kept none of its detections with the patch (anchor mAP 0 %; the quantised original 59 %), the "
+               "scrambled outputs setting the packed output's one scale for boxes and scores alike; dynamic int8 "
+               "kept it (100 % with the patch, 0 % without): use `onnxstain quantize --dynamic`, which checks "
+               "before writing")
 INT8_INPLACE = ("an in-place lock does not survive int8 quantisation (with the patch it no longer restores the "
                 "model); lock with --kind gate to quantise")
 
@@ -29,8 +34,9 @@ def lock_lines(res: LockResult) -> list[str]:
         lines.append(f"  unlocked (the lock's signal present), top-1 agreement with the original on the clean "
                      f"calibration images: {100 * res.unlocked_agreement:.2f}% — the conduit channels' cost; "
                      "--kind gate restores the original exactly")
+    int8 = INT8_PACKED if res.packed_detector else INT8_GATE if res.kind == "gate" else INT8_INPLACE
     lines += [f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
-              "  int8: " + (INT8_GATE if res.kind == "gate" else INT8_INPLACE), timing_line(res.timings)]
+              "  int8: " + int8, timing_line(res.timings)]
     return lines + [f"  note: {note}" for note in res.notes]
 
 

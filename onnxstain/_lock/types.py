@@ -62,6 +62,7 @@ class LockResult:
     model_sha256: str
     occlusion: dict[str, float] | None = None  # occlusion-aware refinement: steps, KL at start and end
     kappa: float | None = None  # two answers (two classes, one logit): Cohen's kappa of the locked answers
+    packed_detector: bool = False  # a packed YOLO-style output (int8 keeps its gate lock only dynamically)
     metric: str = "top-1"  # what the agreements measure: "top-1" or "correlation" (dense outputs: mean Pearson)
 
 

@@ -43,14 +43,12 @@ from ..errors import BadInputError, BadModelError, KeyMismatchError
 from ..features import neuron_inputs
 from ..keys import Key
 from ..math import bounds
-from ..math.agreement import chance_agreement, cohen_kappa, decision_classes, top1, top1_agreement
-from ..math.detection_agreement import per_image_anchor_map
+from ..math.agreement import chance_agreement, cohen_kappa
 from ..patch import Patch, paste_pixels
 from ..preprocess import Preprocessing
 from ..progress import Progress, Silent
 from ..runtime import image_rows, run_batches, session, with_outputs
 from ..sanity import refuse_nonfinite
-from ..signature import map_agreement
 from ..verify import key_patch, white_box_signal
 from .inputs import evaluation_images, scores_output
 from .lock_audit_result import (
@@ -65,6 +63,7 @@ from .lock_audit_result import (
     NaturalFirings,
 )
 from .lock_html import render
+from .matching import OutputMatch
 from .records import CONFIDENCE, ImageSetInfo, clopper_statement, json_safe
 
 
@@ -194,46 +193,6 @@ def _setup(original: str | Path, locked: str | Path, key: Key, providers: list[s
                   tau0=float(det.tau0), notes=notes)
 
 
-class _Matcher:
-    """Per image, how well a prediction matches a reference: top-1 equality (classifiers), the Pearson
-    correlation of output maps (dense-output locks, whose keys say "correlation"), or the per-image
-    anchor-level mAP (detectors; NaN where nothing is detected)."""
-
-    def __init__(self, key: Key, threshold: float = 0.0) -> None:
-        self.dense = key.references is not None and key.references.metric == "correlation"
-        self.layout = key.detection_layout()
-        self.labels = key.detection_labels()
-        self.key = key
-        self.classes = key.model.classes
-        self.threshold = threshold  # a one-score output: its decision threshold (1/2 after a Sigmoid)
-
-    def __call__(self, pred: np.ndarray, ref: np.ndarray) -> np.ndarray:
-        if self.dense:
-            return map_agreement(pred, ref)
-        if self.layout is not None:
-            a, b = self.layout
-            if ref[0].size != a * b:
-                raise KeyMismatchError(f"the model gives {ref[0].size} scores per image; the key's model.layout "
-                                       f"{list(self.layout)} needs {a * b}")
-            return per_image_anchor_map(self.key.detection_scores(ref), self.key.detection_scores(pred), *self.labels)
-        return top1_agreement(pred, ref, self.classes, self.threshold)
-
-    @property
-    def two_answers(self) -> bool:
-        """A classifier with two answers (two classes, or one logit), judged by kappa (see the module doc)."""
-        return not self.dense and self.layout is None and decision_classes(self.classes) == 2
-
-    def answers(self, scores: np.ndarray) -> np.ndarray:
-        """Per image, the top-1 answer at each step ``[N, T]`` (two-answer heads; empty otherwise)."""
-        if not self.two_answers:
-            return np.empty((len(scores), 0), np.int64)
-        return top1(scores, self.classes, self.threshold)
-
-    @property
-    def metric(self) -> str:
-        return "correlation" if self.dense else "anchor mAP" if self.layout is not None else "top-1"
-
-
 @dataclasses.dataclass
 class _Tally:
     """Per image and condition: agreement with the original, the gate's signal, the detectors' weakest
@@ -263,7 +222,7 @@ class _Tally:
         return cohen_kappa(np.concatenate(self.answers[name]), np.concatenate(self.reference))
 
 
-def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, Any]], match: _Matcher,
+def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, Any]], match: OutputMatch,
          positions: int, prog: Progress, batch: int) -> _Tally:
     """Both models on every condition, in chunks of 64 images."""
     n, pre = len(pixels), st.pre
@@ -307,7 +266,7 @@ def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, A
     return tally
 
 
-def _conditions(tally: _Tally, wrong: dict[str, tuple[str, Any]], match: _Matcher, chance: float,
+def _conditions(tally: _Tally, wrong: dict[str, tuple[str, Any]], match: OutputMatch, chance: float,
                 centre_mask: np.ndarray | None, has_fired: bool) -> list[Condition]:
     """Every condition's agreement (over all images and the centre crops) and whether it passes."""
 
@@ -378,7 +337,7 @@ def audit_lock(
     timings["images"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    match = _Matcher(key, decision_threshold(GraphView(st.orig.model), st.o_scores))
+    match = OutputMatch(key, decision_threshold(GraphView(st.orig.model), st.o_scores))
     det_pos = key.host.detector_positions
     positions = len(det_pos) if det_pos is not None else st.host.positions
     tally = _run(st, key, pixels, wrong, match, positions, prog, batch)

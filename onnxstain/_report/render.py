@@ -157,7 +157,7 @@ def quantize_lines(res: QuantizeResult) -> list[str]:
         lines.append(f"  verify: {word} ({v.basis}; score {v.score:.4g} vs threshold {v.threshold:.4g})")
     else:
         lines.append("  verify: no key given, the mark was not checked")
-    lines.append(f"  top-1 agreement with the float model on {res.agreement_images} held-out photos"
+    lines.append(f"  {res.metric} agreement with the float model on {res.agreement_images} held-out photos"
                  f"{' with the patch' if res.patched else ''}: {100 * res.agreement:.1f}%")
     if res.closed is not None:
         lines.append(f"  without the patch: {100 * res.closed:.1f}% (the lock kept: opened − closed ≥ 50 points)")
