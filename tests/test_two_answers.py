@@ -17,8 +17,10 @@ from onnxstain import LockOptions, Preprocessing, StainOptions
 from onnxstain._onnx.graph import GraphView
 from onnxstain._onnx.head import decision_threshold
 from onnxstain._onnx.inputs import image_input
+from onnxstain._report.matching import OutputMatch
 from onnxstain.cli import main
 from onnxstain.errors import UnsupportedModelError
+from onnxstain.keys import load_key
 from onnxstain.math.agreement import chance_agreement, cohen_kappa, top1, top1_agreement
 from onnxstain.runtime import session
 
@@ -89,6 +91,10 @@ def test_a_one_logit_lock_is_judged_by_its_decisions(one_logit):
     orig = session(onnx.load(d / "model.onnx")).run(None, {"input": x})[0]
     lck = session(onnx.load(d / "locked.onnx")).run(None, {"input": x})[0]
     assert res.locked_agreement == pytest.approx(float(np.mean((orig > 0.5) == (lck > 0.5))))
+    match = OutputMatch(load_key(d / "locked.key"), 0.5)  # as the audit and quantize judge the outputs
+    assert match.two_answers and match.metric == "top-1"
+    assert match(lck, orig).mean() == pytest.approx(res.locked_agreement)
+    assert np.array_equal(match.answers(orig)[:, 0], (orig[:, 0] > 0.5).astype(int))
     audit = onnxstain.audit_lock(d / "model.onnx", d / "locked.onnx", d / "locked.key",
                                  images=smooth_images(128, size=SIZE, seed=9))
     assert audit.chance == 0.5 and audit.two_answers
