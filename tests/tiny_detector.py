@@ -22,14 +22,27 @@ GRIDS = (12, 6)
 TOTAL_ANCHORS = ANCHORS * sum(g * g for g in GRIDS)
 
 
+class _Initializers(list):
+    """The initializers of a graph being built: :meth:`add` stores one and returns its name."""
+
+    def add(self, name: str, arr) -> str:
+        self.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+
+def _finish(graph: onnx.GraphProto) -> onnx.ModelProto:
+    """The model of ``graph``: opset 17, IR 8, checked."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def tiny_detector(seed: int = 0, size: int = SIZE) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-
-    def init(name: str, arr) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
+    inits = _Initializers()
+    init = inits.add
 
     def conv(x: str, name: str, cin: int, cout: int, k: int, s: int, act: str | None, bias=None) -> str:
         w = init(f"{name}.weight", rng.normal(0, np.sqrt(2 / (cin * k * k)), (cout, cin, k, k)).astype(np.float32))
@@ -73,10 +86,7 @@ def tiny_detector(seed: int = 0, size: int = SIZE) -> onnx.ModelProto:
          helper.make_tensor_value_info("box_encodings", TensorProto.FLOAT, ["batch", TOTAL_ANCHORS, 4])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _finish(graph)
 
 
 PACKED_CLASSES = 3
@@ -94,11 +104,8 @@ def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False, a
     exports its output)."""
     rng = np.random.default_rng(seed)
     nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-
-    def init(name: str, arr) -> str:
-        inits.append(numpy_helper.from_array(np.asarray(arr), name))
-        return name
+    inits = _Initializers()
+    init = inits.add
 
     def node(op: str, inputs: list[str], name: str, **attrs) -> str:
         nodes.append(helper.make_node(op, inputs, [f"{name}_output_0"], name=name, **attrs))
@@ -149,7 +156,4 @@ def tiny_packed_detector(seed: int = 0, size: int = SIZE, focus: bool = False, a
         [helper.make_tensor_value_info("output", TensorProto.FLOAT, out_shape)],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tiny-test")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _finish(graph)
