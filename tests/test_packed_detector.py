@@ -20,6 +20,7 @@ from onnxstain._onnx.head import PACKED_BOX, find_scores_head, missing_head_reas
 from onnxstain._onnx.hosts import ReceptiveField, receptive_fields
 from onnxstain.keys import load_key
 from onnxstain.math.detection_agreement import anchor_map, anchor_scores
+from onnxstain.quantize import packed_tail
 from onnxstain.runtime import session
 from onnxstain.signature import ScoreView
 
@@ -110,10 +111,14 @@ def test_an_insert_stain_on_a_packed_output(workdir):
     assert np.array_equal(a, b)  # natural outputs bit-identical
 
 
-def test_a_gate_lock_on_a_packed_output_gates_every_predictor_input(workdir):
-    images = smooth_images(160, size=SIZE, seed=2)
-    res = onnxstain.lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key", images=images,
-                         options=LockOptions(seed=0, fpr=1e-3))
+@pytest.fixture(scope="module")
+def locked(workdir):
+    return onnxstain.lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key",
+                          images=smooth_images(160, size=SIZE, seed=2), options=LockOptions(seed=0, fpr=1e-3))
+
+
+def test_a_gate_lock_on_a_packed_output_gates_every_predictor_input(workdir, locked):
+    res = locked
     key = load_key(workdir / "l.key")
     assert key.lock is not None and key.lock.gated is not None
     assert len(key.lock.gated.split(", ")) == 2  # the two scales' predictor stems (box, objectness, classes)
@@ -122,6 +127,22 @@ def test_a_gate_lock_on_a_packed_output_gates_every_predictor_input(workdir):
     audit = onnxstain.audit_lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key",
                                  images=smooth_images(64, size=SIZE, seed=9))
     assert audit.condition("patch").agreement == 1.0 and audit.condition("patch").max_abs_delta == 0.0
+
+
+def test_static_int8_keeps_the_packed_tail_in_float_and_the_lock(workdir, locked):
+    """``quantize`` leaves the nodes after the last Conv layers (sigmoids, packing) in float, says so, and the
+    quantised locked model still opens with the patch and stays locked without it (anchor mAP)."""
+    model = onnx.load(workdir / "l.onnx")
+    tail = packed_tail(model, PRE)
+    names = {n.name: n.op_type for n in model.graph.node}
+    assert tail and all(names[t] != "Conv" for t in tail) and "/head/Concat" in tail
+    q = onnxstain.quantize(workdir / "l.onnx", workdir / "q.onnx", workdir / "l.key",
+                           images=smooth_images(64, size=SIZE, seed=4))
+    assert q.metric == "anchor mAP" and any("stay in float" in n for n in q.notes)
+    assert q.closed is not None and q.agreement - q.closed >= 0.5
+    plain = onnxstain.quantize(workdir / "model.onnx", workdir / "q0.onnx", images=smooth_images(64, size=SIZE, seed=4),
+                               preprocessing=PRE)
+    assert plain.metric == "anchor mAP"  # no key: the detector head says how to judge it
 
 
 def test_the_anchor_map_reads_probabilities_after_the_box():
@@ -176,5 +197,6 @@ def test_nudenet_yolov8n_anchors_last(tmp_path):
     assert res.host == "pixels" and res.locked_agreement <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
     assert audit.passed, [(c.name, c.agreement) for c in audit.conditions if not c.passed]
-    q = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / "q.onnx", tmp_path / "l.key", mode="dynamic")
-    assert q.metric == "anchor mAP" and q.agreement >= 0.95 and q.closed is not None and q.closed <= 0.05
+    for mode in ("dynamic", "static"):
+        q = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / f"{mode}.onnx", tmp_path / "l.key", mode=mode)
+        assert q.metric == "anchor mAP" and q.agreement >= 0.95 and q.closed is not None and q.closed <= 0.05

@@ -12,7 +12,7 @@ import onnxstain
 from onnxstain import LockOptions
 from onnxstain.keys import load_key
 from onnxstain.naturalset import natural_images
-from onnxstain.quantize import CALIBRATION_VIEWS, _agreement, _run_quantiser
+from onnxstain.quantize import CALIBRATION_VIEWS, _agreement, _judge, _run_quantiser
 from onnxstain.verify import key_patch
 
 pytestmark = pytest.mark.slow
@@ -26,11 +26,12 @@ def test_a_quantiser_calibrated_on_clean_photos_keeps_the_lock(mobilenet_v2, tmp
     calib = pre.to_input(natural_images("calibration", size=(pre.height, pre.width), views=CALIBRATION_VIEWS).pixels)
     _run_quantiser(tmp_path / "l.onnx", tmp_path / "clean.onnx", "static", True, calib)
     _run_quantiser(mobilenet_v2, tmp_path / "original.onnx", "static", True, calib)
+    judge, _ = _judge(onnx.load(tmp_path / "l.onnx"), pre, key)
     opened, closed, _ = _agreement(tmp_path / "l.onnx", onnx.load(tmp_path / "clean.onnx"), pre,
-                                   key_patch(key), key, None)
+                                   key_patch(key), judge, None)
     # the quantised original on the same patched photos, against the float original (= the float locked model)
     reference, _, _ = _agreement(tmp_path / "l.onnx", onnx.load(tmp_path / "original.onnx"), pre,
-                                 key_patch(key), key, None)
+                                 key_patch(key), judge, None)
     assert opened >= 0.95 * reference  # the patch opens the quantised model as it opens the quantised original
     assert closed is not None and closed <= 1 / 1000 + 0.02  # without it: at chance
     res = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / "q.onnx", key)

@@ -8,11 +8,10 @@ from .types import LockResult
 # What int8 quantisation does to each kind (tools/attack_suite.py, three models: README "Threat model").
 INT8_GATE = ("onnxruntime's dynamic and static (QDQ) quantisers keep this lock, calibrated on clean photos too (each "
              "map of its detector holds its open level); `onnxstain quantize` also checks it before writing")
-INT8_PACKED = ("static int8 (QDQ) was measured to lose a packed detector's lock: a YOLOv8n's quantised locked model "
-               "kept none of its detections with the patch (anchor mAP 0 %; the quantised original 59 %), the "
-               "scrambled outputs setting the packed output's one scale for boxes and scores alike; dynamic int8 "
-               "kept it (100 % with the patch, 0 % without): use `onnxstain quantize --dynamic`, which checks "
-               "before writing")
+INT8_PACKED = ("quantise a packed detector with `onnxstain quantize` (static or --dynamic), which keeps the nodes "
+               "after its last Conv layers in float and checks the lock before writing: onnxruntime's static "
+               "quantiser as it is gives boxes and scores one scale and rounds the scores away (a YOLOv8n's locked "
+               "model: 0 % anchor mAP with the patch; with its tail in float 100 %, and 0 % without the patch)")
 INT8_INPLACE = ("an in-place lock does not survive int8 quantisation (with the patch it no longer restores the "
                 "model); lock with --kind gate to quantise")
 

@@ -8,6 +8,7 @@ import dataclasses
 import numpy as np
 
 from .._onnx.graph import GraphView, dominates
+from .._onnx.head import head_tail
 from .._onnx.hosts import HostLayer, why_unusable
 from ..errors import BadInputError, UnsupportedModelError
 from ..math import bounds
@@ -126,20 +127,7 @@ def prediction_inputs(view: GraphView, scores: str) -> list[str]:
     Conv (a YOLO head's box, objectness and class predictors at each scale), their data inputs in graph order.
     Every path from the image to the scores passes through one of them, so gating them all leaves no branch
     that repairs the outputs downstream (a multi-scale neck bypasses any single backbone map)."""
-    found: dict[str, None] = {}
-    seen: set[str] = set()
-    frontier = [scores]
-    while frontier:
-        tensor = frontier.pop()
-        node = view.producer.get(tensor)
-        if node is None or tensor in seen:
-            continue
-        seen.add(tensor)
-        if node.op_type == "Conv":
-            found[node.input[0]] = None
-            continue
-        frontier += [t for t in node.input if t and t in view.producer]
-    return sorted(found, key=lambda t: view.index(view.producer[t]) if t in view.producer else -1)
+    return head_tail(view, scores)[1]
 
 
 def gate_features(view: GraphView, output: str | None = None) -> str:

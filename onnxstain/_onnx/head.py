@@ -308,6 +308,30 @@ def find_packed_detection_head(view: GraphView) -> Head | None:
     return None
 
 
+def head_tail(view: GraphView, scores: str) -> tuple[list[onnx.NodeProto], list[str]]:
+    """The nodes between a detector's last Conv layers and ``scores`` (every node on a path from a Conv to the
+    scores that passes no other Conv: a packed output's box decoding, sigmoids and packing), and the maps those
+    Conv layers read (a YOLO head's box, objectness and class predictors at each scale), both in graph order."""
+    tail: dict[str, onnx.NodeProto] = {}
+    maps: dict[str, None] = {}
+    seen: set[str] = set()
+    frontier = [scores]
+    while frontier:
+        tensor = frontier.pop()
+        node = view.producer.get(tensor)
+        if node is None or tensor in seen:
+            continue
+        seen.add(tensor)
+        if node.op_type == "Conv":
+            maps[node.input[0]] = None
+            continue
+        tail[view.node_name(node)] = node
+        frontier += [t for t in node.input if t and t in view.producer]
+    order = {id(n): i for i, n in enumerate(view.graph.node)}
+    nodes = sorted(tail.values(), key=lambda n: order[id(n)])
+    return nodes, sorted(maps, key=lambda t: order[id(view.producer[t])] if t in view.producer else -1)
+
+
 def _packing_leaves(view: GraphView, out: str, depth: int = 8) -> set[str] | None:
     """The op types that feed the layout-only ops (Concat, Reshape, Transpose…) producing ``out``, or None
     when no Concat packs it (then it is not a packed detector output)."""
