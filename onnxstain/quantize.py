@@ -129,13 +129,16 @@ def quantize(
         elif key is not None:  # a stain's triggers set the ranges that its detector's firing passes through
             trigger_pixels = key_triggers(key)
             calib, triggers = np.concatenate([calib, trigger_pixels]), len(trigger_pixels)
+    # the source model at the size it runs at (a dynamic size leaves shapes unknown): its head says which nodes
+    # stay in float and how the quantised outputs are judged
+    view = GraphView(loaded.model, pre.input_shape())
     clock.lap("load")
     with tempfile.TemporaryDirectory(prefix=".onnxstain-quantize-") as tmp:
         quantised = Path(tmp) / "model.int8.onnx"
         notes: list[str] = []
         source = _per_channel_source(loaded.model, loaded.path, Path(tmp), notes) if per_channel else loaded.path
         with prog.task(f"int8 {mode} quantisation", total=None):
-            exclude = packed_tail(loaded.model, pre) if mode == "static" else []
+            exclude = packed_tail(view) if mode == "static" else []
             if exclude:
                 notes.append(f"{len(exclude)} nodes after the detector's last Conv layers (box decoding, sigmoids, "
                              "packing) stay in float: one int8 scale for boxes and probabilities would round the "
@@ -145,7 +148,7 @@ def quantize(
         clock.lap("quantise")
         result = onnx.load(quantised)
         _keep_fields(result, loaded.model)
-        judge, metric = _judge(loaded.model, pre, key)
+        judge, metric = _judge(view, key)
         agree, closed, n = _agreement(loaded.path, result, pre, patch, judge, providers)
         clock.lap("agreement")
         checked = None
@@ -251,12 +254,11 @@ def _run_quantiser(src: Path, dst: Path, mode: str, per_channel: bool, x: np.nda
         root.setLevel(level)
 
 
-def packed_tail(model: onnx.ModelProto, pre: Preprocessing) -> list[str]:
+def packed_tail(view: GraphView) -> list[str]:
     """The nodes static int8 leaves in float in a packed (YOLO-style) detector: everything after its last Conv
     layers (box decoding, sigmoids, the packing). Quantised, the packed output has one scale for boxes (hundreds
     of pixels) and probabilities (0 to 1), which rounds the probabilities away: a YOLOv8n kept 59 % anchor mAP
     with the float model, 100 % with its tail in float; its gate lock, 0 % and 100 % with the patch."""
-    view = GraphView(model, pre.input_shape())  # at the size it runs at (a dynamic size leaves shapes unknown)
     head = head_mod.find_scores_head(view)
     if head is None or head.first_label != head_mod.PACKED_BOX:
         return []
@@ -272,18 +274,18 @@ def _keep_fields(model: onnx.ModelProto, source: onnx.ModelProto) -> None:
     model.metadata_props.extend(source.metadata_props)
 
 
-def _judge(model: onnx.ModelProto, pre: Preprocessing, key: Key | None) -> tuple[Judge, str]:
+def _judge(view: GraphView, key: Key | None) -> tuple[Judge, str]:
     """How a quantised model's outputs are matched with the float model's, image by image, and the metric's
     name: with a key, as its model is judged (:class:`~onnxstain._report.matching.OutputMatch`: top-1, a
     detector's anchor mAP, a dense output's map correlation); without, a detector head's anchor mAP, else
     top-1 (a one-score output by its decision)."""
-    view = GraphView(model, pre.input_shape())
-    threshold = decision_threshold(view, model.graph.output[0].name)
+    output = view.output_names[0]
+    threshold = decision_threshold(view, output)
     if key is not None:
         match = OutputMatch(key, threshold)
         return match, match.metric
     head = head_mod.find_scores_head(view)
-    if head is not None and head.detection and head.layout is not None and head.output == model.graph.output[0].name:
+    if head is not None and head.detection and head.layout is not None and head.output == output:
         layout, first, probs, last = head.layout, head.first_label, head.probabilities, head.anchors_last
         return (lambda pred, ref: per_image_anchor_map(anchor_scores(ref, layout, last),
                                                        anchor_scores(pred, layout, last), first, probs)), "anchor mAP"

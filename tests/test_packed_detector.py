@@ -133,7 +133,7 @@ def test_static_int8_keeps_the_packed_tail_in_float_and_the_lock(workdir, locked
     """``quantize`` leaves the nodes after the last Conv layers (sigmoids, packing) in float, says so, and the
     quantised locked model still opens with the patch and stays locked without it (anchor mAP)."""
     model = onnx.load(workdir / "l.onnx")
-    tail = packed_tail(model, PRE)
+    tail = packed_tail(GraphView(model, PRE.input_shape()))
     names = {n.name: n.op_type for n in model.graph.node}
     assert tail and all(names[t] != "Conv" for t in tail) and "/head/Concat" in tail
     q = onnxstain.quantize(workdir / "l.onnx", workdir / "q.onnx", workdir / "l.key",

@@ -10,6 +10,7 @@ import pytest
 
 import onnxstain
 from onnxstain import LockOptions
+from onnxstain._onnx.graph import GraphView
 from onnxstain.keys import load_key
 from onnxstain.naturalset import natural_images
 from onnxstain.quantize import CALIBRATION_VIEWS, _agreement, _judge, _run_quantiser
@@ -26,7 +27,7 @@ def test_a_quantiser_calibrated_on_clean_photos_keeps_the_lock(mobilenet_v2, tmp
     calib = pre.to_input(natural_images("calibration", size=(pre.height, pre.width), views=CALIBRATION_VIEWS).pixels)
     _run_quantiser(tmp_path / "l.onnx", tmp_path / "clean.onnx", "static", True, calib)
     _run_quantiser(mobilenet_v2, tmp_path / "original.onnx", "static", True, calib)
-    judge, _ = _judge(onnx.load(tmp_path / "l.onnx"), pre, key)
+    judge, _ = _judge(GraphView(onnx.load(tmp_path / "l.onnx"), pre.input_shape()), key)
     opened, closed, _ = _agreement(tmp_path / "l.onnx", onnx.load(tmp_path / "clean.onnx"), pre,
                                    key_patch(key), judge, None)
     # the quantised original on the same patched photos, against the float original (= the float locked model)
