@@ -401,6 +401,27 @@ class LockSection(Record):
 
 
 @dataclasses.dataclass(frozen=True)
+class ShuffleSection(Record):
+    """A shuffle lock: the Conv whose output channels are stored out of order, and the order the patch puts back."""
+
+    layer: str = spec(Str())
+    tensor: str = spec(Str())  # the layer's output, read back in order
+    window: str = spec(Str())  # the tensor whose top-left corner the sort reads (the first Conv's input)
+    side: int = spec(Int(lo=1))
+    channels: int = spec(Int(lo=1))
+    blocks: int = spec(Int(lo=2))
+    group: int = spec(Int(lo=1))
+    order: tuple[int, ...] = spec(Ints(lo=0, min_length=2))  # σ⁻¹: the sorted corner coordinates the patch gives
+    gap: float = spec(Num(lo=0.0))  # the patch's smallest gap between consecutive sort keys, in pixel levels
+
+    def check(self, path: str) -> None:
+        if len(self.order) != self.blocks or sorted(self.order) != list(range(self.blocks)):
+            fail(f"{path}.order", f"is not an order of the {self.blocks} blocks")
+        if self.blocks * self.group > self.channels:
+            fail(f"{path}.group", f"is {self.group}: {self.blocks} blocks of it exceed the {self.channels} channels")
+
+
+@dataclasses.dataclass(frozen=True)
 class OcclusionSection(Record):
     steps: int = spec(Int(lo=0))
     kl_start: float = spec(Num())
@@ -440,20 +461,21 @@ class KeyBody(Record):
     tool_version: str = spec(ANY_STR)
     model: ModelSection = spec(Nested(ModelSection))
     preprocessing: Preprocessing = spec(Custom(_preprocessing_reader, lambda p: p.to_dict()))
-    mode: str = spec(Str(choices=("inplace", "insert", "gate")))
-    variant: str = spec(Str(choices=("non-additive", "additive", "gate", "inplace")))
+    mode: str = spec(Str(choices=("inplace", "insert", "gate", "shuffle")))
+    variant: str = spec(Str(choices=("non-additive", "additive", "gate", "inplace", "shuffle")))
     seed: int = spec(Int(lo=0))
     host: HostSection = spec(Nested(HostSection))
-    detector: DetectorSection = spec(Nested(DetectorSection))
     trigger: TriggerSection = spec(Nested(TriggerSection))
     white_box: WhiteBoxSection = spec(Nested(WhiteBoxSection))
     bound: bounds.Bound = spec(Custom(_bound_reader, lambda b: b.to_dict()))
-    calibration: CalibrationSection = spec(Nested(CalibrationSection))
+    detector: DetectorSection | None = spec(Nested(DetectorSection), optional=True)  # not a shuffle lock's
+    calibration: CalibrationSection | None = spec(Nested(CalibrationSection), optional=True)  # not a shuffle's
     signature: SignatureSection | None = spec(Nested(SignatureSection), optional=True)  # stain keys
     references: ReferencesSection | None = spec(Nested(ReferencesSection), optional=True)  # lock keys
     lock: LockSection | None = spec(Nested(LockSection), optional=True)
     occlusion: OcclusionSection | None = spec(Nested(OcclusionSection), optional=True,
-                                              write_null=lambda s: s.kind == "lock")
+                                              write_null=lambda s: s.kind == "lock" and s.mode != "shuffle")
+    shuffle: ShuffleSection | None = spec(Nested(ShuffleSection), optional=True)
     schema_version: int | None = spec(Int(), optional=True)
 
     @classmethod
@@ -480,13 +502,22 @@ class KeyBody(Record):
             if getattr(self, name) is not None:
                 fail(name, f"is not a field of a {self.kind} key")
         modes = {"stain": (("inplace", "insert"), ("non-additive", "additive")),
-                 "lock": (("gate", "inplace"), (self.mode,))}[self.kind]
+                 "lock": (("gate", "inplace", "shuffle"), (self.mode,))}[self.kind]
         if self.mode not in modes[0]:
             fail("mode", f"is {self.mode!r}, not one of {', '.join(modes[0])} (a {self.kind} key)")
         if self.variant not in modes[1]:
             fail("variant", f"is {self.variant!r}, not one of {', '.join(modes[1])} (a {self.kind} {self.mode} key)")
         if self.model.dense_shape is not None and self.model.layout is not None:
             fail("model.layout", "is not a field of a dense-output key")
+        shuffled = self.mode == "shuffle"
+        for name in ("detector", "calibration", "occlusion") if shuffled else ("detector", "calibration"):
+            if shuffled and getattr(self, name) is not None:
+                fail(name, "is not a field of a shuffle lock's key")
+            if not shuffled and getattr(self, name) is None:
+                fail(name, f"is missing (a {self.kind} {self.mode} key needs it)")
+        if shuffled != (self.shuffle is not None):
+            fail("shuffle", "is missing (a shuffle lock's key needs it)" if shuffled else
+                 f"is not a field of a {self.kind} {self.mode} key")
         self._check_detector()
         self._check_trigger()
         self._check_white_box()
@@ -495,6 +526,8 @@ class KeyBody(Record):
 
     def _check_detector(self) -> None:
         det, host = self.detector, self.host
+        if det is None:
+            return
         m = det.centre.shape[0]
         if m != host.m:
             fail("detector.centre", f"has {m} values; the host's detector reads m = {host.m}")

@@ -40,6 +40,7 @@ from .key_schema import (
     OcclusionSection,
     ReferencesSection,
     ScoreViewSection,
+    ShuffleSection,
     SignatureSection,
     SignatureTrigger,
     TriggerSection,
@@ -62,6 +63,7 @@ __all__ = [
     "OcclusionSection",
     "ReferencesSection",
     "ScoreViewSection",
+    "ShuffleSection",
     "SignatureSection",
     "SignatureTrigger",
     "TriggerSection",
@@ -144,6 +146,20 @@ class Key(KeyBody):
         if not isinstance(value, F8):
             raise KeyError(f"{section}.{name} is not an array of this key")
         return value.array()
+
+    @property
+    def feature_detector(self) -> DetectorSection:
+        """The detector section, which every key but a shuffle lock's has."""
+        if self.detector is None:
+            raise BadKeyError("a shuffle lock's key has no detector")
+        return self.detector
+
+    @property
+    def feature_calibration(self) -> CalibrationSection:
+        """The calibration section, which every key but a shuffle lock's has."""
+        if self.calibration is None:
+            raise BadKeyError("a shuffle lock's key has no calibration")
+        return self.calibration
 
     def trigger_pixels(self) -> np.ndarray:
         return self.trigger.pixels()

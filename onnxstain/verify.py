@@ -42,9 +42,10 @@ from ._onnx.inputs import image_input
 from ._onnx.io import load_model, write_bytes_atomic
 from ._stain.result import StainOptions
 from .errors import BadInputError, BadKeyError, KeyMismatchError
-from .keys import Key, WhiteBoxSection, decode_png, load_key
+from .keys import Key, ShuffleSection, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
 from .math.maps import pool_maps
+from .math.shuffle import placed_blocks
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import image_rows, run_batches, session, with_outputs
@@ -463,7 +464,7 @@ def weight_check(key: Key, model: Any, target_log10: float | None = None) -> Che
     from ._onnx.layer_rows import LayerRows, candidate_rows, row_change
     from .math import identify as ident
 
-    wb, ch, v = key.white_box, key.host.host_channel, key.detector.direction
+    wb, ch, v = key.white_box, key.host.host_channel, key.feature_detector.direction
     if key.mode != "inplace" or ch is None or v is None or wb.original_row is None or wb.channels is None:
         return Check("weights", False, False, None, None, "the key has no weight check (inserted stains, keys "
                                                            "written before it)")
@@ -493,7 +494,7 @@ def weight_check(key: Key, model: Any, target_log10: float | None = None) -> Che
 def _cross_key_bound(key: Key, n_trig: int) -> bounds.Bound:
     """Another key of the same construction may have used up to max_draws directions per detector, and carry
     as many detectors as this one: any of them firing on any of our triggers (see bounds.md §5, §8)."""
-    sig, det = key.signature, key.detector
+    sig, det = key.signature, key.feature_detector
     assert sig is not None
     if sig.kind == "multi-class":
         radii = np.concatenate([tr.trigger_radii.array().ravel() for tr in sig.triggers or ()])
@@ -567,7 +568,9 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     checks = [Check("black-box", True, bb_pass, score, 0.5,
                     f"with the patch {100 * unlocked:.0f}% of {n} reference images give {what}")]
     notes: list[str] = []
-    if has_tap:
+    if has_tap and key.shuffle is not None:
+        checks.append(_order_check(key.shuffle, res[wb_tensor], n))
+    elif has_tap:
         if res[wb_tensor].ndim > 1:
             key.check_channel(res[wb_tensor].shape[1], wb_tensor)
         fired = white_box_signal(res[wb_tensor], key.white_box)
@@ -585,9 +588,25 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     return VerifyResult(
         stained=all(c.passed for c in checks if c.available), score=score, threshold=0.5, fpr_bound=bound,
         natural_bound=bound, checks=checks, model=str(loaded.path), model_sha256=loaded.sha256,
-        key_commitment=key.commitment, notes=notes, kind="lock", tolerance=tolerance if has_tap else None,
+        key_commitment=key.commitment, notes=notes, kind="lock",
+        tolerance=tolerance if has_tap and key.shuffle is None else None,
         images=len(batch),
     )
+
+
+def _order_check(shuffle: ShuffleSection, indices: np.ndarray, n: int) -> Check:
+    """A shuffle lock's white box: the sort's indices put every block in place on each patched reference, and
+    not on any unpatched one."""
+    idx = np.asarray(indices)
+    if idx.ndim != 2 or idx.shape[1] != shuffle.blocks:
+        raise KeyMismatchError(f"the key's sort gives {shuffle.blocks} indices per image; this model's tensor gives "
+                               f"{list(idx.shape[1:])}")
+    placed = placed_blocks(idx, np.asarray(shuffle.order))
+    passed = bool((placed[:n] == shuffle.blocks).all() and (placed[n:] < shuffle.blocks).all())
+    return Check("white-box", True, passed, float(placed[:n].min()) / shuffle.blocks, 1.0,
+                 f"the patch sorts the corner into the key's order on {int((placed[:n] == shuffle.blocks).sum())}/{n} "
+                 f"patched references; unpatched ones put at most {int(placed[n:].max())} of the {shuffle.blocks} "
+                 "blocks in place")
 
 
 def _pooled_maps(values: np.ndarray, key: Key) -> np.ndarray:

@@ -19,7 +19,8 @@ from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from .dense import DenseLock
 from .job import LockJob, load_job, run_stages
-from .pipeline import ClassifierLock
+from .pipeline import ClassifierLock, lock_stages
+from .shuffle import ShuffleLock
 from .types import LockOptions, LockResult
 
 
@@ -32,9 +33,10 @@ class Locker(ModelForKeys):
                  images: str | Path | np.ndarray | None = None, progress: Progress | None = None) -> None:
         self.model = Path(model)
         self._job: LockJob = load_job(model, options or LockOptions(), preprocessing, images, progress or Silent())
-        self._stages: ClassifierLock | None = None
+        self._stages: ClassifierLock | ShuffleLock | None = None
         if self._job.head is not None:  # a dense output's lock calibrates per key (its search trims the features)
-            self._stages = ClassifierLock(self._job)
+            self._stages = lock_stages(self._job)  # type: ignore[assignment]
+            assert self._stages is not None
             self._stages.calibrate()
 
     def lock(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,

@@ -45,6 +45,7 @@ from .geometry import lock_hosts
 from .job import LockJob, prepare, run_stages, write_outputs
 from .keys import classifier_key
 from .search import search_classifier
+from .shuffle import ShuffleLock
 from .site import LockSite, classifier_host
 from .types import LockEdit, LockOptions, LockResult, PatchFound
 
@@ -69,7 +70,14 @@ def lock(
     With ``artefacts`` they are only staged there (the caller commits, :mod:`onnxstain.outputs`)."""
     job = prepare(model, output, key_path, options or LockOptions(), preprocessing, images, progress or Silent(),
                   record_path, artefacts)
-    return run_stages(job, ClassifierLock(job) if job.head is not None else DenseLock(job))
+    return run_stages(job, lock_stages(job))
+
+
+def lock_stages(job: LockJob) -> ClassifierLock | DenseLock | ShuffleLock:
+    """The stages of the job's kind of lock (they refuse what they cannot do before any work)."""
+    if job.opts.kind == "shuffle":
+        return ShuffleLock(job)
+    return ClassifierLock(job) if job.head is not None else DenseLock(job)
 
 
 class ClassifierLock:

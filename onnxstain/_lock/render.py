@@ -16,8 +16,14 @@ INT8_INPLACE = ("an in-place lock does not survive int8 quantisation (with the p
                 "model); lock with --kind gate to quantise")
 
 
+INT8_SHUFFLE = ("int8 quantisation keeps this lock (the reordered layer quantises as the original's, the sort reads "
+                "the input, and the patch's sort keys lie at least {gap:.1f} pixel levels apart)")
+
+
 def lock_lines(res: LockResult) -> list[str]:
     """What a lock job did: patch, detectors, bound, what the lock does to the model, files, time, notes."""
+    if res.kind == "shuffle":
+        return _shuffle_lines(res)
     top, left, h, w = res.patch_box
     lines = [f"[bold green]locked[/] {res.output}  ({res.kind})",
              f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {res.input_hw[0]}x"
@@ -54,3 +60,19 @@ def _effect_line(res: LockResult) -> str:
         line += (f"; Cohen's kappa {res.kappa:+.3f} (two answers: 0 when the locked answers say nothing of the "
                  "original's, -1 when they are its opposite)")
     return line
+
+
+def _shuffle_lines(res: LockResult) -> list[str]:
+    top, left, h, w = res.patch_box
+    lines = [f"[bold green]locked[/] {res.output}  (shuffle)",
+             f"  patch {h}x{w} px at top-left corner (row {top}, col {left}) of the {res.input_hw[0]}x"
+             f"{res.input_hw[1]} input: its pixels sort into the secret order",
+             f"  layer {res.host}: {res.flipped_features} output channels stored in {res.blocks} blocks out of order",
+             f"  natural: {res.natural_firings} of {res.natural_samples} calibration images put {res.threshold:.0f} or "
+             f"more blocks in place (most: {res.natural_max_score:.0f})",
+             f"  false-unlock bound per image {res.bound}",
+             f"    {res.bound.statement}",
+             _effect_line(res) + ("" if res.metric != "top-1" else "; with the patch: the original's outputs"),
+             f"  key {res.key_path} (keep it secret: it holds the patch); public record {res.record_path}",
+             "  int8: " + INT8_SHUFFLE.format(gap=res.gap or 0.0), timing_line(res.timings)]
+    return lines + [f"  note: {note}" for note in res.notes]

@@ -21,7 +21,7 @@ from ..patch import Patch
 
 @dataclasses.dataclass
 class LockOptions:
-    kind: Literal["gate", "inplace"] = "gate"
+    kind: Literal["gate", "inplace", "shuffle"] = "gate"
     layer: str | None = None
     detectors: int = 1
     fpr: float = 1e-6
@@ -64,6 +64,8 @@ class LockResult:
     kappa: float | None = None  # two answers (two classes, one logit): Cohen's kappa of the locked answers
     packed_detector: bool = False  # a packed YOLO-style output (int8 keeps its gate lock only dynamically)
     metric: str = "top-1"  # what the agreements measure: "top-1" or "correlation" (dense outputs: mean Pearson)
+    blocks: int | None = None  # a shuffle lock: the channel blocks it reorders
+    gap: float | None = None  # ... and the smallest gap between its patch's sort keys, in pixel levels
 
 
 @dataclasses.dataclass

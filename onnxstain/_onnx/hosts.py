@@ -830,6 +830,24 @@ def write_neuron(view: GraphView, host: HostLayer, channel: int, row: np.ndarray
     view.set_input_array(bias_node, bias_index, b)
 
 
+def permute_channels(view: GraphView, host: HostLayer, order: np.ndarray) -> None:
+    """Store a Conv's output channels in another order (in place): stored channel ``q`` computes what channel
+    ``order[q]`` computed (its weight row, bias, unfolded BatchNorm parameters and channel-bias ``Add``
+    entry move with it). A grouped Conv is refused: its channels read their own group's inputs."""
+    if host.op != "Conv" or host.groups != 1:
+        raise ValueError(f"{host.name}: only an ungrouped Conv's output channels can be reordered")
+    order = np.asarray(order, np.int64)
+    node, weight_name, bias_node, bias_index = _current_tensors(view, host)
+    view.set_input_array(node, 1, view.constant(weight_name)[order].copy())
+    if bias_node is not None:
+        b = view.constant(bias_node.input[bias_index])
+        view.set_input_array(bias_node, bias_index, b.reshape(-1)[order].reshape(b.shape).copy())
+    if host.batchnorm is not None:
+        bn = view.node(host.batchnorm)
+        for idx in (1, 2, 3, 4):
+            view.set_input_array(bn, idx, view.constant(bn.input[idx]).reshape(-1)[order].copy())
+
+
 def _write_through_batchnorm(view: GraphView, host: HostLayer, node: onnx.NodeProto,
                              bias_node: onnx.NodeProto | None, channel: int, row: np.ndarray, bias: float) -> bool:
     """``write_neuron`` under an unfolded BatchNorm that keeps its statistics: Conv row ``row / scale``, BN shift

@@ -146,7 +146,7 @@ def _open(original: str | Path, modified: str | Path, key_in: Key | str | Path, 
     orig, mod = load_model(original), load_model(modified)
     notes = _check_models(key, orig, mod, providers)
     host = _host_from_key(orig, key)
-    det = key.detector
+    det = key.feature_detector
     if det.direction is None or det.trigger_radii is None:
         raise BadKeyError("the key's detector.direction is missing (a stain key needs it)")
     tap = host.input
@@ -249,7 +249,7 @@ class _Tally:
     def add_detector(self, pair: _Pair, rows: slice, phi: np.ndarray) -> None:
         assert self.s_all is not None and self.r_all is not None
         key, tau = pair.key, pair.tau
-        radius = float(key.calibration.radius)
+        radius = float(key.feature_calibration.radius)
         sc, rd = detector.scores(phi, pair.v, pair.c), detector.radii(phi, pair.c)
         if not (np.abs(sc) < F32_MAX).all() or not (rd < F32_MAX).all():  # the key's centre or direction
             raise KeyMismatchError("the key's detector gives scores beyond float32 on these images; the key does "
@@ -260,8 +260,8 @@ class _Tally:
         self.img_fires[rows] = (sc > tau).any(axis=1)
         self.img_inside[rows] = (rd <= radius).all(axis=1)
         self.img_max_s[rows], self.img_max_r[rows] = sc.max(axis=1), rd.max(axis=1)
-        self.cap_sums[rows] = bounds.per_image_cap_sums(rd, float(key.detector.tau0), pair.host.m,
-                                                        draws=key.detector.max_draws)
+        self.cap_sums[rows] = bounds.per_image_cap_sums(rd, float(key.feature_detector.tau0), pair.host.m,
+                                                        draws=key.feature_detector.max_draws)
 
     def add_outputs(self, rows: slice, a: np.ndarray, b: np.ndarray) -> None:
         """``a``, ``b``: the original's and the modified model's scores of these images, flat, float64."""
@@ -348,7 +348,7 @@ def _trigger_check(pair: _Pair, providers: list[str] | None, prog: Progress) -> 
             trig_scores[which] = detector.scores(neuron_inputs(pair.host, feat, pair.group)[0], pair.v, pair.c)
         rep = verify(pair.mod.path, key, providers=providers)
         rep_orig = verify(pair.orig.path, key, providers=providers)
-    key_trig = key.detector.trigger_scores.array()
+    key_trig = key.feature_detector.trigger_scores.array()
     s_mod, s_orig = trig_scores["modified"], trig_scores["original"]
     if s_mod is not None and np.abs(s_mod - key_trig).max() > 1e-3 * max(1.0, tau):
         pair.notes.append(f"the trigger's detector scores in MODIFIED differ from those recorded in the key by up "
@@ -425,7 +425,7 @@ def _detector_stats(pair: _Pair, tally: _Tally, photo_of: np.ndarray, names: lis
 
 def _coverage(pair: _Pair, tally: _Tally, photo_of: np.ndarray, n_photos: int) -> Coverage:
     assert tally.s_all is not None and tally.r_all is not None
-    radius = float(pair.key.calibration.radius)
+    radius = float(pair.key.feature_calibration.radius)
     photo_out = np.bincount(photo_of, weights=~tally.img_inside, minlength=n_photos) > 0
     r_max = float(tally.img_max_r.max())
     return Coverage(radius=radius, samples_inside=tally.inside_samples / tally.s_all.size,

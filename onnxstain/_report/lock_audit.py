@@ -44,6 +44,7 @@ from ..features import neuron_inputs
 from ..keys import Key
 from ..math import bounds
 from ..math.agreement import chance_agreement, cohen_kappa
+from ..math.shuffle import placed_blocks
 from ..patch import Patch, paste_pixels
 from ..preprocess import Preprocessing
 from ..progress import Progress, Silent
@@ -147,7 +148,7 @@ class _Setup:
     lck: Any
     pre: Preprocessing
     patch: Patch
-    host: Any  # the detector's HostLayer in the original model
+    host: Any  # the detector's HostLayer in the original model (None: a shuffle lock, which has no detector)
     o_sess: Any
     l_sess: Any
     o_scores: str
@@ -176,15 +177,20 @@ def _setup(original: str | Path, locked: str | Path, key: Key, providers: list[s
     for loaded, which in ((orig, "original"), (lck, "locked")):
         refuse_nonfinite(loaded, pre, providers, f"the {which} model")
     patch = key_patch(key)
-    host = _lock_host_from_key(orig, key, pre)
+    host = None if key.shuffle is not None else _lock_host_from_key(orig, key, pre)
     o_scores = scores_output(GraphView(orig.model), key.model.scores, "original")
     lview = GraphView(lck.model)
     l_scores = scores_output(lview, key.model.scores, "locked")
     fired = key.white_box.tensor
     has_fired = fired in lview.producer
-    o_sess = session(with_outputs(orig.model, [host.input]), providers)
+    o_sess = session(with_outputs(orig.model, [host.input]) if host is not None else orig.model, providers)
     l_sess = session(with_outputs(lck.model, [fired]) if has_fired else lck.model, providers)
-    det = key.detector
+    if key.shuffle is not None:  # no detector: the "score" is the blocks an image's corner puts in place
+        return _Setup(orig=orig, lck=lck, pre=pre, patch=patch, host=None, o_sess=o_sess, l_sess=l_sess,
+                      o_scores=o_scores, l_scores=l_scores, l_outputs=[l_scores] + ([fired] if has_fired else []),
+                      has_fired=has_fired, dirs=np.zeros((0, 1)), centre=np.zeros(1),
+                      tau0=float(key.bound.params["placed"]), notes=notes)
+    det = key.feature_detector
     if det.directions is None:
         raise BadInputError("the key's detector.directions is missing (a lock key needs it)")
     return _Setup(orig=orig, lck=lck, pre=pre, patch=patch, host=host, o_sess=o_sess, l_sess=l_sess,
@@ -235,18 +241,20 @@ def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, A
             rows = slice(start, stop)
             clean = pixels[rows]
             patched = paste_pixels(clean, st.patch)
-            o_clean = run_batches(st.o_sess, pre.to_input(clean), [st.o_scores, st.host.input], batch=batch)
+            o_clean = run_batches(st.o_sess, pre.to_input(clean),
+                                  [st.o_scores] + ([st.host.input] if st.host is not None else []), batch=batch)
             o_patch = run_batches(st.o_sess, pre.to_input(patched), [st.o_scores], batch=batch)[st.o_scores]
             o_patch = image_rows(o_patch, st.o_scores, stop - start)
             ref = image_rows(o_clean[st.o_scores], st.o_scores, stop - start)
             tally.orig_patch[rows] = match(o_patch, ref)
             tally.reference.append(match.answers(ref))
-            phi = neuron_inputs(st.host, o_clean[st.host.input]).astype(np.float64)
-            if det_pos is not None:  # a detector reading one position's window only (dense-output gate locks)
-                phi = phi[:, np.asarray(det_pos, dtype=int)]
-            proj = np.einsum("npm,dm->ndp", phi, st.dirs) - (st.dirs @ st.centre)[None, :, None]
-            tally.s_weak[rows] = proj.min(axis=1)
-            tally.radii[rows] = np.linalg.norm(phi - st.centre, axis=-1)
+            if st.host is not None:
+                phi = neuron_inputs(st.host, o_clean[st.host.input]).astype(np.float64)
+                if det_pos is not None:  # a detector reading one position's window only (dense-output gate locks)
+                    phi = phi[:, np.asarray(det_pos, dtype=int)]
+                proj = np.einsum("npm,dm->ndp", phi, st.dirs) - (st.dirs @ st.centre)[None, :, None]
+                tally.s_weak[rows] = proj.min(axis=1)
+                tally.radii[rows] = np.linalg.norm(phi - st.centre, axis=-1)
             inputs = {"no patch": clean, "patch": patched} | {k: fn(clean) for k, (_, fn) in wrong.items()}
             for name, x in inputs.items():
                 got = run_batches(st.l_sess, pre.to_input(x), st.l_outputs, batch=batch)
@@ -256,7 +264,12 @@ def _run(st: _Setup, key: Key, pixels: np.ndarray, wrong: dict[str, tuple[str, A
                                         f"gives {ref.shape[1]}")
                 tally.vs_clean[name][rows] = match(scores, ref)
                 tally.answers[name].append(match.answers(scores))
-                if st.has_fired:
+                if st.has_fired and key.shuffle is not None:
+                    placed = placed_blocks(got[st.l_outputs[1]], np.asarray(key.shuffle.order))
+                    tally.gate[name][rows] = placed == key.shuffle.blocks  # open: every block in place
+                    if name == "no patch":
+                        tally.s_weak[rows, 0] = placed
+                elif st.has_fired:
                     tally.gate[name][rows] = white_box_signal(got[st.l_outputs[1]], key.white_box)
                 if name == "patch":
                     tally.same_patched[rows] = match(scores, o_patch)
@@ -323,7 +336,7 @@ def audit_lock(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     st = _setup(original, locked, key, providers)
-    notes, det = st.notes, key.detector
+    notes = st.notes
     d = int(st.dirs.shape[0])
     timings["load"] = time.perf_counter() - t0
 
@@ -339,7 +352,7 @@ def audit_lock(
     t2 = time.perf_counter()
     match = OutputMatch(key, decision_threshold(GraphView(st.orig.model), st.o_scores))
     det_pos = key.host.detector_positions
-    positions = len(det_pos) if det_pos is not None else st.host.positions
+    positions = 1 if st.host is None else len(det_pos) if det_pos is not None else st.host.positions
     tally = _run(st, key, pixels, wrong, match, positions, prog, batch)
     timings["pass"] = time.perf_counter() - t2
 
@@ -351,21 +364,26 @@ def audit_lock(
         notes.append(f"the JPEG-re-encoded patch opens the lock, at least partly, on {100 * jpeg.unlocked:.1f}% "
                      f"of images (mean gate {jpeg.mean_gate:.2f} of 1): JPEG keeps enough of the patch for its "
                      "detectors to pass their margin; give images to the locked model losslessly")
-    fires = tally.s_weak > st.tau0
+    # a shuffle lock's natural "firing": an image whose corner puts the bound's count of blocks in place
+    fires = tally.s_weak >= st.tau0 if st.host is None else tally.s_weak > st.tau0
     firings = NaturalFirings(detectors=d, positions=positions, samples=int(fires.size), firings=int(fires.sum()),
                              images_firing=int(fires.any(axis=1).sum()), max_weakest_score=float(tally.s_weak.max()),
                              threshold=st.tau0)
-    cap_sums = bounds.per_image_cap_sums(tally.radii, st.tau0, st.host.m, detectors=d, draws=det.max_draws)
+    data_bound: bounds.Bound | None = None  # a shuffle lock's key bound holds for every input (data-free)
+    if st.host is not None:
+        det = key.feature_detector
+        cap_sums = bounds.per_image_cap_sums(tally.radii, st.tau0, st.host.m, detectors=d, draws=det.max_draws)
+        data_bound = bounds.data_driven_bound(cap_sums, CONFIDENCE)
     k_fire = firings.images_firing
     upper = bounds.radius_exceedance_bound(k_fire, n, CONFIDENCE)
     timings["total"] = time.perf_counter() - t0
     orig, lck, patch = st.orig, st.lck, st.patch
     return LockAuditResult(
         original=str(orig.path), locked=str(lck.path), original_sha256=orig.sha256, locked_sha256=lck.sha256,
-        key_commitment=key.commitment, lock_kind=key.mode, host=st.host.name,
+        key_commitment=key.commitment, lock_kind=key.mode, host=key.host.name if st.host is None else st.host.name,
         patch_box=(patch.top, patch.left, patch.height, patch.width), classes=k, chance=chance, images=info,
         centre_crops=int(centre_mask.sum()) if has_centre else 0, conditions=conditions, firings=firings,
-        key_bound=key.bound, data_driven_bound=bounds.data_driven_bound(cap_sums, CONFIDENCE), measured_upper=upper,
+        key_bound=key.bound, data_driven_bound=data_bound, measured_upper=upper,
         measured_statement=clopper_statement(k_fire, n, "image", upper), notes=notes, timings=timings,
         metric=match.metric)
 

@@ -46,6 +46,8 @@ def render(res: LockAuditRecord) -> str:
                     f"<td class='num'>{opened}</td><td>{html.escape(c.expect)} {status}</td></tr>")
     f = res.firings
     fire = "" if f is None else (
+        f"<p>{html.tag('measured')} {f.firings} of {f.samples} clean images put {f.threshold:.0f} or more of the "
+        f"shuffled blocks in place (most: {f.max_weakest_score:.0f}).</p>") if f.detectors == 0 else (
         f"<p>{html.tag('measured')} {f.firings} firings over {f.samples} image×position samples of clean images "
         f"({f.detectors} detector(s) that must all fire; weakest-detector maximum {f.max_weakest_score:.4g} "
         f"against the margin τ = {f.threshold:.4g}).</p>")

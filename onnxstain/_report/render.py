@@ -118,7 +118,10 @@ def lock_audit_lines(res: LockAuditResult) -> list[str]:
         lines.append(f"  {ok} {c.name:<20} agreement {100 * c.agreement:6.2f}%{kappa}{extra}{opened}{delta}  "
                      f"(expect {c.expect})")
     f = res.firings
-    if f is not None:
+    if f is not None and f.detectors == 0:  # a shuffle lock: blocks each clean image's corner puts in place
+        lines.append(f"  measured: {f.firings} of {f.samples} clean images put {f.threshold:.0f} or more of the blocks "
+                     f"in place (most: {f.max_weakest_score:.0f})")
+    elif f is not None:
         lines.append(f"  measured: {f.firings} firings / {f.samples} image×position samples of clean images "
                      f"(weakest-detector max {f.max_weakest_score:.4g} vs τ = {f.threshold:.4g})")
     lines.append(f"  bound: false unlock per image (key) {res.key_bound}")

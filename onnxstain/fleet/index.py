@@ -35,12 +35,12 @@ class IndexEntry:
 
     @classmethod
     def of(cls, key: Key, source_path: str | None = None) -> IndexEntry:
-        if key.kind != "stain" or key.detector.direction is None:
+        if key.kind != "stain" or key.feature_detector.direction is None:
             raise BadInputError("the identification index holds stain keys (one detector direction)")
         channel = key.host.host_channel if key.mode == "inplace" else None
         return cls(source_sha256=key.model.source_sha256, mode=key.mode, variant=key.variant, host=key.host.name,
                    host_op=key.host.op, m=key.host.m, channel=channel,
-                   direction=key.detector.direction.array().astype(np.float64), source_path=source_path)
+                   direction=key.feature_detector.direction.array().astype(np.float64), source_path=source_path)
 
     def to_bytes(self) -> bytes:
         head = {"format": INDEX_FORMAT, "version": INDEX_VERSION, "source_sha256": self.source_sha256,

@@ -1,0 +1,49 @@
+"""Where the shuffle lock reorders channels (ONNX facts, no math).
+
+The layer must be a **cut** of the graph: every path from the image to the protected output passes through
+its output, so no skip connection carries the unshuffled signal around it (a residual block's own Conv is not
+one: MobileNetV2 still agreed 68 % with its shuffled `features.10` projection). Among the ungrouped Convs that
+are cuts and have enough channels for the bound, the one in the middle of the network (by depth) is chosen:
+deep enough that the first layers' features do not single the blocks out, early enough that a search over the
+order has the rest of the network to run for every guess.
+"""
+
+from __future__ import annotations
+
+from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer
+
+_NO_VALUES = {"Shape", "Size"}  # outputs that carry no pixel value (an exporter's dynamic reshapes read them)
+
+
+def is_cut(view: GraphView, tensor: str, outputs: list[str]) -> bool:
+    """Whether every path from the graph's inputs to ``outputs`` passes through ``tensor``."""
+    reached = {i.name for i in view.graph_inputs}
+    for node in view.graph.node:  # topological order
+        if node.op_type in _NO_VALUES:
+            continue
+        if any(i in reached for i in node.input if i) and tensor not in node.output:
+            reached.update(o for o in node.output if o)
+    return not any(o in reached for o in outputs)
+
+
+def shuffle_layers(view: GraphView, hosts: list[HostLayer], outputs: list[str], min_channels: int,
+                   first: HostLayer | None) -> list[HostLayer]:
+    """The layers the shuffle can reorder, shallowest first: ungrouped Convs with at least ``min_channels``
+    output channels, past the image's first Conv ``first``, whose output is a cut before ``outputs`` and is
+    not itself a graph output."""
+    found = []
+    for h in sorted(hosts, key=lambda h: h.depth):
+        if (h.op != "Conv" or h.groups != 1 or h.out_channels < min_channels or h.output in view.output_names
+                or (first is not None and h.name == first.name)):
+            continue
+        if is_cut(view, h.output, outputs):
+            found.append(h)
+    return found
+
+
+def choose_shuffle_layer(layers: list[HostLayer], name: str | None = None) -> HostLayer | None:
+    """``name`` when given (None if it is not one of ``layers``), else the middle one by depth."""
+    if name is not None:
+        return next((h for h in layers if h.name == name), None)
+    return layers[len(layers) // 2] if layers else None
