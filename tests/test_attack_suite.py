@@ -100,3 +100,22 @@ def test_prune_top_column_cuts_the_in_place_stain_from_the_outputs_not_from_the_
 def test_detection_row_names_the_model(marked):
     d, _ = marked
     assert attack_suite.detection("tiny", "stain-inplace", d / "model.onnx", d / "stain.onnx").model == "tiny"
+
+
+def test_the_shuffle_lock_has_no_gate_to_bypass_and_its_pinned_order_is_what_opens_it(marked):
+    """The bypass search now tries every gather too: skipping the shuffle lock's reordering leaves the stored
+    (shuffled) layer, still locked. The order search pins the sort's indices: with the key's own order pinned
+    the model opens (the attack's plumbing is right); its row reports what its budget found."""
+    d, ev = marked
+    onnxstain.lock(d / "model.onnx", d / "shuffle.onnx", d / "shuffle.key", images=smooth_images(96, size=SIZE, seed=1),
+                   options=LockOptions(kind="shuffle", seed=0))
+    key = load_key(d / "shuffle.key")
+    ev.ctx.key = key
+    bypass = ev.bypass("lock-shuffle", d / "shuffle.onnx", key)
+    assert bypass.survives is True and bypass.agreement is not None and bypass.agreement < 0.5
+    assert "GatherElements" in bypass.cost, bypass.cost
+    pinned = attack_suite.pin_order(onnx.load(d / "shuffle.onnx"), np.asarray(key.shuffle.order))
+    assert np.mean(attack_suite.top1(pinned, ev.x) == ev.want) == 1.0
+    found = attack_suite.order_search(d / "shuffle.onnx", ev.ctx, 1.0, np.random.default_rng(0))
+    assert found is not None and "orders tried" in found[1]
+    assert ev.patch_from_weights("lock-shuffle", d / "shuffle.onnx", key).detail.startswith("n/a")

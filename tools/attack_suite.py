@@ -3,7 +3,7 @@
 For each model (``--models``, names from ``models/corpus.py``) and each mark (``--marks``: ``stain-inplace``
 and ``stain-insert`` with the default settings (in place the default is the additive variant where the
 route allows it), ``stain-additive`` and ``stain-overwrite`` (in place, hidden in a working neuron /
-overwriting one), ``lock-gate`` — the default lock — and ``lock-inplace``),
+overwriting one), ``lock-gate`` — the default lock —, ``lock-inplace`` and ``lock-shuffle``),
 the mark is made once with ``--seed``; then every attack of ``--attacks`` is applied to the marked model
 (and, for the toolchain and weight attacks, to the original, so that the attacked model is compared with the
 attacked original). One interface for every attack (:class:`Attack`): a name, a family and a function
@@ -22,10 +22,12 @@ Families:
   1e-2 on 64 photos labelled with the original's top-1: a thief with a small labelled set);
 - **removal** — a thief's edits aimed at a mark, from the graph alone: zero the classifier column with
   the largest norm (the in-place stain's signature column stands out), reset the classifier bias to
-  its median (the in-place lock's disruption), bypass each of the last Mul/Add nodes in turn (an
-  inserted branch or gate: the best candidate is reported, with how many were tried), and, for a lock
-  whose detector reads a pixel window through a ``Slice`` of the input, the patch read off the
-  detector's weights (sign → 0/255);
+  its median (the in-place lock's disruption), bypass each of the last Mul/Add nodes and every gather in
+  turn (an inserted branch, gate or reordering: the best candidate is reported, with how many were tried),
+  for a lock whose detector reads a pixel window through a ``Slice`` of the input, the patch read off the
+  detector's weights (sign → 0/255), and for a lock whose order comes from a sort of the input (the
+  shuffle lock), a search of the order pinned in place of the sort (:func:`order_search`: swaps kept
+  when they lower the cross-entropy on the 64 labelled photos, for ``ORDER_SEARCH_SECONDS``);
 - **detection** — how the marked model gives itself away: the rank of the mark's slices among their
   tensor's slices on robust z-scores (:mod:`onnxstain.math.outliers`: norm, max |w|, max/median of rows
   and columns, bias value both ways). The mark's slices: where an edit concentrates (slices changed by
@@ -74,7 +76,8 @@ from onnxstain.runtime import run_batches, session, with_outputs  # noqa: E402
 from onnxstain.verify import key_patch, key_triggers  # noqa: E402
 
 DEFAULT_MODELS = ("mobilenet_v2", "rapidocr_cls", "efficientnet_lite0_dynamo")
-MARKS = ("stain-inplace", "stain-insert", "stain-additive", "stain-overwrite", "lock-gate", "lock-inplace")
+MARKS = ("stain-inplace", "stain-insert", "stain-additive", "stain-overwrite", "lock-gate", "lock-inplace",
+         "lock-shuffle")
 DEFAULT_MARKS = ("stain-inplace", "stain-insert", "lock-gate")
 WEIGHT_OPS = {"Conv": 1, "Gemm": 1, "MatMul": 1}  # op → index of its weight input
 
@@ -161,16 +164,18 @@ def _int8_dynamic(per_channel: bool) -> Callable[[Path, Path, Context], str]:
 
 def _int8_static(per_channel: bool, keyed: bool = False) -> Callable[[Path, Path, Context], str]:
     """Static QDQ int8. ``keyed``: calibrated as ``onnxstain quantize`` does with the key: a lock's patch on
-    every other calibration image (the quantiser must see the gate open to keep its range), a stain's
-    triggers added (its detector's firing must lie inside the ranges)."""
+    every other calibration image (the quantiser must see the gate open to keep its range; a shuffle lock's on
+    every image, its unpatched activations being scrambled), a stain's triggers added (its detector's firing
+    must lie inside the ranges)."""
     def apply(src: Path, dst: Path, ctx: Context) -> str:
         from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
         name = onnx.load(src, load_external_data=False).graph.input[0].name
         pixels = ctx.calibration
+        every = 1 if ctx.key.shuffle is not None else 2
         if keyed and ctx.key.kind == "lock":
             pixels = pixels.copy()
-            pixels[::2] = paste_pixels(pixels[::2], key_patch(ctx.key))
+            pixels[::every] = paste_pixels(pixels[::every], key_patch(ctx.key))
         elif keyed:
             pixels = np.concatenate([pixels, key_triggers(ctx.key)])
         x = ctx.inputs(pixels)
@@ -185,7 +190,8 @@ def _int8_static(per_channel: bool, keyed: bool = False) -> Callable[[Path, Path
 
         quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
-        keyed_text = ", every other one patched" if ctx.key.kind == "lock" else " and the triggers"
+        keyed_text = (" and the triggers" if ctx.key.kind != "lock" else ", every one patched" if every == 1 else
+                      ", every other one patched")
         return f"{len(x)} calibration images" + (keyed_text if keyed else "")
     return apply
 
@@ -330,12 +336,14 @@ class NotApplicable(Exception):
 
 
 def _bypass_candidates(model: onnx.ModelProto, last: int = 24) -> list[tuple[int, int]]:
-    """(node index, input index) pairs: replace the output of one of the last Mul/Add nodes by an input."""
+    """(node index, input index) pairs: replace the output of one of the last Mul/Add nodes by an input, or of
+    any gather (a reordering, wherever it sits) by the tensor it reorders."""
     inits = set(tensor_protos(model))
     out = []
-    for i in range(max(0, len(model.graph.node) - last), len(model.graph.node)):
-        node = model.graph.node[i]
-        if node.op_type in ("Mul", "Add") and len(node.input) == 2:
+    for i, node in enumerate(model.graph.node):
+        if node.op_type in ("GatherElements", "GatherND") and node.input[0] not in inits:
+            out.append((i, 0))
+        elif (i >= len(model.graph.node) - last and node.op_type in ("Mul", "Add") and len(node.input) == 2):
             out += [(i, k) for k in range(2) if node.input[k] not in inits]
     return out
 
@@ -426,8 +434,67 @@ REMOVAL = [
     Attack("bias-median", "removal", _bias_median),
 ]
 ATTACKS = {a.name: a for a in TOOLCHAIN + WEIGHTS + REMOVAL}
-SEARCHES = ("bypass", "patch-from-weights")  # removal attacks that search over candidates
+SEARCHES = ("bypass", "patch-from-weights", "order-search")  # removal attacks that search over candidates
+ORDER_SEARCH_SECONDS = 300.0  # the order search's budget (tools/README.md: 600 s on MobileNetV2's tail alone)
 DETECTION = ("detection",)
+
+
+PINNED = "pinned_order"
+
+
+def pin_order(model: onnx.ModelProto, order: np.ndarray | None) -> onnx.ModelProto:
+    """``model`` with its sort's indices (the first ``TopK``'s second output) replaced by ``order`` for every
+    image, or by a graph input ``pinned_order`` ``[N, K]`` when ``order`` is None."""
+    topk = next(n for n in model.graph.node if n.op_type == "TopK")
+    edited = onnx.ModelProto()
+    edited.CopyFrom(model)
+    if order is None:
+        k = int(numpy_helper.to_array(tensor_protos(model)[topk.input[1]]).reshape(-1)[0])
+        edited.graph.input.append(onnx.helper.make_tensor_value_info(PINNED, onnx.TensorProto.INT64, ["N", k]))
+    else:
+        edited.graph.initializer.append(numpy_helper.from_array(np.asarray(order, np.int64)[None], PINNED))
+    for n in edited.graph.node:
+        n.input[:] = [PINNED if i == topk.output[1] else i for i in n.input]
+    return edited
+
+
+def order_search(marked: Path, ctx: Context, seconds: float, rng: np.random.Generator
+                 ) -> tuple[onnx.ModelProto, str] | None:
+    """Against a lock whose order comes from a sort of the input (``TopK``): pin the sort's indices to an order
+    of the attacker's choosing and search it on the thief's labelled photos (the calibration photos with the
+    original's top-1, as the fine-tuning attacks use): random swaps of two blocks, kept when the cross-entropy
+    falls, for ``seconds``. The model with the best order pinned, and what the search did; None without a sort."""
+    model = onnx.load(marked)
+    topk = next((n for n in model.graph.node if n.op_type == "TopK"), None)
+    if topk is None or ctx.labels is None or int(ctx.key.model.classes) < 2:  # a one-score head: no cross-entropy
+        return None
+    k = int(numpy_helper.to_array(tensor_protos(model)[topk.input[1]]).reshape(-1)[0])
+    sess = session(pin_order(model, None))
+    image = sess.get_inputs()[0].name
+    x, labels = ctx.inputs(ctx.calibration), ctx.labels
+
+    def loss(order: np.ndarray) -> float:
+        chunks = [x[i:i + 16] for i in range(0, len(x), 16)]
+        z = np.concatenate([sess.run(None, {image: c, PINNED: np.tile(order, (len(c), 1))})[0]
+                            for c in chunks]).astype(np.float64).reshape(len(x), -1)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(x)), labels].mean())
+
+    order = np.arange(k)
+    best, tried, kept, t0 = loss(order), 0, 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        i, j = rng.choice(k, 2, replace=False)
+        order[[i, j]] = order[[j, i]]
+        value = loss(order)
+        tried += 1
+        if value < best:
+            best, kept = value, kept + 1
+        else:
+            order[[i, j]] = order[[j, i]]
+    placed = int((order == np.asarray(ctx.key.shuffle.order)).sum()) if ctx.key.shuffle is not None else -1
+    return pin_order(model, order), (f"{tried} orders tried in {seconds:.0f} s, {kept} swaps kept; {placed} of {k} "
+                                     "blocks in place (the key's order; start: the identity)")
 
 
 # -- marks --------------------------------------------------------------------------------------------
@@ -565,6 +632,18 @@ class Evaluator:
         return Row(self.name, mark, "bypass", "removal", survives, best, None, detail=detail, cost=cost,
                    seconds=time.perf_counter() - t0)
 
+    def order_search(self, mark: str, marked: Path, key: Key) -> Row:
+        t0 = time.perf_counter()
+        self.ctx.key = key
+        found = order_search(marked, self.ctx, ORDER_SEARCH_SECONDS, np.random.default_rng(self.seed))
+        if found is None:
+            return Row(self.name, mark, "order-search", "removal", True, None, None, detail="n/a: no sort to pin")
+        model, cost = found
+        opened = float(np.mean(top1(model, self.x) == self.want))
+        return Row(self.name, mark, "order-search", "removal", opened <= self._chance(key) + 0.02, opened, None,
+                   detail=f"the best order found opens {100 * opened:.1f}% of the held-out views", cost=cost,
+                   seconds=time.perf_counter() - t0)
+
     def patch_from_weights(self, mark: str, marked: Path, key: Key) -> Row:
         t0 = time.perf_counter()
         patch = patch_from_weights(marked, self.ctx)
@@ -693,6 +772,10 @@ def run_model(name: str, marks: list[str], attacks: list[str], views: int, seed:
                 if not mark.startswith("lock"):
                     continue
                 row = ev.patch_from_weights(mark, marked, key)
+            elif attack == "order-search":
+                if mark != "lock-shuffle":
+                    continue
+                row = ev.order_search(mark, marked, key)
             else:
                 row = ev.run(mark, marked, key, ATTACKS[attack])
             rows.append(row)

@@ -16,8 +16,10 @@ INT8_INPLACE = ("an in-place lock does not survive int8 quantisation (with the p
                 "model); lock with --kind gate to quantise")
 
 
-INT8_SHUFFLE = ("int8 quantisation keeps this lock (the reordered layer quantises as the original's, the sort reads "
-                "the input, and the patch's sort keys lie at least {gap:.1f} pixel levels apart)")
+INT8_SHUFFLE = ("dynamic int8 keeps this lock as it is; for static int8 use `onnxstain quantize`, which calibrates "
+                "with the patch on every image (unpatched, the layers past the reordering see scrambled activations: "
+                "onnxruntime's static quantiser calibrated on clean photos kept MobileNetV2's unlocked model at 90 % "
+                "of the quantised original, against 99 %); the patch's sort keys lie {gap:.1f} pixel levels apart")
 
 
 def lock_lines(res: LockResult) -> list[str]:

@@ -46,7 +46,7 @@ from ..runtime import run_batches, session, with_outputs
 from ..signature import lock_agreement
 from .edit import classifier_agreement, detection_agreement, two_answer_kappa
 from .job import LockJob, write_outputs
-from .shuffle_site import choose_shuffle_layer, shuffle_layers
+from .shuffle_site import choose_shuffle_layer, read_point, shuffle_layers
 from .types import LockResult
 from .window import WindowProbe, pixel_conv, probe_window
 
@@ -153,7 +153,8 @@ class ShuffleLock:
     def edit(self) -> None:
         job, head, layer = self.job, self.head, self.layer
         stored = shuffle_math.channel_order(self.sigma, self.group, layer.out_channels)
-        done = insert_shuffle(job.loaded.model, layer, self.first.input, SIDE, self.blocks, self.group, stored)
+        done = insert_shuffle(job.loaded.model, layer, read_point(layer), self.first.input, SIDE, self.blocks,
+                              self.group, stored)
         assert done.signal is not None
         self.locked, self.signal = done.model, done.signal
         if head.detection:
@@ -239,7 +240,7 @@ class ShuffleLock:
                              agreement_metric="anchor mAP" if head.detection else None),
             bound=self.bound,
             calibration=None,
-            shuffle=ShuffleSection(layer=layer.name, tensor=layer.output, window=self.first.input, side=SIDE,
+            shuffle=ShuffleSection(layer=layer.name, tensor=read_point(layer), window=self.first.input, side=SIDE,
                                    channels=layer.out_channels, blocks=self.blocks, group=self.group,
                                    order=tuple(int(i) for i in shuffle_math.gather_order(self.sigma)),
                                    gap=float(self.gap)),

@@ -26,19 +26,19 @@ from .result import PassResult, result
 MIN_OPSET = 11  # GatherElements, TopK with k as an input
 
 
-def insert_shuffle(model: onnx.ModelProto, producer: HostLayer, window: str, side: int, blocks: int, group: int,
-                   stored: np.ndarray) -> PassResult:
+def insert_shuffle(model: onnx.ModelProto, producer: HostLayer, target: str, window: str, side: int, blocks: int,
+                   group: int, stored: np.ndarray) -> PassResult:
     """Reorder ``producer``'s output channels as ``stored`` (stored channel ``q`` is original channel
-    ``stored[q]``) and read them back through the sort of ``blocks`` values of ``window``'s top-left
-    ``side × side`` corner (``[N, c, H, W]``, c-major). The result's ``signal`` is the sort's indices
-    ``[N, K]`` (what the white-box check reads)."""
+    ``stored[q]``) and read them back at ``target`` (its output, or after an activation that treats every
+    channel alike) through the sort of ``blocks`` values of ``window``'s top-left ``side × side`` corner
+    (``[N, c, H, W]``, c-major). The result's ``signal`` is the sort's indices ``[N, K]`` (what the white-box
+    check reads)."""
     b = NodeBuilder(model)
     view: GraphView = b.view
     if b.opset < MIN_OPSET:
         raise ValueError(f"the shuffle lock needs opset {MIN_OPSET} or later (the model has {b.opset})")
     channels = producer.out_channels
     permute_channels(view, producer, stored)
-    target = producer.output
     node, fresh = b.repoint(target)
     corner = b.slice_hw(window, [0, 0], [side, side])
     flat = b.node("Reshape", [corner, b.const(np.array([0, -1]), "onnx::Reshape_shape", np.int64)])
