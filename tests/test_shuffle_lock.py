@@ -24,6 +24,7 @@ from onnxstain.errors import BadKeyError, UnsupportedModelError
 from onnxstain.keys import Key, load_key
 from onnxstain.math import shuffle as sm
 from onnxstain.naturalset import natural_images
+from onnxstain.passes.shuffle import insert_shuffle
 from onnxstain.patch import paste_pixels
 from onnxstain.runtime import session
 from onnxstain.verify import key_patch
@@ -70,6 +71,25 @@ def test_the_placement_bound_is_one_over_k_factorial_and_holds_for_a_uniform_ord
         assert (placed >= k).mean() <= sm.placement_bound(8, k).value + 0.01
     assert sm.blocks_for(1e-6, 75) == 19  # half of 19, rounded up, is 10: 10! > 1e6 > 9!
     assert sm.blocks_for(1e-300, 75) == 76  # none of 75 keys reaches it
+
+
+# -- the pass ------------------------------------------------------------------------------------------
+def test_the_pass_stores_the_layer_reordered_and_a_flat_corner_reads_it_in_stored_order():
+    """A flat corner ties every sort key: TopK gives the indices in order, the gather reads the stored order.
+    With the stored order the identity the model is the original; with a reversed one it is not."""
+    model = tiny_lockable()
+    view = GraphView(model, (1, 3, SIZE, SIZE))
+    layer = next(h for h in find_hosts(model, view) if h.name == "/conv4/Conv")
+    x = np.zeros((2, 3, SIZE, SIZE), np.float32)
+    x[:, :, 8:, 8:] = np.random.default_rng(0).normal(size=(2, 3, SIZE - 8, SIZE - 8))
+    want = _scores(model, x)
+    same = insert_shuffle(model, layer, layer.act_output, "input", 5, 16, 2, np.arange(32))
+    assert {n.op_type for n in onnx.load_from_string(same.model.SerializeToString()).graph.node} >= {
+        "TopK", "GatherElements"}
+    np.testing.assert_allclose(_scores(same.model, x), want, rtol=1e-5, atol=1e-5)  # a fused kernel split: rounding
+    reversed_ = insert_shuffle(model, layer, layer.act_output, "input", 5, 16, 2, np.arange(32)[::-1].copy())
+    assert not np.allclose(_scores(reversed_.model, x), want)
+    assert onnx.load_from_string(model.SerializeToString()) == model  # the input model is left alone
 
 
 # -- the lock on tiny models ---------------------------------------------------------------------------

@@ -627,7 +627,7 @@ class Evaluator:
             detail = (f"{len(survivors)} bypasses keep ≥ 99% of the marked model's top-1 on the thief's photos; "
                       f"the stain survives {sum(survivors)} of them")
         else:
-            survives = best < 0.5
+            survives = best < max(0.5, self._chance(key) + 0.1)  # a two-class model agrees half the time by chance
             detail = f"best bypass agrees {100 * best:.1f}% with the original (oracle choice)"
         return Row(self.name, mark, "bypass", "removal", survives, best, None, detail=detail, cost=cost,
                    seconds=time.perf_counter() - t0)

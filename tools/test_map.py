@@ -26,6 +26,7 @@ INTEGRATION: dict[str, tuple[tuple[str, ...], str]] = {
     "_version": (("test_key_schema.py",), "every key records the tool_version it reads"),
     "model_keys": (("test_fleet.py", "test_fleet_lock.py"), "the Stainer and the Locker share it; issue reads it"),
     "_lock.dense": (("test_vit_tiny.py",), "the dense gate lock of the tiny ViT encoder"),
+    "_lock.shuffle": (("test_shuffle_lock.py", "test_attack_suite.py"), "every shuffle lock job runs its stages"),
     "_lock.calibration": (("test_lock_tiny.py", "test_lock_stages.py"), "every lock job calibrates through it"),
     "_lock.keys": (("test_lock_tiny.py", "test_key_schema.py"), "lock keys written and read back"),
     "math.trigger": (("test_stain_tiny.py", "test_lock_tiny.py"), "trigger ascent and the occlusion refinement"),

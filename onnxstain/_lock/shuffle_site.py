@@ -29,9 +29,9 @@ def is_cut(view: GraphView, tensor: str, outputs: list[str]) -> bool:
 
 def read_point(host: HostLayer) -> str:
     """The tensor the reordering is read back at: after the layer's activation when that activation treats every
-    channel alike (it commutes with the order), so that a static int8 quantiser still sees the layer and its
-    activation as one (its Conv + ReLU pattern; a reordering in between cost MobileNetV2 8–14 points of top-1
-    against the quantised original); else the layer's own output (a PReLU's slopes are per channel)."""
+    channel alike (it commutes with the order), so that the layer and its activation stay one pattern for
+    onnxruntime's fusions and a static quantiser's Conv + activation pairs; else the layer's own output (a
+    PReLU's slopes are per channel)."""
     if host.act_output is not None and host.activation != "prelu":
         return host.act_output
     return host.output
