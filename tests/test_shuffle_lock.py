@@ -300,3 +300,10 @@ def test_onnxstain_quantize_keeps_a_shuffle_lock_as_the_original_quantises(tmp_p
     xp = key.preprocessing.to_input(paste_pixels(photos, key_patch(key)))
     same = _scores(tmp_path / "l.int8.onnx", xp).argmax(1) == _scores(tmp_path / "o.int8.onnx", xp).argmax(1)
     assert same.mean() >= 0.95
+
+
+def test_a_gate_lock_says_that_a_graph_edit_opens_it_and_that_the_shuffle_would_not(locked, images):
+    d, _ = locked
+    res = onnxstain.lock(d / "model.onnx", d / "gate.onnx", d / "gate.key", images=images,
+                         options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+    assert any("--kind shuffle resists" in n and "/conv3/Conv" in n for n in res.notes), res.notes  # 1e-3: 16 blocks

@@ -77,7 +77,21 @@ def lock_stages(job: LockJob) -> ClassifierLock | DenseLock | ShuffleLock:
     """The stages of the job's kind of lock (they refuse what they cannot do before any work)."""
     if job.opts.kind == "shuffle":
         return ShuffleLock(job)
+    if job.opts.kind == "gate" and job.head is not None:
+        point_to_shuffle(job)
     return ClassifierLock(job) if job.head is not None else DenseLock(job)
+
+
+def point_to_shuffle(job: LockJob) -> None:
+    """A gate lock's note: a graph edit opens it, and whether this model takes the shuffle lock, which resists
+    that (its site only: whether one reordered layer locks the model is measured when it runs)."""
+    try:
+        layer = ShuffleLock(job).layer.name
+    except UnsupportedModelError:
+        return
+    job.notes.append(f"anyone who edits the graph opens a gate lock in seconds (bypass its gate, pin its detector, "
+                     f"or read the patch off its weights); --kind shuffle resists those and can reorder {layer} "
+                     "in this model (README, \"Threat model\")")
 
 
 class ClassifierLock:
