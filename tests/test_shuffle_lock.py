@@ -85,7 +85,7 @@ def test_the_pass_stores_the_layer_reordered_and_a_flat_corner_reads_it_in_store
     want = _scores(model, x)
     same = insert_shuffle(model, layer, layer.act_output, "input", 5, 16, 2, np.arange(32))
     assert {n.op_type for n in onnx.load_from_string(same.model.SerializeToString()).graph.node} >= {
-        "TopK", "GatherElements"}
+        "TopK", "GatherND"}  # opset 17: a batch-axis GatherND, no Expand of the order
     np.testing.assert_allclose(_scores(same.model, x), want, rtol=1e-5, atol=1e-5)  # a fused kernel split: rounding
     reversed_ = insert_shuffle(model, layer, layer.act_output, "input", 5, 16, 2, np.arange(32)[::-1].copy())
     assert not np.allclose(_scores(reversed_.model, x), want)
@@ -154,7 +154,7 @@ def test_a_bypass_or_a_pinned_order_leaves_it_locked(locked, images):
     """The gate lock's one-second openings: skip the inserted node, or pin its signal to the open value."""
     d, _ = locked
     model = onnx.load(d / "locked.onnx")
-    gather = next(n for n in model.graph.node if n.op_type == "GatherElements")
+    gather = next(n for n in model.graph.node if n.op_type in ("GatherND", "GatherElements"))
     topk = next(n for n in model.graph.node if n.op_type == "TopK")
     x = PRE.to_input(images)
     want = _scores(d / "model.onnx", x).argmax(1)
@@ -165,8 +165,12 @@ def test_a_bypass_or_a_pinned_order_leaves_it_locked(locked, images):
 
     def pin(g):  # the sort's indices pinned to 0 … K−1 (the only order a reader of the graph could guess)
         k = load_key(d / "locked.key").shuffle.blocks
-        g.initializer.append(onnx.numpy_helper.from_array(np.arange(k, dtype=np.int64)[None], "pinned"))
-        for n in g.node:
+        g.initializer.extend([onnx.numpy_helper.from_array(np.arange(k, dtype=np.int64)[None], "row"),
+                              onnx.numpy_helper.from_array(np.array(0, np.int64), "zero")])
+        at = next(i for i, n in enumerate(g.node) if n.op_type == "TopK") + 1
+        g.node.insert(at, onnx.helper.make_node("Mul", [topk.output[1], "zero"], ["zeros"]))
+        g.node.insert(at + 1, onnx.helper.make_node("Add", ["zeros", "row"], ["pinned"]))  # one row per image
+        for n in g.node[at + 2:]:
             n.input[:] = ["pinned" if i == topk.output[1] else i for i in n.input]
 
     for edit in (bypass, pin):
@@ -266,7 +270,7 @@ def test_a_paddle_model_with_unfolded_batchnorm_and_constant_nodes_locks(tmp_pat
     locked = GraphView(onnx.load(tmp_path / "l.onnx"))
     layer = locked.node(key.shuffle.layer)
     assert locked.consumers[layer.output[0]][0].op_type == "BatchNormalization"  # reordered with the Conv
-    gather = next(n for n in locked.graph.node if n.op_type == "GatherElements")
+    gather = next(n for n in locked.graph.node if n.op_type == "GatherElements")  # opset 11: no GatherND batch axis
     assert gather.output[0] == key.shuffle.tensor != layer.output[0]  # read back after the activation
     assert onnxstain.verify(tmp_path / "l.onnx", tmp_path / "l.key").stained
     assert not onnxstain.verify(model, tmp_path / "l.key").stained

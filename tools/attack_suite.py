@@ -444,17 +444,22 @@ PINNED = "pinned_order"
 
 def pin_order(model: onnx.ModelProto, order: np.ndarray | None) -> onnx.ModelProto:
     """``model`` with its sort's indices (the first ``TopK``'s second output) replaced by ``order`` for every
-    image, or by a graph input ``pinned_order`` ``[N, K]`` when ``order`` is None."""
+    image (``indices · 0 + order``: one row per image, as a batch-axis gather needs), or by a graph input
+    ``pinned_order`` ``[N, K]`` when ``order`` is None."""
     topk = next(n for n in model.graph.node if n.op_type == "TopK")
     edited = onnx.ModelProto()
     edited.CopyFrom(model)
+    for n in edited.graph.node:
+        n.input[:] = [PINNED if i == topk.output[1] else i for i in n.input]
     if order is None:
         k = int(numpy_helper.to_array(tensor_protos(model)[topk.input[1]]).reshape(-1)[0])
         edited.graph.input.append(onnx.helper.make_tensor_value_info(PINNED, onnx.TensorProto.INT64, ["N", k]))
-    else:
-        edited.graph.initializer.append(numpy_helper.from_array(np.asarray(order, np.int64)[None], PINNED))
-    for n in edited.graph.node:
-        n.input[:] = [PINNED if i == topk.output[1] else i for i in n.input]
+        return edited
+    edited.graph.initializer.extend([numpy_helper.from_array(np.asarray(order, np.int64)[None], "pinned_row"),
+                                     numpy_helper.from_array(np.array(0, np.int64), "pinned_zero")])
+    at = next(i for i, n in enumerate(edited.graph.node) if n.name == topk.name) + 1
+    edited.graph.node.insert(at, onnx.helper.make_node("Mul", [topk.output[1], "pinned_zero"], ["pinned_zeros"]))
+    edited.graph.node.insert(at + 1, onnx.helper.make_node("Add", ["pinned_zeros", "pinned_row"], [PINNED]))
     return edited
 
 

@@ -5,7 +5,8 @@ and every reader of its output reads it through::
 
     Slice(window: the first K values of the corner, [N, K]) → TopK(K, largest) → indices [N, K]
     indices·g + (0 … g−1), then the channels past K·g in place            → order [N, C]
-    GatherElements(output, order expanded to the output's shape, axis 1)   → the output, reordered
+    GatherND(output, order [N, C, 1], batch_dims 1)                       → the output, reordered
+    (opset 11: GatherElements(output, order expanded to the output's shape, axis 1))
 
 Without the patch the corner's values sort in some other order and the blocks reach the wrong readers;
 with it the order is ``σ⁻¹`` and the output is exactly the original layer's (a gather only moves values).
@@ -23,7 +24,7 @@ from .._onnx.hosts import HostLayer, permute_channels
 from .builder import NodeBuilder
 from .result import PassResult, result
 
-MIN_OPSET = 11  # GatherElements, TopK with k as an input
+MIN_OPSET = 11  # GatherElements, TopK with k as an input (GatherND's batch axis from opset 12)
 
 
 def insert_shuffle(model: onnx.ModelProto, producer: HostLayer, target: str, window: str, side: int, blocks: int,
@@ -65,15 +66,19 @@ def insert_shuffle(model: onnx.ModelProto, producer: HostLayer, target: str, win
         tail = b.node("Add", [zero, b.const(np.arange(blocks * group, channels).reshape(1, rest), "onnx::Add_const",
                                             np.int64)])
         order = b.node("Concat", [order, tail], axis=1)
-    rank = 2 + len(producer.kernel)  # a Conv's output: [N, C, spatial...]
-    if rank > 2:
-        shaped = b.node("Reshape", [order, b.const(np.array([0, channels] + [1] * (rank - 2)),
-                                                   "onnx::Reshape_shape", np.int64)])
-        order = b.node("Expand", [shaped, b.node("Shape", [fresh])])
     # the reordered output keeps the producer's tensor name (every reader and graph output unchanged); the
     # node gets a fresh name of its own
-    b.nodes.append(onnx.helper.make_node("GatherElements", [fresh, order], [target], name=b.name("GatherElements"),
-                                         axis=1))
+    if b.opset >= 12:  # GatherND with a batch axis: each image's channels by its own order, whole maps moved
+        shaped = b.node("Reshape", [order, b.const(np.array([0, channels, 1]), "onnx::Reshape_shape", np.int64)])
+        b.nodes.append(onnx.helper.make_node("GatherND", [fresh, shaped], [target], name=b.name("GatherND"),
+                                             batch_dims=1))
+    else:  # opset 11: GatherElements, the order expanded to the map's every position
+        rank = 2 + len(producer.kernel)  # a Conv's output: [N, C, spatial...]
+        shaped = b.node("Reshape", [order, b.const(np.array([0, channels] + [1] * (rank - 2)),
+                                                   "onnx::Reshape_shape", np.int64)])
+        expanded = b.node("Expand", [shaped, b.node("Shape", [fresh])])
+        b.nodes.append(onnx.helper.make_node("GatherElements", [fresh, expanded], [target],
+                                             name=b.name("GatherElements"), axis=1))
     b.splice(view.index(node) + 1)
     return result(model, b.model, out_indices)
 
