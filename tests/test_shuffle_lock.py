@@ -311,3 +311,32 @@ def test_a_gate_lock_says_that_a_graph_edit_opens_it_and_that_the_shuffle_would_
     res = onnxstain.lock(d / "model.onnx", d / "gate.onnx", d / "gate.key", images=images,
                          options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
     assert any("--kind shuffle resists" in n and "/conv3/Conv" in n for n in res.notes), res.notes  # 1e-3: 16 blocks
+
+
+def test_the_command_line_locks_verifies_and_patches_photos_with_a_shuffle_key(tmp_path, images):
+    """`onnxstain lock --kind shuffle`, `verify` (exit 0 locked, 1 the original), `apply-patch`: the patched
+    photo opens the locked model as the original."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from onnxstain.cli import main
+
+    onnx.save(tiny_lockable(), tmp_path / "m.onnx")
+    PRE.save(tmp_path / "m.preprocessing.json")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i, px in enumerate(images[:24]):
+        Image.fromarray(px).save(folder / f"{i}.png")
+    run = CliRunner().invoke
+    got = run(main, ["lock", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "l.onnx"), "--key", str(tmp_path / "l.key"),
+                     "--kind", "shuffle", "--seed", "2", "--images", str(folder), "--quiet"])
+    assert got.exit_code == 0, got.output
+    assert "(shuffle)" in got.output and "blocks out of order" in got.output and "bound per image" in got.output
+    assert run(main, ["verify", str(tmp_path / "l.onnx"), "--key", str(tmp_path / "l.key")]).exit_code == 0
+    assert run(main, ["verify", str(tmp_path / "m.onnx"), "--key", str(tmp_path / "l.key")]).exit_code == 1
+    got = run(main, ["apply-patch", str(folder / "0.png"), "--key", str(tmp_path / "l.key"), "-o", str(tmp_path / "p")])
+    assert got.exit_code == 0, got.output
+    patched = np.asarray(Image.open(next((tmp_path / "p").iterdir())).convert("RGB"))[None]
+    x = PRE.to_input(patched)
+    assert _scores(tmp_path / "l.onnx", x).argmax(1) == _scores(tmp_path / "m.onnx", x).argmax(1)
+    np.testing.assert_array_equal(patched[0, :5, :5], key_patch(load_key(tmp_path / "l.key")).pixels)
