@@ -405,7 +405,7 @@ class ShuffleSection(Record):
     """A shuffle lock: the Conv whose output channels are stored out of order, and the order the patch puts back."""
 
     layer: str = spec(Str())
-    tensor: str = spec(Str())  # the layer's output, read back in order
+    tensor: str = spec(Str())  # what is read back in order: the layer's activated output (or its output)
     window: str = spec(Str())  # the tensor whose top-left corner the sort reads (the first Conv's input)
     side: int = spec(Int(lo=1))
     channels: int = spec(Int(lo=1))

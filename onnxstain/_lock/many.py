@@ -35,9 +35,10 @@ class Locker(ModelForKeys):
         self._job: LockJob = load_job(model, options or LockOptions(), preprocessing, images, progress or Silent())
         self._stages: ClassifierLock | ShuffleLock | None = None
         if self._job.head is not None:  # a dense output's lock calibrates per key (its search trims the features)
-            self._stages = lock_stages(self._job)  # type: ignore[assignment]
-            assert self._stages is not None
-            self._stages.calibrate()
+            stages = lock_stages(self._job)
+            assert not isinstance(stages, DenseLock)  # a head's lock
+            stages.calibrate()
+            self._stages = stages
 
     def lock(self, output: str | Path, key_path: str | Path, record_path: str | Path | None = None, *,
              seed: int | None = None, artefacts: Artefacts | None = None) -> LockResult:
