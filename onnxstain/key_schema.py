@@ -413,8 +413,11 @@ class ShuffleSection(Record):
     group: int = spec(Int(lo=1))
     order: tuple[int, ...] = spec(Ints(lo=0, min_length=2))  # σ⁻¹: the sorted corner coordinates the patch gives
     gap: float = spec(Num(lo=0.0))  # the patch's smallest gap between consecutive sort keys, in pixel levels
+    row_sums: F8 = spec(Array(ndim=1))  # the original layer's row sums, channel by channel (the white box's check)
 
     def check(self, path: str) -> None:
+        if self.row_sums.shape[0] != self.channels:
+            fail(f"{path}.row_sums", f"has {self.row_sums.shape[0]} values; the layer has {self.channels} channels")
         if len(self.order) != self.blocks or sorted(self.order) != list(range(self.blocks)):
             fail(f"{path}.order", f"is not an order of the {self.blocks} blocks")
         if self.blocks * self.group > self.channels:

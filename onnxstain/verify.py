@@ -45,7 +45,7 @@ from .errors import BadInputError, BadKeyError, KeyMismatchError
 from .keys import Key, ShuffleSection, WhiteBoxSection, decode_png, load_key
 from .math import bounds, chance
 from .math.maps import pool_maps
-from .math.shuffle import placed_blocks
+from .math.shuffle import placed_blocks, row_fingerprints, stored_order_match
 from .patch import Patch, paste_pixels, smooth_backgrounds
 from .preprocess import Preprocessing
 from .runtime import image_rows, run_batches, session, with_outputs
@@ -569,7 +569,7 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
                     f"with the patch {100 * unlocked:.0f}% of {n} reference images give {what}")]
     notes: list[str] = []
     if has_tap and key.shuffle is not None:
-        checks.append(_order_check(key.shuffle, res[wb_tensor], n))
+        checks.append(_order_check(key.shuffle, res[wb_tensor], n, view))
     elif has_tap:
         if res[wb_tensor].ndim > 1:
             key.check_channel(res[wb_tensor].shape[1], wb_tensor)
@@ -594,19 +594,34 @@ def _verify_lock(loaded, view: GraphView, key: Key, pre: Preprocessing, scores_n
     )
 
 
-def _order_check(shuffle: ShuffleSection, indices: np.ndarray, n: int) -> Check:
-    """A shuffle lock's white box: the sort's indices put every block in place on each patched reference, and
-    not on any unpatched one."""
+ROW_MATCH = 0.99  # a shuffle lock's stored rows must correlate this well with the original's in the key's order
+
+
+def _order_check(shuffle: ShuffleSection, indices: np.ndarray, n: int, view: GraphView) -> Check:
+    """A shuffle lock's white box: the layer stores its channels in the key's order (its row sums against the
+    original's, permuted as the key says: another copy's layer is the same rows in another order), and the sort's
+    indices put every block in place on each patched reference and on no unpatched one."""
     idx = np.asarray(indices)
     if idx.ndim != 2 or idx.shape[1] != shuffle.blocks:
         raise KeyMismatchError(f"the key's sort gives {shuffle.blocks} indices per image; this model's tensor gives "
                                f"{list(idx.shape[1:])}")
     placed = placed_blocks(idx, np.asarray(shuffle.order))
-    passed = bool((placed[:n] == shuffle.blocks).all() and (placed[n:] < shuffle.blocks).all())
-    return Check("white-box", True, passed, float(placed[:n].min()) / shuffle.blocks, 1.0,
-                 f"the patch sorts the corner into the key's order on {int((placed[:n] == shuffle.blocks).sum())}/{n} "
-                 f"patched references; unpatched ones put at most {int(placed[n:].max())} of the {shuffle.blocks} "
-                 "blocks in place")
+    node = view.find_node(shuffle.layer)
+    weights = view.array(node.input[1]) if node is not None and len(node.input) > 1 else None
+    match = (None if weights is None else
+             stored_order_match(row_fingerprints(weights), shuffle.row_sums.array(), np.asarray(shuffle.order),
+                                shuffle.group))
+    sorted_ = (f"the patch sorts the corner into the key's order on {int((placed[:n] == shuffle.blocks).sum())}/{n} "
+               f"patched references; unpatched ones put at most {int(placed[n:].max())} of the {shuffle.blocks} "
+               "blocks in place")
+    if match is None:
+        return Check("white-box", False, False, None, None,
+                     f"layer {shuffle.layer}'s weights are not readable in this model; black-box result only "
+                     f"({sorted_})")
+    passed = bool(match >= ROW_MATCH and (placed[:n] == shuffle.blocks).all() and (placed[n:] < shuffle.blocks).all())
+    return Check("white-box", True, passed, match, ROW_MATCH,
+                 f"layer {shuffle.layer}: its row sums correlate {match:.4f} with the original's in the key's order "
+                 f"(≥ {ROW_MATCH} needed); {sorted_}")
 
 
 def _pooled_maps(values: np.ndarray, key: Key) -> np.ndarray:

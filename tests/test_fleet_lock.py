@@ -214,3 +214,25 @@ def test_unlock_refuses_a_lock_of_another_input_size(both_fleet, tmp_path):
     (tmp_path / "other.key").write_text(json.dumps(body))
     with pytest.raises(KeyMismatchError, match="64x64 inputs"):
         onnxstain.verify(dist / "acme.locked.onnx", tmp_path / "stain.key", unlock=tmp_path / "other.key")
+
+
+def test_cli_issue_shuffle_locked_copies_each_open_with_their_own_patch_only(workdir, images, tmp_path):
+    """`issue --lock --lock-kind shuffle`: each customer's copy stores the layer in an order of its own, so another
+    customer's patch sorts into the wrong order; `--lock-kind` without `--lock` is refused."""
+    img_dir = tmp_path / "img"
+    img_dir.mkdir()
+    write_images(img_dir, images[:64])
+    (tmp_path / "c.csv").write_text("customer\nalpha\nbravo\n")
+    db, dist = tmp_path / "f.db", tmp_path / "dist"
+    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
+                                  "-o", str(dist), "--registry", str(db), "--images", str(img_dir), "--lock",
+                                  "--lock-kind", "shuffle", "--quiet"])
+    assert r.exit_code == 0, r.output
+    keys = {c: load_key(dist / f"{c}.locked.key") for c in ("alpha", "bravo")}
+    assert all(k.mode == "shuffle" for k in keys.values())
+    assert keys["alpha"].shuffle.order != keys["bravo"].shuffle.order
+    assert onnxstain.verify(dist / "alpha.locked.onnx", dist / "alpha.locked.key").stained
+    assert not onnxstain.verify(dist / "alpha.locked.onnx", dist / "bravo.locked.key").stained
+    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
+                                  "-o", str(dist), "--registry", str(db), "--lock-kind", "shuffle"])
+    assert r.exit_code == 2 and "--lock-kind goes with --lock" in r.output

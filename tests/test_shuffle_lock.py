@@ -59,6 +59,20 @@ def test_the_stored_channels_read_back_in_the_patchs_order_are_the_original():
     assert sm.placed_blocks(slots[None], slots)[0] == 7
 
 
+def test_row_fingerprints_tell_the_keys_order_from_another():
+    rng = np.random.default_rng(1)
+    weights = rng.normal(size=(48, 8, 3, 3))
+    mine, other = sm.draw_order(24, rng), sm.draw_order(24, rng)
+    stored = weights[sm.channel_order(mine, 2, 48)]
+    original = sm.row_fingerprints(weights)
+    found = sm.row_fingerprints(stored)
+    assert sm.stored_order_match(found, original, sm.gather_order(mine), 2) == pytest.approx(1.0)
+    assert abs(sm.stored_order_match(found, original, sm.gather_order(other), 2)) < 0.5
+    assert abs(sm.stored_order_match(original, original, sm.gather_order(mine), 2)) < 0.5  # the original's own
+    noisy = found + rng.normal(scale=0.01 * found.std(), size=found.shape)  # int8-like rounding
+    assert sm.stored_order_match(noisy, original, sm.gather_order(mine), 2) > 0.99
+
+
 def test_the_placement_bound_is_one_over_k_factorial_and_holds_for_a_uniform_order():
     b = sm.placement_bound(64)
     assert b.kind == "data-free" and b.params == {"blocks": 64, "placed": 32}

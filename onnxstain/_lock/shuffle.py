@@ -243,8 +243,13 @@ class ShuffleLock:
             shuffle=ShuffleSection(layer=layer.name, tensor=read_point(layer), window=self.first.input, side=SIDE,
                                    channels=layer.out_channels, blocks=self.blocks, group=self.group,
                                    order=tuple(int(i) for i in shuffle_math.gather_order(self.sigma)),
-                                   gap=float(self.gap)),
+                                   gap=float(self.gap), row_sums=F8.of(self.row_sums())),
         )
+
+    def row_sums(self) -> np.ndarray:
+        """The original layer's row fingerprints (verify's white box matches the suspect's against them)."""
+        view = self.job.view
+        return shuffle_math.row_fingerprints(view.constant(view.node(self.layer.name).input[1]))
 
     @property
     def bound(self) -> bounds.Bound:

@@ -72,6 +72,23 @@ def placed_blocks(indices: np.ndarray, order: np.ndarray) -> np.ndarray:
     return (np.asarray(indices).reshape(len(indices), -1) == np.asarray(order)[None, :]).sum(axis=1)
 
 
+def row_fingerprints(weights: np.ndarray) -> np.ndarray:
+    """One number per output channel of a layer's weights ``[C, ...]``: the sum of its row (float64)."""
+    w = np.asarray(weights, np.float64)
+    return w.reshape(len(w), -1).sum(axis=1)
+
+
+def stored_order_match(found: np.ndarray, original: np.ndarray, order: np.ndarray, group: int) -> float:
+    """How well a layer's row fingerprints ``found`` match the original's ``original`` stored in the key's order
+    (``order`` = σ⁻¹, blocks of ``group``): their Pearson correlation — 1 for the locked layer (int8 rounding
+    keeps it near 1), near 0 for the same layer stored in another key's order, or in the original's."""
+    expected = np.asarray(original, np.float64)[channel_order(np.argsort(order), group, len(original))]
+    found = np.asarray(found, np.float64)
+    if found.shape != expected.shape or found.std() == 0 or expected.std() == 0:
+        return 0.0
+    return float(np.corrcoef(found, expected)[0, 1])
+
+
 def placement_bound(blocks: int, placed: int | None = None) -> Bound:
     """The probability, over the key's draw, that one input puts at least ``placed`` (default: half) of the
     ``blocks`` in place: ``1/placed!``, whatever the input (data-free)."""
