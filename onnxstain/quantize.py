@@ -24,7 +24,9 @@ onnxruntime's quantisers need two things they cannot know about a marked model:
 The mark is checked before the model is written; a model that lost it is refused, never written. A
 stain: ``verify`` with the key. A lock: on the held-out natural photos, the quantised model with the
 patch must agree with the float model with the patch on at least half more of the photos than the
-quantised model without the patch does (opened − closed ≥ 0.5, the form of ``verify``'s lock score).
+quantised model without the patch does (opened − closed ≥ 0.5, the form of ``verify``'s lock score), or on a
+head of few classes half the way from chance (opened − closed ≥ (1 − chance)/2: 0.25 on two answers, where a
+lock that leaves the answers at chance closes at 50 %).
 ``verify``'s own lock check reads synthetic references whose top-1 margins are small: int8 rounding
 flips many of them, so its verdict on a quantised lock is reported beside, not required. The report
 gives the quantised model's top-1 agreement with the float model it came from (with the patch, for a
@@ -181,10 +183,15 @@ def _check_mark(key: Key, checked: VerifyResult, mode: str, agree: float, closed
     tell."""
     if key.kind == "lock":
         assert closed is not None
-        if agree - closed < 0.5:
+        # half the way from chance to all: 50 points on 1000 classes, 25 on two answers (a lock whose locked answers
+        # are at chance closes at 50 %, and no quantised model can then be 50 points above it)
+        chance = key.lock.chance if key.lock is not None else 0.0
+        needed = 0.5 * (1.0 - chance)
+        if agree - closed < needed:
             raise MarkLostError(f"the {mode} int8 model does not keep the key's lock: with the patch it agrees "
                                 f"{100 * agree:.1f}% with the float model on {n} held-out photos, without it "
-                                f"{100 * closed:.1f}% (at least 50 points apart needed); nothing written")
+                                f"{100 * closed:.1f}% (at least {100 * needed:.0f} points apart needed: half the way "
+                                f"from chance, {100 * chance:.1f}%); nothing written")
         if not checked.stained:
             notes.append("verify reads the lock's synthetic references, whose top-1 margins int8 rounding flips: "
                          "it says NOT LOCKED here; the held-out photos above show the lock kept (the lock audit, "

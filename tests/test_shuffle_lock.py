@@ -354,3 +354,14 @@ def test_the_command_line_locks_verifies_and_patches_photos_with_a_shuffle_key(t
     x = PRE.to_input(patched)
     assert _scores(tmp_path / "l.onnx", x).argmax(1) == _scores(tmp_path / "m.onnx", x).argmax(1)
     np.testing.assert_array_equal(patched[0, :5, :5], key_patch(load_key(tmp_path / "l.key")).pixels)
+
+
+@pytest.mark.slow
+def test_onnxstain_quantize_keeps_a_two_answer_shuffle_lock(tmp_path):
+    """RapidOCR's direction classifier (two classes): its shuffle-locked answers are at chance (50 %), so the
+    quantised lock is judged half the way from chance (opened − closed ≥ 25 points); it used to need 50 points,
+    which no lock at chance can give (89.7 % opened, 51.3 % closed: refused)."""
+    model = corpus_model("rapidocr_cls")
+    onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(kind="shuffle", seed=0))
+    res = onnxstain.quantize(tmp_path / "l.onnx", tmp_path / "l.int8.onnx", load_key(tmp_path / "l.key"))
+    assert res.closed is not None and res.agreement - res.closed >= 0.25 and res.agreement >= 0.85

@@ -163,6 +163,7 @@ def quantize_lines(res: QuantizeResult) -> list[str]:
     lines.append(f"  {res.metric} agreement with the float model on {res.agreement_images} held-out photos"
                  f"{' with the patch' if res.patched else ''}: {100 * res.agreement:.1f}%")
     if res.closed is not None:
-        lines.append(f"  without the patch: {100 * res.closed:.1f}% (the lock kept: opened − closed ≥ 50 points)")
+        lines.append(f"  without the patch: {100 * res.closed:.1f}% (the lock kept: opened − closed ≥ half the way "
+                     "from chance, 50 points on many classes)")
     lines += [f"  note: {note}" for note in res.notes]
     return [*lines, timing_line(res.timings)]
