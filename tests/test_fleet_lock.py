@@ -115,15 +115,23 @@ def test_issue_lock_resumes_and_never_shares_a_file_with_the_stained_copies(lock
     assert onnxstain.verify(dist / "acme.locked.onnx", dist / "acme.locked.key").stained
 
 
-def test_cli_issue_lock(workdir, images, tmp_path):
+def _cli_issue(workdir, images, tmp_path, customers: list[str], *args: str):
+    """`onnxstain issue --lock` of the tiny model to ``customers`` (64 calibration photos in a folder): the result,
+    the registry, the images folder and ``dist``."""
     img_dir = tmp_path / "img"
     img_dir.mkdir()
     write_images(img_dir, images[:64])
-    (tmp_path / "c.csv").write_text("customer\nalpha\n")
+    (tmp_path / "c.csv").write_text("customer\n" + "".join(f"{c}\n" for c in customers))
     db, dist = tmp_path / "f.db", tmp_path / "dist"
     r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
                                   "-o", str(dist), "--registry", str(db), "--images", str(img_dir), "--lock",
-                                  "--fpr", str(FPR), "--quiet", "--json", str(tmp_path / "issue.json")])
+                                  "--quiet", *args])
+    return r, db, img_dir, dist
+
+
+def test_cli_issue_lock(workdir, images, tmp_path):
+    r, db, img_dir, dist = _cli_issue(workdir, images, tmp_path, ["alpha"], "--fpr", str(FPR), "--json",
+                                      str(tmp_path / "issue.json"))
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "issue.json").read_text())
     assert [c["customer"] for c in report["issued"]] == ["alpha"]
@@ -223,14 +231,7 @@ def test_cli_issue_shuffle_locked_copies_each_open_with_their_own_patch_only(wor
     leave it above chance + 10 points, and the lock refuses to write it)."""
     drawn = iter([6, 7])
     monkeypatch.setattr(seeds.secrets, "randbelow", lambda n: next(drawn))
-    img_dir = tmp_path / "img"
-    img_dir.mkdir()
-    write_images(img_dir, images[:64])
-    (tmp_path / "c.csv").write_text("customer\nalpha\nbravo\n")
-    db, dist = tmp_path / "f.db", tmp_path / "dist"
-    r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
-                                  "-o", str(dist), "--registry", str(db), "--images", str(img_dir), "--lock",
-                                  "--lock-kind", "shuffle", "--quiet"])
+    r, db, _, dist = _cli_issue(workdir, images, tmp_path, ["alpha", "bravo"], "--lock-kind", "shuffle")
     assert r.exit_code == 0, r.output
     keys = {c: load_key(dist / f"{c}.locked.key") for c in ("alpha", "bravo")}
     assert all(k.mode == "shuffle" for k in keys.values())
