@@ -20,6 +20,7 @@ from ..keys import (
     envelope,
 )
 from ..math import bounds, detector
+from ..patch import Patch
 from .job import LockJob
 from .site import LockSite
 from .types import LockEdit, PatchFound
@@ -42,8 +43,23 @@ def detector_section(job: LockJob, found: PatchFound, stats: detector.FeatureSta
 
 
 def trigger_section(found: PatchFound) -> TriggerSection:
-    p = found.patch
+    return patch_section(found.patch)
+
+
+def patch_section(p: Patch) -> TriggerSection:
+    """A lock's patch, as its key holds it (the PNG and its place in the model input)."""
     return TriggerSection(png=encode_png(p.pixels), top=p.top, left=p.left, height=p.height, width=p.width)
+
+
+def model_section(job: LockJob, digest: str) -> ModelSection:
+    """The protected model as a classifier's or detector's lock key records it (``digest``: the locked model's)."""
+    head = job.head
+    assert head is not None
+    offset, scores, layout = label_fields(head)
+    return ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
+                        scores=head.output, classes=head.classes,
+                        layout=tuple(head.layout) if head.detection and head.layout is not None else None,
+                        label_offset=offset, label_scores=scores, label_layout=layout)
 
 
 def classifier_key(job: LockJob, site: LockSite, found: PatchFound, edit: LockEdit, *, digest: str,
@@ -54,11 +70,7 @@ def classifier_key(job: LockJob, site: LockSite, found: PatchFound, edit: LockEd
     assert head is not None
     return Key(
         **envelope("lock"),
-        model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest, input=job.view.graph_inputs[0].name,
-                           scores=head.output, classes=head.classes,
-                           layout=tuple(head.layout) if head.detection and head.layout is not None else None,
-                           label_offset=label_fields(head)[0], label_scores=label_fields(head)[1],
-                           label_layout=label_fields(head)[2]),
+        model=model_section(job, digest),
         preprocessing=job.pre,
         mode=job.opts.kind,
         variant=job.opts.kind,

@@ -29,12 +29,9 @@ from ..keys import (
     HostSection,
     Key,
     LockSection,
-    ModelSection,
     ReferencesSection,
     ShuffleSection,
-    TriggerSection,
     WhiteBoxSection,
-    encode_png,
     envelope,
 )
 from ..math import bounds
@@ -46,6 +43,7 @@ from ..runtime import run_batches, session, with_outputs
 from ..signature import lock_agreement
 from .edit import classifier_agreement, detection_agreement, two_answer_kappa
 from .job import LockJob, write_outputs
+from .keys import model_section, patch_section
 from .shuffle_site import choose_shuffle_layer, read_point, shuffle_layers
 from .types import LockResult
 from .window import WindowProbe, pixel_conv, probe_window
@@ -108,6 +106,7 @@ class ShuffleLock:
                 f"no layer to reorder: the shuffle lock needs an ungrouped Conv with at least {need} output channels "
                 "that every path to the output passes through (no skip connection around it); use --kind gate")
         self.layer = layer
+        self._window_session: object | None = None
         plan = shuffle_math.plan_blocks(layer.out_channels, keys, need)
         assert plan is not None  # the layer has at least ``need`` channels
         self.blocks, self.group = plan
@@ -216,21 +215,16 @@ class ShuffleLock:
     def key(self, digest: str) -> Key:
         job, head, layer = self.job, self.head, self.layer
         n = len(self.want) // 2
-        p = self.patch
-        fields = head_mod.label_fields(head)
         return Key(
             **envelope("lock"),
-            model=ModelSection(source_sha256=job.loaded.sha256, output_sha256=digest,
-                               input=job.view.graph_inputs[0].name, scores=head.output, classes=head.classes,
-                               layout=tuple(head.layout) if head.detection and head.layout is not None else None,
-                               label_offset=fields[0], label_scores=fields[1], label_layout=fields[2]),
+            model=model_section(job, digest),
             preprocessing=job.pre, mode="shuffle", variant="shuffle", seed=job.seed,
             host=HostSection(name=layer.name, op=layer.op, input=layer.input, m=layer.m, positions=layer.positions,
                              out_hw=tuple(layer.out_hw) if layer.out_hw else None, kernel=tuple(layer.kernel),
                              strides=tuple(layer.strides), pads=tuple(layer.pads), dilations=tuple(layer.dilations),
                              groups=layer.groups, selected_positions=(0,), output=layer.output),
             detector=None,
-            trigger=TriggerSection(png=encode_png(p.pixels), top=p.top, left=p.left, height=p.height, width=p.width),
+            trigger=patch_section(self.patch),
             references=ReferencesSection(count=n, seed=job.seed % (2**31), patched_scores=F8.of(self.want[:n]),
                                          unpatched_scores=F8.of(self.want[n:])),
             white_box=WhiteBoxSection(tensor=self.signal, channel=None, expected=1.0),
@@ -283,7 +277,7 @@ def ladder_patch(probe: WindowProbe, sigma: np.ndarray, lock: ShuffleLock) -> tu
     if not high > low:
         raise UnsupportedModelError("the corner's pixel channels reach no common range of values (the model scales "
                                     "its channels apart before the first Conv): use --kind gate")
-    target = shuffle_math.ladder_values(shuffle_math.ladder_ranks(sigma), low, high)
+    target = shuffle_math.ladder_values(sigma, low, high)  # key q ranks σ[q]
     rows = np.abs(effect).argmax(axis=0)  # the patch pixel channel each key follows
     slope = effect[rows, np.arange(k)] / 255.0  # value per pixel level
     base = np.where(slope > 0, lo, hi)  # the key's value at pixel level 0

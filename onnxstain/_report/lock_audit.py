@@ -186,17 +186,15 @@ def _setup(original: str | Path, locked: str | Path, key: Key, providers: list[s
     o_sess = session(with_outputs(orig.model, [host.input]) if host is not None else orig.model, providers)
     l_sess = session(with_outputs(lck.model, [fired]) if has_fired else lck.model, providers)
     if key.shuffle is not None:  # no detector: the "score" is the blocks an image's corner puts in place
-        return _Setup(orig=orig, lck=lck, pre=pre, patch=patch, host=None, o_sess=o_sess, l_sess=l_sess,
-                      o_scores=o_scores, l_scores=l_scores, l_outputs=[l_scores] + ([fired] if has_fired else []),
-                      has_fired=has_fired, dirs=np.zeros((0, 1)), centre=np.zeros(1),
-                      tau0=float(key.bound.params["placed"]), notes=notes)
-    det = key.feature_detector
-    if det.directions is None:
-        raise BadInputError("the key's detector.directions is missing (a lock key needs it)")
+        dirs, centre, tau0 = np.zeros((0, 1)), np.zeros(1), float(key.bound.params["placed"])
+    else:
+        det = key.feature_detector
+        if det.directions is None:
+            raise BadInputError("the key's detector.directions is missing (a lock key needs it)")
+        dirs, centre, tau0 = det.directions.array(), det.centre.array(), float(det.tau0)
     return _Setup(orig=orig, lck=lck, pre=pre, patch=patch, host=host, o_sess=o_sess, l_sess=l_sess,
                   o_scores=o_scores, l_scores=l_scores, l_outputs=[l_scores] + ([fired] if has_fired else []),
-                  has_fired=has_fired, dirs=det.directions.array(), centre=det.centre.array(),
-                  tau0=float(det.tau0), notes=notes)
+                  has_fired=has_fired, dirs=dirs, centre=centre, tau0=tau0, notes=notes)
 
 
 @dataclasses.dataclass

@@ -55,13 +55,9 @@ def gather_order(sigma: np.ndarray) -> np.ndarray:
     return np.argsort(sigma).astype(np.int64)
 
 
-def ladder_ranks(sigma: np.ndarray) -> np.ndarray:
-    """The rank (0 = largest) each of the ``K`` sort keys must have under the patch: key ``q`` ranks ``σ[q]``."""
-    return np.asarray(sigma, np.int64)
-
-
 def ladder_values(ranks: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Evenly spaced target values in ``(low, high)``, highest for rank 0, one step apart."""
+    """Evenly spaced target values in ``(low, high)``, highest for rank 0, one step apart. The patch gives sort
+    key ``q`` the rank ``σ[q]`` (``ranks = σ``), so that the keys sorted largest first are ``σ⁻¹``."""
     k = len(ranks)
     step = (high - low) / k
     return high - (np.asarray(ranks, np.float64) + 0.5) * step
