@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxstain._onnx.graph import GraphView
 from onnxstain._onnx.hosts import HostLayer, find_hosts, neuron_affine
-from onnxstain.features import neuron_inputs
+from onnxstain.features import neuron_inputs, phi_at, phi_radii, phi_sum
 
 
 def _model(nodes, inits, in_shape, out_shape) -> onnx.ModelProto:
@@ -168,3 +168,36 @@ def test_conv_phi_index_order(cin, group, hw, attrs):
                             expected[:, r * ow + c, (ch * kh + i) * kw + j] = xp[:, g * cg + ch, r * sh + i * dh,
                                                                                   c * sw + j * dw]
         np.testing.assert_array_equal(phi, expected)
+
+
+@pytest.mark.parametrize(("cin", "group", "hw", "attrs"), [
+    (2, 1, (6, 7), dict(strides=[2, 2], pads=[1, 1, 1, 1])),
+    (3, 1, (9, 8), dict(dilations=[2, 2], pads=[1, 2, 0, 1], kernel=(3, 2))),
+    (4, 2, (5, 6), dict(strides=[1, 2], pads=[1, 1, 1, 1])),
+    (2, 1, (7, 8), dict(strides=[2, 2], auto_pad="SAME_UPPER")),
+])
+def test_phi_sum_radii_and_one_position_without_unfolding(cin, group, hw, attrs):
+    """The dense lock's calibration streams φ's sum, radii and lock-position rows without unfolding φ (a large
+    input's φ is gigabytes per batch): the same values as from ``neuron_inputs``."""
+    host = _conv_host(cin, 2 * group, hw, group=group, **attrs)
+    x = np.random.default_rng(5).normal(size=(3, cin, *hw)).astype(np.float32)
+    phi = neuron_inputs(host, x).astype(np.float64)
+    total, samples = phi_sum(host, x)
+    np.testing.assert_allclose(total, phi.reshape(-1, host.m).sum(axis=0), rtol=1e-12, atol=1e-12)
+    assert samples == 3 * host.positions
+    centre = total / samples + 0.25
+    np.testing.assert_allclose(phi_radii(host, x, centre), np.linalg.norm(phi - centre, axis=-1), rtol=1e-12)
+    for position in (0, host.positions // 2, host.positions - 1):
+        np.testing.assert_array_equal(phi_at(host, x, position), neuron_inputs(host, x)[:, position])
+
+
+def test_phi_helpers_on_a_gemm_host():
+    host = _only_host(_model([helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)], [("w", np.ones((3, 5)))],
+                             (4, 5), (4, 3)))
+    x = np.random.default_rng(6).normal(size=(4, 5)).astype(np.float32)
+    total, samples = phi_sum(host, x)
+    np.testing.assert_allclose(total, x.astype(np.float64).sum(axis=0))
+    assert samples == 4
+    np.testing.assert_allclose(phi_radii(host, x, np.zeros(5))[:, 0], np.linalg.norm(x.astype(np.float64), axis=1),
+                               rtol=1e-6)
+    np.testing.assert_array_equal(phi_at(host, x, 0), x)

@@ -10,6 +10,7 @@ reads and the lock restores.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ import onnx
 from .._onnx.hosts import HostLayer
 from ..calibration import RADIUS_MARGIN, calibration_pixels
 from ..errors import UnsupportedModelError
-from ..features import neuron_inputs
+from ..features import neuron_inputs, phi_at, phi_radii, phi_sum
 from ..math import bounds, detector
 from ..math.agreement import top1_agreement
 from ..passes.conduit import ConduitPlan, conduit_taps, plan_conduit, prepare_conduit
@@ -148,50 +149,52 @@ def plan_inplace(job: LockJob, site: LockSite, x_cal: np.ndarray) -> tuple[Condu
 class DenseCalibration:
     pixels: np.ndarray
     x_cal: np.ndarray
-    feats: np.ndarray  # the host's input on the calibration images (the model input itself for a pixel host)
+    at_lock: np.ndarray  # φ at the lock position on each calibration image, ``[N, m]`` (what the search scores)
     pixel_host: bool  # the host reads the normalised image (NCHW float): the patch has a closed form
     stats: detector.FeatureStats
     radius: float
     tau0: float
 
 
+CHUNK = 32  # calibration images per host-feature chunk
+FEATURES_HELD = 2 << 30  # bytes of host features kept between the two passes; beyond, the host is tapped again
+
+
 def calibrate_dense(job: LockJob, site: LockSite) -> DenseCalibration:
     """Calibration of a dense-output model's lock: the inserted detector reads the lock position's window
-    only (a Slice), so the bound counts one position."""
+    only (a Slice), so the bound counts one position. The host's features stream through in chunks: a large
+    input's features over the whole calibration set (CRAFT at 384x512: tens of GB) are never held at once."""
     opts, pre, host = job.opts, job.pre, site.host
     pixels = calibration_pixels(job.images, pre, job.prog)
     x_cal = pre.to_input(pixels)
     pixel_host = reads_pixels(job.view, host) and pre.layout == "NCHW" and pre.dtype != "uint8"
-    if pixel_host:
-        feats = x_cal  # the host reads the normalised image: φ comes straight from the input
-    else:
-        tap = session(with_outputs(job.loaded.model, [host.input]), opts.providers)
-        with job.prog.task("calibration pass", total=len(x_cal)) as task:
-            feats = run_batches(tap, x_cal, [host.input], batch=opts.batch, progress=task.advance)[host.input]
-    stats = chunked_stats(host, feats)
+    tap = None if pixel_host else session(with_outputs(job.loaded.model, [host.input]), opts.providers)
+
+    def features(task: Callable[[int], None] | None = None) -> Iterator[np.ndarray]:
+        for s in range(0, len(x_cal), CHUNK):
+            x = x_cal[s : s + CHUNK]
+            yield x if tap is None else run_batches(tap, x, [host.input], batch=opts.batch)[host.input]
+            if task is not None:
+                task(len(x))
+
+    held: list[np.ndarray] = []
+    total, count, at_lock = np.zeros(host.m), 0, []
+    with job.prog.task("calibration pass", total=len(x_cal)) as task:
+        for chunk in features(task.advance):
+            at_lock.append(phi_at(host, chunk, site.pos_index))
+            part, samples = phi_sum(host, chunk)
+            total, count = total + part, count + samples
+            if chunk.nbytes * -(-len(x_cal) // len(chunk)) <= FEATURES_HELD:
+                held.append(chunk)
+    centre = total / count
+    again = held if len(held) * CHUNK >= len(x_cal) else features()
+    radii = np.concatenate([phi_radii(host, chunk[s : s + 4], centre).reshape(-1)
+                            for chunk in again for s in range(0, len(chunk), 4)])
+    q = {f"{p:g}": float(np.quantile(radii, p / 100)) for p in (50, 99, 99.9, 100)}
+    stats = detector.FeatureStats(centre=centre, max_radius=float(radii.max()), radius_quantiles=q, samples=count)
     radius = RADIUS_MARGIN * stats.max_radius
     tau0 = bounds.threshold_for_target(opts.fpr, radius, host.m, positions=1, draws=opts.max_draws)
-    return DenseCalibration(pixels=pixels, x_cal=x_cal, feats=feats, pixel_host=pixel_host, stats=stats,
-                            radius=radius, tau0=tau0)
+    return DenseCalibration(pixels=pixels, x_cal=x_cal, at_lock=np.concatenate(at_lock), pixel_host=pixel_host,
+                            stats=stats, radius=radius, tau0=tau0)
 
 
-def chunked_stats(host: HostLayer, x: np.ndarray, chunk: int = 32) -> detector.FeatureStats:
-    """Centre and radii of φ over all (image, position) samples without holding every φ in float64."""
-    total, count = None, 0
-    for s in range(0, len(x), chunk):
-        phi = neuron_inputs(host, x[s : s + chunk]).astype(np.float64).reshape(-1, host.m)
-        total = phi.sum(axis=0) if total is None else total + phi.sum(axis=0)
-        count += len(phi)
-    assert total is not None
-    c = total / count
-    radii = np.concatenate([
-        np.linalg.norm(neuron_inputs(host, x[s : s + chunk]).astype(np.float64).reshape(-1, host.m) - c, axis=1)
-        for s in range(0, len(x), chunk)])
-    q = {f"{p:g}": float(np.quantile(radii, p / 100)) for p in (50, 99, 99.9, 100)}
-    return detector.FeatureStats(centre=c, max_radius=float(radii.max()), radius_quantiles=q, samples=count)
-
-
-def natural_scores(host: HostLayer, x: np.ndarray, v: np.ndarray, c: np.ndarray, chunk: int = 32) -> np.ndarray:
-    """``v · (φ − c)`` at every (image, position) sample of the host input ``x``, chunk by chunk."""
-    return np.concatenate([detector.scores(neuron_inputs(host, x[s : s + chunk]), v, c)
-                           for s in range(0, len(x), chunk)])

@@ -86,7 +86,6 @@ class DenseLock:
 
     def search(self) -> None:
         self.found = search_dense(self.job, self.site, self.cal)
-        self.cal.feats = self.cal.feats[:0]  # the host's features are not needed after the search
 
     def edit(self) -> None:
         self.locked = dense_gate_lock(self.job, self.site, self.cal, self.found, self.features)

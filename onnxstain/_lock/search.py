@@ -31,7 +31,7 @@ from ..preprocess import Preprocessing
 from ..progress import Task
 from ..runtime import session, with_outputs
 from ..scoring import detector_scores, model_logits
-from .calibration import ClassifierCalibration, DenseCalibration, HostPhi, natural_scores
+from .calibration import ClassifierCalibration, DenseCalibration, HostPhi
 from .job import LockJob
 from .site import LockSite
 from .types import PatchFound
@@ -252,7 +252,7 @@ class DensePatches:
 
     def natural(self, dirs: np.ndarray) -> np.ndarray:
         """``[N, 1]``: the detector's one position."""
-        return natural_scores(self.site.host, self.cal.feats, dirs[0], self.cal.stats.centre)[:, [self.site.pos_index]]
+        return detector.scores(self.cal.at_lock, dirs[0], self.cal.stats.centre)[:, None]
 
     def fires(self, natural: np.ndarray, draw: int) -> str | None:
         if float(natural.max()) > self.cal.tau0:
