@@ -97,13 +97,13 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                 if head.first_label == head_mod.PACKED_BOX else
                 f"class logits {head.output!r} ({anchors} anchors × {width} labels) beside box outputs")
         notes.append(f"detector: {what}; stains are inserted (--mode insert) and show a prescribed detection; "
-                     "locks are gate locks (--kind gate)")
+                     "locks are shuffle or gate locks")
     from ._lock.window import pixel_conv
 
     conv = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
     if conv is not None:
-        notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so the default gate "
-                     "lock's detector reads a few raw corner pixels there (--layer pixels; data-free bound)")
+        notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so a gate lock's "
+                     "detector reads a few raw corner pixels there (--layer pixels; data-free bound)")
     rows = []
     for h in hosts:
         routable = head is not None and head_mod.direct_route(view, h, head)[0] is not None

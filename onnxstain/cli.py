@@ -157,15 +157,17 @@ def stain(model, output, key_path, mode, variant, layer, channel, images, fpr, c
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Locked model path.")
 @click.option("--key", "key_path", required=True, type=click.Path(dir_okay=False),
               help="Secret key file to write; it holds the patch (owner-only permissions).")
-@click.option("--kind", type=click.Choice(["gate", "inplace", "shuffle"]), default="gate", show_default=True,
-              help="gate: an inserted gate on the classifier's features (any CNN classifier); inplace: weights "
-                   "only, the signal carried through existing channels (costs a few channels); shuffle: a mid-network "
-                   "layer's channels stored out of order, put back by the order of the patch's pixels (no gate to "
-                   "bypass, no detector to read the patch from).")
+@click.option("--kind", type=click.Choice(["auto", "gate", "inplace", "shuffle"]), default="auto", show_default=True,
+              help="shuffle: a mid-network layer's channels stored out of order, put back by the order of the patch's "
+                   "pixels (no gate to bypass, no detector to read the patch from); gate: an inserted gate on the "
+                   "classifier's features (any model; a graph edit opens it); inplace: weights only, the signal "
+                   "carried through existing channels (costs a few channels); auto: shuffle where it locks the "
+                   "model, else gate, saying why.")
 @click.option("--layer", help="Where the corner detectors read: 'pixels' (gate default where the model reads a "
                              "float NCHW image: a few raw corner pixels, data-free bound) or an early Conv layer "
                              "(its corner position's receptive field is the patch; in-place default: the tool picks). "
-                             "Shuffle: the Conv whose channels are reordered (default: the middle one it can use).")
+                             "Shuffle: the Conv whose channels are reordered (default: the middle one it can use). "
+                             "Needs --kind gate, inplace or shuffle.")
 @click.option("--detectors", type=int, default=1, show_default=True,
               help="Independent detectors that must all fire (more: smaller bound for the same patch).")
 @click.option("--images", type=click.Path(file_okay=False), help="Calibration images folder.")

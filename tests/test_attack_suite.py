@@ -34,7 +34,7 @@ def marked(tmp_path_factory):
     onnxstain.stain(d / "model.onnx", d / "stain.onnx", d / "stain.key", images=images,
                     options=StainOptions(mode="inplace", fpr=0.05, seed=3))
     onnxstain.lock(d / "model.onnx", d / "lock.onnx", d / "lock.key", images=images,
-                   options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+                   options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=0))
     ev = attack_suite.Evaluator("tiny", d / "model.onnx", views=1, seed=0, work=d)
     ev.setup(load_key(d / "lock.key"))
     return d, ev

@@ -42,7 +42,7 @@ def base(tmp_path_factory) -> Path:
     (d / "imgs48").mkdir()
     write_images(d / "imgs48", smooth_images(8, size=48, seed=3))
     onnxstain.lock(d / "lk.onnx", d / "l.onnx", d / "l.key", images=smooth_images(64, size=48, seed=1),
-                   options=LockOptions(seed=2, fpr=1e-3, occlusion_steps=0))
+                   options=LockOptions(kind="gate", seed=2, fpr=1e-3, occlusion_steps=0))
     return d
 
 
@@ -138,8 +138,8 @@ def _sidecar(data: bytes) -> Callable[[Path], None]:
 # -- the corpus --------------------------------------------------------------------------------------
 STAIN = ["stain", "{d}/m.onnx", "-o", "{d}/out.onnx", "--key", "{d}/out.key", "--images", "{d}/imgs", "--quiet",
          "--mode", "insert", "--fpr", "0.05", "--seed", "1"]
-LOCK = ["lock", "{d}/lk.onnx", "-o", "{d}/lo.onnx", "--key", "{d}/lo.key", "--images", "{d}/imgs48", "--quiet",
-        "--fpr", "1e-3", "--seed", "2", "--occlusion-steps", "0"]
+LOCK = ["lock", "--kind", "gate", "{d}/lk.onnx", "-o", "{d}/lo.onnx", "--key", "{d}/lo.key", "--images",
+        "{d}/imgs48", "--quiet", "--fpr", "1e-3", "--seed", "2", "--occlusion-steps", "0"]
 EVAL = ["evaluate", "{d}/lk.onnx", "{d}/l.onnx", "--key", "{d}/l.key", "--images", "{d}/imgs48", "--quiet"]
 
 

@@ -74,7 +74,7 @@ def test_gate_lock(workdir):
     torch translation one image at a time (a batch of 8 failed in torch with a shape error)."""
     images = smooth_images(128, size=28, seed=1)
     res = onnxstain.lock(workdir / "model.onnx", workdir / "locked.onnx", workdir / "locked.key", images=images,
-                         options=LockOptions(seed=3, fpr=1e-3, occlusion_steps=5))
+                         options=LockOptions(kind="gate", seed=3, fpr=1e-3, occlusion_steps=5))
     assert res.host == "pixels" and res.occlusion is not None
     assert onnxstain.verify(workdir / "locked.onnx", workdir / "locked.key").stained
     assert not onnxstain.verify(workdir / "model.onnx", workdir / "locked.key").stained

@@ -76,7 +76,7 @@ def test_gate_lock_on_a_grey_nhwc_conv_head(tmp_path):
     GREY_NHWC.save(tmp_path / "model.preprocessing.json")
     images = smooth_images(128, seed=4)
     res = onnxstain.lock(tmp_path / "model.onnx", tmp_path / "locked.onnx", tmp_path / "locked.key", images=images,
-                         options=LockOptions(seed=5, fpr=1e-3, occlusion_steps=5))
+                         options=LockOptions(kind="gate", seed=5, fpr=1e-3, occlusion_steps=5))
     assert res.host == "pixels"
     k = load_key(tmp_path / "locked.key")
     px = k.trigger.pixels()
@@ -89,7 +89,7 @@ def test_gate_lock_on_a_conv_head(workdir):
     out, key = workdir / "locked.onnx", workdir / "locked.key"
     images = smooth_images(128, seed=2)
     res = onnxstain.lock(workdir / "model.onnx", out, key, images=images,
-                         options=LockOptions(seed=3, fpr=1e-3, occlusion_steps=5))
+                         options=LockOptions(kind="gate", seed=3, fpr=1e-3, occlusion_steps=5))
     assert res.host == "pixels" and res.locked_agreement < 0.5
     k = load_key(key)
     patched = PRE.to_input(paste_pixels(images[:32], Patch(k.trigger.pixels(), k.trigger.top, k.trigger.left)))
@@ -113,6 +113,6 @@ def test_fer_insert_stain_and_gate_lock(tmp_path):
     assert res.agreement == 1.0 and res.max_abs_delta == 0.0
     assert onnxstain.verify(out, key).stained and not onnxstain.verify(model, key).stained
     locked, lkey = tmp_path / "locked.onnx", tmp_path / "locked.key"
-    lres = onnxstain.lock(model, locked, lkey, options=LockOptions(seed=7))
+    lres = onnxstain.lock(model, locked, lkey, options=LockOptions(kind="gate", seed=7))
     assert lres.host == "pixels" and lres.locked_agreement <= lres.chance + 0.02
     assert onnxstain.verify(locked, lkey).stained and not onnxstain.verify(model, lkey).stained

@@ -25,8 +25,8 @@ HELD_OUT = 64  # natural held-out images for the fidelity figures
 # uint8 NHWC input, Transpose, Mul, Sub), 1e-6 data-free; the gate scrambles the deepest map every head
 # depends on. (With a Conv host, one detector at 1e-6 is out of reach here: no patch of Conv__6321's 65×65
 # corner reaches the margin; two detectors on Conv__6305 at 1e-5 lock it, see the README.)
-LOCK = {"seed": 0}
-CONV_LOCK = {"seed": 0, "detectors": 2, "layer": "Conv__6305", "fpr": 1e-5}
+LOCK = {"kind": "gate", "seed": 0}
+CONV_LOCK = {"kind": "gate", "seed": 0, "detectors": 2, "layer": "Conv__6305", "fpr": 1e-5}
 
 
 @pytest.fixture(scope="module")

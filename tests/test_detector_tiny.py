@@ -110,7 +110,8 @@ def test_inplace_refused_with_the_way_out(workdir, images, tmp_path):
 @pytest.fixture(scope="module")
 def locked(workdir, images):
     out, key = workdir / "locked.onnx", workdir / "lock.key"
-    res = onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=LockOptions(seed=0, fpr=FPR))
+    res = onnxstain.lock(workdir / "model.onnx", out, key, images=images,
+                         options=LockOptions(kind="gate", seed=0, fpr=FPR))
     return res, out, key
 
 

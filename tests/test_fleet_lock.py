@@ -42,7 +42,7 @@ def images():
 
 
 def _opts(**kw):
-    return LockOptions(fpr=FPR, occlusion_steps=5, **kw)
+    return LockOptions(**{"kind": "gate", "fpr": FPR, "occlusion_steps": 5, **kw})
 
 
 def test_a_locker_key_is_the_lock_of_that_seed(workdir, images):

@@ -245,7 +245,8 @@ def test_lock_refuses_infinite_reference_scores(tmp_path, capfd):
     p = _save(m, tmp_path, "x.onnx", 48)
     (tmp_path / "imgs").mkdir()
     write_images(tmp_path / "imgs", smooth_images(8, size=48, seed=1))
-    _refused_by(["lock", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"), "--images",
+    _refused_by(["lock", "--kind", "gate", str(p), "-o", str(tmp_path / "o.onnx"), "--key", str(tmp_path / "o.key"),
+                 "--images",
                  str(tmp_path / "imgs"), "--fpr", "1e-3", "--seed", "1", "--occlusion-steps", "0", "--quiet"],
                 tmp_path, capfd, "infinite")
 
@@ -369,7 +370,7 @@ def locked(tmp_path_factory) -> Path:
     (d / "imgs").mkdir()
     write_images(d / "imgs", smooth_images(6, size=48, seed=3))
     onnxstain.lock(d / "m.onnx", d / "l.onnx", d / "l.key", images=smooth_images(64, size=48, seed=1),
-                   options=LockOptions(seed=2, fpr=1e-3, occlusion_steps=0))
+                   options=LockOptions(kind="gate", seed=2, fpr=1e-3, occlusion_steps=0))
     return d
 
 

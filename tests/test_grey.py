@@ -182,7 +182,7 @@ def test_gate_lock_a_grey_model(grey_dir):
     out, key = grey_dir / "locked.onnx", grey_dir / "locked.key"
     images = smooth_images(256, size=48, seed=1)
     res = onnxstain.lock(grey_dir / "lockable.onnx", out, key, images=images,
-                         options=LockOptions(seed=2, fpr=1e-3, occlusion_steps=5))
+                         options=LockOptions(kind="gate", seed=2, fpr=1e-3, occlusion_steps=5))
     k = load_key(key)
     patch = k.trigger.pixels()
     assert _is_grey(patch) and res.host == "pixels"
@@ -225,7 +225,7 @@ def test_easyocr_gate_lock(easyocr):
     the model's bidirectional LSTMs (it was skipped, with a note, before they had a torch translation)."""
     model, d = easyocr
     out, key = d / "locked.onnx", d / "locked.key"
-    res = onnxstain.lock(model, out, key, options=LockOptions(seed=4))
+    res = onnxstain.lock(model, out, key, options=LockOptions(kind="gate", seed=4))
     assert res.host == "pixels" and not any("refinement skipped" in n for n in res.notes)
     assert res.occlusion is not None and res.occlusion["steps"] > 0
     assert _is_grey(load_key(key).trigger.pixels())

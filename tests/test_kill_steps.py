@@ -182,8 +182,8 @@ def test_kill_each_step_stain(work):
 @pytest.fixture(scope="module")
 def locked(work):
     out = _fresh(work, "lock")
-    args = ["lock", "lockable.onnx", "-o", "lock/l.onnx", "--key", "lock/l.key", "--images", "imgs48", "--fpr",
-            "1e-3", "--seed", "2", "--quiet", "--occlusion-steps", "0", "--patch-png", "lock/p.png"]
+    args = ["lock", "--kind", "gate", "lockable.onnx", "-o", "lock/l.onnx", "--key", "lock/l.key", "--images",
+            "imgs48", "--fpr", "1e-3", "--seed", "2", "--quiet", "--occlusion-steps", "0", "--patch-png", "lock/p.png"]
     steps, failures = _kill_each_step(args, work, out, lambda o, final: _model_unit(
         o, "l.onnx", "l.key", ["p.png"], final))
     return out, steps, failures
@@ -222,7 +222,8 @@ def test_real_kill_after_each_step_of_a_lock(work, locked):
     after every kill, and a last run removes every temp file and completes."""
     _, steps, _ = locked
     out = _fresh(work, "relock")
-    args = ["lock", "lockable.onnx", "-o", "relock/l.onnx", "--key", "relock/l.key", "--images", "imgs48",
+    args = ["lock", "--kind", "gate", "lockable.onnx", "-o", "relock/l.onnx", "--key", "relock/l.key", "--images",
+            "imgs48",
             "--fpr", "1e-3", "--seed", "2", "--quiet", "--occlusion-steps", "0", "--patch-png", "relock/p.png"]
     check = lambda o, final: _model_unit(o, "l.onnx", "l.key", ["p.png"], final)  # noqa: E731
     failures = []
@@ -248,8 +249,8 @@ def test_real_kill_after_each_step_of_a_lock(work, locked):
 
 def test_killed_run_leaves_only_temp_files_the_next_run_removes(work, locked):
     out = _fresh(work, "relock2")
-    args = ["lock", "lockable.onnx", "-o", "relock2/l.onnx", "--key", "relock2/l.key", "--images", "imgs48",
-            "--fpr", "1e-3", "--seed", "2", "--quiet", "--occlusion-steps", "0"]
+    args = ["lock", "--kind", "gate", "lockable.onnx", "-o", "relock2/l.onnx", "--key", "relock2/l.key", "--images",
+            "imgs48", "--fpr", "1e-3", "--seed", "2", "--quiet", "--occlusion-steps", "0"]
     proc = _cli(args, work, **{KILL_ENV: "6"})  # after staging all three files: the key's rename is next
     proc.communicate()
     assert proc.returncode == -9

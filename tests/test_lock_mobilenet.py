@@ -18,7 +18,7 @@ def gate(mobilenet_v2, tmp_path_factory):
     d = tmp_path_factory.mktemp("mnv2-lock")
     out, key = d / "gate.onnx", d / "gate.key"
     # A short occlusion refinement keeps CI fast; tools/lock_seeds.py measures the default.
-    res = onnxstain.lock(mobilenet_v2, out, key, options=LockOptions(seed=3, occlusion_steps=20))
+    res = onnxstain.lock(mobilenet_v2, out, key, options=LockOptions(kind="gate", seed=3, occlusion_steps=20))
     return res, out, key
 
 

@@ -38,7 +38,7 @@ def model_path(tmp_path_factory):
 
 
 def _job(model_path, tmp_path, **opts):
-    return prepare(model_path, tmp_path / "l.onnx", tmp_path / "l.key", LockOptions(**opts), PRE,
+    return prepare(model_path, tmp_path / "l.onnx", tmp_path / "l.key", LockOptions(**{"kind": "gate", **opts}), PRE,
                    smooth_images(64, size=SIZE, seed=1), Silent(), None, None)
 
 

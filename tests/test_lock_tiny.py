@@ -44,7 +44,7 @@ def images():
 def _lock(workdir, images, seed, name=None, **kw):
     name = name or f"locked-{seed}"
     out, key = workdir / f"{name}.onnx", workdir / f"{name}.key"
-    opts = LockOptions(seed=seed, fpr=FPR, occlusion_steps=kw.pop("occlusion_steps", 20), **kw)
+    opts = LockOptions(**{"kind": "gate", "seed": seed, "fpr": FPR, "occlusion_steps": 20, **kw})
     res = onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=opts)
     return res, out, key
 
@@ -52,7 +52,8 @@ def _lock(workdir, images, seed, name=None, **kw):
 def test_a_lock_without_a_seed_draws_one_its_key_can_hold(workdir, images, monkeypatch):
     monkeypatch.setattr(seeds.secrets, "randbelow", lambda n: n - 1)  # the largest seed the draw can give
     out, key = workdir / "unseeded.onnx", workdir / "unseeded.key"
-    onnxstain.lock(workdir / "model.onnx", out, key, images=images, options=LockOptions(fpr=FPR, occlusion_steps=20))
+    onnxstain.lock(workdir / "model.onnx", out, key, images=images,
+                   options=LockOptions(kind="gate", fpr=FPR, occlusion_steps=20))
     assert load_key(key).seed == seeds.SEED_LIMIT - 1
 
 
@@ -287,12 +288,12 @@ def test_audit_on_tiny(locked, workdir):
 def test_unreachable_target_refused(workdir, images, tmp_path):
     with pytest.raises(UnreachableBoundError, match="best patch reached"):
         onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
-                       options=LockOptions(seed=0, fpr=1e-12, max_draws=1, max_steps=100, occlusion_steps=0,
-                                           layer=CONV3))
+                       options=LockOptions(kind="gate", seed=0, fpr=1e-12, max_draws=1, max_steps=100,
+                                           occlusion_steps=0, layer=CONV3))
     # A pixel window wide enough for 1e-300 would not be a corner patch (at most 22 % of the side).
     with pytest.raises(UnsupportedModelError, match="no pixel window"):
         onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
-                       options=LockOptions(seed=0, fpr=1e-300, layer="pixels"))
+                       options=LockOptions(kind="gate", seed=0, fpr=1e-300, layer="pixels"))
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.key").exists()
 
 
@@ -363,7 +364,8 @@ def test_probe_refuses_a_window_that_mixes_pixels():
 
 
 def test_lock_bad_options(workdir, images, tmp_path):
-    for opts in (LockOptions(fpr=0), LockOptions(detectors=0), LockOptions(layer="nope")):
+    for opts in (LockOptions(kind="gate", fpr=0), LockOptions(kind="gate", detectors=0),
+                 LockOptions(kind="gate", layer="nope"), LockOptions(layer="pixels"), LockOptions(detectors=2)):
         with pytest.raises(BadInputError):
             onnxstain.lock(workdir / "model.onnx", tmp_path / "x.onnx", tmp_path / "x.key", images=images,
                            options=opts)
@@ -380,7 +382,8 @@ def test_cli_lock_verify_apply_evaluate(workdir, tmp_path):
     imgs.mkdir()
     write_images(imgs, smooth_images(128, size=SIZE, seed=3))
     r = CliRunner()
-    res = r.invoke(main, ["lock", str(workdir / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+    res = r.invoke(main, ["lock", "--kind", "gate", str(workdir / "model.onnx"), "-o", str(tmp_path / "l.onnx"),
+                          "--key",
                           str(tmp_path / "l.key"), "--images", str(imgs), "--fpr", "1e-3", "--seed", "2",
                           "--quiet", "--patch-png", str(tmp_path / "patch.png")])
     assert res.exit_code == 0, res.output
@@ -414,7 +417,8 @@ def test_cli_lock_refusals(workdir, tmp_path, args, fragment):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     write_images(imgs, smooth_images(64, size=SIZE, seed=3))
-    res = CliRunner().invoke(main, ["lock", str(workdir / "model.onnx"), "-o", str(tmp_path / "l.onnx"), "--key",
+    res = CliRunner().invoke(main, ["lock", "--kind", "gate", str(workdir / "model.onnx"), "-o",
+                                    str(tmp_path / "l.onnx"), "--key",
                                     str(tmp_path / "l.key"), "--images", str(imgs), "--quiet", "--seed", "0", *args])
     assert res.exit_code == 2
     assert fragment in res.output and "Traceback" not in res.output
@@ -514,7 +518,8 @@ def test_pixel_window_lock_of_an_external_data_model(tmp_path, images):
               location="ext.onnx.data", size_threshold=0)
     PRE.save(tmp_path / "ext.preprocessing.json")
     out, key = tmp_path / "locked.onnx", tmp_path / "locked.key"
-    res = onnxstain.lock(src, out, key, images=images, options=LockOptions(seed=0, fpr=FPR, occlusion_steps=0))
+    res = onnxstain.lock(src, out, key, images=images,
+                         options=LockOptions(kind="gate", seed=0, fpr=FPR, occlusion_steps=0))
     assert res.host == "pixels" and (tmp_path / "locked.onnx.data").exists()
     patched = paste_pixels(smooth_images(16, size=SIZE, seed=4), onnxstain.lock_patch(key)[0])
     np.testing.assert_array_equal(_top1(out, patched), _top1(src, patched))
@@ -525,6 +530,7 @@ def test_the_cli_lock_defaults_are_the_library_defaults():
     params = {p.name: p for p in main.commands["lock"].params}
     assert params["occlusion_steps"].default == LockOptions().occlusion_steps
     assert params["fpr"].default == LockOptions().fpr
+    assert params["kind"].default == LockOptions().kind == "auto"
 
 
 def test_refinement_skipped_when_the_model_has_no_torch_translation(tmp_path, images):
@@ -540,7 +546,7 @@ def test_refinement_skipped_when_the_model_has_no_torch_translation(tmp_path, im
     onnx.save(m, tmp_path / "model.onnx")
     PRE.save(tmp_path / "model.preprocessing.json")
     res = onnxstain.lock(tmp_path / "model.onnx", tmp_path / "locked.onnx", tmp_path / "locked.key", images=images,
-                         options=LockOptions(seed=1, fpr=FPR, occlusion_steps=5))
+                         options=LockOptions(kind="gate", seed=1, fpr=FPR, occlusion_steps=5))
     assert res.occlusion is None
     assert any("occlusion-aware refinement skipped (Shrink node '/shrink/Shrink'" in n for n in res.notes)
     assert onnxstain.verify(tmp_path / "locked.onnx", tmp_path / "locked.key").stained

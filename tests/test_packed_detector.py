@@ -114,7 +114,8 @@ def test_an_insert_stain_on_a_packed_output(workdir):
 @pytest.fixture(scope="module")
 def locked(workdir):
     return onnxstain.lock(workdir / "model.onnx", workdir / "l.onnx", workdir / "l.key",
-                          images=smooth_images(160, size=SIZE, seed=2), options=LockOptions(seed=0, fpr=1e-3))
+                          images=smooth_images(160, size=SIZE, seed=2),
+                          options=LockOptions(kind="gate", seed=0, fpr=1e-3))
 
 
 def test_a_gate_lock_on_a_packed_output_gates_every_predictor_input(workdir, locked):
@@ -168,7 +169,8 @@ def test_ddddocr_detector(tmp_path):
                     options=StainOptions(mode="insert", seed=0))
     assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
     assert not onnxstain.verify(model, tmp_path / "s.key").stained
-    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images, options=LockOptions(seed=0))
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images,
+                         options=LockOptions(kind="gate", seed=0))
     assert res.locked_agreement <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
     assert audit.condition("no patch").passed and audit.condition("patch").max_abs_delta == 0.0
@@ -193,7 +195,7 @@ def test_nudenet_yolov8n_anchors_last(tmp_path):
     assert onnxstain.verify(tmp_path / "s.onnx", tmp_path / "s.key").stained
     assert not onnxstain.verify(model, tmp_path / "s.key").stained
     res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images, preprocessing=pre,
-                         options=LockOptions(seed=0))
+                         options=LockOptions(kind="gate", seed=0))
     assert res.host == "pixels" and res.locked_agreement <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=1)
     assert audit.passed, [(c.name, c.agreement) for c in audit.conditions if not c.passed]

@@ -32,7 +32,7 @@ def work(tmp_path_factory):
     images = smooth_images(96, size=SIZE, seed=1)
     for seed in (0, 1):
         onnxstain.lock(d / "model.onnx", d / f"lock{seed}.onnx", d / f"lock{seed}.key", images=images,
-                       options=LockOptions(seed=seed, fpr=1e-3, occlusion_steps=0))
+                       options=LockOptions(kind="gate", seed=seed, fpr=1e-3, occlusion_steps=0))
     onnxstain.stain(d / "model.onnx", d / "stain.onnx", d / "stain.key", images=images,
                     options=StainOptions(mode="insert", fpr=0.05, seed=3))
     return d
@@ -191,7 +191,7 @@ def test_a_users_dynamic_quantiser_takes_a_model_with_constant_node_weights(tmp_
     PRE.save(tmp_path / "model.preprocessing.json")
     images = smooth_images(96, size=SIZE, seed=1)
     onnxstain.lock(tmp_path / "model.onnx", tmp_path / "lock.onnx", tmp_path / "lock.key", images=images,
-                   options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+                   options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=0))
     onnxstain.stain(tmp_path / "model.onnx", tmp_path / "stain.onnx", tmp_path / "stain.key", images=images,
                     options=StainOptions(mode="insert", fpr=0.05, seed=3))
     for name in ("lock", "stain"):

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_quantiser_calibrated_on_clean_photos_keeps_the_lock(mobilenet_v2, tmp_path):
     onnxstain.lock(mobilenet_v2, tmp_path / "l.onnx", tmp_path / "l.key",
-                   options=LockOptions(seed=0, occlusion_steps=0))
+                   options=LockOptions(kind="gate", seed=0, occlusion_steps=0))
     key = load_key(tmp_path / "l.key")
     pre = key.preprocessing
     calib = pre.to_input(natural_images("calibration", size=(pre.height, pre.width), views=CALIBRATION_VIEWS).pixels)

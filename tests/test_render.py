@@ -38,7 +38,7 @@ def work(tmp_path_factory):
     stain = onnxstain.stain(d / "model.onnx", d / "s.onnx", d / "s.key", images=images,
                             options=StainOptions(mode="insert", fpr=0.05, seed=3))
     lock = onnxstain.lock(d / "model.onnx", d / "l.onnx", d / "l.key", images=images,
-                          options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+                          options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=0))
     return d, images, stain, lock
 
 

@@ -262,10 +262,10 @@ def test_a_model_without_a_cut_wide_enough_is_refused_before_any_work(tmp_path):
 def test_real_classifiers_lock_every_wrong_patch_and_open_exactly(name, tmp_path):
     """MobileNetV2 (TorchScript export) and EfficientNet-Lite0 (dynamo export): the audit's every condition,
     and the locked model computed exactly as the original with the patch (its layer is a stage's first Conv,
-    outside any residual block)."""
+    outside any residual block). The default kind is this lock on both."""
     model = corpus_model(name)
-    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(kind="shuffle", seed=0))
-    assert res.locked_agreement <= 0.01 and res.bound.value <= 1e-30
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(seed=0))
+    assert res.kind == "shuffle" and res.locked_agreement <= 0.01 and res.bound.value <= 1e-30
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=2)
     assert audit.passed, [(c.name, c.agreement) for c in audit.conditions if not c.passed]
     assert next(c for c in audit.conditions if c.name == "patch").max_abs_delta < 1e-4
@@ -291,11 +291,17 @@ def test_a_paddle_model_with_unfolded_batchnorm_and_constant_nodes_locks(tmp_pat
 
 @pytest.mark.slow
 def test_a_sequence_recogniser_the_shuffle_cannot_lock_is_refused_not_written(tmp_path):
-    """EasyOCR's recogniser reads 94.7 % of its steps the same through a shuffled layer: refused, nothing written."""
+    """EasyOCR's recogniser reads 94.7 % of its steps the same through a shuffled layer: refused, nothing written;
+    the default kind then makes a gate lock."""
     model = corpus_model("easyocr_rec")
     with pytest.raises(UnsupportedModelError, match="does not lock this model"):
         onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(kind="shuffle", seed=0))
     assert not list(tmp_path.iterdir())
+    # the default kind makes the gate lock instead, and says why
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(seed=0))
+    assert res.kind == "gate" and res.locked_agreement <= res.chance + 0.02
+    assert any(n.startswith("a gate lock") and "does not lock this model" in n for n in res.notes), res.notes
+    assert onnxstain.verify(tmp_path / "l.onnx", tmp_path / "l.key").stained
 
 
 @pytest.mark.slow
@@ -322,7 +328,7 @@ def test_onnxstain_quantize_keeps_a_shuffle_lock_as_the_original_quantises(tmp_p
 def test_a_gate_lock_says_that_a_graph_edit_opens_it_and_that_the_shuffle_would_not(locked, images):
     d, _ = locked
     res = onnxstain.lock(d / "model.onnx", d / "gate.onnx", d / "gate.key", images=images,
-                         options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=0))
+                         options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=0))
     assert any("--kind shuffle resists" in n and "/conv3/Conv" in n for n in res.notes), res.notes  # 1e-3: 16 blocks
 
 

@@ -85,7 +85,7 @@ def test_a_one_logit_lock_is_judged_by_its_decisions(one_logit):
     Now: chance 1/2, the locked decisions independent of the original's (kappa ≈ 0), the patch exact."""
     d, images = one_logit, smooth_images(192, size=SIZE, seed=1)
     res = onnxstain.lock(d / "model.onnx", d / "locked.onnx", d / "locked.key", images=images,
-                         options=LockOptions(seed=0, fpr=1e-3, occlusion_steps=10))
+                         options=LockOptions(kind="gate", seed=0, fpr=1e-3, occlusion_steps=10))
     assert res.chance == 0.5 and res.kappa is not None and abs(res.kappa) <= 0.05
     x = Preprocessing(height=SIZE, width=SIZE, resize=None).to_input(images)
     orig = session(onnx.load(d / "model.onnx")).run(None, {"input": x})[0]
@@ -111,7 +111,8 @@ def test_the_cli_says_kappa_for_a_one_logit_lock(one_logit, tmp_path):
     from tinymodels import write_images
 
     write_images(tmp_path, smooth_images(96, size=SIZE, seed=2))
-    run = CliRunner().invoke(main, ["lock", str(one_logit / "model.onnx"), "-o", str(tmp_path / "l.onnx"),
+    run = CliRunner().invoke(main, ["lock", "--kind", "gate", str(one_logit / "model.onnx"), "-o",
+                                    str(tmp_path / "l.onnx"),
                                     "--key", str(tmp_path / "l.key"), "--seed", "1", "--fpr", "1e-3",
                                     "--images", str(tmp_path), "--occlusion-steps", "0"])
     assert run.exit_code == 0, run.output
@@ -136,7 +137,7 @@ def test_real_two_class_locks_say_nothing_of_the_original(name, tmp_path):
     occlusion refinement failed on it) and MTCNN's O-Net (TorchScript; the old rule kept flips whose locked
     answers had kappa −0.22 and −0.45 on the held-out photos: partly the original's answers swapped)."""
     model = corpus_model(name)
-    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(seed=1))
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", options=LockOptions(kind="gate", seed=1))
     assert res.occlusion is not None  # the refinement ran
     assert res.kappa is not None and abs(res.kappa) <= 0.05
     audit = onnxstain.audit_lock(model, tmp_path / "l.onnx", tmp_path / "l.key", views=4)

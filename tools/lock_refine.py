@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
                     for f in (out, key, work / "locked.key.public.json"):
                         f.unlink(missing_ok=True)
                     start = time.perf_counter()
-                    res = onnxstain.lock(model, out, key, LockOptions(seed=seed, occlusion_steps=steps,
+                    res = onnxstain.lock(model, out, key, LockOptions(kind="gate", seed=seed, occlusion_steps=steps,
                                                                       occlusion_lr=lr or LockOptions.occlusion_lr))
                     seconds = time.perf_counter() - start
                     if "x" not in clean:

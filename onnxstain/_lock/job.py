@@ -106,8 +106,8 @@ def load_job(model: str | Path, opts: LockOptions, preprocessing: Preprocessing 
 
 
 def check_options(opts: LockOptions) -> None:
-    if opts.kind not in ("gate", "inplace", "shuffle"):
-        raise BadInputError(f"--kind must be gate, inplace or shuffle, not {opts.kind!r}")
+    if opts.kind not in ("auto", "gate", "inplace", "shuffle"):
+        raise BadInputError(f"--kind must be auto, gate, inplace or shuffle, not {opts.kind!r}")
     if opts.kind == "inplace" and opts.detectors != 1:
         raise BadInputError("the in-place lock carries one detector through its conduits: use --detectors 1, or "
                             "the gate lock (--kind gate) for several")

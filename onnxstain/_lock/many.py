@@ -17,6 +17,7 @@ from ..model_keys import ModelForKeys
 from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
+from .auto import AutoLock
 from .dense import DenseLock
 from .job import LockJob, load_job, run_stages
 from .pipeline import ClassifierLock, lock_stages
@@ -33,7 +34,7 @@ class Locker(ModelForKeys):
                  images: str | Path | np.ndarray | None = None, progress: Progress | None = None) -> None:
         self.model = Path(model)
         self._job: LockJob = load_job(model, options or LockOptions(), preprocessing, images, progress or Silent())
-        self._stages: ClassifierLock | ShuffleLock | None = None
+        self._stages: ClassifierLock | ShuffleLock | AutoLock | None = None
         if self._job.head is not None:  # a dense output's lock calibrates per key (its search trims the features)
             stages = lock_stages(self._job)
             assert not isinstance(stages, DenseLock)  # a head's lock
@@ -46,5 +47,5 @@ class Locker(ModelForKeys):
         out, key, record = checked_job_outputs(self.model, output, key_path, record_path)
         job = self._job.for_key(out, key, record, seed, artefacts)
         if self._stages is None:
-            return run_stages(job, DenseLock(job))
+            return run_stages(job, lock_stages(job))
         return run_stages(job, self._stages.for_key(job), calibrated=True)

@@ -38,6 +38,7 @@ from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from ..runtime import run_batches, session, with_outputs
 from ..signature import lock_agreement
+from .auto import AutoLock
 from .calibration import ClassifierCalibration, calibrate_classifier
 from .dense import DenseLock
 from .edit import gate_lock, inplace_lock
@@ -73,8 +74,10 @@ def lock(
     return run_stages(job, lock_stages(job))
 
 
-def lock_stages(job: LockJob) -> ClassifierLock | DenseLock | ShuffleLock:
+def lock_stages(job: LockJob) -> ClassifierLock | DenseLock | ShuffleLock | AutoLock:
     """The stages of the job's kind of lock (they refuse what they cannot do before any work)."""
+    if job.opts.kind == "auto":
+        return AutoLock(job)
     if job.opts.kind == "shuffle":
         return ShuffleLock(job)
     if job.opts.kind == "gate" and job.head is not None:

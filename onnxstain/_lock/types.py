@@ -21,7 +21,7 @@ from ..patch import Patch
 
 @dataclasses.dataclass
 class LockOptions:
-    kind: Literal["gate", "inplace", "shuffle"] = "gate"
+    kind: Literal["auto", "gate", "inplace", "shuffle"] = "auto"  # auto: shuffle where it locks the model, else gate
     layer: str | None = None
     detectors: int = 1
     fpr: float = 1e-6

@@ -40,9 +40,9 @@ from .registry_cli import registry_passphrase
 @click.option("--lock", "lock_copies", is_flag=True,
               help="Issue locked copies instead: <customer>.locked.onnx, useless without the customer's own patch, "
                    "beside <customer>.locked.key (the customer's key: `onnxstain apply-patch` pastes its patch).")
-@click.option("--lock-kind", type=click.Choice(["gate", "shuffle"]), default="gate", show_default=True,
-              help="With --lock: the kind of lock (`onnxstain lock --kind`); shuffle resists a graph edit, each copy "
-                   "with an order of its own.")
+@click.option("--lock-kind", type=click.Choice(["auto", "gate", "shuffle"]),
+              help="With --lock: the kind of lock (`onnxstain lock --kind`; default auto: shuffle where it locks the "
+                   "model, else gate); shuffle resists a graph edit, each copy with an order of its own.")
 @click.option("--both", "both", is_flag=True,
               help="Stain each copy, then lock it: <customer>.locked.onnx beside <customer>.locked.key, the lock's "
                    "key; the registry keeps both keys (the stain names the customer of a leaked copy).")
@@ -61,12 +61,12 @@ from .registry_cli import registry_passphrase
 @provider_option
 @handle_errors
 def issue(model: str, customers: str, dist: str, registry_path: str, images: str | None, lock_copies: bool,
-          lock_kind: Literal["gate", "shuffle"], both: bool, fpr: float | None, workers: int,
+          lock_kind: Literal["auto", "gate", "shuffle"] | None, both: bool, fpr: float | None, workers: int,
           ray_address: str | None, signing_key: str | None, json_out: str | None, quiet: bool,
           providers: str | None) -> None:
     """Issue one stained copy of MODEL per customer (default stain settings, a fresh secret key each), or with
-    --lock one locked copy each (the gate lock by default, or --lock-kind shuffle; a patch of its own each), or with
-    --both one stained copy each, then locked.
+    --lock one locked copy each (the shuffle lock where it locks the model, else the gate lock; a patch of its
+    own each), or with --both one stained copy each, then locked.
 
     Re-running skips customers that already have a copy, so a killed run is resumed by running it again."""
     from ..api import LockOptions, StainOptions
@@ -80,15 +80,15 @@ def issue(model: str, customers: str, dist: str, registry_path: str, images: str
     Path(dist).mkdir(parents=True, exist_ok=True)
     if lock_copies and both:
         raise click.UsageError("--lock and --both exclude each other")
-    if lock_kind != "gate" and not lock_copies:
+    if lock_kind is not None and not lock_copies:
         raise click.UsageError("--lock-kind goes with --lock (--both locks each stained copy with the gate lock)")
     opts: StainOptions | LockOptions
     if lock_copies:
-        opts = LockOptions(kind=lock_kind, fpr=LockOptions.fpr if fpr is None else fpr,
+        opts = LockOptions(kind=lock_kind or "auto", fpr=LockOptions.fpr if fpr is None else fpr,
                            providers=providers_list(providers))
     else:
         opts = StainOptions(fpr=StainOptions.fpr if fpr is None else fpr, providers=providers_list(providers))
-    then_lock = LockOptions(providers=opts.providers) if both else None
+    then_lock = LockOptions(kind="gate", providers=opts.providers) if both else None
     progress = RichProgress(not quiet and sys.stderr.isatty())
     if workers > 1 or ray_address:
         from .workers import issue_parallel
