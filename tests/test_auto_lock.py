@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -15,10 +16,14 @@ from tinymodels import smooth_images, tiny_lockable, write_images
 import onnxstain
 from onnxstain import LockOptions, Preprocessing
 from onnxstain._lock import shuffle as shuffle_mod
+from onnxstain._lock.auto import AutoLock, resolved
+from onnxstain._lock.job import prepare
 from onnxstain._lock.many import Locker
+from onnxstain._lock.pipeline import lock_stages
 from onnxstain.cli import main
 from onnxstain.errors import BadInputError
 from onnxstain.keys import load_key
+from onnxstain.progress import Silent
 
 SIZE = 48
 PRE = Preprocessing(height=SIZE, width=SIZE, resize=None)
@@ -125,3 +130,19 @@ def test_a_fleets_keys_are_each_the_lock_of_its_seed_shuffle_or_gate(model, imag
     again = locker.lock(tmp_path / "b.onnx", tmp_path / "b.key", seed=11)
     assert again.kind == "shuffle" and _digest(tmp_path / "b.onnx") == _digest(tmp_path / "a.onnx")
     assert onnxstain.verify(tmp_path / "b.onnx", tmp_path / "b.key").stained
+
+
+def test_each_kind_draws_from_its_own_generator_and_shares_the_jobs_notes(model, images, tmp_path):
+    """A gate lock after the shuffle refused draws as ``--kind gate`` would: its generator starts from the seed,
+    untouched by the shuffle's draws; notes and timings are the job's."""
+    job = prepare(model, tmp_path / "l.onnx", tmp_path / "l.key", LockOptions(seed=9), None, images, Silent(), None,
+                  None)
+    stages = lock_stages(job)
+    assert isinstance(stages, AutoLock) and stages.shuffle is not None and stages.gate is None
+    shuffle, gate = resolved(job, "shuffle"), resolved(job, "gate")
+    assert (shuffle.opts.kind, gate.opts.kind, job.opts.kind) == ("shuffle", "gate", "auto")
+    first = shuffle.rng.random(4)
+    np.testing.assert_array_equal(gate.rng.random(4), first)
+    np.testing.assert_array_equal(np.random.default_rng(9).random(4), first)
+    gate.notes.append("seen")
+    assert job.notes[-1] == "seen" and gate.timings is job.timings

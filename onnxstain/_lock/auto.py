@@ -13,21 +13,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from typing import TYPE_CHECKING
+from typing import Literal
 
 import numpy as np
 
 from ..errors import BadInputError, UnsupportedModelError
+from .classifier import ClassifierLock
 from .dense import DenseLock
 from .job import LockJob
+from .shuffle import ShuffleLock
 from .types import LockResult
 
-if TYPE_CHECKING:
-    from .pipeline import ClassifierLock
-    from .shuffle import ShuffleLock
 
-
-def resolved(job: LockJob, kind: str) -> LockJob:
+def resolved(job: LockJob, kind: Literal["gate", "shuffle"]) -> LockJob:
     """The job as one of a given kind: its notes, timings and outputs shared with ``job``, a generator of its own
     from the job's seed (a gate lock after the shuffle refused is the one ``--kind gate`` makes with that seed)."""
     return dataclasses.replace(job, opts=dataclasses.replace(job.opts, kind=kind), rng=np.random.default_rng(job.seed))
@@ -39,8 +37,6 @@ class AutoLock:
     STAGES = ("calibrate", "search", "edit")
 
     def __init__(self, job: LockJob) -> None:
-        from .shuffle import ShuffleLock
-
         if job.opts.layer is not None or job.opts.detectors != 1:
             raise BadInputError("--layer and --detectors name a site of one kind of lock: say which with --kind "
                                 "gate or --kind shuffle (the default kind picks its own)")
@@ -55,8 +51,6 @@ class AutoLock:
 
     def fall_back(self, refusal: UnsupportedModelError) -> None:
         """Give up the shuffle lock for this key: the gate lock's stages from here on, with a note of why."""
-        from .pipeline import ClassifierLock
-
         reason = re.split(r"[:;] use --kind gate", str(refusal))[0]
         self.job.notes.append(f"a gate lock: the default kind where the shuffle lock cannot be used ({reason}); "
                               "anyone who edits the graph opens a gate lock in seconds (README, \"Threat model\")")

@@ -10,6 +10,7 @@ reads and the lock restores.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -157,7 +158,17 @@ class DenseCalibration:
 
 
 CHUNK = 32  # calibration images per host-feature chunk
-FEATURES_HELD = 2 << 30  # bytes of host features kept between the two passes; beyond, the host is tapped again
+def _features_held() -> int:
+    """Bytes of host features kept between the calibration's two passes (beyond, the host is tapped again): a
+    quarter of the machine's memory, 2 to 16 GiB."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        memory = 8 << 30
+    return int(min(max(memory // 4, 2 << 30), 16 << 30))
+
+
+FEATURES_HELD = _features_held()
 
 
 def calibrate_dense(job: LockJob, site: LockSite) -> DenseCalibration:

@@ -18,9 +18,10 @@ from ..outputs import Artefacts, checked_job_outputs
 from ..preprocess import Preprocessing, PreprocessingRequest
 from ..progress import Progress, Silent
 from .auto import AutoLock
+from .classifier import ClassifierLock
 from .dense import DenseLock
 from .job import LockJob, load_job, run_stages
-from .pipeline import ClassifierLock, lock_stages
+from .pipeline import lock_stages
 from .shuffle import ShuffleLock
 from .types import LockOptions, LockResult
 
