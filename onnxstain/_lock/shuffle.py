@@ -54,6 +54,7 @@ MIN_GAP = 1.5  # pixel levels between consecutive sort keys under the patch, at 
 OPEN_MARGIN = 0.1  # a classifier the shuffle leaves above chance + 10 points is refused (not locked) ...
 OPEN_KAPPA = 0.2  # ... a two-answer head whose locked answers keep |kappa| above this ...
 OPEN_MAP = 0.2  # ... and a detector that keeps this anchor mAP
+CHECK_IMAGES = 256  # calibration images the locked model is judged on (±3 points of agreement; kappa ±0.06)
 
 
 class ShuffleLock:
@@ -61,7 +62,7 @@ class ShuffleLock:
 
     probe: WindowProbe
     pixels: np.ndarray
-    x_cal: np.ndarray
+    x_cal: np.ndarray  # the first CHECK_IMAGES calibration images, preprocessed
     nat_scores: np.ndarray
     sigma: np.ndarray
     patch: Patch
@@ -121,7 +122,7 @@ class ShuffleLock:
     def calibrate(self) -> None:
         job, head = self.job, self.head
         self.pixels = calibration_pixels(job.images, job.pre, job.prog)
-        self.x_cal = job.pre.to_input(self.pixels)
+        self.x_cal = job.pre.to_input(self.pixels[:CHECK_IMAGES])  # the sort keys below read every image
         sess = session(with_outputs(job.loaded.model, [head.scores]), job.opts.providers)
         self.nat_scores = run_batches(sess, self.x_cal, [head.scores], batch=job.opts.batch)[head.scores]
         probe = probe_window(self.window_keys, SIDE, job.pre.height, job.pre.width, grey=job.pre.channels == 1)
