@@ -241,3 +241,17 @@ def test_cli_issue_shuffle_locked_copies_each_open_with_their_own_patch_only(wor
     r = CliRunner().invoke(main, ["issue", str(workdir / "model.onnx"), "--customers", str(tmp_path / "c.csv"),
                                   "-o", str(dist), "--registry", str(db), "--lock-kind", "shuffle"])
     assert r.exit_code == 2 and "--lock-kind goes with --lock" in r.output
+
+
+def test_a_stained_copy_is_never_shuffle_locked(workdir, images, tmp_path):
+    """``--both`` locks each stained copy with the gate (the default kind is taken as the gate there): a shuffle
+    could reorder the stain's host layer, whose row identify reads from the weights. Refused before any copy."""
+    from onnxstain.errors import BadInputError
+
+    dist = tmp_path / "dist"
+    dist.mkdir()
+    with Registry.open(tmp_path / "r.db", create=True) as reg:
+        with pytest.raises(BadInputError, match="shuffle lock"):
+            issue(workdir / "model.onnx", ["acme"], dist, reg, images=images, options=StainOptions(fpr=0.05),
+                  then_lock=LockOptions(kind="shuffle"))
+        assert list(reg.copies()) == [] and not list(dist.iterdir())

@@ -11,10 +11,10 @@ from onnx import numpy_helper
 from tinymodels import smooth_images, tiny_lockable
 
 from onnxstain import LockOptions, Preprocessing
+from onnxstain._lock.classifier import ClassifierLock
 from onnxstain._lock.edit import gate_weights
 from onnxstain._lock.geometry import lock_hosts
 from onnxstain._lock.job import check_options, prepare, refuse_half_precision, run_stages
-from onnxstain._lock.classifier import ClassifierLock
 from onnxstain._lock.search import run_search
 from onnxstain._lock.site import LockSite, classifier_host
 from onnxstain._lock.types import LockResult

@@ -161,10 +161,10 @@ def issue(model: str | Path, customers: Sequence[str], dist: str | Path, registr
         check_signing_key(signing_key)
     if any(o is not None and o.seed is not None for o in (options, then_lock)):
         raise BadInputError("issued copies take fresh secret seeds; --seed does not apply")
-    if then_lock is not None and then_lock.kind not in ("auto", "gate"):
-        raise BadInputError("a stained copy is locked with the gate lock (a shuffle lock could reorder the layer "
-                            "that hosts the stain, whose row identify reads from the weights)")
-    if then_lock is not None:
+    if then_lock is not None and then_lock.kind == "shuffle":
+        raise BadInputError("a stained copy is not locked with the shuffle lock (it could reorder the layer that "
+                            "hosts the stain, whose row identify reads from the weights): use the gate lock")
+    if then_lock is not None and then_lock.kind == "auto":
         then_lock = dataclasses.replace(then_lock, kind="gate")
     out = Path(dist)
     if not out.is_dir():
