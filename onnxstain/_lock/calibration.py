@@ -158,6 +158,8 @@ class DenseCalibration:
 
 
 CHUNK = 32  # calibration images per host-feature chunk
+
+
 def _features_held() -> int:
     """Bytes of host features kept between the calibration's two passes (beyond, the host is tapped again): a
     quarter of the machine's memory, 2 to 16 GiB."""
