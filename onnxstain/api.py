@@ -98,8 +98,15 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
                 f"class logits {head.output!r} ({anchors} anchors × {width} labels) beside box outputs")
         notes.append(f"detector: {what}; stains are inserted (--mode insert) and show a prescribed detection; "
                      "locks are shuffle or gate locks")
+    from ._lock.auto import default_kind
     from ._lock.window import pixel_conv
 
+    lock = default_kind(loaded.model, view, head, pre) if head is not None or dense is not None else None
+    if lock is not None and lock["kind"] == "shuffle":
+        notes.append(f"lock: the default kind makes a shuffle lock here, reordering {lock['layer']!r} in "
+                     f"{lock['blocks']} blocks (if that locks the model on the calibration images; else a gate lock)")
+    elif lock is not None:
+        notes.append(f"lock: the default kind makes a gate lock here ({lock['reason']}; a graph edit opens it)")
     conv = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
     if conv is not None:
         notes.append(f"gate lock: {conv.name!r} reads the image through per-element ops, so a gate lock's "
@@ -125,7 +132,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
     shape = f"{info.layout or pre.layout} {info.height or '?'}x{info.width or '?'}{dynamic} {info.dtype}{grey}"
     return {"model": str(loaded.path), "sha256": loaded.sha256, "input": shape,
             "nodes": len(view.graph.node), "head": head.node if head else None, "hosts": rows,
-            "default": default, "notes": notes}
+            "default": default, "lock": lock, "notes": notes}
 
 
 def stain_summary(res: StainResult) -> dict[str, Any]:

@@ -146,3 +146,17 @@ def test_each_kind_draws_from_its_own_generator_and_shares_the_jobs_notes(model,
     np.testing.assert_array_equal(np.random.default_rng(9).random(4), first)
     gate.notes.append("seen")
     assert job.notes[-1] == "seen" and gate.timings is job.timings
+
+
+def test_inspect_says_which_lock_the_default_makes(model, images, tmp_path):
+    """``inspect`` reads the default kind off the graph: a shuffle lock and its layer where the model has a site for
+    it (the layer and blocks the lock then uses), else the gate lock and why (no torch, no calibration)."""
+    info = onnxstain.inspect_model(model)
+    res = onnxstain.lock(model, tmp_path / "l.onnx", tmp_path / "l.key", images=images, options=LockOptions(seed=5))
+    assert info["lock"] == {"kind": "shuffle", "layer": res.host, "blocks": res.blocks, "reason": None}
+    assert any(n.startswith("lock: the default kind makes a shuffle lock here") for n in info["notes"])
+    onnx.save(tiny_vit(dim=64), tmp_path / "vit.onnx")
+    Preprocessing(height=32, width=32, resize=None).save(tmp_path / "vit.preprocessing.json")
+    dense = onnxstain.inspect_model(tmp_path / "vit.onnx")
+    assert dense["lock"]["kind"] == "gate" and "dense output" in dense["lock"]["reason"]
+    assert any(n.startswith("lock: the default kind makes a gate lock here") for n in dense["notes"])

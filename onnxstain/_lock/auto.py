@@ -13,22 +13,46 @@ from __future__ import annotations
 import copy
 import dataclasses
 import re
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+import onnx
 
+from .._onnx import head as head_mod
+from .._onnx.graph import GraphView
 from ..errors import BadInputError, UnsupportedModelError
+from ..preprocess import Preprocessing
 from .classifier import ClassifierLock
 from .dense import DenseLock
 from .job import LockJob
 from .shuffle import ShuffleLock
-from .types import LockResult
+from .shuffle_site import shuffle_site
+from .types import LockOptions, LockResult
 
 
 def resolved(job: LockJob, kind: Literal["gate", "shuffle"]) -> LockJob:
     """The job as one of a given kind: its notes, timings and outputs shared with ``job``, a generator of its own
     from the job's seed (a gate lock after the shuffle refused is the one ``--kind gate`` makes with that seed)."""
     return dataclasses.replace(job, opts=dataclasses.replace(job.opts, kind=kind), rng=np.random.default_rng(job.seed))
+
+
+def refusal_reason(refusal: UnsupportedModelError) -> str:
+    """A shuffle lock's refusal without its pointer to the gate lock (which the default kind then makes)."""
+    return re.split(r"[:;] use --kind gate", str(refusal))[0]
+
+
+def default_kind(model: onnx.ModelProto, view: GraphView, head: head_mod.Head | None,
+                 pre: Preprocessing) -> dict[str, Any]:
+    """What the default kind makes of this model, read off its graph (``inspect``): the shuffle lock and its
+    layer and blocks, or the gate lock and why. Whether the reordered layer locks the model is measured on the
+    calibration images only when the lock runs (a miss there makes the gate lock too)."""
+    if head is None:
+        return {"kind": "gate", "layer": None, "blocks": None, "reason": "a dense output, no classifier head"}
+    try:
+        site = shuffle_site(model, view, head, pre, LockOptions.fpr)
+    except UnsupportedModelError as refusal:
+        return {"kind": "gate", "layer": None, "blocks": None, "reason": refusal_reason(refusal)}
+    return {"kind": "shuffle", "layer": site.layer.name, "blocks": site.blocks, "reason": None}
 
 
 class AutoLock:
@@ -51,8 +75,8 @@ class AutoLock:
 
     def fall_back(self, refusal: UnsupportedModelError) -> None:
         """Give up the shuffle lock for this key: the gate lock's stages from here on, with a note of why."""
-        reason = re.split(r"[:;] use --kind gate", str(refusal))[0]
-        self.job.notes.append(f"a gate lock: the default kind where the shuffle lock cannot be used ({reason}); "
+        self.job.notes.append(f"a gate lock: the default kind where the shuffle lock cannot be used "
+                              f"({refusal_reason(refusal)}); "
                               "anyone who edits the graph opens a gate lock in seconds (README, \"Threat model\")")
         self.shuffle = None
         if self.gate is None:

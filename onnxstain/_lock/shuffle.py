@@ -21,7 +21,6 @@ import numpy as np
 import onnx
 
 from .._onnx import head as head_mod
-from .._onnx.hosts import find_hosts
 from ..calibration import calibration_pixels
 from ..errors import BadModelError, InternalError, UnsupportedModelError
 from ..keys import (
@@ -37,18 +36,17 @@ from ..keys import (
 from ..math import bounds
 from ..math import shuffle as shuffle_math
 from ..math.agreement import chance_agreement
-from ..passes.shuffle import MIN_OPSET, insert_shuffle
+from ..passes.shuffle import insert_shuffle
 from ..patch import Patch, paste_pixels, smooth_backgrounds
 from ..runtime import run_batches, session, with_outputs
 from ..signature import lock_agreement
 from .edit import classifier_agreement, detection_agreement, two_answer_kappa
 from .job import LockJob, write_outputs
 from .keys import model_section, patch_section
-from .shuffle_site import choose_shuffle_layer, read_point, shuffle_layers
+from .shuffle_site import SIDE, read_point, shuffle_site
 from .types import LockResult
-from .window import WindowProbe, pixel_conv, probe_window
+from .window import WindowProbe, probe_window
 
-SIDE = 5  # the corner window: 5×5 pixels, 75 sort keys on a colour model (25 on a grey one), as the gate's patch
 REFERENCES = 8  # synthetic reference images stored (as a seed) for black-box verification
 MIN_GAP = 1.5  # pixel levels between consecutive sort keys under the patch, at least (rounding, int8 of the input)
 OPEN_MARGIN = 0.1  # a classifier the shuffle leaves above chance + 10 points is refused (not locked) ...
@@ -78,39 +76,13 @@ class ShuffleLock:
 
     def __init__(self, job: LockJob) -> None:
         """Choose the window and the layer; refuse what this lock cannot do before any work."""
-        head, pre, opts, view = job.head, job.pre, job.opts, job.view
-        if head is None:
+        if job.head is None:
             raise UnsupportedModelError("the shuffle lock protects a classifier or detector head; this model's "
                                         "output is a dense map: use --kind gate")
-        if view.opset() < MIN_OPSET:
-            raise UnsupportedModelError(f"the shuffle lock needs opset {MIN_OPSET} or later (GatherElements); this "
-                                        f"model has opset {view.opset()}: use --kind gate, or upgrade the model")
-        self.job, self.head = job, head
-        hosts = [h for h in find_hosts(job.loaded.model, view) if h.op == "Conv"]
-        first = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
-        if first is None:
-            raise UnsupportedModelError("the shuffle lock reads its patch where the model's first Conv reads the "
-                                        "image, and this model reaches its first Conv through more than per-pixel "
-                                        "preprocessing: use --kind gate")
-        self.first = first
-        keys = pre.channels * SIDE * SIDE
-        need = shuffle_math.blocks_for(opts.fpr, keys)
-        if need > keys:
-            raise UnsupportedModelError(f"a {SIDE}x{SIDE} corner holds {keys} sort keys, too few for --fpr "
-                                        f"{opts.fpr:g}")
-        layers = shuffle_layers(view, hosts, [head.output, head.scores], need, first)
-        layer = choose_shuffle_layer(layers, opts.layer)
-        if layer is None:
-            raise UnsupportedModelError(
-                f"--layer {opts.layer} is not a layer the shuffle lock can reorder (an ungrouped Conv with at least "
-                f"{need} channels that every path to the output passes through)" if opts.layer else
-                f"no layer to reorder: the shuffle lock needs an ungrouped Conv with at least {need} output channels "
-                "that every path to the output passes through (no skip connection around it); use --kind gate")
-        self.layer = layer
+        self.job, self.head = job, job.head
+        site = shuffle_site(job.loaded.model, job.view, job.head, job.pre, job.opts.fpr, job.opts.layer)
+        self.first, self.layer, self.blocks, self.group = site.first, site.layer, site.blocks, site.group
         self._window_session: object | None = None
-        plan = shuffle_math.plan_blocks(layer.out_channels, keys, need)
-        assert plan is not None  # the layer has at least ``need`` channels
-        self.blocks, self.group = plan
 
     def for_key(self, job: LockJob) -> ShuffleLock:
         """These stages for another key's job of the same model (site and calibration shared)."""

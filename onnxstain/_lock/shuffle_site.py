@@ -10,8 +10,20 @@ order has the rest of the network to run for every guess.
 
 from __future__ import annotations
 
+import dataclasses
+
+import onnx
+
+from .._onnx import head as head_mod
 from .._onnx.graph import GraphView
-from .._onnx.hosts import HostLayer
+from .._onnx.hosts import HostLayer, find_hosts
+from ..errors import UnsupportedModelError
+from ..math import shuffle as shuffle_math
+from ..passes.shuffle import MIN_OPSET
+from ..preprocess import Preprocessing
+from .window import pixel_conv
+
+SIDE = 5  # the corner window: 5×5 pixels, 75 sort keys on a colour model (25 on a grey one), as the gate's patch
 
 _NO_VALUES = {"Shape", "Size"}  # outputs that carry no pixel value (an exporter's dynamic reshapes read them)
 
@@ -57,3 +69,43 @@ def choose_shuffle_layer(layers: list[HostLayer], name: str | None = None) -> Ho
     if name is not None:
         return next((h for h in layers if h.name == name), None)
     return layers[len(layers) // 2] if layers else None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShuffleSite:
+    """Where a shuffle lock goes: the first Conv (its input's corner is the patch), the layer it reorders, and
+    the blocks of ``group`` channels it stores out of order."""
+
+    first: HostLayer
+    layer: HostLayer
+    blocks: int
+    group: int
+
+
+def shuffle_site(model: onnx.ModelProto, view: GraphView, head: head_mod.Head, pre: Preprocessing, fpr: float,
+                 layer_name: str | None = None) -> ShuffleSite:
+    """The shuffle lock's site in this model, or :class:`UnsupportedModelError` saying why it has none (whether
+    reordering the layer locks the model is measured on the calibration images when the lock runs)."""
+    if view.opset() < MIN_OPSET:
+        raise UnsupportedModelError(f"the shuffle lock needs opset {MIN_OPSET} or later (GatherElements); this "
+                                    f"model has opset {view.opset()}: use --kind gate, or upgrade the model")
+    hosts = [h for h in find_hosts(model, view) if h.op == "Conv"]
+    first = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
+    if first is None:
+        raise UnsupportedModelError("the shuffle lock reads its patch where the model's first Conv reads the "
+                                    "image, and this model reaches its first Conv through more than per-pixel "
+                                    "preprocessing: use --kind gate")
+    keys = pre.channels * SIDE * SIDE
+    need = shuffle_math.blocks_for(fpr, keys)
+    if need > keys:
+        raise UnsupportedModelError(f"a {SIDE}x{SIDE} corner holds {keys} sort keys, too few for --fpr {fpr:g}")
+    layer = choose_shuffle_layer(shuffle_layers(view, hosts, [head.output, head.scores], need, first), layer_name)
+    if layer is None:
+        raise UnsupportedModelError(
+            f"--layer {layer_name} is not a layer the shuffle lock can reorder (an ungrouped Conv with at least "
+            f"{need} channels that every path to the output passes through)" if layer_name else
+            f"no layer to reorder: the shuffle lock needs an ungrouped Conv with at least {need} output channels "
+            "that every path to the output passes through (no skip connection around it); use --kind gate")
+    plan = shuffle_math.plan_blocks(layer.out_channels, keys, need)
+    assert plan is not None  # the layer has at least ``need`` channels
+    return ShuffleSite(first, layer, *plan)
