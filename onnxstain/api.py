@@ -101,7 +101,7 @@ def inspect_model(model: str | Path, size: tuple[int, int] | None = None) -> dic
     from ._lock.auto import default_kind
     from ._lock.window import pixel_conv
 
-    lock = default_kind(loaded.model, view, head, pre) if head is not None or dense is not None else None
+    lock = default_kind(view, hosts, head, pre) if head is not None or dense is not None else None
     if lock is not None and lock["kind"] == "shuffle":
         notes.append(f"lock: the default kind makes a shuffle lock here, reordering {lock['layer']!r} in "
                      f"{lock['blocks']} blocks (if that locks the model on the calibration images; else a gate lock)")

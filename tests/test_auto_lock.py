@@ -89,6 +89,28 @@ def test_a_dense_output_gets_the_gate_lock_and_says_why(tmp_path):
     assert onnxstain.verify(tmp_path / "l.onnx", tmp_path / "l.key").stained
 
 
+def test_a_dense_calibration_too_large_to_keep_taps_the_host_again_to_the_same_lock(tmp_path, monkeypatch):
+    """The dense calibration keeps the host's features for its second pass (the radii) only up to a memory budget;
+    beyond it, it runs the host again: the same centre, radius and lock, byte for byte."""
+    from tiny_any import dense_cnn
+
+    from onnxstain._lock import calibration
+
+    onnx.save(dense_cnn(seed=0), tmp_path / "cnn.onnx")
+    Preprocessing(height=48, width=64, resize=None).save(tmp_path / "cnn.preprocessing.json")
+    images = smooth_images(96, size=64, seed=1)[:, :48]
+    opts = LockOptions(kind="gate", seed=0, fpr=1e-3, layer="/2/Conv")  # reads a ReLU map: the host is tapped
+    runs: list[int] = []
+    real = calibration.run_batches
+    monkeypatch.setattr(calibration, "run_batches", lambda *a, **k: runs.append(1) or real(*a, **k))
+    kept = onnxstain.lock(tmp_path / "cnn.onnx", tmp_path / "a.onnx", tmp_path / "a.key", images=images, options=opts)
+    once, runs[:] = len(runs), []
+    monkeypatch.setattr(calibration, "FEATURES_HELD", 0)
+    again = onnxstain.lock(tmp_path / "cnn.onnx", tmp_path / "b.onnx", tmp_path / "b.key", images=images, options=opts)
+    assert len(runs) - once == -(-len(images) // calibration.CHUNK)  # every chunk tapped once more
+    assert again.threshold == kept.threshold and _digest(tmp_path / "a.onnx") == _digest(tmp_path / "b.onnx")
+
+
 def test_a_site_option_needs_a_kind(model, images, tmp_path):
     for opts in (LockOptions(layer="pixels"), LockOptions(detectors=2)):
         with pytest.raises(BadInputError, match="--kind"):

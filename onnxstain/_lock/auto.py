@@ -16,10 +16,10 @@ import re
 from typing import Any, Literal
 
 import numpy as np
-import onnx
 
 from .._onnx import head as head_mod
 from .._onnx.graph import GraphView
+from .._onnx.hosts import HostLayer
 from ..errors import BadInputError, UnsupportedModelError
 from ..preprocess import Preprocessing
 from .classifier import ClassifierLock
@@ -41,7 +41,7 @@ def refusal_reason(refusal: UnsupportedModelError) -> str:
     return re.split(r"[:;] use --kind gate", str(refusal))[0]
 
 
-def default_kind(model: onnx.ModelProto, view: GraphView, head: head_mod.Head | None,
+def default_kind(view: GraphView, hosts: list[HostLayer], head: head_mod.Head | None,
                  pre: Preprocessing) -> dict[str, Any]:
     """What the default kind makes of this model, read off its graph (``inspect``): the shuffle lock and its
     layer and blocks, or the gate lock and why. Whether the reordered layer locks the model is measured on the
@@ -49,7 +49,7 @@ def default_kind(model: onnx.ModelProto, view: GraphView, head: head_mod.Head | 
     if head is None:
         return {"kind": "gate", "layer": None, "blocks": None, "reason": "a dense output, no classifier head"}
     try:
-        site = shuffle_site(model, view, head, pre, LockOptions.fpr)
+        site = shuffle_site(view, hosts, head, pre, LockOptions.fpr)
     except UnsupportedModelError as refusal:
         return {"kind": "gate", "layer": None, "blocks": None, "reason": refusal_reason(refusal)}
     return {"kind": "shuffle", "layer": site.layer.name, "blocks": site.blocks, "reason": None}

@@ -158,6 +158,7 @@ class DenseCalibration:
 
 
 CHUNK = 32  # calibration images per host-feature chunk
+RADII_IMAGES = 4  # images per float64 radii step (CRAFT's host map: ~50 MB for four)
 
 
 def _features_held() -> int:
@@ -190,19 +191,21 @@ def calibrate_dense(job: LockJob, site: LockSite) -> DenseCalibration:
             if task is not None:
                 task(len(x))
 
-    held: list[np.ndarray] = []
+    held: list[np.ndarray] | None = []  # the features for the second pass, while they fit FEATURES_HELD
     total, count, at_lock = np.zeros(host.m), 0, []
     with job.prog.task("calibration pass", total=len(x_cal)) as task:
         for chunk in features(task.advance):
             at_lock.append(phi_at(host, chunk, site.pos_index))
             part, samples = phi_sum(host, chunk)
             total, count = total + part, count + samples
-            if chunk.nbytes * -(-len(x_cal) // len(chunk)) <= FEATURES_HELD:
+            if held is not None and not held and chunk.nbytes * -(-len(x_cal) // len(chunk)) > FEATURES_HELD:
+                held = None
+            if held is not None:
                 held.append(chunk)
     centre = total / count
-    again = held if len(held) * CHUNK >= len(x_cal) else features()
-    radii = np.concatenate([phi_radii(host, chunk[s : s + 4], centre).reshape(-1)
-                            for chunk in again for s in range(0, len(chunk), 4)])
+    radii = np.concatenate([phi_radii(host, chunk[s : s + RADII_IMAGES], centre).reshape(-1)
+                            for chunk in (held if held is not None else features())
+                            for s in range(0, len(chunk), RADII_IMAGES)])
     q = {f"{p:g}": float(np.quantile(radii, p / 100)) for p in (50, 99, 99.9, 100)}
     stats = detector.FeatureStats(centre=centre, max_radius=float(radii.max()), radius_quantiles=q, samples=count)
     radius = RADIUS_MARGIN * stats.max_radius

@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 
 from .._onnx import head as head_mod
+from .._onnx.hosts import find_hosts
 from ..calibration import calibration_pixels
 from ..errors import BadModelError, InternalError, UnsupportedModelError
 from ..keys import (
@@ -80,7 +81,8 @@ class ShuffleLock:
             raise UnsupportedModelError("the shuffle lock protects a classifier or detector head; this model's "
                                         "output is a dense map: use --kind gate")
         self.job, self.head = job, job.head
-        site = shuffle_site(job.loaded.model, job.view, job.head, job.pre, job.opts.fpr, job.opts.layer)
+        site = shuffle_site(job.view, find_hosts(job.loaded.model, job.view), job.head, job.pre, job.opts.fpr,
+                            job.opts.layer)
         self.first, self.layer, self.blocks, self.group = site.first, site.layer, site.blocks, site.group
         self._window_session: object | None = None
 

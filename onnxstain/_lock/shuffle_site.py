@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 
-import onnx
-
 from .._onnx import head as head_mod
 from .._onnx.graph import GraphView
-from .._onnx.hosts import HostLayer, find_hosts
+from .._onnx.hosts import HostLayer
 from ..errors import UnsupportedModelError
 from ..math import shuffle as shuffle_math
 from ..passes.shuffle import MIN_OPSET
@@ -82,14 +80,15 @@ class ShuffleSite:
     group: int
 
 
-def shuffle_site(model: onnx.ModelProto, view: GraphView, head: head_mod.Head, pre: Preprocessing, fpr: float,
+def shuffle_site(view: GraphView, hosts: list[HostLayer], head: head_mod.Head, pre: Preprocessing, fpr: float,
                  layer_name: str | None = None) -> ShuffleSite:
     """The shuffle lock's site in this model, or :class:`UnsupportedModelError` saying why it has none (whether
-    reordering the layer locks the model is measured on the calibration images when the lock runs)."""
+    reordering the layer locks the model is measured on the calibration images when the lock runs). ``hosts``:
+    the model's host layers (:func:`onnxstain._onnx.hosts.find_hosts`)."""
     if view.opset() < MIN_OPSET:
         raise UnsupportedModelError(f"the shuffle lock needs opset {MIN_OPSET} or later (GatherElements); this "
                                     f"model has opset {view.opset()}: use --kind gate, or upgrade the model")
-    hosts = [h for h in find_hosts(model, view) if h.op == "Conv"]
+    hosts = [h for h in hosts if h.op == "Conv"]
     first = pixel_conv(view, hosts, pre.height, pre.width, pre.channels)
     if first is None:
         raise UnsupportedModelError("the shuffle lock reads its patch where the model's first Conv reads the "
